@@ -1,0 +1,78 @@
+# halo: `make demo` runs the main job, `make test` the whole suite, `make bench`
+# the benchmarks. Each installs what is missing first (apt packages, .venv, pip).
+SHELL := /bin/bash
+.ONESHELL:
+.SHELLFLAGS := -eu -o pipefail -c
+
+VENV      := .venv
+PY        := $(VENV)/bin/python
+PIP       := $(VENV)/bin/pip
+JOBS      ?= $(shell nproc)
+APT_PKGS  := libeigen3-dev libxsimd-dev catch2 nlohmann-json3-dev cmake ninja-build g++ python3-venv
+BUILD     := build/cpp
+ASAN      := build/asan
+PREFIX    := build/install
+STAMP     := $(VENV)/.halo-deps
+
+.PHONY: all setup apt venv build cpp asan install-py demo test test-cpp test-asan test-example test-py bench clean
+
+all: build
+
+apt:
+	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done
+	if [ -n "$$missing" ]; then
+	  echo "installing apt packages:$$missing"
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing
+	fi
+
+$(STAMP): requirements-dev.txt | apt
+	[ -x $(PY) ] || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -r requirements-dev.txt
+	touch $(STAMP)
+
+venv: $(STAMP)
+setup: apt venv
+
+# C++ library + Catch2 tests (Release), installed to build/install for the CMake-package example.
+cpp: setup
+	cmake -S . -B $(BUILD) -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_INSTALL_PREFIX=$(abspath $(PREFIX)) >/dev/null
+	cmake --build $(BUILD) -j $(JOBS)
+	cmake --install $(BUILD) >/dev/null
+
+asan: setup
+	cmake -S . -B $(ASAN) -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DHALO_SANITIZE=ON -DHALO_CUDA=OFF >/dev/null
+	cmake --build $(ASAN) -j $(JOBS)
+
+# The Python package (compiled module halo._core) into .venv.
+install-py: setup
+	$(PIP) install -q --no-build-isolation .
+
+build: cpp install-py
+
+test-cpp: cpp
+	ctest --test-dir $(BUILD) --output-on-failure -j $(JOBS)
+
+test-asan: asan
+	ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 ctest --test-dir $(ASAN) --output-on-failure -j $(JOBS)
+
+test-example: cpp
+	cmake -S examples/cpp -B build/example -G Ninja -DCMAKE_PREFIX_PATH=$(abspath $(PREFIX)) >/dev/null
+	cmake --build build/example
+	./build/example/halo_example
+
+test-py: install-py
+	$(PY) -m pytest tests/python
+
+test: test-cpp test-asan test-example test-py
+
+demo: install-py
+	$(PY) -m halo.demo
+
+bench: build
+	$(PY) benchmarks/run.py
+
+clean:
+	rm -rf build dist

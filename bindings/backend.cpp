@@ -1,0 +1,25 @@
+#include "bindings/registry.hpp"
+#include "halo/backend/backend.hpp"
+#include "halo/core/parallel.hpp"
+
+namespace halo::bindings {
+namespace {
+
+void bind(py::module_& m) {
+  m.def("backends", [] {
+    std::vector<std::string> names;
+    for (Backend b : available_backends()) names.emplace_back(backend_name(b));
+    return names;
+  }, "Backends this build can run on this machine.");
+  m.def("resolve", [](const std::string& name) { return std::string(backend_name(resolve(parse_backend(name)))); },
+        py::arg("name"), "The concrete backend a request runs on (honours HALO_BACKEND for 'auto').");
+  m.def("built_with_cuda", &built_with_cuda);
+  m.def("unavailable_reason", [](const std::string& name) { return backend_unavailable_reason(parse_backend(name)); },
+        py::arg("name"));
+  m.def("num_threads", &num_threads);
+}
+
+Registrar registrar("backend", bind);
+
+}  // namespace
+}  // namespace halo::bindings

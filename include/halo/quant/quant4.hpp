@@ -1,0 +1,80 @@
+// Blockwise 4-bit (NF4 / FP4) quantization in bitsandbytes' layout, and the
+// 8-bit double quantization of its absmax ("nested" statistics).
+//
+// Layout: the tensor is flattened; block b covers elements [b*blocksize,
+// (b+1)*blocksize), the last block may be short; absmax is float32 per block;
+// two codes per byte, the first element of each pair in the high nibble, an odd
+// element count padded with the code of 0. Results are bit-exact with
+// bitsandbytes 0.50 on the CPU (see docs/quantization.md for the edge cases).
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+#include "halo/backend/backend.hpp"
+#include "halo/core/dtype.hpp"
+#include "halo/quant/format.hpp"
+
+namespace halo {
+
+constexpr int64_t num_blocks(int64_t n, int64_t blocksize) { return (n + blocksize - 1) / blocksize; }
+constexpr int64_t packed_size(int64_t n) { return (n + 1) / 2; }
+
+// packed: packed_size(n) bytes; absmax: num_blocks(n, blocksize) floats.
+void quantize_4bit(const void* input, DType dtype, int64_t n, QuantType type, int64_t blocksize,
+                   uint8_t* packed, float* absmax, Backend backend = Backend::automatic);
+
+// output: n elements of `dtype`.
+void dequantize_4bit(const uint8_t* packed, const float* absmax, int64_t n, QuantType type, int64_t blocksize,
+                     void* output, DType dtype, Backend backend = Backend::automatic);
+
+// Elements [begin, end) of the flattened tensor as float32 into output[0, end-begin):
+// for consumers that dequantize tile by tile (the 4-bit LoRA GEMM).
+void dequantize_4bit_range(const uint8_t* packed, const float* absmax, QuantType type, int64_t blocksize,
+                           int64_t begin, int64_t end, float* output, Backend backend = Backend::scalar);
+
+// 8-bit blockwise quantization with a 256-entry ascending code book, as
+// bitsandbytes' CPU quantize_blockwise does it (absmax ignores NaN, a
+// zero block gets code 0, values are looked up in a 65536-entry table).
+void quantize_blockwise_8bit(const float* input, int64_t n, int64_t blocksize, const float* code256,
+                             uint8_t* codes, float* absmax);
+void dequantize_blockwise_8bit(const uint8_t* codes, const float* absmax, int64_t n, int64_t blocksize,
+                               const float* code256, float* output);
+
+// Double quantization of the per-block absmax: offset = mean(absmax) (in
+// PyTorch's summation order for `mean_threads` threads, so bitsandbytes'
+// offset is reproduced bit for bit), then absmax - offset in 8-bit blocks of
+// `blocksize` (256) with the signed dynamic map.
+struct NestedAbsmax {
+  std::vector<uint8_t> codes;   // one per 4-bit block
+  std::vector<float> absmax;    // one per nested block
+  float offset = 0.0f;
+  int64_t blocksize = 256;
+};
+
+NestedAbsmax double_quantize(const float* absmax, int64_t count, int64_t nested_blocksize = 256,
+                             std::optional<float> offset = std::nullopt, int mean_threads = 1);
+// code[codes[i]] * nested_absmax[i / blocksize], then + offset (two roundings, as bitsandbytes).
+void double_dequantize(const NestedAbsmax& nested, float* absmax_out);
+
+// Owning convenience type for C++ callers.
+struct Quantized4 {
+  QuantType type = QuantType::nf4;
+  int64_t blocksize = 64;
+  std::vector<int64_t> shape;
+  DType dtype = DType::f32;
+  std::vector<uint8_t> packed;
+  std::vector<float> absmax;             // plain absmax (empty when nested)
+  std::optional<NestedAbsmax> nested;    // set when double-quantized
+  int64_t numel() const;
+  std::vector<float> block_absmax() const;  // plain or dequantized nested absmax
+};
+
+Quantized4 quantize_4bit(const void* input, DType dtype, const std::vector<int64_t>& shape, QuantType type,
+                         int64_t blocksize = 64, bool double_quant = false,
+                         Backend backend = Backend::automatic);
+// n elements of `dtype` into output.
+void dequantize_4bit(const Quantized4& tensor, void* output, DType dtype, Backend backend = Backend::automatic);
+
+}  // namespace halo

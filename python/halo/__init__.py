@@ -1,0 +1,20 @@
+"""halo: cheaper LLM fine-tuning, compression and edge inference.
+
+    >>> import halo, numpy as np
+    >>> qt = halo.quantize_4bit(np.random.randn(64, 64).astype(np.float32), double_quant=True)
+    >>> w = halo.dequantize_4bit(qt)
+"""
+
+from .backend import backends, built_with_cuda, resolve_backend
+from .quant import QuantizedTensor, dequantize_4bit, quantize_4bit
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "QuantizedTensor",
+    "backends",
+    "built_with_cuda",
+    "dequantize_4bit",
+    "quantize_4bit",
+    "resolve_backend",
+]

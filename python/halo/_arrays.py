@@ -1,0 +1,81 @@
+"""Moving user arrays (NumPy, torch) in and out of the compiled core.
+
+Tensors cross as NumPy views without a copy where the layout allows: a CPU
+torch tensor is viewed through ``.numpy()`` (bfloat16 through its int16 bits),
+a NumPy array is used as it is when C-contiguous.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass
+class Flat:
+    """A C-contiguous 1-D view of the user's data and what it came from."""
+
+    data: np.ndarray  # float32 / float16 / uint16 (bfloat16 bits)
+    dtype: str  # "float32" | "float16" | "bfloat16"
+    shape: tuple[int, ...]
+    kind: str  # "numpy" | "torch"
+
+
+def _torch():
+    return sys.modules.get("torch")
+
+
+def is_torch_tensor(value: Any) -> bool:
+    torch = _torch()
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
+def flatten_float(function: str, value: Any) -> Flat:
+    """Validates a float tensor and returns a contiguous flat view of it."""
+    if is_torch_tensor(value):
+        torch = _torch()
+        tensor = value.detach()
+        if tensor.device.type != "cpu":
+            tensor = tensor.cpu()
+        names = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+        if tensor.dtype not in names:
+            raise TypeError(f"[{function}] expected a float32, float16 or bfloat16 tensor, got {tensor.dtype}")
+        tensor = tensor.contiguous()
+        dtype = names[tensor.dtype]
+        flat = tensor.reshape(-1)
+        data = flat.view(torch.int16).numpy().view(np.uint16) if dtype == "bfloat16" else flat.numpy()
+        return Flat(data, dtype, tuple(tensor.shape), "torch")
+    if isinstance(value, np.ndarray):
+        name = value.dtype.name
+        if name not in FLOAT_DTYPES:
+            raise TypeError(f"[{function}] expected a float32, float16 or bfloat16 array, got dtype {value.dtype}")
+        array = np.ascontiguousarray(value)
+        data = array.reshape(-1)
+        if name == "bfloat16":  # ml_dtypes.bfloat16
+            data = data.view(np.uint16)
+        return Flat(data, name, tuple(array.shape), "numpy")
+    raise TypeError(f"[{function}] expected a NumPy array or a torch tensor, got {type(value).__name__}")
+
+
+def restore(flat: np.ndarray, dtype: str, shape: tuple[int, ...], kind: str) -> Any:
+    """Turns core output (bfloat16 as uint16 bits) into the kind the user gave."""
+    if kind == "torch":
+        torch = _torch()
+        if torch is None:
+            import torch  # noqa: F811  (the caller gave torch once; it must be importable)
+        if dtype == "bfloat16":
+            return torch.from_numpy(flat.view(np.int16)).view(torch.bfloat16).reshape(shape)
+        return torch.from_numpy(flat).reshape(shape)
+    if dtype == "bfloat16":
+        try:
+            import ml_dtypes
+
+            return flat.view(ml_dtypes.bfloat16).reshape(shape)
+        except ImportError as error:
+            raise TypeError("bfloat16 NumPy output needs the ml_dtypes package; ask for float32 instead") from error
+    return flat.reshape(shape)

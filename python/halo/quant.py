@@ -1,0 +1,277 @@
+"""Blockwise 4-bit quantization (NF4 / FP4) in bitsandbytes' layout.
+
+``quantize_4bit`` and ``dequantize_4bit`` give the same bytes, absmax and
+values as ``bitsandbytes.functional.quantize_4bit`` / ``dequantize_4bit`` on
+the CPU, and ``QuantizedTensor.to_bnb_state_dict`` / ``from_bnb_state_dict``
+read and write the entries a ``bnb.nn.Linear4bit`` state dict holds, so
+checkpoints move both ways.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+import numpy as np
+
+from . import _core
+from ._arrays import FLOAT_DTYPES, flatten_float, restore
+from .backend import check_backend
+
+QUANT_TYPES = ("nf4", "fp4")
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+NESTED_BLOCKSIZE = 256
+
+
+def _check_quant_type(function: str, quant_type: Any) -> str:
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"[{function}] quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
+    return quant_type
+
+
+def _check_blocksize(function: str, blocksize: Any) -> int:
+    if isinstance(blocksize, bool) or not isinstance(blocksize, (int, np.integer)) or int(blocksize) not in BLOCKSIZES:
+        raise ValueError(f"[{function}] blocksize must be a power of two in 32..4096, got {blocksize!r}")
+    return int(blocksize)
+
+
+def _mean_threads() -> int:
+    # bitsandbytes takes the offset as torch's absmax.mean(), whose summation
+    # order depends on torch's intra-op thread count.
+    torch = sys.modules.get("torch")
+    return int(torch.get_num_threads()) if torch is not None else 1
+
+
+@dataclass(eq=False)
+class QuantizedTensor:
+    """A 4-bit tensor in bitsandbytes' layout.
+
+    ``packed`` is uint8 of shape ``((n + 1) // 2, 1)``; ``absmax`` is float32 per
+    block, or, with ``double_quant``, uint8 codes of the signed dynamic map with
+    ``nested_absmax`` (float32 per 256 blocks) and ``nested_offset``.
+    """
+
+    packed: np.ndarray
+    absmax: np.ndarray
+    shape: tuple[int, ...]
+    dtype: str
+    blocksize: int
+    quant_type: str
+    double_quant: bool = False
+    nested_absmax: Optional[np.ndarray] = None
+    nested_offset: Optional[float] = None
+    nested_blocksize: int = NESTED_BLOCKSIZE
+    kind: str = field(default="numpy", repr=False)
+
+    @property
+    def numel(self) -> int:
+        return int(math.prod(self.shape))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of everything stored: codes, absmax and nested statistics."""
+        total = self.packed.nbytes + self.absmax.nbytes
+        if self.double_quant and self.nested_absmax is not None:
+            total += self.nested_absmax.nbytes + 4  # + the float32 offset
+        return int(total)
+
+    def block_absmax(self) -> np.ndarray:
+        """float32 absmax per block (dequantizing the nested statistics if any)."""
+        if not self.double_quant:
+            return self.absmax
+        return _core.quant.double_dequantize(
+            self.absmax, self.nested_absmax, float(self.nested_offset), self.nested_blocksize
+        )
+
+    def dequantize(self, dtype: Optional[str] = None, backend: str = "auto") -> Any:
+        return dequantize_4bit(self, dtype=dtype, backend=backend)
+
+    # -- bitsandbytes state dict -------------------------------------------------------------------
+    def quant_state_json(self) -> dict:
+        state: dict[str, Any] = {
+            "quant_type": self.quant_type,
+            "blocksize": self.blocksize,
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+        }
+        if self.double_quant:
+            state["nested_blocksize"] = self.nested_blocksize
+            state["nested_dtype"] = "float32"
+            state["nested_offset"] = float(np.float32(self.nested_offset))
+        return state
+
+    def to_bnb_state_dict(self, prefix: str = "weight") -> dict:
+        """The entries a ``bnb.nn.Linear4bit`` state dict holds for parameter ``prefix``
+        (torch tensors with bitsandbytes' keys, dtypes, shapes and bytes)."""
+        import torch
+
+        out = {prefix: torch.from_numpy(self.packed.copy())}
+        out[f"{prefix}.absmax"] = torch.from_numpy(self.absmax.copy())
+        out[f"{prefix}.quant_map"] = torch.from_numpy(_core.quant.code_book(self.quant_type))
+        if self.double_quant:
+            out[f"{prefix}.nested_absmax"] = torch.from_numpy(self.nested_absmax.copy())
+            out[f"{prefix}.nested_quant_map"] = torch.from_numpy(_core.quant.dynamic_map())
+        blob = json.dumps(self.quant_state_json()).encode("utf-8")
+        out[f"{prefix}.quant_state.bitsandbytes__{self.quant_type}"] = torch.frombuffer(
+            bytearray(blob), dtype=torch.uint8
+        )
+        return out
+
+    @classmethod
+    def from_bnb_state_dict(cls, state_dict: Mapping[str, Any], prefix: str = "weight") -> "QuantizedTensor":
+        """Reads the entries ``to_bnb_state_dict`` (or bitsandbytes) wrote for ``prefix``."""
+        fn = "QuantizedTensor.from_bnb_state_dict"
+        state_keys = [k for k in state_dict if k.startswith(f"{prefix}.quant_state.bitsandbytes__")]
+        if len(state_keys) != 1:
+            raise ValueError(
+                f"[{fn}] expected exactly one key '{prefix}.quant_state.bitsandbytes__<nf4|fp4>', found {state_keys}"
+            )
+        for key in (prefix, f"{prefix}.absmax"):
+            if key not in state_dict:
+                raise ValueError(f"[{fn}] missing key '{key}'")
+        raw = _as_numpy(state_dict[state_keys[0]])
+        try:
+            meta = json.loads(bytes(raw.astype(np.uint8).tobytes()).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"[{fn}] '{state_keys[0]}' does not hold valid UTF-8 JSON: {error}") from None
+        if not isinstance(meta, dict):
+            raise ValueError(f"[{fn}] '{state_keys[0]}' must hold a JSON object, got {type(meta).__name__}")
+        for key in ("quant_type", "blocksize", "dtype", "shape"):
+            if key not in meta:
+                raise ValueError(f"[{fn}] quant state JSON lacks '{key}'")
+        quant_type = _check_quant_type(fn, meta["quant_type"])
+        if state_keys[0].rsplit("__", 1)[1] != quant_type:
+            raise ValueError(f"[{fn}] key {state_keys[0]!r} disagrees with quant_type {quant_type!r}")
+        blocksize = _check_blocksize(fn, meta["blocksize"])
+        dtype = str(meta["dtype"]).replace("torch.", "")
+        if dtype not in FLOAT_DTYPES:
+            raise ValueError(f"[{fn}] unsupported dtype {meta['dtype']!r}")
+        shape = meta["shape"]
+        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise ValueError(f"[{fn}] shape must be a list of non-negative integers, got {shape!r}")
+        n = int(math.prod(shape))
+        if n == 0:
+            raise ValueError(f"[{fn}] shape {shape} holds no elements")
+        packed = _as_numpy(state_dict[prefix])
+        if packed.dtype != np.uint8:
+            packed = np.ascontiguousarray(packed).view(np.uint8)
+        packed = np.ascontiguousarray(packed).reshape(-1, 1)
+        if packed.shape[0] != (n + 1) // 2:
+            raise ValueError(
+                f"[{fn}] '{prefix}' holds {packed.shape[0]} bytes, expected {(n + 1) // 2} for shape {shape}"
+            )
+        blocks = -(-n // blocksize)
+        absmax = np.ascontiguousarray(_as_numpy(state_dict[f"{prefix}.absmax"])).reshape(-1)
+        if absmax.shape[0] != blocks:
+            raise ValueError(f"[{fn}] '{prefix}.absmax' holds {absmax.shape[0]} values, expected {blocks}")
+        qmap_key = f"{prefix}.quant_map"
+        if qmap_key in state_dict:
+            qmap = _as_numpy(state_dict[qmap_key]).astype(np.float32).reshape(-1)
+            if not np.array_equal(qmap, _core.quant.code_book(quant_type)):
+                raise ValueError(f"[{fn}] '{qmap_key}' is not the {quant_type} code book")
+        nested = "nested_offset" in meta or f"{prefix}.nested_absmax" in state_dict
+        if not nested:
+            if absmax.dtype != np.float32:
+                raise ValueError(f"[{fn}] '{prefix}.absmax' must be float32, got {absmax.dtype}")
+            return cls(packed, absmax, tuple(shape), dtype, blocksize, quant_type)
+        for key in (f"{prefix}.nested_absmax",):
+            if key not in state_dict:
+                raise ValueError(f"[{fn}] missing key '{key}'")
+        if "nested_offset" not in meta:
+            raise ValueError(f"[{fn}] quant state JSON lacks 'nested_offset'")
+        if absmax.dtype != np.uint8:
+            raise ValueError(f"[{fn}] nested '{prefix}.absmax' must be uint8 codes, got {absmax.dtype}")
+        nested_blocksize = int(meta.get("nested_blocksize", NESTED_BLOCKSIZE))
+        nested_absmax = np.ascontiguousarray(_as_numpy(state_dict[f"{prefix}.nested_absmax"])).reshape(-1)
+        if nested_absmax.dtype != np.float32 or nested_absmax.shape[0] != -(-blocks // nested_blocksize):
+            raise ValueError(
+                f"[{fn}] '{prefix}.nested_absmax' must be float32[{-(-blocks // nested_blocksize)}], "
+                f"got {nested_absmax.dtype}[{nested_absmax.shape[0]}]"
+            )
+        nested_map_key = f"{prefix}.nested_quant_map"
+        if nested_map_key in state_dict:
+            nested_map = _as_numpy(state_dict[nested_map_key]).astype(np.float32).reshape(-1)
+            if not np.array_equal(nested_map, _core.quant.dynamic_map()):
+                raise ValueError(f"[{fn}] '{nested_map_key}' is not the signed dynamic map")
+        return cls(
+            packed,
+            absmax,
+            tuple(shape),
+            dtype,
+            blocksize,
+            quant_type,
+            double_quant=True,
+            nested_absmax=nested_absmax,
+            nested_offset=float(np.float32(meta["nested_offset"])),
+            nested_blocksize=nested_blocksize,
+        )
+
+
+def _as_numpy(value: Any) -> np.ndarray:
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+        if value.dtype == torch.bfloat16:
+            raise ValueError("bfloat16 tensors are not valid quantization state")
+        return value.contiguous().numpy()
+    if isinstance(value, np.ndarray):
+        return value
+    raise TypeError(f"expected a tensor or array in the state dict, got {type(value).__name__}")
+
+
+def quantize_4bit(
+    w: Any,
+    quant_type: str = "nf4",
+    blocksize: int = 64,
+    double_quant: bool = False,
+    backend: str = "auto",
+) -> QuantizedTensor:
+    """Quantizes a float tensor (NumPy array or CPU torch tensor, any layout) to 4 bits."""
+    fn = "quantize_4bit"
+    _check_quant_type(fn, quant_type)
+    blocksize = _check_blocksize(fn, blocksize)
+    check_backend(fn, backend)
+    flat = flatten_float(fn, w)
+    if flat.data.size == 0:
+        raise ValueError(f"[{fn}] the tensor is empty (shape {flat.shape})")
+    packed, absmax = _core.quant.quantize_4bit(flat.data, flat.dtype, quant_type, blocksize, backend)
+    qt = QuantizedTensor(packed.reshape(-1, 1), absmax, flat.shape, flat.dtype, blocksize, quant_type, kind=flat.kind)
+    if double_quant:
+        codes, nested_absmax, offset = _core.quant.double_quantize(
+            absmax, NESTED_BLOCKSIZE, None, _mean_threads()
+        )
+        qt.absmax = codes
+        qt.double_quant = True
+        qt.nested_absmax = nested_absmax
+        qt.nested_offset = float(offset)
+    return qt
+
+
+def dequantize_4bit(qt: QuantizedTensor, dtype: Optional[str] = None, backend: str = "auto") -> Any:
+    """Dequantizes to ``dtype`` (default: the original dtype), returning the kind of
+    array the quantizer was given (NumPy array or torch tensor)."""
+    fn = "dequantize_4bit"
+    if not isinstance(qt, QuantizedTensor):
+        raise TypeError(f"[{fn}] expected a QuantizedTensor, got {type(qt).__name__}")
+    check_backend(fn, backend)
+    dtype = _dtype_name(fn, dtype if dtype is not None else qt.dtype)
+    flat = _core.quant.dequantize_4bit(
+        np.ascontiguousarray(qt.packed).reshape(-1),
+        np.ascontiguousarray(qt.block_absmax(), dtype=np.float32),
+        qt.numel,
+        qt.quant_type,
+        qt.blocksize,
+        dtype,
+        backend,
+    )
+    return restore(flat, dtype, qt.shape, qt.kind)
+
+
+def _dtype_name(function: str, dtype: Any) -> str:
+    name = str(dtype).replace("torch.", "")
+    if name not in FLOAT_DTYPES:
+        raise TypeError(f"[{function}] dtype must be float32, float16 or bfloat16, got {dtype!r}")
+    return name

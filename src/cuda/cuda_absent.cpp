@@ -1,0 +1,21 @@
+// The CUDA backend in a build made without nvcc: every entry point explains why
+// it cannot run.
+#include "halo/core/error.hpp"
+#include "src/cuda/cuda_api.hpp"
+
+namespace halo::cuda {
+namespace {
+[[noreturn]] void absent(const char* function) {
+  fail<BackendUnavailable>(function, "halo was built without CUDA (nvcc was not found at build time, or HALO_CUDA=OFF)");
+}
+}  // namespace
+
+bool compiled() { return false; }
+std::string unavailable_reason() { return "halo was built without CUDA"; }
+
+void quantize_4bit(const void*, DType, int64_t, int, int64_t, uint8_t*, float*) { absent("cuda::quantize_4bit"); }
+void dequantize_4bit(const uint8_t*, const float*, int64_t, int, int64_t, void*, DType) {
+  absent("cuda::dequantize_4bit");
+}
+
+}  // namespace halo::cuda
