@@ -37,7 +37,7 @@ BufferView contiguous_view(const std::string& function, const std::string& what,
 py::array new_array(DType dtype, int64_t count) {
   switch (dtype) {
     case DType::f32: return py::array_t<float>(count);
-    case DType::f16: return py::array(py::dtype("float16"), {count});
+    case DType::f16: return py::array(py::dtype("float16"), std::vector<py::ssize_t>{py::ssize_t(count)});
     case DType::bf16: return py::array_t<uint16_t>(count);
   }
   return {};

@@ -116,7 +116,7 @@ void bind(py::module_& m) {
   m.def("code_book", [](const std::string& quant_type) {
     const Format4& f = format4(parse_quant_type("code_book", quant_type));
     return float_array(f.code.data(), 16);
-  }, py::arg("quant_type"), "The 16 float32 values of a 4-bit format, indexed by code.");
+  }, py::arg("quant_type"), "The 16 float32 values of a 4-bit format, indexed by code (bitsandbytes' quant_map).");
   m.def("dynamic_map", [] { return float_array(kDynamicMapSigned.data(), 256); },
         "bitsandbytes' signed 8-bit dynamic map (256 float32 values).");
   m.def(

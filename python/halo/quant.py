@@ -18,7 +18,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from . import _core
-from ._arrays import FLOAT_DTYPES, flatten_float, restore
+from ._arrays import FLOAT_DTYPES, flatten_float, is_torch_tensor, restore
 from .backend import check_backend
 
 QUANT_TYPES = ("nf4", "fp4")
@@ -172,11 +172,12 @@ class QuantizedTensor:
             qmap = _as_numpy(state_dict[qmap_key]).astype(np.float32).reshape(-1)
             if not np.array_equal(qmap, _core.quant.code_book(quant_type)):
                 raise ValueError(f"[{fn}] '{qmap_key}' is not the {quant_type} code book")
+        kind = "torch" if is_torch_tensor(state_dict[prefix]) else "numpy"
         nested = "nested_offset" in meta or f"{prefix}.nested_absmax" in state_dict
         if not nested:
             if absmax.dtype != np.float32:
                 raise ValueError(f"[{fn}] '{prefix}.absmax' must be float32, got {absmax.dtype}")
-            return cls(packed, absmax, tuple(shape), dtype, blocksize, quant_type)
+            return cls(packed, absmax, tuple(shape), dtype, blocksize, quant_type, kind=kind)
         for key in (f"{prefix}.nested_absmax",):
             if key not in state_dict:
                 raise ValueError(f"[{fn}] missing key '{key}'")
@@ -207,6 +208,7 @@ class QuantizedTensor:
             nested_absmax=nested_absmax,
             nested_offset=float(np.float32(meta["nested_offset"])),
             nested_blocksize=nested_blocksize,
+            kind=kind,
         )
 
 

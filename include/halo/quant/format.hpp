@@ -41,6 +41,8 @@ inline constexpr std::array<float, 16> kNF4Code = {
 
 // FP4 (1 sign bit, 2 exponent bits, 1 mantissa bit; bias 2): magnitudes of
 // codes 0..7 are {0, 0.0625, 8, 12, 4, 6, 2, 3} / 12, codes 8..15 the negatives.
+// Code 8 ("negative zero") decodes to +0.0, as bitsandbytes' quant_map, its
+// torch path and its vectorized CPU path do (its scalar CPU path gives -0.0).
 inline constexpr std::array<float, 16> kFP4Code = {
     0.0f, 0.0625f / 12.0f, 8.0f / 12.0f, 12.0f / 12.0f, 4.0f / 12.0f, 6.0f / 12.0f, 2.0f / 12.0f, 3.0f / 12.0f,
     0.0f, -0.0625f / 12.0f, -8.0f / 12.0f, -12.0f / 12.0f, -4.0f / 12.0f, -6.0f / 12.0f, -2.0f / 12.0f, -3.0f / 12.0f};
