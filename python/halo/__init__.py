@@ -18,3 +18,8 @@ __all__ = [
     "quantize_4bit",
     "resolve_backend",
 ]
+
+from . import hf  # noqa: E402  (torch is imported only when a model is quantized)
+from .hwq import HaloQuantized, HardwareModel, halo_quantize, rtn_quantize  # noqa: E402
+
+__all__ += ["HaloQuantized", "HardwareModel", "halo_quantize", "hf", "rtn_quantize"]

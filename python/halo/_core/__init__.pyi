@@ -1,3 +1,4 @@
 # Stubs of the compiled module halo._core: one file per area submodule.
 from . import backend as backend
 from . import quant as quant
+from . import hwq as hwq

@@ -1,0 +1,208 @@
+"""HALO quantization of a whole Hugging Face (torch) model.
+
+``halo_quantize_model`` estimates a sensitivity for every ``nn.Linear`` from a
+few calibration batches, quantizes each weight with :func:`halo.halo_quantize`
+and writes the dequantized weights back (simulated quantization: the model
+then computes with exactly the values the quantized format holds). It returns
+a report per layer with the HaloQuantized objects.
+
+Sensitivity sources:
+- ``"activation"`` (default): mean square of each input feature over the
+  calibration tokens, broadcast over output rows (the diagonal of the layer's
+  input Gram matrix, so sum s*dw^2 approximates the output error).
+- ``"fisher"``: squared gradients summed over batches of a loss: the model's own
+  loss when the batch yields one (e.g. causal LM with labels), else ``loss_fn``.
+- ``"magnitude"``: |w|, no calibration needed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import numpy as np
+
+from .hwq import HaloQuantized, HardwareModel, halo_quantize, weighted_error
+
+SENSITIVITIES = ("activation", "fisher", "magnitude")
+
+
+@dataclass
+class LayerReport:
+    name: str
+    shape: tuple[int, int]
+    weighted_error: float  # sum s dw^2 / sum s w^2 under the layer's sensitivity
+    average_bits: float
+    speedup: float
+    energy_saving: float
+    switches: int
+    sparse_fraction: float
+    latency_ns: float
+    baseline_latency_ns: float
+    energy_nj: float
+    baseline_energy_nj: float
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__, shape=list(self.shape))
+
+
+@dataclass
+class ModelReport:
+    layers: list[LayerReport] = field(default_factory=list)
+    quantized: dict[str, HaloQuantized] = field(default_factory=dict)
+
+    def totals(self) -> dict:
+        """Whole-model figures: latency/energy summed over layers, bits weighted by size."""
+        if not self.layers:
+            return {}
+        numel = np.array([r.shape[0] * r.shape[1] for r in self.layers], np.float64)
+        latency = sum(r.latency_ns for r in self.layers)
+        base_latency = sum(r.baseline_latency_ns for r in self.layers)
+        energy = sum(r.energy_nj for r in self.layers)
+        base_energy = sum(r.baseline_energy_nj for r in self.layers)
+        return {
+            "layers": len(self.layers),
+            "average_bits": float((numel * [r.average_bits for r in self.layers]).sum() / numel.sum()),
+            "weighted_error": float(np.mean([r.weighted_error for r in self.layers])),
+            "speedup": base_latency / latency,
+            "energy_saving": 1.0 - energy / base_energy,
+        }
+
+
+def _batches(function: str, calibration_batches: Any) -> list:
+    if calibration_batches is None:
+        return []
+    batches = list(calibration_batches)
+    for batch in batches:
+        if not hasattr(batch, "keys") and not hasattr(batch, "shape"):
+            raise TypeError(f"[{function}] a calibration batch must be a dict of tensors or a tensor of input ids, "
+                            f"got {type(batch).__name__}")
+    return batches
+
+
+def _run(model: Any, batch: Any) -> Any:
+    return model(**batch) if hasattr(batch, "keys") else model(batch)
+
+
+def _linear_layers(model: Any, skip: Sequence[str]) -> list[tuple[str, Any]]:
+    import torch
+
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and not any(part in name for part in skip)
+    ]
+
+
+def _activation_sensitivity(model: Any, layers: list, batches: list) -> dict[str, np.ndarray]:
+    import torch
+
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def hook_for(name: str):
+        def hook(_module, inputs, _output):
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
+            sums[name] = sums.get(name, 0) + (x * x).sum(0)
+            counts[name] = counts.get(name, 0) + x.shape[0]
+
+        return hook
+
+    handles = [module.register_forward_hook(hook_for(name)) for name, module in layers]
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                _run(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    result = {}
+    for name, module in layers:
+        if name not in sums:
+            continue
+        mean_square = (sums[name] / counts[name]).float().numpy()
+        result[name] = np.ascontiguousarray(np.broadcast_to(mean_square, tuple(module.weight.shape)), np.float32)
+    return result
+
+
+def _fisher_sensitivity(model: Any, layers: list, batches: list, loss_fn: Optional[Callable]) -> dict[str, np.ndarray]:
+    import torch
+
+    squares = {name: torch.zeros_like(module.weight, dtype=torch.float32) for name, module in layers}
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            model.zero_grad(set_to_none=True)
+            if loss_fn is not None:
+                loss = loss_fn(model, batch)
+            else:
+                output = _run(model, batch)
+                loss = getattr(output, "loss", None)
+                if loss is None:
+                    raise ValueError("[halo_quantize_model] sensitivity='fisher' needs a batch that yields a loss "
+                                     "(e.g. labels for a causal LM) or a loss_fn(model, batch)")
+            loss.backward()
+            for name, module in layers:
+                if module.weight.grad is not None:
+                    squares[name] += module.weight.grad.detach().float() ** 2
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    return {name: (square / max(len(batches), 1)).numpy() for name, square in squares.items()}
+
+
+def halo_quantize_model(
+    model: Any,
+    calibration_batches: Optional[Iterable[Any]],
+    *,
+    sensitivity: str = "activation",
+    hw: Optional[HardwareModel] = None,
+    tile: Sequence[int] = (128, 128),
+    salient_fraction: float = 5e-4,
+    outlier_sigma: float = 3.0,
+    max_switches: int = 3,
+    skip: Sequence[str] = ("lm_head",),
+    loss_fn: Optional[Callable[[Any, Any], Any]] = None,
+    **options: Any,
+) -> ModelReport:
+    """Quantizes every nn.Linear (names containing a ``skip`` part are left alone) in place.
+
+    ``options`` go to :func:`halo.halo_quantize` (bits, channel_scales, tier_fractions, tokens).
+    """
+    fn = "halo_quantize_model"
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"[{fn}] model must be a torch.nn.Module, got {type(model).__name__}")
+    if sensitivity not in SENSITIVITIES:
+        raise ValueError(f"[{fn}] sensitivity must be one of {SENSITIVITIES}, got {sensitivity!r}")
+    batches = _batches(fn, calibration_batches)
+    if sensitivity != "magnitude" and not batches:
+        raise ValueError(f"[{fn}] sensitivity={sensitivity!r} needs at least one calibration batch")
+    layers = _linear_layers(model, skip)
+    if not layers:
+        raise ValueError(f"[{fn}] the model has no nn.Linear layers to quantize")
+    if sensitivity == "activation":
+        scores = _activation_sensitivity(model, layers, batches)
+    elif sensitivity == "fisher":
+        scores = _fisher_sensitivity(model, layers, batches, loss_fn)
+    else:
+        scores = {}
+    hw = HardwareModel.default() if hw is None else hw
+    report = ModelReport()
+    for name, module in layers:
+        weight = module.weight.detach().float().cpu().numpy()
+        score = scores.get(name)
+        quantized = halo_quantize(weight, score, hw, tile, salient_fraction, outlier_sigma, max_switches, **options)
+        restored = quantized.dequantize()
+        with torch.no_grad():
+            module.weight.copy_(torch.from_numpy(restored).to(module.weight.dtype))
+        est = quantized.estimate()
+        report.quantized[name] = quantized
+        report.layers.append(
+            LayerReport(name, weight.shape, weighted_error(weight, restored, score), est.average_bits, est.speedup,
+                        est.energy_saving, quantized.plan.switches, quantized.sparse.nnz / weight.size,
+                        est.latency_ns, est.baseline_latency_ns, est.energy_nj, est.baseline_energy_nj)
+        )
+    return report
