@@ -7,6 +7,7 @@
 
 from .backend import backends, built_with_cuda, resolve_backend
 from .quant import QuantizedTensor, dequantize_4bit, quantize_4bit
+from . import lora  # halo.lora.merge / unmerge / lora_forward; halo.torch.lora_linear imports torch on demand
 
 __version__ = "0.1.0"
 
@@ -15,6 +16,7 @@ __all__ = [
     "backends",
     "built_with_cuda",
     "dequantize_4bit",
+    "lora",
     "quantize_4bit",
     "resolve_backend",
 ]

@@ -1,0 +1,127 @@
+"""PyTorch autograd glue for halo's LoRA kernels.
+
+``lora_linear`` is a ``torch.autograd.Function`` whose forward and backward run
+halo's C++ kernels (tensors cross as NumPy views, no copy for contiguous CPU
+float32/float64 tensors). float32 and float64 inputs run natively (float64 so
+``torch.autograd.gradcheck`` exercises the same kernels); float16/bfloat16
+inputs are computed in float32 and cast back.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from . import _core
+from .lora import (
+    _as_rows,
+    _check_adapter_shapes,
+    _check_dropout,
+    _check_scaling,
+    _check_seed,
+    _describe_base,
+)
+from .backend import check_backend
+from .quant import QuantizedTensor
+
+__all__ = ["lora_linear"]
+
+
+def _numpy(tensor: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
+    return tensor.detach().to(dtype=dtype).contiguous().numpy()
+
+
+class _LoraLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, lora_a, lora_b, bias, base_info, settings):  # type: ignore[override]
+        out_features, in_features, fan_in_fan_out, scaling, dropout, seed, backend = settings
+        compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+        rows = _as_rows("lora_linear", _numpy(x, compute), in_features)
+        a, b = _numpy(lora_a, compute), _numpy(lora_b, compute)
+        bias_np = None if bias is None else _numpy(bias, compute).reshape(-1)
+        y = _core.lora.forward(
+            rows, a, b, bias_np, base_info.buffer, base_info.dtype, out_features, in_features, fan_in_fan_out,
+            scaling, dropout, seed, base_info.absmax, base_info.blocksize, backend,
+        )
+        ctx.save_for_backward(x, lora_a, lora_b)
+        ctx.base_info = base_info
+        ctx.settings = settings
+        ctx.has_bias = bias is not None
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return torch.from_numpy(y).reshape(*x.shape[:-1], out_features).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_y):  # type: ignore[override]
+        x, lora_a, lora_b = ctx.saved_tensors
+        out_features, in_features, fan_in_fan_out, scaling, dropout, seed, backend = ctx.settings
+        info = ctx.base_info
+        compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+        want_bias = ctx.has_bias and ctx.needs_input_grad[3]
+        dx, da, db, dbias = _core.lora.backward(
+            _numpy(grad_y, compute).reshape(-1, out_features),
+            _as_rows("lora_linear", _numpy(x, compute), in_features),
+            _numpy(lora_a, compute),
+            _numpy(lora_b, compute),
+            want_bias,
+            info.buffer, info.dtype, out_features, in_features, fan_in_fan_out,
+            scaling, dropout, seed, info.absmax, info.blocksize, backend,
+        )
+        grad_x = torch.from_numpy(dx).reshape(x.shape).to(x.dtype) if ctx.needs_input_grad[0] else None
+        grad_a = torch.from_numpy(da).to(lora_a.dtype) if ctx.needs_input_grad[1] else None
+        grad_b = torch.from_numpy(db).to(lora_b.dtype) if ctx.needs_input_grad[2] else None
+        grad_bias = torch.from_numpy(dbias).to(ctx.bias_dtype) if want_bias else None
+        return grad_x, grad_a, grad_b, grad_bias, None, None
+
+
+def lora_linear(
+    x: torch.Tensor,
+    base: Any,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scaling: float,
+    dropout: float = 0.0,
+    bias: Optional[torch.Tensor] = None,
+    training: bool = True,
+    fan_in_fan_out: bool = False,
+    seed: Optional[int] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``x W^T (+ bias) + scaling * dropout(x) A^T B^T`` with gradients for x, A, B
+    and bias (the base is frozen: it gets none).
+
+    ``base`` is a float tensor ``[out, in]`` (``[in, out]`` with ``fan_in_fan_out``)
+    or a 4-bit :class:`halo.QuantizedTensor`. Dropout applies only when ``training``;
+    its mask comes from ``seed`` (drawn from torch's generator when None, so
+    ``torch.manual_seed`` makes runs repeatable) and backward reuses it.
+    """
+    fn = "lora_linear"
+    for name, value in (("x", x), ("A", A), ("B", B)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"[{fn}] {name} must be a torch tensor, got {type(value).__name__}")
+        if not value.is_floating_point():
+            raise TypeError(f"[{fn}] {name} must be a float tensor, got {value.dtype}")
+        if value.device.type != "cpu":
+            raise ValueError(f"[{fn}] {name} must be on the CPU, got device {value.device}")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or not bias.is_floating_point()):
+        raise TypeError(f"[{fn}] bias must be a float tensor or None, got {type(bias).__name__}")
+    if not isinstance(base, (torch.Tensor, QuantizedTensor)):
+        raise TypeError(f"[{fn}] base must be a torch tensor or a QuantizedTensor, got {type(base).__name__}")
+    scaling = _check_scaling(fn, scaling)
+    dropout = _check_dropout(fn, dropout)
+    check_backend(fn, backend)
+    info = _describe_base(fn, base)
+    out_features, in_features, _ = _check_adapter_shapes(
+        fn, info.shape, tuple(A.shape), tuple(B.shape), bool(fan_in_fan_out)
+    )
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"[{fn}] x has shape {tuple(x.shape)}, expected [..., {in_features}]")
+    if bias is not None and bias.numel() != out_features:
+        raise ValueError(f"[{fn}] bias has {bias.numel()} elements, expected {out_features}")
+    p = dropout if training else 0.0
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0.0 else 0
+    seed = _check_seed(fn, seed)
+    settings = (out_features, in_features, bool(fan_in_fan_out), scaling, p, seed, backend)
+    return _LoraLinear.apply(x, A, B, bias, info, settings)
