@@ -47,7 +47,7 @@ void bind(py::module_& m) {
   m.def(
       "dequantize_4bit",
       [](const py::buffer& packed, const py::buffer& absmax, int64_t n, const std::string& quant_type,
-         int64_t blocksize, const std::string& dtype_name, const std::string& backend) {
+         int64_t blocksize, const std::string& dtype_name, const std::string& backend, std::optional<py::buffer> out) {
         const char* fn = "dequantize_4bit";
         const DType dtype = parse_dtype(fn, dtype_name);
         const QuantType type = parse_quant_type(fn, quant_type);
@@ -60,17 +60,30 @@ void bind(py::module_& m) {
                 packed_size(n), " for ", n, " elements");
         require(scales.count == num_blocks(n, blocksize), fn, "absmax holds ", scales.count, " values, expected ",
                 num_blocks(n, blocksize), " for ", n, " elements in blocks of ", blocksize);
-        py::array out = new_array(dtype, n);
-        void* out_ptr = out.mutable_data();
+        py::object result;
+        void* out_ptr = nullptr;
+        if (out) {
+          py::buffer_info info = out->request(/*writable=*/true);
+          require(!info.readonly, fn, "out is read-only");
+          BufferView target = contiguous_view(fn, "out", *out, dtype_size(dtype));
+          require(target.count == n, fn, "out holds ", target.count, " elements, expected ", n);
+          out_ptr = const_cast<void*>(target.data);
+          result = *out;
+        } else {
+          py::array fresh = new_array(dtype, n);
+          out_ptr = fresh.mutable_data();
+          result = fresh;
+        }
         {
           py::gil_scoped_release release;
           dequantize_4bit(static_cast<const uint8_t*>(codes.data), static_cast<const float*>(scales.data), n, type,
                           blocksize, out_ptr, dtype, chosen);
         }
-        return out;
+        return result;
       },
       py::arg("packed"), py::arg("absmax"), py::arg("n"), py::arg("quant_type"), py::arg("blocksize"),
-      py::arg("dtype"), py::arg("backend"), "Flat 4-bit dequantization (bfloat16 comes back as uint16 bits).");
+      py::arg("dtype"), py::arg("backend"), py::arg("out") = py::none(),
+      "Flat 4-bit dequantization into `out` or a new array (bfloat16 as uint16 bits).");
 
   m.def(
       "double_quantize",

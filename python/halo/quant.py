@@ -252,14 +252,30 @@ def quantize_4bit(
     return qt
 
 
-def dequantize_4bit(qt: QuantizedTensor, dtype: Optional[str] = None, backend: str = "auto") -> Any:
+def dequantize_4bit(
+    qt: QuantizedTensor, dtype: Optional[str] = None, backend: str = "auto", out: Any = None
+) -> Any:
     """Dequantizes to ``dtype`` (default: the original dtype), returning the kind of
-    array the quantizer was given (NumPy array or torch tensor)."""
+    array the quantizer was given (NumPy array or torch tensor).
+
+    ``out`` (optional): a C-contiguous NumPy array or CPU torch tensor of that dtype
+    and element count to write into (no allocation); it is returned.
+    """
     fn = "dequantize_4bit"
     if not isinstance(qt, QuantizedTensor):
         raise TypeError(f"[{fn}] expected a QuantizedTensor, got {type(qt).__name__}")
     check_backend(fn, backend)
+    if out is not None and dtype is None:
+        dtype = str(out.dtype).replace("torch.", "")
     dtype = _dtype_name(fn, dtype if dtype is not None else qt.dtype)
+    if out is not None:
+        target = _writable_flat(fn, out, dtype, qt.numel)
+        _core.quant.dequantize_4bit(
+            np.ascontiguousarray(qt.packed).reshape(-1),
+            np.ascontiguousarray(qt.block_absmax(), dtype=np.float32),
+            qt.numel, qt.quant_type, qt.blocksize, dtype, backend, target,
+        )
+        return out
     flat = _core.quant.dequantize_4bit(
         np.ascontiguousarray(qt.packed).reshape(-1),
         np.ascontiguousarray(qt.block_absmax(), dtype=np.float32),
@@ -270,6 +286,29 @@ def dequantize_4bit(qt: QuantizedTensor, dtype: Optional[str] = None, backend: s
         backend,
     )
     return restore(flat, dtype, qt.shape, qt.kind)
+
+
+def _writable_flat(function: str, out: Any, dtype: str, numel: int) -> np.ndarray:
+    if is_torch_tensor(out):
+        import torch
+
+        if out.device.type != "cpu" or not out.is_contiguous() or out.requires_grad:
+            raise ValueError(f"[{function}] out must be a contiguous CPU tensor without grad")
+        if str(out.dtype).replace("torch.", "") != dtype:
+            raise TypeError(f"[{function}] out has dtype {out.dtype}, expected {dtype}")
+        flat = out.reshape(-1)
+        array = flat.view(torch.int16).numpy() if dtype == "bfloat16" else flat.numpy()
+    elif isinstance(out, np.ndarray):
+        if not out.flags.c_contiguous or not out.flags.writeable:
+            raise ValueError(f"[{function}] out must be a writeable C-contiguous array")
+        if out.dtype.name != dtype:
+            raise TypeError(f"[{function}] out has dtype {out.dtype}, expected {dtype}")
+        array = out.reshape(-1)
+    else:
+        raise TypeError(f"[{function}] out must be a NumPy array or a torch tensor, got {type(out).__name__}")
+    if array.size != numel:
+        raise ValueError(f"[{function}] out holds {array.size} elements, expected {numel}")
+    return array
 
 
 def _dtype_name(function: str, dtype: Any) -> str:

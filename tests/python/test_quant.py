@@ -269,3 +269,20 @@ def test_dynamic_map_is_bitsandbytes():
     assert np.array_equal(halo._core.quant.dynamic_map(), F.create_dynamic_map(signed=True).numpy())
     for q in ("nf4", "fp4"):
         assert np.array_equal(halo._core.quant.code_book(q), F.get_4bit_type(q, device="cpu").numpy())
+
+
+def test_dequantize_into_out_equals_fresh_result():
+    w = torch.randn(40, 64)
+    qt = halo.quantize_4bit(w)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        out = torch.empty(40, 64, dtype=dtype)
+        name = str(dtype).replace("torch.", "")
+        assert halo.dequantize_4bit(qt, out=out) is out
+        assert torch.equal(out, halo.dequantize_4bit(qt, dtype=name))
+    array = np.empty((40, 64), np.float32)
+    halo.dequantize_4bit(halo.quantize_4bit(w.numpy()), out=array)
+    assert np.array_equal(array, halo.dequantize_4bit(qt, dtype="float32").numpy())
+    with pytest.raises(ValueError, match="elements"):
+        halo.dequantize_4bit(qt, out=np.empty(10, np.float32))
+    with pytest.raises(TypeError, match="float16"):
+        halo.dequantize_4bit(qt, dtype="float32", out=np.empty(2560, np.float16))

@@ -7,7 +7,14 @@ def quantize_4bit(
     input: npt.ArrayLike, dtype: str, quant_type: str, blocksize: int, backend: str
 ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32]]: ...
 def dequantize_4bit(
-    packed: npt.ArrayLike, absmax: npt.ArrayLike, n: int, quant_type: str, blocksize: int, dtype: str, backend: str
+    packed: npt.ArrayLike,
+    absmax: npt.ArrayLike,
+    n: int,
+    quant_type: str,
+    blocksize: int,
+    dtype: str,
+    backend: str,
+    out: Optional[npt.ArrayLike] = None,
 ) -> npt.NDArray[np.generic]: ...
 def double_quantize(
     absmax: npt.ArrayLike, nested_blocksize: int = 256, offset: Optional[float] = None, mean_threads: int = 1
