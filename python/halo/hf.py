@@ -192,7 +192,7 @@ def halo_quantize_model(
     hw = HardwareModel.default() if hw is None else hw
     report = ModelReport()
     for name, module in layers:
-        weight = module.weight.detach().float().cpu().numpy()
+        weight = module.weight.detach().float().cpu().numpy().copy()  # the write-back below must not alias it
         score = scores.get(name)
         quantized = halo_quantize(weight, score, hw, tile, salient_fraction, outlier_sigma, max_switches, **options)
         restored = quantized.dequantize()
