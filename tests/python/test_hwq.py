@@ -366,3 +366,32 @@ def test_tiny_llama_halo_beats_rtn_at_no_more_bits():
     fisher_batches = [dict(b, labels=b["input_ids"]) for b in batches]
     fisher = halo.hf.halo_quantize_model(model, fisher_batches, sensitivity="fisher", tile=(32, 32))
     assert len(fisher.layers) == 14 and all(np.isfinite(r.weighted_error) for r in fisher.layers)
+
+
+def test_cli_writes_outputs_and_rejects_bad_input(tmp_path, capsys):
+    from halo.cli import main
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n".join(SENTENCES[:2]) + "\n")
+    out = tmp_path / "out"
+    assert main(["hwq", "--model", MINILM, "--calib", str(calib), "--out", str(out), "--tile", "64", "64"]) == 0
+    assert sorted(os.listdir(out)) == ["config.json", "hardware_model.json", "plan.json", "quantized.safetensors",
+                                       "report.json", "report.md"]
+    report = json.loads((out / "report.json").read_text())
+    assert len(report["layers"]) == 37 and report["totals"]["speedup"] > 1.0
+    from safetensors.numpy import load_file
+
+    tensors = load_file(str(out / "quantized.safetensors"))
+    codes = tensors["encoder.layer.0.attention.self.query.codes"]
+    assert codes.dtype == np.int8 and codes.shape == (384, 384)
+    capsys.readouterr()
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    for argv in (["hwq", "--model", str(tmp_path), "--calib", str(calib), "--out", str(tmp_path / "a")],
+                 ["hwq", "--model", MINILM, "--calib", str(calib), "--out", str(out)],
+                 ["hwq", "--model", MINILM, "--calib", str(calib), "--out", str(tmp_path / "b"), "--hw", str(bad)],
+                 ["hwq", "--model", MINILM, "--calib", str(tmp_path / "none.txt"), "--out", str(tmp_path / "c")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("halo hwq: error:")
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()

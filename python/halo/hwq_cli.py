@@ -1,0 +1,143 @@
+"""``halo hwq``: HALO-quantize a Hugging Face model folder with calibration text.
+
+    halo hwq --model DIR --calib FILE --out DIR [--hw table.json]
+
+FILE holds one calibration text per line. OUT (which must not exist yet) gets
+``quantized.safetensors`` (per layer: int8 codes, scales, CSR part), ``plan.json``
+(per layer: tile shape, execution order, point per tile, switches),
+``report.json`` / ``report.md`` (per-layer error, bits, estimated speed-up and
+energy), ``hardware_model.json`` and the model's ``config.json``. Everything is
+written to a temporary folder beside OUT and renamed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("hwq", help="HALO hardware-aware quantization of a model folder")
+    parser.add_argument("--model", required=True, help="Hugging Face model folder (config.json + weights)")
+    parser.add_argument("--calib", required=True, help="calibration text file, one sample per line")
+    parser.add_argument("--out", required=True, help="output folder (must not exist)")
+    parser.add_argument("--hw", help="hardware model JSON (default: the built-in structural model)")
+    parser.add_argument("--bits", type=int, default=4, choices=(4, 8))
+    parser.add_argument("--tile", type=int, nargs=2, default=(128, 128), metavar=("ROWS", "COLS"))
+    parser.add_argument("--sensitivity", default="activation", choices=("activation", "fisher", "magnitude"))
+    parser.add_argument("--max-switches", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.set_defaults(handler=run)
+
+
+def _fail(message: str) -> int:
+    print(f"halo hwq: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _read_lines(path: str) -> list[str]:
+    with open(path, encoding="utf-8") as handle:
+        lines = [line.strip() for line in handle if line.strip()]
+    if not lines:
+        raise ValueError(f"calibration file {path!r} holds no text")
+    return lines
+
+
+def _markdown(report, totals: dict) -> str:
+    lines = ["# HALO quantization report", "",
+             f"Layers: {totals['layers']}, average bits {totals['average_bits']:.3f}, estimated speed-up "
+             f"{totals['speedup']:.3f}x, energy saving {100 * totals['energy_saving']:.1f} % "
+             "(against a uniform quantizer at the nominal point).", "",
+             "| layer | shape | weighted error | bits | speed-up | energy saving | switches | sparse % |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in report.layers:
+        lines.append(f"| {r.name} | {r.shape[0]}x{r.shape[1]} | {r.weighted_error:.5f} | {r.average_bits:.3f} | "
+                     f"{r.speedup:.3f} | {100 * r.energy_saving:.1f} % | {r.switches} | "
+                     f"{100 * r.sparse_fraction:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _write_outputs(folder: str, report, hw, model_dir: str) -> None:
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    tensors, plan = {}, {}
+    for name, q in report.quantized.items():
+        tensors[f"{name}.codes"] = q.codes
+        tensors[f"{name}.scales"] = q.scales
+        tensors[f"{name}.sparse.indptr"] = np.asarray(q.sparse.indptr, np.int64)
+        tensors[f"{name}.sparse.indices"] = np.asarray(q.sparse.indices, np.int32)
+        tensors[f"{name}.sparse.values"] = np.asarray(q.sparse.values, np.float32)
+        plan[name] = {
+            "shape": list(q.shape),
+            "tile": list(q.tile_shape),
+            "bits": q.bits,
+            "order": q.plan.order.tolist(),
+            "point": q.plan.point.tolist(),
+            "switches": q.plan.switches,
+            "segments": [{"voltage": v, "frequency_ghz": f, "tiles": n} for v, f, n in q.plan.segments()],
+        }
+    save_file(tensors, os.path.join(folder, "quantized.safetensors"), metadata={"format": "halo.hwq", "version": "1"})
+    totals = report.totals()
+    with open(os.path.join(folder, "plan.json"), "w", encoding="utf-8") as out:
+        json.dump(plan, out)
+    with open(os.path.join(folder, "report.json"), "w", encoding="utf-8") as out:
+        json.dump({"totals": totals, "layers": [r.as_dict() for r in report.layers]}, out, indent=2)
+    with open(os.path.join(folder, "report.md"), "w", encoding="utf-8") as out:
+        out.write(_markdown(report, totals))
+    hw.save(os.path.join(folder, "hardware_model.json"))
+    shutil.copy(os.path.join(model_dir, "config.json"), os.path.join(folder, "config.json"))
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        if not os.path.isfile(os.path.join(args.model, "config.json")):
+            return _fail(f"--model {args.model!r} is not a model folder (no config.json)")
+        if os.path.exists(args.out):
+            return _fail(f"--out {args.out!r} already exists")
+        if args.max_switches < 0 or args.batch_size < 1 or args.max_length < 1:
+            return _fail("--max-switches must be >= 0 and --batch-size, --max-length >= 1")
+        lines = _read_lines(args.calib)
+        from .hwq import HardwareModel
+
+        hw = HardwareModel.load(args.hw) if args.hw else HardwareModel.default()
+
+        import transformers
+
+        from .hf import halo_quantize_model
+
+        config = transformers.AutoConfig.from_pretrained(args.model)
+        causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
+        loader = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+        model = loader.from_pretrained(args.model).eval()
+        tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        batches = []
+        for start in range(0, len(lines), args.batch_size):
+            batch = dict(tokenizer(lines[start : start + args.batch_size], padding=True, truncation=True,
+                                   max_length=args.max_length, return_tensors="pt"))
+            if args.sensitivity == "fisher" and causal:
+                batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+            batches.append(batch)
+        report = halo_quantize_model(model, batches, sensitivity=args.sensitivity, hw=hw, tile=tuple(args.tile),
+                                     max_switches=args.max_switches, bits=args.bits)
+        parent = os.path.dirname(os.path.abspath(args.out))
+        temp = tempfile.mkdtemp(dir=parent, prefix=".halo-hwq-")
+        try:
+            _write_outputs(temp, report, hw, args.model)
+            os.rename(temp, args.out)
+        except BaseException:
+            shutil.rmtree(temp, ignore_errors=True)
+            raise
+    except (ValueError, TypeError, OSError) as error:
+        return _fail(str(error).splitlines()[0] if str(error) else type(error).__name__)
+    totals = report.totals()
+    print(f"halo hwq: {totals['layers']} layers, {totals['average_bits']:.3f} bits, est. speed-up "
+          f"{totals['speedup']:.3f}x, energy saving {100 * totals['energy_saving']:.1f} % -> {args.out}")
+    return 0
