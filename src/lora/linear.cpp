@@ -9,6 +9,7 @@
 #include "halo/core/error.hpp"
 #include "halo/core/parallel.hpp"
 #include "halo/quant/quant4.hpp"
+#include "gemm_kernels.hpp"
 
 namespace halo::lora {
 namespace {
@@ -17,6 +18,9 @@ namespace {
 // 256 KiB, small enough to stay in L2 while the GEMM sweeps it.
 constexpr int64_t kTileOut = 128;
 constexpr int64_t kTileIn = 512;
+// The AVX-512 kernel sweeps 32-column panels of a packed tile; a 256-deep panel
+// is 32 KiB and stays in L1.
+constexpr int64_t kPackedDepth = 256;
 
 template <typename Scalar>
 using RowMat = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
@@ -76,6 +80,27 @@ class TileLoader {
     } else {
       const StridedBlock<Scalar> block = load(o0, o1, k0, k1);
       consume(block);
+    }
+  }
+
+  // Logical tile W[o0:o1, k0:k1] written contiguously: k_major ? [k, o] : [o, k].
+  void pack(int64_t o0, int64_t o1, int64_t k0, int64_t k1, bool k_major, Scalar* out) {
+    const bool fan = base_.fan_in_fan_out;
+    // stored rows run over o (or k with fan_in_fan_out), stored columns over the other
+    const int64_t r0 = fan ? k0 : o0, r1 = fan ? k1 : o1, c0 = fan ? o0 : k0, c1 = fan ? o1 : k1;
+    const int64_t cols = c1 - c0, rows = r1 - r0;
+    const bool same_orientation = fan == k_major;
+    if (base_.storage == BaseStorage::quant4 && !std::is_same_v<Scalar, float>)
+      scratch_.resize(static_cast<size_t>(cols));
+    if (!same_orientation) row_.resize(static_cast<size_t>(cols));
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t begin = (r0 + r) * stored_cols_ + c0;
+      if (same_orientation) {
+        convert_row(begin, cols, out + r * cols);
+      } else {
+        convert_row(begin, cols, row_.data());
+        for (int64_t c = 0; c < cols; ++c) out[c * rows + r] = row_[c];
+      }
     }
   }
 
@@ -142,11 +167,17 @@ class TileLoader {
   Backend backend_;
   int64_t stored_cols_ = 0;
   std::vector<Scalar> buffer_;
+  std::vector<Scalar> row_;
   std::vector<float> scratch_;
 };
 
-Backend tile_backend(const BaseWeight& base) {
-  return base.storage == BaseStorage::quant4 ? resolve(base.backend) : Backend::scalar;
+// The backend picks both the 4-bit tile dequantizer and, for float activations,
+// the tile GEMM (the AVX-512 kernel, or Eigen in plain code below that rung).
+Backend tile_backend(const BaseWeight& base) { return resolve(base.backend); }
+
+template <typename Scalar>
+bool use_avx512_gemm(Backend backend) {
+  return std::is_same_v<Scalar, float> && backend == Backend::avx512;
 }
 
 int64_t tiles(int64_t extent, int64_t tile) { return (extent + tile - 1) / tile; }
@@ -200,15 +231,27 @@ void lora_forward(const Scalar* x, int64_t rows, const BaseWeight& base, const S
 
   parallel_for(tiles(out, kTileOut), 1, [&](int64_t first, int64_t last) {
     TileLoader<Scalar> loader(base, backend);
+    std::vector<Scalar> packed;
     for (int64_t tile = first; tile < last; ++tile) {
       const int64_t o0 = tile * kTileOut, o1 = std::min(out, o0 + kTileOut);
       auto y_tile = result.middleCols(o0, o1 - o0);
       y_tile.setZero();
-      for (int64_t k0 = 0; k0 < in; k0 += kTileIn) {
-        const int64_t k1 = std::min(in, k0 + kTileIn);
-        loader.with_tile(o0, o1, k0, k1, [&](const auto& w_tile) {
-          y_tile.noalias() += input.middleCols(k0, k1 - k0) * w_tile.transpose();
-        });
+      if (use_avx512_gemm<Scalar>(backend)) {
+        if constexpr (std::is_same_v<Scalar, float>) {
+          packed.resize(static_cast<size_t>(kPackedDepth * kTileOut));
+          for (int64_t k0 = 0; k0 < in; k0 += kPackedDepth) {
+            const int64_t k1 = std::min(in, k0 + kPackedDepth);
+            loader.pack(o0, o1, k0, k1, /*k_major=*/true, packed.data());
+            kernels::gemm_nn_avx512(x + k0, in, packed.data(), o1 - o0, y + o0, out, rows, o1 - o0, k1 - k0);
+          }
+        }
+      } else {
+        for (int64_t k0 = 0; k0 < in; k0 += kTileIn) {
+          const int64_t k1 = std::min(in, k0 + kTileIn);
+          loader.with_tile(o0, o1, k0, k1, [&](const auto& w_tile) {
+            y_tile.noalias() += input.middleCols(k0, k1 - k0) * w_tile.transpose();
+          });
+        }
       }
       // PEFT's order: (x W^T + b) + (t B^T) * scaling.
       if (bias != nullptr) {
@@ -257,15 +300,28 @@ void lora_backward(const Scalar* grad_y, const Scalar* x, int64_t rows, const Ba
   Map<Scalar> dx(grad_x, rows, in);
   parallel_for(tiles(in, kTileOut), 1, [&](int64_t first, int64_t last) {
     TileLoader<Scalar> loader(base, backend);
+    std::vector<Scalar> packed;
     for (int64_t tile = first; tile < last; ++tile) {
       const int64_t k0 = tile * kTileOut, k1 = std::min(in, k0 + kTileOut);
       auto dx_tile = dx.middleCols(k0, k1 - k0);
       dx_tile.setZero();
-      for (int64_t o0 = 0; o0 < out; o0 += kTileIn) {
-        const int64_t o1 = std::min(out, o0 + kTileIn);
-        loader.with_tile(o0, o1, k0, k1, [&](const auto& w_tile) {
-          dx_tile.noalias() += dy.middleCols(o0, o1 - o0) * w_tile;
-        });
+      if (use_avx512_gemm<Scalar>(backend)) {
+        if constexpr (std::is_same_v<Scalar, float>) {
+          packed.resize(static_cast<size_t>(kPackedDepth * kTileOut));
+          for (int64_t o0 = 0; o0 < out; o0 += kPackedDepth) {
+            const int64_t o1 = std::min(out, o0 + kPackedDepth);
+            loader.pack(o0, o1, k0, k1, /*k_major=*/false, packed.data());
+            kernels::gemm_nn_avx512(grad_y + o0, out, packed.data(), k1 - k0, grad_x + k0, in, rows, k1 - k0,
+                                    o1 - o0);
+          }
+        }
+      } else {
+        for (int64_t o0 = 0; o0 < out; o0 += kTileIn) {
+          const int64_t o1 = std::min(out, o0 + kTileIn);
+          loader.with_tile(o0, o1, k0, k1, [&](const auto& w_tile) {
+            dx_tile.noalias() += dy.middleCols(o0, o1 - o0) * w_tile;
+          });
+        }
       }
       // d drop(x) = dt A; the mask (scaled by 1 / (1 - p)) passes it back to x.
       RowMat<Scalar> lora_dx = dt * a.middleCols(k0, k1 - k0);

@@ -159,20 +159,24 @@ void run_case(const Case& c, BaseStorage storage, bool fan_in_fan_out, double p,
   if (with_bias) expect_close(dbias, ref.dbias, 2e-5, "dbias");
 }
 
-const std::vector<Case> kCases = {{1, 1, 1, 1}, {3, 31, 33, 2}, {5, 65, 31, 4}, {2, 33, 65, 3}, {7, 130, 600, 5},
-                                  {1, 257, 513, 1}};
+const std::vector<Case> kCases = {{1, 1, 1, 1},     {3, 31, 33, 2},   {5, 65, 31, 4},    {2, 33, 65, 3},
+                                  {7, 130, 600, 5}, {1, 257, 513, 1}, {13, 47, 300, 2}};
 
 }  // namespace
 
-TEST_CASE("lora kernels match a naive reference for dense bases", "[lora]") {
+TEST_CASE("lora kernels match a naive reference for dense bases on every CPU backend", "[lora]") {
+  for (Backend backend : available_backends()) {
+    if (backend == Backend::cuda) continue;
   for (const Case& c : kCases)
     for (BaseStorage storage : {BaseStorage::float32, BaseStorage::float16, BaseStorage::bfloat16})
       for (bool fan : {false, true})
         for (double p : {0.0, 0.3}) {
           INFO("case " << c.rows << "x" << c.out << "x" << c.in << " r" << c.rank << " storage "
                        << int(storage) << " fan " << fan << " p " << p);
-          run_case(c, storage, fan, p, Backend::scalar, p == 0.0);
+          INFO("backend " << backend_name(backend));
+          run_case(c, storage, fan, p, backend, p == 0.0);
         }
+  }
 }
 
 TEST_CASE("lora kernels match a naive reference for 4-bit bases on every CPU backend", "[lora]") {
