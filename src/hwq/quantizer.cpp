@@ -27,10 +27,36 @@ int nearest_code(float x, const std::vector<float>& book) {
 
 namespace {
 
-double segment_error(const float* x, const float* s, int64_t count, const std::vector<float>& book, float scale) {
+// Nearest code in O(1): the books hold integers, so every midpoint between neighbours is a multiple of
+// 1/2 and the nearest index is constant on each half-step bucket. The neighbour check keeps exactly the
+// ties-to-smaller rule of nearest_code at bucket edges.
+class NearestCode {
+ public:
+  explicit NearestCode(const std::vector<float>& book) : book_(book), low_(book.front()), high_(book.back()) {
+    const int buckets = static_cast<int>(2 * (high_ - low_)) + 1;
+    bucket_.resize(buckets);
+    for (int k = 0; k < buckets; ++k) bucket_[k] = nearest_code(low_ + 0.5f * k + 0.25f, book_);
+  }
+  int operator()(float x) const {
+    if (!(x > low_)) return 0;  // also NaN-safe
+    if (x >= high_) return static_cast<int>(book_.size()) - 1;
+    int i = bucket_[static_cast<int>(std::floor(2.0f * (x - low_)))];
+    if (i > 0 && std::fabs(x - book_[i - 1]) <= std::fabs(x - book_[i])) --i;
+    else if (i + 1 < static_cast<int>(book_.size()) && std::fabs(x - book_[i + 1]) < std::fabs(x - book_[i])) ++i;
+    return i;
+  }
+
+ private:
+  const std::vector<float>& book_;
+  float low_, high_;
+  std::vector<int> bucket_;
+};
+
+double segment_error(const float* x, const float* s, int64_t count, const std::vector<float>& book,
+                     const NearestCode& nearest, float scale) {
   double error = 0;
   for (int64_t i = 0; i < count; ++i) {
-    const float q = scale == 0.0f ? 0.0f : book[nearest_code(x[i] / scale, book)];
+    const float q = scale == 0.0f ? 0.0f : book[nearest(x[i] / scale)];
     const double diff = static_cast<double>(x[i]) - static_cast<double>(scale * q);
     error += s[i] * diff * diff;
   }
@@ -38,10 +64,11 @@ double segment_error(const float* x, const float* s, int64_t count, const std::v
 }
 
 // Weighted least-squares scale for the current assignment: sum s x q / sum s q^2.
-float refit(const float* x, const float* s, int64_t count, const std::vector<float>& book, float scale) {
+float refit(const float* x, const float* s, int64_t count, const std::vector<float>& book, const NearestCode& nearest,
+            float scale) {
   double num = 0, den = 0;
   for (int64_t i = 0; i < count; ++i) {
-    const float q = book[nearest_code(x[i] / scale, book)];
+    const float q = book[nearest(x[i] / scale)];
     num += static_cast<double>(s[i]) * x[i] * q;
     den += static_cast<double>(s[i]) * q * q;
   }
@@ -61,17 +88,18 @@ ScaleFit fit_scale(const float* x, const float* s, int64_t count, const std::vec
   double start = 0;
   if (xmax > 0 && cpos > 0) start = std::max(start, static_cast<double>(xmax) / cpos);
   if (xmin < 0 && cneg < 0) start = std::max(start, static_cast<double>(xmin) / cneg);
-  ScaleFit best{0.0f, segment_error(x, s, count, book, 0.0f)};
+  const NearestCode nearest(book);
+  ScaleFit best{0.0f, segment_error(x, s, count, book, nearest, 0.0f)};
   if (start == 0) return best;
   // Clipping the range trades a few large errors for a finer step everywhere: search the clip factor.
   for (int step = 0; step < 15; ++step) {
     const float scale = static_cast<float>(start * (1.0 - 0.05 * step));
-    const double error = segment_error(x, s, count, book, scale);
+    const double error = segment_error(x, s, count, book, nearest, scale);
     if (error < best.error) best = {scale, error};
   }
   for (int round = 0; round < 2 && best.scale > 0; ++round) {
-    const float scale = refit(x, s, count, book, best.scale);
-    const double error = segment_error(x, s, count, book, scale);
+    const float scale = refit(x, s, count, book, nearest, best.scale);
+    const double error = segment_error(x, s, count, book, nearest, scale);
     if (!(error < best.error)) break;
     best = {scale, error};
   }
@@ -258,6 +286,7 @@ Quantized halo_quantize(const float* w, const float* sensitivity, int64_t rows, 
     for (int64_t t = begin; t < end; ++t) {
       const int p = q.plan.point[t];
       const std::vector<float>& book = books[p];
+      const NearestCode nearest(book);
       const float* point_scales = scales.data() + static_cast<size_t>(p) * rows * gcols;
       const int64_t r0 = (t / gcols) * grid.tile_rows, c0 = (t % gcols) * grid.tile_cols;
       const int64_t height = std::min(grid.tile_rows, rows - r0), width = std::min(grid.tile_cols, cols - c0);
@@ -266,7 +295,7 @@ Quantized halo_quantize(const float* w, const float* sensitivity, int64_t rows, 
         q.scales[r * gcols + t % gcols] = scale;
         for (int64_t c = c0; c < c0 + width; ++c) {
           const float x = dense[r * cols + c];
-          q.codes[r * cols + c] = scale == 0.0f ? 0 : static_cast<int8_t>(book[nearest_code(x / scale, book)]);
+          q.codes[r * cols + c] = scale == 0.0f ? 0 : static_cast<int8_t>(book[nearest(x / scale)]);
         }
       }
       q.tile_error[t] = error[t * num_points + p];
