@@ -19,11 +19,10 @@ import torch
 
 warnings.filterwarnings("ignore")
 logging.disable(logging.WARNING)
-import bitsandbytes as bnb  # noqa: E402
-from peft import LoraConfig, get_peft_model  # noqa: E402
-
-import halo  # noqa: E402
-from halo.torch import lora_linear  # noqa: E402
+import bitsandbytes as bnb
+import halo
+from halo.torch import lora_linear
+from peft import LoraConfig, get_peft_model
 
 
 class _OneLayer(torch.nn.Module):
@@ -60,13 +59,20 @@ def main() -> None:
 
     torch.manual_seed(0)
     dense = torch.nn.Linear(in_features, out_features, bias=False)
-    base = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=torch.float32,
-                             quant_type="nf4", compress_statistics=True)
+    base = bnb.nn.Linear4bit(
+        in_features,
+        out_features,
+        bias=False,
+        compute_dtype=torch.float32,
+        quant_type="nf4",
+        compress_statistics=True,
+    )
     base.load_state_dict(dense.state_dict())
     base = base.to("cpu")
     del dense
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=["proj"],
-                        init_lora_weights=False)
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=["proj"], init_lora_weights=False
+    )
     layer = get_peft_model(_OneLayer(base), config).base_model.model.proj
     layer.train()
     qt = halo.QuantizedTensor.from_bnb_state_dict(base.state_dict(), "weight")
@@ -99,7 +105,9 @@ def main() -> None:
     y_halo = lora_linear(x, qt, lora_a.detach(), lora_b.detach(), scaling, training=False)
     err = float((y_halo - y_peft).abs().max() / y_peft.abs().max())
 
-    flops = 2 * 2 * tokens * out_features * in_features  # forward and grad_x base GEMMs (LoRA terms are small)
+    flops = (
+        2 * 2 * tokens * out_features * in_features
+    )  # forward and grad_x base GEMMs (LoRA terms are small)
     t_peft = timeit(run_peft, reps)
     t_halo = timeit(run_halo, reps)
 
@@ -109,16 +117,21 @@ def main() -> None:
     _, halo_peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
 
-    print(f"LoRA fwd+bwd on an NF4 (double-quant) base [{out_features} x {in_features}], r={rank}, "
-          f"{tokens} tokens, dropout {dropout}; torch {torch.__version__} with {torch.get_num_threads()} threads, "
-          f"halo {halo._core.backend.num_threads()} threads, 4-bit backend {halo.resolve_backend()}")
+    print(
+        f"LoRA fwd+bwd on an NF4 (double-quant) base [{out_features} x {in_features}], r={rank}, "
+        f"{tokens} tokens, dropout {dropout}; torch {torch.__version__} with {torch.get_num_threads()} "
+        f"threads, halo {halo._core.backend.num_threads()} threads, backend {halo.resolve_backend()}"
+    )
     print(f"max relative difference of the outputs (no dropout): {err:.2e}")
     print(f"{'impl':<26} {'ms/step':>9} {'GFLOP/s':>8}")
     print(f"{'bitsandbytes+PEFT':<26} {t_peft * 1e3:>9.1f} {flops / t_peft / 1e9:>8.1f}")
     print(f"{'halo.torch.lora_linear':<26} {t_halo * 1e3:>9.1f} {flops / t_halo / 1e9:>8.1f}")
     print(f"speed-up halo vs bitsandbytes+PEFT: {t_peft / t_halo:.2f}x")
-    print(f"float copy of W that bitsandbytes materializes per pass: {out_features * in_features * 4 / 2**20:.0f} MiB;"
-          f" halo's Python-side peak per step: {halo_peak / 2**20:.1f} MiB")
+    w_mib = out_features * in_features * 4 / 2**20
+    print(
+        f"float copy of W that bitsandbytes materializes per pass: {w_mib:.0f} MiB;"
+        f" halo's Python-side peak per step: {halo_peak / 2**20:.1f} MiB"
+    )
 
 
 if __name__ == "__main__":

@@ -107,7 +107,11 @@ def _shape(value: Any) -> tuple[int, ...]:
 
 
 def _check_adapter_shapes(
-    fn: str, base_shape: tuple[int, ...], a_shape: tuple[int, ...], b_shape: tuple[int, ...], fan_in_fan_out: bool
+    fn: str,
+    base_shape: tuple[int, ...],
+    a_shape: tuple[int, ...],
+    b_shape: tuple[int, ...],
+    fan_in_fan_out: bool,
 ) -> tuple[int, int, int]:
     """(out, in, r) from the shapes, or a ValueError naming the mismatch."""
     if len(base_shape) != 2:
@@ -161,10 +165,14 @@ def unmerge(W: Any, A: Any, B: Any, scaling: float, fan_in_fan_out: bool = False
 def _merge(fn: str, W: Any, A: Any, B: Any, scaling: Any, fan_in_fan_out: bool, subtract: bool) -> Any:
     scaling = _check_scaling(fn, scaling)
     if not isinstance(W, QuantizedTensor) and not is_torch_tensor(W) and not isinstance(W, np.ndarray):
-        raise TypeError(f"[{fn}] W must be a NumPy array, a torch tensor or a QuantizedTensor, got {type(W).__name__}")
+        raise TypeError(
+            f"[{fn}] W must be a NumPy array, a torch tensor or a QuantizedTensor, got {type(W).__name__}"
+        )
     a = _as_numpy(fn, "lora_A", A, np.float32)
     b = _as_numpy(fn, "lora_B", B, np.float32)
-    out_features, in_features, _ = _check_adapter_shapes(fn, _shape(W), a.shape, b.shape, bool(fan_in_fan_out))
+    out_features, in_features, _ = _check_adapter_shapes(
+        fn, _shape(W), a.shape, b.shape, bool(fan_in_fan_out)
+    )
     if isinstance(W, QuantizedTensor):
         return _merge_4bit(fn, W, a, b, scaling, bool(fan_in_fan_out), subtract, out_features, in_features)
     flat = flatten_float(fn, W)
@@ -207,7 +215,10 @@ def _merge_4bit(
         dequantized, "float32", out_features, in_features, a, b, scaling, fan_in_fan_out, subtract
     )
     merged = quantize_4bit(
-        exact.reshape(qt.shape), quant_type=qt.quant_type, blocksize=qt.blocksize, double_quant=qt.double_quant
+        exact.reshape(qt.shape),
+        quant_type=qt.quant_type,
+        blocksize=qt.blocksize,
+        double_quant=qt.double_quant,
     )
     merged.dtype = qt.dtype
     merged.kind = qt.kind
@@ -305,8 +316,21 @@ def lora_forward(
         if bias_array.size != out_features:
             raise ValueError(f"[{fn}] bias has {bias_array.size} elements, expected {out_features}")
     y = _core.lora.forward(
-        rows, a, b, bias_array, info.buffer, info.dtype, out_features, in_features, bool(fan_in_fan_out),
-        scaling, dropout, seed, info.absmax, info.blocksize, backend,
+        rows,
+        a,
+        b,
+        bias_array,
+        info.buffer,
+        info.dtype,
+        out_features,
+        in_features,
+        bool(fan_in_fan_out),
+        scaling,
+        dropout,
+        seed,
+        info.absmax,
+        info.blocksize,
+        backend,
     )
     return y.reshape(*x.shape[:-1], out_features)
 
@@ -336,8 +360,22 @@ def lora_backward(
         raise ValueError(f"[{fn}] grad_y has shape {grad_y.shape}, expected {(*x.shape[:-1], out_features)}")
     dy = np.ascontiguousarray(grad_y, dtype=x_dtype).reshape(-1, out_features)
     dx, da, db, dbias = _core.lora.backward(
-        dy, rows, a, b, bool(with_bias), info.buffer, info.dtype, out_features, in_features, bool(fan_in_fan_out),
-        scaling, dropout, seed, info.absmax, info.blocksize, backend,
+        dy,
+        rows,
+        a,
+        b,
+        bool(with_bias),
+        info.buffer,
+        info.dtype,
+        out_features,
+        in_features,
+        bool(fan_in_fan_out),
+        scaling,
+        dropout,
+        seed,
+        info.absmax,
+        info.blocksize,
+        backend,
     )
     return dx.reshape(x.shape), da, db, dbias
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from . import _core
+from .backend import check_backend
 from .lora import (
     _as_rows,
     _check_adapter_shapes,
@@ -23,7 +24,6 @@ from .lora import (
     _check_seed,
     _describe_base,
 )
-from .backend import check_backend
 from .quant import QuantizedTensor
 
 __all__ = ["lora_linear"]
@@ -42,8 +42,21 @@ class _LoraLinear(torch.autograd.Function):
         a, b = _numpy(lora_a, compute), _numpy(lora_b, compute)
         bias_np = None if bias is None else _numpy(bias, compute).reshape(-1)
         y = _core.lora.forward(
-            rows, a, b, bias_np, base_info.buffer, base_info.dtype, out_features, in_features, fan_in_fan_out,
-            scaling, dropout, seed, base_info.absmax, base_info.blocksize, backend,
+            rows,
+            a,
+            b,
+            bias_np,
+            base_info.buffer,
+            base_info.dtype,
+            out_features,
+            in_features,
+            fan_in_fan_out,
+            scaling,
+            dropout,
+            seed,
+            base_info.absmax,
+            base_info.blocksize,
+            backend,
         )
         ctx.save_for_backward(x, lora_a, lora_b)
         ctx.base_info = base_info
@@ -65,8 +78,17 @@ class _LoraLinear(torch.autograd.Function):
             _numpy(lora_a, compute),
             _numpy(lora_b, compute),
             want_bias,
-            info.buffer, info.dtype, out_features, in_features, fan_in_fan_out,
-            scaling, dropout, seed, info.absmax, info.blocksize, backend,
+            info.buffer,
+            info.dtype,
+            out_features,
+            in_features,
+            fan_in_fan_out,
+            scaling,
+            dropout,
+            seed,
+            info.absmax,
+            info.blocksize,
+            backend,
         )
         grad_x = torch.from_numpy(dx).reshape(x.shape).to(x.dtype) if ctx.needs_input_grad[0] else None
         grad_a = torch.from_numpy(da).to(lora_a.dtype) if ctx.needs_input_grad[1] else None

@@ -6,17 +6,16 @@ from __future__ import annotations
 import copy
 import warnings
 
+import halo
 import numpy as np
 import pytest
 import torch
-
-import halo
 from halo.lora import dropout_mask, lora_scaling, merge, unmerge
 from halo.torch import lora_linear
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
-from peft import LoraConfig, get_peft_model  # noqa: E402
+from peft import LoraConfig, get_peft_model
 
 warnings.filterwarnings("ignore", category=UserWarning)
 
@@ -24,8 +23,13 @@ warnings.filterwarnings("ignore", category=UserWarning)
 def tiny_llama(seed: int = 0):
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=128, max_position_embeddings=64,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=64,
     )
     return transformers.LlamaForCausalLM(config).eval()
 
@@ -36,10 +40,16 @@ def tiny_gpt2(seed: int = 0):
     return transformers.GPT2LMHeadModel(config).eval()
 
 
-def peft_llama(use_rslora=False, r=8, alpha=16, dropout=0.0, targets=("q_proj", "v_proj", "down_proj"), seed=0):
+def peft_llama(
+    use_rslora=False, r=8, alpha=16, dropout=0.0, targets=("q_proj", "v_proj", "down_proj"), seed=0
+):
     model = tiny_llama(seed)
     config = LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), use_rslora=use_rslora,
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=list(targets),
+        use_rslora=use_rslora,
         init_lora_weights=False,  # non-zero B, so the adapter actually contributes
     )
     torch.manual_seed(seed + 1)
@@ -105,8 +115,9 @@ def test_forward_and_gradients_match_peft_layers(use_rslora):
 
 def test_gpt2_conv1d_fan_in_fan_out_matches_peft():
     model = tiny_gpt2()
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True,
-                        init_lora_weights=False)
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, init_lora_weights=False
+    )
     torch.manual_seed(3)
     peft_model = get_peft_model(model, config)
     layers = lora_layers(peft_model)
@@ -190,8 +201,14 @@ class _OneLayer(torch.nn.Module):
 def bnb_lora(quant_type: str, double_quant: bool, out_features=40, in_features=128, bias=True):
     torch.manual_seed(11)
     dense = torch.nn.Linear(in_features, out_features, bias=bias)
-    layer = bnb.nn.Linear4bit(in_features, out_features, bias=bias, compute_dtype=torch.float32,
-                              quant_type=quant_type, compress_statistics=double_quant)
+    layer = bnb.nn.Linear4bit(
+        in_features,
+        out_features,
+        bias=bias,
+        compute_dtype=torch.float32,
+        quant_type=quant_type,
+        compress_statistics=double_quant,
+    )
     layer.load_state_dict(dense.state_dict())
     layer = layer.to("cpu")
     config = LoraConfig(r=8, lora_alpha=16, target_modules=["proj"], init_lora_weights=False)
@@ -249,9 +266,13 @@ def test_4bit_merge_report_against_bitsandbytes():
     assert isinstance(merged_qt, halo.QuantizedTensor)
     assert (merged_qt.quant_type, merged_qt.blocksize, merged_qt.double_quant) == ("nf4", 64, True)
 
-    packed, state = bnb.functional.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=True)
+    packed, state = bnb.functional.quantize_4bit(
+        weight, blocksize=64, quant_type="nf4", compress_statistics=True
+    )
     exact = bnb.functional.dequantize_4bit(packed, state) + (lora_b @ lora_a) * scaling
-    packed2, state2 = bnb.functional.quantize_4bit(exact, blocksize=64, quant_type="nf4", compress_statistics=True)
+    packed2, state2 = bnb.functional.quantize_4bit(
+        exact, blocksize=64, quant_type="nf4", compress_statistics=True
+    )
     np.testing.assert_array_equal(merged_qt.packed.reshape(-1), packed2.numpy().reshape(-1))
     roundtrip = bnb.functional.dequantize_4bit(packed2, state2)
     error = (roundtrip - exact).double()
@@ -325,14 +346,18 @@ def test_dropout_is_deterministic_and_backward_uses_the_same_mask():
 @pytest.mark.parametrize("fan_in_fan_out,dropout", [(False, 0.0), (True, 0.0), (False, 0.3)])
 def test_gradcheck_float_base(fan_in_fan_out, dropout):
     torch.manual_seed(41)
-    weight = torch.randn(9, 7, dtype=torch.float64) if fan_in_fan_out else torch.randn(7, 9, dtype=torch.float64)
+    weight = (
+        torch.randn(9, 7, dtype=torch.float64) if fan_in_fan_out else torch.randn(7, 9, dtype=torch.float64)
+    )
     x = torch.randn(2, 3, 9, dtype=torch.float64, requires_grad=True)
     lora_a = torch.randn(3, 9, dtype=torch.float64, requires_grad=True)
     lora_b = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(7, dtype=torch.float64, requires_grad=True)
 
     def fn(x, a, b, bias):
-        return lora_linear(x, weight, a, b, 1.5, dropout=dropout, bias=bias, fan_in_fan_out=fan_in_fan_out, seed=3)
+        return lora_linear(
+            x, weight, a, b, 1.5, dropout=dropout, bias=bias, fan_in_fan_out=fan_in_fan_out, seed=3
+        )
 
     assert torch.autograd.gradcheck(fn, (x, lora_a, lora_b, bias))
 
@@ -366,7 +391,9 @@ def test_bad_inputs_raise_clear_errors():
         lora_linear(torch.ones(3, 16, dtype=torch.int64), weight, lora_a, lora_b, 1.0)
     with pytest.raises(TypeError, match=r"\[lora_linear\] base must be .* got list"):
         lora_linear(x, [[1.0]], lora_a, lora_b, 1.0)
-    with pytest.raises(TypeError, match=r"\[lora_linear\] expected a float32, float16 or bfloat16 tensor, got torch.int32"):
+    with pytest.raises(
+        TypeError, match=r"\[lora_linear\] expected a float32, float16 or bfloat16 tensor, got torch.int32"
+    ):
         lora_linear(x, torch.ones(8, 16, dtype=torch.int32), lora_a, lora_b, 1.0)
     with pytest.raises(TypeError, match=r"\[merge\] scaling must be a real number, got str"):
         merge(weight, lora_a, lora_b, "2")
@@ -379,8 +406,50 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(TypeError, match=r"\[merge\] W must be"):
         merge("weights", lora_a, lora_b, 1.0)
     with pytest.raises(ValueError, match=r"\[lora_forward\] x has shape"):
-        halo.lora.lora_forward(np.zeros((2, 5), np.float32), weight.numpy(), lora_a.numpy(), lora_b.numpy(), 1.0)
+        halo.lora.lora_forward(
+            np.zeros((2, 5), np.float32), weight.numpy(), lora_a.numpy(), lora_b.numpy(), 1.0
+        )
     with pytest.raises(TypeError, match=r"\[lora_forward\] x must be float32 or float64, got dtype float16"):
-        halo.lora.lora_forward(np.zeros((2, 16), np.float16), weight.numpy(), lora_a.numpy(), lora_b.numpy(), 1.0)
+        halo.lora.lora_forward(
+            np.zeros((2, 16), np.float16), weight.numpy(), lora_a.numpy(), lora_b.numpy(), 1.0
+        )
     with pytest.raises(ValueError, match=r"\[lora_scaling\] r must be a positive integer, got 0"):
         lora_scaling(16, 0)
+
+
+def test_half_precision_inputs_compute_in_float32():
+    torch.manual_seed(51)
+    weight = torch.randn(12, 20).to(torch.bfloat16)
+    x = torch.randn(3, 20).to(torch.bfloat16).requires_grad_(True)
+    lora_a = torch.randn(2, 20).to(torch.bfloat16).requires_grad_(True)
+    lora_b = torch.randn(12, 2).to(torch.bfloat16).requires_grad_(True)
+    y = lora_linear(x, weight, lora_a, lora_b, 0.5)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert x.grad.dtype == lora_a.grad.dtype == lora_b.grad.dtype == torch.bfloat16
+    xf, af, bf = (t.detach().float().requires_grad_(True) for t in (x, lora_a, lora_b))
+    ref = xf @ weight.float().T + (xf @ af.T @ bf.T) * 0.5
+    ref.sum().backward()
+    assert torch.equal(y, ref.to(torch.bfloat16)) or rel_err(y.float(), ref) < 1e-2
+    for got, want in ((x.grad, xf.grad), (lora_a.grad, af.grad), (lora_b.grad, bf.grad)):
+        assert rel_err(got.float(), want) < 1e-2
+
+
+def test_numpy_kernels_with_float64_and_fan_in_fan_out():
+    rng = np.random.default_rng(61)
+    weight = rng.standard_normal((17, 9))  # [in, out], float64
+    lora_a, lora_b = rng.standard_normal((3, 17)), rng.standard_normal((9, 3))
+    x = rng.standard_normal((2, 4, 17))
+    y = halo.lora.lora_forward(x, weight, lora_a, lora_b, 0.25, fan_in_fan_out=True)
+    np.testing.assert_allclose(y, x @ weight + 0.25 * (x @ lora_a.T) @ lora_b.T, rtol=1e-12, atol=1e-12)
+    grad_y = rng.standard_normal((2, 4, 9))
+    gx, ga, gb, gbias = halo.lora.lora_backward(
+        grad_y, x, weight, lora_a, lora_b, 0.25, with_bias=True, fan_in_fan_out=True
+    )
+    rows, dy = x.reshape(-1, 17), grad_y.reshape(-1, 9)
+    np.testing.assert_allclose(
+        gx, grad_y @ weight.T + 0.25 * (grad_y @ lora_b) @ lora_a, rtol=1e-12, atol=1e-12
+    )
+    np.testing.assert_allclose(ga, 0.25 * (dy @ lora_b).T @ rows, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(gb, 0.25 * dy.T @ (rows @ lora_a.T), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(gbias, dy.sum(axis=0), rtol=1e-12, atol=1e-12)
