@@ -6,7 +6,8 @@ FILE holds one calibration text per line. OUT (which must not exist yet) gets
 ``quantized.safetensors`` (per layer: int8 codes, scales, CSR part), ``plan.json``
 (per layer: tile shape, execution order, point per tile, switches),
 ``report.json`` / ``report.md`` (per-layer error, bits, estimated speed-up and
-energy), ``hardware_model.json`` and the model's ``config.json``. Everything is
+energy), ``hardware_model.json``, the model's ``config.json`` and, with ``--plots``,
+``plots/`` (a tile clock map per layer and error vs speed-up). Everything is
 written to a temporary folder beside OUT and renamed at the end.
 """
 
@@ -32,6 +33,9 @@ def register(subparsers) -> None:
     parser.add_argument("--max-switches", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--tile-scale", action="store_true",
+                        help="one scale per tile instead of one per row inside each tile (fewer bits on small tiles)")
+    parser.add_argument("--plots", action="store_true", help="also write plots/ (tile clock map per layer; matplotlib)")
     parser.set_defaults(handler=run)
 
 
@@ -60,6 +64,17 @@ def _markdown(report, totals: dict) -> str:
                      f"{r.speedup:.3f} | {100 * r.energy_saving:.1f} % | {r.switches} | "
                      f"{100 * r.sparse_fraction:.3f} |")
     return "\n".join(lines) + "\n"
+
+
+def _write_plots(folder: str, report) -> None:
+    from .hwq_plots import plot_error_vs_speedup, plot_tile_frequencies
+
+    plots = os.path.join(folder, "plots")
+    os.mkdir(plots)
+    for name, q in report.quantized.items():
+        plot_tile_frequencies(q, os.path.join(plots, f"{name}.png"), title=name)
+    plot_error_vs_speedup([(r.name.split(".")[-1], r.speedup, max(r.weighted_error, 1e-12)) for r in report.layers],
+                          os.path.join(plots, "error_vs_speedup.png"))
 
 
 def _write_outputs(folder: str, report, hw, model_dir: str) -> None:
@@ -126,16 +141,19 @@ def run(args: argparse.Namespace) -> int:
                 batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
             batches.append(batch)
         report = halo_quantize_model(model, batches, sensitivity=args.sensitivity, hw=hw, tile=tuple(args.tile),
-                                     max_switches=args.max_switches, bits=args.bits)
+                                     max_switches=args.max_switches, bits=args.bits,
+                                     channel_scales=not args.tile_scale)
         parent = os.path.dirname(os.path.abspath(args.out))
         temp = tempfile.mkdtemp(dir=parent, prefix=".halo-hwq-")
         try:
             _write_outputs(temp, report, hw, args.model)
+            if args.plots:
+                _write_plots(temp, report)
             os.rename(temp, args.out)
         except BaseException:
             shutil.rmtree(temp, ignore_errors=True)
             raise
-    except (ValueError, TypeError, OSError) as error:
+    except (ValueError, TypeError, OSError, RuntimeError) as error:
         return _fail(str(error).splitlines()[0] if str(error) else type(error).__name__)
     totals = report.totals()
     print(f"halo hwq: {totals['layers']} layers, {totals['average_bits']:.3f} bits, est. speed-up "

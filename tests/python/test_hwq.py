@@ -395,3 +395,15 @@ def test_cli_writes_outputs_and_rejects_bad_input(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("halo hwq: error:")
     assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+def test_plots_are_png_files(tmp_path):
+    pytest.importorskip("matplotlib")
+    from halo.hwq_plots import plot_error_vs_speedup, plot_tile_frequencies
+
+    q = halo.halo_quantize(_heavy_tailed((96, 128), 8), tile=(32, 32), tier_fractions=(0.2, 0.3, 0.5))
+    for path in (plot_tile_frequencies(q, tmp_path / "map.png"),
+                 plot_error_vs_speedup([("a", 1.2, 0.01), ("b", 1.5, 0.02)], tmp_path / "scatter.png")):
+        assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="no points"):
+        plot_error_vs_speedup([], tmp_path / "x.png")
