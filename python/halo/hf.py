@@ -17,8 +17,9 @@ Sensitivity sources:
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable
 
 import numpy as np
 
@@ -75,8 +76,10 @@ def _batches(function: str, calibration_batches: Any) -> list:
     batches = list(calibration_batches)
     for batch in batches:
         if not hasattr(batch, "keys") and not hasattr(batch, "shape"):
-            raise TypeError(f"[{function}] a calibration batch must be a dict of tensors or a tensor of input ids, "
-                            f"got {type(batch).__name__}")
+            raise TypeError(
+                f"[{function}] a calibration batch must be a dict of tensors or a tensor of input ids, "
+                f"got {type(batch).__name__}"
+            )
     return batches
 
 
@@ -121,11 +124,15 @@ def _activation_sensitivity(model: Any, layers: list, batches: list) -> dict[str
         if name not in sums:
             continue
         mean_square = (sums[name] / counts[name]).float().numpy()
-        result[name] = np.ascontiguousarray(np.broadcast_to(mean_square, tuple(module.weight.shape)), np.float32)
+        result[name] = np.ascontiguousarray(
+            np.broadcast_to(mean_square, tuple(module.weight.shape)), np.float32
+        )
     return result
 
 
-def _fisher_sensitivity(model: Any, layers: list, batches: list, loss_fn: Optional[Callable]) -> dict[str, np.ndarray]:
+def _fisher_sensitivity(
+    model: Any, layers: list, batches: list, loss_fn: Callable | None
+) -> dict[str, np.ndarray]:
     import torch
 
     squares = {name: torch.zeros_like(module.weight, dtype=torch.float32) for name, module in layers}
@@ -140,8 +147,10 @@ def _fisher_sensitivity(model: Any, layers: list, batches: list, loss_fn: Option
                 output = _run(model, batch)
                 loss = getattr(output, "loss", None)
                 if loss is None:
-                    raise ValueError("[halo_quantize_model] sensitivity='fisher' needs a batch that yields a loss "
-                                     "(e.g. labels for a causal LM) or a loss_fn(model, batch)")
+                    raise ValueError(
+                        "[halo_quantize_model] sensitivity='fisher' needs a batch that yields a loss "
+                        "(e.g. labels for a causal LM) or a loss_fn(model, batch)"
+                    )
             loss.backward()
             for name, module in layers:
                 if module.weight.grad is not None:
@@ -154,16 +163,16 @@ def _fisher_sensitivity(model: Any, layers: list, batches: list, loss_fn: Option
 
 def halo_quantize_model(
     model: Any,
-    calibration_batches: Optional[Iterable[Any]],
+    calibration_batches: Iterable[Any] | None,
     *,
     sensitivity: str = "activation",
-    hw: Optional[HardwareModel] = None,
+    hw: HardwareModel | None = None,
     tile: Sequence[int] = (128, 128),
     salient_fraction: float = 5e-4,
     outlier_sigma: float = 3.0,
     max_switches: int = 3,
     skip: Sequence[str] = ("lm_head",),
-    loss_fn: Optional[Callable[[Any, Any], Any]] = None,
+    loss_fn: Callable[[Any, Any], Any] | None = None,
     **options: Any,
 ) -> ModelReport:
     """Quantizes every nn.Linear (names containing a ``skip`` part are left alone) in place.
@@ -194,15 +203,28 @@ def halo_quantize_model(
     for name, module in layers:
         weight = module.weight.detach().float().cpu().numpy().copy()  # the write-back below must not alias it
         score = scores.get(name)
-        quantized = halo_quantize(weight, score, hw, tile, salient_fraction, outlier_sigma, max_switches, **options)
+        quantized = halo_quantize(
+            weight, score, hw, tile, salient_fraction, outlier_sigma, max_switches, **options
+        )
         restored = quantized.dequantize()
         with torch.no_grad():
             module.weight.copy_(torch.from_numpy(restored).to(module.weight.dtype))
         est = quantized.estimate()
         report.quantized[name] = quantized
         report.layers.append(
-            LayerReport(name, weight.shape, weighted_error(weight, restored, score), est.average_bits, est.speedup,
-                        est.energy_saving, quantized.plan.switches, quantized.sparse.nnz / weight.size,
-                        est.latency_ns, est.baseline_latency_ns, est.energy_nj, est.baseline_energy_nj)
+            LayerReport(
+                name,
+                weight.shape,
+                weighted_error(weight, restored, score),
+                est.average_bits,
+                est.speedup,
+                est.energy_saving,
+                quantized.plan.switches,
+                quantized.sparse.nnz / weight.size,
+                est.latency_ns,
+                est.baseline_latency_ns,
+                est.energy_nj,
+                est.baseline_energy_nj,
+            )
         )
     return report

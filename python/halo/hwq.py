@@ -20,8 +20,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -37,24 +38,26 @@ class HardwareModel:
     Held as validated JSON (schema in docs/hwq.md); ``load``/``save`` read and write it.
     """
 
-    def __init__(self, text: Optional[str] = None):
-        self._text = _hw.default_model() if text is None else _hw.normalize_model(_check_str("HardwareModel", text))
+    def __init__(self, text: str | None = None):
+        self._text = (
+            _hw.default_model() if text is None else _hw.normalize_model(_check_str("HardwareModel", text))
+        )
         self._data = json.loads(self._text)
 
     @classmethod
-    def default(cls) -> "HardwareModel":
+    def default(cls) -> HardwareModel:
         return cls()
 
     @classmethod
-    def from_json(cls, text: str) -> "HardwareModel":
+    def from_json(cls, text: str) -> HardwareModel:
         return cls(text)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "HardwareModel":
+    def from_dict(cls, data: dict) -> HardwareModel:
         return cls(json.dumps(data))
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "HardwareModel":
+    def load(cls, path: str | os.PathLike) -> HardwareModel:
         try:
             with open(path, encoding="utf-8") as handle:
                 text = handle.read()
@@ -92,7 +95,9 @@ class HardwareModel:
         return isinstance(other, HardwareModel) and self._data == other._data
 
     def __repr__(self) -> str:
-        points = ", ".join(f"({p['voltage']} V, {p['frequency_ghz']} GHz)" for p in self._data["operating_points"])
+        points = ", ".join(
+            f"({p['voltage']} V, {p['frequency_ghz']} GHz)" for p in self._data["operating_points"]
+        )
         return f"HardwareModel(points=[{points}], tile={self._data['tile']})"
 
 
@@ -126,7 +131,9 @@ def as_float32_matrix(function: str, value: Any, what: str = "w") -> np.ndarray:
     """A C-contiguous float32 2-D copy/view of a NumPy array or torch tensor."""
     flat = flatten_float(function, value)
     if len(flat.shape) != 2:
-        raise ValueError(f"[{function}] {what} must be 2-D (out_features, in_features), got shape {flat.shape}")
+        raise ValueError(
+            f"[{function}] {what} must be 2-D (out_features, in_features), got shape {flat.shape}"
+        )
     if flat.dtype == "bfloat16":
         data = (flat.data.astype(np.uint32) << 16).view(np.float32)
     else:
@@ -221,7 +228,9 @@ class Estimate:
 class HaloQuantized:
     """A HALO-quantized matrix: int codes on the tier grids, row-in-tile scales, CSR side part, DVFS plan."""
 
-    def __init__(self, raw: dict, hw: HardwareModel, bits: int, shape: tuple[int, int], kind: str, dtype: str):
+    def __init__(
+        self, raw: dict, hw: HardwareModel, bits: int, shape: tuple[int, int], kind: str, dtype: str
+    ):
         self.codes: np.ndarray = raw["codes"]
         self.scales: np.ndarray = raw["scales"]
         self.tile_shape = (int(raw["tile_rows"]), int(raw["tile_cols"]))
@@ -257,9 +266,19 @@ class HaloQuantized:
             r0, c0 = (index // gcols) * tr, (index % gcols) * tc
             height, width = min(tr, self.shape[0] - r0), min(tc, self.shape[1] - c0)
             result.append(
-                Tile(index, r0, c0, (height, width), books[point], self.scales[r0 : r0 + height, index % gcols].copy(),
-                     int(point), points[point]["frequency_ghz"], points[point]["voltage"],
-                     int(self.wanted_point[index]), float(self.tile_error[index]))
+                Tile(
+                    index,
+                    r0,
+                    c0,
+                    (height, width),
+                    books[point],
+                    self.scales[r0 : r0 + height, index % gcols].copy(),
+                    int(point),
+                    points[point]["frequency_ghz"],
+                    points[point]["voltage"],
+                    int(self.wanted_point[index]),
+                    float(self.tile_error[index]),
+                )
             )
         return result
 
@@ -269,8 +288,14 @@ class HaloQuantized:
 
     def dequantize(self) -> Any:
         """The float32 reconstruction (a torch tensor when a tensor was quantized)."""
-        out = _hw.dequantize(self.codes, self.scales, self.tile_shape[1], self.sparse.indptr, self.sparse.indices,
-                             self.sparse.values)
+        out = _hw.dequantize(
+            self.codes,
+            self.scales,
+            self.tile_shape[1],
+            self.sparse.indptr,
+            self.sparse.indices,
+            self.sparse.values,
+        )
         if self._kind == "torch":
             import torch
 
@@ -281,7 +306,7 @@ class HaloQuantized:
 def halo_quantize(
     w: Any,
     sensitivity: Any = None,
-    hw: Optional[HardwareModel] = None,
+    hw: HardwareModel | None = None,
     tile: Sequence[int] = (128, 128),
     salient_fraction: float = 5e-4,
     outlier_sigma: float = 3.0,
@@ -289,7 +314,7 @@ def halo_quantize(
     *,
     bits: int = 4,
     channel_scales: bool = True,
-    tier_fractions: Optional[Sequence[float]] = None,
+    tier_fractions: Sequence[float] | None = None,
     tokens: int = 128,
 ) -> HaloQuantized:
     """Quantizes a 2-D weight matrix with HALO.
@@ -306,7 +331,9 @@ def halo_quantize(
     if sensitivity is not None:
         sens = as_float32_matrix(fn, sensitivity, "sensitivity")
         if sens.shape != matrix.shape:
-            raise ValueError(f"[{fn}] sensitivity shape {sens.shape} differs from the weights' {matrix.shape}")
+            raise ValueError(
+                f"[{fn}] sensitivity shape {sens.shape} differs from the weights' {matrix.shape}"
+            )
     hw = HardwareModel.default() if hw is None else hw
     if not isinstance(hw, HardwareModel):
         raise TypeError(f"[{fn}] hw must be a HardwareModel, got {type(hw).__name__}")
@@ -315,8 +342,20 @@ def halo_quantize(
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
             raise TypeError(f"[{fn}] {name} must be an int, got {value!r}")
     fractions = [] if tier_fractions is None else [float(f) for f in tier_fractions]
-    raw = _hw.quantize(matrix, sens, hw.to_json(), int(bits), tile_rows, tile_cols, float(salient_fraction),
-                       float(outlier_sigma), int(max_switches), bool(channel_scales), fractions, int(tokens))
+    raw = _hw.quantize(
+        matrix,
+        sens,
+        hw.to_json(),
+        int(bits),
+        tile_rows,
+        tile_cols,
+        float(salient_fraction),
+        float(outlier_sigma),
+        int(max_switches),
+        bool(channel_scales),
+        fractions,
+        int(tokens),
+    )
     flat_kind = "torch" if is_torch_tensor(w) else "numpy"
     return HaloQuantized(raw, hw, int(bits), matrix.shape, flat_kind, "float32")
 
@@ -325,7 +364,13 @@ class RtnQuantized:
     """Symmetric round-to-nearest: codes in [-2^(b-1), 2^(b-1)-1], absmax scale per row group."""
 
     def __init__(self, codes: np.ndarray, scales: np.ndarray, bits: int, group_size: int, kind: str):
-        self.codes, self.scales, self.bits, self.group_size, self._kind = codes, scales, bits, group_size, kind
+        self.codes, self.scales, self.bits, self.group_size, self._kind = (
+            codes,
+            scales,
+            bits,
+            group_size,
+            kind,
+        )
 
     @property
     def average_bits(self) -> float:

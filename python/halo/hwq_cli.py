@@ -33,9 +33,14 @@ def register(subparsers) -> None:
     parser.add_argument("--max-switches", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--tile-scale", action="store_true",
-                        help="one scale per tile instead of one per row inside each tile (fewer bits on small tiles)")
-    parser.add_argument("--plots", action="store_true", help="also write plots/ (tile clock map per layer; matplotlib)")
+    parser.add_argument(
+        "--tile-scale",
+        action="store_true",
+        help="one scale per tile instead of one per row inside each tile (fewer bits on small tiles)",
+    )
+    parser.add_argument(
+        "--plots", action="store_true", help="also write plots/ (tile clock map per layer; matplotlib)"
+    )
     parser.set_defaults(handler=run)
 
 
@@ -53,16 +58,24 @@ def _read_lines(path: str) -> list[str]:
 
 
 def _markdown(report, totals: dict) -> str:
-    lines = ["# HALO quantization report", "",
-             f"Layers: {totals['layers']}, average bits {totals['average_bits']:.3f}, estimated speed-up "
-             f"{totals['speedup']:.3f}x, energy saving {100 * totals['energy_saving']:.1f} % "
-             "(against a uniform quantizer at the nominal point).", "",
-             "| layer | shape | weighted error | bits | speed-up | energy saving | switches | sparse % |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# HALO quantization report",
+        "",
+        (
+            f"Layers: {totals['layers']}, average bits {totals['average_bits']:.3f}, estimated speed-up "
+            f"{totals['speedup']:.3f}x, energy saving {100 * totals['energy_saving']:.1f} % "
+            "(against a uniform quantizer at the nominal point)."
+        ),
+        "",
+        "| layer | shape | weighted error | bits | speed-up | energy saving | switches | sparse % |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in report.layers:
-        lines.append(f"| {r.name} | {r.shape[0]}x{r.shape[1]} | {r.weighted_error:.5f} | {r.average_bits:.3f} | "
-                     f"{r.speedup:.3f} | {100 * r.energy_saving:.1f} % | {r.switches} | "
-                     f"{100 * r.sparse_fraction:.3f} |")
+        lines.append(
+            f"| {r.name} | {r.shape[0]}x{r.shape[1]} | {r.weighted_error:.5f} | {r.average_bits:.3f} | "
+            f"{r.speedup:.3f} | {100 * r.energy_saving:.1f} % | {r.switches} | "
+            f"{100 * r.sparse_fraction:.3f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -73,8 +86,10 @@ def _write_plots(folder: str, report) -> None:
     os.mkdir(plots)
     for name, q in report.quantized.items():
         plot_tile_frequencies(q, os.path.join(plots, f"{name}.png"), title=name)
-    plot_error_vs_speedup([(r.name.split(".")[-1], r.speedup, max(r.weighted_error, 1e-12)) for r in report.layers],
-                          os.path.join(plots, "error_vs_speedup.png"))
+    plot_error_vs_speedup(
+        [(r.name.split(".")[-1], r.speedup, max(r.weighted_error, 1e-12)) for r in report.layers],
+        os.path.join(plots, "error_vs_speedup.png"),
+    )
 
 
 def _write_outputs(folder: str, report, hw, model_dir: str) -> None:
@@ -97,7 +112,11 @@ def _write_outputs(folder: str, report, hw, model_dir: str) -> None:
             "switches": q.plan.switches,
             "segments": [{"voltage": v, "frequency_ghz": f, "tiles": n} for v, f, n in q.plan.segments()],
         }
-    save_file(tensors, os.path.join(folder, "quantized.safetensors"), metadata={"format": "halo.hwq", "version": "1"})
+    save_file(
+        tensors,
+        os.path.join(folder, "quantized.safetensors"),
+        metadata={"format": "halo.hwq", "version": "1"},
+    )
     totals = report.totals()
     with open(os.path.join(folder, "plan.json"), "w", encoding="utf-8") as out:
         json.dump(plan, out)
@@ -135,14 +154,28 @@ def run(args: argparse.Namespace) -> int:
             tokenizer.pad_token = tokenizer.eos_token
         batches = []
         for start in range(0, len(lines), args.batch_size):
-            batch = dict(tokenizer(lines[start : start + args.batch_size], padding=True, truncation=True,
-                                   max_length=args.max_length, return_tensors="pt"))
+            batch = dict(
+                tokenizer(
+                    lines[start : start + args.batch_size],
+                    padding=True,
+                    truncation=True,
+                    max_length=args.max_length,
+                    return_tensors="pt",
+                )
+            )
             if args.sensitivity == "fisher" and causal:
                 batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
             batches.append(batch)
-        report = halo_quantize_model(model, batches, sensitivity=args.sensitivity, hw=hw, tile=tuple(args.tile),
-                                     max_switches=args.max_switches, bits=args.bits,
-                                     channel_scales=not args.tile_scale)
+        report = halo_quantize_model(
+            model,
+            batches,
+            sensitivity=args.sensitivity,
+            hw=hw,
+            tile=tuple(args.tile),
+            max_switches=args.max_switches,
+            bits=args.bits,
+            channel_scales=not args.tile_scale,
+        )
         parent = os.path.dirname(os.path.abspath(args.out))
         temp = tempfile.mkdtemp(dir=parent, prefix=".halo-hwq-")
         try:
@@ -156,6 +189,8 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, TypeError, OSError, RuntimeError) as error:
         return _fail(str(error).splitlines()[0] if str(error) else type(error).__name__)
     totals = report.totals()
-    print(f"halo hwq: {totals['layers']} layers, {totals['average_bits']:.3f} bits, est. speed-up "
-          f"{totals['speedup']:.3f}x, energy saving {100 * totals['energy_saving']:.1f} % -> {args.out}")
+    print(
+        f"halo hwq: {totals['layers']} layers, {totals['average_bits']:.3f} bits, est. speed-up "
+        f"{totals['speedup']:.3f}x, energy saving {100 * totals['energy_saving']:.1f} % -> {args.out}"
+    )
     return 0

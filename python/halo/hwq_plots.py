@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -40,7 +40,7 @@ def _save(figure, path: str | os.PathLike) -> str:
     return path
 
 
-def plot_tile_frequencies(q: HaloQuantized, path: str | os.PathLike, title: Optional[str] = None) -> str:
+def plot_tile_frequencies(q: HaloQuantized, path: str | os.PathLike, title: str | None = None) -> str:
     """A heat map of the clock (GHz) each tile runs at, tiles laid out as in the weight matrix."""
     if not isinstance(q, HaloQuantized):
         raise TypeError(f"[plot_tile_frequencies] expected a HaloQuantized, got {type(q).__name__}")
@@ -48,7 +48,9 @@ def plot_tile_frequencies(q: HaloQuantized, path: str | os.PathLike, title: Opti
     grid_rows, grid_cols = q.grid
     clocks = np.array(q.plan.frequencies_ghz)[q.plan.point].reshape(grid_rows, grid_cols)
     figure, axes = plt.subplots(figsize=(4 + grid_cols * 0.15, 3 + grid_rows * 0.15))
-    image = axes.imshow(clocks, cmap="viridis", vmin=min(q.plan.frequencies_ghz), vmax=max(q.plan.frequencies_ghz))
+    image = axes.imshow(
+        clocks, cmap="viridis", vmin=min(q.plan.frequencies_ghz), vmax=max(q.plan.frequencies_ghz)
+    )
     figure.colorbar(image, ax=axes, label="clock (GHz)")
     axes.set_xlabel(f"tile column ({q.tile_shape[1]} inputs)")
     axes.set_ylabel(f"tile row ({q.tile_shape[0]} outputs)")

