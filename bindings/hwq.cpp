@@ -76,7 +76,7 @@ void bind(py::module_& m) {
       "quantize",
       [](const py::buffer& weights, const std::optional<py::buffer>& sensitivity, const std::string& text, int bits,
          int64_t tile_rows, int64_t tile_cols, double salient_fraction, double outlier_sigma, int max_switches,
-         bool channel_scales, const std::vector<double>& tier_fractions, int64_t tokens) {
+         bool channel_scales, const std::vector<double>& tier_fractions, int64_t tokens, const std::string& backend) {
         const char* fn = "halo_quantize";
         const Matrix w = float_matrix(fn, "weights", weights);
         const float* s = nullptr;
@@ -97,6 +97,7 @@ void bind(py::module_& m) {
         options.channel_scales = channel_scales;
         options.tier_fractions = tier_fractions;
         options.tokens = tokens;
+        options.backend = parse_backend(backend);
         Quantized q;
         Estimate e;
         {
@@ -126,7 +127,7 @@ void bind(py::module_& m) {
       },
       py::arg("weights"), py::arg("sensitivity"), py::arg("model"), py::arg("bits"), py::arg("tile_rows"),
       py::arg("tile_cols"), py::arg("salient_fraction"), py::arg("outlier_sigma"), py::arg("max_switches"),
-      py::arg("channel_scales"), py::arg("tier_fractions"), py::arg("tokens"),
+      py::arg("channel_scales"), py::arg("tier_fractions"), py::arg("tokens"), py::arg("backend") = "auto",
       "Runs the HALO quantizer on a float32 (rows, cols) matrix; returns a dict of arrays and the estimate.");
   m.def(
       "dequantize",

@@ -28,6 +28,7 @@ import numpy as np
 
 from . import _core
 from ._arrays import flatten_float, is_torch_tensor
+from .backend import check_backend
 
 _hw = _core.hwq
 
@@ -316,6 +317,7 @@ def halo_quantize(
     channel_scales: bool = True,
     tier_fractions: Sequence[float] | None = None,
     tokens: int = 128,
+    backend: str = "auto",
 ) -> HaloQuantized:
     """Quantizes a 2-D weight matrix with HALO.
 
@@ -323,7 +325,8 @@ def halo_quantize(
     activations' mean square broadcast over rows); None uses |w|. tier_fractions: share of tiles
     wanting each operating point (ascending frequency); None gives a quarter the fastest point and
     the rest the next one. channel_scales: a scale per row inside each tile (else one per tile).
-    tokens: input columns per pass assumed by the plan and the estimate.
+    tokens: input columns per pass assumed by the plan and the estimate. backend: the scale-search
+    kernel ("auto" follows HALO_BACKEND / the CPU; "avx512" or "scalar"; "avx2" runs the scalar loop).
     """
     fn = "halo_quantize"
     matrix = as_float32_matrix(fn, w)
@@ -355,6 +358,7 @@ def halo_quantize(
         bool(channel_scales),
         fractions,
         int(tokens),
+        check_backend(fn, backend),
     )
     flat_kind = "torch" if is_torch_tensor(w) else "numpy"
     return HaloQuantized(raw, hw, int(bits), matrix.shape, flat_kind, "float32")

@@ -5,8 +5,10 @@
 #include <cmath>
 #include <numeric>
 
+#include "halo/backend/backend.hpp"
 #include "halo/core/error.hpp"
 #include "halo/core/parallel.hpp"
+#include "src/hwq/segment_error.hpp"
 
 namespace halo::hwq {
 
@@ -37,6 +39,9 @@ class NearestCode {
     bucket_.resize(buckets);
     for (int k = 0; k < buckets; ++k) bucket_[k] = nearest_code(low_ + 0.5f * k + 0.25f, book_);
   }
+  detail::BookView view() const {
+    return {book_.data(), static_cast<int>(book_.size()), bucket_.data(), low_, high_};
+  }
   int operator()(float x) const {
     if (!(x > low_)) return 0;  // also NaN-safe
     if (x >= high_) return static_cast<int>(book_.size()) - 1;
@@ -49,11 +54,12 @@ class NearestCode {
  private:
   const std::vector<float>& book_;
   float low_, high_;
-  std::vector<int> bucket_;
+  std::vector<int32_t> bucket_;
 };
 
 double segment_error(const float* x, const float* s, int64_t count, const std::vector<float>& book,
-                     const NearestCode& nearest, float scale) {
+                     const NearestCode& nearest, float scale, bool simd) {
+  if (simd) return detail::segment_error_avx512(x, s, count, nearest.view(), scale);
   double error = 0;
   for (int64_t i = 0; i < count; ++i) {
     const float q = scale == 0.0f ? 0.0f : book[nearest(x[i] / scale)];
@@ -77,7 +83,18 @@ float refit(const float* x, const float* s, int64_t count, const std::vector<flo
 
 }  // namespace
 
-ScaleFit fit_scale(const float* x, const float* s, int64_t count, const std::vector<float>& book) {
+bool use_simd(Backend backend) {
+  const Backend resolved = resolve(backend);
+  require<BackendUnavailable>(resolved != Backend::cuda, "halo_quantize", "the hwq quantizer has no CUDA kernel; use ",
+                              "'auto', 'scalar', 'avx2' or 'avx512'");
+  return resolved == Backend::avx512;
+}
+
+ScaleFit fit_scale(const float* x, const float* s, int64_t count, const std::vector<float>& book, Backend backend) {
+  return fit_scale_with(x, s, count, book, use_simd(backend));
+}
+
+ScaleFit fit_scale_with(const float* x, const float* s, int64_t count, const std::vector<float>& book, bool simd) {
   float xmax = 0, xmin = 0;
   for (int64_t i = 0; i < count; ++i) {
     if (s[i] <= 0) continue;  // weightless entries (e.g. moved to the sparse part) do not set the range
@@ -89,17 +106,17 @@ ScaleFit fit_scale(const float* x, const float* s, int64_t count, const std::vec
   if (xmax > 0 && cpos > 0) start = std::max(start, static_cast<double>(xmax) / cpos);
   if (xmin < 0 && cneg < 0) start = std::max(start, static_cast<double>(xmin) / cneg);
   const NearestCode nearest(book);
-  ScaleFit best{0.0f, segment_error(x, s, count, book, nearest, 0.0f)};
+  ScaleFit best{0.0f, segment_error(x, s, count, book, nearest, 0.0f, simd)};
   if (start == 0) return best;
   // Clipping the range trades a few large errors for a finer step everywhere: search the clip factor.
   for (int step = 0; step < 15; ++step) {
     const float scale = static_cast<float>(start * (1.0 - 0.05 * step));
-    const double error = segment_error(x, s, count, book, nearest, scale);
+    const double error = segment_error(x, s, count, book, nearest, scale, simd);
     if (error < best.error) best = {scale, error};
   }
   for (int round = 0; round < 2 && best.scale > 0; ++round) {
     const float scale = refit(x, s, count, book, nearest, best.scale);
-    const double error = segment_error(x, s, count, book, nearest, scale);
+    const double error = segment_error(x, s, count, book, nearest, scale, simd);
     if (!(error < best.error)) break;
     best = {scale, error};
   }
@@ -204,6 +221,7 @@ Quantized halo_quantize(const float* w, const float* sensitivity, int64_t rows, 
                         const HardwareModel& model, const QuantizeOptions& o) {
   const char* fn = "halo_quantize";
   check_inputs(fn, w, sensitivity, rows, cols, model, o);
+  const bool simd = use_simd(o.backend);
   Quantized q;
   q.bits = o.bits;
   q.channel_scales = o.channel_scales;
@@ -241,7 +259,8 @@ Quantized halo_quantize(const float* w, const float* sensitivity, int64_t rows, 
         float* point_scales = scales.data() + static_cast<size_t>(p) * rows * gcols;
         if (o.channel_scales) {
           for (int64_t r = r0; r < r0 + height; ++r) {
-            const ScaleFit fit = fit_scale(dense.data() + r * cols + c0, weight.data() + r * cols + c0, width, books[p]);
+            const ScaleFit fit =
+                fit_scale_with(dense.data() + r * cols + c0, weight.data() + r * cols + c0, width, books[p], simd);
             point_scales[r * gcols + t % gcols] = fit.scale;
             error[t * num_points + p] += fit.error;
           }
@@ -252,7 +271,7 @@ Quantized halo_quantize(const float* w, const float* sensitivity, int64_t rows, 
             xs.insert(xs.end(), dense.begin() + r * cols + c0, dense.begin() + r * cols + c0 + width);
             ss.insert(ss.end(), weight.begin() + r * cols + c0, weight.begin() + r * cols + c0 + width);
           }
-          const ScaleFit fit = fit_scale(xs.data(), ss.data(), static_cast<int64_t>(xs.size()), books[p]);
+          const ScaleFit fit = fit_scale_with(xs.data(), ss.data(), static_cast<int64_t>(xs.size()), books[p], simd);
           for (int64_t r = r0; r < r0 + height; ++r) point_scales[r * gcols + t % gcols] = fit.scale;
           error[t * num_points + p] = fit.error;
         }

@@ -438,3 +438,19 @@ def test_plots_are_png_files(tmp_path):
             assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="no points"):
         plot_error_vs_speedup([], tmp_path / "x.png")
+
+
+@pytest.mark.parametrize("channel_scales", [True, False])
+def test_avx512_scale_search_matches_scalar(channel_scales):
+    if "avx512" not in halo.backends():
+        pytest.skip("no AVX-512 on this machine")
+    w = _heavy_tailed((97, 131), 9)  # odd sizes: vector tails in every row segment
+    s = np.random.default_rng(10).random((97, 131)).astype(np.float32)
+    options = {"tile": (33, 17), "channel_scales": channel_scales, "tier_fractions": (0.3, 0.3, 0.4)}
+    scalar = halo.halo_quantize(w, s, backend="scalar", **options)
+    simd = halo.halo_quantize(w, s, backend="avx512", **options)
+    assert np.array_equal(scalar.codes, simd.codes)
+    assert np.array_equal(scalar.scales, simd.scales)
+    np.testing.assert_allclose(simd.tile_error, scalar.tile_error, rtol=1e-9)
+    with pytest.raises(ValueError, match="backend"):
+        halo.halo_quantize(w, backend="gpu")

@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "halo/backend/backend.hpp"
 #include "halo/hwq/dvfs.hpp"
 #include "halo/hwq/hardware_model.hpp"
 
@@ -46,6 +47,8 @@ struct QuantizeOptions {
   // Empty: a quarter of the tiles the fastest point, the rest the next slower one.
   std::vector<double> tier_fractions;
   int64_t tokens = 128;  // tokens per pass (input columns of the GEMM) the plan and estimate assume
+  // Scale-search kernel: avx512 when resolved to it, scalar otherwise (avx2 has no kernel of its own).
+  Backend backend = Backend::automatic;
 };
 
 struct Quantized {
@@ -78,7 +81,10 @@ struct ScaleFit {
   float scale;
   double error;
 };
-ScaleFit fit_scale(const float* x, const float* s, int64_t count, const std::vector<float>& book);
+// The AVX-512 kernel sums in another order, so a near-tie between candidate scales may resolve differently.
+ScaleFit fit_scale(const float* x, const float* s, int64_t count, const std::vector<float>& book,
+                   Backend backend = Backend::automatic);
+ScaleFit fit_scale_with(const float* x, const float* s, int64_t count, const std::vector<float>& book, bool simd);
 
 Estimate estimate(const Quantized& q, const HardwareModel& model);
 

@@ -24,6 +24,7 @@ def quantize(
     channel_scales: bool,
     tier_fractions: list[float],
     tokens: int,
+    backend: str = "auto",
 ) -> dict[str, Any]: ...
 def dequantize(
     codes: npt.ArrayLike,

@@ -115,3 +115,21 @@ TEST_CASE("nearest code breaks ties toward the smaller value", "[hwq]") {
   CHECK(nearest_code(100.0f, book) == 7);
   CHECK(nearest_code(0.4f, book) == 4);
 }
+
+TEST_CASE("AVX-512 scale search agrees with the scalar loop", "[hwq]") {
+  if (!halo::backend_available(halo::Backend::avx512)) return;
+  std::mt19937 rng(11);
+  std::normal_distribution<float> dist(0.0f, 1.0f);
+  const std::vector<float> book{-8, -4, -2, -1, 0, 1, 2, 4};
+  for (int64_t count : {1, 15, 16, 17, 31, 33, 128, 129}) {
+    std::vector<float> x(count), s(count);
+    for (auto& v : x) v = dist(rng);
+    for (auto& v : s) v = std::fabs(dist(rng));
+    const ScaleFit scalar = fit_scale(x.data(), s.data(), count, book, halo::Backend::scalar);
+    const ScaleFit simd = fit_scale(x.data(), s.data(), count, book, halo::Backend::avx512);
+    CHECK(simd.scale == scalar.scale);
+    CHECK(simd.error == Approx(scalar.error).epsilon(1e-12));
+  }
+  std::vector<float> zeros(40, 0.0f), ones(40, 1.0f);
+  CHECK(fit_scale(zeros.data(), ones.data(), 40, book, halo::Backend::avx512).scale == 0.0f);
+}
