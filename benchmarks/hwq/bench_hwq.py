@@ -155,14 +155,18 @@ def timing(model):
     for w in weights:
         halo.rtn_quantize(w, 4, 128)
     rtn_s = time.perf_counter() - start
-    start = time.perf_counter()
-    for w in weights:
-        halo.halo_quantize(w)
-    halo_s = time.perf_counter() - start
     print(
-        f"\nquantizer time over MiniLM's linears: RTN {rtn_s * 1e3:.1f} ms, HALO (default) {halo_s * 1e3:.1f} ms "
-        f"= {halo_s / rtn_s:.0f}x RTN (threads: {os.environ.get('HALO_NUM_THREADS', 'all cores')})"
+        f"\nquantizer time over MiniLM's linears (threads: {os.environ.get('HALO_NUM_THREADS', 'all cores')}):"
     )
+    print(f"  RTN 4-bit g128: {rtn_s * 1e3:8.1f} ms (baseline)")
+    for backend in [b for b in ("scalar", "avx512") if b in halo.backends()]:
+        start = time.perf_counter()
+        for w in weights:
+            halo.halo_quantize(w, backend=backend)
+        halo_s = time.perf_counter() - start
+        print(
+            f"  HALO default, {backend:6s} scale search: {halo_s * 1e3:8.1f} ms = {halo_s / rtn_s:6.1f}x RTN"
+        )
 
 
 def main():
