@@ -197,6 +197,28 @@ RowMat<Scalar> dropped_input(const Scalar* x, int64_t rows, int64_t in, const Lo
 
 }  // namespace
 
+BaseWeight quant4_base(const Quantized4& tensor, bool fan_in_fan_out, std::vector<float>& absmax_storage,
+                       Backend backend) {
+  require(tensor.shape.size() == 2, "quant4_base", "the base must be 2-D, got ", tensor.shape.size(),
+          " dimensions");
+  BaseWeight base;
+  base.storage = BaseStorage::quant4;
+  base.fan_in_fan_out = fan_in_fan_out;
+  base.out_features = fan_in_fan_out ? tensor.shape[1] : tensor.shape[0];
+  base.in_features = fan_in_fan_out ? tensor.shape[0] : tensor.shape[1];
+  base.packed = tensor.packed.data();
+  base.quant_type = tensor.type;
+  base.blocksize = tensor.blocksize;
+  base.backend = backend;
+  if (tensor.nested) {
+    absmax_storage = tensor.block_absmax();
+    base.absmax = absmax_storage.data();
+  } else {
+    base.absmax = tensor.absmax.data();
+  }
+  return base;
+}
+
 double lora_scaling(double alpha, int64_t rank, bool rslora) {
   require(rank > 0, "lora_scaling", "rank must be positive, got ", rank);
   return rslora ? alpha / std::sqrt(static_cast<double>(rank)) : alpha / static_cast<double>(rank);

@@ -14,8 +14,11 @@
 
 #include <cstdint>
 
+#include <vector>
+
 #include "halo/backend/backend.hpp"
 #include "halo/quant/format.hpp"
+#include "halo/quant/quant4.hpp"
 
 namespace halo::lora {
 
@@ -36,6 +39,12 @@ struct BaseWeight {
   int64_t blocksize = 64;
   Backend backend = Backend::automatic;  // 4-bit tile dequantization kernel
 };
+
+// A view of a 2-D Quantized4 ([out, in], or [in, out] with fan_in_fan_out) as a
+// LoRA base. Plain absmax is used in place; nested (double-quantized) absmax is
+// decoded with double_dequantize into `absmax_storage`, which must outlive the view.
+BaseWeight quant4_base(const Quantized4& tensor, bool fan_in_fan_out, std::vector<float>& absmax_storage,
+                       Backend backend = Backend::automatic);
 
 struct LoraSpec {
   int64_t rank = 0;

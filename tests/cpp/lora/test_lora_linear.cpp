@@ -258,3 +258,28 @@ TEST_CASE("lora kernels reject bad arguments", "[lora]") {
   CHECK(lora_scaling(16, 4, false) == 4.0);
   CHECK(lora_scaling(16, 4, true) == 8.0);
 }
+
+TEST_CASE("a double-quantized Quantized4 works as a base through quant4_base", "[lora]") {
+  const int64_t rows = 3, out = 40, in = 96, rank = 2;
+  const auto w = random_values(out * in, 31, 0.1f);
+  const Quantized4 q = quantize_4bit(w.data(), DType::f32, {out, in}, QuantType::nf4, 64, true, Backend::scalar);
+  REQUIRE(q.nested.has_value());
+  std::vector<float> seen(out * in);
+  dequantize_4bit(q, seen.data(), DType::f32, Backend::scalar);
+  std::vector<double> w_ref(seen.begin(), seen.end());
+  const auto x = random_values(rows * in, 32), a = random_values(rank * in, 33), b = random_values(out * rank, 34);
+  const auto dy = random_values(rows * out, 35);
+  std::vector<float> absmax;
+  const BaseWeight base = quant4_base(q, false, absmax);
+  LoraSpec spec{rank, 2.0, 0.0, 0};
+  const Reference ref = naive(x, rows, w_ref, out, in, a, b, {}, rank, 2.0, 0.0, 0, dy);
+  std::vector<float> y(rows * out), dx(rows * in);
+  lora_forward<float>(x.data(), rows, base, a.data(), b.data(), nullptr, spec, y.data());
+  lora_backward<float>(dy.data(), x.data(), rows, base, a.data(), b.data(), spec, dx.data(), nullptr, nullptr,
+                       nullptr);
+  expect_close(y, ref.y, 2e-5, "y");
+  expect_close(dx, ref.dx, 2e-5, "dx");
+  Quantized4 flat = q;
+  flat.shape = {out * in};
+  CHECK_THROWS_WITH(quant4_base(flat, false, absmax), Catch::Contains("[quant4_base]"));
+}
