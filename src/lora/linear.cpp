@@ -172,12 +172,18 @@ class TileLoader {
 };
 
 // The backend picks both the 4-bit tile dequantizer and, for float activations,
-// the tile GEMM (the AVX-512 kernel, or Eigen in plain code below that rung).
+// the tile GEMM (the AVX-512 or AVX2 kernel; Eigen in plain code for scalar).
 Backend tile_backend(const BaseWeight& base) { return resolve(base.backend); }
 
+using TileGemm = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t, int64_t, int64_t);
+
+// The SIMD tile GEMM for float activations on this backend, or null for Eigen.
 template <typename Scalar>
-bool use_avx512_gemm(Backend backend) {
-  return std::is_same_v<Scalar, float> && backend == Backend::avx512;
+TileGemm simd_gemm(Backend backend) {
+  if (!std::is_same_v<Scalar, float>) return nullptr;
+  if (backend == Backend::avx512) return kernels::gemm_nn_avx512;
+  if (backend == Backend::avx2) return kernels::gemm_nn_avx2;
+  return nullptr;
 }
 
 int64_t tiles(int64_t extent, int64_t tile) { return (extent + tile - 1) / tile; }
@@ -243,6 +249,7 @@ void lora_forward(const Scalar* x, int64_t rows, const BaseWeight& base, const S
   if (rows == 0) return;
   const int64_t out = base.out_features, in = base.in_features, rank = spec.rank;
   const Backend backend = tile_backend(base);
+  const TileGemm gemm = simd_gemm<Scalar>(backend);
   ConstMap<Scalar> input(x, rows, in);
   ConstMap<Scalar> a(lora_a, rank, in);
   ConstMap<Scalar> b(lora_b, out, rank);
@@ -258,13 +265,13 @@ void lora_forward(const Scalar* x, int64_t rows, const BaseWeight& base, const S
       const int64_t o0 = tile * kTileOut, o1 = std::min(out, o0 + kTileOut);
       auto y_tile = result.middleCols(o0, o1 - o0);
       y_tile.setZero();
-      if (use_avx512_gemm<Scalar>(backend)) {
+      if (gemm != nullptr) {
         if constexpr (std::is_same_v<Scalar, float>) {
           packed.resize(static_cast<size_t>(kPackedDepth * kTileOut));
           for (int64_t k0 = 0; k0 < in; k0 += kPackedDepth) {
             const int64_t k1 = std::min(in, k0 + kPackedDepth);
             loader.pack(o0, o1, k0, k1, /*k_major=*/true, packed.data());
-            kernels::gemm_nn_avx512(x + k0, in, packed.data(), o1 - o0, y + o0, out, rows, o1 - o0, k1 - k0);
+            gemm(x + k0, in, packed.data(), o1 - o0, y + o0, out, rows, o1 - o0, k1 - k0);
           }
         }
       } else {
@@ -294,6 +301,7 @@ void lora_backward(const Scalar* grad_y, const Scalar* x, int64_t rows, const Ba
   require(rows == 0 || grad_y != nullptr, "lora_backward", "grad_y is null");
   const int64_t out = base.out_features, in = base.in_features, rank = spec.rank;
   const Backend backend = tile_backend(base);
+  const TileGemm gemm = simd_gemm<Scalar>(backend);
   ConstMap<Scalar> dy(grad_y, rows, out);
   ConstMap<Scalar> a(lora_a, rank, in);
   ConstMap<Scalar> b(lora_b, out, rank);
@@ -327,14 +335,13 @@ void lora_backward(const Scalar* grad_y, const Scalar* x, int64_t rows, const Ba
       const int64_t k0 = tile * kTileOut, k1 = std::min(in, k0 + kTileOut);
       auto dx_tile = dx.middleCols(k0, k1 - k0);
       dx_tile.setZero();
-      if (use_avx512_gemm<Scalar>(backend)) {
+      if (gemm != nullptr) {
         if constexpr (std::is_same_v<Scalar, float>) {
           packed.resize(static_cast<size_t>(kPackedDepth * kTileOut));
           for (int64_t o0 = 0; o0 < out; o0 += kPackedDepth) {
             const int64_t o1 = std::min(out, o0 + kPackedDepth);
             loader.pack(o0, o1, k0, k1, /*k_major=*/false, packed.data());
-            kernels::gemm_nn_avx512(grad_y + o0, out, packed.data(), k1 - k0, grad_x + k0, in, rows, k1 - k0,
-                                    o1 - o0);
+            gemm(grad_y + o0, out, packed.data(), k1 - k0, grad_x + k0, in, rows, k1 - k0, o1 - o0);
           }
         }
       } else {
