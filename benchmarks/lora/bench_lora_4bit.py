@@ -26,6 +26,10 @@ from peft import LoraConfig, get_peft_model
 
 
 class _OneLayer(torch.nn.Module):
+    # what transformers sets on a model loaded in 4 bits: PEFT then wraps Linear4bit in its
+    # bitsandbytes LoRA layer (peft.tuners.lora.bnb.Linear4bit), as QLoRA training does
+    is_loaded_in_4bit = True
+
     def __init__(self, layer):
         super().__init__()
         self.proj = layer

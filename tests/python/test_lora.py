@@ -187,6 +187,10 @@ bnb = pytest.importorskip("bitsandbytes")
 
 
 class _OneLayer(torch.nn.Module):
+    # what transformers sets on a model loaded in 4 bits: PEFT then wraps Linear4bit in its
+    # bitsandbytes LoRA layer (peft.tuners.lora.bnb.Linear4bit), as QLoRA training does
+    is_loaded_in_4bit = True
+
     def __init__(self, layer):
         super().__init__()
         self.proj = layer
@@ -219,6 +223,7 @@ def bnb_lora(quant_type: str, double_quant: bool, out_features=40, in_features=1
 @pytest.mark.parametrize("quant_type,double_quant", [("nf4", True), ("nf4", False), ("fp4", False)])
 def test_4bit_base_matches_bnb_and_peft(quant_type, double_quant):
     layer = bnb_lora(quant_type, double_quant)
+    assert type(layer).__module__ == "peft.tuners.lora.bnb"
     base = layer.get_base_layer()
     qt = halo.QuantizedTensor.from_bnb_state_dict(base.state_dict(), "weight")
     assert qt.double_quant == double_quant
