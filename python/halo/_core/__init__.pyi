@@ -3,3 +3,4 @@ from . import backend as backend
 from . import quant as quant
 from . import hwq as hwq
 from . import lora as lora
+from . import io as io

@@ -1,0 +1,110 @@
+// safetensors files: a memory-mapped, zero-copy reader with a fully validated
+// header, and a streaming writer (header first, then tensors in order, into a
+// temp file that is renamed on finish). Shared by every halo format reader.
+//
+// Layout: 8-byte little-endian header length N, N bytes of JSON
+//   {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}}
+// then the raw little-endian data; offsets are relative to the end of the header.
+// Every problem with a file raises halo::FormatError naming the file and the problem.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <map>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace halo::io {
+
+enum class StDType { F64, F32, F16, BF16, I64, I32, I16, I8, U8, BOOL, F8_E4M3, F8_E5M2, F8_E4M3FNUZ, F8_E5M2FNUZ };
+
+std::string_view dtype_name(StDType dtype);
+int64_t dtype_size(StDType dtype);
+// Throws InvalidArgument for an unknown name.
+StDType parse_dtype_name(std::string_view name);
+
+struct TensorInfo {
+  std::string name;
+  StDType dtype;
+  std::vector<int64_t> shape;
+  uint64_t begin = 0;  // byte offsets relative to the data section
+  uint64_t end = 0;
+  int64_t numel() const;
+  uint64_t nbytes() const { return end - begin; }
+};
+
+struct Header {
+  std::vector<TensorInfo> tensors;  // in file (offset) order
+  std::map<std::string, std::string> metadata;
+};
+
+// Validates the JSON header text against a data section of `data_size` bytes;
+// `source` names the file in error messages.
+Header parse_header(std::string_view json, uint64_t data_size, const std::string& source);
+
+class SafetensorsFile {
+ public:
+  // Maps `path` read-only and validates it; FormatError on any problem.
+  static std::shared_ptr<SafetensorsFile> open(const std::string& path);
+  ~SafetensorsFile();
+  SafetensorsFile(const SafetensorsFile&) = delete;
+  SafetensorsFile& operator=(const SafetensorsFile&) = delete;
+
+  const std::string& path() const { return path_; }
+  const std::vector<TensorInfo>& tensors() const { return header_.tensors; }
+  const std::map<std::string, std::string>& metadata() const { return header_.metadata; }
+  bool contains(const std::string& name) const { return index_.count(name) != 0; }
+  // InvalidArgument if the name is absent.
+  const TensorInfo& info(const std::string& name) const;
+  // Pointer into the mapping (valid while this object lives).
+  const std::byte* data(const TensorInfo& info) const { return data_ + info.begin; }
+  uint64_t file_size() const { return size_; }
+
+ private:
+  SafetensorsFile() = default;
+  std::string path_;
+  void* map_ = nullptr;
+  uint64_t size_ = 0;
+  const std::byte* data_ = nullptr;
+  Header header_;
+  std::map<std::string, size_t> index_;
+};
+
+struct TensorSpec {
+  std::string name;
+  StDType dtype;
+  std::vector<int64_t> shape;
+};
+
+// Writes a safetensors file tensor by tensor so only one tensor needs to be in
+// memory: the header (from the specs) is written first, then `write` must be
+// called once per spec in the given order; `finish` renames the temp file into
+// place. Destroying an unfinished writer removes the temp file.
+class SafetensorsWriter {
+ public:
+  SafetensorsWriter(std::string path, std::vector<TensorSpec> specs, std::map<std::string, std::string> metadata);
+  ~SafetensorsWriter();
+  SafetensorsWriter(const SafetensorsWriter&) = delete;
+  SafetensorsWriter& operator=(const SafetensorsWriter&) = delete;
+
+  // The next tensor's bytes; InvalidArgument if the name or size does not match.
+  void write(const std::string& name, const void* data, uint64_t nbytes);
+  void finish();
+  size_t written() const { return next_; }
+
+ private:
+  void abandon() noexcept;
+  std::string path_, temp_;
+  std::vector<TensorSpec> specs_;
+  std::FILE* file_ = nullptr;
+  size_t next_ = 0;
+};
+
+// Serializes a header (names in spec order, contiguous offsets), padded with
+// spaces to a multiple of 8 bytes as the reference writer does.
+std::string make_header(const std::vector<TensorSpec>& specs, const std::map<std::string, std::string>& metadata);
+
+}  // namespace halo::io
