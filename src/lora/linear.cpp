@@ -258,14 +258,30 @@ void lora_forward(const Scalar* x, int64_t rows, const BaseWeight& base, const S
   const RowMat<Scalar> t = dropped_input(x, rows, in, spec) * a.transpose();
   const Scalar scaling = static_cast<Scalar>(spec.scaling);
 
+  RowMat<Scalar> x_transposed;
+  if (gemm != nullptr && !base.fan_in_fan_out) x_transposed = input.transpose();
   parallel_for(tiles(out, kTileOut), 1, [&](int64_t first, int64_t last) {
     TileLoader<Scalar> loader(base, backend);
-    std::vector<Scalar> packed;
+    std::vector<Scalar> packed, y_transposed;
     for (int64_t tile = first; tile < last; ++tile) {
       const int64_t o0 = tile * kTileOut, o1 = std::min(out, o0 + kTileOut);
       auto y_tile = result.middleCols(o0, o1 - o0);
       y_tile.setZero();
-      if (gemm != nullptr) {
+      if (gemm != nullptr && !base.fan_in_fan_out) {
+        if constexpr (std::is_same_v<Scalar, float>) {
+          // W is stored [out, in]: y^T = W x^T takes W's tiles as they are stored
+          // (no per-tile transpose); only x and this tile of y are transposed.
+          packed.resize(static_cast<size_t>(kPackedDepth * kTileOut));
+          y_transposed.assign(static_cast<size_t>((o1 - o0) * rows), 0.0f);
+          for (int64_t k0 = 0; k0 < in; k0 += kPackedDepth) {
+            const int64_t k1 = std::min(in, k0 + kPackedDepth);
+            loader.pack(o0, o1, k0, k1, /*k_major=*/false, packed.data());
+            gemm(packed.data(), k1 - k0, x_transposed.data() + k0 * rows, rows, y_transposed.data(), rows, o1 - o0,
+                 rows, k1 - k0);
+          }
+          y_tile = ConstMap<Scalar>(y_transposed.data(), o1 - o0, rows).transpose();
+        }
+      } else if (gemm != nullptr) {
         if constexpr (std::is_same_v<Scalar, float>) {
           packed.resize(static_cast<size_t>(kPackedDepth * kTileOut));
           for (int64_t k0 = 0; k0 < in; k0 += kPackedDepth) {
