@@ -25,3 +25,9 @@ from . import hf  # noqa: E402  (torch is imported only when a model is quantize
 from .hwq import HaloQuantized, HardwareModel, halo_quantize, rtn_quantize  # noqa: E402
 
 __all__ += ["HaloQuantized", "HardwareModel", "halo_quantize", "hf", "rtn_quantize"]
+
+from . import io  # noqa: E402  (safetensors reader/writer)
+from .merge import merge  # noqa: E402
+from .peft_io import read_adapter, write_adapter  # noqa: E402
+
+__all__ += ["io", "merge", "read_adapter", "write_adapter"]
