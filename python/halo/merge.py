@@ -254,14 +254,19 @@ def merge(
         for s, f in files.items():
             names = f.names()
             specs: list[tuple[str, str, list[int]]] = []
+            # The bnb quant_state entry is JSON whose length depends on the values, so the
+            # header needs the 4-bit results first: they are held for one shard (about 1/8
+            # of its float32 size) while the unquantized tensors still stream.
+            quantized: dict[str, list[tuple[str, str, np.ndarray]]] = {}
             for n in names:
                 st, shape, _, _ = f.info(n)
                 if n in quant_names:
-                    # Shapes of the bnb entries depend only on the element count, so a dry
-                    # quantization of zeros of the same shape gives the header.
-                    numel = int(np.prod(shape))
-                    for key, kst, arr in _quantized_entries(n, np.zeros(numel, np.float32)):
-                        specs.append((key, kst, list(arr.shape)))
+                    w = _to_float32(f.get(n), st)
+                    if n in lora_for:
+                        w = _apply_lora(w, lora_for[n], fan, n)
+                    quantized[n] = _quantized_entries(n, w)
+                    del w
+                    specs.extend((key, kst, list(arr.shape)) for key, kst, arr in quantized[n])
                 else:
                     specs.append((n, out_dtype(st), list(shape)))
             meta = dict(f.metadata) or {"format": "pt"}
@@ -273,17 +278,17 @@ def merge(
                 if n in adapter.saved_tensors:
                     src = adapter.saved_tensors[n]
                     st = "BF16" if n in adapter.saved_bf16 else hio.to_numpy_bits("merge", n, src)[0]
-                if n in lora_for or n in quant_names or (out_dtype(st) != st):
+                if n in quantized:
+                    for key, _, arr in quantized.pop(n):
+                        writer.write(key, arr.reshape(-1))
+                        new_map[key] = s
+                        written += arr.nbytes
+                    bar.step(int(src.nbytes))
+                    continue
+                if n in lora_for or (out_dtype(st) != st):
                     w = _to_float32(src, st)
                     if n in lora_for:
                         w = _apply_lora(w, lora_for[n], fan, n)
-                    if n in quant_names:
-                        for key, _, arr in _quantized_entries(n, w):
-                            writer.write(key, arr.reshape(-1))
-                            new_map[key] = s
-                            written += arr.nbytes
-                        bar.step(int(src.nbytes))
-                        continue
                     data = _from_float32(w, out_dtype(st))
                 else:
                     data = np.ascontiguousarray(src)
