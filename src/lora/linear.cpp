@@ -21,6 +21,9 @@ constexpr int64_t kTileIn = 512;
 // The AVX-512 kernel sweeps 32-column panels of a packed tile; a 256-deep panel
 // is 32 KiB and stays in L1.
 constexpr int64_t kPackedDepth = 256;
+// Token columns per kernel call in the transposed forward (a 256 x 128 slice of x^T, 128 KiB).
+constexpr int64_t kTokenChunk = 128;
+constexpr int64_t kTransposedForwardRows = 256;
 
 template <typename Scalar>
 using RowMat = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
@@ -258,8 +261,12 @@ void lora_forward(const Scalar* x, int64_t rows, const BaseWeight& base, const S
   const RowMat<Scalar> t = dropped_input(x, rows, in, spec) * a.transpose();
   const Scalar scaling = static_cast<Scalar>(spec.scaling);
 
+  // Few rows: transposing W's tiles would dominate, so compute y^T = W x^T from the
+  // tiles as stored. Many rows: the per-tile transpose is amortised and the plain
+  // order (x W^T, weight tile as the cache-resident operand) is faster.
+  const bool transposed_forward = gemm != nullptr && !base.fan_in_fan_out && rows <= kTransposedForwardRows;
   RowMat<Scalar> x_transposed;
-  if (gemm != nullptr && !base.fan_in_fan_out) x_transposed = input.transpose();
+  if (transposed_forward) x_transposed = input.transpose();
   parallel_for(tiles(out, kTileOut), 1, [&](int64_t first, int64_t last) {
     TileLoader<Scalar> loader(base, backend);
     std::vector<Scalar> packed, y_transposed;
@@ -267,7 +274,7 @@ void lora_forward(const Scalar* x, int64_t rows, const BaseWeight& base, const S
       const int64_t o0 = tile * kTileOut, o1 = std::min(out, o0 + kTileOut);
       auto y_tile = result.middleCols(o0, o1 - o0);
       y_tile.setZero();
-      if (gemm != nullptr && !base.fan_in_fan_out) {
+      if (transposed_forward) {
         if constexpr (std::is_same_v<Scalar, float>) {
           // W is stored [out, in]: y^T = W x^T takes W's tiles as they are stored
           // (no per-tile transpose); only x and this tile of y are transposed.
@@ -276,8 +283,12 @@ void lora_forward(const Scalar* x, int64_t rows, const BaseWeight& base, const S
           for (int64_t k0 = 0; k0 < in; k0 += kPackedDepth) {
             const int64_t k1 = std::min(in, k0 + kPackedDepth);
             loader.pack(o0, o1, k0, k1, /*k_major=*/false, packed.data());
-            gemm(packed.data(), k1 - k0, x_transposed.data() + k0 * rows, rows, y_transposed.data(), rows, o1 - o0,
-                 rows, k1 - k0);
+            // token columns in chunks so the slice of x^T the kernel sweeps stays in L2
+            for (int64_t j0 = 0; j0 < rows; j0 += kTokenChunk) {
+              const int64_t width = std::min(rows - j0, kTokenChunk);
+              gemm(packed.data(), k1 - k0, x_transposed.data() + k0 * rows + j0, rows, y_transposed.data() + j0,
+                   rows, o1 - o0, width, k1 - k0);
+            }
           }
           y_tile = ConstMap<Scalar>(y_transposed.data(), o1 - o0, rows).transpose();
         }

@@ -161,7 +161,8 @@ void run_case(const Case& c, BaseStorage storage, bool fan_in_fan_out, double p,
 
 const std::vector<Case> kCases = {{1, 1, 1, 1},     {3, 31, 33, 2},   {5, 65, 31, 4},    {2, 33, 65, 3},
                                   {7, 130, 600, 5}, {1, 257, 513, 1}, {13, 47, 300, 2},
-                                  {4, 70, 40, 3},   {6, 32, 16, 1},   {10, 16, 257, 2}};
+                                  {4, 70, 40, 3},   {6, 32, 16, 1},   {10, 16, 257, 2},
+                                  {300, 40, 70, 2}};  // > 256 rows: the forward's untransposed order
 
 }  // namespace
 
