@@ -62,11 +62,11 @@ def assert_matches_bnb_dequant(got, packed, absmax, quant_type, blocksize, shape
     reference_values = _dequantize_4bit_compute.__wrapped__(packed.reshape(-1), absmax, code, blocksize, shape, dtype)
     assert np.array_equal(bits(got), bits(reference_values))
     native = torch.ops.bitsandbytes.dequantize_4bit(packed, absmax, blocksize, quant_type, list(shape), dtype)
-    # bnb 0.50.2's native CPU kernel maps elements to the wrong block when blocksize is a
-    # multiple of (and larger than) the last dimension, and its scalar path decodes FP4
-    # code 8 as -0.0 where everything else in bitsandbytes gives +0.0.
-    if not (blocksize > shape[-1] and blocksize % shape[-1] == 0):
-        assert np.array_equal(bits(got + 0.0), bits(native + 0.0))
+    # bnb 0.50.2's native CPU kernel reads the wrong absmax for some shapes (e.g. [40, 96] with
+    # blocksize 64, [7, 64] with 128) and its scalar path decodes FP4 code 8 as -0.0 where the rest
+    # of bitsandbytes gives +0.0: where it agrees with its own reference, halo equals it too.
+    if torch.equal(native, reference_values):
+        assert np.array_equal(bits(got), bits(native))
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
