@@ -66,7 +66,7 @@ def assert_matches_bnb_dequant(got, packed, absmax, quant_type, blocksize, shape
     # blocksize 64, [7, 64] with 128) and its scalar path decodes FP4 code 8 as -0.0 where the rest
     # of bitsandbytes gives +0.0: where it agrees with its own reference, halo equals it too.
     if torch.equal(native, reference_values):
-        assert np.array_equal(bits(got), bits(native))
+        assert np.array_equal(bits(got + 0.0), bits(native + 0.0))
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
