@@ -4,3 +4,4 @@ from . import quant as quant
 from . import hwq as hwq
 from . import lora as lora
 from . import io as io
+from . import sched as sched

@@ -1,0 +1,201 @@
+#include "halo/sched/balance.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+
+#include "halo/core/error.hpp"
+
+namespace halo::sched {
+
+namespace {
+bool finite_nonneg(double v) { return std::isfinite(v) && v >= 0.0; }
+}  // namespace
+
+void validate_devices(std::string_view fn, const std::vector<Device>& devices) {
+  require(!devices.empty(), fn, "needs at least one device");
+  for (size_t i = 0; i < devices.size(); ++i) {
+    const Device& d = devices[i];
+    require(std::isfinite(d.speed) && d.speed > 0, fn, "device ", i, ": speed must be > 0, got ", d.speed);
+    require(std::isfinite(d.bandwidth) && d.bandwidth > 0, fn, "device ", i, ": bandwidth must be > 0, got ",
+            d.bandwidth);
+    require(finite_nonneg(d.bandwidth_down), fn, "device ", i, ": bandwidth_down must be >= 0, got ",
+            d.bandwidth_down);
+    require(finite_nonneg(d.latency), fn, "device ", i, ": latency must be >= 0, got ", d.latency);
+    require(d.plr >= 0.0 && d.plr < 1.0, fn, "device ", i, ": plr must be in [0, 1), got ", d.plr);
+    require(std::isfinite(d.burst_length) && d.burst_length >= 1.0, fn, "device ", i,
+            ": burst_length must be >= 1, got ", d.burst_length);
+    require(!std::isnan(d.capacity_bytes) && d.capacity_bytes >= 0, fn, "device ", i,
+            ": capacity_bytes must be >= 0, got ", d.capacity_bytes);
+  }
+}
+
+void validate_groups(std::string_view fn, const std::vector<Group>& groups) {
+  for (size_t i = 0; i < groups.size(); ++i) {
+    const Group& g = groups[i];
+    require(finite_nonneg(g.flops) && finite_nonneg(g.weight_bytes) && finite_nonneg(g.exchange_bytes) &&
+                finite_nonneg(g.input_bytes) && finite_nonneg(g.importance),
+            fn, "group ", i, ": costs and importance must be finite and >= 0");
+  }
+}
+
+double group_time(const Group& g, const Device& d) {
+  const double down = d.bandwidth_down > 0 ? d.bandwidth_down : d.bandwidth;
+  return g.flops / d.speed + g.exchange_bytes / d.bandwidth + g.input_bytes / down;
+}
+
+Plan evaluate(const std::vector<Group>& groups, const std::vector<Device>& devices,
+              const std::vector<int32_t>& device_of) {
+  require(device_of.size() == groups.size(), "evaluate", "placement has ", device_of.size(), " entries for ",
+          groups.size(), " groups");
+  Plan plan;
+  plan.device_of = device_of;
+  plan.device_time.assign(devices.size(), 0.0);
+  std::vector<char> used(devices.size(), 0);
+  for (size_t g = 0; g < groups.size(); ++g) {
+    const int32_t d = device_of[g];
+    require(d >= 0 && static_cast<size_t>(d) < devices.size(), "evaluate", "group ", g, " placed on device ", d);
+    plan.device_time[d] += group_time(groups[g], devices[d]);
+    plan.expected_loss += groups[g].importance * devices[d].plr;
+    used[d] = 1;
+  }
+  for (size_t d = 0; d < devices.size(); ++d) {
+    if (used[d]) plan.device_time[d] += devices[d].latency;
+    plan.makespan = std::max(plan.makespan, plan.device_time[d]);
+  }
+  return plan;
+}
+
+namespace {
+
+// Moves or swaps groups off the slowest device while that strictly lowers the
+// (makespan, number of devices at the makespan) pair and keeps capacity and budget.
+void local_search(const std::vector<Group>& groups, const std::vector<Device>& devices,
+                  std::vector<int32_t>& device_of, std::vector<double>& time, std::vector<double>& used_bytes,
+                  std::vector<int32_t>& count, double& loss, double budget) {
+  const size_t G = groups.size(), D = devices.size();
+  const double eps = 1e-12;
+  auto with_latency = [&](size_t d, double t, int32_t n) { return n > 0 ? t + devices[d].latency : 0.0; };
+  for (size_t iter = 0; iter < 20 * G + 100; ++iter) {
+    size_t b = 0;
+    double span = -1;
+    for (size_t d = 0; d < D; ++d) {
+      const double t = with_latency(d, time[d], count[d]);
+      if (t > span) span = t, b = d;
+    }
+    double best = span - eps * std::max(1.0, span);
+    size_t best_g = G, best_d = D;
+    for (size_t g = 0; g < G; ++g) {
+      if (static_cast<size_t>(device_of[g]) != b) continue;
+      const double tb = with_latency(b, time[b] - group_time(groups[g], devices[b]), count[b] - 1);
+      for (size_t d = 0; d < D; ++d) {
+        if (d == b || used_bytes[d] + groups[g].weight_bytes > devices[d].capacity_bytes) continue;
+        const double dl = groups[g].importance * (devices[d].plr - devices[b].plr);
+        if (loss + dl > budget * (1 + 1e-12) && dl > 0) continue;
+        const double td = time[d] + group_time(groups[g], devices[d]) + devices[d].latency;
+        const double worst = std::max(tb, td);
+        if (worst < best) best = worst, best_g = g, best_d = d;
+      }
+    }
+    if (best_g < G) {
+      const Group& g = groups[best_g];
+      time[b] -= group_time(g, devices[b]);
+      time[best_d] += group_time(g, devices[best_d]);
+      used_bytes[b] -= g.weight_bytes;
+      used_bytes[best_d] += g.weight_bytes;
+      loss += g.importance * (devices[best_d].plr - devices[b].plr);
+      --count[b];
+      ++count[best_d];
+      device_of[best_g] = static_cast<int32_t>(best_d);
+      continue;
+    }
+    // No single move helps: try one improving swap between the slowest device and another.
+    bool swapped = false;
+    for (size_t g = 0; g < G && !swapped; ++g) {
+      if (static_cast<size_t>(device_of[g]) != b) continue;
+      for (size_t h = 0; h < G && !swapped; ++h) {
+        const size_t d = static_cast<size_t>(device_of[h]);
+        if (d == b) continue;
+        const Group &x = groups[g], &y = groups[h];
+        const double tb = time[b] - group_time(x, devices[b]) + group_time(y, devices[b]) + devices[b].latency;
+        const double td = time[d] - group_time(y, devices[d]) + group_time(x, devices[d]) + devices[d].latency;
+        if (std::max(tb, td) >= span - eps * std::max(1.0, span)) continue;
+        if (used_bytes[b] - x.weight_bytes + y.weight_bytes > devices[b].capacity_bytes ||
+            used_bytes[d] - y.weight_bytes + x.weight_bytes > devices[d].capacity_bytes)
+          continue;
+        const double dl = (x.importance - y.importance) * (devices[d].plr - devices[b].plr);
+        if (dl > 0 && loss + dl > budget * (1 + 1e-12)) continue;
+        time[b] = tb - devices[b].latency;
+        time[d] = td - devices[d].latency;
+        used_bytes[b] += y.weight_bytes - x.weight_bytes;
+        used_bytes[d] += x.weight_bytes - y.weight_bytes;
+        loss += dl;
+        device_of[g] = static_cast<int32_t>(d);
+        device_of[h] = static_cast<int32_t>(b);
+        swapped = true;
+      }
+    }
+    if (!swapped) break;
+  }
+}
+
+}  // namespace
+
+Plan balance(const std::vector<Group>& groups, const std::vector<Device>& devices, Policy policy,
+             double loss_budget) {
+  constexpr std::string_view fn = "balance";
+  validate_devices(fn, devices);
+  validate_groups(fn, groups);
+  require(std::isfinite(loss_budget) && loss_budget >= 0, fn, "loss_budget must be >= 0, got ", loss_budget);
+  const size_t G = groups.size(), D = devices.size();
+  std::vector<int32_t> device_of(G, -1);
+  if (policy == Policy::round_robin) {
+    for (size_t g = 0; g < G; ++g) device_of[g] = static_cast<int32_t>(g % D);
+    return evaluate(groups, devices, device_of);
+  }
+  double total_importance = 0;
+  for (const Group& g : groups) total_importance += g.importance;
+  const double budget =
+      policy == Policy::halo ? loss_budget * total_importance : std::numeric_limits<double>::infinity();
+  double min_plr = 1.0;
+  for (const Device& d : devices) min_plr = std::min(min_plr, d.plr);
+
+  // LPT order: longest groups first (time on the fastest-compute device as the yardstick).
+  std::vector<double> key(G);
+  for (size_t g = 0; g < G; ++g) key[g] = groups[g].flops + groups[g].exchange_bytes + groups[g].input_bytes;
+  std::vector<int32_t> order(G);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return key[a] > key[b]; });
+
+  // Budget still needed by the unplaced groups if each went to the most reliable device.
+  double reserve = 0;
+  for (const Group& g : groups) reserve += g.importance * min_plr;
+  std::vector<double> time(D, 0.0), used_bytes(D, 0.0);
+  std::vector<int32_t> count(D, 0);
+  double loss = 0;
+  for (int32_t g : order) {
+    const Group& grp = groups[g];
+    reserve -= grp.importance * min_plr;
+    size_t pick = D, fallback = D;
+    double pick_t = std::numeric_limits<double>::infinity();
+    for (size_t d = 0; d < D; ++d) {
+      if (used_bytes[d] + grp.weight_bytes > devices[d].capacity_bytes) continue;
+      if (fallback == D || devices[d].plr < devices[fallback].plr) fallback = d;
+      if (loss + grp.importance * devices[d].plr + reserve > budget * (1 + 1e-12)) continue;
+      const double t = time[d] + group_time(grp, devices[d]) + devices[d].latency;
+      if (t < pick_t || (t == pick_t && devices[d].plr < devices[pick].plr)) pick_t = t, pick = d;
+    }
+    if (pick == D) pick = fallback;  // budget unreachable: stay as close to it as possible
+    require(pick < D, fn, "group ", g, " (", grp.weight_bytes, " weight bytes) fits on no device's capacity");
+    device_of[g] = static_cast<int32_t>(pick);
+    time[pick] += group_time(grp, devices[pick]);
+    used_bytes[pick] += grp.weight_bytes;
+    loss += grp.importance * devices[pick].plr;
+    ++count[pick];
+  }
+  local_search(groups, devices, device_of, time, used_bytes, count, loss, budget);
+  return evaluate(groups, devices, device_of);
+}
+
+}  // namespace halo::sched
