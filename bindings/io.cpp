@@ -3,6 +3,8 @@
 #include <memory>
 
 #include "bindings/registry.hpp"
+#include "halo/core/dtype.hpp"
+#include "halo/core/parallel.hpp"
 #include "halo/io/safetensors.hpp"
 
 namespace halo::bindings {
@@ -39,7 +41,65 @@ py::array view_tensor(const std::shared_ptr<SafetensorsFile>& file, const std::s
   return out;
 }
 
+constexpr int64_t kGrain = 1 << 16;
+
+// Element-wise conversions for the merge's float32 working copies, done here in
+// parallel because NumPy has no bfloat16 and its casts are single-threaded.
+py::array to_float32(const py::buffer& data, const std::string& dtype) {
+  const char* fn = "to_float32";
+  const StDType d = halo::io::parse_dtype_name(dtype);
+  require(d == StDType::F32 || d == StDType::F16 || d == StDType::BF16 || d == StDType::F64, fn,
+          "dtype must be F32, F16, BF16 or F64, got ", dtype);
+  const BufferView v = contiguous_view(fn, "data", data, halo::io::dtype_size(d));
+  py::array_t<float> out(v.count);
+  float* dst = out.mutable_data();
+  const void* src = v.data;
+  {
+    py::gil_scoped_release release;
+    parallel_for(v.count, kGrain, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        switch (d) {
+          case StDType::F32: dst[i] = static_cast<const float*>(src)[i]; break;
+          case StDType::F16: dst[i] = f16_to_float(static_cast<const uint16_t*>(src)[i]); break;
+          case StDType::BF16: dst[i] = bf16_to_float(static_cast<const uint16_t*>(src)[i]); break;
+          default: dst[i] = float(static_cast<const double*>(src)[i]); break;
+        }
+      }
+    });
+  }
+  return out;
+}
+
+py::array from_float32(const py::buffer& data, const std::string& dtype) {
+  const char* fn = "from_float32";
+  const StDType d = halo::io::parse_dtype_name(dtype);
+  require(d == StDType::F32 || d == StDType::F16 || d == StDType::BF16 || d == StDType::F64, fn,
+          "dtype must be F32, F16, BF16 or F64, got ", dtype);
+  const BufferView v = contiguous_view(fn, "data", data, 4);
+  py::array out(numpy_dtype(d), std::vector<py::ssize_t>{py::ssize_t(v.count)});
+  void* dst = out.mutable_data();
+  const float* src = static_cast<const float*>(v.data);
+  {
+    py::gil_scoped_release release;
+    parallel_for(v.count, kGrain, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        switch (d) {
+          case StDType::F32: static_cast<float*>(dst)[i] = src[i]; break;
+          case StDType::F16: static_cast<uint16_t*>(dst)[i] = float_to_f16(src[i]); break;
+          case StDType::BF16: static_cast<uint16_t*>(dst)[i] = float_to_bf16(src[i]); break;
+          default: static_cast<double*>(dst)[i] = double(src[i]); break;
+        }
+      }
+    });
+  }
+  return out;
+}
+
 void bind(py::module_& m) {
+  m.def("to_float32", &to_float32, py::arg("data"), py::arg("dtype"),
+        "Flat float32 copy of F32/F16/BF16(uint16 bits)/F64 data.");
+  m.def("from_float32", &from_float32, py::arg("data"), py::arg("dtype"),
+        "Flat F32/F16/BF16(uint16 bits)/F64 copy of float32 data (round to nearest even).");
   py::class_<SafetensorsFile, std::shared_ptr<SafetensorsFile>>(m, "SafetensorsFile",
                                                                 "A memory-mapped, validated safetensors file.")
       .def_property_readonly("path", &SafetensorsFile::path)
@@ -51,6 +111,8 @@ void bind(py::module_& m) {
         return out;
       }, "Tensor names in file (offset) order.")
       .def("__contains__", &SafetensorsFile::contains)
+      .def("release_pages", &SafetensorsFile::release_pages,
+           "Drops the mapping's resident pages from this process (views stay valid).")
       .def("info", [](const SafetensorsFile& f, const std::string& name) {
         const auto& t = f.info(name);
         return py::make_tuple(std::string(halo::io::dtype_name(t.dtype)), t.shape, t.begin, t.end);

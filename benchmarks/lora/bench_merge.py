@@ -33,13 +33,23 @@ def _config(small: bool):
 
     if small:
         return transformers.LlamaConfig(
-            hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
-            num_key_value_heads=8, vocab_size=32000, tie_word_embeddings=False,
+            hidden_size=512,
+            intermediate_size=1408,
+            num_hidden_layers=8,
+            num_attention_heads=8,
+            num_key_value_heads=8,
+            vocab_size=32000,
+            tie_word_embeddings=False,
         )
     # 34 layers x 12.85 M + 2 x 32.8 M embeddings = 0.50 B parameters.
     return transformers.LlamaConfig(
-        hidden_size=1024, intermediate_size=2816, num_hidden_layers=34, num_attention_heads=16,
-        num_key_value_heads=16, vocab_size=32000, tie_word_embeddings=False,
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=34,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        vocab_size=32000,
+        tie_word_embeddings=False,
     )
 
 
@@ -59,7 +69,9 @@ def prepare(small: bool) -> tuple[Path, Path, int]:
         model.save_pretrained(base, max_shard_size="200MB")
         targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
         torch.manual_seed(1)
-        pm = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules=targets, init_lora_weights=False))
+        pm = peft.get_peft_model(
+            model, peft.LoraConfig(r=16, lora_alpha=32, target_modules=targets, init_lora_weights=False)
+        )
         pm.save_pretrained(adapter)
         CACHE.mkdir(parents=True, exist_ok=True)
         stamp.write_text("ok")
@@ -86,24 +98,38 @@ def main() -> None:
     args = ap.parse_args()
     base, adapter, params = prepare(args.small)
     out_halo, out_peft = CACHE / "out-halo", CACHE / "out-peft"
-    halo_cmd = [sys.executable, "-m", "halo.cli", "merge", "--base", str(base), "--adapter", str(adapter),
-                "--out", str(out_halo), "--force", "--quiet"]
+    halo_cmd = [
+        sys.executable,
+        "-m",
+        "halo.cli",
+        "merge",
+        "--base",
+        str(base),
+        "--adapter",
+        str(adapter),
+        "--out",
+        str(out_halo),
+        "--force",
+        "--quiet",
+    ]
     peft_cmd = [sys.executable, "-c", PEFT_SCRIPT, str(base), str(adapter), str(out_peft)]
     shutil.rmtree(out_peft, ignore_errors=True)
     peft_t, peft_rss = measure(peft_cmd)
     halo_t, halo_rss = measure(halo_cmd)
-    largest = max(
-        (p.stat().st_size for p in base.glob("*.safetensors")), default=0
-    ) / 2**20
-    print(f"model: {params / 1e9:.2f} B parameters (bfloat16, shards <= 200 MB, largest shard {largest:.0f} MiB); "
-          f"adapter r=16 on 7 projections")
+    largest = max((p.stat().st_size for p in base.glob("*.safetensors")), default=0) / 2**20
+    print(
+        f"model: {params / 1e9:.2f} B parameters (bfloat16, shards <= 200 MB, largest shard {largest:.0f} MiB); "
+        f"adapter r=16 on 7 projections"
+    )
     print(f"{'':28}{'wall s':>10}{'peak RSS MiB':>15}")
     print(f"{'PEFT merge_and_unload+save':28}{peft_t:>10.1f}{peft_rss:>15.0f}")
     print(f"{'halo merge':28}{halo_t:>10.1f}{halo_rss:>15.0f}")
-    print(f"speed-up {peft_t / halo_t:.2f}x (aim >= 3x); memory {halo_rss / peft_rss:.2f} of PEFT (aim <= 0.25)")
+    print(
+        f"speed-up {peft_t / halo_t:.2f}x (aim >= 3x); memory {halo_rss / peft_rss:.2f} of PEFT (aim <= 0.25)"
+    )
     # The two outputs hold the same tensors: spot-check one merged projection.
-    from safetensors import safe_open
     import torch
+    from safetensors import safe_open
 
     def tensor(folder: Path, name: str):
         import json

@@ -16,8 +16,15 @@ import numpy as np
 
 from halo._core import io as _io
 
-__all__ = ["SafetensorsFile", "open_safetensors", "load_safetensors", "save_safetensors", "bf16_bits_to_float32",
-           "float32_to_bf16_bits", "to_numpy_bits"]
+__all__ = [
+    "SafetensorsFile",
+    "bf16_bits_to_float32",
+    "float32_to_bf16_bits",
+    "load_safetensors",
+    "open_safetensors",
+    "save_safetensors",
+    "to_numpy_bits",
+]
 
 SafetensorsFile = _io.SafetensorsFile
 SafetensorsWriter = _io.SafetensorsWriter

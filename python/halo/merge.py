@@ -22,15 +22,23 @@ from typing import Any
 import numpy as np
 
 from . import io as hio
+from ._core import io as _core_io
 from . import lora as hlora
 from .peft_io import Adapter, read_adapter
 
-__all__ = ["merge", "MergeSummary"]
+__all__ = ["MergeSummary", "merge"]
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 _FLOAT = {"F32", "F16", "BF16", "F64"}
-_DTYPES = {"fp32": "F32", "float32": "F32", "fp16": "F16", "float16": "F16", "bf16": "BF16", "bfloat16": "BF16"}
+_DTYPES = {
+    "fp32": "F32",
+    "float32": "F32",
+    "fp16": "F16",
+    "float16": "F16",
+    "bf16": "BF16",
+    "bfloat16": "BF16",
+}
 _TORCH_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 # Everything in a model folder except weights is copied (config, generation config, tokenizer, ...).
 _SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
@@ -77,25 +85,22 @@ def _base_shards(base: Path) -> tuple[list[str], dict[str, str] | None, dict[str
     if (base / SINGLE_NAME).is_file():
         return [SINGLE_NAME], None, {}
     if (base / "pytorch_model.bin").is_file():
-        _fail(f"{base} holds only pytorch_model.bin; re-save the model with save_pretrained(safe_serialization=True)")
+        _fail(
+            f"{base} holds only pytorch_model.bin; re-save the model with save_pretrained(safe_serialization=True)"
+        )
     _fail(f"{base} has neither {SINGLE_NAME} nor {INDEX_NAME}")
     raise AssertionError
 
 
 def _to_float32(arr: np.ndarray, st: str) -> np.ndarray:
-    if st == "BF16":
-        return hio.bf16_bits_to_float32(arr)
-    return np.array(arr, dtype=np.float32)
+    # Multi-threaded C++ conversion (bfloat16 arrives as uint16 bits).
+    return _core_io.to_float32(np.ascontiguousarray(arr).reshape(-1), st).reshape(arr.shape)
 
 
 def _from_float32(x: np.ndarray, st: str) -> np.ndarray:
-    if st == "BF16":
-        return hio.float32_to_bf16_bits(x)
-    if st == "F16":
-        return x.astype(np.float16)
-    if st == "F64":
-        return x.astype(np.float64)
-    return x
+    if st == "F32":
+        return x
+    return _core_io.from_float32(np.ascontiguousarray(x, dtype=np.float32).reshape(-1), st).reshape(x.shape)
 
 
 def _apply_lora(w: np.ndarray, module, fan_in_fan_out: bool, name: str) -> np.ndarray:
@@ -266,6 +271,7 @@ def merge(
                         w = _apply_lora(w, lora_for[n], fan, n)
                     quantized[n] = _quantized_entries(n, w)
                     del w
+                    f.release_pages()
                     specs.extend((key, kst, list(arr.shape)) for key, kst, arr in quantized[n])
                 else:
                     specs.append((n, out_dtype(st), list(shape)))
@@ -274,33 +280,41 @@ def merge(
             writer = hio.SafetensorsWriter(str(tmp / s), specs, meta)
             for n in names:
                 st, shape, _, _ = f.info(n)
+                target = out_dtype(st)  # what the header says
                 src = f.get(n)
                 if n in adapter.saved_tensors:
                     src = adapter.saved_tensors[n]
                     st = "BF16" if n in adapter.saved_bf16 else hio.to_numpy_bits("merge", n, src)[0]
+                    if st != target and not (st in _FLOAT and target in _FLOAT):
+                        _fail(f"adapter tensor {n!r} is {st}, base tensor is {target}")
                 if n in quantized:
                     for key, _, arr in quantized.pop(n):
                         writer.write(key, arr.reshape(-1))
                         new_map[key] = s
                         written += arr.nbytes
                     bar.step(int(src.nbytes))
+                    f.release_pages()
                     continue
-                if n in lora_for or (out_dtype(st) != st):
+                if n in lora_for or target != st:
                     w = _to_float32(src, st)
                     if n in lora_for:
                         w = _apply_lora(w, lora_for[n], fan, n)
-                    data = _from_float32(w, out_dtype(st))
+                    data = _from_float32(w, target)
                 else:
                     data = np.ascontiguousarray(src)
                 writer.write(n, data.reshape(-1) if data.ndim else data.reshape(1))
                 new_map[n] = s
                 written += data.nbytes
                 bar.step(int(src.nbytes))
+                f.release_pages()  # keep RSS near one tensor, not one shard
             writer.finish()
+            f.release_pages()
         if weight_map is not None:
             meta = dict(index_meta) if isinstance(index_meta, dict) else {}
             meta["total_size"] = written
-            (tmp / INDEX_NAME).write_text(json.dumps({"metadata": meta, "weight_map": dict(sorted(new_map.items()))}, indent=2))
+            (tmp / INDEX_NAME).write_text(
+                json.dumps({"metadata": meta, "weight_map": dict(sorted(new_map.items()))}, indent=2)
+            )
         for item in base.iterdir():
             if item.is_file() and not item.name.endswith(_SKIP_SUFFIXES) and item.name != INDEX_NAME:
                 shutil.copy2(item, tmp / item.name)
@@ -315,7 +329,9 @@ def merge(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return MergeSummary(str(out), len(new_map), len(lora_for), len(adapter.saved_tensors), written, time.monotonic() - t0)
+    return MergeSummary(
+        str(out), len(new_map), len(lora_for), len(adapter.saved_tensors), written, time.monotonic() - t0
+    )
 
 
 def _update_config(folder: Path, out_st: str | None, quantize: str | None) -> None:

@@ -23,8 +23,13 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         summary = merge(
-            args.base, args.adapter, args.out, dtype=args.dtype, quantize=args.quantize,
-            progress=not args.quiet, force=args.force,
+            args.base,
+            args.adapter,
+            args.out,
+            dtype=args.dtype,
+            quantize=args.quantize,
+            progress=not args.quiet,
+            force=args.force,
         )
     except (ValueError, TypeError, OSError) as exc:
         print(f"halo merge: error: {exc}", file=sys.stderr)

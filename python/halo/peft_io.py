@@ -22,7 +22,7 @@ import numpy as np
 
 from . import io as hio
 
-__all__ = ["AdapterConfig", "LoraModule", "Adapter", "read_adapter", "write_adapter"]
+__all__ = ["Adapter", "AdapterConfig", "LoraModule", "read_adapter", "write_adapter"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -52,10 +52,10 @@ class AdapterConfig:
     raw: dict[str, Any] = field(default_factory=dict)  # every field, written back unchanged
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str = "adapter_config.json") -> "AdapterConfig":
+    def from_dict(cls, d: dict[str, Any], source: str = "adapter_config.json") -> AdapterConfig:
         fn = "read_adapter"
         if not isinstance(d, dict):
-            raise ValueError(f"[{fn}] {source}: expected a JSON object")
+            raise ValueError(f"[{fn}] {source}: expected a JSON object")  # noqa: TRY004 - bad file content, not a caller's type
         peft_type = d.get("peft_type", "LORA")
         if peft_type != "LORA":
             raise ValueError(f"[{fn}] {source}: peft_type {peft_type!r} is not supported (only LORA)")
@@ -64,12 +64,12 @@ class AdapterConfig:
             raise ValueError(f"[{fn}] {source}: r must be a positive integer, got {r!r}")
         alpha = d.get("lora_alpha", 8)
         if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
-            raise ValueError(f"[{fn}] {source}: lora_alpha must be a number, got {alpha!r}")
+            raise ValueError(f"[{fn}] {source}: lora_alpha must be a number, got {alpha!r}")  # noqa: TRY004 - bad file content, not a caller's type
         rank_pattern = d.get("rank_pattern") or {}
         alpha_pattern = d.get("alpha_pattern") or {}
         for name, pat in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
             if not isinstance(pat, dict):
-                raise ValueError(f"[{fn}] {source}: {name} must be an object, got {pat!r}")
+                raise ValueError(f"[{fn}] {source}: {name} must be an object, got {pat!r}")  # noqa: TRY004 - bad file content, not a caller's type
         return cls(
             r=r,
             lora_alpha=alpha,
@@ -92,7 +92,9 @@ class AdapterConfig:
             use_rslora=self.use_rslora,
             fan_in_fan_out=self.fan_in_fan_out,
             use_dora=self.use_dora,
-            target_modules=sorted(self.target_modules) if isinstance(self.target_modules, (set, frozenset)) else self.target_modules,
+            target_modules=sorted(self.target_modules)
+            if isinstance(self.target_modules, (set, frozenset))
+            else self.target_modules,
             rank_pattern=self.rank_pattern,
             alpha_pattern=self.alpha_pattern,
             modules_to_save=self.modules_to_save,
@@ -137,7 +139,9 @@ def _float32(fn: str, key: str, arr: np.ndarray, st_dtype: str) -> np.ndarray:
         return hio.bf16_bits_to_float32(arr)
     if st_dtype in ("F32", "F16", "F64"):
         return np.asarray(arr, dtype=np.float32)
-    raise ValueError(f"[{fn}] adapter tensor {key!r} has dtype {st_dtype}; LoRA weights must be floating point")
+    raise ValueError(
+        f"[{fn}] adapter tensor {key!r} has dtype {st_dtype}; LoRA weights must be floating point"
+    )
 
 
 def _load_tensors(folder: Path) -> dict[str, tuple[str, np.ndarray]]:
@@ -163,7 +167,7 @@ def _load_tensors(folder: Path) -> dict[str, tuple[str, np.ndarray]]:
         out = {}
         for k, v in sd.items():
             if not isinstance(v, torch.Tensor):
-                raise ValueError(f"[{fn}] {pkl}: entry {k!r} is not a tensor")
+                raise ValueError(f"[{fn}] {pkl}: entry {k!r} is not a tensor")  # noqa: TRY004 - bad file content, not a caller's type
             dt, arr = hio.to_numpy_bits(fn, k, v)
             out[k] = (dt, arr)
         return out
@@ -219,7 +223,9 @@ def read_adapter(folder: str | os.PathLike) -> Adapter:
             k, dt, arr = p["lora_magnitude_vector"]
             mag = _float32(fn, k, arr, dt).reshape(-1)
             if mag.shape[0] != B.shape[0]:
-                raise ValueError(f"[{fn}] module {module!r}: magnitude has {mag.shape[0]} entries, lora_B has {B.shape[0]} rows")
+                raise ValueError(
+                    f"[{fn}] module {module!r}: magnitude has {mag.shape[0]} entries, lora_B has {B.shape[0]} rows"
+                )
         modules[module] = LoraModule(module, A, B, config.scaling_for(module), mag)
     return Adapter(config, modules, saved, saved_bf16)
 
@@ -233,7 +239,9 @@ def write_adapter(folder: str | os.PathLike, adapter: Adapter) -> None:
         tensors[f"{PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(m.lora_A, dtype=np.float32)
         tensors[f"{PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(m.lora_B, dtype=np.float32)
         if m.magnitude is not None:
-            tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = np.ascontiguousarray(m.magnitude, dtype=np.float32)
+            tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = np.ascontiguousarray(
+                m.magnitude, dtype=np.float32
+            )
     bf16 = set()
     for base_name, arr in adapter.saved_tensors.items():
         key = f"{PREFIX}{base_name}"  # PEFT saves modules_to_save copies under the base name

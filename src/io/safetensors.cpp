@@ -200,6 +200,10 @@ SafetensorsFile::~SafetensorsFile() {
   if (map_) ::munmap(map_, size_);
 }
 
+void SafetensorsFile::release_pages() const {
+  if (map_) ::madvise(map_, size_, MADV_DONTNEED);
+}
+
 const TensorInfo& SafetensorsFile::info(const std::string& name) const {
   auto it = index_.find(name);
   if (it == index_.end()) fail("SafetensorsFile.info", path_, " has no tensor \"", name, "\"");
@@ -299,7 +303,7 @@ void SafetensorsWriter::finish() {
     fail("SafetensorsWriter.finish", path_, ": ", specs_.size() - next_, " tensors were not written (next \"", missing,
          "\")");
   }
-  const bool ok = std::fflush(file_) == 0 && ::fsync(fileno(file_)) == 0;
+  const bool ok = std::fflush(file_) == 0;
   std::fclose(file_);
   file_ = nullptr;
   if (!ok || std::rename(temp_.c_str(), path_.c_str()) != 0) {

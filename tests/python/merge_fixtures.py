@@ -11,8 +11,13 @@ import transformers as T
 def llama(seed: int = 0):
     torch.manual_seed(seed)
     cfg = T.LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=96, max_position_embeddings=64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=96,
+        max_position_embeddings=64,
     )
     return T.LlamaForCausalLM(cfg).eval()
 
@@ -38,15 +43,28 @@ def make_adapter(base_folder: Path, kind: str, out: Path, seed: int = 1):
     model = T.AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32)
     llama_targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     configs = {
-        "plain": dict(r=4, lora_alpha=8, target_modules=llama_targets),
-        "rslora": dict(r=8, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "v_proj"]),
-        "pattern": dict(
-            r=4, lora_alpha=8, target_modules=llama_targets, rank_pattern={"v_proj": 2, "layers.1.mlp.down_proj": 6},
-            alpha_pattern={"o_proj": 3},
-        ),
-        "dora": dict(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "up_proj", "down_proj"]),
-        "saved": dict(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"]),
-        "gpt2": dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True),
+        "plain": {"r": 4, "lora_alpha": 8, "target_modules": llama_targets},
+        "rslora": {"r": 8, "lora_alpha": 16, "use_rslora": True, "target_modules": ["q_proj", "v_proj"]},
+        "pattern": {
+            "r": 4,
+            "lora_alpha": 8,
+            "target_modules": llama_targets,
+            "rank_pattern": {"v_proj": 2, "layers.1.mlp.down_proj": 6},
+            "alpha_pattern": {"o_proj": 3},
+        },
+        "dora": {
+            "r": 4,
+            "lora_alpha": 8,
+            "use_dora": True,
+            "target_modules": ["q_proj", "up_proj", "down_proj"],
+        },
+        "saved": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "modules_to_save": ["lm_head"]},
+        "gpt2": {
+            "r": 4,
+            "lora_alpha": 8,
+            "target_modules": ["c_attn", "c_proj", "c_fc"],
+            "fan_in_fan_out": True,
+        },
     }
     torch.manual_seed(seed)
     pm = peft.get_peft_model(model, peft.LoraConfig(init_lora_weights=False, **configs[kind]))

@@ -7,14 +7,12 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
+import halo
 import numpy as np
 import pytest
 import torch
 import transformers as T
-
-import halo
 from merge_fixtures import gpt2, llama, make_adapter, save_base
 
 CASES = [
@@ -116,13 +114,16 @@ def test_merge_nf4_loads_in_transformers(work):
 
 
 def _cli(*args, env=None):
-    return subprocess.run(
-        [sys.executable, "-m", "halo.cli", "merge", *args], capture_output=True, text=True, env=env or os.environ.copy()
+    return subprocess.run(  # noqa: PLW1510 - the exit code is the point
+        [sys.executable, "-m", "halo.cli", "merge", *args],
+        capture_output=True,
+        text=True,
+        env=env or os.environ.copy(),
     )
 
 
 def test_cli_merge_and_errors(work, tmp_path):
-    root, bases = work
+    _root, bases = work
     base = bases[("llama", "40KB")]
     adapter, ref = make_adapter(base, "plain", tmp_path / "ad")
     out = tmp_path / "out"
@@ -140,7 +141,10 @@ def test_cli_merge_and_errors(work, tmp_path):
     common = ["--adapter", str(adapter), "--out"]
     fails(["--base", str(base), *common, str(out)], "not empty")
     fails(["--base", str(tmp_path / "missing"), *common, str(tmp_path / "o2")], "does not exist")
-    fails(["--base", str(base), "--adapter", str(tmp_path / "nope"), "--out", str(tmp_path / "o2")], "does not exist")
+    fails(
+        ["--base", str(base), "--adapter", str(tmp_path / "nope"), "--out", str(tmp_path / "o2")],
+        "does not exist",
+    )
     # An adapter for GPT-2 does not fit the LLaMA base.
     g_adapter, _ = make_adapter(bases[("gpt2", None)], "gpt2", tmp_path / "g-ad")
     fails(["--base", str(base), "--adapter", str(g_adapter), "--out", str(tmp_path / "o3")], "has no weight")
@@ -149,7 +153,7 @@ def test_cli_merge_and_errors(work, tmp_path):
     broken.mkdir()
     for f in base.iterdir():
         (broken / f.name).write_bytes(f.read_bytes())
-    shard = sorted(broken.glob("model-*.safetensors"))[-1]
+    shard = max(broken.glob("model-*.safetensors"))
     shard.write_bytes(shard.read_bytes()[:-10])
     fails(["--base", str(broken), *common, str(tmp_path / "o4")], "truncated")
     # Pickled adapter weights that are not plain tensors are refused.
@@ -167,7 +171,7 @@ def test_cli_merge_and_errors(work, tmp_path):
 
 
 def test_shape_mismatch_is_reported(work, tmp_path):
-    root, bases = work
+    _root, bases = work
     base = bases[("llama", None)]
     adapter, _ = make_adapter(base, "plain", tmp_path / "ad")
     sd = halo.io.load_safetensors(adapter / "adapter_model.safetensors")

@@ -9,7 +9,6 @@ import peft
 import pytest
 import torch
 import transformers as T
-
 from halo.peft_io import read_adapter, write_adapter
 from merge_fixtures import llama, make_adapter, save_base
 
@@ -38,7 +37,9 @@ def test_reads_what_peft_wrote(base, tmp_path, kind):
         np.testing.assert_array_equal(m.lora_B, mod.lora_B["default"].weight.detach().numpy())
         assert m.scaling == pytest.approx(mod.scaling["default"], rel=1e-12), name
         if kind == "dora":
-            np.testing.assert_array_equal(m.magnitude, mod.lora_magnitude_vector["default"].weight.detach().numpy())
+            np.testing.assert_array_equal(
+                m.magnitude, mod.lora_magnitude_vector["default"].weight.detach().numpy()
+            )
         else:
             assert m.magnitude is None
     if kind == "saved":
@@ -72,7 +73,9 @@ def test_bin_adapter_read_with_weights_only(base, tmp_path):
     torch.save(sd, folder / "adapter_model.bin")
     adapter = read_adapter(folder)
     key = "model.layers.0.self_attn.q_proj"
-    np.testing.assert_array_equal(adapter.modules[key].lora_A, sd[f"base_model.model.{key}.lora_A.weight"].numpy())
+    np.testing.assert_array_equal(
+        adapter.modules[key].lora_A, sd[f"base_model.model.{key}.lora_A.weight"].numpy()
+    )
 
 
 @pytest.mark.parametrize(

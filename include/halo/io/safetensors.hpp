@@ -62,6 +62,10 @@ class SafetensorsFile {
   // Pointer into the mapping (valid while this object lives).
   const std::byte* data(const TensorInfo& info) const { return data_ + info.begin; }
   uint64_t file_size() const { return size_; }
+  // Drops this process's resident pages of the mapping (they stay in the page cache), so
+  // streaming through a large file keeps RSS near one tensor. Views stay valid: pages are
+  // read back from the file on the next access.
+  void release_pages() const;
 
  private:
   SafetensorsFile() = default;
