@@ -142,32 +142,15 @@ void local_search(const std::vector<Group>& groups, const std::vector<Device>& d
 
 }  // namespace
 
-Plan balance(const std::vector<Group>& groups, const std::vector<Device>& devices, Policy policy,
-             double loss_budget) {
+namespace {
+
+// Greedy placement in `order` (each group to the device where it finishes
+// first, keeping enough budget for the rest), then local search.
+Plan place_in_order(const std::vector<Group>& groups, const std::vector<Device>& devices,
+                    const std::vector<int32_t>& order, double budget, double min_plr) {
   constexpr std::string_view fn = "balance";
-  validate_devices(fn, devices);
-  validate_groups(fn, groups);
-  require(std::isfinite(loss_budget) && loss_budget >= 0, fn, "loss_budget must be >= 0, got ", loss_budget);
   const size_t G = groups.size(), D = devices.size();
   std::vector<int32_t> device_of(G, -1);
-  if (policy == Policy::round_robin) {
-    for (size_t g = 0; g < G; ++g) device_of[g] = static_cast<int32_t>(g % D);
-    return evaluate(groups, devices, device_of);
-  }
-  double total_importance = 0;
-  for (const Group& g : groups) total_importance += g.importance;
-  const double budget =
-      policy == Policy::halo ? loss_budget * total_importance : std::numeric_limits<double>::infinity();
-  double min_plr = 1.0;
-  for (const Device& d : devices) min_plr = std::min(min_plr, d.plr);
-
-  // LPT order: longest groups first (time on the fastest-compute device as the yardstick).
-  std::vector<double> key(G);
-  for (size_t g = 0; g < G; ++g) key[g] = groups[g].flops + groups[g].exchange_bytes + groups[g].input_bytes;
-  std::vector<int32_t> order(G);
-  std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return key[a] > key[b]; });
-
   // Budget still needed by the unplaced groups if each went to the most reliable device.
   double reserve = 0;
   for (const Group& g : groups) reserve += g.importance * min_plr;
@@ -196,6 +179,63 @@ Plan balance(const std::vector<Group>& groups, const std::vector<Device>& device
   }
   local_search(groups, devices, device_of, time, used_bytes, count, loss, budget);
   return evaluate(groups, devices, device_of);
+}
+
+}  // namespace
+
+Plan balance(const std::vector<Group>& groups, const std::vector<Device>& devices, Policy policy,
+             double loss_budget) {
+  constexpr std::string_view fn = "balance";
+  validate_devices(fn, devices);
+  validate_groups(fn, groups);
+  require(std::isfinite(loss_budget) && loss_budget >= 0, fn, "loss_budget must be >= 0, got ", loss_budget);
+  const size_t G = groups.size(), D = devices.size();
+  std::vector<int32_t> device_of(G, -1);
+  if (policy == Policy::round_robin) {
+    for (size_t g = 0; g < G; ++g) device_of[g] = static_cast<int32_t>(g % D);
+    return evaluate(groups, devices, device_of);
+  }
+  double total_importance = 0;
+  for (const Group& g : groups) total_importance += g.importance;
+  const double budget =
+      policy == Policy::halo ? loss_budget * total_importance : std::numeric_limits<double>::infinity();
+  double min_plr = 1.0;
+  for (const Device& d : devices) min_plr = std::min(min_plr, d.plr);
+
+  // Several starts: LPT (longest first), most important first, then a few
+  // seeded shuffles when the instance is small enough for them to be cheap.
+  std::vector<double> key(G);
+  for (size_t g = 0; g < G; ++g) key[g] = groups[g].flops + groups[g].exchange_bytes + groups[g].input_bytes;
+  std::vector<int32_t> order(G);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return key[a] > key[b]; });
+  auto better = [&](const Plan& a, const Plan& b) {
+    const bool fa = a.expected_loss <= budget * (1 + 1e-12), fb = b.expected_loss <= budget * (1 + 1e-12);
+    if (fa != fb) return fa;
+    return fa ? a.makespan < b.makespan : a.expected_loss < b.expected_loss;
+  };
+  Plan best = place_in_order(groups, devices, order, budget, min_plr);
+  std::vector<int32_t> by_importance(order);
+  std::stable_sort(by_importance.begin(), by_importance.end(),
+                   [&](int32_t a, int32_t b) { return groups[a].importance > groups[b].importance; });
+  Plan p = place_in_order(groups, devices, by_importance, budget, min_plr);
+  if (better(p, best)) best = std::move(p);
+  const size_t shuffles = std::min<size_t>(200, 40000 / std::max<size_t>(1, G * D));
+  uint64_t state = 0x853C49E6748FEA9Bull;
+  for (size_t r = 0; r < shuffles; ++r) {
+    std::vector<int32_t> o(order);
+    // Perturb LPT: swap random pairs (a deterministic LCG keeps results reproducible).
+    for (size_t k = 0; k < G; ++k) {
+      state = state * 6364136223846793005ull + 1442695040888963407ull;
+      const size_t i = (state >> 33) % G;
+      state = state * 6364136223846793005ull + 1442695040888963407ull;
+      const size_t j = (state >> 33) % G;
+      std::swap(o[i], o[j]);
+    }
+    Plan q = place_in_order(groups, devices, o, budget, min_plr);
+    if (better(q, best)) best = std::move(q);
+  }
+  return best;
 }
 
 }  // namespace halo::sched
