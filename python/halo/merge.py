@@ -247,7 +247,7 @@ def merge(
     def out_dtype(st: str) -> str:
         return out_st if (out_st and st in _FLOAT) else st
 
-    total_bytes = sum(f.file_size for f in files.values())
+    total_bytes = sum(e - b for f in files.values() for n in f.names() for _, _, b, e in [f.info(n)])
     bar = _Progress(len(where), total_bytes, progress)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.halo-tmp-{os.getpid()}"
