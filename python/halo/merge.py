@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 
 from . import io as hio
-from ._core import io as _core_io
 from . import lora as hlora
+from ._core import io as _core_io
 from .peft_io import Adapter, read_adapter
 
 __all__ = ["MergeSummary", "merge"]
