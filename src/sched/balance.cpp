@@ -77,7 +77,11 @@ void local_search(const std::vector<Group>& groups, const std::vector<Device>& d
   const size_t G = groups.size(), D = devices.size();
   const double eps = 1e-12;
   auto with_latency = [&](size_t d, double t, int32_t n) { return n > 0 ? t + devices[d].latency : 0.0; };
-  for (size_t iter = 0; iter < 20 * G + 100; ++iter) {
+  // A fixed amount of work (candidate evaluations) keeps 1000 x 16 instances in a few ms.
+  int64_t work = 0;
+  constexpr int64_t work_budget = 400'000;
+  for (size_t iter = 0; iter < 20 * G + 100 && work < work_budget; ++iter) {
+    work += static_cast<int64_t>(G + D);
     size_t b = 0;
     double span = -1;
     for (size_t d = 0; d < D; ++d) {
@@ -89,6 +93,7 @@ void local_search(const std::vector<Group>& groups, const std::vector<Device>& d
     for (size_t g = 0; g < G; ++g) {
       if (static_cast<size_t>(device_of[g]) != b) continue;
       const double tb = with_latency(b, time[b] - group_time(groups[g], devices[b]), count[b] - 1);
+      work += static_cast<int64_t>(D);
       for (size_t d = 0; d < D; ++d) {
         if (d == b || used_bytes[d] + groups[g].weight_bytes > devices[d].capacity_bytes) continue;
         const double dl = groups[g].importance * (devices[d].plr - devices[b].plr);
@@ -112,8 +117,9 @@ void local_search(const std::vector<Group>& groups, const std::vector<Device>& d
     }
     // No single move helps: try one improving swap between the slowest device and another.
     bool swapped = false;
-    for (size_t g = 0; g < G && !swapped; ++g) {
+    for (size_t g = 0; g < G && !swapped && work < work_budget; ++g) {
       if (static_cast<size_t>(device_of[g]) != b) continue;
+      work += static_cast<int64_t>(G);
       for (size_t h = 0; h < G && !swapped; ++h) {
         const size_t d = static_cast<size_t>(device_of[h]);
         if (d == b) continue;
@@ -146,8 +152,11 @@ namespace {
 
 // Greedy placement in `order` (each group to the device where it finishes
 // first, keeping enough budget for the rest), then local search.
+// `price` (seconds per unit of expected lost importance) trades step time for
+// reliability; `search` turns the local search on.
 Plan place_in_order(const std::vector<Group>& groups, const std::vector<Device>& devices,
-                    const std::vector<int32_t>& order, double budget, double min_plr) {
+                    const std::vector<int32_t>& order, double budget, double min_plr, double price = 0.0,
+                    bool search = true) {
   constexpr std::string_view fn = "balance";
   const size_t G = groups.size(), D = devices.size();
   std::vector<int32_t> device_of(G, -1);
@@ -166,7 +175,8 @@ Plan place_in_order(const std::vector<Group>& groups, const std::vector<Device>&
       if (used_bytes[d] + grp.weight_bytes > devices[d].capacity_bytes) continue;
       if (fallback == D || devices[d].plr < devices[fallback].plr) fallback = d;
       if (loss + grp.importance * devices[d].plr + reserve > budget * (1 + 1e-12)) continue;
-      const double t = time[d] + group_time(grp, devices[d]) + devices[d].latency;
+      const double t = time[d] + group_time(grp, devices[d]) + devices[d].latency +
+                       price * grp.importance * devices[d].plr;
       if (t < pick_t || (t == pick_t && devices[d].plr < devices[pick].plr)) pick_t = t, pick = d;
     }
     if (pick == D) pick = fallback;  // budget unreachable: stay as close to it as possible
@@ -177,8 +187,27 @@ Plan place_in_order(const std::vector<Group>& groups, const std::vector<Device>&
     loss += grp.importance * devices[pick].plr;
     ++count[pick];
   }
-  local_search(groups, devices, device_of, time, used_bytes, count, loss, budget);
+  if (search) local_search(groups, devices, device_of, time, used_bytes, count, loss, budget);
   return evaluate(groups, devices, device_of);
+}
+
+// Smallest price whose greedy placement already meets the budget (doubling,
+// then bisection), so the local search starts from a balanced, feasible plan.
+double feasible_price(const std::vector<Group>& groups, const std::vector<Device>& devices,
+                      const std::vector<int32_t>& order, double budget, double min_plr) {
+  auto loss_at = [&](double price) {
+    return place_in_order(groups, devices, order, std::numeric_limits<double>::infinity(), min_plr, price, false)
+        .expected_loss;
+  };
+  if (loss_at(0.0) <= budget) return 0.0;
+  double hi = 1e-9;
+  for (int i = 0; i < 80 && loss_at(hi) > budget; ++i) hi *= 2;
+  double lo = 0.0;
+  for (int i = 0; i < 14; ++i) {
+    const double mid = 0.5 * (lo + hi);
+    (loss_at(mid) <= budget ? hi : lo) = mid;
+  }
+  return hi;
 }
 
 }  // namespace
@@ -214,7 +243,18 @@ Plan balance(const std::vector<Group>& groups, const std::vector<Device>& device
     if (fa != fb) return fa;
     return fa ? a.makespan < b.makespan : a.expected_loss < b.expected_loss;
   };
-  Plan best = place_in_order(groups, devices, order, budget, min_plr);
+  // Large instances get one start (priced when a budget applies) to stay within
+  // a few ms; small ones try every start and keep the best.
+  const bool large = G * D > 4000;
+  const bool budgeted = std::isfinite(budget);
+  Plan best = budgeted ? place_in_order(groups, devices, order, budget, min_plr,
+                                        feasible_price(groups, devices, order, budget, min_plr))
+                       : place_in_order(groups, devices, order, budget, min_plr);
+  if (large) return best;
+  if (budgeted) {
+    Plan plain = place_in_order(groups, devices, order, budget, min_plr);
+    if (better(plain, best)) best = std::move(plain);
+  }
   std::vector<int32_t> by_importance(order);
   std::stable_sort(by_importance.begin(), by_importance.end(),
                    [&](int32_t a, int32_t b) { return groups[a].importance > groups[b].importance; });
