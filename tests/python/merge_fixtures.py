@@ -59,6 +59,13 @@ def make_adapter(base_folder: Path, kind: str, out: Path, seed: int = 1):
             "target_modules": ["q_proj", "up_proj", "down_proj"],
         },
         "saved": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "modules_to_save": ["lm_head"]},
+        "gpt2dora": {
+            "r": 4,
+            "lora_alpha": 8,
+            "target_modules": ["c_attn", "c_fc"],
+            "fan_in_fan_out": True,
+            "use_dora": True,
+        },
         "gpt2": {
             "r": 4,
             "lora_alpha": 8,
@@ -71,7 +78,7 @@ def make_adapter(base_folder: Path, kind: str, out: Path, seed: int = 1):
     if kind == "saved":
         with torch.no_grad():
             pm.base_model.model.lm_head.modules_to_save["default"].weight.add_(0.5)
-    if kind == "dora":
+    if kind in ("dora", "gpt2dora"):
         with torch.no_grad():  # a trained-looking magnitude, not the initial norms
             for n, p in pm.named_parameters():
                 if "lora_magnitude_vector" in n:

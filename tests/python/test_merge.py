@@ -22,6 +22,7 @@ CASES = [
     ("llama", None, "dora"),
     ("llama", "40KB", "saved"),
     ("gpt2", None, "gpt2"),
+    ("gpt2", None, "gpt2dora"),
 ]
 
 
@@ -82,6 +83,17 @@ def test_merge_half_within_one_ulp(work, dtype):
     for k, v in ref.items():
         assert got[k].dtype == tdt, k
         assert _ulp_distance(got[k].contiguous(), v.to(tdt).contiguous()) <= 1, k
+
+
+def test_merge_bfloat16_base_within_one_ulp(tmp_path):
+    base = save_base(llama().to(torch.bfloat16), tmp_path / "base-bf16", "40KB")
+    adapter, ref = make_adapter(base, "dora", tmp_path / "ad")
+    out = tmp_path / "out"
+    halo.merge(base, adapter, out, progress=False)
+    got = T.AutoModelForCausalLM.from_pretrained(out, dtype="auto").state_dict()
+    for k, v in ref.items():
+        assert got[k].dtype == torch.bfloat16, k
+        assert _ulp_distance(got[k].contiguous(), v.to(torch.bfloat16).contiguous()) <= 1, k
 
 
 def test_merge_nf4_loads_in_transformers(work):
