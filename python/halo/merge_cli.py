@@ -18,6 +18,10 @@ def register(subparsers) -> None:
     p.set_defaults(handler=run)
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
 def run(args: argparse.Namespace) -> int:
     from .merge import merge
 
@@ -32,7 +36,13 @@ def run(args: argparse.Namespace) -> int:
             force=args.force,
         )
     except (ValueError, TypeError, OSError) as exc:
-        print(f"halo merge: error: {exc}", file=sys.stderr)
+        print(f"halo merge: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("halo merge: interrupted; no output was written", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - e.g. transformers failing on an odd config: still one line
+        print(f"halo merge: error: {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
         return 1
     if not args.quiet:
         print(summary)
