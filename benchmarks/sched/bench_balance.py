@@ -45,7 +45,7 @@ def main():
     t_orc, orc = best_of(lambda: sched.oracle(gs, ds, loss_budget=0.03), repeats=3)
     t_small, small = best_of(lambda: sched.balance(gs, ds, loss_budget=0.03))
     print("14 groups x 3 devices")
-    print(f"  HiGHS MIP oracle  : {t_orc * 1e3:7.2f} ms  step {orc.makespan * 1e3:8.4f} ms")
+    print(f"  MIP oracle (highs): {t_orc * 1e3:7.2f} ms  step {orc.makespan * 1e3:8.4f} ms")
     print(f"  halo balancer     : {t_small * 1e3:7.2f} ms  step {small.makespan * 1e3:8.4f} ms "
           f"(gap {100 * (small.makespan / orc.makespan - 1):.2f} %, {t_orc / t_small:.0f}x faster)")
 
