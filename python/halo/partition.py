@@ -131,8 +131,12 @@ def importance(model_or_layer: Any, groups: list[NeuronGroup], calibration: Opti
     head_dim = p["q"].shape[0] // p["heads"]
     for i in mine:
         if groups[i].kind == "attn":
+            # With grouped-query attention several query heads share one value head.
+            share = p["heads"] // (p["v"].shape[0] // head_dim)
             cols = np.concatenate([np.arange(h * head_dim, (h + 1) * head_dim) for h in groups[i].index])
-            scores[i] = np.linalg.norm(p["o"][:, cols]) * np.linalg.norm(p["v"][cols]) / np.sqrt(len(cols))
+            vcols = np.concatenate([np.arange((h // share) * head_dim, (h // share + 1) * head_dim)
+                                    for h in groups[i].index])
+            scores[i] = np.linalg.norm(p["o"][:, cols]) * np.linalg.norm(p["v"][vcols]) / np.sqrt(len(cols))
     for i in mine:
         groups[i].importance = float(scores[i])
     return scores
@@ -147,32 +151,49 @@ def recall_at_k(predicted: np.ndarray, truth: np.ndarray, k: int) -> float:
 
 
 class Predictor:
-    """Low-rank linear scorer: scores = (x @ A) @ B + c, rank ``rank``, fitted by ridge
-    regression on calibration pairs (layer input -> per-group output-term norm) and
-    truncated by SVD, in the spirit of contextual-sparsity predictors."""
+    """Low-rank scorer ``scores = relu(x A + a) B + b`` (hidden width ``rank``), fitted
+    on calibration pairs (layer input -> per-group output-term norm) by Adam on the
+    mean squared error, in the spirit of contextual-sparsity (Deja Vu) predictors.
+    Cheap to run before the layer: d*rank + rank*groups multiply-adds per token."""
 
-    def __init__(self, a: np.ndarray, b: np.ndarray, c: np.ndarray) -> None:
-        self.a, self.b, self.c = a, b, c
+    def __init__(self, a: np.ndarray, a_bias: np.ndarray, b: np.ndarray, b_bias: np.ndarray,
+                 mean: np.ndarray, scale: np.ndarray) -> None:
+        self.a, self.a_bias, self.b, self.b_bias, self.mean, self.scale = a, a_bias, b, b_bias, mean, scale
 
     @classmethod
-    def fit(cls, inputs: np.ndarray, targets: np.ndarray, rank: int = 16, ridge: float = 1e-2) -> "Predictor":
-        x = np.asarray(inputs, dtype=np.float64)
-        y = np.asarray(targets, dtype=np.float64)
+    def fit(cls, inputs: np.ndarray, targets: np.ndarray, rank: int = 16, steps: int = 600, lr: float = 1e-2,
+            seed: int = 0) -> "Predictor":
+        import torch
+
+        x = np.asarray(inputs, dtype=np.float32)
+        y = np.asarray(targets, dtype=np.float32)
         if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
             raise ValueError(f"[Predictor.fit] need inputs [n, d] and targets [n, groups], got {x.shape} and {y.shape}")
         if not isinstance(rank, int) or rank <= 0:
             raise ValueError(f"[Predictor.fit] rank must be a positive int, got {rank!r}")
-        mx, my = x.mean(0), y.mean(0)
-        xc, yc = x - mx, y - my
-        w = np.linalg.solve(xc.T @ xc + ridge * len(x) * np.eye(x.shape[1]), xc.T @ yc)
-        u, s, vt = np.linalg.svd(w, full_matrices=False)
-        r = min(rank, len(s))
-        a = u[:, :r] * s[:r]
-        b = vt[:r]
-        return cls(a, b, my - mx @ a @ b)
+        mean, scale = x.mean(0), x.std(0) + 1e-6
+        xt = torch.from_numpy((x - mean) / scale)
+        yt = torch.from_numpy(y)
+        gen = torch.Generator().manual_seed(seed)
+        l1 = torch.nn.Linear(x.shape[1], rank)
+        l2 = torch.nn.Linear(rank, y.shape[1])
+        with torch.no_grad():
+            for layer in (l1, l2):
+                layer.weight.copy_(torch.randn(layer.weight.shape, generator=gen) / np.sqrt(layer.weight.shape[1]))
+                layer.bias.zero_()
+            l2.bias.copy_(yt.mean(0))
+        opt = torch.optim.Adam(list(l1.parameters()) + list(l2.parameters()), lr=lr)
+        for _ in range(int(steps)):
+            opt.zero_grad()
+            loss = torch.mean((l2(torch.relu(l1(xt))) - yt) ** 2)
+            loss.backward()
+            opt.step()
+        det = lambda t: t.detach().numpy().astype(np.float64)  # noqa: E731
+        return cls(det(l1.weight).T, det(l1.bias), det(l2.weight).T, det(l2.bias), mean, scale)
 
     def predict(self, inputs: np.ndarray) -> np.ndarray:
         x = np.asarray(inputs, dtype=np.float64)
         if x.ndim not in (1, 2) or x.shape[-1] != self.a.shape[0]:
             raise ValueError(f"[Predictor.predict] inputs must end in {self.a.shape[0]}, got shape {x.shape}")
-        return (x @ self.a) @ self.b + self.c
+        h = np.maximum((x - self.mean) / self.scale @ self.a + self.a_bias, 0.0)
+        return h @ self.b + self.b_bias
