@@ -22,6 +22,8 @@ import torch
 
 from halo import partition, sched
 
+torch.set_num_threads(1)  # fixed summation order: the critical set (a median split) must not flip between runs
+
 LAYER = 3
 TOKENS_PER_STEP = int(sys.argv[1]) if len(sys.argv) > 1 else 1  # 1 = autoregressive decode
 STEPS = 200
@@ -74,6 +76,15 @@ def main():
     critical = imp >= np.quantile(imp, 0.5)
     costs = [dict(flops=g.flops * TOKENS_PER_STEP, exchange_bytes=g.exchange_bytes * TOKENS_PER_STEP,
                   input_bytes=0.0, weight_bytes=g.weight_bytes, importance=float(i)) for g, i in zip(groups, imp)]
+    # Predictor recall: per-token truly important groups (top quarter by output-term norm) on held-out tokens.
+    t_cal = np.linalg.norm(partition.ffn_partials(parts, calib, groups), axis=2).T
+    t_held = np.linalg.norm(partition.ffn_partials(parts, held, groups), axis=2).T
+    k = len(groups) // 4
+    pred = partition.Predictor.fit(calib, t_cal, rank=32, seed=SEED)
+    r_pred = partition.recall_at_k(pred.predict(held), t_held, k)
+    r_static = partition.recall_at_k(np.broadcast_to(imp, t_held.shape), t_held, k)
+    print(f"predictor recall@{k} of {len(groups)} groups on {len(held)} held-out tokens: {r_pred:.3f} "
+          f"(static calibration ranking: {r_static:.3f}, chance: {k / len(groups):.3f})")
     rows = []
     for hetero in (False, True):
         for p in PLRS:

@@ -31,3 +31,7 @@ from .merge import merge  # noqa: E402
 from .peft_io import read_adapter, write_adapter  # noqa: E402
 
 __all__ += ["io", "merge", "read_adapter", "write_adapter"]
+
+from . import partition, sched  # noqa: E402  (neuron groups, PLR-aware balancer, cluster simulator)
+
+__all__ += ["partition", "sched"]
