@@ -6,18 +6,34 @@ from __future__ import annotations
 import time
 
 import numpy as np
-
 from halo import sched
 from halo._core import sched as core
 
 
 def instance(seed, groups, devices):
     rng = np.random.default_rng(seed)
-    gs = [dict(flops=rng.uniform(1, 10) * 1e6, exchange_bytes=rng.uniform(1e3, 1e4), weight_bytes=1e5,
-               input_bytes=0.0, importance=rng.exponential()) for _ in range(groups)]
-    ds = [dict(speed=rng.uniform(1, 4) * 1e9, bandwidth=rng.uniform(1, 5) * 1e6, latency=1e-4,
-               plr=float(rng.uniform(0, 0.1)), burst_length=1.0, bandwidth_down=0.0, capacity_bytes=1e300)
-          for _ in range(devices)]
+    gs = [
+        {
+            "flops": rng.uniform(1, 10) * 1e6,
+            "exchange_bytes": rng.uniform(1e3, 1e4),
+            "weight_bytes": 1e5,
+            "input_bytes": 0.0,
+            "importance": rng.exponential(),
+        }
+        for _ in range(groups)
+    ]
+    ds = [
+        {
+            "speed": rng.uniform(1, 4) * 1e9,
+            "bandwidth": rng.uniform(1, 5) * 1e6,
+            "latency": 1e-4,
+            "plr": float(rng.uniform(0, 0.1)),
+            "burst_length": 1.0,
+            "bandwidth_down": 0.0,
+            "capacity_bytes": 1e300,
+        }
+        for _ in range(devices)
+    ]
     ds[0]["plr"] = 0.0
     return gs, ds
 
@@ -38,16 +54,20 @@ def main():
     t_api, _ = best_of(lambda: sched.balance(gs, ds, loss_budget=0.03))
     print("1000 groups x 16 devices")
     print(f"  round-robin split : {t_rr * 1e3:7.2f} ms  step {rr['makespan'] * 1e3:8.3f} ms")
-    print(f"  halo balancer     : {t_fast * 1e3:7.2f} ms  step {fast['makespan'] * 1e3:8.3f} ms "
-          f"({rr['makespan'] / fast['makespan']:.2f}x shorter step than round-robin)")
+    print(
+        f"  halo balancer     : {t_fast * 1e3:7.2f} ms  step {fast['makespan'] * 1e3:8.3f} ms "
+        f"({rr['makespan'] / fast['makespan']:.2f}x shorter step than round-robin)"
+    )
     print(f"  via halo.sched    : {t_api * 1e3:7.2f} ms (incl. Python -> C++ conversion)")
     gs, ds = instance(1, 14, 3)
     t_orc, orc = best_of(lambda: sched.oracle(gs, ds, loss_budget=0.03), repeats=3)
     t_small, small = best_of(lambda: sched.balance(gs, ds, loss_budget=0.03))
     print("14 groups x 3 devices")
     print(f"  MIP oracle (highs): {t_orc * 1e3:7.2f} ms  step {orc.makespan * 1e3:8.4f} ms")
-    print(f"  halo balancer     : {t_small * 1e3:7.2f} ms  step {small.makespan * 1e3:8.4f} ms "
-          f"(gap {100 * (small.makespan / orc.makespan - 1):.2f} %, {t_orc / t_small:.0f}x faster)")
+    print(
+        f"  halo balancer     : {t_small * 1e3:7.2f} ms  step {small.makespan * 1e3:8.4f} ms "
+        f"(gap {100 * (small.makespan / orc.makespan - 1):.2f} %, {t_orc / t_small:.0f}x faster)"
+    )
 
 
 if __name__ == "__main__":

@@ -9,14 +9,15 @@ online; ``simulate`` runs the seeded cluster simulator.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from ._core import sched as _sched
 
-__all__ = ["Device", "Plan", "balance", "oracle", "evaluate", "Monitor", "simulate", "SimResult"]
+__all__ = ["Device", "Monitor", "Plan", "SimResult", "balance", "evaluate", "oracle", "simulate"]
 
 _GROUP_FIELDS = ("flops", "weight_bytes", "exchange_bytes", "input_bytes", "importance")
 
@@ -77,16 +78,22 @@ def _device_dicts(devices: Iterable[Any], function: str) -> list[dict[str, float
 
 
 def _plan(raw: Mapping[str, Any]) -> Plan:
-    return Plan(list(raw["device_of"]), list(raw["device_time"]), float(raw["makespan"]), float(raw["expected_loss"]))
+    return Plan(
+        list(raw["device_of"]), list(raw["device_time"]), float(raw["makespan"]), float(raw["expected_loss"])
+    )
 
 
-def balance(groups: Sequence[Any], devices: Sequence[Any], policy: str = "halo", loss_budget: float = 0.01) -> Plan:
+def balance(
+    groups: Sequence[Any], devices: Sequence[Any], policy: str = "halo", loss_budget: float = 0.01
+) -> Plan:
     """Place ``groups`` on ``devices``.
 
     policy ``"halo"``: minimise the step time subject to capacity and
     sum(importance * plr) <= loss_budget * total importance; ``"makespan"``: ignore
     the loss budget; ``"round_robin"``: group i on device i % D (naive TP split)."""
-    return _plan(_sched.balance(_group_dicts(groups), _device_dicts(devices, "balance"), policy, float(loss_budget)))
+    return _plan(
+        _sched.balance(_group_dicts(groups), _device_dicts(devices, "balance"), policy, float(loss_budget))
+    )
 
 
 def evaluate(groups: Sequence[Any], devices: Sequence[Any], device_of: Sequence[int]) -> Plan:
@@ -94,8 +101,13 @@ def evaluate(groups: Sequence[Any], devices: Sequence[Any], device_of: Sequence[
     return _plan(_sched.evaluate(_group_dicts(groups), _device_dicts(devices, "evaluate"), list(device_of)))
 
 
-def oracle(groups: Sequence[Any], devices: Sequence[Any], policy: str = "halo", loss_budget: float = 0.01,
-           time_limit: float = 30.0) -> Plan:
+def oracle(
+    groups: Sequence[Any],
+    devices: Sequence[Any],
+    policy: str = "halo",
+    loss_budget: float = 0.01,
+    time_limit: float = 30.0,
+) -> Plan:
     """Exact placement as a MIP solved by HiGHS (small instances): binary x[g, d],
     device-used flags u[d]; minimise T with T >= latency_d u_d + sum_g t_gd x_gd."""
     import highspy
@@ -111,7 +123,9 @@ def oracle(groups: Sequence[Any], devices: Sequence[Any], policy: str = "halo", 
     for gi, g in enumerate(gs):
         for di, d in enumerate(ds):
             down = d["bandwidth_down"] if d.get("bandwidth_down", 0) > 0 else d["bandwidth"]
-            t[gi, di] = g["flops"] / d["speed"] + g["exchange_bytes"] / d["bandwidth"] + g["input_bytes"] / down
+            t[gi, di] = (
+                g["flops"] / d["speed"] + g["exchange_bytes"] / d["bandwidth"] + g["input_bytes"] / down
+            )
     h = highspy.Highs()
     h.setOptionValue("output_flag", False)
     h.setOptionValue("time_limit", float(time_limit))
@@ -130,8 +144,14 @@ def oracle(groups: Sequence[Any], devices: Sequence[Any], policy: str = "halo", 
             h.addConstr(h.qsum(gs[gi]["weight_bytes"] * x[gi][di] for gi in range(G)) <= cap)
     if policy == "halo":
         total = sum(g["importance"] for g in gs)
-        h.addConstr(h.qsum(gs[gi]["importance"] * ds[di].get("plr", 0.0) * x[gi][di]
-                           for gi in range(G) for di in range(D)) <= loss_budget * total * (1 + 1e-9))
+        h.addConstr(
+            h.qsum(
+                gs[gi]["importance"] * ds[di].get("plr", 0.0) * x[gi][di]
+                for gi in range(G)
+                for di in range(D)
+            )
+            <= loss_budget * total * (1 + 1e-9)
+        )
     h.minimize(T)
     status = h.getModelStatus()
     if status != highspy.HighsModelStatus.kOptimal:
@@ -165,8 +185,10 @@ class Monitor:
 
     def updated_devices(self, devices: Sequence[Device]) -> list[Device]:
         """``devices`` with plr and latency replaced by the current estimates (for a re-balance)."""
-        return [Device(**{**asdict(d), "plr": min(self.plr(i), 0.999), "latency": self.latency(i)})
-                for i, d in enumerate(devices)]
+        return [
+            Device(**{**asdict(d), "plr": min(self.plr(i), 0.999), "latency": self.latency(i)})
+            for i, d in enumerate(devices)
+        ]
 
 
 @dataclass
@@ -177,12 +199,34 @@ class SimResult:
     lossless_time: float
 
 
-def simulate(groups: Sequence[Any], devices: Sequence[Any], device_of: Sequence[int], critical: Sequence[bool],
-             steps: int = 100, seed: int = 0, packet_bytes: float = 1400.0, rto: float = 0.2,
-             nack_timeout: float = 0.0, deadline_factor: float = 1.5) -> SimResult:
+def simulate(
+    groups: Sequence[Any],
+    devices: Sequence[Any],
+    device_of: Sequence[int],
+    critical: Sequence[bool],
+    steps: int = 100,
+    seed: int = 0,
+    packet_bytes: float = 1400.0,
+    rto: float = 0.2,
+    nack_timeout: float = 0.0,
+    deadline_factor: float = 1.5,
+) -> SimResult:
     """Run the seeded cluster simulator (see include/halo/sched/simulate.hpp)."""
-    raw = _sched.simulate(_group_dicts(groups), _device_dicts(devices, "simulate"), list(device_of),
-                          [1 if c else 0 for c in critical], float(packet_bytes), float(rto), float(nack_timeout),
-                          float(deadline_factor), int(steps), int(seed))
-    return SimResult(np.asarray(raw["tcp_time"]), np.asarray(raw["halo_time"]),
-                     np.asarray(raw["delivered"]).astype(bool), float(raw["lossless_time"]))
+    raw = _sched.simulate(
+        _group_dicts(groups),
+        _device_dicts(devices, "simulate"),
+        list(device_of),
+        [1 if c else 0 for c in critical],
+        float(packet_bytes),
+        float(rto),
+        float(nack_timeout),
+        float(deadline_factor),
+        int(steps),
+        int(seed),
+    )
+    return SimResult(
+        np.asarray(raw["tcp_time"]),
+        np.asarray(raw["halo_time"]),
+        np.asarray(raw["delivered"]).astype(bool),
+        float(raw["lossless_time"]),
+    )

@@ -6,16 +6,22 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from halo import partition
 
 
 @pytest.fixture(scope="module")
 def llama():
     from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=176, num_attention_heads=4, num_key_value_heads=2,
-                      num_hidden_layers=2, vocab_size=128)
+    cfg = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=176,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=2,
+        vocab_size=128,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -31,7 +37,7 @@ def test_groups_cover_every_neuron_and_head_once(llama):
     # Cost model: gate+up+down weights of 32 neurons (fp16 bytes) and 2 FLOPs per weight.
     assert last.weight_bytes == 3 * 64 * 32 * 2 and last.flops == 2 * 3 * 64 * 32
     # One head with GQA (kv heads = half): q,o 16 columns each, k,v 8 each.
-    head = [g for g in groups if g.kind == "attn"][0]
+    head = next(g for g in groups if g.kind == "attn")
     assert head.weight_bytes == 64 * (2 * 16 + 2 * 8) * 2
 
 

@@ -4,22 +4,33 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from halo import sched
 
 
 def instance(seed: int, groups: int, devices: int):
     rng = np.random.default_rng(seed)
-    gs = [dict(flops=rng.uniform(1, 10) * 1e6, exchange_bytes=rng.uniform(1e3, 1e4), weight_bytes=rng.uniform(1, 2) * 1e5,
-               importance=rng.exponential()) for _ in range(groups)]
-    ds = [sched.Device(speed=rng.uniform(1, 4) * 1e9, bandwidth=rng.uniform(1, 5) * 1e6, latency=1e-4,
-                       plr=float(p)) for p in np.concatenate([[0.0], rng.uniform(0, 0.1, devices - 1)])]
+    gs = [
+        {
+            "flops": rng.uniform(1, 10) * 1e6,
+            "exchange_bytes": rng.uniform(1e3, 1e4),
+            "weight_bytes": rng.uniform(1, 2) * 1e5,
+            "importance": rng.exponential(),
+        }
+        for _ in range(groups)
+    ]
+    ds = [
+        sched.Device(
+            speed=rng.uniform(1, 4) * 1e9, bandwidth=rng.uniform(1, 5) * 1e6, latency=1e-4, plr=float(p)
+        )
+        for p in np.concatenate([[0.0], rng.uniform(0, 0.1, devices - 1)])
+    ]
     return gs, ds
 
 
 def brute_force(gs, ds, budget):
     """Exhaustive search (independent of HiGHS) for tiny instances."""
     import itertools
+
     t = np.array([[g["flops"] / d.speed + g["exchange_bytes"] / d.bandwidth for d in ds] for g in gs])
     imp = np.array([g["importance"] for g in gs])
     plr = np.array([d.plr for d in ds])
@@ -30,14 +41,16 @@ def brute_force(gs, ds, budget):
             continue
         times = np.zeros(len(ds))
         np.add.at(times, place, t[np.arange(len(gs)), place])
-        times[np.bincount(place, minlength=len(ds)) > 0] += [d.latency for d in ds if True][0]
+        times[np.bincount(place, minlength=len(ds)) > 0] += next(d.latency for d in ds if True)
         best = min(best, times.max())
     return best
 
 
 def test_oracle_matches_exhaustive_search():
     gs, ds = instance(1, 7, 3)
-    assert sched.oracle(gs, ds, loss_budget=0.02).makespan == pytest.approx(brute_force(gs, ds, 0.02), rel=1e-6)
+    assert sched.oracle(gs, ds, loss_budget=0.02).makespan == pytest.approx(
+        brute_force(gs, ds, 0.02), rel=1e-6
+    )
 
 
 @pytest.mark.parametrize("seed", range(8))
@@ -69,14 +82,17 @@ def test_balancer_invariants_and_independent_cost_model():
     assert plr[order[:30]].mean() <= plr[order[-30:]].mean()
 
 
-@pytest.mark.parametrize("bad, word", [
-    (dict(speed=0.0, bandwidth=1.0), "speed"),
-    (dict(speed=1.0, bandwidth=1.0, plr=1.0), "plr"),
-    (dict(speed=1.0, bandwidth=1.0, latency=-1.0), "latency"),
-    (dict(speed=1.0, bandwidth=1.0, burst_length=0.5), "burst_length"),
-    (dict(speed=1.0), "bandwidth"),
-    (dict(speed=1.0, bandwidth=1.0, colour=3), "colour"),
-])
+@pytest.mark.parametrize(
+    "bad, word",
+    [
+        ({"speed": 0.0, "bandwidth": 1.0}, "speed"),
+        ({"speed": 1.0, "bandwidth": 1.0, "plr": 1.0}, "plr"),
+        ({"speed": 1.0, "bandwidth": 1.0, "latency": -1.0}, "latency"),
+        ({"speed": 1.0, "bandwidth": 1.0, "burst_length": 0.5}, "burst_length"),
+        ({"speed": 1.0}, "bandwidth"),
+        ({"speed": 1.0, "bandwidth": 1.0, "colour": 3}, "colour"),
+    ],
+)
 def test_bad_device_specs_rejected(bad, word):
     gs, _ = instance(0, 4, 2)
     with pytest.raises(ValueError, match=r"\[balance\].*" + word):
@@ -135,6 +151,8 @@ def test_simulator_deterministic_and_zero_loss_matches_lossless():
 
 
 def test_simulator_bernoulli_loss_rate():
-    g = [dict(flops=1.0, exchange_bytes=1400.0, importance=1.0)]
-    r = sched.simulate(g, [sched.Device(speed=1.0, bandwidth=1e6, plr=0.07)], [0], [False], steps=20000, seed=1)
+    g = [{"flops": 1.0, "exchange_bytes": 1400.0, "importance": 1.0}]
+    r = sched.simulate(
+        g, [sched.Device(speed=1.0, bandwidth=1e6, plr=0.07)], [0], [False], steps=20000, seed=1
+    )
     assert 1 - r.delivered.mean() == pytest.approx(0.07, abs=0.01)
