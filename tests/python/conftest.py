@@ -4,3 +4,9 @@ import warnings
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 warnings.filterwarnings("ignore", message=".*kernels-community.*")
+
+from hypothesis import settings  # noqa: E402
+
+# No example database in the work tree: runs stay independent of earlier runs.
+settings.register_profile("halo", database=None)
+settings.load_profile("halo")
