@@ -3,35 +3,39 @@
     >>> import halo, numpy as np
     >>> qt = halo.quantize_4bit(np.random.randn(64, 64).astype(np.float32), double_quant=True)
     >>> w = halo.dequantize_4bit(qt)
+
+Areas: 4-bit quantization (this namespace), ``halo.lora`` and ``halo.torch`` (adapter math, autograd),
+``halo.io`` / ``halo.merge`` / ``halo.read_adapter`` (safetensors, PEFT adapters, streaming merge),
+``halo.halo_quantize`` and ``halo.hf`` (hardware-aware quantizer), ``halo.partition`` and ``halo.sched``
+(neuron groups, PLR-aware balancer, cluster simulator). Importing halo does not import torch.
 """
 
+from . import hf, io, lora, partition, sched
 from .backend import backends, built_with_cuda, resolve_backend
+from .hwq import HaloQuantized, HardwareModel, halo_quantize, rtn_quantize
+from .merge import merge
+from .peft_io import read_adapter, write_adapter
 from .quant import QuantizedTensor, dequantize_4bit, quantize_4bit
-from . import lora  # halo.lora.merge / unmerge / lora_forward; halo.torch.lora_linear imports torch on demand
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "HaloQuantized",
+    "HardwareModel",
     "QuantizedTensor",
     "backends",
     "built_with_cuda",
     "dequantize_4bit",
+    "halo_quantize",
+    "hf",
+    "io",
     "lora",
+    "merge",
+    "partition",
     "quantize_4bit",
+    "read_adapter",
     "resolve_backend",
+    "rtn_quantize",
+    "sched",
+    "write_adapter",
 ]
-
-from . import hf  # noqa: E402  (torch is imported only when a model is quantized)
-from .hwq import HaloQuantized, HardwareModel, halo_quantize, rtn_quantize  # noqa: E402
-
-__all__ += ["HaloQuantized", "HardwareModel", "halo_quantize", "hf", "rtn_quantize"]
-
-from . import io  # noqa: E402  (safetensors reader/writer)
-from .merge import merge  # noqa: E402
-from .peft_io import read_adapter, write_adapter  # noqa: E402
-
-__all__ += ["io", "merge", "read_adapter", "write_adapter"]
-
-from . import partition, sched  # noqa: E402  (neuron groups, PLR-aware balancer, cluster simulator)
-
-__all__ += ["partition", "sched"]
