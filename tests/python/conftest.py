@@ -3,6 +3,10 @@ import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Hypothesis keeps its files under build/, not in the work tree.
+os.environ.setdefault(
+    "HYPOTHESIS_STORAGE_DIRECTORY", os.path.join(os.path.dirname(__file__), "..", "..", "build", "hypothesis")
+)
 warnings.filterwarnings("ignore", message=".*kernels-community.*")
 
 from hypothesis import settings  # noqa: E402
