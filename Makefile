@@ -8,7 +8,8 @@ VENV      := .venv
 PY        := $(VENV)/bin/python
 PIP       := $(VENV)/bin/pip
 JOBS      ?= $(shell nproc)
-APT_PKGS  := libeigen3-dev libxsimd-dev catch2 nlohmann-json3-dev cmake ninja-build g++ python3-venv
+APT_PKGS  := libeigen3-dev libxsimd-dev catch2 nlohmann-json3-dev cmake ninja-build g++ python3-venv \
+             libenet-dev nftables iproute2
 BUILD     := build/cpp
 ASAN      := build/asan
 PREFIX    := build/install

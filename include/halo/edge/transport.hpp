@@ -1,0 +1,64 @@
+// Message transports of the edge runtime, one interface over two protocols:
+//   enet - UDP with ENet: `control` and `reliable` messages are retransmitted
+//          by ENet (on their own channels, so a lost input does not hold back a
+//          partial), `unreliable` ones are sent once, unsequenced;
+//   tcp  - one TCP connection per peer with TCP_NODELAY (every delivery mode is
+//          reliable), length-prefixed frames: the baseline that waits for all.
+// A root creates an unbound transport and connect()s to its workers; a worker
+// binds ADDR:PORT and accepts. Every wait takes a timeout; nothing blocks past it.
+// Not thread-safe: one thread owns a transport.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace halo::edge {
+
+enum class Protocol { enet, tcp };
+enum class Delivery : uint8_t { control = 0, reliable = 1, unreliable = 2 };
+
+struct Event {
+  enum class Type { none, connect, message, disconnect } type = Type::none;
+  int32_t peer = -1;
+  std::vector<uint8_t> data;
+  double time = 0;  // monotonic seconds when the transport saw it
+};
+
+struct PeerStats {
+  double rtt = 0;          // smoothed round-trip time, seconds
+  double rtt_var = 0;      // its variation, seconds
+  uint64_t retransmits = 0;  // enet: packets it had to resend; tcp: segments retransmitted
+  double loss = 0;         // enet's own packet-loss estimate (tcp: 0)
+};
+
+// CLOCK_MONOTONIC seconds (the same clock as Python's time.monotonic()).
+double now();
+
+class Transport {
+ public:
+  virtual ~Transport() = default;
+  // bind_host empty: an unbound client (root). port 0 with a host: any free port.
+  static std::unique_ptr<Transport> create(Protocol protocol, const std::string& bind_host, uint16_t port,
+                                           int32_t max_peers);
+  virtual Protocol protocol() const = 0;
+  virtual uint16_t port() const = 0;  // the bound port (0 for an unbound client)
+  // Connects and waits for the handshake; throws std::runtime_error naming the
+  // address when it fails or times out. Returns the peer id.
+  virtual int32_t connect(const std::string& host, uint16_t port, double timeout_s) = 0;
+  // False (and nothing sent) when the peer is not connected any more.
+  virtual bool send(int32_t peer, std::span<const uint8_t> data, Delivery delivery) = 0;
+  virtual void flush() = 0;
+  // The next event, or Type::none once `timeout_s` passed (0: only what is ready).
+  virtual Event poll(double timeout_s) = 0;
+  virtual void disconnect(int32_t peer, bool now) = 0;
+  virtual bool connected(int32_t peer) const = 0;
+  virtual PeerStats stats(int32_t peer) const = 0;
+  // Largest message that travels as one datagram (tcp: no limit that matters).
+  virtual size_t datagram_payload() const = 0;
+};
+
+}  // namespace halo::edge

@@ -1,0 +1,61 @@
+// The edge runtime's wire protocol (version kWireVersion): every message is a
+// 32-byte little-endian header followed by a payload whose layout the header's
+// kind fixes:
+//   control  UTF-8 JSON (handshake, plans, acknowledgements, errors)
+//   input    `count` uint16 critical group ids, then rows x cols float16: the
+//            layer input the root broadcasts for one exchange
+//   partial  rows x cols float16: rows [row0, row0 + rows) of one group's
+//            additive output term
+// A receiver checks the magic and size with decode(); the version is compared
+// by the caller so it can answer a mismatch with a readable error.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <vector>
+
+namespace halo::edge {
+
+inline constexpr uint32_t kMagic = 0x454F4C48;  // "HLOE" in memory order
+inline constexpr uint16_t kWireVersion = 1;
+inline constexpr size_t kHeaderBytes = 32;
+
+enum class Kind : uint8_t { control = 1, input = 2, partial = 3 };
+
+// Header flags.
+inline constexpr uint8_t kFlagReplay = 1;     // input: rebuild the key/value cache only, send nothing back
+inline constexpr uint8_t kFlagDuplicate = 2;  // partial: an extra unreliable copy of a reliable message
+
+struct Header {
+  uint16_t version = kWireVersion;
+  Kind kind = Kind::control;
+  uint8_t flags = 0;
+  uint32_t step = 0;   // exchange id, increasing within a session
+  uint32_t pos = 0;    // token position of the first row
+  uint16_t layer = 0;
+  uint8_t part = 0;    // 0 attention, 1 feed-forward
+  uint16_t group = 0;  // group index within (layer, part)
+  uint16_t row0 = 0;
+  uint16_t rows = 0;
+  uint16_t cols = 0;
+  uint32_t count = 0;  // input: number of critical group ids
+};
+
+void encode_header(const Header& header, uint8_t* out);
+// Throws FormatError naming `function` on a short message, a bad magic or a
+// payload whose size disagrees with the header. The version is not checked.
+Header decode_header(std::span<const uint8_t> message, const char* function = "edge.decode");
+
+// Bytes of a whole message of this header (header + payload).
+size_t message_bytes(const Header& header);
+
+std::vector<uint8_t> make_control(std::span<const uint8_t> json);
+// rows x cols float32 -> an input message (values rounded to float16).
+std::vector<uint8_t> make_input(Header header, std::span<const uint16_t> critical, const float* rows);
+std::vector<uint8_t> make_partial(Header header, const float* rows);
+
+// float16 payload of a message -> float32 (rows x cols values).
+void payload_to_float(const Header& header, std::span<const uint8_t> message, float* out);
+
+}  // namespace halo::edge
