@@ -1,0 +1,152 @@
+"""``halo edge``: worker, plan and run commands of the edge runtime."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def register(subparsers) -> None:
+    edge = subparsers.add_parser("edge", help="tensor-parallel inference over lossy links (HALO)")
+    sub = edge.add_subparsers(dest="edge_command", metavar="EDGE_COMMAND")
+
+    w = sub.add_parser("worker", help="serve roots on ADDR:PORT (ENet/UDP and TCP)")
+    w.add_argument("--listen", required=True, metavar="ADDR:PORT", help="numeric IPv4 address and port")
+    w.add_argument("--sessions", type=int, default=None, help="exit after serving this many roots")
+    w.add_argument("--idle-timeout", type=float, default=None, help="exit after this many idle seconds")
+    w.set_defaults(handler=_worker)
+
+    p = sub.add_parser("plan", help="place neuron groups on workers and fit the predictors")
+    p.add_argument("--model", required=True, help="Hugging Face model folder (LLaMA or BERT)")
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--workers", type=int, help="number of identical workers")
+    who.add_argument("--devices", help="JSON list of devices (speed, bandwidth, latency, plr, burst_length...)")
+    p.add_argument("--out", required=True, help="plan file to write (predictor .npz goes beside it)")
+    p.add_argument("--placement", choices=("balance", "round_robin"), default="balance")
+    p.add_argument("--loss-budget", type=float, default=0.01)
+    p.add_argument("--group-size", type=int, default=128, help="FFN neurons per group")
+    p.add_argument("--heads-per-group", type=int, default=None, help="default: one key/value head's queries")
+    p.add_argument("--calibration-tokens", type=int, default=256, help="0: static importance, no predictor")
+    p.add_argument("--critical-fraction", type=float, default=0.25)
+    p.set_defaults(handler=_plan)
+
+    r = sub.add_parser("run", help="run the model on the workers")
+    r.add_argument("--model", required=True)
+    r.add_argument("--workers", required=True, metavar="A:P,B:P,...")
+    r.add_argument("--plan", required=True)
+    r.add_argument("--policy", choices=("halo", "tcp", "reliable-udp"), default="halo")
+    r.add_argument("--tokens", type=int, default=16)
+    r.add_argument("--prompt", required=True)
+    r.add_argument("--compensation", choices=("zero", "previous", "predictor"), default=None)
+    r.add_argument("--connect-timeout", type=float, default=5.0)
+    r.add_argument("--json", metavar="FILE", help="also write the result (timings, delivery) as JSON")
+    r.set_defaults(handler=_run)
+    edge.set_defaults(handler=lambda args: _usage(edge))
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_usage(sys.stderr)
+    print("halo edge: error: a command is required (worker, plan or run)", file=sys.stderr)
+    return 2
+
+
+def _fail(command: str, exc: BaseException) -> int:
+    print(f"halo edge {command}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+    return 1
+
+
+def _one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from .edge_model import EdgeError
+    from .edge_worker import serve
+
+    _one_thread()
+    try:
+        serve(args.listen, sessions=args.sessions, idle_timeout=args.idle_timeout)
+    except EdgeError as exc:
+        return _fail("worker", exc)
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from .edge_model import EdgeError
+    from .edge_plan import make_plan
+
+    try:
+        devices = args.workers
+        if args.devices is not None:
+            try:
+                with open(args.devices) as f:
+                    devices = json.load(f)
+            except (OSError, ValueError) as exc:
+                raise EdgeError(f"{args.devices}: {exc}") from None
+            if not isinstance(devices, list):
+                raise EdgeError(f"{args.devices}: expected a JSON list of devices")
+        plan = make_plan(
+            args.model,
+            devices,
+            placement=args.placement,
+            loss_budget=args.loss_budget,
+            group_size=args.group_size,
+            heads_per_group=args.heads_per_group,
+            calibration_tokens=args.calibration_tokens,
+            critical_fraction=args.critical_fraction,
+            out=args.out,
+        )
+    except EdgeError as exc:
+        return _fail("plan", exc)
+    print(f"halo edge plan: {plan.workers} workers, {plan.placement} placement -> {os.fspath(args.out)}")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .edge_model import EdgeError
+    from .edge_root import run
+
+    _one_thread()
+    if args.tokens < 1:
+        return _fail("run", ValueError(f"--tokens must be >= 1, got {args.tokens}"))
+    options = {"connect_timeout": args.connect_timeout}
+    if args.compensation is not None:
+        options["compensation"] = args.compensation
+    try:
+        if not os.path.exists(args.plan):
+            raise EdgeError(f"{args.plan}: no such plan file")
+        workers = [w for w in args.workers.split(",") if w.strip()]
+        result = run(args.model, workers, args.plan, args.policy, args.tokens, args.prompt, **options)
+    except EdgeError as exc:
+        return _fail("run", exc)
+    except KeyboardInterrupt:
+        return 130
+    if "text" in result:
+        print(result["text"])
+        decode = result["decode_s"]
+        per_token = sum(decode) / len(decode) * 1e3 if decode else float("nan")
+        print(
+            f"halo edge run: {len(result['tokens'])} tokens, prefill {result['prefill_s'] * 1e3:.1f} ms, "
+            f"{per_token:.1f} ms/token, delivered {result['delivered']:.1%}, re-plans {len(result['replans'])}",
+            file=sys.stderr,
+        )
+    else:
+        vector = result["embedding"]
+        print(" ".join(f"{v:.5f}" for v in vector))
+        print(
+            f"halo edge run: embedding of {len(vector)} values in {result['forward_s'] * 1e3:.1f} ms, "
+            f"delivered {result['delivered']:.1%}",
+            file=sys.stderr,
+        )
+    if args.json:
+        tmp = f"{args.json}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(result, f)
+        os.replace(tmp, args.json)
+    return 0

@@ -1,0 +1,655 @@
+"""The root of halo's edge runtime: drives workers layer by layer over lossy links.
+
+Per exchange (one layer's attention or FFN) the root sends the layer input to the workers
+that hold groups of it, marks the groups its predictor scores highest as critical, and
+gathers the terms: under the ``halo`` policy critical terms come reliably and the rest are
+used if they arrive before a deadline derived from the monitor's latency estimate, the
+missing ones replaced by zero, the group's previous value or the predictor's estimate; the
+``tcp`` and ``reliable-udp`` baselines wait for every term. A worker that disconnects or
+stays silent past the hard deadline is dropped and its groups re-placed through the
+balancer (as are groups of links whose loss estimate drifts); every wait has a deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, TextIO
+
+import numpy as np
+
+from . import sched
+from ._core import edge as _edge
+from .edge_model import (
+    ATTN,
+    FFN,
+    Checkpoint,
+    EdgeError,
+    LocalCluster,
+    RootModel,
+    Spec,
+    fingerprint,
+    layout,
+    read_spec,
+)
+from .edge_plan import Plan, PartPredictor, assign_groups, check_plan_shape, load_plan, load_predictors
+from .edge_worker import REPLAY, parse_address
+
+POLICIES = ("halo", "tcp", "reliable-udp")
+COMPENSATIONS = ("zero", "previous", "predictor")
+
+
+@dataclass
+class RunOptions:
+    policy: str = "halo"
+    compensation: str = "predictor"
+    deadline_factor: float = 1.5  # deadline = factor x the monitor's latency estimate + slack
+    deadline_slack: float = 0.5e-3
+    initial_deadline: float = 0.05  # before the monitor has a latency estimate
+    critical_fraction: float | None = None  # None: the plan's
+    hard_timeout: float | None = None  # None: 0.5 s (halo), 10 s (the wait-for-all baselines)
+    connect_timeout: float = 5.0
+    load_timeout: float = 120.0
+    replan: bool = True  # re-place groups when the loss estimates drift (halo)
+    drift_threshold: float = 0.03
+    monitor_alpha: float = 0.005  # per group observation: ~240 per worker and token on SmolLM2
+    duplicate_critical: bool = True  # halo: an unreliable copy of each critical message first
+    threads: int = 1
+
+    def check(self) -> RunOptions:
+        if self.policy not in POLICIES:
+            raise EdgeError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        if self.compensation not in COMPENSATIONS:
+            raise EdgeError(f"compensation must be one of {', '.join(COMPENSATIONS)}, got {self.compensation!r}")
+        for name in ("deadline_factor", "connect_timeout", "load_timeout", "initial_deadline"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise EdgeError(f"{name} must be a positive number, got {value!r}")
+        if self.hard_timeout is not None and not (math.isfinite(self.hard_timeout) and self.hard_timeout > 0):
+            raise EdgeError(f"hard_timeout must be a positive number, got {self.hard_timeout!r}")
+        if self.critical_fraction is not None and not 0 <= self.critical_fraction <= 1:
+            raise EdgeError(f"critical_fraction must be in [0, 1], got {self.critical_fraction!r}")
+        return self
+
+
+@dataclass
+class Exchange:
+    """What one exchange cost and delivered (the root's record)."""
+
+    step: int
+    layer: int
+    part: int
+    rows: int
+    seconds: float
+    expected: int  # group rows awaited
+    delivered: int
+    critical: int  # critical group rows awaited
+    end: str
+
+
+@dataclass
+class Stats:
+    exchanges: list[Exchange] = field(default_factory=list)
+    replans: list[dict[str, Any]] = field(default_factory=list)
+    dead: dict[int, str] = field(default_factory=dict)  # worker -> why it was dropped
+    stale: int = 0
+    duplicates: int = 0
+
+    def delivered_fraction(self) -> float:
+        expected = sum(e.expected for e in self.exchanges)
+        return 1.0 if expected == 0 else sum(e.delivered for e in self.exchanges) / expected
+
+
+class _Runner:
+    """Generation, scoring and embedding on top of ``forward(ids, pos)``."""
+
+    spec: Spec
+
+    def forward(self, ids: Sequence[int], pos: int):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def generate(self, prompt: Sequence[int], tokens: int) -> dict[str, Any]:
+        """Greedy decoding: the prompt in one forward (prefill), then ``tokens`` single steps."""
+        import torch
+
+        if self.spec.family != "llama":
+            raise EdgeError("generate needs a causal (LLaMA) model; use embed for BERT")
+        if not prompt:
+            raise EdgeError("the prompt is empty")
+        if len(prompt) + tokens > self.spec.max_positions:
+            raise EdgeError(f"prompt + tokens exceed the model's {self.spec.max_positions} positions")
+        t0 = time.monotonic()
+        logits = self.forward(list(prompt), 0)
+        prefill = time.monotonic() - t0
+        out, decode = [], []
+        nxt = int(torch.argmax(logits[-1]))
+        for i in range(tokens):
+            out.append(nxt)
+            if i == tokens - 1:
+                break
+            t0 = time.monotonic()
+            logits = self.forward([nxt], len(prompt) + i)
+            decode.append(time.monotonic() - t0)
+            nxt = int(torch.argmax(logits[-1]))
+        return {"tokens": out, "prefill_s": prefill, "decode_s": decode}
+
+    def score(self, ids: Sequence[int], prefill: int = 1) -> dict[str, Any]:
+        """Teacher-forced: the first ``prefill`` tokens in one forward, then one token per
+        forward; returns per-position NLL of the next token, argmax and forward times."""
+        import torch
+
+        ids = list(ids)
+        if len(ids) < prefill + 1 or prefill < 1:
+            raise EdgeError("score needs more tokens than the prefill")
+        nll, top, times = [], [], []
+        pos = 0
+        while pos < len(ids) - 1:
+            n = prefill if pos == 0 else 1
+            t0 = time.monotonic()
+            logits = self.forward(ids[pos : pos + n], pos)
+            times.append(time.monotonic() - t0)
+            logp = torch.log_softmax(logits.double(), dim=-1)
+            for r in range(n):
+                if pos + r + 1 < len(ids):
+                    nll.append(-float(logp[r, ids[pos + r + 1]]))
+                    top.append(int(torch.argmax(logits[r])))
+            pos += n
+        return {"nll": nll, "argmax": top, "forward_s": times}
+
+    def embed(self, ids: Sequence[int]) -> np.ndarray:
+        if self.spec.family != "bert":
+            raise EdgeError("embed needs a BERT model")
+        return self.forward(list(ids), 0).numpy()
+
+
+class Local(_Runner):
+    """Every group in this process, no network: the lossless float32 reference."""
+
+    def __init__(self, model_dir: str, group_size: int = 128, heads_per_group: int | None = None) -> None:
+        from .edge_model import default_heads_per_group
+
+        self.spec = read_spec(model_dir)
+        ck = Checkpoint(model_dir)
+        hpg = default_heads_per_group(self.spec) if heads_per_group is None else heads_per_group
+        self.cluster = LocalCluster(ck, self.spec, layout(self.spec, group_size, hpg))
+        self.model = RootModel(ck, self.spec)
+
+    def forward(self, ids: Sequence[int], pos: int):
+        import torch
+
+        with torch.no_grad():
+            return self.model.forward(ids, pos, self.cluster.exchange)
+
+
+class Root(_Runner):
+    """The root process's side of a run (use as a context manager, or call close())."""
+
+    def __init__(
+        self,
+        model_dir: str,
+        workers: Sequence[str],
+        plan: Plan | str,
+        options: RunOptions | None = None,
+        log: TextIO | None = None,
+        **overrides: Any,
+    ) -> None:
+        self.options = replace(options or RunOptions(), **overrides).check()
+        self.log = log
+        self.model_dir = str(model_dir)
+        self.spec = read_spec(model_dir)
+        self.addresses = [parse_address(w, "worker address") for w in workers]
+        if not self.addresses:
+            raise EdgeError("no workers given")
+        if len(set(self.addresses)) != len(self.addresses):
+            raise EdgeError("a worker address is listed twice")
+        self.fingerprint = fingerprint(model_dir)
+        self.plan = load_plan(plan, self.spec, self.fingerprint) if not isinstance(plan, Plan) else plan
+        check_plan_shape(self.plan, self.spec)
+        if self.plan.fingerprint != self.fingerprint:
+            raise EdgeError("the plan was made for another model (fingerprint mismatch)")
+        if self.plan.workers != len(self.addresses):
+            raise EdgeError(f"the plan places groups on {self.plan.workers} workers, {len(self.addresses)} given")
+        self.groups = layout(self.spec, self.plan.group_size, self.plan.heads_per_group)
+        self.predictors: dict[tuple[int, int], PartPredictor] = {}
+        path = self.plan.predictor_path()
+        if path is not None:
+            self.predictors = load_predictors(path, self.spec, self.groups)
+        if self.options.compensation == "predictor" and not self.predictors:
+            raise EdgeError("compensation 'predictor' needs a plan with predictors (calibration_tokens > 0)")
+        self.model = RootModel(Checkpoint(model_dir), self.spec)
+        self.assignment = [[list(p) for p in layer] for layer in self.plan.assignment]
+        self.devices = list(self.plan.devices)
+        W = len(self.addresses)
+        self.alive = [True] * W
+        self.peer = [-1] * W
+        self.monitor = sched.Monitor(W, alpha=self.options.monitor_alpha)
+        self.latency: dict[tuple[int, int], sched.Monitor] = {}
+        self.latency_count: dict[tuple[int, int, int], int] = {}
+        self.stats = Stats()
+        self.history: list[list[np.ndarray]] = [[] for _ in range(self.spec.layers)]
+        self.previous: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        self.transport: Any = None
+        self._step = 0
+        self._sync = 0
+        self._observed = [0] * W
+        policy = self.options.policy
+        self.wait_all = policy != "halo"
+        self.hard_timeout = self.options.hard_timeout or (0.5 if policy == "halo" else 10.0)
+        self.critical_fraction = (
+            self.plan.critical_fraction if self.options.critical_fraction is None else self.options.critical_fraction
+        )
+
+    # -- connection ------------------------------------------------------------------------
+    def _say(self, text: str) -> None:
+        if self.log is not None:
+            print(f"halo edge: {text}", file=self.log, flush=True)
+
+    def _name(self, w: int) -> str:
+        host, port = self.addresses[w]
+        return f"{host}:{port}"
+
+    def _send(self, w: int, message: dict[str, Any]) -> None:
+        self.transport.send(self.peer[w], _edge.make_control(json.dumps(message).encode()), "control")
+
+    def _await(self, kind: str, workers: Sequence[int], timeout: float, fatal: bool) -> dict[int, dict]:
+        """Waits for a control answer ``kind`` from each worker; errors are one-line EdgeErrors
+        (``fatal``) or drop the worker."""
+        deadline = time.monotonic() + timeout
+        waiting = set(workers)
+        answers: dict[int, dict] = {}
+        by_peer = {self.peer[w]: w for w in workers}
+
+        def failed(w: int, why: str) -> None:
+            if fatal:
+                raise EdgeError(f"worker {self._name(w)} {why}")
+            self._drop(w, why)
+            waiting.discard(w)
+
+        while waiting:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                for w in sorted(waiting):
+                    failed(w, f"did not answer '{kind}' within {timeout:g} s")
+                break
+            event = self.transport.poll(min(left, 0.5))
+            if event is None:
+                continue
+            what, peer, data, _ = event
+            w = by_peer.get(peer)
+            if w is None or w not in waiting:
+                continue
+            if what == "disconnect":
+                failed(w, f"closed the connection (waiting for '{kind}')")
+                continue
+            if what != "message":
+                continue
+            try:
+                msg = _edge.decode(data)
+            except ValueError:
+                failed(w, "sent a malformed message")
+                continue
+            if msg["version"] != _edge.WIRE_VERSION:
+                failed(w, f"speaks wire version {msg['version']}, this root speaks {_edge.WIRE_VERSION}")
+                continue
+            if msg["kind"] != "control":
+                continue  # a late term of an earlier exchange
+            body = json.loads(msg["json"])
+            if body.get("type") == "error":
+                failed(w, f"failed: {body.get('message')}")
+                continue
+            if body.get("type") == kind and (kind != "synced" or body.get("id") == self._sync):
+                answers[w] = body
+                waiting.discard(w)
+        return answers
+
+    def connect(self) -> Root:
+        o = self.options
+        self.transport = _edge.Transport("tcp" if o.policy == "tcp" else "enet", "", 0, len(self.addresses) + 1)
+        for w, (host, port) in enumerate(self.addresses):
+            try:
+                self.peer[w] = self.transport.connect(host, port, o.connect_timeout)
+            except ConnectionError as exc:
+                reason = str(exc).split("] ", 1)[-1]
+                raise EdgeError(f"worker {host}:{port} unreachable ({reason})") from None
+        everyone = range(len(self.addresses))
+        for w in everyone:
+            self._send(w, {"type": "hello", "version": _edge.WIRE_VERSION, "policy": o.policy})
+        self._await("hello", everyone, o.connect_timeout, fatal=True)
+        delivery = {
+            "halo": {"critical": "reliable", "other": "unreliable", "duplicate": o.duplicate_critical},
+            "reliable-udp": {"critical": "reliable", "other": "reliable", "duplicate": False},
+            "tcp": {"critical": "reliable", "other": "reliable", "duplicate": False},
+        }[o.policy]
+        load = {
+            "type": "load",
+            "model": str(__import__("pathlib").Path(self.model_dir).resolve()),
+            "fingerprint": self.fingerprint,
+            "group_size": self.plan.group_size,
+            "heads_per_group": self.plan.heads_per_group,
+            "delivery": delivery,
+            "threads": o.threads,
+        }
+        for w in everyone:
+            self._send(w, load)
+        self._await("loaded", everyone, o.load_timeout, fatal=True)
+        self._distribute(self.assignment, fatal=True, replay=False)
+        self._say(f"{len(self.addresses)} workers ready ({o.policy}, {self.transport.protocol})")
+        return self
+
+    def _distribute(self, assignment, fatal: bool, replay: bool, before=None) -> None:
+        """Sends each live worker its groups (and, after a re-plan, the inputs that rebuild the
+        key/value caches of attention groups new to it), then waits until all have them."""
+        live = [w for w in range(len(self.addresses)) if self.alive[w]]
+        for w in live:
+            mine = [
+                [layer, part, i]
+                for layer in range(self.spec.layers)
+                for part in (ATTN, FFN)
+                for i, owner in enumerate(assignment[layer][part])
+                if owner == w
+            ]
+            self._send(w, {"type": "assign", "groups": mine})
+            if replay and before is not None:
+                self._replay(w, assignment, before)
+        self._sync += 1
+        for w in live:
+            self._send(w, {"type": "sync", "id": self._sync})
+        self.transport.flush()
+        self._await("synced", live, self.options.load_timeout, fatal=fatal)
+
+    def _replay(self, w: int, assignment, before) -> None:
+        if self.spec.family != "llama":
+            return  # BERT keeps no cache between forwards
+        for layer in range(self.spec.layers):
+            new = [
+                i
+                for i, owner in enumerate(assignment[layer][ATTN])
+                if owner == w and before[layer][ATTN][i] != w
+            ]
+            if not new or not self.history[layer]:
+                continue
+            rows = np.concatenate(self.history[layer])
+            for start in range(0, rows.shape[0], 256):
+                self.transport.send_input(
+                    self.peer[w], self._next_step(), start, layer, ATTN, new, rows[start : start + 256], "control", REPLAY
+                )
+
+    def close(self) -> None:
+        if self.transport is None:
+            return
+        for w in range(len(self.addresses)):
+            if self.alive[w] and self.peer[w] >= 0:
+                try:
+                    self._send(w, {"type": "bye"})
+                except RuntimeError:
+                    pass
+        self.transport.flush()
+        end = time.monotonic() + 0.2
+        while time.monotonic() < end and self.transport.poll(0.02) is not None:
+            pass
+        for w in range(len(self.addresses)):
+            if self.peer[w] >= 0:
+                self.transport.disconnect(self.peer[w], False)
+        self.transport.flush()
+        self.transport = None
+
+    def __enter__(self) -> Root:
+        return self.connect()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- failures and re-planning ----------------------------------------------------------
+    def _drop(self, w: int, why: str) -> None:
+        if not self.alive[w]:
+            return
+        self.alive[w] = False
+        self.stats.dead[w] = why
+        self._say(f"worker {self._name(w)} dropped: {why}")
+        if self.transport is not None and self.peer[w] >= 0:
+            self.transport.disconnect(self.peer[w], True)
+        if not any(self.alive):
+            raise EdgeError(f"all workers lost (last: {self._name(w)} {why})")
+
+    def _replan(self, reason: str) -> None:
+        for _ in range(len(self.addresses)):
+            live = [w for w in range(len(self.addresses)) if self.alive[w]]
+            if not live:
+                raise EdgeError("all workers lost")
+            devices = list(self.devices)
+            if self.options.policy == "halo":
+                devices = [
+                    replace(d, plr=min(max(self.monitor.plr(i), 0.0), 0.99)) if self._observed[i] >= 20 else d
+                    for i, d in enumerate(devices)
+                ]
+            before = self.assignment
+            after = assign_groups(
+                self.spec, self.groups, self.plan.importance, devices, self.plan.placement, self.plan.loss_budget, live
+            )
+            moved = sum(
+                a != b for la, lb in zip(before, after) for pa, pb in zip(la, lb) for a, b in zip(pa, pb)
+            )
+            t0 = time.monotonic()
+            dead_before = sum(not a for a in self.alive)
+            self._distribute(after, fatal=False, replay=True, before=before)
+            if sum(not a for a in self.alive) != dead_before:
+                continue  # someone failed while taking groups: place again without it
+            self.assignment = after
+            self.devices = devices
+            self.monitor.mark()
+            self.stats.replans.append(
+                {"reason": reason, "moved": moved, "seconds": time.monotonic() - t0, "workers": live}
+            )
+            self._say(f"re-planned ({reason}): {moved} groups moved in {time.monotonic() - t0:.2f} s")
+            return
+        raise EdgeError("re-planning kept failing")
+
+    # -- one exchange ----------------------------------------------------------------------
+    def _next_step(self) -> int:
+        self._step += 1
+        return self._step
+
+    def _critical(self, layer: int, part: int, h: np.ndarray) -> np.ndarray:
+        count = len(self.groups[layer][part])
+        flags = np.zeros(count, dtype=np.uint8)
+        if self.wait_all:
+            flags[:] = 1
+            return flags
+        k = min(count, math.ceil(self.critical_fraction * count))
+        if k == 0:
+            return flags
+        p = self.predictors.get((layer, part))
+        scores = p.scores(h).mean(0) if p is not None else np.asarray(self.plan.importance[layer][part])
+        flags[np.argsort(-scores, kind="stable")[:k]] = 1
+        return flags
+
+    def _deadlines(self, part: int, rows: int, workers: list[int], t0: float) -> tuple[float, float]:
+        hard = t0 + self.hard_timeout
+        if self.wait_all:
+            return hard, hard
+
+        def estimate(n: int) -> float | None:
+            mon = self.latency.get((part, n))
+            if mon is None or any(self.latency_count.get((part, n, w), 0) < 3 for w in workers):
+                return None
+            return max(mon.latency(w) for w in workers)
+
+        late = estimate(rows)
+        if late is None and rows > 1 and estimate(1) is not None:
+            late = estimate(1) * rows  # a first prefill of this length: scale the decode estimate
+        if late is None:
+            # Nothing measured yet: a generous fixed deadline while the monitor learns.
+            return min(t0 + self.options.initial_deadline, hard), hard
+        deadline = t0 + late * self.options.deadline_factor + self.options.deadline_slack
+        return min(deadline, hard), max(hard, t0 + 50 * late)
+
+    def _exchange(self, layer: int, part: int, h, pos: int):
+        import torch
+
+        x = np.ascontiguousarray(h.detach().numpy(), dtype=np.float32)
+        rows, hidden = x.shape
+        if part == ATTN and self.spec.family == "llama":
+            if pos == 0:
+                self.history[layer] = []
+            self.history[layer].append(x)
+        owners = self.assignment[layer][part]
+        count = len(owners)
+        critical = self._critical(layer, part, x)
+        peer_of_group = [self.peer[w] if self.alive[w] else -1 for w in owners]
+        workers = sorted({w for w in owners if self.alive[w]})
+        step = self._next_step()
+        duplicate = (
+            self.options.policy == "halo"
+            and self.options.duplicate_critical
+            and 64 + 2 * count + 2 * x.size <= self.transport.datagram_payload
+        )
+        t0 = time.monotonic()
+        for w in workers:
+            mine = [i for i in range(count) if owners[i] == w and critical[i]]
+            if duplicate:
+                self.transport.send_input(self.peer[w], step, pos, layer, part, mine, x, "unreliable")
+            self.transport.send_input(self.peer[w], step, pos, layer, part, mine, x, "control")
+        deadline, hard = self._deadlines(part, rows, workers, t0)
+        out = np.zeros((count, rows, hidden), dtype=np.float32)
+        r = self.transport.gather(step, layer, part, out, peer_of_group, list(critical), deadline, hard, self.wait_all)
+        self.stats.stale += r["stale"]
+        self.stats.duplicates += r["duplicates"]
+        received = r["received"].astype(bool)
+        by_peer = {self.peer[w]: w for w in workers}
+        failed: dict[int, str] = {}
+        for event in r["other"]:
+            if event is None:
+                continue
+            what, peer, data, _ = event
+            w = by_peer.get(peer)
+            if w is None:
+                continue
+            if what == "disconnect":
+                failed[w] = "disconnected"
+            elif what == "message":
+                try:
+                    msg = _edge.decode(data)
+                    if msg["kind"] == "control" and json.loads(msg["json"]).get("type") == "error":
+                        failed[w] = "reported: " + json.loads(msg["json"]).get("message", "")
+                except ValueError:
+                    pass
+        if r["end"] == "hard_deadline":
+            for i, w in enumerate(owners):
+                if self.alive[w] and critical[i] and not received[i].all() and w not in failed:
+                    failed[w] = f"silent for {self.hard_timeout:g} s"
+        # Monitor: per group delivered or not; latency of each worker that delivered everything.
+        key = (part, rows)
+        mon = self.latency.setdefault(key, sched.Monitor(len(self.addresses), alpha=self.options.monitor_alpha))
+        missing = r["peer_missing"]
+        for w in workers:
+            if w in failed:
+                continue
+            mine = [i for i in range(count) if owners[i] == w]
+            for i in mine:
+                self.monitor.observe(w, bool(received[i].all()), 0.0)
+            self._observed[w] += len(mine)
+            peer = self.peer[w]
+            if peer < len(missing) and missing[peer] == 0 and r["peer_last"][peer] > 0:
+                mon.observe(w, True, max(r["peer_last"][peer] - t0, 0.0))
+                self.latency_count[(part, rows, w)] = self.latency_count.get((part, rows, w), 0) + 1
+        self._compensate(layer, part, x, out, received, owners)
+        self.stats.exchanges.append(
+            Exchange(
+                step,
+                layer,
+                part,
+                rows,
+                time.monotonic() - t0,
+                rows * sum(1 for w in owners if self.alive[w]),
+                int(received.sum()),
+                rows * int(critical.sum()),
+                r["end"],
+            )
+        )
+        if failed:
+            for w, why in failed.items():
+                self._drop(w, why)
+            self._replan("worker lost")
+        return torch.from_numpy(out.sum(0))
+
+    def _compensate(self, layer: int, part: int, x, out, received, owners) -> None:
+        mode = self.options.compensation
+        key = (layer, part)
+        count, rows, hidden = out.shape
+        last, have = self.previous.get(key, (np.zeros((count, hidden), np.float32), np.zeros(count, bool)))
+        if not received.all():
+            p = self.predictors.get(key)
+            for g in range(count):
+                lost = ~received[g]
+                if not lost.any():
+                    continue
+                if mode == "predictor" and p is not None:
+                    out[g, lost] = p.estimate(x[lost], g)
+                elif mode == "previous":
+                    for r in np.flatnonzero(lost):
+                        if r > 0 and received[g, r - 1]:
+                            out[g, r] = out[g, r - 1]
+                        elif have[g]:
+                            out[g, r] = last[g]
+        got = received[:, -1]
+        last = last.copy()
+        last[got] = out[got, -1]
+        self.previous[key] = (last, have | got)
+
+    # -- forwards --------------------------------------------------------------------------
+    def forward(self, ids: Sequence[int], pos: int):
+        import torch
+
+        if self.transport is None:
+            raise EdgeError("not connected (use 'with Root(...)' or call connect())")
+        with torch.no_grad():
+            out = self.model.forward(ids, pos, self._exchange)
+        if (
+            self.options.policy == "halo"
+            and self.options.replan
+            and min(self._observed[w] for w in range(len(self.alive)) if self.alive[w]) >= 100
+            and self.monitor.drifted(self.options.drift_threshold)
+        ):
+            self._replan("loss estimate drifted")
+        return out
+
+
+def run(
+    model: str,
+    workers: Sequence[str],
+    plan: Plan | str,
+    policy: str = "halo",
+    tokens: int = 16,
+    prompt: str = "",
+    log: TextIO | None = sys.stderr,
+    **options: Any,
+) -> dict[str, Any]:
+    """``halo edge run``: generate ``tokens`` tokens after ``prompt`` (LLaMA) or embed the
+    prompt (BERT) on the workers; returns the text/embedding, timings and delivery figures."""
+    from .edge_plan import tokenize
+
+    spec = read_spec(model)
+    ids = tokenize(model, prompt)
+    if not ids:
+        raise EdgeError("the prompt is empty")
+    with Root(model, workers, plan, policy=policy, log=log, **options) as root:
+        if spec.family == "bert":
+            t0 = time.monotonic()
+            vector = root.embed(ids)
+            result: dict[str, Any] = {"embedding": vector.tolist(), "forward_s": time.monotonic() - t0}
+        else:
+            result = root.generate(ids, tokens)
+            from transformers import AutoTokenizer
+
+            result["text"] = AutoTokenizer.from_pretrained(model).decode(result["tokens"])
+        result.update(
+            policy=policy,
+            delivered=root.stats.delivered_fraction(),
+            replans=root.stats.replans,
+            dropped={root._name(w): why for w, why in root.stats.dead.items()},
+        )
+    return result
