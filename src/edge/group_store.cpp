@@ -1,4 +1,4 @@
-// GroupStore: the resident set under a memory budget, its loader thread and the mmap baseline.
+// GroupStore: the resident set under a memory budget, its loader threads and the mmap baseline.
 //
 // One mutex guards every slot's state; reads run outside it into a buffer whose pages were
 // counted against the budget before the read started, so resident + loading bytes never
@@ -67,6 +67,7 @@ struct GroupStore::Impl {
   std::string path;
   StoreOptions options;
   int fd = -1;
+  int direct_fd = -1;  // O_DIRECT reads (drop_page_cache): no copy in the page cache at all
   detail::StoreIndex index;
   std::map<GroupKey, int> by_key;
   int cycle = 1;
@@ -82,14 +83,17 @@ struct GroupStore::Impl {
   int current = -1;               // the exchange whose deadline passed last
   uint64_t tick = 0;
   bool stop = false;
-  bool dirty = false;
-  bool loader_idle = true;
+  uint64_t generation = 0;          // bumped whenever the loaders may have new work
+  std::vector<uint64_t> idle_since;  // per loader: the generation it went idle at (0: busy)
   StoreStats stats;
-  std::thread loader;
+  std::vector<std::thread> loaders;
   std::list<int> lru;  // mmap mode: touched groups, most recent first
 
   uint8_t* map = nullptr;  // mmap mode: the whole file
   uint64_t map_bytes = 0;
+  std::vector<unsigned char> residency;  // mincore's answer
+  std::mutex throttle_mu;
+  std::chrono::steady_clock::time_point disk_free{};  // read_bandwidth: when the emulated disk is free
 
   ~Impl() {
     {
@@ -97,10 +101,11 @@ struct GroupStore::Impl {
       stop = true;
     }
     work_cv.notify_all();
-    if (loader.joinable()) loader.join();
+    for (auto& t : loaders) t.join();
     for (auto& s : slots)
       if (options.mode == StoreOptions::Mode::resident && s.data != nullptr) ::munmap(s.data, s.pages);
     if (map != nullptr) ::munmap(map, map_bytes);
+    if (direct_fd >= 0) ::close(direct_fd);
     if (fd >= 0) ::close(fd);
   }
 
@@ -170,16 +175,27 @@ struct GroupStore::Impl {
   bool read_group(int g, uint8_t*& out, std::string& error) {
     const GroupEntry& e = index.groups[size_t(g)];
     const uint64_t pages = slots[size_t(g)].pages;
-    void* buffer = ::mmap(nullptr, pages, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    // MAP_POPULATE: one call faults in every page, rather than one fault per page during the read.
+    void* buffer = ::mmap(nullptr, pages, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
     if (buffer == MAP_FAILED) {
       error = std::string("cannot allocate ") + std::to_string(pages) + " bytes (" + std::strerror(errno) + ")";
       return false;
     }
     auto* bytes = static_cast<uint8_t*>(buffer);
     uint64_t got = 0;
+    // O_DIRECT first (whole pages into the page-aligned buffer: the padding after a group is
+    // part of the file, the last group may come back short at the end of the file); the
+    // buffered descriptor finishes what O_DIRECT cannot (unaligned remainder, EINVAL).
+    bool direct = direct_fd >= 0;
     while (got < e.bytes) {
-      const ssize_t n = ::pread(fd, bytes + got, e.bytes - got, off_t(e.offset + got));
+      const int from = direct ? direct_fd : fd;
+      const uint64_t want = direct ? pages - got : e.bytes - got;
+      const ssize_t n = ::pread(from, bytes + got, want, off_t(e.offset + got));
       if (n < 0 && errno == EINTR) continue;
+      if (n < 0 && direct && errno == EINVAL) {
+        direct = false;
+        continue;
+      }
       if (n < 0) {
         error = std::string("read failed (") + std::strerror(errno) + ")";
         break;
@@ -190,8 +206,12 @@ struct GroupStore::Impl {
         break;
       }
       got += uint64_t(n);
+      if (got % kStoreAlignment != 0) direct = false;
     }
-    if (options.drop_page_cache) ::posix_fadvise(fd, off_t(e.offset), off_t(e.bytes), POSIX_FADV_DONTNEED);
+    throttle(got);
+    // What the buffered path read leaves the page cache again: the device keeps one copy.
+    if (options.drop_page_cache && direct_fd < 0)
+      ::posix_fadvise(fd, off_t(e.offset), off_t(e.bytes), POSIX_FADV_DONTNEED);
     if (error.empty()) {
       const uint64_t h = store_hash(bytes, e.bytes);
       if (h != e.hash) {
@@ -207,6 +227,21 @@ struct GroupStore::Impl {
     }
     out = bytes;
     return true;
+  }
+
+  // read_bandwidth: the emulated disk serves reads one after another at that rate; a read
+  // returns no earlier than its turn ends (the real read's time counts towards it).
+  void throttle(uint64_t bytes) {
+    if (options.read_bandwidth <= 0) return;
+    const auto cost = std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+        std::chrono::duration<double>(double(bytes) / options.read_bandwidth));
+    std::chrono::steady_clock::time_point done;
+    {
+      std::lock_guard<std::mutex> lock(throttle_mu);
+      disk_free = std::max(disk_free, std::chrono::steady_clock::now()) + cost;
+      done = disk_free;
+    }
+    std::this_thread::sleep_until(done);
   }
 
   // With the lock held: loads g (already reserved as `loading`) releasing the lock meanwhile.
@@ -251,55 +286,104 @@ struct GroupStore::Impl {
     return best;
   }
 
-  void loader_main() {
+  // Several loaders keep several reads in flight (O_DIRECT reads are synchronous, and the
+  // disk is faster with a queue); each takes the best candidate no other one is reading.
+  void loader_main(size_t id) {
     std::unique_lock<std::mutex> lock(mu);
     while (!stop) {
       const int g = best_candidate();
       if (g < 0 || !make_room(slots[size_t(g)].pages, true, value(g))) {
-        loader_idle = true;
+        const uint64_t seen = generation;
+        idle_since[id] = seen + 1;
         done_cv.notify_all();
-        work_cv.wait(lock, [&] { return stop || dirty; });
-        dirty = false;
-        loader_idle = false;
+        work_cv.wait(lock, [&] { return stop || generation != seen; });
+        idle_since[id] = 0;
         continue;
       }
       slots[size_t(g)].state = State::loading;
       used += slots[size_t(g)].pages;
       finish_load(lock, g, false);
     }
-    loader_idle = true;
+    idle_since[id] = generation + 1;
     done_cv.notify_all();
   }
 
+  bool loaders_idle() const {
+    for (uint64_t since : idle_since)
+      if (since != generation + 1) return false;
+    return true;
+  }
+
   void wake() {
-    dirty = true;
+    ++generation;
     work_cv.notify_all();
   }
 
-  // mmap mode: counts g in the emulated page cache and drops least-recently-used groups
-  // (their pages, from this mapping and from the page cache) while it exceeds the budget.
+  // mmap mode: how much of the file the page cache holds now (mincore: the pages the
+  // kernel read ahead count too, as they would against a real memory limit).
+  uint64_t cached_bytes(uint64_t offset, uint64_t bytes) {
+    const uint64_t page = page_bytes();
+    const uint64_t first = offset / page, count = (std::min(offset + bytes, map_bytes) + page - 1) / page - first;
+    residency.resize(size_t(count));
+    if (count == 0 || ::mincore(map + first * page, count * page, residency.data()) != 0) return 0;
+    uint64_t pages = 0;
+    for (unsigned char v : residency) pages += v & 1u;
+    return pages * page;
+  }
+
+  // Takes a range out of this mapping and out of the page cache. MADV_PAGEOUT reclaims
+  // pages of large folios that reach past the range, where fadvise(DONTNEED) skips them.
+  void evict_range(uint64_t offset, uint64_t bytes) {
+#ifndef MADV_PAGEOUT
+#define MADV_PAGEOUT 21
+#endif
+    ::madvise(map + offset, bytes, MADV_PAGEOUT);
+    ::madvise(map + offset, bytes, MADV_DONTNEED);
+    ::posix_fadvise(fd, off_t(offset), off_t(bytes), POSIX_FADV_DONTNEED);
+  }
+
+  // mmap mode: g was just used (most recent in the LRU order of groups).
   void touch_mapped(int g) {
     Slot& s = slots[size_t(g)];
-    if (s.touched) {
-      lru.remove(g);
-    } else {
-      s.touched = true;
-      used += s.pages;
-    }
+    if (s.touched) lru.remove(g);
+    s.touched = true;
     lru.push_front(g);
-    for (auto it = lru.end(); used > options.budget_bytes && it != lru.begin();) {
+  }
+
+  // mmap mode: while the file's cached pages exceed the budget, evicts the least recently
+  // used groups not in use, then (only readahead left over) every range not in use: the
+  // emulation of a memory limit on the page cache (a cgroup would impose one for real).
+  void cap_mapped() {
+    const uint64_t data_start = index.groups.front().offset;
+    uint64_t cached = cached_bytes(data_start, map_bytes - data_start);
+    for (auto it = lru.end(); cached > options.budget_bytes && it != lru.begin();) {
       --it;
       const int victim = *it;
       Slot& v = slots[size_t(victim)];
       if (v.in_use > 0) continue;
       const GroupEntry& e = index.groups[size_t(victim)];
-      ::madvise(map + e.offset, v.pages, MADV_DONTNEED);
-      ::posix_fadvise(fd, off_t(e.offset), off_t(v.pages), POSIX_FADV_DONTNEED);
+      const uint64_t before = cached_bytes(e.offset, v.pages);
+      evict_range(e.offset, v.pages);
+      cached -= std::min(cached, before - std::min(before, cached_bytes(e.offset, v.pages)));
       v.touched = false;
-      used -= v.pages;
       ++stats.evictions;
       it = lru.erase(it);
     }
+    if (cached > options.budget_bytes) {
+      uint64_t from = data_start;
+      for (size_t i = 0; i <= slots.size(); ++i) {
+        const bool end = i == slots.size();
+        if (!end && slots[i].in_use == 0) continue;
+        const uint64_t to = end ? map_bytes : index.groups[i].offset;
+        if (to > from) evict_range(from, to - from);
+        if (!end) from = index.groups[i].offset + slots[i].pages;
+      }
+      for (auto& v : slots)
+        if (v.in_use == 0) v.touched = false;
+      lru.remove_if([&](int x) { return !slots[size_t(x)].touched; });
+      cached = cached_bytes(data_start, map_bytes - data_start);
+    }
+    used = cached;
     stats.peak_resident_bytes = std::max(stats.peak_resident_bytes, used);
   }
 
@@ -322,6 +406,10 @@ GroupStore::GroupStore(const std::string& path, const StoreOptions& options) : i
   m.path = path;
   m.options = options;
   require(options.budget_bytes > 0, fn, "the memory budget must be positive");
+  require(options.loader_threads >= 1 && options.loader_threads <= 64, fn, "loader_threads must be in [1, 64], got ",
+          options.loader_threads);
+  require(std::isfinite(options.read_bandwidth) && options.read_bandwidth >= 0, fn,
+          "read_bandwidth must be a non-negative number of bytes/s, got ", options.read_bandwidth);
   require(std::isfinite(options.decay) && options.decay > 0.0 && options.decay <= 1.0, fn,
           "decay must be in (0, 1], got ", options.decay);
   m.backend = resolve(options.backend);
@@ -362,9 +450,18 @@ GroupStore::GroupStore(const std::string& path, const StoreOptions& options) : i
     void* map = ::mmap(nullptr, m.map_bytes, PROT_READ, MAP_SHARED, m.fd, 0);
     require<FormatError>(map != MAP_FAILED, fn, path, ": mmap failed (", std::strerror(errno), ")");
     m.map = static_cast<uint8_t*>(map);
-  } else if (options.prefetch) {
-    m.loader_idle = false;
-    m.loader = std::thread([&m] { m.loader_main(); });
+  } else {
+    if (options.drop_page_cache) {
+      // Without O_DIRECT (tmpfs...), reads go through the cache and are dropped after each
+      // group; no readahead then, or it would pull in (and keep) the groups around it.
+      m.direct_fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_DIRECT);
+      if (m.direct_fd < 0) ::posix_fadvise(m.fd, 0, 0, POSIX_FADV_RANDOM);
+    }
+  }
+  if (options.mode == StoreOptions::Mode::resident && options.prefetch) {
+    const size_t count = size_t(std::max(1, options.loader_threads));
+    m.idle_since.assign(count, 0);
+    for (size_t i = 0; i < count; ++i) m.loaders.emplace_back([&m, i] { m.loader_main(i); });
   }
 }
 
@@ -399,6 +496,24 @@ void GroupStore::set_held(const std::vector<GroupKey>& keys) {
   }
   m.wake();
 }
+
+void GroupStore::set_budget(uint64_t budget_bytes) {
+  const char* fn = "GroupStore.set_budget";
+  Impl& m = *impl_;
+  std::lock_guard<std::mutex> lock(m.mu);
+  uint64_t pinned = 0, largest = 0;
+  for (const auto& s : m.slots) {
+    if (s.pinned) pinned += s.pages;
+    if (s.held) largest = std::max(largest, s.pages);
+  }
+  require(budget_bytes >= largest && budget_bytes >= pinned, fn, "a budget of ", budget_bytes,
+          " bytes cannot hold the largest held group (", largest, " bytes) and the pinned ones (", pinned, " bytes)");
+  m.options.budget_bytes = budget_bytes;
+  if (m.options.mode == StoreOptions::Mode::resident) m.make_room(0, false, 0.0);
+  m.wake();
+}
+
+uint64_t GroupStore::budget() const { return impl_->options.budget_bytes; }
 
 void GroupStore::set_importance(const std::vector<GroupKey>& keys, const std::vector<double>& importance) {
   const char* fn = "GroupStore.set_importance";
@@ -487,6 +602,7 @@ std::vector<uint8_t> GroupStore::acquire(const std::vector<GroupKey>& keys) {
     out[i] = 1;
     if (m.options.mode == StoreOptions::Mode::mmap) m.touch_mapped(slots[i]);
   }
+  if (m.options.mode == StoreOptions::Mode::mmap) m.cap_mapped();
   return out;
 }
 
@@ -502,6 +618,7 @@ bool GroupStore::load_now(GroupKey key) {
     ++s.in_use;
     s.last_use = ++m.tick;
     m.touch_mapped(g);
+    m.cap_mapped();
     return true;
   }
   m.done_cv.wait(lock, [&] { return s.state != State::loading; });
@@ -538,10 +655,20 @@ void GroupStore::release(const std::vector<GroupKey>& keys) {
   m.wake();
 }
 
-void GroupStore::linear(GroupKey key, const std::string& name, const float* x, int64_t rows, float* y) const {
+const TensorEntry& GroupStore::tensor(GroupKey key, const std::string& name) const {
+  const char* fn = "GroupStore.tensor";
+  const TensorEntry* t = impl_->index.groups[size_t(impl_->slot_of(key, fn))].find(name);
+  require(t != nullptr, fn, "group ", key_text(key), " has no tensor '", name, "'");
+  return *t;
+}
+
+void GroupStore::linear(GroupKey key, const std::string& name, const float* x, int64_t rows, int64_t in,
+                        float* y) const {
   const char* fn = "GroupStore.linear";
   const TensorEntry* t = nullptr;
   const uint8_t* bytes = impl_->acquired_bytes(key, fn, t, name);
+  require(in == t->cols && rows >= 0, fn, "tensor '", name, "' of group ", key_text(key), " takes inputs of ",
+          t->cols, ", got [", rows, ", ", in, "]");
   if (t->format == TensorFormat::f32) {
     const auto* w = reinterpret_cast<const float*>(bytes);
     for (int64_t r = 0; r < rows; ++r)
@@ -604,9 +731,9 @@ std::vector<GroupKey> GroupStore::resident() const {
 bool GroupStore::wait_idle(double timeout_seconds) const {
   Impl& m = *impl_;
   std::unique_lock<std::mutex> lock(m.mu);
-  if (!m.loader.joinable()) return true;
+  if (m.loaders.empty()) return true;
   const auto until = std::chrono::steady_clock::now() + std::chrono::duration<double>(std::max(0.0, timeout_seconds));
-  return m.done_cv.wait_until(lock, until, [&] { return m.loader_idle && !m.dirty; });
+  return m.done_cv.wait_until(lock, until, [&] { return m.loaders_idle(); });
 }
 
 }  // namespace halo::edge

@@ -234,10 +234,16 @@ void GroupStoreWriter::write_group(GroupKey key, const std::vector<TensorData>& 
     if (is_4bit(t.format)) {
       require(d.packed != nullptr && d.absmax != nullptr, fn, "group ", key_text(key), ": tensor '", t.name,
               "' needs packed codes and absmax");
+      require(d.packed_bytes == packed_size(t.numel()) && d.absmax_count == num_blocks(t.numel(), t.blocksize), fn,
+              "group ", key_text(key), ": tensor '", t.name, "' [", t.rows, ", ", t.cols, "] needs ",
+              packed_size(t.numel()), " packed bytes and ", num_blocks(t.numel(), t.blocksize), " absmax, got ",
+              d.packed_bytes, " and ", d.absmax_count);
       std::memcpy(out, d.packed, size_t(packed_size(t.numel())));
       std::memcpy(out + t.absmax_offset(), d.absmax, size_t(num_blocks(t.numel(), t.blocksize)) * 4);
     } else {
       require(d.values != nullptr, fn, "group ", key_text(key), ": tensor '", t.name, "' needs values");
+      require(d.values_count == t.numel(), fn, "group ", key_text(key), ": tensor '", t.name, "' needs ", t.numel(),
+              " values, got ", d.values_count);
       std::memcpy(out, d.values, size_t(t.numel()) * 4);
     }
   }

@@ -19,8 +19,9 @@
 // errors()) and the rest of the store stays usable.
 //
 // GroupStore keeps at most `budget_bytes` of groups resident (each in its own anonymous
-// mapping, so eviction returns the memory at once). A loader thread reads, while the
-// caller computes, the groups with the highest keep-value
+// mapping, so eviction returns the memory at once; read with O_DIRECT, so the page cache
+// keeps no second copy). Loader threads read, while the caller computes, the groups with
+// the highest keep-value
 //     importance / pages x decay^(exchanges until the group is next used - 1)
 // (exchange = layer * parts + part, in a cycle), evicting the lowest-valued unpinned,
 // unused groups, and only ones worth less than what it brings in. Importance is what
@@ -95,11 +96,15 @@ struct GroupSpec {
   std::vector<TensorSpec> tensors;
 };
 // One tensor's data, in the order of its GroupSpec: 4-bit: `packed` and `absmax`
-// (bitsandbytes layout); f32: `values` (rows x cols, row-major).
+// (bitsandbytes layout); f32: `values` (rows x cols, row-major). The counts must be what
+// the spec's shape needs (the writer checks them rather than read past a short buffer).
 struct TensorData {
   const uint8_t* packed = nullptr;
+  int64_t packed_bytes = 0;
   const float* absmax = nullptr;
+  int64_t absmax_count = 0;
   const float* values = nullptr;
+  int64_t values_count = 0;
 };
 
 // Writes `path`.tmp-<pid> group by group (in layout order) and renames it into place on
@@ -124,9 +129,11 @@ struct StoreOptions {
   enum class Mode { resident, mmap };
   Mode mode = Mode::resident;
   uint64_t budget_bytes = UINT64_MAX;  // resident groups, page-rounded
-  bool prefetch = true;                // run the loader thread
+  bool prefetch = true;                // run the loader threads
+  int loader_threads = 4;              // reads in flight at once
   bool drop_page_cache = true;         // posix_fadvise(DONTNEED) after each read: no second copy in the cache
-  double decay = 0.5;                  // keep-value factor per exchange until the next use, in (0, 1]
+  double decay = 0.1;                  // keep-value factor per exchange until the next use, in (0, 1]
+  double read_bandwidth = 0;           // bytes/s cap on this store's reads (emulates a slower disk); 0: none
   Backend backend = Backend::automatic;
 };
 
@@ -161,13 +168,19 @@ class GroupStore {
   // The groups this store may make resident (a worker's share; initially all). Groups no
   // longer held are dropped (unless in use: then when released).
   void set_held(const std::vector<GroupKey>& keys);
+  // A new budget (a worker's share changed): evicts unpinned, unused groups down to it;
+  // throws InvalidArgument when the pinned groups or the largest group do not fit it.
+  void set_budget(uint64_t budget_bytes);
+  uint64_t budget() const;
   // Non-negative importance per group (default 1).
   void set_importance(const std::vector<GroupKey>& keys, const std::vector<double>& importance);
   // Loads `keys` now, in order, and keeps them resident until unpin(). Throws InvalidArgument
   // when they do not fit the budget; returns the keys that could not be read (bad groups).
   std::vector<GroupKey> pin(const std::vector<GroupKey>& keys);
   void unpin_all();
-  // The exchange whose compute starts now: its deadline. The loader works for those after it.
+  // The exchange whose compute starts now: its deadline. The loaders work for those after it.
+  // Acquire the exchange's groups first: once it is current, its groups are the furthest
+  // from their next use and the first to go.
   void advance(int layer, int part);
   // For each key: 1 if resident (now in use: not evictable until release), else 0. Never waits.
   std::vector<uint8_t> acquire(const std::vector<GroupKey>& keys);
@@ -176,8 +189,10 @@ class GroupStore {
   bool load_now(GroupKey key);
   void release(const std::vector<GroupKey>& keys);
 
+  // The entry of tensor `name` of group `key` (throws when either is missing).
+  const TensorEntry& tensor(GroupKey key, const std::string& name) const;
   // y[rows, out] = x[rows, in] W^T for tensor `name` of an acquired group (W [out, in]).
-  void linear(GroupKey key, const std::string& name, const float* x, int64_t rows, float* y) const;
+  void linear(GroupKey key, const std::string& name, const float* x, int64_t rows, int64_t in, float* y) const;
   // An acquired group's tensor as float32 (dequantized), numel floats.
   void read_tensor(GroupKey key, const std::string& name, float* out) const;
   // An acquired group's tensor bytes as stored (4-bit: codes then absmax).
