@@ -158,7 +158,7 @@ void bind(py::module_& m) {
 
   py::class_<Store>(m, "Store")
       .def(py::init([](const std::string& path, std::optional<uint64_t> budget, const std::string& mode,
-                       bool prefetch, bool drop_page_cache, double decay, const std::string& backend,
+                       bool prefetch, bool drop_page_cache, const std::string& backend,
                        int loader_threads, double read_bandwidth) {
              StoreOptions o;
              require(mode == "resident" || mode == "mmap", "edge_store.Store", "mode must be 'resident' or 'mmap', got '",
@@ -167,7 +167,6 @@ void bind(py::module_& m) {
              if (budget) o.budget_bytes = *budget;
              o.prefetch = prefetch;
              o.drop_page_cache = drop_page_cache;
-             o.decay = decay;
              o.backend = parse_backend(backend);
              o.loader_threads = loader_threads;
              o.read_bandwidth = read_bandwidth;
@@ -175,7 +174,7 @@ void bind(py::module_& m) {
              return Store{std::make_unique<GroupStore>(path, o)};
            }),
            py::arg("path"), py::arg("budget") = py::none(), py::arg("mode") = "resident", py::arg("prefetch") = true,
-           py::arg("drop_page_cache") = true, py::arg("decay") = 0.1, py::arg("backend") = "auto",
+           py::arg("drop_page_cache") = true, py::arg("backend") = "auto",
            py::arg("loader_threads") = 4, py::arg("read_bandwidth") = 0.0)
       .def("close",
            [](Store& s) {

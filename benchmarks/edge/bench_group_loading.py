@@ -109,7 +109,6 @@ def one_run(args, mode: str, budget: float | None, ids: list[int], tokens: int |
         window_exchanges=args.window_exchanges,
         read_bandwidth=args.read_mbps * 1e6,
         lookahead=args.lookahead,
-        decay=args.decay,
         compensation=args.compensation,
     ) as s:
         setup = time.perf_counter() - t0
@@ -178,7 +177,6 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--window-exchanges", type=int, default=4)
     p.add_argument("--lookahead", type=int, default=1)
-    p.add_argument("--decay", type=float, default=0.1)
     p.add_argument(
         "--read-mbps",
         type=float,

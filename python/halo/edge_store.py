@@ -279,7 +279,6 @@ class GroupStore:
         mode: str = "resident",
         prefetch: bool = True,
         drop_page_cache: bool = True,
-        decay: float = 0.1,
         shares: dict[Key, float] | None = None,
         pin: bool = True,
         window_exchanges: int = 4,
@@ -317,7 +316,6 @@ class GroupStore:
                 mode,
                 prefetch,
                 drop_page_cache,
-                decay,
                 "auto",
                 loader_threads,
                 read_bandwidth,
@@ -591,6 +589,7 @@ class StreamedCompute:
             scores = np.maximum(p.scores(u).mean(0), 0.0)
             total = scores.sum()
             shares = scores / total if total > 0 else np.full(scores.shape, 1.0 / len(scores))
+            shares = np.maximum(shares, 1e-6)  # importance 0 would mean "never load"
             for g in mine:
                 keys.append(g.key)
                 values.append(float(shares[g.index]))
@@ -715,7 +714,6 @@ class StreamedLocal(_Runner):
         compensation: str = "zero",
         lookahead: int = 1,
         drop_page_cache: bool = True,
-        decay: float = 0.1,
         window_exchanges: int = 4,
         loader_threads: int = 4,
         read_bandwidth: float = 0.0,
@@ -762,7 +760,6 @@ class StreamedLocal(_Runner):
             mode="mmap" if mode == "mmap" else "resident",
             prefetch=loader,
             drop_page_cache=drop_page_cache,
-            decay=decay,
             shares=static_shares(plan.importance if plan is not None else None, self.groups)
             if loader
             else None,
@@ -828,7 +825,7 @@ class StreamedLocal(_Runner):
 
 def _peek_meta(path: str | os.PathLike) -> str:
     try:
-        probe = _store.Store(str(path), None, "resident", False, False, 0.5)
+        probe = _store.Store(str(path), None, "resident", False, False)
     except (ValueError, RuntimeError) as exc:
         raise EdgeError(str(exc)) from None
     try:

@@ -78,7 +78,6 @@ struct GroupStore::Impl {
   std::condition_variable work_cv;          // the loader waits for something to do
   mutable std::condition_variable done_cv;  // a load finished / the loader went idle
   std::vector<Slot> slots;
-  std::vector<double> decay_pow;  // decay^(d - 1) for d in [1, cycle]
   uint64_t used = 0;              // resident + loading bytes (mmap mode: touched bytes)
   int current = -1;               // the exchange whose deadline passed last
   uint64_t tick = 0;
@@ -122,9 +121,10 @@ struct GroupStore::Impl {
     return d + 1;
   }
 
+  // Importance per MiB: what a group is worth among those needed at the same exchange.
   double value(int g) const {
     const Slot& s = slots[g];
-    return s.importance / (double(s.pages) / double(1 << 20)) * decay_pow[size_t(distance(g) - 1)];
+    return s.importance / (double(s.pages) / double(1 << 20));
   }
 
   bool evictable(int g) const {
@@ -141,33 +141,39 @@ struct GroupStore::Impl {
     ++stats.evictions;
   }
 
-  // Frees room for `need` bytes by evicting the lowest-valued evictable groups; with
-  // `below` set, only groups worth less than it (the loader never trades down). All or nothing.
-  bool make_room(uint64_t need, bool bounded, double below) {
+  // Whether a should be evicted before b: needed later, then worth less, then used longer ago.
+  bool evict_before(int a, int b) const {
+    const int da = distance(a), db = distance(b);
+    if (da != db) return da > db;
+    const double va = value(a), vb = value(b);
+    if (va != vb) return va < vb;
+    return slots[size_t(a)].last_use < slots[size_t(b)].last_use;
+  }
+
+  // Frees room for `need` bytes by evicting unpinned, unused groups in evict_before order.
+  // For the loaders (`candidate` >= 0) only groups that evict_before the candidate itself: a
+  // resident group is never dropped for one needed later (a group in hand for one that may
+  // come too late). All or nothing.
+  bool make_room(uint64_t need, int candidate) {
     if (need > options.budget_bytes) return false;
     if (used + need <= options.budget_bytes) return true;
-    // Victims are picked one at a time (lowest value, then least recently used): groups are
-    // of similar size, so one or two usually make the room, and a full sort would cost more.
-    std::vector<std::pair<double, int>> pool;
+    // Victims are picked one at a time: groups are of similar size, so one or two usually
+    // make the room, and a full sort would cost more.
+    std::vector<int> pool;
     for (int g = 0; g < int(slots.size()); ++g)
-      if (evictable(g)) pool.emplace_back(value(g), g);
+      if (evictable(g) && (candidate < 0 || evict_before(g, candidate))) pool.push_back(g);
     uint64_t freed = 0;
     size_t take = 0;
     while (used - freed + need > options.budget_bytes) {
       if (take == pool.size()) return false;
       size_t best = take;
-      for (size_t i = take + 1; i < pool.size(); ++i) {
-        const auto& a = pool[i];
-        const auto& b = pool[best];
-        if (a.first < b.first || (a.first == b.first && slots[size_t(a.second)].last_use < slots[size_t(b.second)].last_use))
-          best = i;
-      }
+      for (size_t i = take + 1; i < pool.size(); ++i)
+        if (evict_before(pool[i], pool[best])) best = i;
       std::swap(pool[take], pool[best]);
-      if (bounded && !(pool[take].first < below)) return false;
-      freed += slots[size_t(pool[take].second)].pages;
+      freed += slots[size_t(pool[take])].pages;
       ++take;
     }
-    for (size_t i = 0; i < take; ++i) drop(pool[i].second);
+    for (size_t i = 0; i < take; ++i) drop(pool[i]);
     return true;
   }
 
@@ -271,17 +277,13 @@ struct GroupStore::Impl {
     return ok;
   }
 
+  // The next group to read: the soonest needed, then the most valuable (importance 0: never).
   int best_candidate() const {
     int best = -1;
-    double best_value = 0.0;
     for (int g = 0; g < int(slots.size()); ++g) {
       const Slot& s = slots[size_t(g)];
       if (s.state != State::absent || !s.held || s.importance <= 0.0) continue;
-      const double v = value(g);
-      if (v > best_value) {
-        best_value = v;
-        best = g;
-      }
+      if (best < 0 || evict_before(best, g)) best = g;
     }
     return best;
   }
@@ -292,7 +294,7 @@ struct GroupStore::Impl {
     std::unique_lock<std::mutex> lock(mu);
     while (!stop) {
       const int g = best_candidate();
-      if (g < 0 || !make_room(slots[size_t(g)].pages, true, value(g))) {
+      if (g < 0 || !make_room(slots[size_t(g)].pages, g)) {
         const uint64_t seen = generation;
         idle_since[id] = seen + 1;
         done_cv.notify_all();
@@ -410,8 +412,6 @@ GroupStore::GroupStore(const std::string& path, const StoreOptions& options) : i
           options.loader_threads);
   require(std::isfinite(options.read_bandwidth) && options.read_bandwidth >= 0, fn,
           "read_bandwidth must be a non-negative number of bytes/s, got ", options.read_bandwidth);
-  require(std::isfinite(options.decay) && options.decay > 0.0 && options.decay <= 1.0, fn,
-          "decay must be in (0, 1], got ", options.decay);
   m.backend = resolve(options.backend);
   require(m.backend != Backend::cuda, fn, "computes on the host; backend 'cuda' is not accepted");
   m.fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
@@ -441,8 +441,6 @@ GroupStore::GroupStore(const std::string& path, const StoreOptions& options) : i
   }
   require(options.budget_bytes >= largest, fn, "a memory budget of ", options.budget_bytes,
           " bytes cannot hold the largest group (", largest, " bytes)");
-  m.decay_pow.resize(size_t(m.cycle));
-  for (int d = 0; d < m.cycle; ++d) m.decay_pow[size_t(d)] = std::pow(options.decay, double(d));
   if (options.mode == StoreOptions::Mode::mmap) {
     struct stat st{};
     ::fstat(m.fd, &st);
@@ -509,7 +507,7 @@ void GroupStore::set_budget(uint64_t budget_bytes) {
   require(budget_bytes >= largest && budget_bytes >= pinned, fn, "a budget of ", budget_bytes,
           " bytes cannot hold the largest held group (", largest, " bytes) and the pinned ones (", pinned, " bytes)");
   m.options.budget_bytes = budget_bytes;
-  if (m.options.mode == StoreOptions::Mode::resident) m.make_room(0, false, 0.0);
+  if (m.options.mode == StoreOptions::Mode::resident) m.make_room(0, -1);
   m.wake();
 }
 
@@ -628,7 +626,7 @@ bool GroupStore::load_now(GroupKey key) {
     ++s.in_use;
     return true;
   }
-  if (!m.make_room(s.pages, false, 0.0)) return false;
+  if (!m.make_room(s.pages, -1)) return false;
   s.state = State::loading;
   m.used += s.pages;
   if (!m.finish_load(lock, g, true)) return false;

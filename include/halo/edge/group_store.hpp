@@ -20,15 +20,15 @@
 //
 // GroupStore keeps at most `budget_bytes` of groups resident (each in its own anonymous
 // mapping, so eviction returns the memory at once; read with O_DIRECT, so the page cache
-// keeps no second copy). Loader threads read, while the caller computes, the groups with
-// the highest keep-value
-//     importance / pages x decay^(exchanges until the group is next used - 1)
-// (exchange = layer * parts + part, in a cycle), evicting the lowest-valued unpinned,
-// unused groups, and only ones worth less than what it brings in. Importance is what
-// the caller says (the predictor's scores for the next exchanges, static importance for
-// the rest); the groups just used are the furthest from their next use (recency), so in
-// the cyclic access of a decoder they go first. acquire() never waits: a group that is
-// not resident at its exchange is missing (the caller compensates it like a lost packet).
+// keeps no second copy). While the caller computes, loader threads read the groups needed
+// soonest (exchange = layer * parts + part, in a cycle; the one whose deadline just passed
+// is a whole cycle away) and, among those needed at the same exchange, the most important
+// per byte first. They evict unpinned, unused groups needed later than what they bring in:
+// the furthest from their next use first (in the cyclic access of a decoder, the groups just
+// used: recency), then the least important. Importance is what the caller says: the
+// semantic predictor's scores for the next exchanges, static importance for the rest; the
+// most important groups can be pinned. acquire() never waits: a group that is not resident
+// at its exchange is missing (the caller compensates it like a lost packet).
 // Mode::mmap is the baseline that maps the whole file and lets the kernel page it in,
 // with the page cache capped at the budget by dropping least-recently-used groups.
 #pragma once
@@ -132,7 +132,6 @@ struct StoreOptions {
   bool prefetch = true;                // run the loader threads
   int loader_threads = 4;              // reads in flight at once
   bool drop_page_cache = true;         // posix_fadvise(DONTNEED) after each read: no second copy in the cache
-  double decay = 0.1;                  // keep-value factor per exchange until the next use, in (0, 1]
   double read_bandwidth = 0;           // bytes/s cap on this store's reads (emulates a slower disk); 0: none
   Backend backend = Backend::automatic;
 };
