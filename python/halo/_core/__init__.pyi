@@ -5,3 +5,4 @@ from . import hwq as hwq
 from . import lora as lora
 from . import io as io
 from . import sched as sched
+from . import edge as edge
