@@ -19,26 +19,26 @@ TEST_CASE("CUDA 4-bit kernels equal the scalar reference, or say why they cannot
   for (float& v : values) v = normal(rng);
   std::vector<uint8_t> p_ref(packed_size(n)), p_gpu(packed_size(n));
   std::vector<float> a_ref(num_blocks(n, 64)), a_gpu(num_blocks(n, 64));
-  quantize_4bit(values.data(), DType::f32, n, QuantType::nf4, 64, p_ref.data(), a_ref.data(), Backend::scalar);
+  quantize_4bit(values.data(), Format::f32, n, Format::nf4, 64, p_ref.data(), a_ref.data(), Backend::scalar);
   if (!backend_available(Backend::cuda)) {
     REQUIRE_THROWS_AS(
-        quantize_4bit(values.data(), DType::f32, n, QuantType::nf4, 64, p_gpu.data(), a_gpu.data(), Backend::cuda),
+        quantize_4bit(values.data(), Format::f32, n, Format::nf4, 64, p_gpu.data(), a_gpu.data(), Backend::cuda),
         BackendUnavailable);
     REQUIRE_FALSE(backend_unavailable_reason(Backend::cuda).empty());
     return;
   }
-  for (QuantType type : {QuantType::nf4, QuantType::fp4})
-    for (DType dtype : {DType::f32, DType::f16, DType::bf16}) {
+  for (Format type : {Format::nf4, Format::fp4})
+    for (Format dtype : {Format::f32, Format::f16, Format::bf16}) {
       std::vector<uint16_t> halves(n);
-      for (int64_t i = 0; i < n; ++i) halves[i] = dtype == DType::f16 ? float_to_f16(values[i]) : float_to_bf16(values[i]);
-      const void* input = dtype == DType::f32 ? static_cast<const void*>(values.data()) : halves.data();
+      for (int64_t i = 0; i < n; ++i) halves[i] = dtype == Format::f16 ? float_to_f16(values[i]) : float_to_bf16(values[i]);
+      const void* input = dtype == Format::f32 ? static_cast<const void*>(values.data()) : halves.data();
       quantize_4bit(input, dtype, n, type, 64, p_ref.data(), a_ref.data(), Backend::scalar);
       quantize_4bit(input, dtype, n, type, 64, p_gpu.data(), a_gpu.data(), Backend::cuda);
       REQUIRE(p_ref == p_gpu);
       REQUIRE(a_ref == a_gpu);
       std::vector<float> d_ref(n), d_gpu(n);
-      dequantize_4bit(p_ref.data(), a_ref.data(), n, type, 64, d_ref.data(), DType::f32, Backend::scalar);
-      dequantize_4bit(p_ref.data(), a_ref.data(), n, type, 64, d_gpu.data(), DType::f32, Backend::cuda);
+      dequantize_4bit(p_ref.data(), a_ref.data(), n, type, 64, d_ref.data(), Format::f32, Backend::scalar);
+      dequantize_4bit(p_ref.data(), a_ref.data(), n, type, 64, d_gpu.data(), Format::f32, Backend::cuda);
       REQUIRE(d_ref == d_gpu);
     }
 }
