@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+from .formats import KERNEL_FLOATS as FLOAT_DTYPES
 
 
 @dataclass
@@ -40,6 +40,8 @@ def flatten_float(function: str, value: Any) -> Flat:
     if is_torch_tensor(value):
         torch = _torch()
         tensor = value.detach()
+        if tensor.layout != torch.strided:
+            raise TypeError(f"[{function}] expected a dense tensor, got layout {tensor.layout}; call .to_dense() first")
         if tensor.device.type != "cpu":
             tensor = tensor.cpu()
         names = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -54,12 +56,27 @@ def flatten_float(function: str, value: Any) -> Flat:
         name = value.dtype.name
         if name not in FLOAT_DTYPES:
             raise TypeError(f"[{function}] expected a float32, float16 or bfloat16 array, got dtype {value.dtype}")
-        array = np.ascontiguousarray(value)
+        # Kernels read native (little-endian) data: a big-endian array is converted, not misread.
+        array = np.ascontiguousarray(value if value.dtype.isnative else value.astype(value.dtype.newbyteorder("=")))
         data = array.reshape(-1)
         if name == "bfloat16":  # ml_dtypes.bfloat16
             data = data.view(np.uint16)
         return Flat(data, name, tuple(array.shape), "numpy")
     raise TypeError(f"[{function}] expected a NumPy array or a torch tensor, got {type(value).__name__}")
+
+
+def float_dtype_name(function: str, dtype: Any) -> str:
+    """"float32" / "float16" / "bfloat16" from a name, a NumPy dtype or type, or a torch dtype."""
+    if isinstance(dtype, str):
+        name = dtype.removeprefix("torch.")
+    else:
+        try:
+            name = np.dtype(dtype).name  # np.float32, np.dtype("float16"), ml_dtypes.bfloat16
+        except TypeError:
+            name = str(dtype).removeprefix("torch.")  # torch.bfloat16
+    if name not in FLOAT_DTYPES:
+        raise TypeError(f"[{function}] dtype must be float32, float16 or bfloat16, got {dtype!r}")
+    return name
 
 
 def restore(flat: np.ndarray, dtype: str, shape: tuple[int, ...], kind: str) -> Any:
