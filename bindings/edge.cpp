@@ -232,6 +232,9 @@ void bind(py::module_& m) {
             for (Event& e : r.other) other.append(event_tuple(e));
             d["other"] = other;
             d["stale"] = r.stale;
+            py::list late;
+            for (const LateArrival& a : r.late) late.append(py::make_tuple(a.step, a.group, a.peer, a.time));
+            d["late"] = late;
             d["duplicates"] = r.duplicates;
             d["malformed"] = r.malformed;
             d["end_time"] = r.end_time;

@@ -22,13 +22,15 @@ def register(subparsers) -> None:
     p.add_argument("--model", required=True, help="Hugging Face model folder (LLaMA or BERT)")
     who = p.add_mutually_exclusive_group(required=True)
     who.add_argument("--workers", type=int, help="number of identical workers")
-    who.add_argument("--devices", help="JSON list of devices (speed, bandwidth, latency, plr, burst_length...)")
+    who.add_argument(
+        "--devices", help="JSON list of devices (speed, bandwidth, latency, plr, burst_length...)"
+    )
     p.add_argument("--out", required=True, help="plan file to write (predictor .npz goes beside it)")
     p.add_argument("--placement", choices=("balance", "round_robin"), default="balance")
     p.add_argument("--loss-budget", type=float, default=0.01)
     p.add_argument("--group-size", type=int, default=128, help="FFN neurons per group")
     p.add_argument("--heads-per-group", type=int, default=None, help="default: one key/value head's queries")
-    p.add_argument("--calibration-tokens", type=int, default=256, help="0: static importance, no predictor")
+    p.add_argument("--calibration-tokens", type=int, default=512, help="0: static importance, no predictor")
     p.add_argument("--critical-fraction", type=float, default=0.25)
     p.set_defaults(handler=_plan)
 

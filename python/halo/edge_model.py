@@ -81,17 +81,19 @@ def read_spec(model_dir: str | os.PathLike) -> Spec:
         raise EdgeError(f"{path}: model_type must be 'llama' or 'bert', got {kind!r}")
     hidden = _positive(config, "hidden_size", path, 65535)
     heads = _positive(config, "num_attention_heads", path, 4096)
-    spec = dict(
-        family=kind,
-        hidden=hidden,
-        layers=_positive(config, "num_hidden_layers", path, 4096),
-        heads=heads,
-        inter=_positive(config, "intermediate_size", path, 1 << 20),
-        vocab=_positive(config, "vocab_size", path, 1 << 22),
-        max_positions=_positive(config, "max_position_embeddings", path, 1 << 22),
-    )
+    spec: dict[str, Any] = {
+        "family": kind,
+        "hidden": hidden,
+        "layers": _positive(config, "num_hidden_layers", path, 4096),
+        "heads": heads,
+        "inter": _positive(config, "intermediate_size", path, 1 << 20),
+        "vocab": _positive(config, "vocab_size", path, 1 << 22),
+        "max_positions": _positive(config, "max_position_embeddings", path, 1 << 22),
+    }
     if kind == "llama":
-        kv = _positive(config, "num_key_value_heads", path, 4096) if "num_key_value_heads" in config else heads
+        kv = (
+            _positive(config, "num_key_value_heads", path, 4096) if "num_key_value_heads" in config else heads
+        )
         head_dim = config.get("head_dim") or hidden // heads
         if heads % kv or head_dim * heads != hidden and "head_dim" not in config:
             raise EdgeError(f"{path}: {heads} heads do not split into {kv} key/value heads")
@@ -207,13 +209,15 @@ class Checkpoint:
         for file in files:
             try:
                 handle = safe_open(str(file), framework="pt")
-            except Exception as exc:  # safetensors raises its own error types
+            except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
                 raise EdgeError(f"{file}: unreadable safetensors file ({exc})") from None
             self._handles.append(handle)
-            for name in handle.keys():
+            for name in handle.keys():  # noqa: SIM118 - a safe_open handle, not a dict
                 self._where[name] = handle
         prefixes = ("", "bert.", "model.")
-        self._prefix = next((p for p in prefixes if any(k.startswith(p + "encoder.") for k in self._where)), "")
+        self._prefix = next(
+            (p for p in prefixes if any(k.startswith(p + "encoder.") for k in self._where)), ""
+        )
 
     def name(self, name: str) -> str:
         for candidate in (name, self._prefix + name):
@@ -468,7 +472,10 @@ class RootModel:
         self.layer_weights = []
         for layer in range(spec.layers):
             names = _names(spec, layer)
-            w = {"ln_attn": ck.get(names["ln_attn"] + ".weight"), "ln_ffn": ck.get(names["ln_ffn"] + ".weight")}
+            w = {
+                "ln_attn": ck.get(names["ln_attn"] + ".weight"),
+                "ln_ffn": ck.get(names["ln_ffn"] + ".weight"),
+            }
             if spec.family == "bert":
                 w["ln_attn_b"] = ck.get(names["ln_attn"] + ".bias")
                 w["ln_ffn_b"] = ck.get(names["ln_ffn"] + ".bias")
@@ -520,7 +527,6 @@ class RootModel:
 
     def head(self, x):
         """LLaMA: logits [n, vocab]; BERT: the mean-pooled, L2-normalised sentence embedding."""
-        torch = _torch()
         if self.spec.family == "llama":
             return self._rms(x, self.norm) @ self.lm_head.T
         pooled = x.mean(0)

@@ -129,7 +129,9 @@ def assign_groups(
                 parts.append([live[(turn + i) % len(live)] for i in range(len(gs))])
                 turn += len(gs)
                 continue
-            items = [{**group_cost(spec, g), "importance": importance[layer][part][i]} for i, g in enumerate(gs)]
+            items = [
+                {**group_cost(spec, g), "importance": importance[layer][part][i]} for i, g in enumerate(gs)
+            ]
             plan = sched.balance(items, [devices[w] for w in live], policy="halo", loss_budget=loss_budget)
             parts.append([live[d] for d in plan.device_of])
         out.append(parts)
@@ -163,18 +165,19 @@ class PartPredictor:
 
     def estimate(self, h: np.ndarray, group: int) -> np.ndarray:
         z = np.asarray(h, dtype=np.float32) @ self.basis
-        v = self.values[group]
+        v = self.values[group].astype(np.float32)
         return z @ v[:-1] + v[-1]
 
 
 def _input_basis(checkpoint: Checkpoint, spec: Spec, layer: int, part: int, rank: int) -> np.ndarray:
+    """Top right-singular vectors of the part's input weights (eigenvectors of W^T W)."""
     import torch
 
     names = _names(spec, layer)
     keys = ("q", "k", "v") if part == ATTN else (("gate", "up") if spec.family == "llama" else ("up",))
-    w = torch.cat([checkpoint.get(names[k] + ".weight") for k in keys])
-    _, _, vh = torch.linalg.svd(w, full_matrices=False)
-    return vh[:rank].T.contiguous().numpy().astype(np.float32)
+    gram = sum(w.T.double() @ w.double() for w in (checkpoint.get(names[k] + ".weight") for k in keys))
+    _, vectors = torch.linalg.eigh(gram)
+    return vectors[:, -rank:].flip(1).float().contiguous().numpy()
 
 
 class _Calibration:
@@ -184,8 +187,11 @@ class _Calibration:
         self.spec, self.groups, self.rank = spec, groups, rank
         self.inputs: dict[tuple[int, int], list[np.ndarray]] = {}
         self.norms: dict[tuple[int, int], list[np.ndarray]] = {}
-        self.gram: dict[tuple[int, int], np.ndarray] = {}
-        self.cross: dict[tuple[int, int], np.ndarray] = {}
+        # Least-squares sums per half of the calibration chunks (even, odd): the estimate
+        # fitted on one half is scored on the other to decide how much to trust it.
+        self.gram: dict[tuple[int, int, int], Any] = {}
+        self.cross: dict[tuple[int, int, int], Any] = {}
+        self.calls: dict[tuple[int, int], int] = {}
         self.basis = {
             (layer, part): _input_basis(checkpoint, spec, layer, part, rank)
             for layer in range(spec.layers)
@@ -193,30 +199,94 @@ class _Calibration:
         }
 
     def __call__(self, layer: int, part: int, h, terms) -> None:
+        import torch
+
         key = (layer, part)
-        x = h.detach().numpy().astype(np.float32)
-        t = np.stack([term.detach().numpy() for term in terms]).astype(np.float32)  # [G, n, hidden]
-        self.inputs.setdefault(key, []).append(x)
-        self.norms.setdefault(key, []).append(np.linalg.norm(t, axis=2).T)  # [n, G]
-        z = np.concatenate([x @ self.basis[key], np.ones((x.shape[0], 1), np.float32)], axis=1).astype(np.float64)
-        self.gram[key] = self.gram.get(key, 0.0) + z.T @ z
-        cross = np.einsum("nr,gnh->grh", z, t.astype(np.float64))
-        self.cross[key] = self.cross.get(key, 0.0) + cross
+        t = torch.stack(terms)  # [G, n, hidden]
+        self.inputs.setdefault(key, []).append(h.numpy().copy())
+        self.norms.setdefault(key, []).append(t.norm(dim=2).T.numpy().copy())  # [n, G]
+        z = torch.cat([h @ torch.from_numpy(self.basis[key]), torch.ones(h.shape[0], 1)], dim=1)
+        half = (*key, self.calls.get(key, 0) % 2)
+        self.calls[key] = self.calls.get(key, 0) + 1
+        self.gram[half] = self.gram.get(half, 0.0) + (z.T @ z).double()
+        self.cross[half] = self.cross.get(half, 0.0) + (z.T[None] @ t).double()  # [G, r + 1, hidden]
+
+
+def _fit_scorers(xs: list[np.ndarray], ys: list[np.ndarray], rank: int, steps: int, seed: int) -> list[tuple]:
+    """Fits the predictors of every (layer, part) at once (one batched Adam loop): per part
+    ``relu(x A + a) B + b`` on standardised x, mean squared error on the group scores; the
+    same model as ``halo.partition.Predictor``, batched because a plan has hundreds of them."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    P, d = len(xs), xs[0].shape[1]
+    n = max(x.shape[0] for x in xs)
+    G = max(y.shape[1] for y in ys)
+    X = torch.zeros(P, n, d)
+    Y = torch.zeros(P, n, G)
+    mask = torch.zeros(P, n, G)
+    means, scales = [], []
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        mean, scale = x.mean(0), x.std(0) + 1e-6
+        means.append(mean)
+        scales.append(scale)
+        X[i, : x.shape[0]] = torch.from_numpy((x - mean) / scale)
+        Y[i, : y.shape[0], : y.shape[1]] = torch.from_numpy(y)
+        mask[i, : y.shape[0], : y.shape[1]] = 1
+    A = (torch.randn(P, d, rank, generator=gen) / np.sqrt(d)).requires_grad_()
+    a = torch.zeros(P, 1, rank, requires_grad=True)
+    B = (torch.randn(P, rank, G, generator=gen) / np.sqrt(rank)).requires_grad_()
+    b = ((Y * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp_min(1)).requires_grad_()
+    opt = torch.optim.Adam([A, a, B, b], lr=1e-2)
+    for _ in range(int(steps)):
+        opt.zero_grad()
+        loss = (((torch.relu(X @ A + a) @ B + b - Y) ** 2) * mask).sum() / mask.sum()
+        loss.backward()
+        opt.step()
+    out = []
+    for i, y in enumerate(ys):
+        g = y.shape[1]
+        det = lambda t: t.detach().numpy().astype(np.float64)
+        out.append((det(A[i]), det(a[i, 0]), det(B[i, :, :g]), det(b[i, 0, :g]), means[i], scales[i]))
+    return out
 
 
 def _fit_predictors(cal: _Calibration, steps: int, seed: int) -> dict[tuple[int, int], PartPredictor]:
-    from .partition import Predictor
-
+    keys = sorted(cal.inputs)
+    scorers = _fit_scorers(
+        [np.concatenate(cal.inputs[k]) for k in keys],
+        [np.concatenate(cal.norms[k]) for k in keys],
+        16,
+        steps,
+        seed,
+    )
     out = {}
-    for key, xs in cal.inputs.items():
-        x = np.concatenate(xs)
-        y = np.concatenate(cal.norms[key])
-        p = Predictor.fit(x, y, rank=16, steps=steps, seed=seed)
-        gram = cal.gram[key]
-        ridge = 1e-3 * np.trace(gram) / gram.shape[0] * np.eye(gram.shape[0])
-        values = np.stack([np.linalg.solve(gram + ridge, c) for c in cal.cross[key]]).astype(np.float32)
-        out[key] = PartPredictor(p.a, p.a_bias, p.b, p.b_bias, p.mean, p.scale, cal.basis[key], values)
+    for key, (a, a_bias, b, b_bias, mean, scale) in zip(keys, scorers):
+        out[key] = PartPredictor(a, a_bias, b, b_bias, mean, scale, cal.basis[key], _fit_estimates(cal, key))
     return out
+
+
+def _fit_estimates(cal: _Calibration, key: tuple[int, int]) -> np.ndarray:
+    """Per group V [r + 1, hidden] of the low-rank estimate, shrunk by how well it predicted
+    the held-out half of the calibration: alpha = <est, true> / <est, est> there (clipped
+    to [0, 1]), so an estimate that does not beat zero becomes zero."""
+
+    def solve(gram, cross):
+        ridge = 1e-3 * np.trace(gram) / gram.shape[0] * np.eye(gram.shape[0])
+        return np.linalg.solve(gram + ridge, cross)  # [G, r + 1, hidden]
+
+    halves = [(cal.gram.get((*key, i)), cal.cross.get((*key, i))) for i in (0, 1)]
+    halves = [(g.numpy(), c.numpy()) for g, c in halves if g is not None]
+    full = solve(sum(g for g, _ in halves), sum(c for _, c in halves))
+    if len(halves) < 2:
+        return np.zeros_like(full, dtype=np.float16)  # nothing held out: do not trust it
+    alpha = np.zeros(full.shape[0])
+    for (g_fit, c_fit), (g_test, c_test) in (halves, halves[::-1]):
+        v = solve(g_fit, c_fit)
+        hit = np.einsum("grh,grh->g", v, c_test)
+        energy = np.einsum("grh,rs,gsh->g", v, g_test, v)
+        alpha += 0.5 * np.clip(hit / np.maximum(energy, 1e-30), 0.0, 1.0)
+    return (full * alpha[:, None, None]).astype(np.float16)
 
 
 def save_predictors(path: Path, predictors: dict[tuple[int, int], PartPredictor]) -> None:
@@ -239,13 +309,17 @@ def load_predictors(path: Path, spec: Spec, groups) -> dict[tuple[int, int], Par
         for layer in range(spec.layers):
             for part in (ATTN, FFN):
                 try:
-                    fields = {name: data[f"{layer}.{part}.{name}"] for name in PartPredictor.__dataclass_fields__}
+                    fields = {
+                        name: data[f"{layer}.{part}.{name}"] for name in PartPredictor.__dataclass_fields__
+                    }
                 except KeyError as exc:
                     raise EdgeError(f"{path}: predictor entry {exc} missing") from None
                 p = PartPredictor(**fields)
                 g = len(groups[layer][part])
                 if p.b.shape[-1] != g or p.values.shape[0] != g or p.a.shape[0] != spec.hidden:
-                    raise EdgeError(f"{path}: predictor of layer {layer} part {part} does not fit the plan's groups")
+                    raise EdgeError(
+                        f"{path}: predictor of layer {layer} part {part} does not fit the plan's groups"
+                    )
                 out[(layer, part)] = p
     return out
 
@@ -309,7 +383,9 @@ def _bad(where: str, message: str) -> EdgeError:
     return EdgeError(f"{where}: {message}")
 
 
-def load_plan(path: str | os.PathLike, spec: Spec | None = None, model_fingerprint: str | None = None) -> Plan:
+def load_plan(
+    path: str | os.PathLike, spec: Spec | None = None, model_fingerprint: str | None = None
+) -> Plan:
     """Reads and checks a plan file; with ``spec``/``model_fingerprint`` also against the model."""
     where = str(path)
     try:
@@ -357,7 +433,10 @@ def load_plan(path: str | os.PathLike, spec: Spec | None = None, model_fingerpri
     if plan.predictor is not None and (not isinstance(plan.predictor, str) or "/" in plan.predictor):
         raise _bad(where, "'predictor' must be a file name beside the plan")
     if model_fingerprint is not None and plan.fingerprint != model_fingerprint:
-        raise _bad(where, f"made for another model (fingerprint {plan.fingerprint}, the model's is {model_fingerprint})")
+        raise _bad(
+            where,
+            f"made for another model (fingerprint {plan.fingerprint}, the model's is {model_fingerprint})",
+        )
     if spec is not None:
         check_plan_shape(plan, spec, where)
     return plan
@@ -365,7 +444,10 @@ def load_plan(path: str | os.PathLike, spec: Spec | None = None, model_fingerpri
 
 def check_plan_shape(plan: Plan, spec: Spec, where: str = "plan") -> None:
     if plan.family != spec.family or plan.layers != spec.layers:
-        raise _bad(where, f"made for a {plan.layers}-layer {plan.family} model, this is a {spec.layers}-layer {spec.family}")
+        raise _bad(
+            where,
+            f"made for a {plan.layers}-layer {plan.family} model, this is a {spec.layers}-layer {spec.family}",
+        )
     try:
         groups = layout(spec, plan.group_size, plan.heads_per_group)
     except EdgeError as exc:
@@ -381,7 +463,11 @@ def check_plan_shape(plan: Plan, spec: Spec, where: str = "plan") -> None:
                 if not isinstance(row, list) or len(row) != want:
                     raise _bad(where, f"'{name}' layer {layer} part {part} must have {want} groups")
                 for value in row:
-                    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                    if (
+                        isinstance(value, bool)
+                        or not isinstance(value, (int, float))
+                        or not math.isfinite(value)
+                    ):
                         raise _bad(where, f"'{name}' layer {layer} part {part} holds {value!r}")
                     if kind is int and (value != int(value) or not 0 <= value < plan.workers):
                         raise _bad(
@@ -424,9 +510,9 @@ def make_plan(
     loss_budget: float = 0.01,
     group_size: int = 128,
     heads_per_group: int | None = None,
-    calibration_tokens: int = 256,
+    calibration_tokens: int = 512,
     critical_fraction: float = 0.25,
-    predictor_steps: int = 300,
+    predictor_steps: int = 500,
     out: str | os.PathLike | None = None,
     seed: int = 0,
 ) -> Plan:
@@ -496,7 +582,9 @@ def make_plan(
     return plan
 
 
-def with_placement(plan: Plan, spec: Spec, placement: str, devices: Sequence[sched.Device] | None = None) -> Plan:
+def with_placement(
+    plan: Plan, spec: Spec, placement: str, devices: Sequence[sched.Device] | None = None
+) -> Plan:
     """The same plan (importance, predictors) placed anew: another placement or other devices."""
     groups = layout(spec, plan.group_size, plan.heads_per_group)
     devs = list(devices) if devices is not None else plan.devices

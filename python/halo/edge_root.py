@@ -36,7 +36,7 @@ from .edge_model import (
     layout,
     read_spec,
 )
-from .edge_plan import Plan, PartPredictor, assign_groups, check_plan_shape, load_plan, load_predictors
+from .edge_plan import PartPredictor, Plan, assign_groups, check_plan_shape, load_plan, load_predictors
 from .edge_worker import REPLAY, parse_address
 
 POLICIES = ("halo", "tcp", "reliable-udp")
@@ -46,12 +46,13 @@ COMPENSATIONS = ("zero", "previous", "predictor")
 @dataclass
 class RunOptions:
     policy: str = "halo"
-    compensation: str = "predictor"
+    compensation: str | None = None  # None: "predictor" when the plan has predictors, else "zero"
     deadline_factor: float = 1.5  # deadline = factor x the monitor's latency estimate + slack
     deadline_slack: float = 0.5e-3
     initial_deadline: float = 0.05  # before the monitor has a latency estimate
     critical_fraction: float | None = None  # None: the plan's
-    hard_timeout: float | None = None  # None: 0.5 s (halo), 10 s (the wait-for-all baselines)
+    hard_timeout: float | None = None  # longest wait for one exchange; None: 0.5 s (halo), 10 s (baselines)
+    silent_timeout: float | None = None  # drop a worker unheard for this long; None: max(2 s, hard_timeout)
     connect_timeout: float = 5.0
     load_timeout: float = 120.0
     replan: bool = True  # re-place groups when the loss estimates drift (halo)
@@ -63,14 +64,20 @@ class RunOptions:
     def check(self) -> RunOptions:
         if self.policy not in POLICIES:
             raise EdgeError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
-        if self.compensation not in COMPENSATIONS:
-            raise EdgeError(f"compensation must be one of {', '.join(COMPENSATIONS)}, got {self.compensation!r}")
+        if self.compensation is not None and self.compensation not in COMPENSATIONS:
+            raise EdgeError(
+                f"compensation must be one of {', '.join(COMPENSATIONS)}, got {self.compensation!r}"
+            )
         for name in ("deadline_factor", "connect_timeout", "load_timeout", "initial_deadline"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise EdgeError(f"{name} must be a positive number, got {value!r}")
-        if self.hard_timeout is not None and not (math.isfinite(self.hard_timeout) and self.hard_timeout > 0):
-            raise EdgeError(f"hard_timeout must be a positive number, got {self.hard_timeout!r}")
+        for name in ("hard_timeout", "silent_timeout"):
+            value = getattr(self, name)
+            if value is not None and not (
+                isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+            ):
+                raise EdgeError(f"{name} must be a positive number, got {value!r}")
         if self.critical_fraction is not None and not 0 <= self.critical_fraction <= 1:
             raise EdgeError(f"critical_fraction must be in [0, 1], got {self.critical_fraction!r}")
         return self
@@ -102,6 +109,31 @@ class Stats:
     def delivered_fraction(self) -> float:
         expected = sum(e.expected for e in self.exchanges)
         return 1.0 if expected == 0 else sum(e.delivered for e in self.exchanges) / expected
+
+
+def compensate(mode: str, predictor: PartPredictor | None, x, out, received, state):
+    """Fills the rows of ``out`` [groups, rows, hidden] that did not arrive (``received``
+    False): ``zero`` leaves them 0, ``previous`` takes the group's previous row (or the value
+    it had for the last token), ``predictor`` the predictor's low-rank estimate from the
+    input x. ``state`` is (last value per group, whether there is one); returns the new state."""
+    last, have = state
+    if not received.all():
+        for g in range(out.shape[0]):
+            lost = ~received[g]
+            if not lost.any():
+                continue
+            if mode == "predictor" and predictor is not None:
+                out[g, lost] = predictor.estimate(x[lost], g)
+            elif mode == "previous":
+                for r in np.flatnonzero(lost):
+                    if r > 0 and received[g, r - 1]:
+                        out[g, r] = out[g, r - 1]
+                    elif have[g]:
+                        out[g, r] = last[g]
+    got = received[:, -1]
+    last = last.copy()
+    last[got] = out[got, -1]
+    return last, have | got
 
 
 class _Runner:
@@ -212,12 +244,16 @@ class Root(_Runner):
         if self.plan.fingerprint != self.fingerprint:
             raise EdgeError("the plan was made for another model (fingerprint mismatch)")
         if self.plan.workers != len(self.addresses):
-            raise EdgeError(f"the plan places groups on {self.plan.workers} workers, {len(self.addresses)} given")
+            raise EdgeError(
+                f"the plan places groups on {self.plan.workers} workers, {len(self.addresses)} given"
+            )
         self.groups = layout(self.spec, self.plan.group_size, self.plan.heads_per_group)
         self.predictors: dict[tuple[int, int], PartPredictor] = {}
         path = self.plan.predictor_path()
         if path is not None:
             self.predictors = load_predictors(path, self.spec, self.groups)
+        if self.options.compensation is None:
+            self.options.compensation = "predictor" if self.predictors else "zero"
         if self.options.compensation == "predictor" and not self.predictors:
             raise EdgeError("compensation 'predictor' needs a plan with predictors (calibration_tokens > 0)")
         self.model = RootModel(Checkpoint(model_dir), self.spec)
@@ -236,11 +272,16 @@ class Root(_Runner):
         self._step = 0
         self._sync = 0
         self._observed = [0] * W
+        self._unheard = [0.0] * W  # seconds of exchanges since each worker was last heard from
+        self._missed: dict[tuple[int, int], tuple[int, tuple[float, tuple[int, int]]]] = {}
         policy = self.options.policy
         self.wait_all = policy != "halo"
         self.hard_timeout = self.options.hard_timeout or (0.5 if policy == "halo" else 10.0)
+        self.silent_timeout = self.options.silent_timeout or max(2.0, self.hard_timeout)
         self.critical_fraction = (
-            self.plan.critical_fraction if self.options.critical_fraction is None else self.options.critical_fraction
+            self.plan.critical_fraction
+            if self.options.critical_fraction is None
+            else self.options.critical_fraction
         )
 
     # -- connection ------------------------------------------------------------------------
@@ -307,8 +348,22 @@ class Root(_Runner):
         return answers
 
     def connect(self) -> Root:
+        try:
+            return self._connect()
+        except BaseException:
+            # Free the workers that did answer: they serve one root at a time.
+            if self.transport is not None:
+                for peer in self.peer:
+                    if peer >= 0:
+                        self.transport.disconnect(peer, True)
+                self.transport = None
+            raise
+
+    def _connect(self) -> Root:
         o = self.options
-        self.transport = _edge.Transport("tcp" if o.policy == "tcp" else "enet", "", 0, len(self.addresses) + 1)
+        self.transport = _edge.Transport(
+            "tcp" if o.policy == "tcp" else "enet", "", 0, len(self.addresses) + 1
+        )
         for w, (host, port) in enumerate(self.addresses):
             try:
                 self.peer[w] = self.transport.connect(host, port, o.connect_timeout)
@@ -375,7 +430,15 @@ class Root(_Runner):
             rows = np.concatenate(self.history[layer])
             for start in range(0, rows.shape[0], 256):
                 self.transport.send_input(
-                    self.peer[w], self._next_step(), start, layer, ATTN, new, rows[start : start + 256], "control", REPLAY
+                    self.peer[w],
+                    self._next_step(),
+                    start,
+                    layer,
+                    ATTN,
+                    new,
+                    rows[start : start + 256],
+                    "control",
+                    REPLAY,
                 )
 
     def close(self) -> None:
@@ -397,10 +460,10 @@ class Root(_Runner):
         self.transport.flush()
         self.transport = None
 
-    def __enter__(self) -> Root:
+    def __enter__(self) -> Root:  # noqa: PYI034 - Python 3.9 has no typing.Self
         return self.connect()
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # -- failures and re-planning ----------------------------------------------------------
@@ -428,12 +491,22 @@ class Root(_Runner):
                 ]
             before = self.assignment
             after = assign_groups(
-                self.spec, self.groups, self.plan.importance, devices, self.plan.placement, self.plan.loss_budget, live
+                self.spec,
+                self.groups,
+                self.plan.importance,
+                devices,
+                self.plan.placement,
+                self.plan.loss_budget,
+                live,
             )
             moved = sum(
                 a != b for la, lb in zip(before, after) for pa, pb in zip(la, lb) for a, b in zip(pa, pb)
             )
             t0 = time.monotonic()
+            if moved == 0 and all(self.alive[w] for la in before for pa in la for w in pa):
+                self.devices = devices
+                self.monitor.mark()
+                return  # the new estimates place every group where it already is
             dead_before = sum(not a for a in self.alive)
             self._distribute(after, fatal=False, replay=True, before=before)
             if sum(not a for a in self.alive) != dead_before:
@@ -515,7 +588,9 @@ class Root(_Runner):
             self.transport.send_input(self.peer[w], step, pos, layer, part, mine, x, "control")
         deadline, hard = self._deadlines(part, rows, workers, t0)
         out = np.zeros((count, rows, hidden), dtype=np.float32)
-        r = self.transport.gather(step, layer, part, out, peer_of_group, list(critical), deadline, hard, self.wait_all)
+        r = self.transport.gather(
+            step, layer, part, out, peer_of_group, list(critical), deadline, hard, self.wait_all
+        )
         self.stats.stale += r["stale"]
         self.stats.duplicates += r["duplicates"]
         received = r["received"].astype(bool)
@@ -537,25 +612,19 @@ class Root(_Runner):
                         failed[w] = "reported: " + json.loads(msg["json"]).get("message", "")
                 except ValueError:
                     pass
-        if r["end"] == "hard_deadline":
-            for i, w in enumerate(owners):
-                if self.alive[w] and critical[i] and not received[i].all() and w not in failed:
-                    failed[w] = f"silent for {self.hard_timeout:g} s"
-        # Monitor: per group delivered or not; latency of each worker that delivered everything.
-        key = (part, rows)
-        mon = self.latency.setdefault(key, sched.Monitor(len(self.addresses), alpha=self.options.monitor_alpha))
-        missing = r["peer_missing"]
+        # Silent: nothing at all from a worker during silent_timeout seconds of exchanges that
+        # waited for it (a lossy worker still gets some packets through; its missing rows
+        # are compensated, and the monitor moves groups away from it).
+        end = time.monotonic()
+        heard = {by_peer[peer] for _, _, peer, _ in r["late"] if peer in by_peer}
+        heard |= {
+            w for w in workers if self.peer[w] < len(r["peer_last"]) and r["peer_last"][self.peer[w]] > 0
+        }
         for w in workers:
-            if w in failed:
-                continue
-            mine = [i for i in range(count) if owners[i] == w]
-            for i in mine:
-                self.monitor.observe(w, bool(received[i].all()), 0.0)
-            self._observed[w] += len(mine)
-            peer = self.peer[w]
-            if peer < len(missing) and missing[peer] == 0 and r["peer_last"][peer] > 0:
-                mon.observe(w, True, max(r["peer_last"][peer] - t0, 0.0))
-                self.latency_count[(part, rows, w)] = self.latency_count.get((part, rows, w), 0) + 1
+            self._unheard[w] = 0.0 if w in heard else self._unheard[w] + (end - t0)
+            if w not in failed and self._unheard[w] >= self.silent_timeout:
+                failed[w] = f"silent for {self.silent_timeout:g} s"
+        self._monitor(step, t0, part, rows, owners, received, failed, r)
         self._compensate(layer, part, x, out, received, owners)
         self.stats.exchanges.append(
             Exchange(
@@ -576,29 +645,49 @@ class Root(_Runner):
             self._replan("worker lost")
         return torch.from_numpy(out.sum(0))
 
+    def _monitor(self, step: int, t0: float, part: int, rows: int, owners, received, failed, r) -> None:
+        """Feeds the monitors: per group delivered or lost, and each worker's latency. A term
+        missed at the deadline is only counted lost if it does not turn up late within a few
+        exchanges (late ones are latency samples instead), so a slow or busy worker raises
+        the deadline rather than looking lossy."""
+        W = len(self.addresses)
+        key = (part, rows)
+        mon = self.latency.setdefault(key, sched.Monitor(W, alpha=self.options.monitor_alpha))
+        for late_step, group, peer, when in r["late"]:
+            miss = self._missed.pop((late_step, group), None)
+            if miss is None:
+                continue
+            w, (t_start, late_key) = miss
+            self.monitor.observe(w, True, 0.0)
+            self.latency[late_key].observe(w, True, max(when - t_start, 0.0))
+            self.latency_count[(*late_key, w)] = self.latency_count.get((*late_key, w), 0) + 1
+        missing = r["peer_missing"]
+        for i, w in enumerate(owners):
+            if not self.alive[w] or w in failed:
+                continue
+            self._observed[w] += 1
+            if received[i].all():
+                self.monitor.observe(w, True, 0.0)
+            else:
+                self._missed[(step, i)] = (w, (t0, key))
+        for w in sorted(set(owners)):
+            peer = self.peer[w]
+            delivered_all = peer < len(missing) and missing[peer] == 0 and r["peer_last"][peer] > 0
+            if self.alive[w] and w not in failed and delivered_all:
+                mon.observe(w, True, max(r["peer_last"][peer] - t0, 0.0))
+                self.latency_count[(*key, w)] = self.latency_count.get((*key, w), 0) + 1
+        for old in [k for k in self._missed if k[0] < step - 16]:
+            w, _ = self._missed.pop(old)
+            if self.alive[w]:
+                self.monitor.observe(w, False, 0.0)
+
     def _compensate(self, layer: int, part: int, x, out, received, owners) -> None:
-        mode = self.options.compensation
         key = (layer, part)
-        count, rows, hidden = out.shape
-        last, have = self.previous.get(key, (np.zeros((count, hidden), np.float32), np.zeros(count, bool)))
-        if not received.all():
-            p = self.predictors.get(key)
-            for g in range(count):
-                lost = ~received[g]
-                if not lost.any():
-                    continue
-                if mode == "predictor" and p is not None:
-                    out[g, lost] = p.estimate(x[lost], g)
-                elif mode == "previous":
-                    for r in np.flatnonzero(lost):
-                        if r > 0 and received[g, r - 1]:
-                            out[g, r] = out[g, r - 1]
-                        elif have[g]:
-                            out[g, r] = last[g]
-        got = received[:, -1]
-        last = last.copy()
-        last[got] = out[got, -1]
-        self.previous[key] = (last, have | got)
+        count, _, hidden = out.shape
+        state = self.previous.get(key, (np.zeros((count, hidden), np.float32), np.zeros(count, bool)))
+        self.previous[key] = compensate(
+            self.options.compensation, self.predictors.get(key), x, out, received, state
+        )
 
     # -- forwards --------------------------------------------------------------------------
     def forward(self, ids: Sequence[int], pos: int):
@@ -632,11 +721,14 @@ def run(
     prompt (BERT) on the workers; returns the text/embedding, timings and delivery figures."""
     from .edge_plan import tokenize
 
-    spec = read_spec(model)
+    root = Root(model, workers, plan, policy=policy, log=log, **options)  # checks plan and workers first
+    spec = root.spec
+    if tokens < 1:
+        raise EdgeError(f"tokens must be >= 1, got {tokens}")
     ids = tokenize(model, prompt)
     if not ids:
         raise EdgeError("the prompt is empty")
-    with Root(model, workers, plan, policy=policy, log=log, **options) as root:
+    with root:
         if spec.family == "bert":
             t0 = time.monotonic()
             vector = root.embed(ids)

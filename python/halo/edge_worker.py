@@ -156,22 +156,23 @@ class _Session:
                     self.input(m)
 
 
-def _serve_session(transport: Any, peer: int, log: TextIO) -> None:
+def _serve_session(transport: Any, peer: int, log: TextIO) -> int | None:
+    """Serves one root until it leaves; returns the peer of a newer root that connected
+    meanwhile (it takes over: a root that vanished must not block the worker), else None."""
     session = _Session(transport, peer, log)
     while True:
         event = transport.poll(0.5)
         if event is None:
             if not transport.connected(peer):
-                return
+                return None
             continue
         kind, who, data, _ = event
         if kind == "connect" and who != peer:
-            transport.send(who, _control({"type": "error", "message": "worker busy with another root"}), "control")
-            transport.disconnect(who, False)
-            continue
+            transport.disconnect(peer, True)
+            return who
         if kind == "disconnect":
             if who == peer:
-                return
+                return None
             continue
         if who != peer or kind != "message":
             continue
@@ -194,18 +195,18 @@ def _serve_session(transport: Any, peer: int, log: TextIO) -> None:
             )
             transport.flush()
             transport.disconnect(peer, False)
-            return
+            return None
         if msg["kind"] == "control":
             try:
                 body = json.loads(msg["json"])
                 if not isinstance(body, dict):
-                    raise ValueError("not an object")
+                    raise ValueError("not an object")  # noqa: TRY004 - bad message content
             except ValueError as exc:
                 session.error(f"control message is not a JSON object ({exc})")
                 continue
             if not session.control(body):
                 transport.disconnect(peer, False)
-                return
+                return None
         elif msg["kind"] == "input":
             session.input(msg)
 
@@ -231,9 +232,10 @@ class Worker:
         while sessions is None or served < sessions:
             for transport in (self.enet, self.tcp):
                 event = transport.poll(0.02)
-                if event is not None and event[0] == "connect":
+                peer = event[1] if event is not None and event[0] == "connect" else None
+                while peer is not None:
                     print(f"halo edge worker: root connected over {transport.protocol}", file=self.log)
-                    _serve_session(transport, event[1], self.log)
+                    peer = _serve_session(transport, peer, self.log)
                     print("halo edge worker: session ended", file=self.log)
                     served += 1
                     idle_since = time.monotonic()
@@ -242,7 +244,9 @@ class Worker:
         return served
 
 
-def serve(listen: str, sessions: int | None = None, idle_timeout: float | None = None, log: TextIO = sys.stderr) -> int:
+def serve(
+    listen: str, sessions: int | None = None, idle_timeout: float | None = None, log: TextIO = sys.stderr
+) -> int:
     """``halo edge worker --listen ADDR:PORT``: prints the bound address, then serves roots."""
     host, port = parse_address(listen, "listen address")
     worker = Worker(host, port, log)

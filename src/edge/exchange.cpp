@@ -110,6 +110,8 @@ GatherResult gather(Transport& transport, const GatherSpec& spec, float* out) {
     }
     if (h.step != spec.step || h.layer != spec.layer || h.part != spec.part) {
       ++r.stale;
+      if (h.row0 == 0 && !(h.flags & kFlagDuplicate) && r.late.size() < 4096)
+        r.late.push_back(LateArrival{h.step, h.group, e.peer, e.time});
       continue;
     }
     if (h.group >= groups || spec.peer_of_group[h.group] != e.peer || h.cols != spec.cols ||

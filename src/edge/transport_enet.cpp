@@ -29,12 +29,13 @@ void init_enet() {
   });
 }
 
-// Our deadlines decide when a result is late, so ENet must neither drop
-// unreliable packets when the round-trip time rises (throttle deceleration 0)
-// nor give up on a peer much sooner than the runtime's own hard deadlines.
+// Our deadlines decide when a result is late or a peer gone, so ENet must
+// neither drop unreliable packets when the round-trip time rises (throttle
+// deceleration 0) nor give up on a peer on its own while the link is merely
+// very lossy or the peer busy loading weights (30 s before it does).
 void configure_peer(ENetPeer* peer) {
   enet_peer_throttle_configure(peer, 5000, ENET_PEER_PACKET_THROTTLE_SCALE, 0);
-  enet_peer_timeout(peer, 64, 3000, 10000);
+  enet_peer_timeout(peer, 4096, 30000, 60000);
 }
 
 // Large socket buffers: a prefill answer from four workers arrives at once and
@@ -134,7 +135,7 @@ class EnetTransport final : public Transport {
     if (immediately) {
       enet_peer_disconnect_now(p, 0);
     } else {
-      enet_peer_disconnect(p, 0);
+      enet_peer_disconnect_later(p, 0);  // after what is queued (an error message) went out
     }
     enet_host_flush(host_);
   }

@@ -51,7 +51,8 @@ class Direction:
 
 
 def main(argv: list[str]) -> int:
-    config = json.loads(open(argv[1]).read())
+    with open(argv[1]) as f:
+        config = json.load(f)
     max_seconds = float(config[0].get("max_seconds", 3600)) if config else 3600.0
     sockets: dict[int, tuple[socket.socket, Direction]] = {}
     for i, link in enumerate(config):
@@ -63,7 +64,11 @@ def main(argv: list[str]) -> int:
             s.setblocking(False)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         delay = float(link.get("delay_ms", 0.0)) / 1e3
-        plr, burst, seed = float(link.get("plr", 0.0)), float(link.get("burst", 1.0)), int(link.get("seed", i))
+        plr, burst, seed = (
+            float(link.get("plr", 0.0)),
+            float(link.get("burst", 1.0)),
+            int(link.get("seed", i)),
+        )
         sockets[a.fileno()] = (a, Direction(b, delay, plr, burst, 2 * seed + 1))  # root -> worker
         sockets[b.fileno()] = (b, Direction(a, delay, plr, burst, 2 * seed + 2))  # worker -> root
     stop = []

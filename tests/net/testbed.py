@@ -57,7 +57,7 @@ class Link:
 
 
 def _run(argv: Sequence[str], check: bool = True, timeout: float = 20.0) -> subprocess.CompletedProcess:
-    result = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(list(argv), check=False, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)}: {result.stderr.strip() or result.stdout.strip()}")
     return result
@@ -152,7 +152,7 @@ class Testbed:
         return out
 
     def _veth(self, ns_a: str, dev_a: str, ns_b: str, dev_b: str) -> None:
-        _run(["ip", "link", "add", dev_a, "netns", ns_a, "type", "veth", "peer", "name", dev_b, "netns", ns_b])
+        _run(f"ip link add {dev_a} netns {ns_a} type veth peer name {dev_b} netns {ns_b}".split())
         self._ns(ns_a, "ip", "link", "set", dev_a, "up")
         self._ns(ns_b, "ip", "link", "set", dev_b, "up")
 
@@ -161,15 +161,16 @@ class Testbed:
             return
         # Burst: at least one timer tick of traffic (rate / HZ) and a few full frames.
         burst = max(int(mbit * 1e6 / 8 / 250), 16 * 1514)
-        self._ns(ns, "tc", "qdisc", "replace", "dev", dev, "root", "tbf", "rate", f"{mbit}mbit", "burst", str(burst),
-                 "latency", "100ms")
+        self._ns(
+            ns, *f"tc qdisc replace dev {dev} root tbf rate {mbit}mbit burst {burst} latency 100ms".split()
+        )
 
     def _loss_rules(self, ns: str, dev: str, plr: float) -> None:
         table = f"loss_{dev}"
         self._ns(ns, "nft", "delete", "table", "netdev", table, check=False)
         if plr <= 0:
             return
-        ppm = int(round(plr * 1_000_000))
+        ppm = round(plr * 1_000_000)
         script = (
             f"table netdev {table} {{\n"
             f"  chain ingress {{ type filter hook ingress device {dev} priority 0; policy accept;\n"
@@ -212,9 +213,18 @@ class Testbed:
                     self._veth(self.relay_ns, f"b{i}", w, "w")
                     # The relay forwards frames as captured: the senders must fill in checksums
                     # and cut segments themselves (no offload), nothing may be merged on the way.
-                    for ns, dev in ((self.root, f"r{i}"), (w, "w"), (self.relay_ns, f"a{i}"), (self.relay_ns, f"b{i}")):
-                        self._ns(ns, "ethtool", "-K", dev, "tx", "off", "sg", "off", "tso", "off", "gso", "off",
-                                 "gro", "off", check=False)
+                    ends = (
+                        (self.root, f"r{i}"),
+                        (w, "w"),
+                        (self.relay_ns, f"a{i}"),
+                        (self.relay_ns, f"b{i}"),
+                    )
+                    for ns, dev in ends:
+                        self._ns(
+                            ns,
+                            *f"ethtool -K {dev} tx off sg off tso off gso off gro off".split(),
+                            check=False,
+                        )
                     relay_config.append(
                         {
                             "a": f"a{i}",
@@ -230,10 +240,12 @@ class Testbed:
                     self._veth(self.root, f"r{i}", w, "w")
                 self._ns(self.root, "ip", "addr", "add", f"{self.root_ip(i)}/24", "dev", f"r{i}")
                 self._ns(w, "ip", "addr", "add", f"{self.worker_ip(i)}/24", "dev", "w")
-                self._ns(self.root, "ip", "neigh", "replace", self.worker_ip(i), "lladdr", self._mac(w, "w"), "dev",
-                         f"r{i}", "nud", "permanent")
-                self._ns(w, "ip", "neigh", "replace", self.root_ip(i), "lladdr", self._mac(self.root, f"r{i}"), "dev",
-                         "w", "nud", "permanent")
+                mac_w, mac_r = self._mac(w, "w"), self._mac(self.root, f"r{i}")
+                self._ns(
+                    self.root,
+                    *f"ip neigh replace {self.worker_ip(i)} lladdr {mac_w} dev r{i} nud permanent".split(),
+                )
+                self._ns(w, *f"ip neigh replace {self.root_ip(i)} lladdr {mac_r} dev w nud permanent".split())
                 self._rate(self.root, f"r{i}", link.rate_mbit)
                 self._rate(w, "w", link.rate_mbit)
                 if not link.relayed:
@@ -241,10 +253,15 @@ class Testbed:
                     self._loss_rules(w, "w", link.plr)
                 if link.rto_min_ms is not None:
                     rto = f"{link.rto_min_ms:g}ms"
-                    self._ns(self.root, "ip", "route", "replace", f"10.77.{i}.0/24", "dev", f"r{i}", "scope", "link",
-                             "src", self.root_ip(i), "rto_min", rto)
-                    self._ns(w, "ip", "route", "replace", f"10.77.{i}.0/24", "dev", "w", "scope", "link", "src",
-                             self.worker_ip(i), "rto_min", rto)
+                    net = f"10.77.{i}.0/24"
+                    self._ns(
+                        self.root,
+                        *f"ip route replace {net} dev r{i} scope link src {self.root_ip(i)} rto_min {rto}".split(),
+                    )
+                    self._ns(
+                        w,
+                        *f"ip route replace {net} dev w scope link src {self.worker_ip(i)} rto_min {rto}".split(),
+                    )
             if relay_config:
                 path = Path(self._tmp) / "relay.json"
                 path.write_text(json.dumps(relay_config))
@@ -283,7 +300,7 @@ class Testbed:
         with contextlib.suppress(Exception):
             atexit.unregister(self.down)
 
-    def __enter__(self) -> Testbed:
+    def __enter__(self) -> Testbed:  # noqa: PYI034
         return self.up()
 
     def __exit__(self, *exc) -> None:

@@ -28,12 +28,14 @@ def instance(seed: int, groups: int, devices: int):
 
 
 def brute_force(gs, ds, budget):
-    """Exhaustive search (independent of HiGHS) for tiny instances."""
+    """Exhaustive search (independent of HiGHS) for tiny instances; each used device adds
+    its own latency."""
     import itertools
 
     t = np.array([[g["flops"] / d.speed + g["exchange_bytes"] / d.bandwidth for d in ds] for g in gs])
     imp = np.array([g["importance"] for g in gs])
     plr = np.array([d.plr for d in ds])
+    latency = np.array([d.latency for d in ds])
     best = np.inf
     for place in itertools.product(range(len(ds)), repeat=len(gs)):
         place = np.array(place)
@@ -41,16 +43,21 @@ def brute_force(gs, ds, budget):
             continue
         times = np.zeros(len(ds))
         np.add.at(times, place, t[np.arange(len(gs)), place])
-        times[np.bincount(place, minlength=len(ds)) > 0] += next(d.latency for d in ds if True)
+        used = np.bincount(place, minlength=len(ds)) > 0
+        times[used] += latency[used]
         best = min(best, times.max())
     return best
 
 
-def test_oracle_matches_exhaustive_search():
+@pytest.mark.parametrize("latencies", [(1e-4, 1e-4, 1e-4), (1e-4, 2e-3, 6e-3)])
+def test_oracle_matches_exhaustive_search(latencies):
+    # Distinct latencies (comparable to the group times) catch a cost model that charges
+    # every device the same latency.
     gs, ds = instance(1, 7, 3)
-    assert sched.oracle(gs, ds, loss_budget=0.02).makespan == pytest.approx(
-        brute_force(gs, ds, 0.02), rel=1e-6
-    )
+    ds = [sched.Device(**{**d.__dict__, "latency": lat}) for d, lat in zip(ds, latencies)]
+    exact = sched.oracle(gs, ds, loss_budget=0.02)
+    assert exact.makespan == pytest.approx(brute_force(gs, ds, 0.02), rel=1e-6)
+    assert sched.evaluate(gs, ds, exact.device_of).makespan == pytest.approx(exact.makespan, rel=1e-12)
 
 
 @pytest.mark.parametrize("seed", range(8))
@@ -148,6 +155,26 @@ def test_simulator_deterministic_and_zero_loss_matches_lossless():
             link = max(link, done) + np.ceil(g["exchange_bytes"] / 1400) * 1400 / dev.bandwidth
             expect = max(expect, link + dev.latency)
     assert z.lossless_time == pytest.approx(expect, rel=1e-12)
+
+
+def _loss_runs(lost: np.ndarray) -> np.ndarray:
+    """Lengths of the runs of consecutive True values."""
+    padded = np.concatenate([[False], lost, [False]]).astype(np.int8)
+    edges = np.flatnonzero(np.diff(padded))
+    return edges[1::2] - edges[::2]
+
+
+@pytest.mark.parametrize("plr, burst", [(0.1, 4.0), (0.05, 2.5), (0.2, 1.0)])
+def test_simulator_gilbert_elliott_rate_and_burst_length(plr, burst):
+    # One one-packet group per step: the delivered mask is the link's loss sequence. Both the
+    # long-run rate and the mean run of consecutive losses must match the link (a simulator
+    # that ignored burst_length would give runs of 1 / (1 - plr)).
+    g = [{"flops": 1.0, "exchange_bytes": 1400.0, "importance": 1.0}]
+    dev = sched.Device(speed=1.0, bandwidth=1e6, plr=plr, burst_length=burst)
+    r = sched.simulate(g, [dev], [0], [False], steps=40000, seed=3)
+    lost = ~r.delivered[:, 0]
+    assert lost.mean() == pytest.approx(plr, rel=0.12)
+    assert _loss_runs(lost).mean() == pytest.approx(burst if burst > 1 else 1 / (1 - plr), rel=0.1)
 
 
 def test_simulator_bernoulli_loss_rate():

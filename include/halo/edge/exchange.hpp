@@ -39,6 +39,14 @@ struct GatherSpec {
   bool wait_all = false;
 };
 
+// A term of an earlier exchange that arrived after that exchange's deadline.
+struct LateArrival {
+  uint32_t step = 0;
+  uint16_t group = 0;
+  int32_t peer = -1;
+  double time = 0;
+};
+
 struct GatherResult {
   enum class End { complete, deadline, hard_deadline } end = End::complete;
   std::vector<uint8_t> received;      // groups x rows
@@ -46,6 +54,7 @@ struct GatherResult {
   std::vector<int32_t> peer_missing;  // per peer id: awaited rows that did not come
   std::vector<Event> other;           // control messages, connects and disconnects seen meanwhile
   int64_t stale = 0;                  // partials of other exchanges (dropped)
+  std::vector<LateArrival> late;      // their first rows, at most 4096 (the monitor tells late from lost)
   int64_t duplicates = 0;             // rows that arrived twice (the redundant copy)
   int64_t malformed = 0;              // messages that failed to decode or came from the wrong peer
   double end_time = 0;

@@ -144,7 +144,12 @@ TEST_CASE("Gilbert-Elliott links lose the configured fraction of packets") {
   SimConfig c;
   c.steps = 20000;
   const SimResult r = simulate(gs, {d}, place, crit, c);
-  double lost = 0;
-  for (auto v : r.delivered) lost += v ? 0 : 1;
+  double lost = 0, runs = 0;
+  for (size_t s = 0; s < r.delivered.size(); ++s) {
+    lost += r.delivered[s] ? 0 : 1;
+    runs += !r.delivered[s] && (s == 0 || r.delivered[s - 1]);  // a run of losses starts here
+  }
   REQUIRE(lost / c.steps == Approx(0.1).margin(0.015));
+  // The mean run of consecutive losses is the burst length (Bernoulli would give 1/(1-plr)).
+  REQUIRE(lost / runs == Approx(4.0).margin(0.4));
 }
