@@ -35,16 +35,14 @@ std::vector<GroupKey> keys_from(const char* fn, const py::iterable& keys) {
 
 py::tuple key_tuple(GroupKey k) { return py::make_tuple(k.layer, k.part, k.index); }
 
-TensorFormat parse_format(const char* fn, const std::string& name) {
-  if (name == "nf4") return TensorFormat::nf4;
-  if (name == "fp4") return TensorFormat::fp4;
-  if (name == "f32") return TensorFormat::f32;
+Format parse_format(const char* fn, const std::string& name) {
+  if (name == "nf4") return Format::nf4;
+  if (name == "fp4") return Format::fp4;
+  if (name == "f32") return Format::f32;
   fail(fn, "tensor format must be 'nf4', 'fp4' or 'f32', got '", name, "'");
 }
 
-const char* format_name(TensorFormat f) {
-  return f == TensorFormat::nf4 ? "nf4" : f == TensorFormat::fp4 ? "fp4" : "f32";
-}
+std::string store_format_name(Format f) { return f == Format::f32 ? "f32" : std::string(format_name(f)); }
 
 // Python keeps the writer and the store behind a handle it can close deterministically.
 struct Writer {
@@ -130,7 +128,7 @@ py::list group_list(const GroupStore& store) {
   for (const auto& g : store.groups()) {
     py::list tensors;
     for (const auto& t : g.tensors)
-      tensors.append(py::make_tuple(t.name, format_name(t.format), t.blocksize, t.rows, t.cols, t.offset, t.bytes));
+      tensors.append(py::make_tuple(t.name, store_format_name(t.format), t.blocksize, t.rows, t.cols, t.offset, t.bytes));
     out.append(py::make_tuple(key_tuple(g.key), g.offset, g.bytes, store.group_pages_bytes(g.key), tensors));
   }
   return out;

@@ -36,12 +36,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-ROOT = Path(__file__).resolve().parents[2]
-
 from halo.edge_model import default_heads_per_group, read_spec
 from halo.edge_plan import docstring_text, make_plan, tokenize
 from halo.edge_store import StreamedLocal, budget_text, build_store
+
+ROOT = Path(__file__).resolve().parents[2]
 
 _libc = ctypes.CDLL(None, use_errno=True)
 

@@ -16,6 +16,13 @@ def register(subparsers) -> None:
     w.add_argument("--listen", required=True, metavar="ADDR:PORT", help="numeric IPv4 address and port")
     w.add_argument("--sessions", type=int, default=None, help="exit after serving this many roots")
     w.add_argument("--idle-timeout", type=float, default=None, help="exit after this many idle seconds")
+    w.add_argument(
+        "--memory-budget",
+        default=None,
+        metavar="SIZE",
+        help="keep the groups on local disk (4-bit) and at most SIZE of them in memory (512MiB, 25%%)",
+    )
+    w.add_argument("--store-dir", default=None, help="where group stores are built (default ~/.cache/halo)")
     w.set_defaults(handler=_worker)
 
     p = sub.add_parser("plan", help="place neuron groups on workers and fit the predictors")
@@ -45,12 +52,15 @@ def register(subparsers) -> None:
     r.add_argument("--connect-timeout", type=float, default=5.0)
     r.add_argument("--json", metavar="FILE", help="also write the result (timings, delivery) as JSON")
     r.set_defaults(handler=_run)
+    from .edge_store_cli import register as register_store
+
+    register_store(sub)
     edge.set_defaults(handler=lambda args: _usage(edge))
 
 
 def _usage(parser: argparse.ArgumentParser) -> int:
     parser.print_usage(sys.stderr)
-    print("halo edge: error: a command is required (worker, plan or run)", file=sys.stderr)
+    print("halo edge: error: a command is required (worker, plan, run, local or store)", file=sys.stderr)
     return 2
 
 
@@ -71,7 +81,12 @@ def _worker(args: argparse.Namespace) -> int:
 
     _one_thread()
     try:
-        serve(args.listen, sessions=args.sessions, idle_timeout=args.idle_timeout)
+        streaming = None
+        if args.memory_budget is not None:
+            from .edge_store import WorkerStreaming
+
+            streaming = WorkerStreaming(args.memory_budget, args.store_dir, log=sys.stderr)
+        serve(args.listen, sessions=args.sessions, idle_timeout=args.idle_timeout, streaming=streaming)
     except EdgeError as exc:
         return _fail("worker", exc)
     except KeyboardInterrupt:

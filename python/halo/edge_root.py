@@ -387,6 +387,8 @@ class Root(_Runner):
             "heads_per_group": self.plan.heads_per_group,
             "delivery": delivery,
             "threads": o.threads,
+            # A worker with a memory budget reads its groups' importance and predictors here.
+            "plan": str(self.plan.path.resolve()) if self.plan.path is not None else None,
         }
         for w in everyone:
             self._send(w, load)

@@ -284,6 +284,7 @@ class GroupStore:
         window_exchanges: int = 4,
         loader_threads: int = 4,
         read_bandwidth: float = 0.0,
+        held: Iterable[Key] | None = None,
     ) -> None:
         if mode not in ("resident", "mmap"):
             raise EdgeError(f"store mode must be 'resident' or 'mmap', got {mode!r}")
@@ -324,6 +325,9 @@ class GroupStore:
             raise EdgeError(str(exc)) from None
         self.mode = mode
         self._held: set[Key] = set(self._defs)
+        if held is not None:  # a worker holds nothing until it is assigned groups
+            self._held = {tuple(k) for k in held}
+            self._store.set_held(sorted(self._held))
         self.generation = 0  # bumped by hold(): the held set changed
         self.pinned: list[Key] = []
 
@@ -375,17 +379,20 @@ class GroupStore:
         added, dropped = len(wanted - self._held), len(self._held - wanted)
         self._held = wanted
         keys = sorted(wanted)
-        self._store.unpin_all()
-        self._store.set_held(keys)
-        if isinstance(self.budget_request, float) and keys:
-            self.budget = self._budget_bytes(keys)
-            self._store.set_budget(self.budget)
-        self._store.set_importance(keys, [self.shares.get(k, 1.0) for k in keys])
-        self.pinned = self._pinned(defs)
-        if self.pinned:
-            failed = self.pin(self.pinned)
-            self.pinned = [k for k in self.pinned if k not in set(failed)]
         self.generation += 1
+        try:
+            self._store.unpin_all()
+            self._store.set_held(keys)
+            if isinstance(self.budget_request, float) and keys:
+                self.budget = self._budget_bytes(keys)
+                self._store.set_budget(self.budget)
+            self._store.set_importance(keys, [self.shares.get(k, 1.0) for k in keys])
+            self.pinned = self._pinned(defs)
+            if self.pinned:
+                failed = set(self.pin(self.pinned))
+                self.pinned = [k for k in self.pinned if k not in failed]
+        except (ValueError, RuntimeError) as exc:
+            raise EdgeError(str(exc)) from None
         return added, dropped
 
     def _pinned(self, defs: list[GroupDef]) -> list[Key]:
@@ -689,6 +696,72 @@ class StreamedCompute:
             self.store.release([g.key for g in present])
         self._record(layer, ATTN, present, h, pos)
         return []
+
+
+# ----------------------------------------------------------------------------------------------
+# An edge worker with less memory than its share
+
+
+class WorkerStreaming:
+    """``halo edge worker --memory-budget``: how a worker opens its groups. The store file is
+    built in ``store_dir`` on first use (one per model and group layout); the plan the root
+    names in its load message (a path on this host) gives static importance and predictors.
+    Under wait-for-all delivery (tcp, reliable-udp) a missing group is read at once: the root
+    waits for every term anyway."""
+
+    def __init__(
+        self,
+        budget: float,
+        store_dir: str | os.PathLike | None = None,
+        window_exchanges: int = 4,
+        loader_threads: int = 4,
+        log: Any = None,
+    ) -> None:
+        self.budget = parse_budget(budget)
+        self.store_dir, self.window_exchanges, self.loader_threads = (
+            store_dir,
+            window_exchanges,
+            loader_threads,
+        )
+        self.log = log
+
+    def open(self, model: str, spec: Spec, groups, msg: dict[str, Any]) -> tuple[GroupStore, StreamedCompute]:
+        from .edge_plan import load_plan, load_predictors
+
+        first = groups[0]
+        group_size = first[FFN][0].stop - first[FFN][0].start if first[FFN] else spec.inter
+        hpg = len(first[ATTN][0].heads) if first[ATTN] else 1
+        path = ensure_store(model, group_size, hpg, directory=self.store_dir)
+        fp = str(msg.get("fingerprint"))
+        shares, predictors = None, {}
+        plan_path = msg.get("plan")
+        if plan_path and Path(plan_path).exists():
+            plan = load_plan(plan_path, spec, fp)
+            shares = static_shares(plan.importance, groups)
+            if plan.predictor_path() is not None:
+                predictors = load_predictors(plan.predictor_path(), spec, groups)
+        elif plan_path and self.log is not None:
+            print(f"halo edge worker: no plan at {plan_path} here: uniform importance", file=self.log)
+        store = GroupStore(
+            path,
+            spec,
+            groups,
+            fp,
+            budget=self.budget,
+            shares=shares,
+            window_exchanges=self.window_exchanges,
+            loader_threads=self.loader_threads,
+            held=(),
+        )
+        wait_all = msg.get("delivery", {}).get("other", "unreliable") != "unreliable"
+        compute = StreamedCompute(
+            spec,
+            store,
+            predictors=predictors or None,
+            norms=input_norms(Checkpoint(model), spec) if predictors else None,
+            on_missing="load" if wait_all else "skip",
+        )
+        return store, compute
 
 
 # ----------------------------------------------------------------------------------------------

@@ -34,8 +34,9 @@ def _control(message: dict[str, Any]) -> bytes:
 
 
 class _Session:
-    def __init__(self, transport: Any, peer: int, log: TextIO) -> None:
+    def __init__(self, transport: Any, peer: int, log: TextIO, streaming: Any = None) -> None:
         self.t, self.peer, self.log = transport, peer, log
+        self.streaming = streaming  # edge_store.WorkerStreaming: groups from disk under a memory budget
         self.spec = None
         self.store: WeightStore | None = None
         self.compute: GroupCompute | None = None
@@ -80,9 +81,12 @@ class _Session:
                 raise EdgeError(f"the model at {model} differs from the root's (fingerprint mismatch)")
             self.spec = spec
             self.groups = layout(spec, int(msg["group_size"]), int(msg["heads_per_group"]))
-            self.store = WeightStore(Checkpoint(model), spec)
-            self.compute = GroupCompute(spec, self.store)
             self.delivery.update(msg.get("delivery", {}))
+            if self.streaming is not None:
+                self.store, self.compute = self.streaming.open(model, spec, self.groups, msg)
+            else:
+                self.store = WeightStore(Checkpoint(model), spec)
+                self.compute = GroupCompute(spec, self.store)
             torch.set_num_threads(int(msg.get("threads", 1)))
         except (EdgeError, KeyError, TypeError, ValueError) as exc:
             self.error(f"cannot load the model: {exc}")
@@ -99,7 +103,11 @@ class _Session:
             self.error(f"bad group assignment ({exc})")
             return
         t0 = time.monotonic()
-        self.store.hold(defs)
+        try:
+            self.store.hold(defs)
+        except EdgeError as exc:
+            self.error(f"cannot hold the assigned groups: {exc}")
+            return
         self.held = {}
         for g in defs:
             self.held.setdefault((g.layer, g.part), []).append(g)
@@ -125,10 +133,15 @@ class _Session:
                     self.compute.run(mine, h, pos, replay=True)
             else:
                 groups = self.held.get((layer, part), [])
-                with torch.no_grad():
-                    terms = self.compute.run(groups, h, pos)
                 critical = {int(i) for i in msg["critical"]}
+                with torch.no_grad():
+                    if self.streaming is not None:  # critical groups are read now if not resident
+                        terms = self.compute.run(groups, h, pos, must=critical)
+                    else:
+                        terms = self.compute.run(groups, h, pos)
                 for g, term in zip(groups, terms):
+                    if term is None:
+                        continue  # not resident at its deadline: the root compensates it, as a lost term
                     crit = g.index in critical
                     self.t.send_partial(
                         self.peer,
@@ -156,10 +169,10 @@ class _Session:
                     self.input(m)
 
 
-def _serve_session(transport: Any, peer: int, log: TextIO) -> int | None:
+def _serve_session(transport: Any, peer: int, log: TextIO, streaming: Any = None) -> int | None:
     """Serves one root until it leaves; returns the peer of a newer root that connected
     meanwhile (it takes over: a root that vanished must not block the worker), else None."""
-    session = _Session(transport, peer, log)
+    session = _Session(transport, peer, log, streaming)
     while True:
         event = transport.poll(0.5)
         if event is None:
@@ -214,8 +227,9 @@ def _serve_session(transport: Any, peer: int, log: TextIO) -> int | None:
 class Worker:
     """Listens on ADDR:PORT for both protocols; ``serve()`` handles roots one after another."""
 
-    def __init__(self, host: str, port: int, log: TextIO = sys.stderr) -> None:
+    def __init__(self, host: str, port: int, log: TextIO = sys.stderr, streaming: Any = None) -> None:
         self.log = log
+        self.streaming = streaming
         # One port number for both: bind TCP first (port 0 picks a free one), then UDP on it.
         self.tcp = _edge.Transport("tcp", host, port, 4)
         self.port = self.tcp.port
@@ -235,7 +249,7 @@ class Worker:
                 peer = event[1] if event is not None and event[0] == "connect" else None
                 while peer is not None:
                     print(f"halo edge worker: root connected over {transport.protocol}", file=self.log)
-                    peer = _serve_session(transport, peer, self.log)
+                    peer = _serve_session(transport, peer, self.log, self.streaming)
                     print("halo edge worker: session ended", file=self.log)
                     served += 1
                     idle_since = time.monotonic()
@@ -245,10 +259,15 @@ class Worker:
 
 
 def serve(
-    listen: str, sessions: int | None = None, idle_timeout: float | None = None, log: TextIO = sys.stderr
+    listen: str,
+    sessions: int | None = None,
+    idle_timeout: float | None = None,
+    log: TextIO = sys.stderr,
+    streaming: Any = None,
 ) -> int:
-    """``halo edge worker --listen ADDR:PORT``: prints the bound address, then serves roots."""
+    """``halo edge worker --listen ADDR:PORT``: prints the bound address, then serves roots.
+    ``streaming`` (edge_store.WorkerStreaming): keep groups on disk under a memory budget."""
     host, port = parse_address(listen, "listen address")
-    worker = Worker(host, port, log)
+    worker = Worker(host, port, log, streaming)
     print(f"halo edge worker: listening on {host}:{worker.port}", file=log, flush=True)
     return worker.serve(sessions, idle_timeout)

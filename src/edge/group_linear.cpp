@@ -3,6 +3,7 @@
 #include <vector>
 
 #include "group_linear_kernels.hpp"
+#include "halo/backend/dispatch.hpp"
 #include "halo/core/error.hpp"
 #include "halo/edge/group_store.hpp"
 #include "halo/quant/quant4.hpp"
@@ -20,31 +21,26 @@ float dot_scalar(const float* a, const float* b, int64_t n) {
 
 using Dot = float (*)(const float*, const float*, int64_t);
 
-Dot dot_for(Backend backend) {
-  switch (backend) {
-    case Backend::avx512: return kernels::dot_avx512;
-    case Backend::avx2: return kernels::dot_avx2;
-    default: return dot_scalar;
-  }
-}
+const KernelTable<Dot> kDot{"edge_linear4_dot", dot_scalar, kernels::dot_avx2, kernels::dot_avx512, nullptr};
+const KernelRegistration kRegDot(kDot);
 
 }  // namespace
 
 void linear_4bit(const float* x, int64_t rows, int64_t in, const uint8_t* packed, const float* absmax,
-                 QuantType type, int64_t blocksize, int64_t out, float* y, Backend backend) {
+                 Format type, int64_t blocksize, int64_t out, float* y, Backend backend) {
   const char* fn = "linear_4bit";
   require(rows >= 0 && in >= 1 && out >= 1, fn, "bad shape: x [", rows, ", ", in, "], W [", out, ", ", in, "]");
-  require(valid_blocksize(blocksize), fn, "blocksize must be a power of two in 32..4096, got ", blocksize);
+  require(valid_bnb4_blocksize(blocksize), fn, "blocksize must be a power of two in 32..4096, got ", blocksize);
   require(packed != nullptr && absmax != nullptr && (rows == 0 || (x != nullptr && y != nullptr)), fn,
           "null pointer");
-  backend = resolve(backend);
-  require(backend != Backend::cuda, fn, "works on host memory; backend 'cuda' is not accepted");
-  const Dot dot = dot_for(backend);
+  require(resolve(backend) != Backend::cuda, fn, "works on host memory; backend 'cuda' is not accepted");
+  const auto dot = dispatch(kDot, backend);  // its rung also dequantizes the rows
+  require(valid_bnb4_blocksize(blocksize) && is_bnb4(type), fn, "W must be nf4 or fp4, got ", format_name(type));
   thread_local std::vector<float> row;
   row.resize(static_cast<size_t>(in));
   for (int64_t o = 0; o < out; ++o) {
-    dequantize_4bit_range(packed, absmax, type, blocksize, o * in, (o + 1) * in, row.data(), backend);
-    for (int64_t r = 0; r < rows; ++r) y[r * out + o] = dot(x + r * in, row.data(), in);
+    dequantize_4bit_range(packed, absmax, type, blocksize, o * in, (o + 1) * in, row.data(), dot.backend);
+    for (int64_t r = 0; r < rows; ++r) y[r * out + o] = dot.kernel(x + r * in, row.data(), in);
   }
 }
 

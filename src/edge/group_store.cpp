@@ -35,7 +35,6 @@ std::string key_text(GroupKey k) {
   return "(" + std::to_string(k.layer) + ", " + std::to_string(k.part) + ", " + std::to_string(k.index) + ")";
 }
 
-QuantType quant_type(TensorFormat f) { return f == TensorFormat::fp4 ? QuantType::fp4 : QuantType::nf4; }
 
 uint64_t page_bytes() {
   static const uint64_t size = [] {
@@ -72,7 +71,7 @@ struct GroupStore::Impl {
   std::map<GroupKey, int> by_key;
   int cycle = 1;
   int parts = 1;
-  Backend backend = Backend::scalar;
+  Backend backend = Backend::automatic;
 
   mutable std::mutex mu;
   std::condition_variable work_cv;          // the loader waits for something to do
@@ -412,8 +411,8 @@ GroupStore::GroupStore(const std::string& path, const StoreOptions& options) : i
           options.loader_threads);
   require(std::isfinite(options.read_bandwidth) && options.read_bandwidth >= 0, fn,
           "read_bandwidth must be a non-negative number of bytes/s, got ", options.read_bandwidth);
-  m.backend = resolve(options.backend);
-  require(m.backend != Backend::cuda, fn, "computes on the host; backend 'cuda' is not accepted");
+  require(resolve(options.backend) != Backend::cuda, fn, "computes on the host; backend 'cuda' is not accepted");
+  m.backend = options.backend;
   m.fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   require<FormatError>(m.fd >= 0, fn, path, ": cannot open (", std::strerror(errno), ")");
   m.index = detail::read_index(m.fd, path);
@@ -667,7 +666,7 @@ void GroupStore::linear(GroupKey key, const std::string& name, const float* x, i
   const uint8_t* bytes = impl_->acquired_bytes(key, fn, t, name);
   require(in == t->cols && rows >= 0, fn, "tensor '", name, "' of group ", key_text(key), " takes inputs of ",
           t->cols, ", got [", rows, ", ", in, "]");
-  if (t->format == TensorFormat::f32) {
+  if (t->format == Format::f32) {
     const auto* w = reinterpret_cast<const float*>(bytes);
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t o = 0; o < t->rows; ++o) {
@@ -678,17 +677,17 @@ void GroupStore::linear(GroupKey key, const std::string& name, const float* x, i
     return;
   }
   linear_4bit(x, rows, t->cols, bytes, reinterpret_cast<const float*>(bytes + t->absmax_offset()),
-              quant_type(t->format), t->blocksize, t->rows, y, impl_->backend);
+              t->format, t->blocksize, t->rows, y, impl_->backend);
 }
 
 void GroupStore::read_tensor(GroupKey key, const std::string& name, float* out) const {
   const TensorEntry* t = nullptr;
   const uint8_t* bytes = impl_->acquired_bytes(key, "GroupStore.read_tensor", t, name);
-  if (t->format == TensorFormat::f32) {
+  if (t->format == Format::f32) {
     std::memcpy(out, bytes, size_t(t->numel()) * 4);
     return;
   }
-  dequantize_4bit_range(bytes, reinterpret_cast<const float*>(bytes + t->absmax_offset()), quant_type(t->format),
+  dequantize_4bit_range(bytes, reinterpret_cast<const float*>(bytes + t->absmax_offset()), t->format,
                         t->blocksize, 0, t->numel(), out, impl_->backend);
 }
 

@@ -48,15 +48,10 @@ uint64_t get64(const uint8_t* p) {
   return v;
 }
 
-const char* format_name(TensorFormat f) {
-  switch (f) {
-    case TensorFormat::nf4: return "nf4";
-    case TensorFormat::fp4: return "fp4";
-    default: return "f32";
-  }
-}
+// The store's three tensor formats, spelled as halo's format table spells them.
+std::string store_format_name(Format f) { return f == Format::f32 ? "f32" : std::string(format_name(f)); }
 
-bool is_4bit(TensorFormat f) { return f != TensorFormat::f32; }
+bool is_4bit(Format f) { return is_bnb4(f); }
 
 std::string hex64(uint64_t v) {
   char text[17];
@@ -86,8 +81,10 @@ void check_spec(const TensorSpec& t, const GroupKey& key) {
           "' must have 1..", kMaxName, " characters");
   require(t.rows >= 1 && t.cols >= 1 && t.rows <= kMaxDim && t.cols <= kMaxDim && t.rows * t.cols <= kMaxNumel, fn,
           "group ", key_text(key), ": tensor '", t.name, "' shape [", t.rows, ", ", t.cols, "] out of range");
+  require(t.format == Format::f32 || is_4bit(t.format), fn, "group ", key_text(key), ": tensor '", t.name,
+          "' must be nf4, fp4 or f32, got ", format_name(t.format));
   if (is_4bit(t.format))
-    require(valid_blocksize(t.blocksize), fn, "group ", key_text(key), ": tensor '", t.name,
+    require(valid_bnb4_blocksize(t.blocksize), fn, "group ", key_text(key), ": tensor '", t.name,
             "' blocksize must be a power of two in 32..4096, got ", t.blocksize);
 }
 
@@ -101,7 +98,7 @@ const TensorEntry* GroupEntry::find(const std::string& name) const {
   return nullptr;
 }
 
-uint64_t tensor_bytes(TensorFormat format, int64_t rows, int64_t cols, int64_t blocksize) {
+uint64_t tensor_bytes(Format format, int64_t rows, int64_t cols, int64_t blocksize) {
   const int64_t n = rows * cols;
   if (!is_4bit(format)) return uint64_t(n) * 4;
   return align_up(uint64_t(packed_size(n)), 4) + uint64_t(num_blocks(n, blocksize)) * 4;
@@ -128,7 +125,7 @@ struct GroupStoreWriter::State {
     for (const auto& g : groups) {
       json tensors = json::array();
       for (const auto& t : g.tensors) {
-        json e = {{"name", t.name},   {"format", format_name(t.format)}, {"blocksize", t.blocksize},
+        json e = {{"name", t.name},   {"format", store_format_name(t.format)}, {"blocksize", t.blocksize},
                   {"shape", {t.rows, t.cols}}, {"offset", t.offset}, {"bytes", t.bytes}};
         tensors.push_back(std::move(e));
       }
@@ -400,15 +397,15 @@ StoreIndex read_index(int fd, const std::string& path) {
       const json& format = c.field(t, "format", tw);
       const std::string f = format.is_string() ? format.get<std::string>() : "";
       if (f == "nf4")
-        te.format = TensorFormat::nf4;
+        te.format = Format::nf4;
       else if (f == "fp4")
-        te.format = TensorFormat::fp4;
+        te.format = Format::fp4;
       else if (f == "f32")
-        te.format = TensorFormat::f32;
+        te.format = Format::f32;
       else
         c.bad(tw, "'format' must be 'nf4', 'fp4' or 'f32', got " + format.dump());
       te.blocksize = int64_t(c.uint(t, "blocksize", tw, 4096));
-      if (is_4bit(te.format) && !valid_blocksize(te.blocksize))
+      if (is_4bit(te.format) && !valid_bnb4_blocksize(te.blocksize))
         c.bad(tw, "blocksize " + std::to_string(te.blocksize) + " is not a power of two in 32..4096");
       const json& shape = c.field(t, "shape", tw);
       if (!shape.is_array() || shape.size() != 2) c.bad(tw, "'shape' must be [rows, cols]");

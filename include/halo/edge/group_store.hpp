@@ -40,7 +40,7 @@
 #include <vector>
 
 #include "halo/backend/backend.hpp"
-#include "halo/quant/format.hpp"
+#include "halo/core/format.hpp"
 
 namespace halo::edge {
 
@@ -57,11 +57,11 @@ struct GroupKey {
   friend auto operator<=>(const GroupKey&, const GroupKey&) = default;
 };
 
-enum class TensorFormat : uint8_t { nf4, fp4, f32 };
-
+// A tensor of a group is stored as Format::nf4 or Format::fp4 (bitsandbytes 4-bit blocks) or
+// Format::f32 (biases).
 struct TensorEntry {
   std::string name;
-  TensorFormat format = TensorFormat::f32;
+  Format format = Format::f32;
   int64_t blocksize = 0;  // 4-bit formats
   int64_t rows = 0, cols = 0;
   uint64_t offset = 0;  // from the group's first byte
@@ -80,14 +80,14 @@ struct GroupEntry {
 };
 
 // Bytes a tensor takes in the file (4-bit: codes, padding to 4, absmax).
-uint64_t tensor_bytes(TensorFormat format, int64_t rows, int64_t cols, int64_t blocksize);
+uint64_t tensor_bytes(Format format, int64_t rows, int64_t cols, int64_t blocksize);
 uint64_t store_hash(const void* data, uint64_t bytes);  // XXH3-64
 
 // The writer declares every group's tensors up front, so the index can sit before the
 // groups: a truncated file loses its last groups, never its index.
 struct TensorSpec {
   std::string name;
-  TensorFormat format = TensorFormat::f32;
+  Format format = Format::f32;
   int64_t blocksize = 64;  // 4-bit formats
   int64_t rows = 0, cols = 0;
 };
@@ -212,6 +212,6 @@ class GroupStore {
 // each row of W is dequantized into a small buffer and dotted with every row of x. The
 // scalar backend is the reference (row by row, float sums in order).
 void linear_4bit(const float* x, int64_t rows, int64_t in, const uint8_t* packed, const float* absmax,
-                 QuantType type, int64_t blocksize, int64_t out, float* y, Backend backend = Backend::automatic);
+                 Format type, int64_t blocksize, int64_t out, float* y, Backend backend = Backend::automatic);
 
 }  // namespace halo::edge

@@ -7,3 +7,4 @@ from . import lora as lora
 from . import quant as quant
 from . import sched as sched
 from . import edge as edge
+from . import edge_store as edge_store

@@ -45,11 +45,11 @@ std::vector<std::vector<Tensor>> write_store(const std::string& path, int layers
       for (int i = 0; i < per_part; ++i) {
         GroupSpec g{{l, p, i}, {}};
         std::vector<Tensor> ts(2);
-        ts[0].spec = {"w", TensorFormat::nf4, 64, rows, cols};
+        ts[0].spec = {"w", Format::nf4, 64, rows, cols};
         std::vector<float> w(size_t(rows) * cols);
         for (auto& v : w) v = normal(rng);
-        ts[0].q = quantize_4bit(w.data(), DType::f32, {rows, cols}, QuantType::nf4, 64);
-        ts[1].spec = {"b", TensorFormat::f32, 0, 1, rows};
+        ts[0].q = quantize_4bit(w.data(), Format::f32, {rows, cols}, Format::nf4, 64);
+        ts[1].spec = {"b", Format::f32, 0, 1, rows};
         ts[1].values.resize(size_t(rows));
         for (auto& v : ts[1].values) v = normal(rng);
         g.tensors = {ts[0].spec, ts[1].spec};
@@ -111,7 +111,7 @@ TEST_CASE("group store returns exactly the bytes written") {
     REQUIRE(std::memcmp(bytes.data() + absmax_at, q.absmax.data(), q.absmax.size() * 4) == 0);
     std::vector<float> w(17 * 96), expect(17 * 96), bias(17);
     store.read_tensor(key, "w", w.data());
-    dequantize_4bit(q, expect.data(), DType::f32, Backend::scalar);
+    dequantize_4bit(q, expect.data(), Format::f32, Backend::scalar);
     REQUIRE(std::memcmp(w.data(), expect.data(), w.size() * 4) == 0);
     store.read_tensor(key, "b", bias.data());
     REQUIRE(std::memcmp(bias.data(), data[i][1].values.data(), bias.size() * 4) == 0);
@@ -128,11 +128,11 @@ TEST_CASE("linear_4bit matches the dequantized matrix product on every backend")
     std::vector<float> w(size_t(out * in)), x(size_t(rows * in));
     for (auto& v : w) v = normal(rng);
     for (auto& v : x) v = normal(rng);
-    const Quantized4 q = quantize_4bit(w.data(), DType::f32, {out, in}, QuantType::nf4, 64);
+    const Quantized4 q = quantize_4bit(w.data(), Format::f32, {out, in}, Format::nf4, 64);
     std::vector<float> deq(w.size());
-    dequantize_4bit(q, deq.data(), DType::f32, Backend::scalar);
+    dequantize_4bit(q, deq.data(), Format::f32, Backend::scalar);
     std::vector<float> reference(size_t(rows * out));
-    linear_4bit(x.data(), rows, in, q.packed.data(), q.absmax.data(), QuantType::nf4, 64, out, reference.data(),
+    linear_4bit(x.data(), rows, in, q.packed.data(), q.absmax.data(), Format::nf4, 64, out, reference.data(),
                 Backend::scalar);
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t o = 0; o < out; ++o) {
@@ -143,7 +143,7 @@ TEST_CASE("linear_4bit matches the dequantized matrix product on every backend")
     for (Backend b : available_backends()) {
       if (b == Backend::cuda) continue;
       std::vector<float> y(reference.size());
-      linear_4bit(x.data(), rows, in, q.packed.data(), q.absmax.data(), QuantType::nf4, 64, out, y.data(), b);
+      linear_4bit(x.data(), rows, in, q.packed.data(), q.absmax.data(), Format::nf4, 64, out, y.data(), b);
       for (size_t i = 0; i < y.size(); ++i) REQUIRE(y[i] == Approx(reference[i]).margin(1e-4 * std::sqrt(double(in))));
     }
   }
@@ -323,9 +323,9 @@ TEST_CASE("a truncated store keeps its intact groups; a damaged header or index 
 TEST_CASE("the writer checks its input and leaves no file behind when it fails") {
   const std::string path = temp_path("writer.halogrp");
   std::filesystem::remove(path);
-  std::vector<GroupSpec> layout = {{{0, 0, 0}, {{"w", TensorFormat::nf4, 64, 2, 64}}}};
+  std::vector<GroupSpec> layout = {{{0, 0, 0}, {{"w", Format::nf4, 64, 2, 64}}}};
   REQUIRE_THROWS_WITH(GroupStoreWriter(path, "[1]", layout), Catch::Contains("meta must be a JSON object"));
-  REQUIRE_THROWS_WITH(GroupStoreWriter(path, "{}", {{{0, 0, 0}, {{"w", TensorFormat::nf4, 48, 2, 64}}}}),
+  REQUIRE_THROWS_WITH(GroupStoreWriter(path, "{}", {{{0, 0, 0}, {{"w", Format::nf4, 48, 2, 64}}}}),
                       Catch::Contains("blocksize"));
   REQUIRE_THROWS_WITH(GroupStoreWriter(path, "{}", {layout[0], layout[0]}), Catch::Contains("listed twice"));
   {
