@@ -621,15 +621,29 @@ class StreamedCompute:
         self.store.advance(layer, part)
         self._schedule(layer, part, h)
         must = set(must)
+        later = []  # to read now, but no room beside this exchange's other groups: one at a time
         for i, g in enumerate(groups):
             if not here[i] and (self.on_missing == "load" or g.index in must):
                 here[i] = self.store.load_now(g.key)
+                if not here[i]:
+                    later.append(g)
         present = [g for g, ok in zip(groups, here) if ok]
+        terms: dict[Key, Any] = {}
         try:
             present = self._catch_up(layer, part, present, h, pos)
-            terms = dict(zip((g.key for g in present), self.inner.run(present, h, pos)))
+            terms.update(zip((g.key for g in present), self.inner.run(present, h, pos)))
         finally:
             self.store.release([g.key for g, ok in zip(groups, here) if ok])
+        for g in later:
+            if not self.store.load_now(g.key):
+                continue  # a bad group (see errors()) or a budget full of pinned groups
+            try:
+                done = self._catch_up(layer, part, [g], h, pos)
+                if done:
+                    terms[g.key] = self.inner.run(done, h, pos)[0]
+                    present.append(g)
+            finally:
+                self.store.release([g.key])
         self._record(layer, part, present, h, pos)
         self.computed += len(present)
         self.missing += len(groups) - len(present)
