@@ -730,14 +730,13 @@ class WorkerStreaming:
         window_exchanges: int = 4,
         loader_threads: int = 4,
         log: Any = None,
+        read_bandwidth: float = 0.0,
     ) -> None:
         self.budget = parse_budget(budget)
-        self.store_dir, self.window_exchanges, self.loader_threads = (
-            store_dir,
-            window_exchanges,
-            loader_threads,
-        )
-        self.log = log
+        self.store_dir, self.window_exchanges = store_dir, window_exchanges
+        self.loader_threads, self.log = loader_threads, log
+        self.read_bandwidth = read_bandwidth  # bytes/s: emulates a slower disk (tests); 0: none
+        self.last: tuple[GroupStore, StreamedCompute] | None = None  # the latest session's
 
     def open(self, model: str, spec: Spec, groups, msg: dict[str, Any]) -> tuple[GroupStore, StreamedCompute]:
         from .edge_plan import load_plan, load_predictors
@@ -765,6 +764,7 @@ class WorkerStreaming:
             shares=shares,
             window_exchanges=self.window_exchanges,
             loader_threads=self.loader_threads,
+            read_bandwidth=self.read_bandwidth,
             held=(),
         )
         wait_all = msg.get("delivery", {}).get("other", "unreliable") != "unreliable"
@@ -775,6 +775,7 @@ class WorkerStreaming:
             norms=input_norms(Checkpoint(model), spec) if predictors else None,
             on_missing="load" if wait_all else "skip",
         )
+        self.last = (store, compute)
         return store, compute
 
 

@@ -417,6 +417,33 @@ def test_worker_with_a_memory_budget_serves_the_root_in_less_memory(tmp_path_fac
     assert saved >= 0.7 * 0.9 * total, (saved, total)
 
 
+def test_worker_leaves_late_groups_to_the_root_and_never_stalls(tiny, tmp_path):
+    """HALO delivery, a budget of a third of the groups and a disk emulated at 1 MB/s: the
+    worker sends what is resident at each deadline (critical groups read at once), the root
+    compensates the rest like lost packets, and the run goes on with every worker alive."""
+    plan = edge.make_plan(tiny, 1, calibration_tokens=0, group_size=48, out=tmp_path / "plan.json")
+    streaming = es.WorkerStreaming(0.3, tmp_path / "stores", window_exchanges=1, read_bandwidth=1e6)
+    log = open(os.devnull, "w")  # noqa: SIM115 - closed below
+    worker = edge.Worker("127.0.0.1", 0, log=log, streaming=streaming)
+    thread = threading.Thread(target=worker.serve, kwargs={"sessions": 1, "idle_timeout": 60}, daemon=True)
+    thread.start()
+    try:
+        with edge.Root(str(tiny), [f"127.0.0.1:{worker.port}"], plan, policy="halo", log=None) as root:
+            out = root.generate([5, 17, 3, 60], 8)
+            delivered = root.stats.delivered_fraction()
+            dead = dict(root.stats.dead)
+        store, compute = streaming.last
+        missing, computed = compute.missing, compute.computed
+        peak, budget = store.stats()["peak_resident_bytes"], store.budget
+    finally:
+        thread.join(60)
+        log.close()
+    assert len(out["tokens"]) == 8 and not dead
+    assert missing > 0 and computed > 0
+    assert delivered < 1.0
+    assert peak <= budget
+
+
 # ----------------------------------------------------------------------------------------------
 # Damaged files
 
