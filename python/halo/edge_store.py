@@ -8,11 +8,12 @@ computes. Here:
   halo's 4-bit layout (NF4 via ``halo.quantize_4bit``; biases as float32), with a
   versioned, checksummed header and index (``halo._core.edge_store``; format in
   include/halo/edge/group_store.hpp).
-* ``GroupStore`` keeps at most a memory budget of groups resident. A loader thread (C++)
-  reads, while the current exchange computes, the groups worth most: importance (the
-  semantic predictor's score for the next exchanges, static importance otherwise) per
-  byte, discounted by how many exchanges away their next use is; the groups just used are
-  the furthest away, so they go first. The most important groups are pinned first.
+* ``GroupStore`` keeps at most a memory budget of groups resident. Loader threads (C++)
+  read, while the current exchange computes, the groups needed soonest and, within an
+  exchange, the most important per byte first (importance: the semantic predictor's score
+  for the next exchange, static importance otherwise). Eviction takes the groups needed
+  latest (the ones just used: recency), then the least important. The most important
+  groups are pinned first; see docs/partition.md.
 * ``StreamedCompute`` runs an exchange on whatever is resident at its start (the deadline):
   a missing group is left out like a lost packet and the caller compensates it, so loading
   never stalls a step. A missing attention group's key/value cache is caught up from the

@@ -22,6 +22,8 @@ from halo import edge
 from halo import edge_store as es
 from halo._core import edge_store as core
 from halo.edge_model import ATTN, FFN, Checkpoint, WeightStore, layout, read_spec
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -490,6 +492,39 @@ def test_corrupt_and_truncated_groups_are_reported_and_left_out(tiny, tiny_store
     es.build_store(tiny, other, group_size=32)
     with pytest.raises(edge.EdgeError, match="groups of 32 neurons, the plan's are 48"):
         es.GroupStore(other, spec, groups)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    flips=st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(1, 255)), max_size=4),
+    keep=st.one_of(st.none(), st.integers(0, 1 << 20)),
+)
+def test_damaged_store_bytes_never_crash(tiny_store, tmp_path, flips, keep):
+    """Any byte flips and any truncation: the store either refuses to open with one clear
+    error or opens and loads what is intact, marking the rest bad."""
+    raw = bytearray(Path(tiny_store).read_bytes())
+    for offset, mask in flips:
+        raw[offset % len(raw)] ^= mask
+    if keep is not None:
+        raw = raw[: keep % (len(raw) + 1)]
+    path = tmp_path / "fuzzed.halogrp"
+    path.write_bytes(bytes(raw))
+    try:
+        store = core.Store(str(path), None, "resident", False, True)
+    except (ValueError, RuntimeError) as exc:
+        assert "\n" not in str(exc) and "GroupStore" in str(exc)
+        return
+    bad = {tuple(k) for k, _ in store.errors()}
+    for entry in store.groups():
+        key = tuple(entry[0])
+        if store.load_now(key):
+            for name, *_ in entry[4]:
+                store.read_tensor(key, name)  # an intact (hash-checked) group reads back
+            store.release([key])
+        else:
+            bad.add(key)
+    assert {tuple(k) for k, _ in store.errors()} == bad
+    store.close()
 
 
 # ----------------------------------------------------------------------------------------------

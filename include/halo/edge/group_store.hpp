@@ -141,7 +141,7 @@ struct StoreStats {
   uint64_t peak_resident_bytes = 0;
   uint64_t pinned_bytes = 0;
   uint64_t bytes_read = 0;  // by this store's reads (mmap mode: 0, the kernel reads)
-  uint64_t loads = 0;       // by the loader thread
+  uint64_t loads = 0;       // by the loader threads
   uint64_t sync_loads = 0;  // by load_now / pin
   uint64_t evictions = 0;
   uint64_t hits = 0;    // acquire found the group resident
