@@ -209,7 +209,7 @@ class Checkpoint:
         for file in files:
             try:
                 handle = safe_open(str(file), framework="pt")
-            except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+            except Exception as exc:
                 raise EdgeError(f"{file}: unreadable safetensors file ({exc})") from None
             self._handles.append(handle)
             for name in handle.keys():  # noqa: SIM118 - a safe_open handle, not a dict

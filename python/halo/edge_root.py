@@ -12,6 +12,7 @@ balancer (as are groups of links whose loss estimate drifts); every wait has a d
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -446,10 +447,8 @@ class Root(_Runner):
             return
         for w in range(len(self.addresses)):
             if self.alive[w] and self.peer[w] >= 0:
-                try:
+                with contextlib.suppress(RuntimeError):
                     self._send(w, {"type": "bye"})
-                except RuntimeError:
-                    pass
         self.transport.flush()
         end = time.monotonic() + 0.2
         while time.monotonic() < end and self.transport.poll(0.02) is not None:
@@ -460,7 +459,7 @@ class Root(_Runner):
         self.transport.flush()
         self.transport = None
 
-    def __enter__(self) -> Root:  # noqa: PYI034 - Python 3.9 has no typing.Self
+    def __enter__(self) -> Root:
         return self.connect()
 
     def __exit__(self, *exc: object) -> None:
@@ -653,7 +652,7 @@ class Root(_Runner):
         W = len(self.addresses)
         key = (part, rows)
         mon = self.latency.setdefault(key, sched.Monitor(W, alpha=self.options.monitor_alpha))
-        for late_step, group, peer, when in r["late"]:
+        for late_step, group, _peer, when in r["late"]:
             miss = self._missed.pop((late_step, group), None)
             if miss is None:
                 continue

@@ -200,7 +200,7 @@ def _serve_session(transport: Any, peer: int, log: TextIO) -> int | None:
             try:
                 body = json.loads(msg["json"])
                 if not isinstance(body, dict):
-                    raise ValueError("not an object")  # noqa: TRY004 - bad message content
+                    raise ValueError("not an object")
             except ValueError as exc:
                 session.error(f"control message is not a JSON object ({exc})")
                 continue

@@ -2,7 +2,7 @@
 
 #include <cstring>
 
-#include "halo/core/dtype.hpp"
+#include "halo/core/convert.hpp"
 #include "halo/core/error.hpp"
 
 namespace halo::edge {

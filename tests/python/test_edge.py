@@ -17,19 +17,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
 from halo import edge
 from halo._core import edge as core
 from halo.edge_model import FFN
 from halo.edge_root import compensate
 
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
 REPO = Path(__file__).resolve().parents[2]
 SMOL = REPO / "build" / "models" / "smollm2-135m"
 sys.path.insert(0, str(REPO / "tests" / "net"))
-import testbed
+import testbed  # noqa: E402 - lives beside the tests, not in the package
 
 
 def _python_env() -> dict[str, str]:
@@ -433,7 +432,7 @@ def test_cli_errors_are_one_line(tiny_llama, tmp_path):
     }
     for word, args in runs.items():
         t0 = time.monotonic()
-        done = subprocess.run(  # noqa: PLW1510 - the return code is checked below
+        done = subprocess.run(
             [
                 sys.executable,
                 "-m",
@@ -470,7 +469,7 @@ def test_cli_run_generates_on_workers(tiny_llama, tmp_path):
     assert (tmp_path / "plan.json.predictor.npz").exists()
     with ThreadWorkers(2, sessions=1) as workers:
         out = tmp_path / "out.json"
-        done = subprocess.run(  # noqa: PLW1510 - the return code is checked below
+        done = subprocess.run(
             [
                 *cli,
                 "run",
