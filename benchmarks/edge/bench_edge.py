@@ -204,7 +204,7 @@ def probe_recovery(bed, p: float, count: int = 400) -> dict:
                     peer = t.connect(bed.worker_ip(0), port, 10.0)
                     times = []
                     payload = bytes(1184)
-                    for k in range(count + 20):
+                    for k in range(count + 50):
                         t0 = time.monotonic()
                         t.send(peer, payload, "reliable")
                         t.flush()
@@ -212,7 +212,7 @@ def probe_recovery(bed, p: float, count: int = 400) -> dict:
                             e = t.poll(5.0)
                             if e is None or e[0] == "message":
                                 break
-                        if k >= 20:  # after ENet's round-trip estimate settled
+                        if k >= 50:  # after the round-trip estimates settled
                             times.append(time.monotonic() - t0)
                     t.disconnect(peer, True)
                     del t
