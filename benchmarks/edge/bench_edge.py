@@ -122,7 +122,12 @@ def run_causal(bed, model, addresses, plan, policy, ids, prefill, tokens, cap_s,
     out = {"decode_s": [], "prefill_s": [], "nll": [], "argmax": []}
     import torch
 
-    with bed.inside(bed.root), edge.Root(str(model), addresses, plan, policy=transport_policy, connect_timeout=20, **options) as root:
+    with (
+        bed.inside(bed.root),
+        edge.Root(
+            str(model), addresses, plan, policy=transport_policy, connect_timeout=20, **options
+        ) as root,
+    ):
         t_end = time.monotonic() + cap_s
         # Prefill: the same prompt twice (fresh sequences) for the per-forward latency.
         for _ in range(2):
@@ -154,7 +159,10 @@ def run_encoder(bed, model, addresses, plan, policy, sentences, cap_s):
     for i in range(WORKERS):
         bed.set_rto_min(i, RTO_TUNED_MS if policy == "tcp-rto" else None)
     out = {"forward_s": [], "embeddings": []}
-    with bed.inside(bed.root), edge.Root(str(model), addresses, plan, policy=transport_policy, connect_timeout=20) as root:
+    with (
+        bed.inside(bed.root),
+        edge.Root(str(model), addresses, plan, policy=transport_policy, connect_timeout=20) as root,
+    ):
         t_end = time.monotonic() + cap_s
         for ids in sentences:
             if time.monotonic() > t_end:
@@ -191,9 +199,11 @@ def probe_recovery(bed, p: float, count: int = 400) -> dict:
 
     result = {}
     for proto, port in (("tcp", 7101), ("enet", 7102)):
-        echo = bed.popen(bed.worker(0), [sys.executable, "-c", ECHO, proto, str(port)], stdout=subprocess.PIPE, text=True)
+        echo = bed.popen(
+            bed.worker(0), [sys.executable, "-c", ECHO, proto, str(port)], stdout=subprocess.PIPE, text=True
+        )
         echo.stdout.readline()
-        for rto in ((None, RTO_TUNED_MS) if proto == "tcp" else (None,)):
+        for rto in (None, RTO_TUNED_MS) if proto == "tcp" else (None,):
             bed.set_rto_min(0, rto)
             name = f"{proto}{'' if rto is None else '-rto'}"
             stats = {}
@@ -282,8 +292,10 @@ def summarise_encoder(run, ref):
 
 def table_causal(rows, title):
     print(f"\n{title}")
-    print("| links | loss | policy | placement | tokens | decode p50 / p99 ms | prefill p50 ms | "
-          "delivered | agreement | ppl vs lossless | re-plans |")
+    print(
+        "| links | loss | policy | placement | tokens | decode p50 / p99 ms | prefill p50 ms | "
+        "delivered | agreement | ppl vs lossless | re-plans |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         s = r["summary"]
@@ -295,7 +307,11 @@ def table_causal(rows, title):
 
 
 def speedups(rows, family, loss, placement="balance"):
-    by = {(r["policy"], r["placement"]): r["summary"] for r in rows if r["family"] == family and r["loss"] == loss}
+    by = {
+        (r["policy"], r["placement"]): r["summary"]
+        for r in rows
+        if r["family"] == family and r["loss"] == loss
+    }
     halo = by.get(("halo", placement))
     if not halo:
         return {}
@@ -383,12 +399,16 @@ def main() -> int:
             if reference is None:
                 # The lossless run: the same runtime, TCP, no loss.
                 plan0 = edge.with_placement(base_plan, spec, "balance", devices_for(family, 0.0))
-                reference = run_causal(bed, SMOL, addresses, plan0, "tcp", text_ids, prefill, head_tokens, 600)
+                reference = run_causal(
+                    bed, SMOL, addresses, plan0, "tcp", text_ids, prefill, head_tokens, 600
+                )
                 local = edge.Local(str(SMOL))
                 ref_local = local.forward(text_ids[:prefill], 0)[-1].argmax().item()
-                print(f"lossless run: {len(reference['argmax'])} positions, first token "
-                      f"{'matches' if ref_local == reference['argmax'][0] else 'differs from'} the local float32 model",
-                      flush=True)
+                print(
+                    f"lossless run: {len(reference['argmax'])} positions, first token "
+                    f"{'matches' if ref_local == reference['argmax'][0] else 'differs from'} the local float32 model",
+                    flush=True,
+                )
                 if family == "uniform":
                     results["recovery"] = probe_recovery(bed, 0.05)
                     print("link recovery at 5 %:", json.dumps(results["recovery"], indent=1), flush=True)
@@ -407,8 +427,17 @@ def main() -> int:
                 for rnd in range(rounds):
                     for policy, place in runs:
                         t0 = time.monotonic()
-                        r = run_causal(bed, SMOL, addresses, plans[place], policy, text_ids, prefill,
-                                       tokens // rounds, cap / rounds)
+                        r = run_causal(
+                            bed,
+                            SMOL,
+                            addresses,
+                            plans[place],
+                            policy,
+                            text_ids,
+                            prefill,
+                            tokens // rounds,
+                            cap / rounds,
+                        )
                         prev = collected.get((policy, place))
                         if prev:
                             for k in ("decode_s", "prefill_s", "nll", "argmax"):
@@ -417,20 +446,40 @@ def main() -> int:
                             prev["replans"] += r["replans"]
                         else:
                             collected[(policy, place)] = r
-                        print(f"  {family} {p:.0%} {policy:12s} {place:11s} round {rnd}: "
-                              f"{len(r['decode_s'])} tokens, p50 {pct(r['decode_s'], 50) * 1e3:.1f} ms "
-                              f"({time.monotonic() - t0:.0f} s)", flush=True)
+                        print(
+                            f"  {family} {p:.0%} {policy:12s} {place:11s} round {rnd}: "
+                            f"{len(r['decode_s'])} tokens, p50 {pct(r['decode_s'], 50) * 1e3:.1f} ms "
+                            f"({time.monotonic() - t0:.0f} s)",
+                            flush=True,
+                        )
                 for (policy, place), r in collected.items():
                     results["causal"].append(
-                        {"family": family, "loss": p, "policy": policy, "placement": place,
-                         "summary": summarise_causal(r, reference)}
+                        {
+                            "family": family,
+                            "loss": p,
+                            "policy": policy,
+                            "placement": place,
+                            "summary": summarise_causal(r, reference),
+                        }
                     )
                 if headline:
                     # Accuracy of the three compensations (HALO, balanced placement), more tokens.
                     for comp in ("zero", "previous", "predictor"):
-                        r = run_causal(bed, SMOL, addresses, plans["balance"], "halo", text_ids, prefill,
-                                       head_tokens, 120, compensation=comp)
-                        results["compensation"].append({"compensation": comp, "summary": summarise_causal(r, reference)})
+                        r = run_causal(
+                            bed,
+                            SMOL,
+                            addresses,
+                            plans["balance"],
+                            "halo",
+                            text_ids,
+                            prefill,
+                            head_tokens,
+                            120,
+                            compensation=comp,
+                        )
+                        results["compensation"].append(
+                            {"compensation": comp, "summary": summarise_causal(r, reference)}
+                        )
                 set_loss(bed, family, 0.0)
             (OUT / "results.json").write_text(json.dumps(results, indent=1))
 
@@ -446,11 +495,13 @@ def main() -> int:
 
     tok = AutoTokenizer.from_pretrained(str(mini))
     sentences = [s.strip() for s in docstring_text("n", "z", max_words=3000).replace("\n", " ").split(". ")]
-    sentences = [tok(s, truncation=True, max_length=48)["input_ids"] for s in sentences if len(s.split()) >= 6][:24]
+    sentences = [
+        tok(s, truncation=True, max_length=48)["input_ids"] for s in sentences if len(s.split()) >= 6
+    ][:24]
     with testbed.Testbed(links_for("uniform", 0.0), seed=9) as bed:
         addresses = start_workers(bed)
         mini_ref = None
-        for p in ([0.05] if args.quick else [0.0, 0.05, 0.10]):
+        for p in [0.05] if args.quick else [0.0, 0.05, 0.10]:
             set_loss(bed, "uniform", p)
             plan_p = edge.with_placement(mini_plan, mini_spec, "balance", devices_for("uniform", p))
             if mini_ref is None:
@@ -459,32 +510,47 @@ def main() -> int:
                 set_loss(bed, "uniform", p)
             for policy, _ in SWEEP_RUNS:
                 r = run_encoder(bed, mini, addresses, plan_p, policy, sentences, 60)
-                results["encoder"].append({"loss": p, "policy": policy, "summary": summarise_encoder(r, mini_ref)})
-                print(f"  MiniLM {p:.0%} {policy:12s}: {len(r['forward_s'])} forwards, "
-                      f"p50 {pct(r['forward_s'], 50) * 1e3:.1f} ms", flush=True)
+                results["encoder"].append(
+                    {"loss": p, "policy": policy, "summary": summarise_encoder(r, mini_ref)}
+                )
+                print(
+                    f"  MiniLM {p:.0%} {policy:12s}: {len(r['forward_s'])} forwards, "
+                    f"p50 {pct(r['forward_s'], 50) * 1e3:.1f} ms",
+                    flush=True,
+                )
 
     results["seconds"] = time.monotonic() - t_start
     (OUT / "results.json").write_text(json.dumps(results, indent=1))
     (OUT / "recovery.json").write_text(json.dumps(results["recovery"], indent=1))
 
-    table_causal(results["causal"], "SmolLM2-135M, 4 workers (decode = teacher-forced, one token per forward)")
+    table_causal(
+        results["causal"], "SmolLM2-135M, 4 workers (decode = teacher-forced, one token per forward)"
+    )
     for family in families:
-        for (k, v) in speedups(results["causal"], family, 0.05).items():
-            print(f"speed-up of HALO (balanced) over {k} at 5 % {family}: p50 {v['p50']:.2f}x, mean {v['mean']:.2f}x")
+        for k, v in speedups(results["causal"], family, 0.05).items():
+            print(
+                f"speed-up of HALO (balanced) over {k} at 5 % {family}: p50 {v['p50']:.2f}x, mean {v['mean']:.2f}x"
+            )
     for k, v in speedups(results["causal"], "uniform", 0.05, "round_robin").items():
-        print(f"speed-up of HALO (round-robin) over {k} at 5 % uniform: p50 {v['p50']:.2f}x, mean {v['mean']:.2f}x")
+        print(
+            f"speed-up of HALO (round-robin) over {k} at 5 % uniform: p50 {v['p50']:.2f}x, mean {v['mean']:.2f}x"
+        )
     print("\ncompensation at 5 % uniform (HALO, balanced):")
     for c in results["compensation"]:
         s = c["summary"]
-        print(f"  {c['compensation']:9s}: agreement {s['agreement']:.3f}, ppl {s['ppl_ratio'] - 1:+.1%} "
-              f"({s['tokens']} tokens, delivered {s['delivered']:.3f})")
+        print(
+            f"  {c['compensation']:9s}: agreement {s['agreement']:.3f}, ppl {s['ppl_ratio'] - 1:+.1%} "
+            f"({s['tokens']} tokens, delivered {s['delivered']:.3f})"
+        )
     print("\nMiniLM, 4 workers, uniform links")
     print("| loss | policy | forward p50 / p99 ms | cosine mean / min | NN agreement | delivered |")
     print("|---|---|---|---|---|---|")
     for e in results["encoder"]:
         s = e["summary"]
-        print(f"| {e['loss']:.0%} | {e['policy']} | {s['forward_p50_ms']:.1f} / {s['forward_p99_ms']:.1f} | "
-              f"{s['cosine_mean']:.4f} / {s['cosine_min']:.4f} | {s['nn_agreement']:.3f} | {s['delivered']:.3f} |")
+        print(
+            f"| {e['loss']:.0%} | {e['policy']} | {s['forward_p50_ms']:.1f} / {s['forward_p99_ms']:.1f} | "
+            f"{s['cosine_mean']:.4f} / {s['cosine_min']:.4f} | {s['nn_agreement']:.3f} | {s['delivered']:.3f} |"
+        )
     if not args.quick:
         plot(results["causal"], REPO / "docs" / "edge_latency.png")
     print(f"\nbench_edge: {results['seconds'] / 60:.1f} min")

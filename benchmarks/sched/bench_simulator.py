@@ -41,7 +41,9 @@ def recovery_times() -> tuple[dict[str, float], str]:
     path = REPO / "build" / "edge_bench" / "recovery.json"
     try:
         raw = json.loads(path.read_text())
-        return {k: float(raw[k]["recovery_ms_per_loss"]) for k in ("tcp", "tcp-rto", "enet")}, f"measured ({path})"
+        return {
+            k: float(raw[k]["recovery_ms_per_loss"]) for k in ("tcp", "tcp-rto", "enet")
+        }, f"measured ({path})"
     except (OSError, KeyError, ValueError):
         return dict(DEFAULT_RECOVERY), "defaults (run benchmarks/edge/bench_edge.py to measure them)"
 
@@ -86,7 +88,9 @@ def ln(x, w, b, eps=1e-12):
 
 
 def cos(a, b):
-    return float(np.mean(np.sum(a * b, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-30)))
+    return float(
+        np.mean(np.sum(a * b, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-30))
+    )
 
 
 def main() -> None:
@@ -98,7 +102,7 @@ def main() -> None:
     order = np.random.default_rng(0).permutation(tokens)
     calib, held = order[: tokens // 2], order[tokens // 2 :]
     setup = {}
-    for part, (h, t, gdefs) in parts.items():
+    for part, (_, t, gdefs) in parts.items():
         imp = np.linalg.norm(t[:, calib], axis=2).mean(1)
         costs = [{**group_cost(spec, g, 2.0), "importance": float(i)} for g, i in zip(gdefs, imp)]
         critical = imp >= np.quantile(imp, 0.75)  # the top quarter reliable
@@ -179,8 +183,13 @@ def main() -> None:
     rows = []
     for label, hetero, burst in (("uniform", False, 1.0), ("bursty", False, 4.0), ("hetero", True, 1.0)):
         for p in PLRS:
-            runs = [run(p, hetero, burst, s, recovery["tcp"] / 1e3, recovery["enet"] / 1e3, True) for s in SEEDS]
-            tuned = [run(p, hetero, burst, s, recovery["tcp-rto"] / 1e3, recovery["enet"] / 1e3, False) for s in SEEDS]
+            runs = [
+                run(p, hetero, burst, s, recovery["tcp"] / 1e3, recovery["enet"] / 1e3, True) for s in SEEDS
+            ]
+            tuned = [
+                run(p, hetero, burst, s, recovery["tcp-rto"] / 1e3, recovery["enet"] / 1e3, False)
+                for s in SEEDS
+            ]
             sp = stats([r["tcp"] / r["halo"] for r in runs])
             spt = stats([t["tcp"] / r["halo"] for r, t in zip(runs, tuned)])
             row = {

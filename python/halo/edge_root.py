@@ -61,10 +61,15 @@ class RunOptions:
     monitor_alpha: float = 0.005  # per group observation: ~240 per worker and token on SmolLM2
     duplicate_critical: bool = True  # halo: an unreliable copy of each critical message first
     threads: int = 1
+    weights: str = "float32"  # how workers hold their groups: "float32" or "nf4" (halo's 4-bit kernel)
 
     def check(self) -> RunOptions:
         if self.policy not in POLICIES:
             raise EdgeError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        from .edge_model import WEIGHT_FORMATS
+
+        if self.weights not in WEIGHT_FORMATS:
+            raise EdgeError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}, got {self.weights!r}")
         if self.compensation is not None and self.compensation not in COMPENSATIONS:
             raise EdgeError(
                 f"compensation must be one of {', '.join(COMPENSATIONS)}, got {self.compensation!r}"
@@ -202,13 +207,19 @@ class _Runner:
 class Local(_Runner):
     """Every group in this process, no network: the lossless float32 reference."""
 
-    def __init__(self, model_dir: str, group_size: int = 128, heads_per_group: int | None = None) -> None:
+    def __init__(
+        self,
+        model_dir: str,
+        group_size: int = 128,
+        heads_per_group: int | None = None,
+        weights: str = "float32",
+    ) -> None:
         from .edge_model import default_heads_per_group
 
         self.spec = read_spec(model_dir)
         ck = Checkpoint(model_dir)
         hpg = default_heads_per_group(self.spec) if heads_per_group is None else heads_per_group
-        self.cluster = LocalCluster(ck, self.spec, layout(self.spec, group_size, hpg))
+        self.cluster = LocalCluster(ck, self.spec, layout(self.spec, group_size, hpg), weights)
         self.model = RootModel(ck, self.spec)
 
     def forward(self, ids: Sequence[int], pos: int):
@@ -388,6 +399,7 @@ class Root(_Runner):
             "heads_per_group": self.plan.heads_per_group,
             "delivery": delivery,
             "threads": o.threads,
+            "weights": o.weights,
         }
         for w in everyone:
             self._send(w, load)

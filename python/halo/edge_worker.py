@@ -80,7 +80,7 @@ class _Session:
                 raise EdgeError(f"the model at {model} differs from the root's (fingerprint mismatch)")
             self.spec = spec
             self.groups = layout(spec, int(msg["group_size"]), int(msg["heads_per_group"]))
-            self.store = WeightStore(Checkpoint(model), spec)
+            self.store = WeightStore(Checkpoint(model), spec, str(msg.get("weights", "float32")))
             self.compute = GroupCompute(spec, self.store)
             self.delivery.update(msg.get("delivery", {}))
             torch.set_num_threads(int(msg.get("threads", 1)))

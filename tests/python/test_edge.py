@@ -120,6 +120,33 @@ def test_bert_split_matches_transformers(tiny_bert):
     np.testing.assert_allclose(got, ref.numpy(), rtol=1e-5, atol=1e-6)
 
 
+def test_nf4_groups_compute_with_the_dequantized_weights(tiny_llama):
+    """Workers holding NF4 groups give the terms of the dequantized weights (halo's 4-bit
+    kernel against an independent float product), and the whole model stays close."""
+    import halo
+    from halo import edge_model as em
+
+    spec = em.read_spec(tiny_llama)
+    groups = em.layout(spec, 48, 2)
+    ck = em.Checkpoint(tiny_llama)
+    store = em.WeightStore(ck, spec, "nf4")
+    g = groups[1][FFN][1]
+    store.hold([g])
+    h = torch.randn(3, spec.hidden)
+    term = em.GroupCompute(spec, store).run([g], h, 0)[0]
+    deq = {
+        k: torch.from_numpy(halo.dequantize_4bit(store.get(g.key).mats[k].packed))
+        for k in ("gate", "up", "down")
+    }
+    expect = (torch.nn.functional.silu(h @ deq["gate"].T) * (h @ deq["up"].T)) @ deq["down"].T
+    torch.testing.assert_close(term, expect, rtol=1e-4, atol=1e-5)
+    float_logits = edge.Local(str(tiny_llama), group_size=48).forward([5, 17, 3], 0)
+    nf4_logits = edge.Local(str(tiny_llama), group_size=48, weights="nf4").forward([5, 17, 3], 0)
+    assert not torch.equal(float_logits, nf4_logits)
+    cos = torch.nn.functional.cosine_similarity(float_logits, nf4_logits, dim=-1)
+    assert cos.min() > 0.98
+
+
 @pytest.mark.skipif(not SMOL.exists(), reason="SmolLM2 not built (make model)")
 def test_smollm2_split_matches_transformers(tmp_path):
     # The real weights, first 4 of 30 layers (a config that says 4 layers over the same
@@ -337,9 +364,19 @@ def test_every_policy_reproduces_the_local_model_without_loss(tiny_llama):
             # A generous deadline for halo: without loss it must then deliver everything even
             # on a busy machine (what it drops under deadline pressure is tested in the bed).
             slack = {"deadline_factor": 30.0, "initial_deadline": 2.0} if policy == "halo" else {}
+            if policy == "reliable-udp":
+                slack["weights"] = "nf4"  # one run with 4-bit groups: same tokens as their local model
             with edge.Root(str(tiny_llama), workers.addresses, plan, policy=policy, **slack) as root:
                 logits = root.forward([5, 17, 3, 99], 0)
                 # float16 on the wire: close to, not equal to, the float32 reference
+                if policy == "reliable-udp":
+                    nf4 = edge.Local(str(tiny_llama), group_size=48, weights="nf4")
+                    torch.testing.assert_close(logits, nf4.forward([5, 17, 3, 99], 0), rtol=0.02, atol=0.02)
+                    assert (
+                        root.generate([5, 17, 3, 99], 6)["tokens"]
+                        == nf4.generate([5, 17, 3, 99], 6)["tokens"]
+                    )
+                    continue
                 torch.testing.assert_close(logits, ref_logits, rtol=0.02, atol=0.02)
                 assert root.generate([5, 17, 3, 99], 6)["tokens"] == ref, policy
                 assert root.stats.delivered_fraction() == 1.0
