@@ -228,3 +228,17 @@ def halo_quantize_model(
             )
         )
     return report
+
+
+# -- Drop-in 4-bit loading (halo.hf_4bit): HaloConfig for from_pretrained, quantize_model,
+# bitsandbytes checkpoints without bitsandbytes. Imported on first use so that importing halo
+# does not import torch or transformers.
+_DROP_IN = ("HaloConfig", "HaloHfQuantizer", "load_bnb_checkpoint", "quantize_model")
+
+
+def __getattr__(name: str):
+    if name in _DROP_IN:
+        from . import hf_4bit
+
+        return getattr(hf_4bit, name)
+    raise AttributeError(f"module 'halo.hf' has no attribute {name!r}")

@@ -84,8 +84,10 @@ class Linear4bit(nn.Module):
             torch.empty(out_features, in_features, device=device, dtype=dtype or torch.float32), requires_grad=False
         )
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
-        self.register_buffer("weight_absmax", None, persistent=False)
-        self.register_buffer("weight_nested_absmax", None, persistent=False)
+        # Plain attributes, not buffers: transformers' loader re-creates every non-persistent
+        # buffer empty after loading; _apply below moves them with the layer.
+        self.weight_absmax: Optional[torch.Tensor] = None
+        self.weight_nested_absmax: Optional[torch.Tensor] = None
         self._quantized = False
 
     # -- construction --------------------------------------------------------------------------------
@@ -157,10 +159,22 @@ class Linear4bit(nn.Module):
         self.weight = nn.Parameter(packed, requires_grad=False)
         self.weight_absmax = absmax
         self.weight_nested_absmax = nested
+        self.weight._is_hf_initialized = True  # tells transformers' loader not to re-initialize it
         self.double_quant = nested is not None
         self.nested_offset = float(offset)
         self.original_dtype = original_dtype
         self._quantized = True
+
+    def _apply(self, fn, recurse=True):
+        # Device moves (.to, .cuda, .cpu) apply to the quantization statistics too; dtype casts
+        # (.half(), .to(torch.bfloat16)) must not touch them (they are float32 / uint8 by format).
+        super()._apply(fn, recurse)
+        for name in ("weight_absmax", "weight_nested_absmax"):
+            tensor = getattr(self, name)
+            if tensor is not None:
+                moved = fn(tensor)
+                setattr(self, name, moved if moved.dtype == tensor.dtype else tensor.to(moved.device))
+        return self
 
     @property
     def is_quantized(self) -> bool:
