@@ -234,6 +234,7 @@ def halo_quantize_model(
 # bitsandbytes checkpoints without bitsandbytes. Imported on first use so that importing halo
 # does not import torch or transformers.
 _DROP_IN = ("HaloConfig", "HaloHfQuantizer", "load_bnb_checkpoint", "quantize_model")
+_PEFT = ("LoraLinear4bit", "register_lora")
 
 
 def __getattr__(name: str):
@@ -241,4 +242,8 @@ def __getattr__(name: str):
         from . import hf_4bit
 
         return getattr(hf_4bit, name)
+    if name in _PEFT:
+        from . import peft_layers
+
+        return getattr(peft_layers, name)
     raise AttributeError(f"module 'halo.hf' has no attribute {name!r}")
