@@ -18,4 +18,15 @@ void dequantize_4bit(const uint8_t*, const float*, int64_t, Format, int64_t, voi
   absent("cuda::dequantize_4bit");
 }
 
+void quantize_4bit_device(const void*, Format, int64_t, Format, int64_t, uint8_t*, float*, uintptr_t) {
+  absent("cuda::quantize_4bit_device");
+}
+void dequantize_4bit_device(const uint8_t*, const float*, int64_t, Format, int64_t, void*, Format, uintptr_t) {
+  absent("cuda::dequantize_4bit_device");
+}
+void adamw8bit_step_device(void*, const void*, Format, int64_t, uint8_t*, uint8_t*, float*, float*,
+                           const AdamW8bitSettings&, uintptr_t) {
+  absent("cuda::adamw8bit_step_device");
+}
+
 }  // namespace halo::cuda

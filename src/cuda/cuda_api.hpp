@@ -7,6 +7,7 @@
 #include <string>
 
 #include "halo/core/convert.hpp"
+#include "halo/optim/adamw8bit.hpp"
 
 namespace halo::cuda {
 
@@ -19,5 +20,15 @@ void quantize_4bit(const void* input, Format dtype, int64_t n, Format type, int6
                    uint8_t* packed, float* absmax);
 void dequantize_4bit(const uint8_t* packed, const float* absmax, int64_t n, Format type,
                      int64_t blocksize, void* output, Format dtype);
+
+// Device pointers in and out (torch CUDA tensors), queued on `stream` (a cudaStream_t
+// as an integer; 0 is the legacy default stream). Nothing is copied to the host.
+void quantize_4bit_device(const void* input, Format dtype, int64_t n, Format type, int64_t blocksize,
+                          uint8_t* packed, float* absmax, uintptr_t stream);
+void dequantize_4bit_device(const uint8_t* packed, const float* absmax, int64_t n, Format type, int64_t blocksize,
+                            void* output, Format dtype, uintptr_t stream);
+void adamw8bit_step_device(void* param, const void* grad, Format dtype, int64_t n, uint8_t* state1,
+                           uint8_t* state2, float* absmax1, float* absmax2, const AdamW8bitSettings& settings,
+                           uintptr_t stream);
 
 }  // namespace halo::cuda
