@@ -315,6 +315,33 @@ def _(x, packed, absmax, nested_absmax, nested_offset, out_features, quant_type,
     return x.new_empty((*x.shape[:-1], out_features))
 
 
+@torch.library.custom_op("halo::matmul_4bit_grad", mutates_args=())
+def _matmul_4bit_grad_op(
+    grad: Tensor,
+    packed: Tensor,
+    absmax: Tensor,
+    nested_absmax: Optional[Tensor],
+    nested_offset: float,
+    in_features: int,
+    quant_type: str,
+    blocksize: int,
+) -> Tensor:
+    """grad W for grad [..., out]: the input gradient of the frozen 4-bit base (an op of its
+    own so that backward graphs trace through it with a fake kernel)."""
+    fn = "halo::matmul_4bit_grad"
+    _check_float(fn, "grad", grad)
+    out_features = grad.shape[-1]
+    _check_weight(fn, packed, absmax, nested_absmax, out_features * in_features, quant_type, blocksize)
+    args = (packed, absmax, nested_absmax, nested_offset, quant_type, blocksize)
+    grad2d = grad.reshape(-1, out_features).contiguous()
+    return _grad_input(grad2d, args, out_features, in_features).reshape(*grad.shape[:-1], in_features)
+
+
+@_matmul_4bit_grad_op.register_fake
+def _(grad, packed, absmax, nested_absmax, nested_offset, in_features, quant_type, blocksize):
+    return grad.new_empty((*grad.shape[:-1], in_features))
+
+
 def _matmul_setup(ctx, inputs, output):
     x, packed, absmax, nested_absmax, nested_offset, out_features, quant_type, blocksize, bias = inputs
     ctx.save_for_backward(packed, absmax, nested_absmax)
@@ -327,9 +354,8 @@ def _matmul_backward(ctx, grad):
     grad_x = grad_bias = None
     grad2d = grad.reshape(-1, out_features)
     if ctx.needs_input_grad[0]:
-        args = (packed, absmax, nested_absmax, nested_offset, quant_type, blocksize)
-        grad_x = _grad_input(grad2d.contiguous(), args, out_features, in_features).reshape(
-            *grad.shape[:-1], in_features
+        grad_x = torch.ops.halo.matmul_4bit_grad(
+            grad, packed, absmax, nested_absmax, nested_offset, in_features, quant_type, blocksize
         )
     if has_bias and ctx.needs_input_grad[8]:
         grad_bias = grad2d.sum(0)
@@ -409,12 +435,13 @@ def _lora_backward(ctx, grad):
     x_lora, packed, absmax, nested_absmax, lora_A, lora_B = ctx.saved_tensors
     nested_offset, out_features, in_features, quant_type, blocksize, has_bias, scaling, x_dtype, xl_dtype = ctx.meta
     need = ctx.needs_input_grad
-    grad2d = grad.reshape(-1, out_features).contiguous()
+    grad2d = grad.reshape(-1, out_features)
     lead = grad.shape[:-1]
     grad_x = grad_x_lora = grad_bias = grad_a = grad_b = None
     if need[0]:
-        args = (packed, absmax, nested_absmax, nested_offset, quant_type, blocksize)
-        grad_x = _grad_input(grad2d.to(x_dtype), args, out_features, in_features).reshape(*lead, in_features)
+        grad_x = torch.ops.halo.matmul_4bit_grad(
+            grad.to(x_dtype), packed, absmax, nested_absmax, nested_offset, in_features, quant_type, blocksize
+        )
     if has_bias and need[9]:
         grad_bias = grad2d.sum(0)
     if need[1] or need[10] or need[11]:

@@ -6,3 +6,5 @@ from . import hwq as hwq
 from . import lora as lora
 from . import io as io
 from . import sched as sched
+from . import optim as optim
+from . import cuda as cuda
