@@ -240,7 +240,9 @@ class HaloHfQuantizer(_HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, device_map=None, **kwargs):
         config = self.quantization_config
-        skip = self.get_modules_to_not_convert(model, list(config.skip_modules), model._keep_in_fp32_modules)
+        # As transformers does for bitsandbytes: tied and output embeddings always stay in float.
+        skip = self.get_modules_to_not_convert(model, list(config.skip_modules), model._keep_in_fp32_modules,
+                                               add_default_skips=True)
         self.modules_to_not_convert = skip
         _replace_linears(model, config, skip, on_meta=True, pre_quantized=self.pre_quantized)
 
