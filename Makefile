@@ -74,7 +74,7 @@ test-py: install-py
 
 test: test-cpp test-asan test-example test-py
 
-demo: install-py
+demo: install-py model
 	$(PY) -m halo.demo
 
 bench: build

@@ -14,8 +14,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,7 +29,7 @@ QUANT_METHOD = "halo_4bit"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def _dtype_of(value: Any) -> Optional[torch.dtype]:
+def _dtype_of(value: Any) -> torch.dtype | None:
     if value is None or isinstance(value, torch.dtype):
         return value
     if isinstance(value, str) and value.removeprefix("torch.") in _DTYPES:
@@ -42,22 +43,32 @@ def _should_convert(name: str, skip: Sequence[str]) -> bool:
     return should_convert_module(name, list(skip))
 
 
-def _replace_linears(model: nn.Module, config: "HaloConfig", skip: Sequence[str], on_meta: bool,
-                     pre_quantized: bool = False) -> int:
+def _replace_linears(
+    model: nn.Module, config: HaloConfig, skip: Sequence[str], on_meta: bool, pre_quantized: bool = False
+) -> int:
     """Swaps every plain nn.Linear not matched by ``skip`` for a Linear4bit; returns how many."""
     replaced = 0
     for name, module in list(model.named_modules()):
         if type(module) is not nn.Linear or not _should_convert(name, skip):
             continue
         if on_meta:
-            layer = Linear4bit(module.in_features, module.out_features, module.bias is not None, config.quant_type,
-                               config.compute_dtype, config.double_quant, config.blocksize, device="meta",
-                               dtype=module.weight.dtype)
+            layer = Linear4bit(
+                module.in_features,
+                module.out_features,
+                module.bias is not None,
+                config.quant_type,
+                config.compute_dtype,
+                config.double_quant,
+                config.blocksize,
+                device="meta",
+                dtype=module.weight.dtype,
+            )
             if pre_quantized:
                 layer.weight = nn.Parameter(layer.weight.data.to(torch.uint8), requires_grad=False)
         else:
-            layer = Linear4bit.from_linear(module, config.quant_type, config.compute_dtype, config.double_quant,
-                                           config.blocksize)
+            layer = Linear4bit.from_linear(
+                module, config.quant_type, config.compute_dtype, config.double_quant, config.blocksize
+            )
         layer.requires_grad_(False)
         model.set_submodule(name, layer)
         replaced += 1
@@ -69,7 +80,7 @@ def quantize_model(
     quant_type: str = "nf4",
     double_quant: bool = True,
     blocksize: int = 64,
-    compute_dtype: Optional[torch.dtype] = torch.bfloat16,
+    compute_dtype: torch.dtype | None = torch.bfloat16,
     skip_modules: Sequence[str] = ("lm_head",),
 ) -> nn.Module:
     """Replaces every ``nn.Linear`` of ``model`` (but those matched by ``skip_modules``, as
@@ -80,7 +91,9 @@ def quantize_model(
         raise TypeError(f"[{fn}] model must be a torch.nn.Module, got {type(model).__name__}")
     config = HaloConfig(quant_type, double_quant, blocksize, compute_dtype, skip_modules)
     if _replace_linears(model, config, config.skip_modules, on_meta=False) == 0:
-        raise ValueError(f"[{fn}] the model has no nn.Linear layers outside skip_modules={list(skip_modules)}")
+        raise ValueError(
+            f"[{fn}] the model has no nn.Linear layers outside skip_modules={list(skip_modules)}"
+        )
     if hasattr(model, "config"):
         model.config.quantization_config = config
         model.is_quantized = True
@@ -98,10 +111,18 @@ def _transformers():
         from transformers.utils.quantization_config import QuantizationConfigMixin
     except ImportError as error:  # pragma: no cover - transformers is a dev dependency
         raise ImportError("halo.hf's 4-bit loading needs the transformers package") from error
-    return HfQuantizer, QuantizationConfigMixin, ConversionOps, register_quantization_config, register_quantizer
+    return (
+        HfQuantizer,
+        QuantizationConfigMixin,
+        ConversionOps,
+        register_quantization_config,
+        register_quantizer,
+    )
 
 
-_HfQuantizer, _QuantizationConfigMixin, _ConversionOps, _register_config, _register_quantizer = _transformers()
+_HfQuantizer, _QuantizationConfigMixin, _ConversionOps, _register_config, _register_quantizer = (
+    _transformers()
+)
 
 
 @_register_config(QUANT_METHOD)
@@ -117,14 +138,15 @@ class HaloConfig(_QuantizationConfigMixin):
         double_quant: bool = True,
         blocksize: int = 64,
         compute_dtype: Any = torch.bfloat16,
-        skip_modules: Optional[Sequence[str]] = ("lm_head",),
+        skip_modules: Sequence[str] | None = ("lm_head",),
         **kwargs: Any,
     ) -> None:
         fn = "HaloConfig"
         compute_dtype = _dtype_of(compute_dtype)
         _check_settings(fn, quant_type, blocksize, compute_dtype)
-        if skip_modules is not None and (isinstance(skip_modules, str) or
-                                         not all(isinstance(s, str) for s in skip_modules)):
+        if skip_modules is not None and (
+            isinstance(skip_modules, str) or not all(isinstance(s, str) for s in skip_modules)
+        ):
             raise TypeError(f"[{fn}] skip_modules must be a sequence of module names, got {skip_modules!r}")
         unknown = set(kwargs) - {"quant_method"}
         if unknown:
@@ -142,7 +164,9 @@ class HaloConfig(_QuantizationConfigMixin):
             "quant_type": self.quant_type,
             "double_quant": self.double_quant,
             "blocksize": self.blocksize,
-            "compute_dtype": None if self.compute_dtype is None else str(self.compute_dtype).removeprefix("torch."),
+            "compute_dtype": None
+            if self.compute_dtype is None
+            else str(self.compute_dtype).removeprefix("torch."),
             "skip_modules": list(self.skip_modules),
         }
 
@@ -150,14 +174,18 @@ class HaloConfig(_QuantizationConfigMixin):
         return f"HaloConfig({self.to_dict()})"
 
     @classmethod
-    def from_bnb(cls, bnb: Any) -> "HaloConfig":
+    def from_bnb(cls, bnb: Any) -> HaloConfig:
         """The HaloConfig equal to a 4-bit ``BitsAndBytesConfig`` (object or dict)."""
         get = bnb.get if isinstance(bnb, dict) else (lambda key, default=None: getattr(bnb, key, default))
         if not get("load_in_4bit", False):
-            raise ValueError("[HaloConfig.from_bnb] only 4-bit bitsandbytes configs (load_in_4bit=True) map to halo")
+            raise ValueError(
+                "[HaloConfig.from_bnb] only 4-bit bitsandbytes configs (load_in_4bit=True) map to halo"
+            )
         storage = str(get("bnb_4bit_quant_storage", "uint8") or "uint8").removeprefix("torch.")
         if storage != "uint8":
-            raise ValueError(f"[HaloConfig.from_bnb] bnb_4bit_quant_storage={storage!r} is not supported (uint8 only)")
+            raise ValueError(
+                f"[HaloConfig.from_bnb] bnb_4bit_quant_storage={storage!r} is not supported (uint8 only)"
+            )
         skip = get("llm_int8_skip_modules", None)
         return cls(
             quant_type=get("bnb_4bit_quant_type", "fp4"),
@@ -172,10 +200,10 @@ class _HaloQuantize(_ConversionOps):
     """Weight-conversion op for transformers' loader: packs one float weight into the
     Linear4bit that owns it, right after it is read (the float copy is dropped at once)."""
 
-    def __init__(self, quantizer: "HaloHfQuantizer") -> None:
+    def __init__(self, quantizer: HaloHfQuantizer) -> None:
         self.hf_quantizer = quantizer
 
-    def convert(self, input_dict: dict, full_layer_name: Optional[str] = None, model: Any = None, **kwargs):
+    def convert(self, input_dict: dict, full_layer_name: str | None = None, model: Any = None, **kwargs):
         from transformers.quantizers.quantizers_utils import get_module_from_name
 
         result = {}
@@ -192,10 +220,10 @@ class _HaloDeserialize(_ConversionOps):
     """Loader op for a pre-quantized checkpoint: bitsandbytes' six tensors of one weight
     become the state of its Linear4bit."""
 
-    def __init__(self, quantizer: "HaloHfQuantizer") -> None:
+    def __init__(self, quantizer: HaloHfQuantizer) -> None:
         self.hf_quantizer = quantizer
 
-    def convert(self, input_dict: dict, full_layer_name: Optional[str] = None, model: Any = None, **kwargs):
+    def convert(self, input_dict: dict, full_layer_name: str | None = None, model: Any = None, **kwargs):
         from transformers.quantizers.quantizers_utils import get_module_from_name
 
         from .nn import _read_bnb_state
@@ -208,7 +236,9 @@ class _HaloDeserialize(_ConversionOps):
         for key, value in entries.items():
             suffix = key.rsplit("weight", 1)[-1] if key != "weight" else ""
             sub["weight" + suffix] = value
-        packed, absmax, nested, offset, dtype = _read_bnb_state(sub, (module.out_features, module.in_features))
+        packed, absmax, nested, offset, dtype = _read_bnb_state(
+            sub, (module.out_features, module.in_features)
+        )
         _, quant_type = next(k for k in sub if "quant_state.bitsandbytes__" in k).rsplit("__", 1)
         module.quant_type = quant_type
         module._set_state(packed, absmax, nested, offset, dtype)
@@ -241,13 +271,16 @@ class HaloHfQuantizer(_HfQuantizer):
     def _process_model_before_weight_loading(self, model, device_map=None, **kwargs):
         config = self.quantization_config
         # As transformers does for bitsandbytes: tied and output embeddings always stay in float.
-        skip = self.get_modules_to_not_convert(model, list(config.skip_modules), model._keep_in_fp32_modules,
-                                               add_default_skips=True)
+        skip = self.get_modules_to_not_convert(
+            model, list(config.skip_modules), model._keep_in_fp32_modules, add_default_skips=True
+        )
         self.modules_to_not_convert = skip
         _replace_linears(model, config, skip, on_meta=True, pre_quantized=self.pre_quantized)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        missing = [name for name, m in model.named_modules() if isinstance(m, Linear4bit) and not m.is_quantized]
+        missing = [
+            name for name, m in model.named_modules() if isinstance(m, Linear4bit) and not m.is_quantized
+        ]
         if missing:
             raise ValueError(f"[HaloConfig] these layers got no weight from the checkpoint: {missing[:5]}")
         model.is_loaded_in_4bit = True
@@ -263,7 +296,7 @@ class HaloHfQuantizer(_HfQuantizer):
     def get_quantize_ops(self):
         return _HaloQuantize(self)
 
-    serialized_names = {
+    serialized_names = {  # noqa: RUF012  (transformers declares it so)
         "weight": [
             "weight",
             "weight.nested_absmax",
@@ -293,7 +326,9 @@ def load_bnb_checkpoint(path: Any, model_class: Any = None, compute_dtype: Any =
         raise ValueError(f"[{fn}] {path} has no quantization_config in config.json")
     saved = saved if isinstance(saved, dict) else saved.to_dict()
     if saved.get("quant_method") != "bitsandbytes" or not saved.get("load_in_4bit"):
-        raise ValueError(f"[{fn}] {path} is not a bitsandbytes 4-bit checkpoint (quantization_config {saved})")
+        raise ValueError(
+            f"[{fn}] {path} is not a bitsandbytes 4-bit checkpoint (quantization_config {saved})"
+        )
     halo_config = HaloConfig.from_bnb(saved)
     if compute_dtype is not None:
         halo_config.compute_dtype = _dtype_of(compute_dtype)

@@ -18,7 +18,7 @@ loading); assigning a float state dict or calling :meth:`quantize_` packs it.
 from __future__ import annotations
 
 import json
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,8 +42,10 @@ def _check_settings(fn: str, quant_type: Any, blocksize: Any, compute_dtype: Any
     if isinstance(blocksize, bool) or blocksize not in _BLOCKSIZES:
         raise ValueError(f"[{fn}] blocksize must be a power of two in 32..4096, got {blocksize!r}")
     if compute_dtype is not None and compute_dtype not in _DTYPE_NAMES:
-        raise TypeError(f"[{fn}] compute_dtype must be None, torch.float32, torch.float16 or torch.bfloat16, "
-                        f"got {compute_dtype!r}")
+        raise TypeError(
+            f"[{fn}] compute_dtype must be None, torch.float32, torch.float16 or torch.bfloat16, "
+            f"got {compute_dtype!r}"
+        )
 
 
 class Linear4bit(nn.Module):
@@ -60,11 +62,11 @@ class Linear4bit(nn.Module):
         out_features: int,
         bias: bool = True,
         quant_type: str = "nf4",
-        compute_dtype: Optional[torch.dtype] = None,
+        compute_dtype: torch.dtype | None = None,
         double_quant: bool = True,
         blocksize: int = 64,
         device: Any = None,
-        dtype: Optional[torch.dtype] = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         fn = "Linear4bit"
@@ -81,13 +83,14 @@ class Linear4bit(nn.Module):
         self.nested_offset = 0.0
         self.original_dtype = dtype or torch.float32
         self.weight = nn.Parameter(
-            torch.empty(out_features, in_features, device=device, dtype=dtype or torch.float32), requires_grad=False
+            torch.empty(out_features, in_features, device=device, dtype=dtype or torch.float32),
+            requires_grad=False,
         )
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
         # Plain attributes, not buffers: transformers' loader re-creates every non-persistent
         # buffer empty after loading; _apply below moves them with the layer.
-        self.weight_absmax: Optional[torch.Tensor] = None
-        self.weight_nested_absmax: Optional[torch.Tensor] = None
+        self.weight_absmax: torch.Tensor | None = None
+        self.weight_nested_absmax: torch.Tensor | None = None
         self._quantized = False
 
     # -- construction --------------------------------------------------------------------------------
@@ -96,16 +99,23 @@ class Linear4bit(nn.Module):
         cls,
         linear: nn.Linear,
         quant_type: str = "nf4",
-        compute_dtype: Optional[torch.dtype] = None,
+        compute_dtype: torch.dtype | None = None,
         double_quant: bool = True,
         blocksize: int = 64,
-    ) -> "Linear4bit":
+    ) -> Linear4bit:
         """A quantized copy of an ``nn.Linear`` (same device; the float weight is not kept)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"[Linear4bit.from_linear] expected an nn.Linear, got {type(linear).__name__}")
         layer = cls(
-            linear.in_features, linear.out_features, linear.bias is not None, quant_type, compute_dtype,
-            double_quant, blocksize, device="meta", dtype=linear.weight.dtype,
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            quant_type,
+            compute_dtype,
+            double_quant,
+            blocksize,
+            device="meta",
+            dtype=linear.weight.dtype,
         )
         layer.quantize_(linear.weight.detach())
         if linear.bias is not None:
@@ -113,14 +123,26 @@ class Linear4bit(nn.Module):
         return layer
 
     @classmethod
-    def from_quantized(cls, qt: QuantizedTensor, bias: Optional[torch.Tensor] = None,
-                       compute_dtype: Optional[torch.dtype] = None) -> "Linear4bit":
+    def from_quantized(
+        cls,
+        qt: QuantizedTensor,
+        bias: torch.Tensor | None = None,
+        compute_dtype: torch.dtype | None = None,
+    ) -> Linear4bit:
         """A layer around a 2-D :class:`halo.QuantizedTensor` (its buffers are copied into tensors)."""
         if not isinstance(qt, QuantizedTensor) or len(qt.shape) != 2:
             raise TypeError("[Linear4bit.from_quantized] expected a 2-D QuantizedTensor")
         out_features, in_features = qt.shape
-        layer = cls(in_features, out_features, bias is not None, qt.quant_type, compute_dtype, qt.double_quant,
-                    qt.blocksize, device="meta")
+        layer = cls(
+            in_features,
+            out_features,
+            bias is not None,
+            qt.quant_type,
+            compute_dtype,
+            qt.double_quant,
+            qt.blocksize,
+            device="meta",
+        )
         layer._set_state(
             torch.from_numpy(np.ascontiguousarray(qt.packed).reshape(-1, 1).copy()),
             torch.from_numpy(np.ascontiguousarray(qt.absmax).copy()),
@@ -133,7 +155,7 @@ class Linear4bit(nn.Module):
         return layer
 
     @torch.no_grad()
-    def quantize_(self, weight: Optional[torch.Tensor] = None) -> "Linear4bit":
+    def quantize_(self, weight: torch.Tensor | None = None) -> Linear4bit:
         """Packs ``weight`` (default: the float weight the layer holds) in place, on its device."""
         fn = "Linear4bit.quantize_"
         w = self.weight if weight is None else weight
@@ -142,7 +164,9 @@ class Linear4bit(nn.Module):
         if not w.is_floating_point():
             raise TypeError(f"[{fn}] the weight to quantize must be a float tensor, got {w.dtype}")
         if tuple(w.shape) != (self.out_features, self.in_features):
-            raise ValueError(f"[{fn}] weight has shape {tuple(w.shape)}, expected {(self.out_features, self.in_features)}")
+            raise ValueError(
+                f"[{fn}] weight has shape {tuple(w.shape)}, expected {(self.out_features, self.in_features)}"
+            )
         if w.device.type == "meta":
             raise ValueError(f"[{fn}] the weight is on the meta device; load real values first")
         if w.dtype not in _DTYPE_NAMES:
@@ -185,7 +209,9 @@ class Linear4bit(nn.Module):
         """The weight as a QuantizedTensor over the layer's CPU buffers (no copy)."""
         self._require_quantized("Linear4bit.quantized")
         if self.weight.device.type != "cpu":
-            raise ValueError(f"[Linear4bit.quantized] the weight is on {self.weight.device}; move the layer to the CPU")
+            raise ValueError(
+                f"[Linear4bit.quantized] the weight is on {self.weight.device}; move the layer to the CPU"
+            )
         return QuantizedTensor(
             self.weight.detach().numpy(),
             self.weight_absmax.numpy(),
@@ -201,20 +227,34 @@ class Linear4bit(nn.Module):
 
     def weight_args(self) -> tuple:
         """(packed, absmax, nested_absmax, nested_offset, quant_type, blocksize) for torch.ops.halo.*."""
-        return (self.weight, self.weight_absmax, self.weight_nested_absmax, float(self.nested_offset),
-                self.quant_type, self.blocksize)
+        return (
+            self.weight,
+            self.weight_absmax,
+            self.weight_nested_absmax,
+            float(self.nested_offset),
+            self.quant_type,
+            self.blocksize,
+        )
 
-    def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The float weight [out, in] the 4-bit codes hold (default: the original dtype)."""
         self._require_quantized("Linear4bit.dequantize")
         return torch.ops.halo.dequantize_4bit(
-            self.weight, self.weight_absmax, self.weight_nested_absmax, float(self.nested_offset),
-            [self.out_features, self.in_features], self.quant_type, self.blocksize, dtype or self.original_dtype,
+            self.weight,
+            self.weight_absmax,
+            self.weight_nested_absmax,
+            float(self.nested_offset),
+            [self.out_features, self.in_features],
+            self.quant_type,
+            self.blocksize,
+            dtype or self.original_dtype,
         )
 
     def _require_quantized(self, fn: str) -> None:
         if not self._quantized:
-            raise RuntimeError(f"[{fn}] the layer is not quantized yet: load a state dict or call quantize_()")
+            raise RuntimeError(
+                f"[{fn}] the layer is not quantized yet: load a state dict or call quantize_()"
+            )
 
     # -- forward ---------------------------------------------------------------------------------------
     def compute_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -225,19 +265,30 @@ class Linear4bit(nn.Module):
         if not x.is_floating_point():
             raise TypeError(f"[Linear4bit.forward] x must be a float tensor, got {x.dtype}")
         if x.shape[-1] != self.in_features:
-            raise ValueError(f"[Linear4bit.forward] x has shape {tuple(x.shape)}, expected [..., {self.in_features}]")
+            raise ValueError(
+                f"[Linear4bit.forward] x has shape {tuple(x.shape)}, expected [..., {self.in_features}]"
+            )
         xc = self.compute_input(x)
         bias = None if self.bias is None else self.bias.to(xc.dtype)
         y = torch.ops.halo.matmul_4bit(
-            xc, self.weight, self.weight_absmax, self.weight_nested_absmax, float(self.nested_offset),
-            self.out_features, self.quant_type, self.blocksize, bias,
+            xc,
+            self.weight,
+            self.weight_absmax,
+            self.weight_nested_absmax,
+            float(self.nested_offset),
+            self.out_features,
+            self.quant_type,
+            self.blocksize,
+            bias,
         )
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"quant_type={self.quant_type}, blocksize={self.blocksize}, double_quant={self.double_quant}, "
-                f"compute_dtype={self.compute_dtype}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"quant_type={self.quant_type}, blocksize={self.blocksize}, double_quant={self.double_quant}, "
+            f"compute_dtype={self.compute_dtype}"
+        )
 
     # -- bitsandbytes state dict -------------------------------------------------------------------------
     def _quant_state_json(self) -> dict:
@@ -259,17 +310,22 @@ class Linear4bit(nn.Module):
             return
         device = self.weight.device
         destination[prefix + "weight.absmax"] = self.weight_absmax
-        destination[prefix + "weight.quant_map"] = torch.from_numpy(_core.quant.code_book(self.quant_type)).to(device)
+        destination[prefix + "weight.quant_map"] = torch.from_numpy(
+            _core.quant.code_book(self.quant_type)
+        ).to(device)
         if self.double_quant:
             destination[prefix + "weight.nested_absmax"] = self.weight_nested_absmax
-            destination[prefix + "weight.nested_quant_map"] = torch.from_numpy(_core.quant.dynamic_map()).to(device)
+            destination[prefix + "weight.nested_quant_map"] = torch.from_numpy(_core.quant.dynamic_map()).to(
+                device
+            )
         blob = json.dumps(self._quant_state_json()).encode("utf-8")
         destination[prefix + f"weight.quant_state.bitsandbytes__{self.quant_type}"] = torch.frombuffer(
             bytearray(blob), dtype=torch.uint8
         ).to(device)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         state_keys = [k for k in state_dict if k.startswith(prefix + "weight.quant_state.bitsandbytes__")]
         weight_key = prefix + "weight"
         if not state_keys:
@@ -277,31 +333,44 @@ class Linear4bit(nn.Module):
             if weight_key in state_dict and state_dict[weight_key].is_floating_point():
                 w = state_dict[weight_key]
                 if tuple(w.shape) != (self.out_features, self.in_features):
-                    error_msgs.append(f"size mismatch for {weight_key}: {tuple(w.shape)} vs "
-                                      f"{(self.out_features, self.in_features)}")
+                    error_msgs.append(
+                        f"size mismatch for {weight_key}: {tuple(w.shape)} vs "
+                        f"{(self.out_features, self.in_features)}"
+                    )
                     return
                 device = self.weight.device if self.weight.device.type != "meta" else w.device
                 self._load_bias(state_dict, prefix, missing_keys, error_msgs)
                 self.quantize_(w.to(device))
                 return
-            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                          error_msgs)
+            super()._load_from_state_dict(
+                state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+            )
             return
-        sub = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix + "weight")}
+        sub = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix + "weight")}
         try:
-            packed, absmax, nested, offset, dtype = _read_bnb_state(sub, (self.out_features, self.in_features))
+            packed, absmax, nested, offset, dtype = _read_bnb_state(
+                sub, (self.out_features, self.in_features)
+            )
         except ValueError as error:
             error_msgs.append(f"[Linear4bit] {prefix}weight: {error}")
             return
-        settings = json.loads(bytes(sub[state_keys[0][len(prefix):]].cpu().numpy().tobytes()).decode("utf-8"))
+        settings = json.loads(
+            bytes(sub[state_keys[0][len(prefix) :]].cpu().numpy().tobytes()).decode("utf-8")
+        )
         self.quant_type = settings["quant_type"]
         self.blocksize = int(settings["blocksize"])
         device = self.weight.device if self.weight.device.type != "meta" else packed.device
-        self._set_state(packed.to(device), absmax.to(device), None if nested is None else nested.to(device), offset,
-                        dtype)
+        self._set_state(
+            packed.to(device), absmax.to(device), None if nested is None else nested.to(device), offset, dtype
+        )
         self._load_bias(state_dict, prefix, missing_keys, error_msgs)
         if strict:
-            known = {weight_key, prefix + "bias", *state_keys, *(prefix + "weight." + s for s in _STATE_SUFFIXES)}
+            known = {
+                weight_key,
+                prefix + "bias",
+                *state_keys,
+                *(prefix + "weight." + s for s in _STATE_SUFFIXES),
+            }
             unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in known)
 
     def _load_bias(self, state_dict, prefix, missing_keys, error_msgs) -> None:
@@ -316,14 +385,17 @@ class Linear4bit(nn.Module):
             error_msgs.append(f"size mismatch for {key}: {tuple(value.shape)} vs {(self.out_features,)}")
             return
         device = self.bias.device if self.bias.device.type != "meta" else value.device
-        self.bias = nn.Parameter(value.detach().to(device=device, dtype=value.dtype).clone(),
-                                 requires_grad=self.bias.requires_grad)
+        self.bias = nn.Parameter(
+            value.detach().to(device=device, dtype=value.dtype).clone(), requires_grad=self.bias.requires_grad
+        )
 
 
 def _double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
     """bitsandbytes' nested absmax: offset = mean, then 8-bit blocks of 256 with the signed dynamic map."""
     threads = int(torch.get_num_threads())
-    codes, nested, offset = _core.quant.double_quantize(absmax.detach().cpu().contiguous().numpy(), 256, None, threads)
+    codes, nested, offset = _core.quant.double_quantize(
+        absmax.detach().cpu().contiguous().numpy(), 256, None, threads
+    )
     device = absmax.device
     return torch.from_numpy(codes).to(device), torch.from_numpy(nested).to(device), float(offset)
 

@@ -21,8 +21,9 @@ tensors stay on the GPU: the kernels take device pointers (src/cuda/device_ops.c
 and a build without CUDA raises instead of moving data to the CPU.
 """
 
+from __future__ import annotations
+
 import threading
-from typing import Optional
 
 import numpy as np
 import torch
@@ -56,7 +57,7 @@ def _check_weight(
     fn: str,
     packed: Tensor,
     absmax: Tensor,
-    nested_absmax: Optional[Tensor],
+    nested_absmax: Tensor | None,
     numel: int,
     quant_type: str,
     blocksize: int,
@@ -90,7 +91,9 @@ def _check_weight(
 
 def _same_device(fn: str, x: Tensor, packed: Tensor) -> None:
     if x.device != packed.device:
-        raise ValueError(f"[{fn}] x is on {x.device} but the 4-bit weight on {packed.device}; move one of them")
+        raise ValueError(
+            f"[{fn}] x is on {x.device} but the 4-bit weight on {packed.device}; move one of them"
+        )
 
 
 # -- CPU helpers: torch <-> NumPy views and a reusable dequantization buffer ---------------------
@@ -104,11 +107,14 @@ def _numpy_bits(t: Tensor) -> np.ndarray:
     return flat.numpy()
 
 
-def _absmax_cpu(absmax: Tensor, nested_absmax: Optional[Tensor], nested_offset: float) -> np.ndarray:
+def _absmax_cpu(absmax: Tensor, nested_absmax: Tensor | None, nested_offset: float) -> np.ndarray:
     if nested_absmax is None:
         return absmax.contiguous().numpy()
     return _core.quant.double_dequantize(
-        absmax.contiguous().numpy(), nested_absmax.contiguous().numpy(), float(nested_offset), NESTED_BLOCKSIZE
+        absmax.contiguous().numpy(),
+        nested_absmax.contiguous().numpy(),
+        float(nested_offset),
+        NESTED_BLOCKSIZE,
     )
 
 
@@ -129,7 +135,7 @@ def _scratch_tensor(numel: int, dtype: torch.dtype) -> Tensor:
 def _dequantize_cpu(
     packed: Tensor,
     absmax: Tensor,
-    nested_absmax: Optional[Tensor],
+    nested_absmax: Tensor | None,
     nested_offset: float,
     numel: int,
     quant_type: str,
@@ -156,7 +162,7 @@ def _stream(t: Tensor) -> int:
     return int(torch.cuda.current_stream(t.device).cuda_stream)
 
 
-def _absmax_cuda(absmax: Tensor, nested_absmax: Optional[Tensor], nested_offset: float) -> Tensor:
+def _absmax_cuda(absmax: Tensor, nested_absmax: Tensor | None, nested_offset: float) -> Tensor:
     if nested_absmax is None:
         return absmax.contiguous()
     code = torch.from_numpy(_core.quant.dynamic_map()).to(absmax.device)
@@ -168,22 +174,44 @@ def _dequantize_cuda(packed, absmax, nested_absmax, nested_offset, numel, quant_
     scales = _absmax_cuda(absmax, nested_absmax, nested_offset)
     packed = packed.contiguous()
     _core.cuda.dequantize_4bit(
-        packed.data_ptr(), scales.data_ptr(), numel, quant_type, blocksize, out.data_ptr(),
-        _FLOAT_NAMES[out.dtype], _stream(out),
+        packed.data_ptr(),
+        scales.data_ptr(),
+        numel,
+        quant_type,
+        blocksize,
+        out.data_ptr(),
+        _FLOAT_NAMES[out.dtype],
+        _stream(out),
     )
     return out
 
 
-def _dequantize_into(packed, absmax, nested_absmax, nested_offset, numel, quant_type, blocksize, out) -> Tensor:
+def _dequantize_into(
+    packed, absmax, nested_absmax, nested_offset, numel, quant_type, blocksize, out
+) -> Tensor:
     if packed.device.type == "cpu":
-        return _dequantize_cpu(packed, absmax, nested_absmax, nested_offset, numel, quant_type, blocksize, out)
+        return _dequantize_cpu(
+            packed, absmax, nested_absmax, nested_offset, numel, quant_type, blocksize, out
+        )
     if packed.device.type == "cuda":
-        return _dequantize_cuda(packed, absmax, nested_absmax, nested_offset, numel, quant_type, blocksize, out)
+        return _dequantize_cuda(
+            packed, absmax, nested_absmax, nested_offset, numel, quant_type, blocksize, out
+        )
     raise ValueError(f"[halo.ops] no halo kernel for device {packed.device}")
 
 
-def _weight(packed, absmax, nested_absmax, nested_offset, out_features, in_features, quant_type, blocksize, dtype,
-            scratch: bool) -> Tensor:
+def _weight(
+    packed,
+    absmax,
+    nested_absmax,
+    nested_offset,
+    out_features,
+    in_features,
+    quant_type,
+    blocksize,
+    dtype,
+    scratch: bool,
+) -> Tensor:
     """The dequantized [out, in] weight in ``dtype``; on the CPU in the per-thread scratch
     buffer when ``scratch`` (the caller must not keep it past the op)."""
     numel = out_features * in_features
@@ -195,15 +223,25 @@ def _weight(packed, absmax, nested_absmax, nested_offset, out_features, in_featu
     return out.view(out_features, in_features)
 
 
-def _base_matmul(x2d: Tensor, weight_args: tuple, out_features: int, bias: Optional[Tensor]) -> Tensor:
+def _base_matmul(x2d: Tensor, weight_args: tuple, out_features: int, bias: Tensor | None) -> Tensor:
     """x W^T (+ bias) for rows x2d [m, in] in x's dtype. The one place the 4-bit
     matmul is chosen: today the weight is dequantized into a reused buffer and
     multiplied by torch's GEMM (MKL/cuBLAS)."""
     packed, absmax, nested_absmax, nested_offset, quant_type, blocksize = weight_args
     in_features = x2d.shape[1]
     with torch.autocast(x2d.device.type, enabled=False):
-        w = _weight(packed, absmax, nested_absmax, nested_offset, out_features, in_features, quant_type, blocksize,
-                    x2d.dtype, scratch=True)
+        w = _weight(
+            packed,
+            absmax,
+            nested_absmax,
+            nested_offset,
+            out_features,
+            in_features,
+            quant_type,
+            blocksize,
+            x2d.dtype,
+            scratch=True,
+        )
         if bias is None:
             return torch.mm(x2d, w.t())
         return torch.addmm(bias.to(x2d.dtype), x2d, w.t())
@@ -213,8 +251,18 @@ def _grad_input(grad2d: Tensor, weight_args: tuple, out_features: int, in_featur
     """grad_y W for grad rows [m, out]: the input gradient of the frozen 4-bit base."""
     packed, absmax, nested_absmax, nested_offset, quant_type, blocksize = weight_args
     with torch.autocast(grad2d.device.type, enabled=False):
-        w = _weight(packed, absmax, nested_absmax, nested_offset, out_features, in_features, quant_type, blocksize,
-                    grad2d.dtype, scratch=True)
+        w = _weight(
+            packed,
+            absmax,
+            nested_absmax,
+            nested_offset,
+            out_features,
+            in_features,
+            quant_type,
+            blocksize,
+            grad2d.dtype,
+            scratch=True,
+        )
         return torch.mm(grad2d, w)
 
 
@@ -234,13 +282,21 @@ def _quantize_4bit_op(w: Tensor, quant_type: str, blocksize: int) -> tuple[Tenso
         packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=w.device)
         absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=w.device)
         _core.cuda.quantize_4bit(
-            w.data_ptr(), _FLOAT_NAMES[w.dtype], n, quant_type, blocksize, packed.data_ptr(), absmax.data_ptr(),
+            w.data_ptr(),
+            _FLOAT_NAMES[w.dtype],
+            n,
+            quant_type,
+            blocksize,
+            packed.data_ptr(),
+            absmax.data_ptr(),
             _stream(w),
         )
         return packed, absmax
     if w.device.type != "cpu":
         raise ValueError(f"[{fn}] no halo kernel for device {w.device}")
-    packed, absmax = _core.quant.quantize_4bit(_numpy_bits(w), _FLOAT_NAMES[w.dtype], quant_type, blocksize, "auto")
+    packed, absmax = _core.quant.quantize_4bit(
+        _numpy_bits(w), _FLOAT_NAMES[w.dtype], quant_type, blocksize, "auto"
+    )
     return torch.from_numpy(packed).reshape(-1, 1), torch.from_numpy(absmax)
 
 
@@ -261,7 +317,7 @@ def _(w, quant_type, blocksize):
 def _dequantize_4bit_op(
     packed: Tensor,
     absmax: Tensor,
-    nested_absmax: Optional[Tensor],
+    nested_absmax: Tensor | None,
     nested_offset: float,
     shape: list[int],
     quant_type: str,
@@ -292,12 +348,12 @@ def _matmul_4bit_op(
     x: Tensor,
     packed: Tensor,
     absmax: Tensor,
-    nested_absmax: Optional[Tensor],
+    nested_absmax: Tensor | None,
     nested_offset: float,
     out_features: int,
     quant_type: str,
     blocksize: int,
-    bias: Optional[Tensor],
+    bias: Tensor | None,
 ) -> Tensor:
     fn = "halo::matmul_4bit"
     _check_float(fn, "x", x)
@@ -305,7 +361,9 @@ def _matmul_4bit_op(
     _check_weight(fn, packed, absmax, nested_absmax, out_features * in_features, quant_type, blocksize)
     _same_device(fn, x, packed)
     x2d = x.reshape(-1, in_features)
-    y = _base_matmul(x2d, (packed, absmax, nested_absmax, nested_offset, quant_type, blocksize), out_features, bias)
+    y = _base_matmul(
+        x2d, (packed, absmax, nested_absmax, nested_offset, quant_type, blocksize), out_features, bias
+    )
     return y.reshape(*x.shape[:-1], out_features)
 
 
@@ -320,7 +378,7 @@ def _matmul_4bit_grad_op(
     grad: Tensor,
     packed: Tensor,
     absmax: Tensor,
-    nested_absmax: Optional[Tensor],
+    nested_absmax: Tensor | None,
     nested_offset: float,
     in_features: int,
     quant_type: str,
@@ -374,12 +432,12 @@ def _lora_linear_op(
     x_lora: Tensor,
     packed: Tensor,
     absmax: Tensor,
-    nested_absmax: Optional[Tensor],
+    nested_absmax: Tensor | None,
     nested_offset: float,
     out_features: int,
     quant_type: str,
     blocksize: int,
-    bias: Optional[Tensor],
+    bias: Tensor | None,
     lora_A: Tensor,
     lora_B: Tensor,
     scaling: float,
@@ -409,7 +467,9 @@ def _check_lora(fn, x, x_lora, lora_A, lora_B, out_features, in_features):
     if lora_A.dim() != 2 or lora_A.shape[1] != in_features:
         raise ValueError(f"[{fn}] lora_A has shape {tuple(lora_A.shape)}, expected [r, {in_features}]")
     if lora_B.dim() != 2 or tuple(lora_B.shape) != (out_features, lora_A.shape[0]):
-        raise ValueError(f"[{fn}] lora_B has shape {tuple(lora_B.shape)}, expected [{out_features}, {lora_A.shape[0]}]")
+        raise ValueError(
+            f"[{fn}] lora_B has shape {tuple(lora_B.shape)}, expected [{out_features}, {lora_A.shape[0]}]"
+        )
     for name, t in (("x_lora", x_lora), ("lora_A", lora_A), ("lora_B", lora_B)):
         _check_float(fn, name, t)
         if t.device != x.device:
@@ -417,23 +477,60 @@ def _check_lora(fn, x, x_lora, lora_A, lora_B, out_features, in_features):
 
 
 @_lora_linear_op.register_fake
-def _(x, x_lora, packed, absmax, nested_absmax, nested_offset, out_features, quant_type, blocksize, bias, lora_A,
-      lora_B, scaling):
+def _(
+    x,
+    x_lora,
+    packed,
+    absmax,
+    nested_absmax,
+    nested_offset,
+    out_features,
+    quant_type,
+    blocksize,
+    bias,
+    lora_A,
+    lora_B,
+    scaling,
+):
     _check_format("halo::lora_linear", quant_type, blocksize)
     return x.new_empty((*x.shape[:-1], out_features))
 
 
 def _lora_setup(ctx, inputs, output):
-    (x, x_lora, packed, absmax, nested_absmax, nested_offset, out_features, quant_type, blocksize, bias, lora_A,
-     lora_B, scaling) = inputs
+    (
+        x,
+        x_lora,
+        packed,
+        absmax,
+        nested_absmax,
+        nested_offset,
+        out_features,
+        quant_type,
+        blocksize,
+        bias,
+        lora_A,
+        lora_B,
+        scaling,
+    ) = inputs
     ctx.save_for_backward(x_lora, packed, absmax, nested_absmax, lora_A, lora_B)
-    ctx.meta = (nested_offset, out_features, x.shape[-1], quant_type, blocksize, bias is not None, float(scaling),
-                x.dtype, x_lora.dtype)
+    ctx.meta = (
+        nested_offset,
+        out_features,
+        x.shape[-1],
+        quant_type,
+        blocksize,
+        bias is not None,
+        float(scaling),
+        x.dtype,
+        x_lora.dtype,
+    )
 
 
 def _lora_backward(ctx, grad):
     x_lora, packed, absmax, nested_absmax, lora_A, lora_B = ctx.saved_tensors
-    nested_offset, out_features, in_features, quant_type, blocksize, has_bias, scaling, x_dtype, xl_dtype = ctx.meta
+    nested_offset, out_features, in_features, quant_type, blocksize, has_bias, scaling, x_dtype, xl_dtype = (
+        ctx.meta
+    )
     need = ctx.needs_input_grad
     grad2d = grad.reshape(-1, out_features)
     lead = grad.shape[:-1]
@@ -480,12 +577,19 @@ def dequantize_4bit(
     quant_type: str = "nf4",
     blocksize: int = 64,
     dtype: torch.dtype = torch.float32,
-    nested_absmax: Optional[Tensor] = None,
+    nested_absmax: Tensor | None = None,
     nested_offset: float = 0.0,
 ) -> Tensor:
     """The float tensor of ``shape`` a 4-bit weight holds, on the weight's device."""
     return torch.ops.halo.dequantize_4bit(
-        packed, absmax, nested_absmax, float(nested_offset), [int(s) for s in shape], quant_type, int(blocksize), dtype
+        packed,
+        absmax,
+        nested_absmax,
+        float(nested_offset),
+        [int(s) for s in shape],
+        quant_type,
+        int(blocksize),
+        dtype,
     )
 
 
@@ -496,13 +600,21 @@ def matmul_4bit(
     out_features: int,
     quant_type: str = "nf4",
     blocksize: int = 64,
-    bias: Optional[Tensor] = None,
-    nested_absmax: Optional[Tensor] = None,
+    bias: Tensor | None = None,
+    nested_absmax: Tensor | None = None,
     nested_offset: float = 0.0,
 ) -> Tensor:
     """``x W^T (+ bias)`` for a 4-bit ``W`` of shape ``[out_features, x.shape[-1]]``."""
     return torch.ops.halo.matmul_4bit(
-        x, packed, absmax, nested_absmax, float(nested_offset), int(out_features), quant_type, int(blocksize), bias
+        x,
+        packed,
+        absmax,
+        nested_absmax,
+        float(nested_offset),
+        int(out_features),
+        quant_type,
+        int(blocksize),
+        bias,
     )
 
 
@@ -516,13 +628,24 @@ def lora_linear(
     scaling: float,
     quant_type: str = "nf4",
     blocksize: int = 64,
-    bias: Optional[Tensor] = None,
-    nested_absmax: Optional[Tensor] = None,
+    bias: Tensor | None = None,
+    nested_absmax: Tensor | None = None,
     nested_offset: float = 0.0,
-    x_lora: Optional[Tensor] = None,
+    x_lora: Tensor | None = None,
 ) -> Tensor:
     """``x W^T (+ bias) + scaling * (x_lora A^T) B^T`` (``x_lora`` defaults to ``x``)."""
     return torch.ops.halo.lora_linear(
-        x, x if x_lora is None else x_lora, packed, absmax, nested_absmax, float(nested_offset), int(out_features),
-        quant_type, int(blocksize), bias, lora_A, lora_B, float(scaling),
+        x,
+        x if x_lora is None else x_lora,
+        packed,
+        absmax,
+        nested_absmax,
+        float(nested_offset),
+        int(out_features),
+        quant_type,
+        int(blocksize),
+        bias,
+        lora_A,
+        lora_B,
+        float(scaling),
     )

@@ -17,7 +17,8 @@ pointers (a build without CUDA raises rather than moving them).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable, Optional
+from collections.abc import Iterable
+from typing import Any, Callable
 
 import torch
 
@@ -62,10 +63,21 @@ class AdamW8bit(torch.optim.Optimizer):
         if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, int) or min_8bit_size < 1:
             raise ValueError(f"[{fn}] min_8bit_size must be a positive integer, got {min_8bit_size!r}")
         check_backend(fn, backend)
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
         super().__init__(params, defaults)
         self.min_8bit_size = min_8bit_size
         self.backend = backend
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # torch casts loaded state to a float parameter's dtype; the 8-bit codes (exact as
+        # floats 0..255) go back to uint8, their absmax stays float32.
+        super().load_state_dict(state_dict)
+        for state in self.state.values():
+            if "absmax1" in state:
+                for key in ("state1", "state2"):
+                    state[key] = state[key].to(torch.uint8)
+                for key in ("absmax1", "absmax2"):
+                    state[key] = state[key].to(torch.float32)
 
     def _init_state(self, p: torch.Tensor) -> dict:
         state = self.state[p]
@@ -83,7 +95,7 @@ class AdamW8bit(torch.optim.Optimizer):
         return state
 
     @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -100,8 +112,14 @@ class AdamW8bit(torch.optim.Optimizer):
                     raise TypeError(f"[{fn}] parameters must be float32, float16 or bfloat16, got {p.dtype}")
                 state = self.state[p] if len(self.state[p]) else self._init_state(p)
                 state["step"] += 1
-                args = (float(group["lr"]), float(beta1), float(beta2), float(group["eps"]),
-                        float(group["weight_decay"]), int(state["step"]))
+                args = (
+                    float(group["lr"]),
+                    float(beta1),
+                    float(beta2),
+                    float(group["eps"]),
+                    float(group["weight_decay"]),
+                    int(state["step"]),
+                )
                 if state["state1"].dtype == torch.uint8:
                     self._step_8bit(p, state, args)
                 else:
@@ -115,15 +133,40 @@ class AdamW8bit(torch.optim.Optimizer):
         name = _DTYPE_NAMES[p.dtype]
         if p.device.type == "cpu":
             _core.optim.adamw8bit_step(
-                _numpy_view(target.detach()), _numpy_view(grad), name, state["state1"].numpy(),
-                state["state2"].numpy(), state["absmax1"].numpy(), state["absmax2"].numpy(),
-                lr, beta1, beta2, eps, weight_decay, step, 1.0, self.backend,
+                _numpy_view(target.detach()),
+                _numpy_view(grad),
+                name,
+                state["state1"].numpy(),
+                state["state2"].numpy(),
+                state["absmax1"].numpy(),
+                state["absmax2"].numpy(),
+                lr,
+                beta1,
+                beta2,
+                eps,
+                weight_decay,
+                step,
+                1.0,
+                self.backend,
             )
         elif p.device.type == "cuda":
             _core.cuda.adamw8bit_step(
-                target.data_ptr(), grad.data_ptr(), name, p.numel(), state["state1"].data_ptr(),
-                state["state2"].data_ptr(), state["absmax1"].data_ptr(), state["absmax2"].data_ptr(),
-                lr, beta1, beta2, eps, weight_decay, step, 1.0, int(torch.cuda.current_stream(p.device).cuda_stream),
+                target.data_ptr(),
+                grad.data_ptr(),
+                name,
+                p.numel(),
+                state["state1"].data_ptr(),
+                state["state2"].data_ptr(),
+                state["absmax1"].data_ptr(),
+                state["absmax2"].data_ptr(),
+                lr,
+                beta1,
+                beta2,
+                eps,
+                weight_decay,
+                step,
+                1.0,
+                int(torch.cuda.current_stream(p.device).cuda_stream),
             )
         else:
             raise ValueError(f"[{type(self).__name__}] no halo kernel for parameters on {p.device}")

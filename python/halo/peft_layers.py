@@ -35,15 +35,26 @@ class LoraLinear4bit(nn.Module, LoraLayer):
 
     adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, r: int = 0,
-                 lora_alpha: int = 1, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        config: LoraConfig,
+        r: int = 0,
+        lora_alpha: int = 1,
+        **kwargs: Any,
+    ) -> None:
         super().__init__()
-        with warnings.catch_warnings():  # PEFT warns about any layer class it does not know; sizes are set below
+        with (
+            warnings.catch_warnings()
+        ):  # PEFT warns about any layer class it does not know; sizes are set below
             warnings.filterwarnings("ignore", message="Unsupported layer type")
             LoraLayer.__init__(self, base_layer)
         base = self.get_base_layer()
         if not isinstance(base, Linear4bit):
-            raise TypeError(f"[LoraLinear4bit] the base layer must be a halo.nn.Linear4bit, got {type(base).__name__}")
+            raise TypeError(
+                f"[LoraLinear4bit] the base layer must be a halo.nn.Linear4bit, got {type(base).__name__}"
+            )
         if config.use_dora or getattr(config, "alora_invocation_tokens", None) is not None:
             raise ValueError("[LoraLinear4bit] DoRA and aLoRA are not supported on halo's 4-bit layers")
         if getattr(config, "lora_bias", False):
@@ -58,7 +69,7 @@ class LoraLinear4bit(nn.Module, LoraLayer):
 
     # -- forward ---------------------------------------------------------------------------------------
     def _fused_adapter(self) -> str | None:
-        active = [a for a in self.active_adapters if a in self.lora_A.keys()]
+        active = [a for a in self.active_adapters if a in self.lora_A]
         return active[0] if len(active) == 1 and active[0] not in self.lora_variant else None
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -84,8 +95,19 @@ class LoraLinear4bit(nn.Module, LoraLayer):
             x_lora = x_lora.to(lora_A.dtype)
         bias = None if base.bias is None else base.bias.to(xc.dtype)
         y = torch.ops.halo.lora_linear(
-            xc, x_lora, base.weight, base.weight_absmax, base.weight_nested_absmax, float(base.nested_offset),
-            base.out_features, base.quant_type, base.blocksize, bias, lora_A, lora_B, float(self.scaling[adapter]),
+            xc,
+            x_lora,
+            base.weight,
+            base.weight_absmax,
+            base.weight_nested_absmax,
+            float(base.nested_offset),
+            base.out_features,
+            base.quant_type,
+            base.blocksize,
+            bias,
+            lora_A,
+            lora_B,
+            float(self.scaling[adapter]),
         )
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
@@ -94,7 +116,7 @@ class LoraLinear4bit(nn.Module, LoraLayer):
         result = self.get_base_layer()(x, *args, **kwargs)
         names = set(adapter_names) if adapter_names is not None else set(self.active_adapters)
         for adapter in names:
-            if adapter not in self.lora_A.keys():
+            if adapter not in self.lora_A:
                 continue
             lora_A, lora_B = self.lora_A[adapter], self.lora_B[adapter]
             rows = slice(None)
@@ -117,13 +139,17 @@ class LoraLinear4bit(nn.Module, LoraLayer):
         from peft.tuners.tuners_utils import check_adapters_to_merge
 
         for adapter in check_adapters_to_merge(self, adapter_names):
-            if adapter not in self.lora_A.keys():
+            if adapter not in self.lora_A:
                 continue
-            warnings.warn("Merging LoRA into a 4-bit layer re-quantizes it and rounds the result.", stacklevel=2)
+            warnings.warn(
+                "Merging LoRA into a 4-bit layer re-quantizes it and rounds the result.", stacklevel=2
+            )
             base: Linear4bit = self.get_base_layer()
             merged = base.dequantize(torch.float32) + self.get_delta_weight(adapter).float()
             if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
+                raise ValueError(
+                    f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken"
+                )
             base.quantize_(merged.to(base.original_dtype))
             self.merged_adapters.append(adapter)
 
@@ -134,7 +160,7 @@ class LoraLinear4bit(nn.Module, LoraLayer):
         base: Linear4bit = self.get_base_layer()
         while self.merged_adapters:
             adapter = self.merged_adapters.pop()
-            if adapter in self.lora_A.keys():
+            if adapter in self.lora_A:
                 restored = base.dequantize(torch.float32) - self.get_delta_weight(adapter).float()
                 base.quantize_(restored.to(base.original_dtype))
 

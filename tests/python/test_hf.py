@@ -18,9 +18,9 @@ import torch
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-import halo.hf  # noqa: E402
-import halo.nn as hnn  # noqa: E402
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
+import halo.hf
+import halo.nn as hnn
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL_DIR = ROOT / "build" / "models" / "smollm2-135m"
@@ -28,9 +28,16 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def tiny_config() -> LlamaConfig:
-    return LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                       tie_word_embeddings=True)
+    return LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -80,10 +87,15 @@ def test_bitsandbytes_checkpoint_loads_without_bitsandbytes(tmp_path):
     tiny = tiny_config()
     tiny.intermediate_size = 128
     LlamaForCausalLM(tiny).save_pretrained(tmp_path / "float")
-    config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                             bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+    config = transformers.BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
     AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=config).save_pretrained(
-        tmp_path / "bnb")
+        tmp_path / "bnb"
+    )
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "bnb")
     theirs.train()  # bitsandbytes' CPU inference path repacks weights; training mode keeps its plain kernel
     ids = torch.randint(0, 128, (1, 10))
@@ -103,7 +115,9 @@ torch.testing.assert_close(got, expected["logits"], rtol=1e-4, atol=1e-4)
 print("OK", type(model.model.layers[0].self_attn.q_proj).__name__)
 """
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300, check=False
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "OK Linear4bit" in result.stdout
 
@@ -119,8 +133,14 @@ def peft_pair(dropout: float):
             reference.get_submodule(name).weight.data = module.dequantize(torch.float32)
 
     def config():
-        return peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=TARGETS,
-                               task_type="CAUSAL_LM", init_lora_weights=False)
+        return peft.LoraConfig(
+            r=4,
+            lora_alpha=8,
+            lora_dropout=dropout,
+            target_modules=TARGETS,
+            task_type="CAUSAL_LM",
+            init_lora_weights=False,
+        )
 
     torch.manual_seed(1)
     ours = peft.get_peft_model(quantized, halo.hf.register_lora(config()))
@@ -146,7 +166,9 @@ def test_peft_fused_layer_reproduces_peft_with_seeded_dropout():
     grads_theirs = {n: p.grad for n, p in theirs.named_parameters() if p.requires_grad}
     assert grads_ours.keys() == grads_theirs.keys() and len(grads_ours) == 2 * 7 * 2
     for name, grad in grads_theirs.items():
-        torch.testing.assert_close(grads_ours[name], grad, rtol=1e-4, atol=1e-5 * grad.abs().max().item(), msg=name)
+        torch.testing.assert_close(
+            grads_ours[name], grad, rtol=1e-4, atol=1e-5 * grad.abs().max().item(), msg=name
+        )
     # A different seed draws a different mask: the match above is not an accident of p.
     torch.manual_seed(6)
     assert not torch.isclose(ours(input_ids=ids, labels=ids).loss, loss_theirs)
@@ -187,7 +209,9 @@ def test_prepare_model_for_kbit_training_and_generation(tiny_dir):
     assert generated.shape == (1, 11)
     model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.uint8
-    config = halo.hf.register_lora(peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, task_type="CAUSAL_LM"))
+    config = halo.hf.register_lora(
+        peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, task_type="CAUSAL_LM")
+    )
     model = peft.get_peft_model(model, config)
     model.train()
     loss = model(input_ids=ids, labels=ids).loss
@@ -217,20 +241,22 @@ def test_bad_configs_give_clear_errors():
 
 @pytest.mark.skipif(not (MODEL_DIR / "model.safetensors").exists(), reason="run `make model` first")
 def test_smollm2_short_finetune_loss_falls():
-    """The real-model check: 30 steps of QLoRA on SmolLM2-135M, sequence 32."""
+    """The real-model check: 30 steps of QLoRA on SmolLM2-135M, sequence <= 24."""
     from halo.optim import AdamW8bit
 
     start = time.perf_counter()
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, quantization_config=halo.hf.HaloConfig(
-        compute_dtype=torch.float32))
+    model = AutoModelForCausalLM.from_pretrained(
+        MODEL_DIR, quantization_config=halo.hf.HaloConfig(compute_dtype=torch.float32)
+    )
     model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    config = halo.hf.register_lora(peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS,
-                                                   task_type="CAUSAL_LM"))
+    config = halo.hf.register_lora(
+        peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
+    )
     model = peft.get_peft_model(model, config)
     tokenizer = transformers.AutoTokenizer.from_pretrained(MODEL_DIR)
     text = "The halo library quantizes weights to four bits and trains small adapters on top of them."
-    ids = tokenizer(text, return_tensors="pt").input_ids[:, :32]
+    ids = tokenizer(text, return_tensors="pt").input_ids[:, :24]
     opt = AdamW8bit([p for p in model.parameters() if p.requires_grad], lr=2e-3, min_8bit_size=1)
     losses = []
     model.train()
@@ -240,6 +266,8 @@ def test_smollm2_short_finetune_loss_falls():
         opt.step()
         opt.zero_grad()
         losses.append(loss.item())
-    print(f"SmolLM2 30 steps: loss {losses[0]:.3f} -> {losses[-1]:.3f} in {time.perf_counter() - start:.1f} s")
+    print(
+        f"SmolLM2 30 steps: loss {losses[0]:.3f} -> {losses[-1]:.3f} in {time.perf_counter() - start:.1f} s"
+    )
     assert losses[-1] < 0.5 * losses[0]
     assert all(torch.isfinite(torch.tensor(losses)))

@@ -4,11 +4,10 @@ ways, forward/backward against float references from the dequantized weight, fak
 
 from __future__ import annotations
 
-import pytest
-import torch
-
 import halo
 import halo.nn as hnn
+import pytest
+import torch
 from halo import _core, ops
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -17,8 +16,13 @@ SHAPES = [(33, 70), (64, 64), (7, 129)]
 
 
 def bnb_layer(linear: torch.nn.Linear, quant_type: str, double_quant: bool):
-    layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                              quant_type=quant_type, compress_statistics=double_quant)
+    layer = bnb.nn.Linear4bit(
+        linear.in_features,
+        linear.out_features,
+        bias=linear.bias is not None,
+        quant_type=quant_type,
+        compress_statistics=double_quant,
+    )
     layer.load_state_dict(linear.state_dict())
     return layer.to("cpu")  # bitsandbytes quantizes on the move
 
@@ -55,7 +59,9 @@ def test_bitsandbytes_checkpoint_loads_into_halo_and_back(quant_type):
     back = ours.state_dict()
     stats = {k.removeprefix("weight."): v for k, v in back.items() if k.startswith("weight.")}
     param = bnb.nn.Params4bit.from_prequantized(data=back["weight"], quantized_stats=stats, device="cpu")
-    torch.testing.assert_close(bnb.functional.dequantize_4bit(param.data, param.quant_state), w, rtol=0, atol=0)
+    torch.testing.assert_close(
+        bnb.functional.dequantize_4bit(param.data, param.quant_state), w, rtol=0, atol=0
+    )
 
 
 def test_float_state_dict_quantizes_on_load_and_strict_keys_are_checked():
@@ -102,8 +108,19 @@ def test_lora_linear_gradients_match_a_float64_reference():
     def ours():
         packed, absmax, nested, offset, quant_type, blocksize = layer.weight_args()
         return torch.ops.halo.lora_linear(
-            x.float(), (x * keep).float(), packed, absmax, nested, offset, out_f, quant_type, blocksize,
-            bias.float(), a.float(), b.float(), scaling,
+            x.float(),
+            (x * keep).float(),
+            packed,
+            absmax,
+            nested,
+            offset,
+            out_f,
+            quant_type,
+            blocksize,
+            bias.float(),
+            a.float(),
+            b.float(),
+            scaling,
         )
 
     grads = []
@@ -125,16 +142,44 @@ def test_ops_pass_torch_library_opcheck_and_meta():
     bias = torch.randn(48, requires_grad=True)
     a = torch.randn(4, 64, requires_grad=True)
     b = torch.randn(48, 4, requires_grad=True)
-    torch.library.opcheck(torch.ops.halo.matmul_4bit.default,
-                          (x, packed, absmax, nested, offset, 48, quant_type, blocksize, bias))
-    torch.library.opcheck(torch.ops.halo.lora_linear.default,
-                          (x, x.detach().clone().requires_grad_(), packed, absmax, nested, offset, 48, quant_type,
-                           blocksize, bias, a, b, 2.0))
+    torch.library.opcheck(
+        torch.ops.halo.matmul_4bit.default,
+        (x, packed, absmax, nested, offset, 48, quant_type, blocksize, bias),
+    )
+    torch.library.opcheck(
+        torch.ops.halo.lora_linear.default,
+        (
+            x,
+            x.detach().clone().requires_grad_(),
+            packed,
+            absmax,
+            nested,
+            offset,
+            48,
+            quant_type,
+            blocksize,
+            bias,
+            a,
+            b,
+            2.0,
+        ),
+    )
     torch.library.opcheck(torch.ops.halo.quantize_4bit.default, (torch.randn(10, 7), "fp4", 32))
-    torch.library.opcheck(torch.ops.halo.dequantize_4bit.default,
-                          (packed, absmax, nested, offset, [48, 64], quant_type, blocksize, torch.bfloat16))
-    meta = torch.ops.halo.matmul_4bit(x.to("meta"), packed.to("meta"), absmax.to("meta"), nested.to("meta"), offset,
-                                      48, quant_type, blocksize, None)
+    torch.library.opcheck(
+        torch.ops.halo.dequantize_4bit.default,
+        (packed, absmax, nested, offset, [48, 64], quant_type, blocksize, torch.bfloat16),
+    )
+    meta = torch.ops.halo.matmul_4bit(
+        x.to("meta"),
+        packed.to("meta"),
+        absmax.to("meta"),
+        nested.to("meta"),
+        offset,
+        48,
+        quant_type,
+        blocksize,
+        None,
+    )
     assert meta.device.type == "meta" and meta.shape == (3, 48)
 
 
@@ -157,7 +202,9 @@ def test_torch_op_quantize_equals_halo_quantize_4bit():
     w = torch.randn(33, 70, dtype=torch.bfloat16)
     packed, absmax = ops.quantize_4bit(w, "nf4", 64)
     qt = halo.quantize_4bit(w, "nf4", 64)
-    assert torch.equal(packed, torch.from_numpy(qt.packed)) and torch.equal(absmax, torch.from_numpy(qt.absmax))
+    assert torch.equal(packed, torch.from_numpy(qt.packed)) and torch.equal(
+        absmax, torch.from_numpy(qt.absmax)
+    )
     back = ops.dequantize_4bit(packed, absmax, (33, 70), "nf4", 64, torch.bfloat16)
     assert back.dtype == torch.bfloat16 and torch.equal(back, halo.dequantize_4bit(qt))
 
@@ -178,8 +225,9 @@ def test_bad_arguments_give_clear_errors():
     with pytest.raises(RuntimeError, match="not quantized yet"):
         hnn.Linear4bit(8, 8)(torch.randn(1, 8))
     with pytest.raises(ValueError, match=r"halo::matmul_4bit\] absmax holds"):
-        torch.ops.halo.matmul_4bit(torch.randn(2, 64), packed, absmax[:-1], nested, offset, 32, quant_type, blocksize,
-                                   None)
+        torch.ops.halo.matmul_4bit(
+            torch.randn(2, 64), packed, absmax[:-1], nested, offset, 32, quant_type, blocksize, None
+        )
     with pytest.raises(ValueError, match="quant_type must be one of"):
         ops.quantize_4bit(torch.randn(8, 8), "nf3")
     with pytest.raises(TypeError, match=r"hnn|expected an nn.Linear"):
