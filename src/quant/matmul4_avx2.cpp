@@ -7,6 +7,7 @@
 // 16-entry look-up (two vpermps and a blend on bit 3) gives 8 weights.
 // GCC 12 warns about the _mm512_undefined_* inside its own intrinsic headers.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 
 #include <immintrin.h>
 
@@ -100,6 +101,7 @@ struct Isa {
   }
 
   static constexpr int chains(int rows) { return rows <= 2 ? 4 : rows <= 4 ? 2 : 1; }
+  static constexpr int group(int rows) { return rows <= 2 ? 2 : 1; }
   static constexpr int kGemvMaxRows = 8;
   static constexpr int kGemmRows = 6;
   static constexpr int kGemmVecs = 2;
@@ -112,4 +114,8 @@ struct Isa {
 
 namespace halo::kernels {
 const Matmul4Ops kMatmul4Avx2 = kOps;
+void gemm_avx2(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc, int64_t rows,
+              int64_t cols, int64_t depth) {
+  gemm(a, lda, b, ldb, c, ldc, rows, cols, depth);
+}
 }  // namespace halo::kernels

@@ -7,6 +7,7 @@
 // weights: 4 shifts + 4 permutes per 64 weights, no unpacking.
 // GCC 12 warns about the _mm512_undefined_* inside its own intrinsic headers.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 
 #include <immintrin.h>
 
@@ -84,7 +85,8 @@ struct Isa {
 
   // Independent accumulators per row, so few rows do not wait on FMA latency.
   static constexpr int chains(int rows) { return rows <= 2 ? 4 : rows <= 8 ? 2 : 1; }
-  static constexpr int kGemvMaxRows = 16;
+  static constexpr int group(int rows) { return rows <= 4 ? 4 : rows <= 8 ? 2 : 1; }
+  static constexpr int kGemvMaxRows = 8;  // 9..16 rows: two passes (x of 16 rows would stream from L2)
   static constexpr int kGemmRows = 12;
   static constexpr int kGemmVecs = 2;
 };
@@ -96,4 +98,8 @@ struct Isa {
 
 namespace halo::kernels {
 const Matmul4Ops kMatmul4Avx512 = kOps;
+void gemm_avx512(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc, int64_t rows,
+                int64_t cols, int64_t depth) {
+  gemm(a, lda, b, ldb, c, ldc, rows, cols, depth);
+}
 }  // namespace halo::kernels

@@ -5,13 +5,13 @@
 // with the AVX-512 flags plus -mavx512bf16; called only where the CPU has it.
 // GCC 12 warns about the _mm512_undefined_* inside its own intrinsic headers.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 
 #include <immintrin.h>
 
 #include <cstdint>
 #include <utility>
 
-#include "src/quant/matmul4_bf16_table.hpp"
 #include "src/quant/matmul4_special.hpp"
 
 namespace halo::kernels::bf16 {
@@ -20,6 +20,14 @@ namespace {
 // Lane j of vector v (0, 1) of a 64-element chunk: lanes 0-15 read the low nibble,
 // lanes 16-31 the high nibble, of byte 2 * (j % 16) + v.
 constexpr int lane_element(int v, int j) { return j < 16 ? 4 * j + 2 * v + 1 : 4 * (j - 16) + 2 * v; }
+
+// The block's 16 weights as bfloat16, twice (vpermw reads 5 index bits). vcvtne2ps2bf16
+// rounds to nearest even and flushes subnormal results to zero, as vdpbf16ps treats
+// subnormal inputs anyway.
+__m512i bf16_table(const float* code, float absmax) {
+  const __m512 weights = _mm512_mul_ps(_mm512_loadu_ps(code), _mm512_set1_ps(absmax));
+  return (__m512i)_mm512_cvtne2ps_pbh(weights, weights);
+}
 
 template <int Vec>
 __m512i decode(__m512i chunk, __m512i table) {

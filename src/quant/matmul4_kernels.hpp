@@ -21,8 +21,8 @@ struct Matmul4Weight {
   Format precision;   // f32, f16 or bf16: each weight is code * absmax rounded to this
 };
 
-// c[i, j] += sum_l a[i, l] * b[l, j] (row-major with leading dimensions). Also the
-// LoRA layer's tile GEMM (src/lora/gemm_kernels.hpp).
+// c[i, j] += sum_l a[i, l] * b[l, j] (row-major with leading dimensions): the register
+// tiled float GEMM of matmul4_simd.hpp, also the LoRA layer's tile GEMM for dense bases.
 using Gemm = void (*)(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc, int64_t rows,
                       int64_t cols, int64_t depth);
 
@@ -50,6 +50,11 @@ extern const Matmul4Ops kMatmul4Avx512;
 void matmul4_decode_scalar(const Matmul4Weight& w, int64_t o0, int64_t o1, int64_t k0, int64_t k1, float* out,
                            int64_t ld);
 void gemm_scalar(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc, int64_t rows,
+                 int64_t cols, int64_t depth);
+// The same GEMM per ISA (one template, matmul4_simd.hpp): for users outside the matmul.
+void gemm_avx2(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc, int64_t rows,
+               int64_t cols, int64_t depth);
+void gemm_avx512(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc, int64_t rows,
                  int64_t cols, int64_t depth);
 
 }  // namespace halo::kernels

@@ -11,7 +11,8 @@
 //                                  element lane_element(v, l) (an order that needs
 //                                  no shuffles; x is permuted to match once per call)
 //   decode32(16 bytes, table, out) 32 elements in natural order (for GEMM panels)
-//   chains(rows)                   independent accumulators per row in the GEMV
+//   group(rows)                    rows of W decoded together in the GEMV (x loads shared)
+//   chains(rows)                   independent accumulators per row when one W row at a time
 //   kGemvMaxRows, kGemmRows, kGemmVecs
 // Everything here has internal linkage: nothing is shared with plain code.
 #pragma once
@@ -42,50 +43,77 @@ void gemv_pack(const float* x32, int64_t rows, int64_t in, float* panel) {
     }
 }
 
-template <int R, int C, int Vec>
-inline void gemv_step(const typename Isa::Chunk& chunk, const typename Isa::Table& table, const float* xp,
-                      V (&acc)[R][C]) {
-  const V weights = Isa::template decode<Vec>(chunk, table);
+// One k-chunk of G rows of W against R rows of x: each vector of x is loaded once and
+// used for all G weight rows, each decoded weight vector for all R rows of x.
+template <int R, int G, int C, int Vec>
+inline void gemv_step(const typename Isa::Chunk (&chunk)[G], const typename Isa::Table (&table)[G], const float* xp,
+                      V (&acc)[G][R][C]) {
+  V xv[R];
 #pragma GCC unroll 16
-  for (int r = 0; r < R; ++r) acc[r][Vec % C] = Isa::fma(weights, Isa::load(xp + r * 64 + Vec * kW), acc[r][Vec % C]);
+  for (int r = 0; r < R; ++r) xv[r] = Isa::load(xp + r * 64 + Vec * kW);
+#pragma GCC unroll 4
+  for (int g = 0; g < G; ++g) {
+    const V weights = Isa::template decode<Vec>(chunk[g], table[g]);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) acc[g][r][Vec % C] = Isa::fma(weights, xv[r], acc[g][r][Vec % C]);
+  }
 }
 
-template <int R, int C, int... Vecs>
-inline void gemv_chunk(const typename Isa::Chunk& chunk, const typename Isa::Table& table, const float* xp,
-                       V (&acc)[R][C], std::integer_sequence<int, Vecs...>) {
-  (gemv_step<R, C, Vecs>(chunk, table, xp, acc), ...);
+template <int R, int G, int C, int... Vecs>
+inline void gemv_chunk(const typename Isa::Chunk (&chunk)[G], const typename Isa::Table (&table)[G], const float* xp,
+                       V (&acc)[G][R][C], std::integer_sequence<int, Vecs...>) {
+  (gemv_step<R, G, C, Vecs>(chunk, table, xp, acc), ...);
 }
 
-// Rows [o_begin, o_end) of W against R rows of x: the weight bytes stream through once,
-// each 64-element chunk is decoded in registers and used for all R rows.
-template <int R>
-void gemv_rows(const Matmul4Weight& w, const float* panel, int64_t o_begin, int64_t o_end, float* y, int64_t ldy) {
-  constexpr int C = Isa::chains(R);
+// Rows [o, o + G) of W against R rows of x: the weight bytes stream through once, each
+// 64-element chunk decoded in registers; y[r * ldy + o + g] gets the sums.
+template <int R, int G>
+void gemv_block(const Matmul4Weight& w, const float* panel, int64_t o, float* y, int64_t ldy) {
+  constexpr int C = G == 1 ? Isa::chains(R) : 1;
   const int64_t chunks = w.in / 64;
   const int64_t block_mask = w.blocksize - 1;
-  for (int64_t o = o_begin; o < o_end; ++o) {
-    V acc[R][C];
+  V acc[G][R][C];
+#pragma GCC unroll 4
+  for (int g = 0; g < G; ++g)
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-      for (int j = 0; j < C; ++j) acc[r][j] = Isa::zero();
-    const uint8_t* bytes = w.packed + o * (w.in / 2);
-    int64_t flat = o * w.in;
-    typename Isa::Table table = Isa::table(w.code, w.absmax[flat / w.blocksize], w.precision);
-    for (int64_t c = 0; c < chunks; ++c, flat += 64) {
-      if (c != 0 && (flat & block_mask) == 0) table = Isa::table(w.code, w.absmax[flat / w.blocksize], w.precision);
-      Isa::prefetch(bytes + c * 32);
-      const typename Isa::Chunk chunk = Isa::load_chunk(bytes + c * 32);
-      gemv_chunk<R, C>(chunk, table, panel + c * R * 64, acc, std::make_integer_sequence<int, Isa::kChunkVecs>());
+      for (int j = 0; j < C; ++j) acc[g][r][j] = Isa::zero();
+  const uint8_t* bytes = w.packed + o * (w.in / 2);
+  const int64_t row_bytes = w.in / 2;
+  int64_t flat = o * w.in;
+  typename Isa::Table table[G];
+#pragma GCC unroll 4
+  for (int g = 0; g < G; ++g) table[g] = Isa::table(w.code, w.absmax[(flat + g * w.in) / w.blocksize], w.precision);
+  for (int64_t c = 0; c < chunks; ++c, flat += 64) {
+    typename Isa::Chunk chunk[G];
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g) {
+      const int64_t start = flat + g * w.in;
+      if (c != 0 && (start & block_mask) == 0)
+        table[g] = Isa::table(w.code, w.absmax[start / w.blocksize], w.precision);
+      Isa::prefetch(bytes + g * row_bytes + c * 32);
+      chunk[g] = Isa::load_chunk(bytes + g * row_bytes + c * 32);
     }
+    gemv_chunk<R, G, C>(chunk, table, panel + c * R * 64, acc, std::make_integer_sequence<int, Isa::kChunkVecs>());
+  }
+#pragma GCC unroll 4
+  for (int g = 0; g < G; ++g)
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
-      V total = acc[r][0];
+      V total = acc[g][r][0];
 #pragma GCC unroll 4
-      for (int j = 1; j < C; ++j) total = Isa::add(total, acc[r][j]);
-      y[r * ldy + o] = Isa::sum(total);
+      for (int j = 1; j < C; ++j) total = Isa::add(total, acc[g][r][j]);
+      y[r * ldy + o + g] = Isa::sum(total);
     }
-  }
+}
+
+template <int R>
+void gemv_rows(const Matmul4Weight& w, const float* panel, int64_t o_begin, int64_t o_end, float* y, int64_t ldy) {
+  constexpr int G = Isa::group(R);
+  int64_t o = o_begin;
+  for (; o + G <= o_end; o += G) gemv_block<R, G>(w, panel, o, y, ldy);
+  for (; o < o_end; ++o) gemv_block<R, 1>(w, panel, o, y, ldy);
 }
 
 template <int... Rs>

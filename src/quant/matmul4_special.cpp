@@ -68,42 +68,64 @@ void bf16_gemv_forward(const uint16_t* x, int64_t rows, const Matmul4Weight& w, 
 
 // ---- AMX forward: yᵀ = W xᵀ ------------------------------------------------------------------------
 
-// x [rows, in] -> the b operand: pairs[(k/2) * ld + m] = (x[m, k], x[m, k+1]), zero padded.
-std::vector<uint32_t> pair_columns(const uint16_t* x, int64_t rows, int64_t in, int64_t depth, int64_t ld) {
-  std::vector<uint32_t> pairs(size_t(depth / 2 * ld), 0u);
-  parallel_for(depth / 2, 64, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p)
-      for (int64_t m = 0; m < rows; ++m) {
-        const int64_t k = 2 * p;
-        const uint32_t low = k < in ? x[m * in + k] : 0u;
-        const uint32_t high = k + 1 < in ? x[m * in + k + 1] : 0u;
-        pairs[size_t(p * ld + m)] = low | (high << 16);
+// Position q of k-step s in the order the weight panels use (see amx::chunk_element).
+int64_t step_element(int64_t s, int64_t q, bool chunk_order) {
+  return chunk_order ? (s / 2) * 64 + amx::chunk_element(int(s % 2), int(q)) : s * 32 + q;
+}
+
+// Forward depth blocking: the a tiles of kDepthSteps k-steps (32 x 32 x 8 bfloat16 =
+// 16 KiB) stay in L1 while every pair of 16-row blocks of x passes under them.
+constexpr int64_t kDepthSteps = 8;
+
+// x [rows, in] -> b tiles: pairs[((m / 16) * steps * 16 + s * 16 + p) * 16 + m % 16] holds
+// (x[m, k], x[m, k']) for the elements k, k' at positions 2p, 2p + 1 of k-step s.
+std::vector<uint32_t> pair_tiles(const uint16_t* x, int64_t rows, int64_t in, int64_t steps, bool chunk_order) {
+  const int64_t blocks = round_up(rows, 16) / 16;
+  std::vector<uint32_t> pairs(size_t(blocks * steps * 256), 0u);
+  parallel_for(blocks * steps, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t block = t / steps, s = t % steps;
+      for (int64_t p = 0; p < 16; ++p) {
+        const int64_t k = step_element(s, 2 * p, chunk_order), k2 = step_element(s, 2 * p + 1, chunk_order);
+        for (int64_t i = 0; i < 16 && block * 16 + i < rows; ++i) {
+          const uint16_t* row = x + (block * 16 + i) * in;
+          const uint32_t low = k < in ? row[k] : 0u, high = k2 < in ? row[k2] : 0u;
+          pairs[size_t((t * 16 + p) * 16 + i)] = low | (high << 16);
+        }
       }
+    }
   });
   return pairs;
 }
 
+bool chunk_order_fits(const Matmul4Weight& w, int64_t k_extent) { return k_extent % 64 == 0 && w.blocksize >= 64 && w.in % 64 == 0; }
+
 void amx_forward(const uint16_t* x, int64_t rows, const Matmul4Weight& w, const uint16_t* bias, uint16_t* y) {
-  const int64_t depth = round_up(w.in, 32), ld = round_up(rows, 16);
-  const std::vector<uint32_t> pairs = pair_columns(x, rows, w.in, depth, ld);
+  const int64_t depth = round_up(w.in, 32), steps = depth / 32, blocks = round_up(rows, 16) / 16;
+  const int64_t ld = blocks * 16;
+  const bool chunk_order = chunk_order_fits(w, w.in);
+  const std::vector<uint32_t> pairs = pair_tiles(x, rows, w.in, steps, chunk_order);
   parallel_for(w.out, 32, [&](int64_t n_begin, int64_t n_end) {
     std::vector<uint16_t> panel(size_t(32 * depth));
-    alignas(64) float c[32 * 32];
+    std::vector<float> c(size_t(32 * ld));
     amx::configure();
     for (int64_t n0 = n_begin; n0 < n_end; n0 += 32) {
       const int64_t n1 = std::min(n_end, n0 + 32);
-      amx::decode_rows(w, n0, n1, depth, panel.data());
-      for (int64_t m0 = 0; m0 < ld; m0 += 32) {
-        const int b_tiles = ld - m0 >= 32 ? 2 : 1;
-        amx::tile_product(panel.data(), depth, 2, pairs.data() + m0, ld, b_tiles, depth, c);
-        const int64_t m1 = std::min(rows, m0 + 32);
-        for (int64_t m = m0; m < m1; ++m)
-          for (int64_t n = n0; n < n1; ++n) {
-            float value = c[(n - n0) * 32 + (m - m0)];
-            if (bias != nullptr) value += bf16_to_float(bias[n]);
-            store_bf16_row(value, y + m * w.out + n);
-          }
+      amx::decode_rows(w, n0, n1, depth, chunk_order, panel.data());
+      for (int64_t s0 = 0; s0 < steps; s0 += kDepthSteps) {
+        const int64_t count = std::min(kDepthSteps, steps - s0);
+        for (int64_t b0 = 0; b0 < blocks; b0 += 2) {
+          const int b_tiles = blocks - b0 >= 2 ? 2 : 1;
+          amx::tile_product(panel.data() + s0 * 1024, 1024, 512, 2, pairs.data() + (b0 * steps + s0) * 256, 256,
+                            steps * 256, b_tiles, count, c.data() + b0 * 16, ld, s0 > 0);
+        }
       }
+      for (int64_t m = 0; m < rows; ++m)
+        for (int64_t n = n0; n < n1; ++n) {
+          float value = c[size_t((n - n0) * ld + m)];
+          if (bias != nullptr) value += bf16_to_float(bias[n]);
+          store_bf16_row(value, y + m * w.out + n);
+        }
     }
     amx::release();
   });
@@ -112,26 +134,40 @@ void amx_forward(const uint16_t* x, int64_t rows, const Matmul4Weight& w, const 
 // ---- AMX transposed: y = x W --------------------------------------------------------------------------
 
 void amx_transposed(const uint16_t* x, int64_t rows, const Matmul4Weight& w, uint16_t* y) {
-  const int64_t depth = round_up(w.out, 32), padded_rows = round_up(rows, 16);
-  // x padded to [padded_rows, depth] (the a operand).
-  std::vector<uint16_t> a(size_t(padded_rows * depth), 0);
-  for (int64_t m = 0; m < rows; ++m) std::memcpy(a.data() + m * depth, x + m * w.out, size_t(w.out) * 2);
+  const int64_t depth = round_up(w.out, 32), steps = depth / 32, blocks = round_up(rows, 16) / 16;
+  // x as a tiles: a[((m / 16) * steps + o / 32) * 512 + (m % 16) * 32 + o % 32], zero padded.
+  std::vector<uint16_t> a(size_t(blocks * steps * 512), 0);
+  parallel_for(rows, 16, [&](int64_t m_begin, int64_t m_end) {
+    for (int64_t m = m_begin; m < m_end; ++m)
+      for (int64_t s = 0; s < steps; ++s) {
+        const int64_t count = std::min<int64_t>(32, w.out - 32 * s);
+        std::memcpy(a.data() + ((m / 16) * steps + s) * 512 + (m % 16) * 32, x + m * w.out + 32 * s, size_t(count) * 2);
+      }
+  });
+  const int64_t column_block = depth / 2 * 16, ld = 64;
+  const bool chunk_order = chunk_order_fits(w, w.in);
   parallel_for(w.in, 64, [&](int64_t k_begin, int64_t k_end) {
-    std::vector<uint32_t> panel(size_t(depth / 2 * 64));
-    alignas(64) float c[32 * 32];
+    std::vector<uint32_t> panel(size_t(4 * column_block));
+    std::vector<float> c(size_t(blocks * 16 * ld));
     amx::configure();
     for (int64_t k0 = k_begin; k0 < k_end; k0 += 64) {
-      amx::decode_pairs(w, k0, depth / 2, panel.data());
-      for (int64_t m0 = 0; m0 < padded_rows; m0 += 32) {
-        const int a_tiles = padded_rows - m0 >= 32 ? 2 : 1;
-        const int64_t m1 = std::min(rows, m0 + 32);
-        for (int64_t half = 0; half < 2 && k0 + 32 * half < w.in; ++half) {
-          amx::tile_product(a.data() + m0 * depth, depth, a_tiles, panel.data() + 32 * half, 64, 2, depth, c);
-          const int64_t j0 = k0 + 32 * half, j1 = std::min(w.in, j0 + 32);
-          for (int64_t m = m0; m < m1; ++m)
-            for (int64_t k = j0; k < j1; ++k) store_bf16_row(c[(m - m0) * 32 + (k - j0)], y + m * w.in + k);
+      amx::decode_pairs(w, k0, depth, chunk_order, panel.data());
+      const int64_t halves = k0 + 32 < w.in ? 2 : 1;
+      for (int64_t s0 = 0; s0 < steps; s0 += kDepthSteps) {
+        const int64_t count = std::min(kDepthSteps, steps - s0);
+        for (int64_t b0 = 0; b0 < blocks; b0 += 2) {
+          const int a_tiles = blocks - b0 >= 2 ? 2 : 1;
+          for (int64_t h = 0; h < halves; ++h)
+            amx::tile_product(a.data() + (b0 * steps + s0) * 512, 512, steps * 512, a_tiles,
+                              panel.data() + 2 * h * column_block + s0 * 256, 256, column_block, 2, count,
+                              c.data() + b0 * 16 * ld + 32 * h, ld, s0 > 0);
         }
       }
+      for (int64_t m = 0; m < rows; ++m)
+        for (int64_t j = 0; j < 32 * halves; ++j) {
+          const int64_t k = chunk_order ? k0 + amx::chunk_element(int(j / 32), int(j % 32)) : k0 + j;
+          if (k < w.in) store_bf16_row(c[size_t(m * ld + j)], y + m * w.in + k);
+        }
     }
     amx::release();
   });
@@ -157,7 +193,7 @@ bool cpu_has_amx_bf16() {
     unsigned a = 0, b = 0, c = 0, d = 0;
     if (!backend_available(Backend::avx512) || !__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
     const bool tile = (d & (1u << 24)) != 0, bf16 = (d & (1u << 22)) != 0;
-    if (!tile || !bf16) return false;
+    if (!tile || !bf16 || !cpu_has_avx512_bf16()) return false;  // the panels are converted with AVX512-BF16
     const uint64_t tile_state = (uint64_t(1) << 17) | (uint64_t(1) << 18);
     if ((xcr0() & tile_state) != tile_state) return false;
     return request_amx_permission();

@@ -31,20 +31,34 @@ void gemv(const Matmul4Weight& w, const uint16_t* panel, int64_t rows, int64_t o
 }  // namespace bf16
 
 namespace amx {
+// Operands are stored as whole tiles (16 rows of 64 bytes, contiguous), so every tile
+// load reads 1 KiB in a row instead of 16 rows far apart (which also thrash one L1 set).
+
+// Chunk order: position q (0..31) of 32-wide k-step 2c + v (v = 0, 1) holds element
+// 64c + chunk_element(v, q) of the row (the low nibbles of the chunk's bytes in
+// positions 0-15, the high nibbles in 16-31). Used when every row starts on a whole
+// 64-element chunk inside one block (K % 64 == 0, blocksize >= 64); otherwise k runs
+// in natural order. The x operand is laid out to match.
+constexpr int chunk_element(int v, int q) { return q < 16 ? 4 * q + 2 * v + 1 : 4 * (q - 16) + 2 * v; }
+
 // Tile configuration of the calling thread (every AMX routine below needs it).
 void configure();
 void release();
-// W[n0:n1, 0:in] as bfloat16 into panel [32][depth] (rows n1-n0..31 and columns in..depth-1 zero);
-// depth is `in` rounded up to 32.
-void decode_rows(const Matmul4Weight& w, int64_t n0, int64_t n1, int64_t depth, uint16_t* panel);
-// W[0:out, k0:k0+64] as the AMX b operand: panel[(o/2) * 64 + (k-k0)] holds the pair
-// (W[o, k], W[o+1, k]) as one 32-bit word; rows past `out`, columns past `in` zero.
-void decode_pairs(const Matmul4Weight& w, int64_t k0, int64_t pair_rows, uint32_t* panel);
-// c[32][32] (float32, row stride 32) = a[0:32, 0:depth] . b, where a is bfloat16 rows of
-// stride lda (elements) and b is `depth / 2` rows of 32-bit pairs with stride ldb (words),
-// columns [0, 16 * b_tiles). depth is a multiple of 32; a_tiles, b_tiles in {1, 2}.
-void tile_product(const uint16_t* a, int64_t lda, int a_tiles, const uint32_t* b, int64_t ldb, int b_tiles,
-                  int64_t depth, float* c);
+// W[n0:n1, 0:in] as bfloat16 a tiles: panel[(k / 32) * 1024 + (n - n0) * 32 + k % 32] (k in
+// chunk order when chunk_order); rows past n1 and k past `in` (up to `depth`, a multiple
+// of 32) are zero.
+void decode_rows(const Matmul4Weight& w, int64_t n0, int64_t n1, int64_t depth, bool chunk_order, uint16_t* panel);
+// W[0:depth, k0:k0+64] as b tiles: panel[(j / 16) * (depth / 2) * 16 + (o / 2) * 16 + j % 16]
+// holds the pair (W[o, k], W[o+1, k]) as one 32-bit word (row o in the low half), where
+// column j is k = k0 + j, or k0 + chunk_element(j / 32, j % 32) when chunk_order (then k0
+// is a multiple of 64). Rows past `out` and columns past `in` are zero.
+void decode_pairs(const Matmul4Weight& w, int64_t k0, int64_t depth, bool chunk_order, uint32_t* panel);
+// c[32 x 32] (float32, row stride ldc) = (accumulate ? c : 0) + the sum over `steps`
+// k-steps of a tiles times b tiles: a tile i (i < a_tiles) of step s at a + s * a_step +
+// i * a_next, b tile j (j < b_tiles) at b + s * b_step + j * b_next (elements / 32-bit
+// words; every tile contiguous). c rows and columns past the tiles used are untouched.
+void tile_product(const uint16_t* a, int64_t a_step, int64_t a_next, int a_tiles, const uint32_t* b, int64_t b_step,
+                  int64_t b_next, int b_tiles, int64_t steps, float* c, int64_t ldc, bool accumulate);
 }  // namespace amx
 
 }  // namespace halo::kernels
