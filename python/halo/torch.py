@@ -107,13 +107,14 @@ class _LoraLinear(torch.autograd.Function):
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _dropout_keep(seed: int, shape: tuple[int, int], p: float) -> torch.Tensor:
-    """halo's dropout mask for x of ``shape`` as a bool tensor (True = kept)."""
-    return torch.from_numpy(_core.lora.dropout_mask(seed, shape[0] * shape[1], p)).reshape(shape) != 0
+def _dropout_scale(seed: int, shape: tuple[int, int], p: float) -> torch.Tensor:
+    """halo's dropout mask for x of ``shape``: 0 for a dropped element, 1 / (1 - p) for a kept one."""
+    return torch.from_numpy(_core.lora.dropout_mask(seed, shape[0] * shape[1], p)).reshape(shape)
 
 
 class _Lora4bit(torch.autograd.Function):
-    """The layer over a 4-bit base, for float32 / float16 / bfloat16 x (see the module doc)."""
+    """The layer over a 4-bit base, for float32 / float16 / bfloat16 x (see the module doc).
+    Few torch operations per call: the LoRA term goes in with one addmm."""
 
     @staticmethod
     def forward(ctx, x, lora_a, lora_b, bias, qt, settings):  # type: ignore[override]
@@ -127,14 +128,13 @@ class _Lora4bit(torch.autograd.Function):
             base = matmul_4bit(rows, qt, bias=None if bias is None else bias.detach(), backend=backend)
         compute = lora_a.dtype
         dropped = rows.to(compute)
-        keep = None
+        mask = None
         if dropout > 0.0:
-            keep = _dropout_keep(seed, tuple(rows.shape), dropout)
-            dropped = dropped * keep * (1.0 / (1.0 - dropout))
+            mask = _dropout_scale(seed, tuple(rows.shape), dropout).to(compute)
+            dropped = dropped * mask
         t = dropped @ lora_a.detach().t()
-        lora = (t @ lora_b.detach().t()) * scaling
-        y = base + lora if base.dtype == compute else (base.to(compute) + lora).to(x.dtype)
-        ctx.save_for_backward(dropped, t, lora_a, lora_b, keep)
+        y = torch.addmm(base.to(compute), t, lora_b.detach().t(), alpha=scaling).to(x.dtype)
+        ctx.save_for_backward(dropped, t, lora_a, lora_b, mask)
         ctx.qt = qt
         ctx.settings = settings
         ctx.has_bias = bias is not None
@@ -145,14 +145,13 @@ class _Lora4bit(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):  # type: ignore[override]
-        dropped, t, lora_a, lora_b, keep = ctx.saved_tensors
-        out_features, _, fan_in_fan_out, scaling, dropout, _, backend = ctx.settings
+        dropped, t, lora_a, lora_b, mask = ctx.saved_tensors
+        out_features, _, fan_in_fan_out, scaling, _, _, backend = ctx.settings
         g = grad_y.reshape(-1, out_features)
-        compute = lora_a.dtype
-        gc = g.to(compute)
-        dt = (gc @ lora_b) * scaling  # gradient of t, [rows, r]
+        gc = g.to(lora_a.dtype)
+        dt = torch.mm(gc, lora_b).mul_(scaling)  # gradient of t, [rows, r]
         grad_a = dt.t() @ dropped if ctx.needs_input_grad[1] else None
-        grad_b = (gc.t() @ t) * scaling if ctx.needs_input_grad[2] else None
+        grad_b = torch.mm(gc.t(), t).mul_(scaling) if ctx.needs_input_grad[2] else None
         grad_bias = None
         if ctx.has_bias and ctx.needs_input_grad[3]:
             grad_bias = g.sum(0).to(ctx.bias_dtype)
@@ -160,11 +159,11 @@ class _Lora4bit(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             gx = g.to(ctx.x_dtype).contiguous()
             base = (matmul_4bit if fan_in_fan_out else matmul_4bit_transposed)(gx, ctx.qt, backend=backend)
-            lora_dx = dt @ lora_a
-            if keep is not None:
-                lora_dx = lora_dx * keep * (1.0 / (1.0 - dropout))
-            grad_x = base + lora_dx if base.dtype == compute else (base.to(compute) + lora_dx).to(ctx.x_dtype)
-            grad_x = grad_x.reshape(ctx.x_shape)
+            if mask is None:
+                grad_x = torch.addmm(base.to(lora_a.dtype), dt, lora_a)
+            else:
+                grad_x = torch.mm(dt, lora_a).mul_(mask).add_(base)
+            grad_x = grad_x.to(ctx.x_dtype).reshape(ctx.x_shape)
         return grad_x, grad_a, grad_b, grad_bias, None, None
 
 
