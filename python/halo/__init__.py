@@ -17,7 +17,7 @@ from .backend import backends, built_with_cuda, resolve_backend
 from .hwq import HaloQuantized, HardwareModel, halo_quantize, rtn_quantize
 from .merge import merge
 from .peft_io import read_adapter, write_adapter
-from .quant import QuantizedTensor, dequantize_4bit, quantize_4bit
+from .quant import QuantizedTensor, dequantize_4bit, matmul_4bit, matmul_4bit_transposed, quantize_4bit
 
 __version__ = "0.1.0"
 
@@ -43,6 +43,8 @@ __all__ = [
     "hf",
     "io",
     "lora",
+    "matmul_4bit",
+    "matmul_4bit_transposed",
     "merge",
     "partition",
     "quantize_4bit",
