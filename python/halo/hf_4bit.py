@@ -296,7 +296,7 @@ class HaloHfQuantizer(_HfQuantizer):
     def get_quantize_ops(self):
         return _HaloQuantize(self)
 
-    serialized_names = {  # noqa: RUF012  (transformers declares it so)
+    serialized_names = {  # as transformers declares it
         "weight": [
             "weight",
             "weight.nested_absmax",

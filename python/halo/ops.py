@@ -17,13 +17,13 @@ float32 per block, or with double quantization uint8 codes of the signed dynamic
 map plus ``nested_absmax`` (float32 per 256 blocks) and ``nested_offset``.
 
 CPU tensors run halo's C++ kernels (tensors cross as NumPy views, no copy). CUDA
-tensors stay on the GPU: the kernels take device pointers (src/cuda/device_ops.cu)
-and a build without CUDA raises instead of moving data to the CPU.
+tensors stay on the GPU: the kernels take device pointers (src/cuda/device_ops.cu and
+the matmul's CUDA entry) and a build without CUDA raises instead of moving data to the CPU.
+The matmuls run halo's fused 4-bit GEMM/GEMV (halo.matmul_4bit's kernels): the weight is
+decoded inside the kernel, never as a whole.
 """
 
 from __future__ import annotations
-
-import threading
 
 import numpy as np
 import torch
@@ -118,20 +118,6 @@ def _absmax_cpu(absmax: Tensor, nested_absmax: Tensor | None, nested_offset: flo
     )
 
 
-_scratch = threading.local()
-
-
-def _scratch_tensor(numel: int, dtype: torch.dtype) -> Tensor:
-    """A per-thread buffer for a dequantized weight that lives only inside one op:
-    reusing it saves the page faults a fresh allocation costs on every call."""
-    key = f"buf_{dtype}"
-    buffer = getattr(_scratch, key, None)
-    if buffer is None or buffer.numel() < numel:
-        buffer = torch.empty(numel, dtype=dtype)
-        setattr(_scratch, key, buffer)
-    return buffer[:numel]
-
-
 def _dequantize_cpu(
     packed: Tensor,
     absmax: Tensor,
@@ -200,70 +186,72 @@ def _dequantize_into(
     raise ValueError(f"[halo.ops] no halo kernel for device {packed.device}")
 
 
-def _weight(
-    packed,
-    absmax,
-    nested_absmax,
-    nested_offset,
-    out_features,
-    in_features,
-    quant_type,
-    blocksize,
-    dtype,
-    scratch: bool,
+def _fused_matmul(
+    x2d: Tensor,
+    weight_args: tuple,
+    out_features: int,
+    in_features: int,
+    bias: Tensor | None,
+    transposed: bool,
 ) -> Tensor:
-    """The dequantized [out, in] weight in ``dtype``; on the CPU in the per-thread scratch
-    buffer when ``scratch`` (the caller must not keep it past the op)."""
-    numel = out_features * in_features
-    if scratch and packed.device.type == "cpu":
-        out = _scratch_tensor(numel, dtype)
-    else:
-        out = torch.empty(numel, dtype=dtype, device=packed.device)
-    _dequantize_into(packed, absmax, nested_absmax, nested_offset, numel, quant_type, blocksize, out)
-    return out.view(out_features, in_features)
+    """halo's fused 4-bit matmul (halo/quant/matmul4.hpp: codes decoded inside the GEMM, never
+    the whole W): y = x W^T (+ bias), or x W when ``transposed``, in x's dtype."""
+    packed, absmax, nested_absmax, nested_offset, quant_type, blocksize = weight_args
+    rows = x2d.shape[0]
+    y = torch.empty(rows, in_features if transposed else out_features, dtype=x2d.dtype, device=x2d.device)
+    if x2d.device.type == "cuda":
+        scales = _absmax_cuda(absmax, nested_absmax, nested_offset)
+        bias_t = None if bias is None else bias.to(x2d.dtype).contiguous()
+        _core.quant.matmul_4bit_device(
+            x2d.data_ptr(),
+            _FLOAT_NAMES[x2d.dtype],
+            rows,
+            packed.contiguous().data_ptr(),
+            scales.data_ptr(),
+            quant_type,
+            blocksize,
+            out_features,
+            in_features,
+            0 if bias_t is None else bias_t.data_ptr(),
+            y.data_ptr(),
+            transposed,
+            _stream(x2d),
+        )
+        return y
+    scales = np.ascontiguousarray(_absmax_cpu(absmax, nested_absmax, nested_offset), dtype=np.float32)
+    bias_np = None if bias is None else _numpy_bits(bias.detach().to(x2d.dtype).contiguous())
+    _core.quant.matmul_4bit(
+        _numpy_bits(x2d.detach()),
+        _FLOAT_NAMES[x2d.dtype],
+        rows,
+        packed.contiguous().numpy().reshape(-1),
+        scales,
+        quant_type,
+        blocksize,
+        out_features,
+        in_features,
+        bias_np,
+        transposed,
+        "auto",
+        _numpy_bits(y),
+    )
+    return y
 
 
 def _base_matmul(x2d: Tensor, weight_args: tuple, out_features: int, bias: Tensor | None) -> Tensor:
-    """x W^T (+ bias) for rows x2d [m, in] in x's dtype. The one place the 4-bit
-    matmul is chosen: today the weight is dequantized into a reused buffer and
-    multiplied by torch's GEMM (MKL/cuBLAS)."""
-    packed, absmax, nested_absmax, nested_offset, quant_type, blocksize = weight_args
-    in_features = x2d.shape[1]
+    """x W^T (+ bias) for rows x2d [m, in] in x's dtype: the one place the 4-bit matmul is chosen."""
     with torch.autocast(x2d.device.type, enabled=False):
-        w = _weight(
-            packed,
-            absmax,
-            nested_absmax,
-            nested_offset,
-            out_features,
-            in_features,
-            quant_type,
-            blocksize,
-            x2d.dtype,
-            scratch=True,
+        return _fused_matmul(
+            x2d.contiguous(), weight_args, out_features, x2d.shape[1], bias, transposed=False
         )
-        if bias is None:
-            return torch.mm(x2d, w.t())
-        return torch.addmm(bias.to(x2d.dtype), x2d, w.t())
 
 
 def _grad_input(grad2d: Tensor, weight_args: tuple, out_features: int, in_features: int) -> Tensor:
     """grad_y W for grad rows [m, out]: the input gradient of the frozen 4-bit base."""
-    packed, absmax, nested_absmax, nested_offset, quant_type, blocksize = weight_args
     with torch.autocast(grad2d.device.type, enabled=False):
-        w = _weight(
-            packed,
-            absmax,
-            nested_absmax,
-            nested_offset,
-            out_features,
-            in_features,
-            quant_type,
-            blocksize,
-            grad2d.dtype,
-            scratch=True,
+        return _fused_matmul(
+            grad2d.contiguous(), weight_args, out_features, in_features, None, transposed=True
         )
-        return torch.mm(grad2d, w)
 
 
 # -- halo::quantize_4bit ---------------------------------------------------------------------------

@@ -18,9 +18,9 @@ import torch
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-import halo.hf
-import halo.nn as hnn
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+import halo.hf  # noqa: E402
+import halo.nn as hnn  # noqa: E402
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL_DIR = ROOT / "build" / "models" / "smollm2-135m"
