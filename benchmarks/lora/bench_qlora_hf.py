@@ -31,7 +31,7 @@ def child(system: str, seq: int, steps: int) -> None:
     recipe = load_recipe(ROOT / "examples" / "qlora.yaml")
     recipe["model"] = str(ROOT / recipe["model"])
     torch.manual_seed(0)
-    model, tokenizer = load_model(recipe, system, lora_dropout=0.0)
+    model, tokenizer = load_model(recipe, system, lora_dropout=0.0, seed=0)
     data = make_dataset(tokenizer, ROOT / recipe["data"], max_length=seq, pad_to=seq)
     run = train(
         model,

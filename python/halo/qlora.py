@@ -102,8 +102,12 @@ def _collate(rows: list) -> dict:
     return batch
 
 
-def load_model(recipe: dict, system: str = "halo", lora_dropout: float | None = None):
-    """(model with LoRA adapters, tokenizer) for ``system`` "halo" or "bnb" (bitsandbytes + PEFT)."""
+def load_model(
+    recipe: dict, system: str = "halo", lora_dropout: float | None = None, seed: int | None = None
+):
+    """(model with LoRA adapters, tokenizer) for ``system`` "halo" or "bnb" (bitsandbytes + PEFT).
+    ``seed`` re-seeds torch right before the adapters are created, so both systems start from
+    the same LoRA weights (loading consumes the RNG differently)."""
     import peft
     import transformers
 
@@ -129,6 +133,8 @@ def load_model(recipe: dict, system: str = "halo", lora_dropout: float | None = 
         import halo.hf
 
         halo.hf.register_lora(lora_config)
+    if seed is not None:
+        torch.manual_seed(seed)
     return peft.get_peft_model(model, lora_config), tokenizer
 
 
