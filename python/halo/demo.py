@@ -105,7 +105,9 @@ def finetune_demo(steps: int, work: Path) -> int:
     import halo
     from halo.qlora import answer, load_model, load_recipe, make_dataset, train
 
-    root = Path(__file__).resolve().parents[2]
+    # `make demo` runs from the source checkout (halo itself may be installed elsewhere).
+    candidates = [Path.cwd(), Path(__file__).resolve().parents[2]]
+    root = next((c for c in candidates if (c / "examples" / "qlora.yaml").exists()), candidates[0])
     recipe_path = root / "examples" / "qlora.yaml"
     if not recipe_path.exists():
         print(
