@@ -33,6 +33,15 @@ constexpr int64_t kPanelDepth = 256;
 // Transposed product: kStripCols columns of W per panel, kStripDepth rows deep.
 constexpr int64_t kStripCols = 128;
 constexpr int64_t kStripDepth = 256;
+// At least this many weights per thread in the GEMV (about 10 us of work): smaller
+// products run on the calling thread, as waking a pool thread costs more.
+constexpr int64_t kGemvWeightsPerTask = 1 << 17;
+
+// Rows of W per task: one even share per thread, or fewer tasks when the product is small.
+int64_t gemv_grain(int64_t out, int64_t in) {
+  const int64_t tasks = std::clamp<int64_t>(out * in / kGemvWeightsPerTask, 1, num_threads());
+  return ((out + tasks - 1) / tasks + 3) / 4 * 4;
+}
 
 struct Job {
   const void* x;
@@ -97,7 +106,8 @@ void forward_gemv(const Matmul4Ops& ops, const Job& job, const float* x32, float
     const int64_t rows = std::min<int64_t>(ops.gemv_max_rows, job.rows - r0);
     panel.resize(size_t(rows * in));
     ops.gemv_pack(x32 + r0 * in, rows, in, panel.data());
-    parallel_for(out, 16, [&](int64_t o0, int64_t o1) { ops.gemv(job.w, panel.data(), rows, o0, o1, y32 + r0 * out, out); });
+    parallel_for(out, gemv_grain(out, in),
+                 [&](int64_t o0, int64_t o1) { ops.gemv(job.w, panel.data(), rows, o0, o1, y32 + r0 * out, out); });
   }
 }
 
