@@ -4,6 +4,7 @@
 #include "halo/quant/matmul4.hpp"
 
 #include <algorithm>
+#include <bit>
 #include <cstring>
 #include <vector>
 
@@ -247,7 +248,8 @@ Job make_job(const char* fn, const void* x, Format dtype, int64_t rows, const Qu
   if (bias != nullptr) require(!overlaps(bias, y_cols * size, y, rows * y_cols * size), fn, "y overlaps bias");
   const Codebook4& book = codebook4(w.type);
   return Job{x, dtype, rows, bias, y, w.type,
-             Matmul4Weight{w.packed, w.absmax, book.code.data(), w.blocksize, w.out_features, w.in_features, dtype}};
+             Matmul4Weight{w.packed, w.absmax, book.code.data(), w.blocksize, w.out_features, w.in_features, dtype,
+                           std::countr_zero(uint64_t(w.blocksize))}};
 }
 
 }  // namespace

@@ -51,7 +51,7 @@ uint16_t scalar_weight(const Matmul4Weight& w, int64_t o, int64_t k) {
 // Chunk c of row o (64 weights, one block) as two vectors in chunk order.
 void decode_chunk(const Matmul4Weight& w, int64_t o, int64_t c, __m512i& first, __m512i& second) {
   const int64_t flat = o * w.in + 64 * c;
-  const __m512i lookup = table(w.code, w.absmax[flat / w.blocksize]);
+  const __m512i lookup = table(w.code, w.absmax[flat >> w.block_shift]);
   const __m512i bytes = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.packed + flat / 2)));
   const __m512i shift0 = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
   const __m512i shift1 = _mm512_add_epi16(shift0, _mm512_set1_epi16(8));
@@ -69,8 +69,8 @@ void decode_natural(const Matmul4Weight& w, int64_t o, int64_t k0, int64_t k1, u
   __m512i lookup = _mm512_setzero_si512();
   for (; k + 32 <= k1; k += 32) {
     const int64_t i = base + k;
-    if (i / w.blocksize != block) {
-      block = i / w.blocksize;
+    if (i >> w.block_shift != block) {
+      block = i >> w.block_shift;
       lookup = table(w.code, w.absmax[block]);
     }
     const __m256i wide = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.packed + i / 2)));

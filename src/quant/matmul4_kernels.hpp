@@ -19,6 +19,7 @@ struct Matmul4Weight {
   int64_t blocksize;
   int64_t out, in;    // W is [out, in]
   Format precision;   // f32, f16 or bf16: each weight is code * absmax rounded to this
+  int block_shift;    // log2(blocksize): element i is in block i >> block_shift (no division in loops)
 };
 
 // c[i, j] += sum_l a[i, l] * b[l, j] (row-major with leading dimensions): the register
