@@ -14,6 +14,7 @@
 #include "halo/core/parallel.hpp"
 #include "halo/quant/codebook4.hpp"
 #include "src/cuda/cuda_api.hpp"
+#include "src/quant/matmul4_buffers.hpp"
 #include "src/quant/matmul4_kernels.hpp"
 #include "src/quant/matmul4_reference.hpp"
 #include "src/quant/matmul4_special.hpp"
@@ -55,7 +56,7 @@ struct Job {
 };
 
 // x as float32 rows: the caller's memory when it is float32, else a converted copy.
-const float* float_rows(const void* data, Format dtype, int64_t count, std::vector<float>& storage) {
+const float* float_rows(const void* data, Format dtype, int64_t count, kernels::AlignedVector<float>& storage) {
   if (dtype == Format::f32) return static_cast<const float*>(data);
   storage.resize(size_t(count));
   parallel_for(count, 1 << 16, [&](int64_t begin, int64_t end) {
@@ -65,7 +66,7 @@ const float* float_rows(const void* data, Format dtype, int64_t count, std::vect
 }
 
 // Where float32 results go before bias and rounding: y itself when it is float32.
-float* float_output(const Job& job, int64_t count, std::vector<float>& storage) {
+float* float_output(const Job& job, int64_t count, kernels::AlignedVector<float>& storage) {
   if (job.dtype == Format::f32) return static_cast<float*>(job.y);
   storage.resize(size_t(count));
   return storage.data();
@@ -87,7 +88,7 @@ void finish(const Job& job, const float* y32, int64_t cols, const void* bias) {
 // ---- forward: y = x Wᵀ ---------------------------------------------------------------------------
 
 void forward_scalar(const Job& job) {
-  std::vector<float> x_storage, y_storage;
+  kernels::AlignedVector<float> x_storage, y_storage;
   const float* x32 = float_rows(job.x, job.dtype, job.rows * job.w.in, x_storage);
   float* y32 = float_output(job, job.rows * job.w.out, y_storage);
   parallel_for(job.w.out, 16, [&](int64_t o0, int64_t o1) {
@@ -102,7 +103,7 @@ bool fused_gemv_fits(const Matmul4Ops& ops, const Job& job) {
 
 void forward_gemv(const Matmul4Ops& ops, const Job& job, const float* x32, float* y32) {
   const int64_t in = job.w.in, out = job.w.out;
-  std::vector<float> panel;
+  kernels::AlignedVector<float> panel;
   for (int64_t r0 = 0; r0 < job.rows; r0 += ops.gemv_max_rows) {
     const int64_t rows = std::min<int64_t>(ops.gemv_max_rows, job.rows - r0);
     panel.resize(size_t(rows * in));
@@ -129,10 +130,10 @@ void transpose_rows(const float* x32, int64_t rows, int64_t in, float* xt) {
 // the GEMM against xᵀ; each panel's yᵀ tile is written back transposed.
 void forward_gemm(const Matmul4Ops& ops, const Job& job, const float* x32, float* y32) {
   const int64_t in = job.w.in, out = job.w.out, rows = job.rows;
-  std::vector<float> xt(size_t(in * rows));
+  kernels::AlignedVector<float> xt(size_t(in * rows));
   transpose_rows(x32, rows, in, xt.data());
   parallel_for(out, kPanelRows, [&](int64_t n_begin, int64_t n_end) {
-    std::vector<float> panel(size_t(kPanelRows * kPanelDepth)), tile(size_t(kPanelRows * rows));
+    kernels::AlignedVector<float> panel(size_t(kPanelRows * kPanelDepth)), tile(size_t(kPanelRows * rows));
     for (int64_t n0 = n_begin; n0 < n_end; n0 += kPanelRows) {
       const int64_t n1 = std::min(n_end, n0 + kPanelRows);
       std::fill(tile.begin(), tile.end(), 0.0f);
@@ -148,7 +149,7 @@ void forward_gemm(const Matmul4Ops& ops, const Job& job, const float* x32, float
 }
 
 void forward_cpu(const Matmul4Ops& ops, const Job& job) {
-  std::vector<float> x_storage, y_storage;
+  kernels::AlignedVector<float> x_storage, y_storage;
   const float* x32 = float_rows(job.x, job.dtype, job.rows * job.w.in, x_storage);
   float* y32 = float_output(job, job.rows * job.w.out, y_storage);
   if (fused_gemv_fits(ops, job))
@@ -173,7 +174,7 @@ void forward_cuda(const Job& job) {
 // ---- transposed: y = x W --------------------------------------------------------------------------
 
 void transposed_scalar(const Job& job) {
-  std::vector<float> x_storage, y_storage;
+  kernels::AlignedVector<float> x_storage, y_storage;
   const float* x32 = float_rows(job.x, job.dtype, job.rows * job.w.out, x_storage);
   float* y32 = float_output(job, job.rows * job.w.in, y_storage);
   parallel_for(job.w.in, 16, [&](int64_t k0, int64_t k1) {
@@ -186,11 +187,11 @@ void transposed_scalar(const Job& job) {
 // against W's decoded rows, which are already laid out as its b operand.
 void transposed_cpu(const Matmul4Ops& ops, const Job& job) {
   const int64_t in = job.w.in, out = job.w.out, rows = job.rows;
-  std::vector<float> x_storage, y_storage;
+  kernels::AlignedVector<float> x_storage, y_storage;
   const float* x32 = float_rows(job.x, job.dtype, rows * out, x_storage);
   float* y32 = float_output(job, rows * in, y_storage);
   parallel_for(in, kStripCols, [&](int64_t k_begin, int64_t k_end) {
-    std::vector<float> panel(size_t(kStripDepth * kStripCols));
+    kernels::AlignedVector<float> panel(size_t(kStripDepth * kStripCols));
     for (int64_t k0 = k_begin; k0 < k_end; k0 += kStripCols) {
       const int64_t k1 = std::min(k_end, k0 + kStripCols);
       for (int64_t r = 0; r < rows; ++r) std::fill(y32 + r * in + k0, y32 + r * in + k1, 0.0f);
