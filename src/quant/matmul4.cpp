@@ -113,15 +113,21 @@ void forward_gemv(const Matmul4Ops& ops, const Job& job, const float* x32, float
   }
 }
 
-// x [rows, in] -> xT [in, rows] (the GEMM's b operand), in cache-sized tiles.
+// The GEMM's b operand is read as panels kBPanel columns wide, each stored contiguously
+// ([depth][kBPanel]): with a leading dimension of the full width, rows 512 B to 2 KB
+// apart fall into a few L1 sets and miss.
+constexpr int64_t kBPanel = kernels::kGemmPanel;
+
+// x [rows, in] -> xt[(r / kBPanel) * in * kBPanel + k * kBPanel + r % kBPanel] (xᵀ in panels).
 void transpose_rows(const float* x32, int64_t rows, int64_t in, float* xt) {
   constexpr int64_t kTile = 64;
   parallel_for(in, kTile, [&](int64_t k_begin, int64_t k_end) {
     for (int64_t k0 = k_begin; k0 < k_end; k0 += kTile)
-      for (int64_t r0 = 0; r0 < rows; r0 += kTile) {
-        const int64_t k1 = std::min(k_end, k0 + kTile), r1 = std::min(rows, r0 + kTile);
+      for (int64_t r0 = 0; r0 < rows; r0 += kBPanel) {
+        const int64_t k1 = std::min(k_end, k0 + kTile), r1 = std::min(rows, r0 + kBPanel);
+        float* panel = xt + r0 * in;
         for (int64_t r = r0; r < r1; ++r)
-          for (int64_t k = k0; k < k1; ++k) xt[k * rows + r] = x32[r * in + k];
+          for (int64_t k = k0; k < k1; ++k) panel[k * kBPanel + (r - r0)] = x32[r * in + k];
       }
   });
 }
@@ -130,7 +136,8 @@ void transpose_rows(const float* x32, int64_t rows, int64_t in, float* xt) {
 // the GEMM against xᵀ; each panel's yᵀ tile is written back transposed.
 void forward_gemm(const Matmul4Ops& ops, const Job& job, const float* x32, float* y32) {
   const int64_t in = job.w.in, out = job.w.out, rows = job.rows;
-  kernels::AlignedVector<float> xt(size_t(in * rows));
+  const int64_t padded = (rows + kBPanel - 1) / kBPanel * kBPanel;
+  kernels::AlignedVector<float> xt(size_t(in * padded));
   transpose_rows(x32, rows, in, xt.data());
   parallel_for(out, kPanelRows, [&](int64_t n_begin, int64_t n_end) {
     kernels::AlignedVector<float> panel(size_t(kPanelRows * kPanelDepth)), tile(size_t(kPanelRows * rows));
@@ -140,7 +147,8 @@ void forward_gemm(const Matmul4Ops& ops, const Job& job, const float* x32, float
       for (int64_t k0 = 0; k0 < in; k0 += kPanelDepth) {
         const int64_t k1 = std::min(in, k0 + kPanelDepth);
         ops.decode(job.w, n0, n1, k0, k1, panel.data(), kPanelDepth);
-        ops.gemm(panel.data(), kPanelDepth, xt.data() + k0 * rows, rows, tile.data(), rows, n1 - n0, rows, k1 - k0);
+        ops.gemm_panels(panel.data(), kPanelDepth, xt.data() + k0 * kBPanel, in * kBPanel, tile.data(), rows, n1 - n0,
+                        rows, k1 - k0);
       }
       for (int64_t r = 0; r < rows; ++r)
         for (int64_t n = n0; n < n1; ++n) y32[r * out + n] = tile[size_t((n - n0) * rows + r)];
@@ -191,14 +199,16 @@ void transposed_cpu(const Matmul4Ops& ops, const Job& job) {
   const float* x32 = float_rows(job.x, job.dtype, rows * out, x_storage);
   float* y32 = float_output(job, rows * in, y_storage);
   parallel_for(in, kStripCols, [&](int64_t k_begin, int64_t k_end) {
+    // The decoded strip as kBPanel-wide panels, each [kStripDepth][kBPanel] contiguous.
     kernels::AlignedVector<float> panel(size_t(kStripDepth * kStripCols));
     for (int64_t k0 = k_begin; k0 < k_end; k0 += kStripCols) {
       const int64_t k1 = std::min(k_end, k0 + kStripCols);
       for (int64_t r = 0; r < rows; ++r) std::fill(y32 + r * in + k0, y32 + r * in + k1, 0.0f);
       for (int64_t o0 = 0; o0 < out; o0 += kStripDepth) {
         const int64_t o1 = std::min(out, o0 + kStripDepth);
-        ops.decode(job.w, o0, o1, k0, k1, panel.data(), kStripCols);
-        ops.gemm(x32 + o0, out, panel.data(), kStripCols, y32 + k0, in, rows, k1 - k0, o1 - o0);
+        for (int64_t j0 = k0; j0 < k1; j0 += kBPanel)
+          ops.decode(job.w, o0, o1, j0, std::min(k1, j0 + kBPanel), panel.data() + (j0 - k0) * kStripDepth, kBPanel);
+        ops.gemm_panels(x32 + o0, out, panel.data(), kStripDepth * kBPanel, y32 + k0, in, rows, k1 - k0, o1 - o0);
       }
     }
   });

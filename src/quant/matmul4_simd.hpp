@@ -194,41 +194,60 @@ void micro_kernel(const float* a, int64_t lda, const float* b, int64_t ldb, floa
     }
 }
 
+// Columns [0, cols) of b are stored in panels `panel_width` wide (a multiple of the
+// register tile), column j at b[(j / panel_width) * panel_stride + l * ldb + j % panel_width].
+struct BPanels {
+  int64_t ldb, panel_width, panel_stride;
+  const float* column(const float* b, int64_t j) const { return b + (j / panel_width) * panel_stride + j % panel_width; }
+};
+
 template <int Rows>
-void column_sweep(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc, int64_t cols,
-                  int64_t depth) {
+void column_sweep(const float* a, int64_t lda, const float* b, const BPanels& layout, float* c, int64_t ldc,
+                  int64_t cols, int64_t depth) {
   constexpr int64_t kCols = Isa::kGemmVecs * kW;
+  const int64_t ldb = layout.ldb;
   int64_t j = 0;
   for (; j + kCols <= cols; j += kCols)
-    micro_kernel<Rows, Isa::kGemmVecs, false>(a, lda, b + j, ldb, c + j, ldc, depth, kW);
+    micro_kernel<Rows, Isa::kGemmVecs, false>(a, lda, layout.column(b, j), ldb, c + j, ldc, depth, kW);
   const int64_t rest = cols - j;
   if (rest <= 0) return;
   const int last = int(rest - (rest - 1) / kW * kW);
   if (rest <= kW)
-    micro_kernel<Rows, 1, true>(a, lda, b + j, ldb, c + j, ldc, depth, last);
+    micro_kernel<Rows, 1, true>(a, lda, layout.column(b, j), ldb, c + j, ldc, depth, last);
   else if constexpr (Isa::kGemmVecs >= 2)
-    micro_kernel<Rows, Isa::kGemmVecs, true>(a, lda, b + j, ldb, c + j, ldc, depth, last);
+    micro_kernel<Rows, Isa::kGemmVecs, true>(a, lda, layout.column(b, j), ldb, c + j, ldc, depth, last);
 }
 
 template <int... Hs>
-void row_tail(int64_t height, const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc,
-              int64_t cols, int64_t depth, std::integer_sequence<int, Hs...>) {
-  ((height == Hs + 1 ? (column_sweep<Hs + 1>(a, lda, b, ldb, c, ldc, cols, depth), 0) : 0), ...);
+void row_tail(int64_t height, const float* a, int64_t lda, const float* b, const BPanels& layout, float* c,
+              int64_t ldc, int64_t cols, int64_t depth, std::integer_sequence<int, Hs...>) {
+  ((height == Hs + 1 ? (column_sweep<Hs + 1>(a, lda, b, layout, c, ldc, cols, depth), 0) : 0), ...);
 }
 
 // Row blocks of a outside, column panels inside: the kGemmRows rows of a stay in L1
 // while the (L2-resident) b passes under them.
-void gemm(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc, int64_t rows,
-          int64_t cols, int64_t depth) {
+void gemm_layout(const float* a, int64_t lda, const float* b, const BPanels& layout, float* c, int64_t ldc,
+                 int64_t rows, int64_t cols, int64_t depth) {
   int64_t i = 0;
   for (; i + Isa::kGemmRows <= rows; i += Isa::kGemmRows)
-    column_sweep<Isa::kGemmRows>(a + i * lda, lda, b, ldb, c + i * ldc, ldc, cols, depth);
+    column_sweep<Isa::kGemmRows>(a + i * lda, lda, b, layout, c + i * ldc, ldc, cols, depth);
   if (i < rows)
-    row_tail(rows - i, a + i * lda, lda, b, ldb, c + i * ldc, ldc, cols, depth,
+    row_tail(rows - i, a + i * lda, lda, b, layout, c + i * ldc, ldc, cols, depth,
              std::make_integer_sequence<int, Isa::kGemmRows - 1>());
 }
 
-constexpr Matmul4Ops kOps = {Isa::kGemvMaxRows, gemv_pack, gemv, decode, gemm, Isa::kGemmRows,
+void gemm(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc, int64_t rows,
+          int64_t cols, int64_t depth) {
+  const int64_t whole = (cols + Isa::kGemmVecs * kW - 1) / (Isa::kGemmVecs * kW) * (Isa::kGemmVecs * kW);
+  gemm_layout(a, lda, b, BPanels{ldb, whole, 0}, c, ldc, rows, cols, depth);
+}
+
+void gemm_panels(const float* a, int64_t lda, const float* b, int64_t panel_stride, float* c, int64_t ldc,
+                 int64_t rows, int64_t cols, int64_t depth) {
+  gemm_layout(a, lda, b, BPanels{kGemmPanel, kGemmPanel, panel_stride}, c, ldc, rows, cols, depth);
+}
+
+constexpr Matmul4Ops kOps = {Isa::kGemvMaxRows, gemv_pack, gemv, decode, gemm, gemm_panels, Isa::kGemmRows,
                              Isa::kGemmVecs * kW};
 
 }  // namespace
