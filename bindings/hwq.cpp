@@ -17,17 +17,13 @@ struct Matrix {
 };
 
 Matrix float_matrix(const char* fn, const char* what, const py::buffer& buffer) {
-  const BufferView view = contiguous_view(fn, what, buffer, 4);
-  require<TypeMismatch>(view.info.format == py::format_descriptor<float>::format(), fn, what,
-                        " must be float32, got format '", view.info.format, "'");
+  const BufferView view = typed_view(fn, what, buffer, Format::f32);
   require(view.info.ndim == 2, fn, what, " must be 2-D, got ", view.info.ndim, " dimensions");
   return {static_cast<const float*>(view.data), view.info.shape[0], view.info.shape[1]};
 }
 
 const float* float_vector(const char* fn, const char* what, const py::buffer& buffer, int64_t& count) {
-  const BufferView view = contiguous_view(fn, what, buffer, 4);
-  require<TypeMismatch>(view.info.format == py::format_descriptor<float>::format(), fn, what,
-                        " must be float32, got format '", view.info.format, "'");
+  const BufferView view = typed_view(fn, what, buffer, Format::f32);
   count = view.count;
   return static_cast<const float*>(view.data);
 }

@@ -6,7 +6,7 @@
 #include <limits>
 #include <numeric>
 
-#include "halo/core/dtype.hpp"
+#include "halo/core/convert.hpp"
 #include "halo/core/error.hpp"
 #include "halo/core/parallel.hpp"
 #include "halo/hwq/codebook.hpp"

@@ -4,7 +4,6 @@
 // AVX flags leaks into scalar code.
 #pragma once
 
-#include <array>
 #include <cstdint>
 
 #include "halo/backend/backend.hpp"
@@ -31,11 +30,8 @@ double segment_error_scalar(const float* x, const float* s, int64_t count, const
 double segment_error_avx2(const float* x, const float* s, int64_t count, const BookView& book, float scale);
 double segment_error_avx512(const float* x, const float* s, int64_t count, const BookView& book, float scale);
 
-// The kernel table, indexed by backend: {scalar, avx2, avx512, cuda}; cuda has no entry.
-inline constexpr std::array<SegmentErrorFn, 4> kSegmentError = {segment_error_scalar, segment_error_avx2,
-                                                                 segment_error_avx512, nullptr};
-
-// Resolves `requested` (HALO_BACKEND, CPU) and returns its entry; BackendUnavailable when it has none.
+// Through halo::dispatch (the kernel registry, table "hwq_segment_error"): the entry for `requested`
+// (HALO_BACKEND and the CPU for automatic); BackendUnavailable for cuda, which has none.
 SegmentErrorFn segment_error_kernel(Backend requested);
 
 }  // namespace halo::hwq::detail

@@ -1,6 +1,6 @@
 // Scalar reference of the weighted segment error (the ground truth the SIMD kernels are tested against),
 // and the backend table lookup.
-#include "halo/core/error.hpp"
+#include "halo/backend/dispatch.hpp"
 #include "src/hwq/book_table.hpp"
 #include "src/hwq/segment_error.hpp"
 
@@ -16,13 +16,14 @@ double segment_error_scalar(const float* x, const float* s, int64_t count, const
   return error;
 }
 
-SegmentErrorFn segment_error_kernel(Backend requested) {
-  const Backend backend = resolve(requested);
-  const size_t index = static_cast<size_t>(backend) - static_cast<size_t>(Backend::scalar);
-  const SegmentErrorFn kernel = index < kSegmentError.size() ? kSegmentError[index] : nullptr;
-  require<BackendUnavailable>(kernel != nullptr, "halo_quantize", "the hwq quantizer has no ", backend_name(backend),
-                              " kernel; use 'auto', 'scalar', 'avx2' or 'avx512'");
-  return kernel;
-}
+namespace {
+
+const KernelTable<SegmentErrorFn> kSegmentError{"hwq_segment_error", segment_error_scalar, segment_error_avx2,
+                                                segment_error_avx512, nullptr};
+const KernelRegistration kRegSegmentError(kSegmentError);
+
+}  // namespace
+
+SegmentErrorFn segment_error_kernel(Backend requested) { return dispatch(kSegmentError, requested).kernel; }
 
 }  // namespace halo::hwq::detail

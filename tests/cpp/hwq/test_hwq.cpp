@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 #include <set>
 
+#include "halo/backend/dispatch.hpp"
 #include "halo/core/error.hpp"
 #include "halo/hwq/codebook.hpp"
 #include "halo/hwq/quantizer.hpp"
@@ -178,12 +179,21 @@ TEST_CASE("every segment-error kernel agrees with the scalar reference", "[hwq]"
     }
   }
   CHECK_THROWS_AS(detail::segment_error_kernel(halo::Backend::cuda), std::exception);
-  // Each CPU backend runs its own kernel (avx2 used to fall back to the scalar loop silently).
+  // Each CPU backend runs its own kernel (avx2 used to fall back to the scalar loop silently), and the
+  // table is in the registry's inventory.
   CHECK(detail::segment_error_kernel(halo::Backend::scalar) == &detail::segment_error_scalar);
   if (halo::backend_available(halo::Backend::avx2))
     CHECK(detail::segment_error_kernel(halo::Backend::avx2) == &detail::segment_error_avx2);
   if (halo::backend_available(halo::Backend::avx512))
     CHECK(detail::segment_error_kernel(halo::Backend::avx512) == &detail::segment_error_avx512);
+  bool listed = false;
+  for (const auto& entry : halo::kernel_inventory()) {
+    if (entry.op != "hwq_segment_error") continue;
+    listed = true;
+    CHECK(entry.backends == std::vector<halo::Backend>{halo::Backend::scalar, halo::Backend::avx2,
+                                                      halo::Backend::avx512});
+  }
+  CHECK(listed);
 }
 
 TEST_CASE("plan respects the switch budget and never runs a tile past its rung", "[hwq]") {
