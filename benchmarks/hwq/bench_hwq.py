@@ -22,9 +22,9 @@ import argparse
 import copy
 import json
 import os
-import statistics
 import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -36,6 +36,9 @@ import transformers
 from halo import hwq
 from halo.hf import compute_sensitivity, halo_quantize_model
 from halo.hwq_eval import corpus_id, perplexity, stdlib_docstrings, token_windows
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from timing import interleaved  # benchmarks/timing.py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SMOLLM = os.path.join(HERE, "..", "..", "build", "models", "smollm2-135m")
@@ -243,28 +246,29 @@ def timing(results, repeats=5):
     model = transformers.AutoModel.from_pretrained(MINILM).eval()
     weights = [m.weight.detach().float().numpy().copy() for _, m in linears(model)]
     backends = [b for b in ("scalar", "avx2", "avx512") if b in halo.backends()]
-    samples = {"rtn": [], **{b: [] for b in backends}}
-    for _ in range(repeats):  # interleaved: RTN, HALO per backend, RTN, ...
-        start = time.perf_counter()
+
+    def rtn():
         for w in weights:
             halo.rtn_quantize(w, 4, 128)
-        samples["rtn"].append(time.perf_counter() - start)
-        for backend in backends:
-            start = time.perf_counter()
+
+    def halo_on(backend):
+        def run():
             for w in weights:
                 halo.halo_quantize(w, backend=backend)
-            samples[backend].append(time.perf_counter() - start)
-    print(f"\nQuantizer wall time over MiniLM's 37 linears ({repeats} interleaved repeats, min / median):")
-    rtn_min, rtn_med = min(samples["rtn"]), statistics.median(samples["rtn"])
-    print(f"  RTN 4-bit g128 (baseline)      {rtn_min * 1e3:8.1f} / {rtn_med * 1e3:8.1f} ms")
-    scalar = statistics.median(samples["scalar"])
+
+        return run
+
+    cases = {"rtn": rtn, **{b: halo_on(b) for b in backends}}
+    times = interleaved(cases, repeats)  # RTN, HALO per backend, RTN, ...
+    print(f"\nQuantizer wall time over MiniLM's 37 linears ({repeats} interleaved repeats, min / median ms):")
+    print(f"  RTN 4-bit g128 (baseline)      {times['rtn'].ms()}")
     for backend in backends:
-        lo, med = min(samples[backend]), statistics.median(samples[backend])
+        t = times[backend]
         print(
-            f"  HALO default, {backend:6s} kernel  {lo * 1e3:8.1f} / {med * 1e3:8.1f} ms = "
-            f"{med / rtn_med:6.1f}x RTN, {scalar / med:4.2f}x faster than scalar"
+            f"  HALO default, {backend:6s} kernel  {t.ms()} = {t.median / times['rtn'].median:6.1f}x RTN, "
+            f"{times['scalar'].median / t.median:4.2f}x faster than scalar (medians)"
         )
-    results["timing_s"] = samples
+    results["timing_s"] = {name: {"min": t.min, "median": t.median} for name, t in times.items()}
 
 
 def main():

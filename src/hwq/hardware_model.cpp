@@ -345,6 +345,7 @@ struct Reader {
   }
 
   void only(const Json& object, const std::string& field, std::initializer_list<const char*> allowed) const {
+    require(object.is_object(), fn, "field '", field, "' must be a JSON object, got ", object.dump().substr(0, 80));
     const std::set<std::string> names(allowed.begin(), allowed.end());
     for (const auto& item : object.items()) {
       if (names.count(item.key())) continue;

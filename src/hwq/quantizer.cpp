@@ -224,7 +224,7 @@ RungFit fit_rung(const Layout& layout, const std::vector<int64_t>& tiles, const 
 }
 
 void check_inputs(const char* fn, const float* w, const float* s, int64_t rows, int64_t cols,
-                  const HardwareModel& model, const QuantizeOptions& o, size_t rungs) {
+                  const QuantizeOptions& o, size_t rungs) {
   require(rows > 0 && cols > 0, fn, "weights must be a non-empty 2-D matrix, got ", rows, "x", cols);
   require(cols <= INT32_MAX, fn, "too many columns: ", cols);
   require(o.tile_rows >= 1 && o.tile_cols >= 1, fn, "tile must be two positive sizes, got ", o.tile_rows, "x",
@@ -235,7 +235,6 @@ void check_inputs(const char* fn, const float* w, const float* s, int64_t rows, 
           o.book_iterations);
   require(std::isfinite(o.energy_weight) && o.energy_weight >= 0, fn, "energy_weight must be >= 0, got ",
           o.energy_weight);
-  model.validate(fn);
   if (o.assign == Assign::sensitivity) {
     require(o.tier_fractions.empty(), fn, "tier_fractions apply to assign='error_gain'; use split for 'sensitivity'");
     if (!o.split.empty()) {
@@ -358,7 +357,7 @@ Quantized halo_quantize(const float* w, const float* sensitivity, int64_t rows, 
   const int bits = mac_bits(o.grid);
   const std::vector<int> ladder = model.ladder(o.mode, bits);
   const size_t rungs = ladder.size();
-  check_inputs(fn, w, sensitivity, rows, cols, model, o, rungs);
+  check_inputs(fn, w, sensitivity, rows, cols, o, rungs);
   const detail::SegmentErrorFn kernel = detail::segment_error_kernel(o.backend);
   Quantized q;
   q.grid_mode = o.grid;

@@ -171,6 +171,8 @@ def _edited(edit):
         (_edited(lambda d: d.__setitem__("colour", "red")), "unknown field 'colour'"),
         (_edited(lambda d: d["memory"].__setitem__("bandwidth_gbps", -1)), "bandwidth_gbps"),
         (_edited(lambda d: d.__setitem__("version", 7)), "version"),
+        (_edited(lambda d: d.__setitem__("memory", 5)), "'memory' must be a JSON object"),
+        (_edited(lambda d: d.__setitem__("operating_points", [])), "non-empty list"),
         (dict(V1_DOCUMENT, energy_pj={"int4": [0] * 16, "int8": [0] * 256}), "unknown field 'energy_pj'"),
     ],
 )
@@ -877,8 +879,10 @@ def test_plots_are_png_files(tmp_path):
     from halo.hwq_plots import plot_error_vs_speedup, plot_tile_frequencies
 
     q = halo.halo_quantize(_heavy_tailed((96, 128), 8), tile=(32, 32), preset="performance")
+    energy = halo.halo_quantize(_heavy_tailed((96, 128), 8), tile=(32, 32), mode="energy")
     for path in (
         plot_tile_frequencies(q, tmp_path / "map.png"),
+        plot_tile_frequencies(energy, tmp_path / "volts.png"),
         plot_error_vs_speedup([("a", 1.2, 0.01), ("b", 1.5, 0.02)], tmp_path / "scatter.png"),
     ):
         with open(path, "rb") as handle:
