@@ -3,8 +3,7 @@
 #include <memory>
 
 #include "bindings/registry.hpp"
-#include "halo/core/dtype.hpp"
-#include "halo/core/parallel.hpp"
+#include "halo/io/convert.hpp"
 #include "halo/io/safetensors.hpp"
 
 namespace halo::bindings {
@@ -41,56 +40,35 @@ py::array view_tensor(const std::shared_ptr<SafetensorsFile>& file, const std::s
   return out;
 }
 
-constexpr int64_t kGrain = 1 << 16;
+// F32/F16/BF16/F64 <-> float32 (halo::io::convert_*), for the merge's float32 working copies.
+StDType float_dtype(const char* fn, const std::string& dtype) {
+  const StDType d = halo::io::parse_dtype_name(dtype);
+  require(halo::io::is_float_dtype(d), fn, "dtype must be F32, F16, BF16 or F64, got ", dtype);
+  return d;
+}
 
-// Element-wise conversions for the merge's float32 working copies, done here in
-// parallel because NumPy has no bfloat16 and its casts are single-threaded.
 py::array to_float32(const py::buffer& data, const std::string& dtype) {
   const char* fn = "to_float32";
-  const StDType d = halo::io::parse_dtype_name(dtype);
-  require(d == StDType::F32 || d == StDType::F16 || d == StDType::BF16 || d == StDType::F64, fn,
-          "dtype must be F32, F16, BF16 or F64, got ", dtype);
+  const StDType d = float_dtype(fn, dtype);
   const BufferView v = contiguous_view(fn, "data", data, halo::io::dtype_size(d));
   py::array_t<float> out(v.count);
   float* dst = out.mutable_data();
-  const void* src = v.data;
   {
     py::gil_scoped_release release;
-    parallel_for(v.count, kGrain, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) {
-        switch (d) {
-          case StDType::F32: dst[i] = static_cast<const float*>(src)[i]; break;
-          case StDType::F16: dst[i] = f16_to_float(static_cast<const uint16_t*>(src)[i]); break;
-          case StDType::BF16: dst[i] = bf16_to_float(static_cast<const uint16_t*>(src)[i]); break;
-          default: dst[i] = float(static_cast<const double*>(src)[i]); break;
-        }
-      }
-    });
+    halo::io::convert_to_float32(v.data, d, v.count, dst);
   }
   return out;
 }
 
 py::array from_float32(const py::buffer& data, const std::string& dtype) {
   const char* fn = "from_float32";
-  const StDType d = halo::io::parse_dtype_name(dtype);
-  require(d == StDType::F32 || d == StDType::F16 || d == StDType::BF16 || d == StDType::F64, fn,
-          "dtype must be F32, F16, BF16 or F64, got ", dtype);
+  const StDType d = float_dtype(fn, dtype);
   const BufferView v = contiguous_view(fn, "data", data, 4);
   py::array out(numpy_dtype(d), std::vector<py::ssize_t>{py::ssize_t(v.count)});
   void* dst = out.mutable_data();
-  const float* src = static_cast<const float*>(v.data);
   {
     py::gil_scoped_release release;
-    parallel_for(v.count, kGrain, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) {
-        switch (d) {
-          case StDType::F32: static_cast<float*>(dst)[i] = src[i]; break;
-          case StDType::F16: static_cast<uint16_t*>(dst)[i] = float_to_f16(src[i]); break;
-          case StDType::BF16: static_cast<uint16_t*>(dst)[i] = float_to_bf16(src[i]); break;
-          default: static_cast<double*>(dst)[i] = double(src[i]); break;
-        }
-      }
-    });
+    halo::io::convert_from_float32(static_cast<const float*>(v.data), v.count, d, dst);
   }
   return out;
 }
@@ -105,6 +83,7 @@ void bind(py::module_& m) {
       .def_property_readonly("path", &SafetensorsFile::path)
       .def_property_readonly("metadata", &SafetensorsFile::metadata)
       .def_property_readonly("file_size", &SafetensorsFile::file_size)
+      .def_property_readonly("copied", &SafetensorsFile::copied)
       .def("names", [](const SafetensorsFile& f) {
         std::vector<std::string> out;
         for (const auto& t : f.tensors()) out.push_back(t.name);
@@ -122,11 +101,13 @@ void bind(py::module_& m) {
 
   m.def(
       "open_safetensors",
-      [](const std::string& path) {
+      [](const std::string& path, bool copy) {
         py::gil_scoped_release release;
-        return SafetensorsFile::open(path);
+        return SafetensorsFile::open(path, copy ? halo::io::LoadMode::copy : halo::io::LoadMode::map);
       },
-      py::arg("path"), "Maps and validates a safetensors file (ValueError naming the file and problem).");
+      py::arg("path"), py::arg("copy") = false,
+      "Maps (copy=True: reads into private memory) and validates a safetensors file "
+      "(ValueError naming the file and problem).");
 
   m.def(
       "parse_header",
@@ -142,20 +123,21 @@ void bind(py::module_& m) {
 
   py::class_<SafetensorsWriter>(m, "SafetensorsWriter", "Streams tensors into a safetensors file (temp + rename).")
       .def(py::init([](const std::string& path, const std::vector<std::tuple<std::string, std::string, std::vector<int64_t>>>& specs,
-                       const std::map<std::string, std::string>& metadata) {
+                       const std::map<std::string, std::string>& metadata, bool durable) {
              std::vector<halo::io::TensorSpec> out;
              for (const auto& [name, dtype, shape] : specs)
                out.push_back({name, halo::io::parse_dtype_name(dtype), shape});
-             return std::make_unique<SafetensorsWriter>(path, std::move(out), metadata);
+             return std::make_unique<SafetensorsWriter>(path, std::move(out), metadata, durable);
            }),
-           py::arg("path"), py::arg("specs"), py::arg("metadata"))
+           py::arg("path"), py::arg("specs"), py::arg("metadata"), py::arg("durable") = true)
       .def("write", [](SafetensorsWriter& w, const std::string& name, const py::buffer& data) {
         const BufferView view = contiguous_view("SafetensorsWriter.write", name, data, data.request().itemsize);
         const uint64_t nbytes = uint64_t(view.count) * uint64_t(view.info.itemsize);
         py::gil_scoped_release release;
         w.write(name, view.data, nbytes);
       }, py::arg("name"), py::arg("data"))
-      .def("finish", &SafetensorsWriter::finish)
+      .def("finish", &SafetensorsWriter::finish, py::call_guard<py::gil_scoped_release>(),
+           "fsyncs (unless durable=False) and renames the temp file into place.")
       .def_property_readonly("written", &SafetensorsWriter::written);
 }
 
