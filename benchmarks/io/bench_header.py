@@ -39,8 +39,10 @@ def header(count: int) -> tuple[str, int]:
 def main() -> None:
     quick = "--quick" in sys.argv
     reps = 3 if quick else 7
-    print(f"{'tensors':>8} {'header KiB':>10} {'halo ms':>18} {'json.loads ms':>18} {'reference ms':>18} "
-          f"{'halo/json':>9} {'halo/ref':>9}   (min / median of {reps})")
+    print(
+        f"{'tensors':>8} {'header KiB':>10} {'halo ms':>18} {'json.loads ms':>18} {'reference ms':>18} "
+        f"{'halo/json':>9} {'halo/ref':>9}   (min / median of {reps})"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         for count in (300, 5000) if quick else (300, 5000, 50000):
             text, data_size = header(count)
@@ -71,13 +73,15 @@ def main() -> None:
                     fn()
                     times[key].append((time.perf_counter() - start) / inner * 1e3)
 
-            def cell(key):
+            def cell(key, times=times):
                 return f"{min(times[key]):8.3f} / {statistics.median(times[key]):7.3f}"
 
             ratio_json = statistics.median(times["halo"]) / statistics.median(times["json"])
             ratio_ref = statistics.median(times["halo"]) / statistics.median(times["ref"])
-            print(f"{count:>8} {len(raw) / 1024:>10.0f} {cell('halo'):>18} {cell('json'):>18} {cell('ref'):>18} "
-                  f"{ratio_json:>9.2f} {ratio_ref:>9.2f}")
+            print(
+                f"{count:>8} {len(raw) / 1024:>10.0f} {cell('halo'):>18} {cell('json'):>18} {cell('ref'):>18} "
+                f"{ratio_json:>9.2f} {ratio_ref:>9.2f}"
+            )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import halo
 import numpy as np
@@ -478,3 +479,56 @@ def test_merges_that_overflow_float32_are_refused(small, tmp_path, case):
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], res.stderr
     assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if ".halo-" in p.name]
+
+
+# -- the real model (SmolLM2-135M-Instruct, `make model`) ---------------------------------------------
+
+REAL_MODEL = Path(__file__).resolve().parents[2] / "build" / "models" / "smollm2-135m"
+
+
+@pytest.fixture(scope="module")
+def real_model():
+    if not (REAL_MODEL / "model.safetensors").is_file():
+        script = Path(__file__).resolve().parents[2] / "scripts" / "make_model.py"
+        res = subprocess.run(  # noqa: PLW1510 - the exit code is checked below
+            [sys.executable, str(script), "--out", str(REAL_MODEL)], capture_output=True, text=True
+        )
+        if res.returncode != 0:
+            pytest.skip(
+                f"SmolLM2-135M could not be made (scripts/make_model.py): {res.stderr.strip()[-300:]}"
+            )
+    return REAL_MODEL
+
+
+def test_real_model_merge_matches_peft_and_config_checks_pass(real_model, tmp_path):
+    import peft as peft_lib
+
+    model = T.AutoModelForCausalLM.from_pretrained(real_model, dtype=torch.float32)
+    torch.manual_seed(3)
+    config = peft_lib.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )
+    pm = peft_lib.get_peft_model(model, config)
+    pm.save_pretrained(tmp_path / "adapter")
+    ref = {k: v.detach().clone() for k, v in pm.merge_and_unload().state_dict().items()}
+    summary = halo.merge(real_model, tmp_path / "adapter", tmp_path / "out", progress=False, fsync=False)
+    assert summary.merged_modules == 60  # 30 layers x (q_proj, v_proj)
+    got = halo.io.load_safetensors(tmp_path / "out" / "model.safetensors")
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.29.self_attn.v_proj.weight"):
+        want = ref[name].numpy()
+        assert np.abs(got[name] - want).max() <= 1e-6 * np.abs(want).max(), name
+    assert np.array_equal(got["model.embed_tokens.weight"], ref["model.embed_tokens.weight"].numpy())
+    # The nf4 path's config check accepts the real config (210 Linear weights, lm_head tied and skipped)
+    # and refuses it with one layer too many.
+    merge_module = sys.modules["halo.merge"]
+    f = halo.io.open_safetensors(real_model / "model.safetensors")
+    shapes = {n: list(f.info(n)[1]) for n in f.names()}
+    assert len(merge_module._linear_weights(real_model, {"lm_head"}, shapes)) == 210
+    hostile = tmp_path / "hostile"
+    hostile.mkdir()
+    cfg = json.loads((real_model / "config.json").read_text())
+    (hostile / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 31}))
+    with pytest.raises(
+        ValueError, match="num_hidden_layers = 31, but the checkpoint's tensors hold 30 layers"
+    ):
+        merge_module._linear_weights(hostile, {"lm_head"}, shapes)

@@ -13,7 +13,6 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
-#include <random>
 #include <string>
 #include <vector>
 
@@ -129,37 +128,7 @@ TEST_CASE("bad headers raise FormatError naming the problem") {
   }
 }
 
-TEST_CASE("random mutations of a valid file never crash") {
-  auto p = temp_file("fuzz.safetensors");
-  const std::string valid =
-      hand_file(R"({"__metadata__":{"format":"pt"},"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},)"
-                R"("b":{"dtype":"I8","shape":[1,2],"data_offsets":[8,10]}})",
-                floats({1, 2}) + std::string("\x01\x02", 2));
-  std::mt19937 rng(1234);
-  int accepted = 0;
-  for (int iter = 0; iter < 3000; ++iter) {
-    std::string blob = valid;
-    const int edits = 1 + int(rng() % 4);
-    for (int e = 0; e < edits; ++e) {
-      switch (rng() % 3) {
-        case 0: blob[rng() % blob.size()] = char(rng()); break;
-        case 1: blob.resize(rng() % (blob.size() + 1)); break;
-        default: blob.insert(rng() % (blob.size() + 1), 1, char(rng())); break;
-      }
-      if (blob.empty()) break;
-    }
-    write_bytes(p, blob);
-    try {
-      auto f = SafetensorsFile::open(p.string());
-      uint64_t total = 0;
-      for (const auto& t : f->tensors()) total += t.nbytes();
-      CHECK(8 + total <= f->file_size());
-      ++accepted;
-    } catch (const halo::FormatError&) {
-    }
-  }
-  CHECK(accepted < 3000);
-}
+// Mutated files: the fuzz target tests/fuzz/target_safetensors.cpp (ctest fuzz:safetensors, `make fuzz`).
 
 // -- hostile paths, file types and shapes ---------------------------------------------------------
 
