@@ -61,6 +61,19 @@ def prepare(small: bool) -> tuple[Path, Path, int]:
     base, adapter = CACHE / f"base-{tag}", CACHE / f"adapter-{tag}"
     stamp = CACHE / f"ready-{tag}"
     if not stamp.exists():
+        # In a child: a parent that held the model would lend its RSS to the measured
+        # children (ru_maxrss counts the forked image before exec).
+        args = [sys.executable, __file__, "--prepare-only"] + (["--small"] if small else [])
+        subprocess.run(args, check=True)
+    params = sum(os.path.getsize(p) for p in base.glob("*.safetensors")) // 2
+    return base, adapter, params
+
+
+def build_cache(small: bool) -> None:
+    tag = "small" if small else "0.5b"
+    base, adapter = CACHE / f"base-{tag}", CACHE / f"adapter-{tag}"
+    stamp = CACHE / f"ready-{tag}"
+    if not stamp.exists():
         import peft
         import torch
         import transformers
@@ -78,8 +91,6 @@ def prepare(small: bool) -> tuple[Path, Path, int]:
         pm.save_pretrained(adapter)
         CACHE.mkdir(parents=True, exist_ok=True)
         stamp.write_text("ok")
-    params = sum(os.path.getsize(p) for p in base.glob("*.safetensors")) // 2
-    return base, adapter, params
 
 
 def measure(cmd: list[str]) -> tuple[float, float]:

@@ -173,8 +173,24 @@ class _Progress:
 
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
-# Config fields that set how many modules the model is built with.
-_COUNT_FIELD = re.compile(r".*(layers|layer|experts)$")
+# Config fields that set how many modules the model skeleton is built with (each such
+# module holds at least one tensor, so none can exceed the checkpoint's tensor count).
+_COUNT_FIELDS = frozenset(
+    {
+        "num_hidden_layers",
+        "num_layers",
+        "n_layer",
+        "n_layers",
+        "encoder_layers",
+        "decoder_layers",
+        "num_encoder_layers",
+        "num_decoder_layers",
+        "num_local_experts",
+        "num_experts",
+        "n_routed_experts",
+        "moe_num_experts",
+    }
+)
 
 
 def _linear_weights(base: Path, skip: set[str], shapes: dict[str, list[int]]) -> set[str]:
@@ -189,13 +205,18 @@ def _linear_weights(base: Path, skip: set[str], shapes: dict[str, list[int]]) ->
     config = transformers.AutoConfig.from_pretrained(base)
     present = sorted({int(m.group(1)) for n in shapes for m in [_LAYER_INDEX.search(n)] if m})
     fields = {}
-    for owner in (config, *(v for v in vars(config).values() if isinstance(v, transformers.PretrainedConfig))):
+    for owner in (
+        config,
+        *(v for v in vars(config).values() if isinstance(v, transformers.PretrainedConfig)),
+    ):
         for key, value in owner.to_dict().items():
-            if _COUNT_FIELD.fullmatch(key) and isinstance(value, int) and not isinstance(value, bool):
+            if key in _COUNT_FIELDS and isinstance(value, int) and not isinstance(value, bool):
                 fields[key] = value
     for key, value in fields.items():
         if value < 0 or value > len(shapes):
-            _fail(f"{cfg_path}: {key} = {value} does not fit the checkpoint, which holds {len(shapes)} tensors")
+            _fail(
+                f"{cfg_path}: {key} = {value} does not fit the checkpoint, which holds {len(shapes)} tensors"
+            )
     layers = getattr(config, "num_hidden_layers", None)
     if isinstance(layers, int) and present and layers != len(present):
         _fail(
@@ -212,7 +233,9 @@ def _linear_weights(base: Path, skip: set[str], shapes: dict[str, list[int]]) ->
             if wname not in shapes:
                 _fail(f"{cfg_path} describes a weight {wname!r} {want} that the checkpoint does not hold")
             if list(shapes[wname]) != want:
-                _fail(f"{cfg_path} gives {wname!r} the shape {want}, the checkpoint holds {list(shapes[wname])}")
+                _fail(
+                    f"{cfg_path} gives {wname!r} the shape {want}, the checkpoint holds {list(shapes[wname])}"
+                )
             names.add(wname)
     return names
 

@@ -13,7 +13,9 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="output folder (written to a temp folder, then renamed)")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None, help="output float dtype")
     p.add_argument("--quantize", choices=("nf4",), default=None, help="write a bitsandbytes NF4 checkpoint")
-    p.add_argument("--force", action="store_true", help="replace a non-empty --out (never one holding an input)")
+    p.add_argument(
+        "--force", action="store_true", help="replace a non-empty --out (never one holding an input)"
+    )
     p.add_argument(
         "--no-fsync",
         action="store_true",

@@ -97,7 +97,9 @@ class AdapterConfig:
                 try:
                     re.compile(rf"(.*\.)?({key})$")
                 except re.error as exc:
-                    raise bad(f"{name} key {key!r}", f"is not a valid regular expression ({exc})", key) from None
+                    raise bad(
+                        f"{name} key {key!r}", f"is not a valid regular expression ({exc})", key
+                    ) from None
                 if not check(value):
                     raise bad(f"{name}[{key!r}]", what, value)
             patterns[name] = dict(pattern)

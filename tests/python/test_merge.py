@@ -131,12 +131,13 @@ def test_merge_nf4_loads_in_transformers(work):
     assert torch.isfinite(logits).all()
 
 
-def _cli(*args, env=None):
+def _cli(*args, env=None, timeout=None):
     return subprocess.run(  # noqa: PLW1510 - the exit code is the point
         [sys.executable, "-m", "halo.cli", "merge", *args],
         capture_output=True,
         text=True,
         env=env or os.environ.copy(),
+        timeout=timeout,
     )
 
 
@@ -424,26 +425,10 @@ def test_nf4_refuses_a_config_that_does_not_fit_the_tensors(small, tmp_path, cha
     (base / "config.json").write_text(json.dumps(cfg))
     # In a child with a time limit: before the fix, 10**9 layers hung while memory grew.
     try:
-        res = subprocess.run(  # noqa: PLW1510 - the exit code is the point
-            [
-                sys.executable,
-                "-m",
-                "halo.cli",
-                "merge",
-                "--base",
-                str(base),
-                "--adapter",
-                str(adapter),
-                "--out",
-                str(tmp_path / "out"),
-                "--quantize",
-                "nf4",
-                "--quiet",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        res = _cli(
+            "--base", str(base), "--adapter", str(adapter), "--out", str(tmp_path / "out"),
+            "--quantize", "nf4", "--quiet", timeout=120,
+        )  # fmt: skip
     except subprocess.TimeoutExpired:
         pytest.fail("halo merge --quantize nf4 did not finish within 120 s on a hostile config.json")
     assert res.returncode == 1

@@ -114,7 +114,7 @@ TEST_CASE("F32 and F64 conversions are casts, on awkward sizes") {
       REQUIRE((std::isnan(f[size_t(i)]) ? std::isnan(back_d[size_t(i)]) : back_d[size_t(i)] == double(f[size_t(i)])));
     convert_from_float32(f.data(), n, StDType::F32, copy.data());
     convert_to_float32(copy.data(), StDType::F32, n, copy2.data());
-    REQUIRE(std::memcmp(f.data(), copy2.data(), size_t(n) * 4) == 0);
+    if (n) REQUIRE(std::memcmp(f.data(), copy2.data(), count * 4) == 0);
   }
 }
 
