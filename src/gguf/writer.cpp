@@ -319,11 +319,15 @@ void GgufWriter::write(const std::string& name, const void* data, uint64_t nbyte
   require(next_ < infos_.size(), fn, "all ", infos_.size(), " tensors are written already; got '", name, "'");
   const TensorInfo& info = infos_[next_];
   require(name == info.name, fn, "expected tensor '", info.name, "' next, got '", name, "'");
-  require(nbytes == info.nbytes, fn, "tensor '", name, "' of type ", type_name(info.type), " needs ", info.nbytes,
-          " bytes, got ", nbytes);
+  require(nbytes <= info.nbytes - part_, fn, "tensor '", name, "' of type ", type_name(info.type), " needs ",
+          info.nbytes, " bytes; ", part_, " are written and ", nbytes, " more would be too many");
   put(data, nbytes);
-  pad_to_alignment();
-  ++next_;
+  part_ += nbytes;
+  if (part_ == info.nbytes) {
+    pad_to_alignment();
+    part_ = 0;
+    ++next_;
+  }
 }
 
 void GgufWriter::finish() {
@@ -332,7 +336,7 @@ void GgufWriter::finish() {
   if (next_ != infos_.size()) {
     const std::string missing = infos_[next_].name;
     abandon();
-    fail(fn, "only ", next_, " of ", infos_.size(), " tensors were written (next: '", missing, "')");
+    fail(fn, "only ", next_, " of ", infos_.size(), " tensors were written completely (next: '", missing, "')");
   }
   bool ok = std::fflush(file_) == 0 && ::fsync(::fileno(file_)) == 0;
   const int err = errno;

@@ -126,8 +126,9 @@ struct TensorSpec {
 
 // Writes a GGUF v3 file tensor by tensor: the whole header (key/values in the
 // given order, tensor infos with packed offsets) goes out first, then `write`
-// must be called once per spec, in order, with exactly type_bytes(type, numel)
-// bytes; `finish` pads, flushes and renames the temp file (".NAME.halo-tmp-PID"
+// must be called for each spec in order with exactly type_bytes(type, numel)
+// bytes in total (one call, or several calls that append parts of the same
+// tensor in order); `finish` pads, flushes and renames the temp file (".NAME.halo-tmp-PID"
 // beside the target) into place. Destroying an unfinished writer removes the
 // temp file, so an interrupted export never leaves a partial .gguf behind.
 class GgufWriter {
@@ -155,6 +156,7 @@ class GgufWriter {
   uint32_t alignment_;
   std::FILE* file_ = nullptr;
   size_t next_ = 0;
+  uint64_t part_ = 0;  // bytes of tensor next_ written so far
   uint64_t bytes_ = 0;
 };
 
