@@ -196,14 +196,11 @@ static void pack_scales_mins_k4(const float* scales, const float* mins, float ma
 
 // Sub-block search of Q4_K (nmax 15) and Q5_K (nmax 31): weights |x| + rms(x).
 template <int Nmax>
-static void search_sub_blocks_k(const float* x, uint8_t* L, float* scales, float* mins, float* max_scale,
-                                float* max_min) {
+static void search_sub_blocks_k(const float* x, uint8_t* L, float* scales, float* mins) {
   constexpr float rmin = Nmax == 15 ? -1.0f : -0.5f;
   constexpr int nstep = Nmax == 15 ? 20 : 15;
   uint8_t Laux[32];
   float weights[32];
-  *max_scale = 0.0f;
-  *max_min = 0.0f;
   for (int j = 0; j < 8; ++j) {
     const float* xs = x + 32 * j;
     float sum_x2 = 0.0f;
@@ -211,8 +208,6 @@ static void search_sub_blocks_k(const float* x, uint8_t* L, float* scales, float
     const float av_x = std::sqrt(sum_x2 / 32);
     for (int l = 0; l < 32; ++l) weights[l] = av_x + std::fabs(xs[l]);
     scales[j] = search::min_scale_quants(32, Nmax, xs, weights, L + 32 * j, &mins[j], Laux, rmin, 0.1f, nstep, false);
-    if (scales[j] > *max_scale) *max_scale = scales[j];
-    if (mins[j] > *max_min) *max_min = mins[j];
   }
 }
 
@@ -232,20 +227,59 @@ static void requantize_k(const float* x, const uint8_t* packed, uint16_t d16, ui
   }
 }
 
+template <int Nmax>
+static void finish_k(const float* x, const float* scales, const float* mins, uint8_t* L, void* block) {
+  // Q4_K and Q5_K share the super-block header layout (d, dmin, scales[12]) at the same offsets.
+  auto* y = static_cast<Q4_K*>(block);
+  float max_scale = 0.0f, max_min = 0.0f;
+  for (int j = 0; j < 8; ++j) {
+    if (scales[j] > max_scale) max_scale = scales[j];
+    if (mins[j] > max_min) max_min = mins[j];
+  }
+  pack_scales_mins_k4(scales, mins, max_scale, max_min, y->scales);
+  y->d = fp32_to_fp16(max_scale / 63.0f);
+  y->dmin = fp32_to_fp16(max_min / 63.0f);
+  requantize_k<Nmax>(x, y->scales, y->d, y->dmin, L);
+  if constexpr (Nmax == 15) {
+    for (int j = 0; j < kQKK; j += 64)
+      for (int l = 0; l < 32; ++l) y->qs[j / 2 + l] = uint8_t(L[j + l] | (L[j + l + 32] << 4));
+  } else {
+    auto* y5 = static_cast<Q5_K*>(block);
+    std::memset(y5->qh, 0, 32);
+    uint8_t m1 = 1, m2 = 2;
+    uint8_t* ql = y5->qs;
+    for (int part = 0; part < kQKK; part += 64, ql += 32, m1 = uint8_t(m1 << 2), m2 = uint8_t(m2 << 2)) {
+      for (int j = 0; j < 32; ++j) {
+        int l1 = L[part + j], l2 = L[part + j + 32];
+        if (l1 > 15) {
+          l1 -= 16;
+          y5->qh[j] = uint8_t(y5->qh[j] | m1);
+        }
+        if (l2 > 15) {
+          l2 -= 16;
+          y5->qh[j] = uint8_t(y5->qh[j] | m2);
+        }
+        ql[j] = uint8_t(l1 | (l2 << 4));
+      }
+    }
+  }
+}
+
+void search::finish_q4_k(const float* x, const float* scales, const float* mins, uint8_t* L, void* block) {
+  finish_k<15>(x, scales, mins, L, block);
+}
+
+void search::finish_q5_k(const float* x, const float* scales, const float* mins, uint8_t* L, void* block) {
+  finish_k<31>(x, scales, mins, L, block);
+}
+
 void from_float_q4_k(const float* in, void* out, int64_t n) {
   auto* y = static_cast<Q4_K*>(out);
   uint8_t L[kQKK];
   float scales[8], mins[8];
   for (int64_t b = 0; b < n / kQKK; ++b) {
-    const float* x = in + b * kQKK;
-    float max_scale, max_min;
-    search_sub_blocks_k<15>(x, L, scales, mins, &max_scale, &max_min);
-    pack_scales_mins_k4(scales, mins, max_scale, max_min, y[b].scales);
-    y[b].d = fp32_to_fp16(max_scale / 63.0f);
-    y[b].dmin = fp32_to_fp16(max_min / 63.0f);
-    requantize_k<15>(x, y[b].scales, y[b].d, y[b].dmin, L);
-    for (int j = 0; j < kQKK; j += 64)
-      for (int l = 0; l < 32; ++l) y[b].qs[j / 2 + l] = uint8_t(L[j + l] | (L[j + l + 32] << 4));
+    search_sub_blocks_k<15>(in + b * kQKK, L, scales, mins);
+    finish_k<15>(in + b * kQKK, scales, mins, L, &y[b]);
   }
 }
 
@@ -254,30 +288,8 @@ void from_float_q5_k(const float* in, void* out, int64_t n) {
   uint8_t L[kQKK];
   float scales[8], mins[8];
   for (int64_t b = 0; b < n / kQKK; ++b) {
-    const float* x = in + b * kQKK;
-    float max_scale, max_min;
-    search_sub_blocks_k<31>(x, L, scales, mins, &max_scale, &max_min);
-    pack_scales_mins_k4(scales, mins, max_scale, max_min, y[b].scales);
-    y[b].d = fp32_to_fp16(max_scale / 63.0f);
-    y[b].dmin = fp32_to_fp16(max_min / 63.0f);
-    requantize_k<31>(x, y[b].scales, y[b].d, y[b].dmin, L);
-    std::memset(y[b].qh, 0, 32);
-    uint8_t m1 = 1, m2 = 2;
-    uint8_t* ql = y[b].qs;
-    for (int part = 0; part < kQKK; part += 64, ql += 32, m1 = uint8_t(m1 << 2), m2 = uint8_t(m2 << 2)) {
-      for (int j = 0; j < 32; ++j) {
-        int l1 = L[part + j], l2 = L[part + j + 32];
-        if (l1 > 15) {
-          l1 -= 16;
-          y[b].qh[j] = uint8_t(y[b].qh[j] | m1);
-        }
-        if (l2 > 15) {
-          l2 -= 16;
-          y[b].qh[j] = uint8_t(y[b].qh[j] | m2);
-        }
-        ql[j] = uint8_t(l1 | (l2 << 4));
-      }
-    }
+    search_sub_blocks_k<31>(in + b * kQKK, L, scales, mins);
+    finish_k<31>(in + b * kQKK, scales, mins, L, &y[b]);
   }
 }
 

@@ -20,6 +20,11 @@ float symmetric_rmse_quants(int n, int nmax, const float* x, int8_t* L);
 // Symmetric codes for Q3_K with the iterative refinement (ggml's make_q3_quants, do_rmse).
 float symmetric_rmse_quants_q3(int n, int nmax, const float* x, int8_t* L);
 
+// Q4_K / Q5_K's second half, given the 8 sub-block scales and mins and the codes L from the
+// search: super-block scales, 6-bit sub-block scales, final codes, packing into `block`.
+void finish_q4_k(const float* x, const float* scales, const float* mins, uint8_t* L, void* block);
+void finish_q5_k(const float* x, const float* scales, const float* mins, uint8_t* L, void* block);
+
 // Q6_K's second half: super-block scale, 8-bit sub-block scales, final codes and packing.
 void finish_q6_k(const float* x, const float* scales, int8_t* L, void* block);
 
