@@ -17,19 +17,6 @@
 namespace halo::io {
 namespace {
 
-struct DTypeRow {
-  StDType dtype;
-  std::string_view name;
-  int64_t size;
-};
-constexpr DTypeRow kDTypes[] = {
-    {StDType::F64, "F64", 8},         {StDType::F32, "F32", 4},         {StDType::F16, "F16", 2},
-    {StDType::BF16, "BF16", 2},       {StDType::I64, "I64", 8},         {StDType::I32, "I32", 4},
-    {StDType::I16, "I16", 2},         {StDType::I8, "I8", 1},           {StDType::U8, "U8", 1},
-    {StDType::BOOL, "BOOL", 1},       {StDType::F8_E4M3, "F8_E4M3", 1}, {StDType::F8_E5M2, "F8_E5M2", 1},
-    {StDType::F8_E4M3FNUZ, "F8_E4M3FNUZ", 1}, {StDType::F8_E5M2FNUZ, "F8_E5M2FNUZ", 1},
-};
-
 // Header lengths above this are refused before allocating (the reference
 // implementation uses the same 100 MB bound).
 constexpr uint64_t kMaxHeader = 100'000'000;
@@ -63,22 +50,10 @@ void json_escape(std::string& out, const std::string& s) {
 
 }  // namespace
 
-std::string_view dtype_name(StDType dtype) {
-  for (const auto& row : kDTypes)
-    if (row.dtype == dtype) return row.name;
-  return "?";
-}
-
-int64_t dtype_size(StDType dtype) {
-  for (const auto& row : kDTypes)
-    if (row.dtype == dtype) return row.size;
-  return 0;
-}
-
-StDType parse_dtype_name(std::string_view name) {
-  for (const auto& row : kDTypes)
-    if (row.name == name) return row.dtype;
-  fail("parse_dtype_name", "unknown safetensors dtype \"", name, "\"");
+std::string_view dtype_name(Format dtype) {
+  const std::string_view name = traits(dtype).safetensors;
+  require(!name.empty(), "safetensors", "format ", format_name(dtype), " has no safetensors dtype");
+  return name;
 }
 
 int64_t TensorInfo::numel() const {
@@ -118,11 +93,9 @@ Header parse_header(std::string_view text, uint64_t data_size, const std::string
     TensorInfo info;
     info.name = name;
     if (dtype->kind != json::Value::Kind::String) bad(source, who + " dtype is not a string");
-    try {
-      info.dtype = parse_dtype_name(dtype->text);
-    } catch (const InvalidArgument&) {
-      bad(source, who + " has unknown dtype " + quote(dtype->text));
-    }
+    const auto format = format_from_safetensors(dtype->text);
+    if (!format) bad(source, who + " has unknown dtype " + quote(dtype->text));
+    info.dtype = *format;
     if (shape->kind != json::Value::Kind::Array) bad(source, who + " shape is not an array");
     uint64_t numel = 1;
     for (const auto& d : shape->items) {
@@ -141,7 +114,7 @@ Header parse_header(std::string_view text, uint64_t data_size, const std::string
     if (info.end > data_size)
       bad(source, who + " data_offsets end " + std::to_string(info.end) + " is past the data section (" +
                       std::to_string(data_size) + " bytes); the file may be truncated");
-    const uint64_t size = uint64_t(dtype_size(info.dtype));
+    const uint64_t size = uint64_t(element_size(info.dtype));
     if (numel > std::numeric_limits<uint64_t>::max() / size || numel * size != info.nbytes())
       bad(source, who + " has " + std::to_string(info.nbytes()) + " bytes but dtype and shape need " +
                       std::to_string(numel) + " x " + std::to_string(size));
@@ -232,7 +205,7 @@ std::string make_header(const std::vector<TensorSpec>& specs, const std::map<std
       require(d >= 0, "make_header", "tensor \"", s.name, "\" has negative dimension ", d);
       numel *= uint64_t(d);
     }
-    const uint64_t nbytes = numel * uint64_t(dtype_size(s.dtype));
+    const uint64_t nbytes = numel * uint64_t(element_size(s.dtype));
     if (!first) out += ',';
     first = false;
     json_escape(out, s.name);
@@ -286,7 +259,7 @@ void SafetensorsWriter::write(const std::string& name, const void* data, uint64_
   require(name == s.name, "SafetensorsWriter.write", "expected tensor \"", s.name, "\" next, got \"", name, "\"");
   uint64_t numel = 1;
   for (int64_t d : s.shape) numel *= uint64_t(d);
-  const uint64_t want = numel * uint64_t(dtype_size(s.dtype));
+  const uint64_t want = numel * uint64_t(element_size(s.dtype));
   require(nbytes == want, "SafetensorsWriter.write", "tensor \"", name, "\" needs ", want, " bytes, got ", nbytes);
   if (nbytes && std::fwrite(data, 1, nbytes, file_) != nbytes) {
     abandon();

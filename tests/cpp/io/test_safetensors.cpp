@@ -64,7 +64,7 @@ TEST_CASE("writer output reads back byte for byte") {
   std::vector<float> a{1, 2, 3, 4, 5, 6};
   std::vector<uint16_t> b{0x3F80, 0xC000};
   {
-    SafetensorsWriter w(p.string(), {{"a", StDType::F32, {2, 3}}, {"b", StDType::BF16, {2}}, {"e", StDType::F32, {0}}},
+    SafetensorsWriter w(p.string(), {{"a", halo::Format::f32, {2, 3}}, {"b", halo::Format::bf16, {2}}, {"e", halo::Format::f32, {0}}},
                         {{"format", "pt"}, {"q\"uote", "x\ny"}});
     w.write("a", a.data(), a.size() * 4);
     w.write("b", b.data(), b.size() * 2);
@@ -85,7 +85,7 @@ TEST_CASE("writer output reads back byte for byte") {
 TEST_CASE("unfinished writer leaves nothing behind") {
   auto p = temp_file("unfinished.safetensors");
   {
-    SafetensorsWriter w(p.string(), {{"a", StDType::F32, {1}}}, {});
+    SafetensorsWriter w(p.string(), {{"a", halo::Format::f32, {1}}}, {});
     CHECK_THROWS_AS(w.write("b", nullptr, 4), halo::InvalidArgument);
   }
   CHECK_FALSE(fs::exists(p));
