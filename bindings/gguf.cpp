@@ -149,8 +149,7 @@ GgmlType convertible_type(const std::string& fn, const std::string& name) {
 py::array quantize(const py::buffer& data, const std::string& type, const std::string& backend) {
   const char* fn = "gguf.quantize";
   const GgmlType t = convertible_type(fn, type);
-  const BufferView v = contiguous_view(fn, "data", data, 4);
-  require<TypeMismatch>(v.info.format == "f", fn, "data must be float32, got format '", v.info.format, "'");
+  const BufferView v = typed_view(fn, "data", data, Format::f32);
   const Backend b = parse_backend(backend);
   py::array_t<uint8_t> out(py::ssize_t(halo::gguf::type_bytes(t, v.count)));
   auto* dst = out.mutable_data();
@@ -165,7 +164,7 @@ py::array quantize(const py::buffer& data, const std::string& type, const std::s
 py::array dequantize(const py::buffer& data, const std::string& type, int64_t n, const std::string& backend) {
   const char* fn = "gguf.dequantize";
   const GgmlType t = convertible_type(fn, type);
-  const BufferView v = contiguous_view(fn, "data", data, data.request().itemsize);
+  const BufferView v = byte_view(fn, "data", data);
   const uint64_t have = uint64_t(v.count) * uint64_t(v.info.itemsize);
   require(n >= 0, fn, "n must be >= 0, got ", n);
   const uint64_t need = halo::gguf::type_bytes(t, n);
@@ -266,7 +265,7 @@ void bind(py::module_& m) {
            }),
            py::arg("path"), py::arg("metadata"), py::arg("tensors"), py::arg("alignment") = 32)
       .def("write", [](GgufWriter& w, const std::string& name, const py::buffer& data) {
-        const BufferView view = contiguous_view("GgufWriter.write", name, data, data.request().itemsize);
+        const BufferView view = byte_view("GgufWriter.write", name, data);
         const uint64_t nbytes = uint64_t(view.count) * uint64_t(view.info.itemsize);
         py::gil_scoped_release release;
         w.write(name, view.data, nbytes);

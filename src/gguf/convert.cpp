@@ -1,13 +1,15 @@
-// GGUF type ids, and the one dispatch point of the row conversions: scalar
-// reference rows (quants.hpp) or the per-ISA kernels (kernels.hpp), threaded
-// over blocks with halo::parallel_for.
+// GGUF type ids (the format table's GGUF rows plus the types halo only reads),
+// and the dispatch of the row conversions: the format table's scalar rows or
+// the per-ISA kernels (kernels.hpp) through halo::dispatch, threaded over blocks.
 #include "halo/gguf/convert.hpp"
 
 #include <array>
 #include <cctype>
 #include <string>
 
+#include "halo/backend/dispatch.hpp"
 #include "halo/core/error.hpp"
+#include "halo/core/format.hpp"
 #include "halo/core/parallel.hpp"
 #include "halo/gguf/quants.hpp"
 #include "src/gguf/kernels.hpp"
@@ -15,142 +17,139 @@
 namespace halo::gguf {
 namespace {
 
-using ToFloat = void (*)(const void*, float*, int64_t);
-using FromFloat = void (*)(const float*, void*, int64_t);
-
-void to_float_f32(const void* in, float* out, int64_t n) {
-  const auto* src = static_cast<const float*>(in);
-  for (int64_t i = 0; i < n; ++i) out[i] = src[i];
-}
-void from_float_f32(const float* in, void* out, int64_t n) {
-  auto* dst = static_cast<float*>(out);
-  for (int64_t i = 0; i < n; ++i) dst[i] = in[i];
-}
-
-struct Row {
-  TypeLayout layout;
-  ToFloat to_float;
-  FromFloat from_float;
+// GGUF tensor types that are not rows of halo's format table (halo reads files holding
+// them but does not convert them); sizes as ggml's type traits give them.
+constexpr TypeLayout kOtherLayouts[] = {
+    {GgmlType::q8_1, "Q8_1", 32, 36},        {GgmlType::iq2_xxs, "IQ2_XXS", 256, 66},
+    {GgmlType::iq2_xs, "IQ2_XS", 256, 74},   {GgmlType::iq3_xxs, "IQ3_XXS", 256, 98},
+    {GgmlType::iq1_s, "IQ1_S", 256, 50},     {GgmlType::iq4_nl, "IQ4_NL", 32, 18},
+    {GgmlType::iq3_s, "IQ3_S", 256, 110},    {GgmlType::iq2_s, "IQ2_S", 256, 82},
+    {GgmlType::iq4_xs, "IQ4_XS", 256, 136},  {GgmlType::iq1_m, "IQ1_M", 256, 56},
+    {GgmlType::tq1_0, "TQ1_0", 256, 54},     {GgmlType::tq2_0, "TQ2_0", 256, 66},
+    {GgmlType::mxfp4, "MXFP4", 32, 17},      {GgmlType::nvfp4, "NVFP4", 64, 36},
+    {GgmlType::q1_0, "Q1_0", 128, 18},       {GgmlType::q2_0, "Q2_0", 64, 18},
 };
 
-// Sizes as ggml's type traits give them (facts of the file format).
-constexpr std::array<Row, 35> kRows = {{
-    {{GgmlType::f32, "F32", 1, 4}, to_float_f32, from_float_f32},
-    {{GgmlType::f16, "F16", 1, 2}, to_float_f16, from_float_f16},
-    {{GgmlType::q4_0, "Q4_0", 32, 18}, to_float_q4_0, from_float_q4_0},
-    {{GgmlType::q4_1, "Q4_1", 32, 20}, to_float_q4_1, from_float_q4_1},
-    {{GgmlType::q5_0, "Q5_0", 32, 22}, to_float_q5_0, from_float_q5_0},
-    {{GgmlType::q5_1, "Q5_1", 32, 24}, to_float_q5_1, from_float_q5_1},
-    {{GgmlType::q8_0, "Q8_0", 32, 34}, to_float_q8_0, from_float_q8_0},
-    {{GgmlType::q8_1, "Q8_1", 32, 36}, nullptr, nullptr},
-    {{GgmlType::q2_k, "Q2_K", 256, 84}, to_float_q2_k, from_float_q2_k},
-    {{GgmlType::q3_k, "Q3_K", 256, 110}, to_float_q3_k, from_float_q3_k},
-    {{GgmlType::q4_k, "Q4_K", 256, 144}, to_float_q4_k, from_float_q4_k},
-    {{GgmlType::q5_k, "Q5_K", 256, 176}, to_float_q5_k, from_float_q5_k},
-    {{GgmlType::q6_k, "Q6_K", 256, 210}, to_float_q6_k, from_float_q6_k},
-    {{GgmlType::q8_k, "Q8_K", 256, 292}, to_float_q8_k, from_float_q8_k},
-    {{GgmlType::iq2_xxs, "IQ2_XXS", 256, 66}, nullptr, nullptr},
-    {{GgmlType::iq2_xs, "IQ2_XS", 256, 74}, nullptr, nullptr},
-    {{GgmlType::iq3_xxs, "IQ3_XXS", 256, 98}, nullptr, nullptr},
-    {{GgmlType::iq1_s, "IQ1_S", 256, 50}, nullptr, nullptr},
-    {{GgmlType::iq4_nl, "IQ4_NL", 32, 18}, nullptr, nullptr},
-    {{GgmlType::iq3_s, "IQ3_S", 256, 110}, nullptr, nullptr},
-    {{GgmlType::iq2_s, "IQ2_S", 256, 82}, nullptr, nullptr},
-    {{GgmlType::iq4_xs, "IQ4_XS", 256, 136}, nullptr, nullptr},
-    {{GgmlType::i8, "I8", 1, 1}, nullptr, nullptr},
-    {{GgmlType::i16, "I16", 1, 2}, nullptr, nullptr},
-    {{GgmlType::i32, "I32", 1, 4}, nullptr, nullptr},
-    {{GgmlType::i64, "I64", 1, 8}, nullptr, nullptr},
-    {{GgmlType::f64, "F64", 1, 8}, nullptr, nullptr},
-    {{GgmlType::iq1_m, "IQ1_M", 256, 56}, nullptr, nullptr},
-    {{GgmlType::bf16, "BF16", 1, 2}, to_float_bf16, from_float_bf16},
-    {{GgmlType::tq1_0, "TQ1_0", 256, 54}, nullptr, nullptr},
-    {{GgmlType::tq2_0, "TQ2_0", 256, 66}, nullptr, nullptr},
-    {{GgmlType::mxfp4, "MXFP4", 32, 17}, nullptr, nullptr},
-    {{GgmlType::nvfp4, "NVFP4", 64, 36}, nullptr, nullptr},
-    {{GgmlType::q1_0, "Q1_0", 128, 18}, nullptr, nullptr},
-    {{GgmlType::q2_0, "Q2_0", 64, 18}, nullptr, nullptr},
-}};
+std::optional<Format> table_format(GgmlType type) { return format_from_ggml_type(int(type)); }
 
-const Row* find_row(uint32_t id) {
-  for (const Row& row : kRows)
-    if (uint32_t(row.layout.type) == id) return &row;
-  return nullptr;
+// Quantizing rows: F16 and BF16 use ggml's rounding (which spells NaN differently from
+// torch's), block types the format table's rows or a SIMD kernel from the tables below.
+template <RowFromFloat Row, int64_t Block>
+void scalar_blocks(const float* in, void* out, int64_t blocks) {
+  Row(in, out, blocks * Block);
 }
 
-const Row& row_of(std::string_view fn, GgmlType type) {
-  const Row* row = find_row(uint32_t(type));
-  if (row == nullptr) fail(fn, "unknown GGUF tensor type id ", uint32_t(type));
-  return *row;
+const KernelTable<kernels::QuantizeKernel> kQ4K{"gguf.quantize_q4_k", scalar_blocks<from_float_q4_k, 256>,
+                                                kernels::quantize_q4_k_avx2, kernels::quantize_q4_k_avx512};
+const KernelTable<kernels::QuantizeKernel> kQ5K{"gguf.quantize_q5_k", scalar_blocks<from_float_q5_k, 256>,
+                                                kernels::quantize_q5_k_avx2, kernels::quantize_q5_k_avx512};
+const KernelTable<kernels::QuantizeKernel> kQ6K{"gguf.quantize_q6_k", scalar_blocks<from_float_q6_k, 256>,
+                                                kernels::quantize_q6_k_avx2, kernels::quantize_q6_k_avx512};
+const KernelRegistration kRegQ4K(kQ4K), kRegQ5K(kQ5K), kRegQ6K(kQ6K);
+
+const KernelTable<kernels::QuantizeKernel>* simd_table(GgmlType type) {
+  switch (type) {
+    case GgmlType::q4_k: return &kQ4K;
+    case GgmlType::q5_k: return &kQ5K;
+    case GgmlType::q6_k: return &kQ6K;
+    default: return nullptr;
+  }
 }
 
-const Row& convertible_row(std::string_view fn, GgmlType type, int64_t n) {
-  const Row& row = row_of(fn, type);
-  if (row.to_float == nullptr) fail(fn, "type ", row.layout.name, " cannot be converted by halo");
-  require(n >= 0 && n % row.layout.block == 0, fn, "element count ", n, " is not a multiple of ", row.layout.name,
-          "'s block size ", row.layout.block);
-  return row;
+RowFromFloat gguf_from_float(GgmlType type) {
+  switch (type) {
+    case GgmlType::f16: return from_float_f16;
+    case GgmlType::bf16: return from_float_bf16;
+    default: {
+      const auto f = table_format(type);
+      return f ? row_codec(*f).from_float : nullptr;
+    }
+  }
 }
 
-// Blocks per thread chunk: enough work to amortize a task (~64 KiB of floats).
+RowToFloat gguf_to_float(GgmlType type) {
+  const auto f = table_format(type);
+  return f ? row_codec(*f).to_float : nullptr;
+}
+
+TypeLayout checked_layout(std::string_view fn, GgmlType type, int64_t n) {
+  const auto layout = type_layout(uint32_t(type));
+  if (!layout) fail(fn, "unknown GGUF tensor type id ", uint32_t(type));
+  require(n >= 0 && n % layout->block == 0, fn, "element count ", n, " is not a multiple of ", layout->name,
+          "'s block size ", layout->block);
+  return *layout;
+}
+
+// Blocks per thread chunk: enough work to amortize a task.
 int64_t grain_blocks(const TypeLayout& layout) { return layout.block >= 256 ? 64 : (layout.block == 1 ? 16384 : 512); }
 
 }  // namespace
 
 std::optional<TypeLayout> type_layout(uint32_t id) {
-  const Row* row = find_row(id);
-  if (row == nullptr) return std::nullopt;
-  return row->layout;
+  if (id <= uint32_t(INT32_MAX)) {
+    if (const auto f = format_from_ggml_type(int(id))) {
+      const FormatTraits& t = traits(*f);
+      return TypeLayout{GgmlType(id), t.gguf, t.block_elems, t.block_bytes};
+    }
+  }
+  for (const TypeLayout& layout : kOtherLayouts)
+    if (uint32_t(layout.type) == id) return layout;
+  return std::nullopt;
 }
 
 GgmlType parse_type(std::string_view name) {
   std::string upper(name);
   for (char& c : upper) c = char(std::toupper(static_cast<unsigned char>(c)));
-  for (const Row& row : kRows)
-    if (row.layout.name == upper) return row.layout.type;
+  for (const FormatTraits& t : kFormats)
+    if (t.ggml_type >= 0 && t.gguf == upper) return GgmlType(t.ggml_type);
+  for (const TypeLayout& layout : kOtherLayouts)
+    if (layout.name == upper) return layout.type;
   fail("parse_type", "unknown GGUF tensor type '", name, "'");
 }
 
 std::string_view type_name(GgmlType type) {
-  const Row* row = find_row(uint32_t(type));
-  return row ? row->layout.name : std::string_view("?");
+  const auto layout = type_layout(uint32_t(type));
+  return layout ? layout->name : std::string_view("?");
 }
 
-bool convertible(GgmlType type) {
-  const Row* row = find_row(uint32_t(type));
-  return row != nullptr && row->to_float != nullptr;
-}
+bool convertible(GgmlType type) { return gguf_to_float(type) != nullptr && gguf_from_float(type) != nullptr; }
 
 uint64_t type_bytes(GgmlType type, int64_t n) {
-  const Row& row = row_of("type_bytes", type);
-  require(n >= 0 && n % row.layout.block == 0, "type_bytes", "element count ", n, " is not a multiple of ",
-          row.layout.name, "'s block size ", row.layout.block);
-  return uint64_t(n / row.layout.block) * uint64_t(row.layout.bytes);
+  const TypeLayout layout = checked_layout("type_bytes", type, n);
+  return uint64_t(n / layout.block) * uint64_t(layout.bytes);
 }
 
 void quantize_rows(GgmlType type, const float* in, void* out, int64_t n, Backend backend) {
-  const Row& row = convertible_row("quantize_rows", type, n);
-  backend = resolve(backend);
-  require(backend != Backend::cuda, "quantize_rows", "works on host memory; backend 'cuda' is not accepted");
-  const kernels::QuantizeKernel kernel = kernels::quantize_kernel(type, backend);
-  const int64_t block = row.layout.block, bytes = row.layout.bytes;
+  const char* fn = "quantize_rows";
+  const TypeLayout layout = checked_layout(fn, type, n);
+  const RowFromFloat row = gguf_from_float(type);
+  if (row == nullptr) fail(fn, "type ", layout.name, " cannot be quantized by halo");
+  kernels::QuantizeKernel kernel = nullptr;
+  if (const auto* table = simd_table(type)) {
+    kernel = dispatch(*table, backend).kernel;
+  } else {
+    require(resolve(backend) != Backend::cuda, fn, "works on host memory; backend 'cuda' is not accepted");
+  }
+  const int64_t block = layout.block, bytes = layout.bytes;
   auto* dst = static_cast<uint8_t*>(out);
-  parallel_for(n / block, grain_blocks(row.layout), [&](int64_t b0, int64_t b1) {
+  parallel_for(n / block, grain_blocks(layout), [&](int64_t b0, int64_t b1) {
     if (kernel != nullptr)
       kernel(in + b0 * block, dst + b0 * bytes, b1 - b0);
     else
-      row.from_float(in + b0 * block, dst + b0 * bytes, (b1 - b0) * block);
+      row(in + b0 * block, dst + b0 * bytes, (b1 - b0) * block);
   });
 }
 
 void dequantize_rows(GgmlType type, const void* in, float* out, int64_t n, Backend backend) {
-  const Row& row = convertible_row("dequantize_rows", type, n);
-  backend = resolve(backend);
-  require(backend != Backend::cuda, "dequantize_rows", "works on host memory; backend 'cuda' is not accepted");
-  const int64_t block = row.layout.block, bytes = row.layout.bytes;
+  const char* fn = "dequantize_rows";
+  const TypeLayout layout = checked_layout(fn, type, n);
+  const RowToFloat row = gguf_to_float(type);
+  if (row == nullptr) fail(fn, "type ", layout.name, " cannot be dequantized by halo");
+  require(resolve(backend) != Backend::cuda, fn, "works on host memory; backend 'cuda' is not accepted");
+  const int64_t block = layout.block, bytes = layout.bytes;
   const auto* src = static_cast<const uint8_t*>(in);
-  parallel_for(n / block, grain_blocks(row.layout), [&](int64_t b0, int64_t b1) {
-    row.to_float(src + b0 * bytes, out + b0 * block, (b1 - b0) * block);
+  parallel_for(n / block, grain_blocks(layout), [&](int64_t b0, int64_t b1) {
+    row(src + b0 * bytes, out + b0 * block, (b1 - b0) * block);
   });
 }
 

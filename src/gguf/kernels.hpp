@@ -12,9 +12,6 @@ namespace halo::gguf::kernels {
 
 using QuantizeKernel = void (*)(const float* in, void* out, int64_t blocks);
 
-// The kernel for (type, backend), or nullptr where the scalar reference is used.
-QuantizeKernel quantize_kernel(GgmlType type, Backend backend);
-
 void quantize_q4_k_avx512(const float* in, void* out, int64_t blocks);
 void quantize_q5_k_avx512(const float* in, void* out, int64_t blocks);
 void quantize_q6_k_avx512(const float* in, void* out, int64_t blocks);

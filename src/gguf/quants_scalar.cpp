@@ -5,7 +5,7 @@
 #include <cmath>
 #include <cstring>
 
-#include "halo/core/dtype.hpp"
+#include "halo/core/convert.hpp"
 #include "halo/gguf/quants.hpp"
 #include "src/gguf/blocks.hpp"
 

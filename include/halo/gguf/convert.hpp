@@ -4,7 +4,9 @@
 // `type_layout` knows the block size and bytes per block of every type id a
 // GGUF file may hold (so a reader can check sizes of types halo cannot convert,
 // e.g. the IQ types); `convertible` says which ones halo quantizes and
-// dequantizes: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K, Q8_K.
+// dequantizes: F64, F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K, Q8_K
+// (the rows of the format table, include/halo/core/format.hpp, that have both
+// conversions; F16 and BF16 are written with ggml's NaN spelling).
 // `quantize_rows` gives exactly the bytes of the scalar reference rows in
 // gguf/quants.hpp (ggml's reference quantizer), using AVX-512 / AVX2 kernels
 // where they help, chosen by halo::resolve.
