@@ -70,7 +70,9 @@ class ModelSpec:
         archs = config.get("architectures") or []
         hf_arch = next((a for a in archs if a in _ARCHS), None)
         if hf_arch is None:
-            _fail(f"{source}: architectures {archs} are not supported (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)")
+            _fail(
+                f"{source}: architectures {archs} are not supported (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)"
+            )
         if config.get("num_local_experts") or config.get("num_experts"):
             _fail(f"{source}: mixture-of-experts models are not supported")
 
@@ -127,12 +129,19 @@ class ModelSpec:
         rope_type = (self.rope.get("rope_type") or "default").lower()
         factor = self.rope.get("factor")
         if rope_type == "linear" and factor is not None:
-            out += [(f"{a}.rope.scaling.type", "string", "linear"), (f"{a}.rope.scaling.factor", "float32", factor)]
+            out += [
+                (f"{a}.rope.scaling.type", "string", "linear"),
+                (f"{a}.rope.scaling.factor", "float32", factor),
+            ]
         elif rope_type == "yarn" and factor is not None:
             out += [
                 (f"{a}.rope.scaling.type", "string", "yarn"),
                 (f"{a}.rope.scaling.factor", "float32", factor),
-                (f"{a}.rope.scaling.original_context_length", "uint32", self.rope["original_max_position_embeddings"]),
+                (
+                    f"{a}.rope.scaling.original_context_length",
+                    "uint32",
+                    self.rope["original_max_position_embeddings"],
+                ),
             ]
         if self.rope.get("rope_theta") is not None:
             out.append((f"{a}.rope.freq_base", "float32", float(self.rope["rope_theta"])))
@@ -141,7 +150,10 @@ class ModelSpec:
             out += [(f"{a}.attention.key_length", "uint32", self.head_dim)]
             out += [(f"{a}.attention.value_length", "uint32", self.head_dim)]
         if a == "llama":
-            out += [(f"{a}.vocab_size", "uint32", self.vocab_size), (f"{a}.rope.dimension_count", "uint32", self.rope_dim)]
+            out += [
+                (f"{a}.vocab_size", "uint32", self.vocab_size),
+                (f"{a}.rope.dimension_count", "uint32", self.rope_dim),
+            ]
         return out
 
     def rope_freqs(self) -> np.ndarray | None:
@@ -152,7 +164,10 @@ class ModelSpec:
         dim = self.rope_dim
         freqs = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
         factor = float(self.rope.get("factor", 8.0))
-        low, high = float(self.rope.get("low_freq_factor", 1.0)), float(self.rope.get("high_freq_factor", 4.0))
+        low, high = (
+            float(self.rope.get("low_freq_factor", 1.0)),
+            float(self.rope.get("high_freq_factor", 4.0)),
+        )
         old_ctx = float(self.rope.get("original_max_position_embeddings", 8192))
         low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
         out = []
@@ -220,7 +235,9 @@ def hf_tensor_name(gguf_name: str) -> str | None:
                 return f"model.layers.{m.group(1)}.{hf}"
     if gguf_name == "rope_freqs.weight":
         return None
-    raise ValueError(f"[import_gguf] tensor {gguf_name!r} has no Hugging Face counterpart in this architecture")
+    raise ValueError(
+        f"[import_gguf] tensor {gguf_name!r} has no Hugging Face counterpart in this architecture"
+    )
 
 
 def permute_rows(w: np.ndarray, n_head: int, inverse: bool = False) -> np.ndarray:
@@ -230,7 +247,11 @@ def permute_rows(w: np.ndarray, n_head: int, inverse: bool = False) -> np.ndarra
     if rows % (2 * n_head):
         _fail(f"cannot permute {rows} rows for {n_head} heads")
     head = rows // n_head
-    shaped = w.reshape(n_head, head // 2, 2, *w.shape[1:]) if inverse else w.reshape(n_head, 2, head // 2, *w.shape[1:])
+    shaped = (
+        w.reshape(n_head, head // 2, 2, *w.shape[1:])
+        if inverse
+        else w.reshape(n_head, 2, head // 2, *w.shape[1:])
+    )
     return np.ascontiguousarray(shaped.swapaxes(1, 2)).reshape(w.shape)
 
 

@@ -11,13 +11,18 @@ from .gguf_arch import FILE_TYPES
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "export-gguf", help="write a model folder (+ optional LoRA adapter) as a llama.cpp GGUF file, streaming"
+        "export-gguf",
+        help="write a model folder (+ optional LoRA adapter) as a llama.cpp GGUF file, streaming",
     )
-    p.add_argument("--model", required=True, help="Hugging Face model folder (safetensors, single or sharded)")
+    p.add_argument(
+        "--model", required=True, help="Hugging Face model folder (safetensors, single or sharded)"
+    )
     p.add_argument("--adapter", default=None, help="PEFT LoRA adapter folder to merge on the fly")
     p.add_argument("--out", required=True, help="output .gguf file (written to a temp file, then renamed)")
     p.add_argument("--type", default="q4_k_m", choices=tuple(FILE_TYPES), help="llama.cpp file type")
-    p.add_argument("--pre-tokenizer", default=None, help="llama.cpp pre-tokenizer name when it cannot be detected")
+    p.add_argument(
+        "--pre-tokenizer", default=None, help="llama.cpp pre-tokenizer name when it cannot be detected"
+    )
     p.add_argument("--name", default=None, help="general.name (default: the model folder's name)")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
@@ -26,7 +31,9 @@ def register(subparsers) -> None:
     q = subparsers.add_parser("import-gguf", help="convert a GGUF model to a Hugging Face safetensors folder")
     q.add_argument("file", help="GGUF file (LLaMA / Mistral / Qwen2 architecture)")
     q.add_argument("--out", required=True, help="output folder (written to a temp folder, then renamed)")
-    q.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"), help="weight dtype")
+    q.add_argument(
+        "--dtype", default="float32", choices=("float32", "float16", "bfloat16"), help="weight dtype"
+    )
     q.add_argument("--force", action="store_true", help="replace a non-empty --out")
     q.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     q.set_defaults(handler=run_import)
@@ -45,7 +52,7 @@ def _run(command: str, call) -> int:
     except KeyboardInterrupt:
         print(f"halo {command}: interrupted; no output was written", file=sys.stderr)
         return 130
-    except Exception as exc:  # noqa: BLE001 - anything unexpected is still one line
+    except Exception as exc:
         print(f"halo {command}: error: {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
         return 1
     return summary

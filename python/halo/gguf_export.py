@@ -24,8 +24,15 @@ import numpy as np
 
 from . import io as hio
 from ._core import gguf as _g
-from .gguf_arch import FILE_TYPES, QUANTIZATION_VERSION, ModelSpec, gguf_tensor_name, permute_rows, plan_types
-from .gguf_arch import weight_sort_key
+from .gguf_arch import (
+    FILE_TYPES,
+    QUANTIZATION_VERSION,
+    ModelSpec,
+    gguf_tensor_name,
+    permute_rows,
+    plan_types,
+    weight_sort_key,
+)
 from .gguf_vocab import export_metadata as tokenizer_metadata
 from .merge import _apply_lora, _base_shards, _to_float32
 from .peft_io import LoraModule, read_adapter
@@ -84,7 +91,9 @@ def _read_config(model: Path) -> dict[str, Any]:
     if "text_config" in config and isinstance(config["text_config"], dict):
         config = {**config, **config["text_config"]}
     if config.get("quantization_config"):
-        _fail(f"{path}: the checkpoint is already quantized ({config['quantization_config'].get('quant_method')}); export needs float weights")
+        _fail(
+            f"{path}: the checkpoint is already quantized ({config['quantization_config'].get('quant_method')}); export needs float weights"
+        )
     return config
 
 
@@ -134,7 +143,9 @@ def _sources(model: Path, spec: ModelSpec) -> list[_Source]:
     return sorted(out, key=lambda s: weight_sort_key(s.gguf_name))
 
 
-def _lora_plan(adapter_dir: str | os.PathLike, sources: list[_Source]) -> tuple[dict[str, Any], dict[str, np.ndarray], bool]:
+def _lora_plan(
+    adapter_dir: str | os.PathLike, sources: list[_Source]
+) -> tuple[dict[str, Any], dict[str, np.ndarray], bool]:
     """LoRA modules by base tensor name, whole-tensor replacements, fan_in_fan_out; everything checked."""
     if not Path(adapter_dir).is_dir():
         _fail(f"adapter folder {adapter_dir} does not exist")
@@ -283,5 +294,11 @@ def export_gguf(
             bar.close()
     counts = Counter(types.values())
     return ExportSummary(
-        str(out_path), type, len(sources), len(lora), out_path.stat().st_size, time.monotonic() - t0, dict(counts)
+        str(out_path),
+        type,
+        len(sources),
+        len(lora),
+        out_path.stat().st_size,
+        time.monotonic() - t0,
+        dict(counts),
     )

@@ -30,7 +30,14 @@ from .gguf_vocab import hf_tokenizer_files
 __all__ = ["ImportSummary", "import_gguf"]
 
 _HF_ARCH = {"llama": ("LlamaForCausalLM", "llama"), "qwen2": ("Qwen2ForCausalLM", "qwen2")}
-_DTYPES = {"float32": "F32", "fp32": "F32", "float16": "F16", "fp16": "F16", "bfloat16": "BF16", "bf16": "BF16"}
+_DTYPES = {
+    "float32": "F32",
+    "fp32": "F32",
+    "float16": "F16",
+    "fp16": "F16",
+    "bfloat16": "BF16",
+    "bf16": "BF16",
+}
 _SHARD_BYTES = 5 << 30
 
 
@@ -82,7 +89,9 @@ def _config(f: GGUFFile, arch: str, dtype: str) -> dict[str, Any]:
     elif scaling not in (None, "none"):
         _fail(f"RoPE scaling {scaling!r} is not supported")
     if "rope_freqs.weight" in f.tensors:
-        _fail("LLaMA 3.1-style rope_freqs are not supported by import (the scaling parameters are not in the file)")
+        _fail(
+            "LLaMA 3.1-style rope_freqs are not supported by import (the scaling parameters are not in the file)"
+        )
     config: dict[str, Any] = {
         "architectures": [hf_arch],
         "model_type": model_type,
@@ -106,7 +115,9 @@ def _config(f: GGUFFile, arch: str, dtype: str) -> dict[str, Any]:
     if arch == "llama":
         config.update(attention_bias="blk.0.attn_q.bias" in f.tensors, mlp_bias=False, pretraining_tp=1)
     if scaling in ("linear", "yarn"):
-        config["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}  # transformers 4.x spelling
+        config["rope_scaling"] = {
+            k: v for k, v in rope.items() if k != "rope_theta"
+        }  # transformers 4.x spelling
     for typ, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("pad", "padding_token_id")):
         tid = m.get(f"tokenizer.ggml.{key}")
         if isinstance(tid, int):

@@ -47,12 +47,8 @@ _KNOWN_FINGERPRINTS = {
 }
 
 _GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
-_LLAMA3_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN2_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+_LLAMA3_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_QWEN2_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 
 _SPECIAL_TYPES = ("bos", "eos", "unk", "sep", "pad", "cls", "mask")
 _SPECIAL_KEYS = {
@@ -95,7 +91,11 @@ def _pre_from_structure(pre: dict | None) -> str | None:
     kinds = [s.get("type") for s in steps if isinstance(s, dict)]
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
         return "gpt-2"
-    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+    if (
+        kinds == ["Digits", "ByteLevel"]
+        and steps[0].get("individual_digits")
+        and steps[1].get("use_regex", True)
+    ):
         return "smollm"
     if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
         pattern = steps[0].get("pattern", {}).get("Regex")
@@ -125,7 +125,7 @@ def _merges(model: dict) -> list[str]:
     for pair in merges:
         if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(p, str) for p in pair)):
             _fail(f"tokenizer.json has a merge entry {pair!r}; expected 'a b' strings or [a, b] pairs")
-        # A space inside a merge part is written as U+0120 + 256 offset, as llama.cpp expects.
+        # A literal space inside a merge part becomes U+0120 ('Ġ', space + 256), as llama.cpp's converter writes it.
         out.append(" ".join("".join(chr(ord(c) + 256) if c == " " else c for c in part) for part in pair))
     return out
 
@@ -141,13 +141,17 @@ def _chat_template(folder: Path, tok_config: dict) -> Any:
     return template if isinstance(template, (str, list)) else None
 
 
-def export_metadata(folder: str | Path, vocab_size: int, pre_tokenizer: str | None = None) -> list[tuple[str, str, Any]]:
+def export_metadata(
+    folder: str | Path, vocab_size: int, pre_tokenizer: str | None = None
+) -> list[tuple[str, str, Any]]:
     """``tokenizer.*`` GGUF key/values (key, GGUF type, value) for the tokenizer in ``folder``."""
     folder = Path(folder)
     tj_path = folder / "tokenizer.json"
     if not tj_path.is_file():
         if (folder / "tokenizer.model").is_file():
-            _fail(f"{folder} has only a SentencePiece tokenizer.model; only byte-level BPE tokenizer.json is supported")
+            _fail(
+                f"{folder} has only a SentencePiece tokenizer.model; only byte-level BPE tokenizer.json is supported"
+            )
         _fail(f"{folder} has no tokenizer.json")
     tj = _read_json(tj_path)
     model = tj.get("model") or {}
@@ -159,7 +163,9 @@ def export_metadata(folder: str | Path, vocab_size: int, pre_tokenizer: str | No
     vocab = model.get("vocab")
     if not isinstance(vocab, dict) or not vocab:
         _fail(f"{tj_path} has no BPE vocab")
-    tok_config = _read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
+    tok_config = (
+        _read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
+    )
     config = _read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
     added = [a for a in tj.get("added_tokens", []) if isinstance(a, dict)]
 
@@ -219,7 +225,9 @@ def export_metadata(folder: str | Path, vocab_size: int, pre_tokenizer: str | No
             if tid is not None and 0 <= tid < vocab_size:
                 special.setdefault(typ, tid)
     for typ in _SPECIAL_TYPES:
-        tid = config.get(f"{typ}_token_id")  # a list (several EOS ids) is ignored, as llama.cpp's converter does
+        tid = config.get(
+            f"{typ}_token_id"
+        )  # a list (several EOS ids) is ignored, as llama.cpp's converter does
         if isinstance(tid, int) and not isinstance(tid, bool) and 0 <= tid < vocab_size:
             special.setdefault(typ, tid)
     for typ, tid in special.items():
@@ -253,8 +261,12 @@ def _added_special_tokens(
         if not isinstance(proc, dict) or proc.get("type") != "TemplateProcessing":
             continue
         single = proc.get("single") or []
-        first = single[0].get("SpecialToken", {}).get("id") if single and isinstance(single[0], dict) else None
-        last = single[-1].get("SpecialToken", {}).get("id") if single and isinstance(single[-1], dict) else None
+        first = (
+            single[0].get("SpecialToken", {}).get("id") if single and isinstance(single[0], dict) else None
+        )
+        last = (
+            single[-1].get("SpecialToken", {}).get("id") if single and isinstance(single[-1], dict) else None
+        )
         bos_text = by_id.get(special.get("bos", -1))
         eos_text = by_id.get(special.get("eos", -1))
         if not isinstance(add_bos, bool):
@@ -272,7 +284,10 @@ def _pre_tokenizer_json(pre: str) -> dict:
     if pre in ("gpt-2", "gpt2", "default", "mpt", "olmo", "starcoder", "refact", "codeshell"):
         return byte_level
     if pre in ("smollm", "exaone"):
-        return {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, byte_level]}
+        return {
+            "type": "Sequence",
+            "pretokenizers": [{"type": "Digits", "individual_digits": True}, byte_level],
+        }
     regex = {"llama-bpe": _LLAMA3_REGEX, "llama3": _LLAMA3_REGEX, "qwen2": _QWEN2_REGEX}.get(pre)
     if regex is None:
         raise ValueError(
@@ -298,15 +313,17 @@ def hf_tokenizer_files(meta: dict[str, Any]) -> dict[str, Any]:
     tokens = meta.get("tokenizer.ggml.tokens")
     types = meta.get("tokenizer.ggml.token_type")
     if not isinstance(tokens, list) or types is None or len(types) != len(tokens):
-        raise ValueError("[import_gguf] tokenizer.ggml.tokens / token_type are missing or of different lengths")
+        raise ValueError(
+            "[import_gguf] tokenizer.ggml.tokens / token_type are missing or of different lengths"
+        )
     merges_raw = meta.get("tokenizer.ggml.merges") or []
-    # Undo the space escaping of merge parts (U+0120 + 256 stood for a space inside a part).
+    # Byte-level vocabularies spell a space as U+0120 ('Ġ') already, so merge parts need no unescaping.
     merges = []
     for m in merges_raw:
         parts = m.split(" ")
         if len(parts) != 2:
             raise ValueError(f"[import_gguf] merge {m!r} is not two space-separated parts")
-        merges.append([p.replace(chr(ord(" ") + 256), " ") for p in parts])
+        merges.append(parts)
     pre = meta.get("tokenizer.ggml.pre", "default")
     vocab = {}
     added = []
@@ -350,7 +367,12 @@ def hf_tokenizer_files(meta: dict[str, Any]) -> dict[str, Any]:
         "added_tokens": added,
         "normalizer": None,
         "pre_tokenizer": _pre_tokenizer_json(pre),
-        "post_processor": {"type": "TemplateProcessing", "single": single, "pair": pair, "special_tokens": specials},
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": single,
+            "pair": pair,
+            "special_tokens": specials,
+        },
         "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
         "model": {
             "type": "BPE",

@@ -5,6 +5,8 @@
 
 #include <array>
 #include <cctype>
+#include <cstring>
+#include <iterator>
 #include <string>
 
 #include "halo/backend/dispatch.hpp"
@@ -32,39 +34,57 @@ constexpr TypeLayout kOtherLayouts[] = {
 
 std::optional<Format> table_format(GgmlType type) { return format_from_ggml_type(int(type)); }
 
-// Quantizing rows: F16 and BF16 use ggml's rounding (which spells NaN differently from
-// torch's), block types the format table's rows or a SIMD kernel from the tables below.
+// Quantizing rows: every convertible type has a kernel table whose scalar entry is the
+// reference row (F16 and BF16 with ggml's rounding, which spells NaN differently from the
+// format table's torch-exact rows; block types the format table's GGUF rows), and SIMD
+// entries where they pay (the K-quant scale searches dominate an export).
 template <RowFromFloat Row, int64_t Block>
 void scalar_blocks(const float* in, void* out, int64_t blocks) {
   Row(in, out, blocks * Block);
 }
 
-const KernelTable<kernels::QuantizeKernel> kQ4K{"gguf.quantize_q4_k", scalar_blocks<from_float_q4_k, 256>,
-                                                kernels::quantize_q4_k_avx2, kernels::quantize_q4_k_avx512};
-const KernelTable<kernels::QuantizeKernel> kQ5K{"gguf.quantize_q5_k", scalar_blocks<from_float_q5_k, 256>,
-                                                kernels::quantize_q5_k_avx2, kernels::quantize_q5_k_avx512};
-const KernelTable<kernels::QuantizeKernel> kQ6K{"gguf.quantize_q6_k", scalar_blocks<from_float_q6_k, 256>,
-                                                kernels::quantize_q6_k_avx2, kernels::quantize_q6_k_avx512};
-const KernelRegistration kRegQ4K(kQ4K), kRegQ5K(kQ5K), kRegQ6K(kQ6K);
-
-const KernelTable<kernels::QuantizeKernel>* simd_table(GgmlType type) {
-  switch (type) {
-    case GgmlType::q4_k: return &kQ4K;
-    case GgmlType::q5_k: return &kQ5K;
-    case GgmlType::q6_k: return &kQ6K;
-    default: return nullptr;
-  }
+void copy_f32(const float* in, void* out, int64_t n) { std::memcpy(out, in, size_t(n) * 4); }
+void copy_f64(const float* in, void* out, int64_t n) {
+  auto* dst = static_cast<double*>(out);
+  for (int64_t i = 0; i < n; ++i) dst[i] = double(in[i]);
 }
 
-RowFromFloat gguf_from_float(GgmlType type) {
-  switch (type) {
-    case GgmlType::f16: return from_float_f16;
-    case GgmlType::bf16: return from_float_bf16;
-    default: {
-      const auto f = table_format(type);
-      return f ? row_codec(*f).from_float : nullptr;
-    }
+using Table = KernelTable<kernels::QuantizeKernel>;
+const Table kTables[] = {
+    {"gguf.quantize_f64", scalar_blocks<copy_f64, 1>},
+    {"gguf.quantize_f32", scalar_blocks<copy_f32, 1>},
+    {"gguf.quantize_f16", scalar_blocks<from_float_f16, 1>},
+    {"gguf.quantize_bf16", scalar_blocks<from_float_bf16, 1>},
+    {"gguf.quantize_q4_0", scalar_blocks<from_float_q4_0, 32>},
+    {"gguf.quantize_q4_1", scalar_blocks<from_float_q4_1, 32>},
+    {"gguf.quantize_q5_0", scalar_blocks<from_float_q5_0, 32>},
+    {"gguf.quantize_q5_1", scalar_blocks<from_float_q5_1, 32>},
+    {"gguf.quantize_q8_0", scalar_blocks<from_float_q8_0, 32>},
+    {"gguf.quantize_q2_k", scalar_blocks<from_float_q2_k, 256>},
+    {"gguf.quantize_q3_k", scalar_blocks<from_float_q3_k, 256>},
+    {"gguf.quantize_q4_k", scalar_blocks<from_float_q4_k, 256>, kernels::quantize_q4_k_avx2,
+     kernels::quantize_q4_k_avx512},
+    {"gguf.quantize_q5_k", scalar_blocks<from_float_q5_k, 256>, kernels::quantize_q5_k_avx2,
+     kernels::quantize_q5_k_avx512},
+    {"gguf.quantize_q6_k", scalar_blocks<from_float_q6_k, 256>, kernels::quantize_q6_k_avx2,
+     kernels::quantize_q6_k_avx512},
+    {"gguf.quantize_q8_k", scalar_blocks<from_float_q8_k, 256>},
+};
+constexpr GgmlType kTableTypes[] = {GgmlType::f64,  GgmlType::f32,  GgmlType::f16,  GgmlType::bf16, GgmlType::q4_0,
+                                    GgmlType::q4_1, GgmlType::q5_0, GgmlType::q5_1, GgmlType::q8_0, GgmlType::q2_k,
+                                    GgmlType::q3_k, GgmlType::q4_k, GgmlType::q5_k, GgmlType::q6_k, GgmlType::q8_k};
+static_assert(std::size(kTables) == std::size(kTableTypes));
+
+struct Registrations {
+  Registrations() {
+    for (const Table& t : kTables) KernelRegistration{t};
   }
+} const kRegistrations;
+
+const Table* quantize_table(GgmlType type) {
+  for (size_t i = 0; i < std::size(kTableTypes); ++i)
+    if (kTableTypes[i] == type) return &kTables[i];
+  return nullptr;
 }
 
 RowToFloat gguf_to_float(GgmlType type) {
@@ -112,7 +132,7 @@ std::string_view type_name(GgmlType type) {
   return layout ? layout->name : std::string_view("?");
 }
 
-bool convertible(GgmlType type) { return gguf_to_float(type) != nullptr && gguf_from_float(type) != nullptr; }
+bool convertible(GgmlType type) { return gguf_to_float(type) != nullptr && quantize_table(type) != nullptr; }
 
 uint64_t type_bytes(GgmlType type, int64_t n) {
   const TypeLayout layout = checked_layout("type_bytes", type, n);
@@ -122,22 +142,13 @@ uint64_t type_bytes(GgmlType type, int64_t n) {
 void quantize_rows(GgmlType type, const float* in, void* out, int64_t n, Backend backend) {
   const char* fn = "quantize_rows";
   const TypeLayout layout = checked_layout(fn, type, n);
-  const RowFromFloat row = gguf_from_float(type);
-  if (row == nullptr) fail(fn, "type ", layout.name, " cannot be quantized by halo");
-  kernels::QuantizeKernel kernel = nullptr;
-  if (const auto* table = simd_table(type)) {
-    kernel = dispatch(*table, backend).kernel;
-  } else {
-    require(resolve(backend) != Backend::cuda, fn, "works on host memory; backend 'cuda' is not accepted");
-  }
+  const Table* table = quantize_table(type);
+  if (table == nullptr) fail(fn, "type ", layout.name, " cannot be quantized by halo");
+  const kernels::QuantizeKernel kernel = dispatch(*table, backend).kernel;
   const int64_t block = layout.block, bytes = layout.bytes;
   auto* dst = static_cast<uint8_t*>(out);
-  parallel_for(n / block, grain_blocks(layout), [&](int64_t b0, int64_t b1) {
-    if (kernel != nullptr)
-      kernel(in + b0 * block, dst + b0 * bytes, b1 - b0);
-    else
-      row(in + b0 * block, dst + b0 * bytes, (b1 - b0) * block);
-  });
+  parallel_for(n / block, grain_blocks(layout),
+               [&](int64_t b0, int64_t b1) { kernel(in + b0 * block, dst + b0 * bytes, b1 - b0); });
 }
 
 void dequantize_rows(GgmlType type, const void* in, float* out, int64_t n, Backend backend) {
