@@ -12,10 +12,16 @@ namespace halo::gguf::kernels {
 
 using QuantizeKernel = void (*)(const float* in, void* out, int64_t blocks);
 
+void quantize_q8_0_avx512(const float* in, void* out, int64_t blocks);
+void quantize_q4_0_avx512(const float* in, void* out, int64_t blocks);
+void quantize_q5_0_avx512(const float* in, void* out, int64_t blocks);
 void quantize_q4_k_avx512(const float* in, void* out, int64_t blocks);
 void quantize_q5_k_avx512(const float* in, void* out, int64_t blocks);
 void quantize_q6_k_avx512(const float* in, void* out, int64_t blocks);
 
+void quantize_q8_0_avx2(const float* in, void* out, int64_t blocks);
+void quantize_q4_0_avx2(const float* in, void* out, int64_t blocks);
+void quantize_q5_0_avx2(const float* in, void* out, int64_t blocks);
 void quantize_q4_k_avx2(const float* in, void* out, int64_t blocks);
 void quantize_q5_k_avx2(const float* in, void* out, int64_t blocks);
 void quantize_q6_k_avx2(const float* in, void* out, int64_t blocks);

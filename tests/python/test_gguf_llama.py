@@ -70,7 +70,8 @@ def test_quantizers_give_ggml_bytes(qtype, blocks, scale, shape, seed):
     }[shape]()
     x = (x * scale).astype(np.float32)
     want = gguf_ggml.quantize(x, qtype, n_per_row=256)
-    backends = [b for b in halo.backends() if b != "cuda"] if qtype in ("Q4_K", "Q5_K", "Q6_K") else ["auto"]
+    simd = ("Q8_0", "Q4_0", "Q5_0", "Q4_K", "Q5_K", "Q6_K")
+    backends = [b for b in halo.backends() if b != "cuda"] if qtype in simd else ["auto"]
     for backend in backends:
         assert np.array_equal(hg.quantize(x.reshape(-1, 256), qtype, backend=backend).reshape(-1), want), (
             backend

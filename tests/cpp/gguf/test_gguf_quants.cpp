@@ -36,6 +36,8 @@ std::vector<float> make_input(const std::string& kind, int64_t n, uint32_t seed)
     if (kind == "integers") x[i] = float(int(g * 4));
     if (kind == "nan") x[i] = (i % 101 == 7) ? std::numeric_limits<float>::quiet_NaN() : g;
     if (kind == "inf") x[i] = (i % 97 == 3) ? -std::numeric_limits<float>::infinity() : g;
+    if (kind == "subnormal") x[i] = g * 1e-39f;  // scales whose reciprocal overflows
+    if (kind == "signed_zeros") x[i] = (i % 64 < 40) ? -0.0f : g;  // whole blocks of -0
   }
   return x;
 }
@@ -48,10 +50,11 @@ std::vector<uint8_t> quantize(GgmlType type, const std::vector<float>& x, Backen
 
 }  // namespace
 
-TEST_CASE("SIMD K-quant kernels give the scalar reference's bytes", "[gguf]") {
-  const GgmlType types[] = {GgmlType::q4_k, GgmlType::q5_k, GgmlType::q6_k};
-  const char* kinds[] = {"normal", "positive", "negative", "zeros", "tiny", "huge", "constant",
-                         "sparse", "integers", "nan", "inf"};
+TEST_CASE("SIMD kernels give the scalar reference's bytes", "[gguf]") {
+  const GgmlType types[] = {GgmlType::q8_0, GgmlType::q4_0, GgmlType::q5_0,
+                            GgmlType::q4_k, GgmlType::q5_k, GgmlType::q6_k};
+  const char* kinds[] = {"normal", "positive", "negative", "zeros", "tiny", "huge", "constant", "sparse",
+                         "integers", "nan", "inf", "subnormal", "signed_zeros"};
   // 1, 2, 3 and 5 super-blocks: odd counts leave a tail for the AVX-512 pairs; 65 spans thread chunks.
   for (int64_t blocks : {1, 2, 3, 5, 65}) {
     for (const char* kind : kinds) {
