@@ -20,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -56,6 +57,7 @@ base, adapter, out, dtype = sys.argv[1:5]
 model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype))
 merged = peft.PeftModel.from_pretrained(model, adapter).merge_and_unload()
 merged.save_pretrained(out)
+transformers.AutoTokenizer.from_pretrained(base).save_pretrained(out)  # the converter needs the tokenizer
 """
 
 QUANTIZE = """
@@ -105,13 +107,16 @@ def prepare(big: bool) -> tuple[Path, Path, str]:
 
 def measure(cmd: list[str]) -> tuple[float, float]:
     """(wall seconds, peak RSS MiB) of one child process (spawned from this small parent)."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"command failed: {' '.join(cmd[:4])} ...\n{err[-3000:]}")
+    # stderr goes to a file, not a pipe: llama.cpp logs more than a pipe holds while nobody reads it.
+    with tempfile.TemporaryFile() as log:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        if os.waitstatus_to_exitcode(status) != 0:
+            log.seek(0)
+            err = log.read().decode(errors="replace")
+            raise SystemExit(f"command failed: {' '.join(cmd[:4])} ...\n{err[-3000:]}")
     return wall, usage.ru_maxrss / 1024.0
 
 

@@ -25,6 +25,47 @@ constexpr uint64_t kMaxAlignment = uint64_t(1) << 30;
   fail<FormatError>("read_gguf", path, ": ", what);
 }
 
+// A key or tensor name from the file as it may appear in a message: valid UTF-8 (Python
+// must be able to show it), control characters and invalid bytes as \xNN, at most 96 bytes.
+std::string shown(std::string_view raw) {
+  std::string out;
+  size_t i = 0;
+  auto hex = [&](unsigned char c) {
+    const char* digits = "0123456789abcdef";
+    out += "\\x";
+    out += digits[c >> 4];
+    out += digits[c & 15];
+  };
+  while (i < raw.size() && out.size() < 96) {
+    const auto c = static_cast<unsigned char>(raw[i]);
+    if (c >= 0x20 && c < 0x7f) {
+      out += char(c);
+      ++i;
+      continue;
+    }
+    // Length of a well-formed UTF-8 sequence starting here (0 if not one).
+    size_t len = c >= 0xc2 && c <= 0xdf ? 2 : c >= 0xe0 && c <= 0xef ? 3 : c >= 0xf0 && c <= 0xf4 ? 4 : 0;
+    if (len && i + len <= raw.size()) {
+      const auto c1 = static_cast<unsigned char>(raw[i + 1]);
+      bool ok = (c1 & 0xc0) == 0x80;
+      if (c == 0xe0) ok = ok && c1 >= 0xa0;
+      if (c == 0xed) ok = ok && c1 < 0xa0;  // no surrogates
+      if (c == 0xf0) ok = ok && c1 >= 0x90;
+      if (c == 0xf4) ok = ok && c1 < 0x90;
+      for (size_t k = 2; k < len; ++k) ok = ok && (static_cast<unsigned char>(raw[i + k]) & 0xc0) == 0x80;
+      if (ok) {
+        out.append(raw.substr(i, len));
+        i += len;
+        continue;
+      }
+    }
+    hex(c);
+    ++i;
+  }
+  if (i < raw.size()) out += "...";
+  return out;
+}
+
 // A bounds-checked little-endian cursor over the mapping.
 class Cursor {
  public:
@@ -182,10 +223,11 @@ void GgufFile::parse() {
     const std::string where = "key/value " + std::to_string(i);
     std::string key = in.string(where + " key");
     if (key.empty()) bad(path_, where + " has an empty key");
-    const uint32_t type = in.get<uint32_t>("type of key '" + key + "'");
-    if (!known_value_type(type)) bad(path_, "key '" + key + "' has unknown value type " + std::to_string(type));
-    if (kv_index_.count(key)) bad(path_, "duplicate key '" + key + "'");
-    Value value = read_value(in, ValueType(type), "value of key '" + key + "'", path_);
+    const std::string name = "key '" + shown(key) + "'";
+    const uint32_t type = in.get<uint32_t>("type of " + name);
+    if (!known_value_type(type)) bad(path_, name + " has unknown value type " + std::to_string(type));
+    if (kv_index_.count(key)) bad(path_, "duplicate " + name);
+    Value value = read_value(in, ValueType(type), "value of " + name, path_);
     kv_index_.emplace(key, kv_.size());
     kv_.push_back({std::move(key), std::move(value)});
   }
@@ -201,7 +243,7 @@ void GgufFile::parse() {
   for (uint64_t i = 0; i < n_tensors; ++i) {
     TensorInfo t;
     t.name = in.string("name of tensor " + std::to_string(i));
-    const std::string what = "tensor '" + t.name + "'";
+    const std::string what = "tensor '" + shown(t.name) + "'";
     if (t.name.empty()) bad(path_, "tensor " + std::to_string(i) + " has an empty name");
     if (tensor_index_.count(t.name)) bad(path_, "duplicate " + what);
     const uint32_t n_dims = in.get<uint32_t>(what + " dimension count");
@@ -241,7 +283,7 @@ void GgufFile::parse() {
   const uint64_t data_size = size_ - data_offset_;
   std::vector<const TensorInfo*> by_offset;
   for (const TensorInfo& t : tensors_) {
-    const std::string what = "tensor '" + t.name + "'";
+    const std::string what = "tensor '" + shown(t.name) + "'";
     if (t.offset % alignment_ != 0)
       bad(path_, what + " has data offset " + std::to_string(t.offset) + ", not a multiple of the alignment " +
                      std::to_string(alignment_));
@@ -255,7 +297,7 @@ void GgufFile::parse() {
     const TensorInfo& a = *by_offset[k - 1];
     const TensorInfo& b = *by_offset[k];
     if (a.offset + a.nbytes > b.offset)
-      bad(path_, "tensor '" + b.name + "' (offset " + std::to_string(b.offset) + ") overlaps tensor '" + a.name +
+      bad(path_, "tensor '" + shown(b.name) + "' (offset " + std::to_string(b.offset) + ") overlaps tensor '" + shown(a.name) +
                      "' (bytes " + std::to_string(a.offset) + " to " + std::to_string(a.offset + a.nbytes) + ")");
   }
 }
@@ -272,13 +314,13 @@ const TensorInfo* GgufFile::find_tensor(std::string_view name) const {
 
 const TensorInfo& GgufFile::tensor(std::string_view name) const {
   const TensorInfo* t = find_tensor(name);
-  if (t == nullptr) fail("GgufFile.tensor", path_, " has no tensor '", name, "'");
+  if (t == nullptr) fail("GgufFile.tensor", path_, " has no tensor '", shown(name), "'");
   return *t;
 }
 
 void GgufFile::to_float(const TensorInfo& info, float* out, Backend backend) const {
   if (!convertible(info.type))
-    fail("GgufFile.to_float", path_, ": tensor '", info.name, "' has type ", type_name(info.type),
+    fail("GgufFile.to_float", path_, ": tensor '", shown(info.name), "' has type ", type_name(info.type),
          ", which halo cannot dequantize");
   dequantize_rows(info.type, data(info), out, info.numel(), backend);
 }

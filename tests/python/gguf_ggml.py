@@ -85,23 +85,7 @@ def dequantize(blocks: np.ndarray, type: str, n: int) -> np.ndarray:
 
 
 def load_llama(path, **kwargs):
-    """llama_cpp.Llama for `path` with llama.cpp's extra (repacking) buffer types off.
+    """llama_cpp.Llama for `path` (halo.gguf_run.load_llama: llama.cpp's AMX repacking is off)."""
+    from halo.gguf_run import load_llama as load
 
-    The native build picks the AMX buffer type on this machine kind (AMX-INT8 CPUs) and its
-    OpenMP worker threads then die with SIGILL on `tileloadd` for Q4_0 / Q4_1 / Q8_0 weights;
-    the plain CPU buffers compute the same model."""
-    import llama_cpp
-    import llama_cpp.llama_cpp as lc
-
-    original = lc.llama_model_default_params
-
-    def without_extra_buffers():
-        params = original()
-        params.use_extra_bufts = False
-        return params
-
-    lc.llama_model_default_params = without_extra_buffers
-    try:
-        return llama_cpp.Llama(model_path=str(path), verbose=False, **kwargs)
-    finally:
-        lc.llama_model_default_params = original
+    return load(path, **kwargs)
