@@ -8,8 +8,9 @@
 // (the rows of the format table, include/halo/core/format.hpp, that have both
 // conversions; F16 and BF16 are written with ggml's NaN spelling).
 // `quantize_rows` gives exactly the bytes of the scalar reference rows in
-// gguf/quants.hpp (ggml's reference quantizer), using AVX-512 / AVX2 kernels
-// where they help, chosen by halo::resolve.
+// gguf/quants.hpp (ggml's reference quantizer), using the AVX-512 / AVX2 kernels
+// of Q8_0, Q4_0, Q5_0, Q4_K, Q5_K and Q6_K where the CPU has them, chosen by
+// halo::dispatch (tables "gguf.quantize_<type>" in halo.kernels()).
 #pragma once
 
 #include <cstdint>
