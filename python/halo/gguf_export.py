@@ -97,16 +97,17 @@ def _read_config(model: Path) -> dict[str, Any]:
     return config
 
 
-def _check_out(out: Path, model: Path, force: bool) -> None:
+def _check_out(out: Path, inputs: list[Path], force: bool) -> None:
     if out.is_dir():
         _fail(f"output {out} is a folder; give a file name such as model.gguf")
     if out.exists() and not force:
         _fail(f"output {out} exists (use --force to replace it)")
     resolved = out.resolve()
-    if model.resolve() in resolved.parents:
-        for f in model.iterdir():
-            if f.resolve() == resolved:
-                _fail(f"output {out} would overwrite a file of the model folder")
+    for folder in inputs:
+        if folder.resolve() in resolved.parents:
+            for f in folder.iterdir():
+                if f.resolve() == resolved:
+                    _fail(f"output {out} would overwrite {f.name} of the input folder {folder}")
 
 
 def _sources(model: Path, spec: ModelSpec) -> list[_Source]:
@@ -223,7 +224,11 @@ def export_gguf(
         _fail(f"model folder {model_dir} does not exist")
     config = _read_config(model_dir)
     spec = ModelSpec.from_config(config, str(model_dir / "config.json"))
-    _check_out(out_path, model_dir, force)
+    _check_out(
+        out_path,
+        [model_dir] + ([Path(adapter)] if adapter is not None and Path(adapter).is_dir() else []),
+        force,
+    )
     sources = _sources(model_dir, spec)
     lora, saved, fan = _lora_plan(adapter, sources) if adapter is not None else ({}, {}, False)
 

@@ -499,7 +499,7 @@ def test_export_errors_are_clear_and_leave_nothing(tmp_path, monkeypatch):
         halo.export_gguf(model, out, progress=False)
     with pytest.raises(ValueError, match="is a folder"):
         halo.export_gguf(model, tmp_path, progress=False)
-    with pytest.raises(ValueError, match="would overwrite a file of the model folder"):
+    with pytest.raises(ValueError, match="would overwrite model.safetensors of the input folder"):
         halo.export_gguf(model, model / "model.safetensors", progress=False, force=True)
     other = fx.tiny_model(tmp_path / "other", n_layer=1, hidden=512)
     adapter, _ = merge_fixtures.make_adapter(other, "plain", tmp_path / "a")
