@@ -122,11 +122,20 @@ def _merges(model: dict) -> list[str]:
     if isinstance(merges[0], str):
         return list(merges)
     out = []
+    escaped = chr(ord(" ") + 256)
     for pair in merges:
-        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(p, str) for p in pair)):
+        if not (
+            isinstance(pair, list)
+            and len(pair) == 2
+            and isinstance(pair[0], str)
+            and isinstance(pair[1], str)
+        ):
             _fail(f"tokenizer.json has a merge entry {pair!r}; expected 'a b' strings or [a, b] pairs")
+        a, b = pair
         # A literal space inside a merge part becomes U+0120 ('Ġ', space + 256), as llama.cpp's converter writes it.
-        out.append(" ".join("".join(chr(ord(c) + 256) if c == " " else c for c in part) for part in pair))
+        if " " in a or " " in b:
+            a, b = a.replace(" ", escaped), b.replace(" ", escaped)
+        out.append(f"{a} {b}")
     return out
 
 
