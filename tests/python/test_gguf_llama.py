@@ -179,9 +179,12 @@ def test_llama_cpp_runs_halo_exports_like_the_hf_model(
     assert (
         llm.tokenize(chat.encode(), add_bos=False, special=True)[0] == 1
     )  # <|im_start|> is one special token
-    out = llm("The capital of France is", max_tokens=8, temperature=0.0)["choices"][0]["text"]
-    assert out.strip(), "llama.cpp generated nothing"
     llm.close()
+    from halo.gguf_run import generate
+
+    out = generate(path, "The capital of France is", max_tokens=8)
+    assert out.strip(), "llama.cpp generated nothing"
+    assert generate(path, "What is 2 + 2?", max_tokens=8, chat=True).strip()
     logits = _llama_logits(path, ids)
     agree = float((logits.argmax(1) == hf_logits.argmax(1)).mean())
     ratio = _perplexity(logits, ids) / _perplexity(hf_logits, ids)
