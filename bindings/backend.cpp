@@ -1,5 +1,6 @@
 #include "bindings/registry.hpp"
 #include "halo/backend/backend.hpp"
+#include "halo/backend/dispatch.hpp"
 #include "halo/core/parallel.hpp"
 
 namespace halo::bindings {
@@ -17,6 +18,15 @@ void bind(py::module_& m) {
   m.def("unavailable_reason", [](const std::string& name) { return backend_unavailable_reason(parse_backend(name)); },
         py::arg("name"));
   m.def("num_threads", &num_threads);
+  m.def("kernels", [] {
+    py::dict out;
+    for (const KernelInventoryEntry& entry : kernel_inventory()) {
+      std::vector<std::string> names;
+      for (Backend b : entry.backends) names.emplace_back(backend_name(b));
+      out[py::str(entry.op)] = names;
+    }
+    return out;
+  }, "Every registered kernel table: operation -> backends it has an implementation for.");
 }
 
 Registrar registrar("backend", bind);

@@ -3,7 +3,6 @@
 #include <memory>
 
 #include "bindings/registry.hpp"
-#include "halo/io/convert.hpp"
 #include "halo/io/safetensors.hpp"
 
 namespace halo::bindings {
@@ -11,22 +10,12 @@ namespace {
 
 using halo::io::SafetensorsFile;
 using halo::io::SafetensorsWriter;
-using halo::io::StDType;
 
-// NumPy dtype holding a safetensors dtype's bytes (bfloat16 and float8 as raw bits).
-py::dtype numpy_dtype(StDType d) {
-  switch (d) {
-    case StDType::F64: return py::dtype("float64");
-    case StDType::F32: return py::dtype("float32");
-    case StDType::F16: return py::dtype("float16");
-    case StDType::BF16: return py::dtype("uint16");
-    case StDType::I64: return py::dtype("int64");
-    case StDType::I32: return py::dtype("int32");
-    case StDType::I16: return py::dtype("int16");
-    case StDType::I8: return py::dtype("int8");
-    case StDType::BOOL: return py::dtype("bool");
-    default: return py::dtype("uint8");
-  }
+// NumPy dtype holding a tensor's bytes (bfloat16 and float8 as raw bits).
+py::dtype numpy_dtype(Format format) {
+  if (format == Format::bf16) return py::dtype("uint16");
+  if (is_float(format) && element_size(format) == 1) return py::dtype("uint8");
+  return py::dtype(std::string(traits(format).numpy));
 }
 
 py::array view_tensor(const std::shared_ptr<SafetensorsFile>& file, const std::string& name) {
@@ -40,42 +29,39 @@ py::array view_tensor(const std::shared_ptr<SafetensorsFile>& file, const std::s
   return out;
 }
 
-// F32/F16/BF16/F64 <-> float32 (halo::io::convert_*), for the merge's float32 working copies.
-StDType float_dtype(const char* fn, const std::string& dtype) {
-  const StDType d = halo::io::parse_dtype_name(dtype);
-  require(halo::io::is_float_dtype(d), fn, "dtype must be F32, F16, BF16 or F64, got ", dtype);
-  return d;
-}
-
+// Whole-tensor conversions for the merge's float32 working copies (NumPy has no
+// bfloat16 and its casts are single-threaded): the format table's row codecs.
 py::array to_float32(const py::buffer& data, const std::string& dtype) {
   const char* fn = "to_float32";
-  const StDType d = float_dtype(fn, dtype);
-  const BufferView v = contiguous_view(fn, "data", data, halo::io::dtype_size(d));
+  const Format format = parse_safetensors_dtype(fn, dtype);
+  require(is_float(format) && row_codec(format).to_float, fn, "dtype must be a float dtype, got ", dtype);
+  const BufferView v = typed_view(fn, "data", data, format);
   py::array_t<float> out(v.count);
   float* dst = out.mutable_data();
   {
     py::gil_scoped_release release;
-    halo::io::convert_to_float32(v.data, d, v.count, dst);
+    to_float(format, v.data, dst, v.count);
   }
   return out;
 }
 
 py::array from_float32(const py::buffer& data, const std::string& dtype) {
   const char* fn = "from_float32";
-  const StDType d = float_dtype(fn, dtype);
-  const BufferView v = contiguous_view(fn, "data", data, 4);
-  py::array out(numpy_dtype(d), std::vector<py::ssize_t>{py::ssize_t(v.count)});
+  const Format format = parse_safetensors_dtype(fn, dtype);
+  require(is_float(format) && row_codec(format).from_float, fn, "dtype must be F32, F16, BF16 or F64, got ", dtype);
+  const BufferView v = typed_view(fn, "data", data, Format::f32);
+  py::array out(numpy_dtype(format), std::vector<py::ssize_t>{py::ssize_t(v.count)});
   void* dst = out.mutable_data();
   {
     py::gil_scoped_release release;
-    halo::io::convert_from_float32(static_cast<const float*>(v.data), v.count, d, dst);
+    from_float(format, static_cast<const float*>(v.data), dst, v.count);
   }
   return out;
 }
 
 void bind(py::module_& m) {
   m.def("to_float32", &to_float32, py::arg("data"), py::arg("dtype"),
-        "Flat float32 copy of F32/F16/BF16(uint16 bits)/F64 data.");
+        "Flat float32 copy of float data (F32, F16, BF16 as uint16 bits, F64, F8 as uint8 bits).");
   m.def("from_float32", &from_float32, py::arg("data"), py::arg("dtype"),
         "Flat F32/F16/BF16(uint16 bits)/F64 copy of float32 data (round to nearest even).");
   py::class_<SafetensorsFile, std::shared_ptr<SafetensorsFile>>(m, "SafetensorsFile",
@@ -126,12 +112,12 @@ void bind(py::module_& m) {
                        const std::map<std::string, std::string>& metadata, bool durable) {
              std::vector<halo::io::TensorSpec> out;
              for (const auto& [name, dtype, shape] : specs)
-               out.push_back({name, halo::io::parse_dtype_name(dtype), shape});
+               out.push_back({name, parse_safetensors_dtype("SafetensorsWriter", dtype), shape});
              return std::make_unique<SafetensorsWriter>(path, std::move(out), metadata, durable);
            }),
            py::arg("path"), py::arg("specs"), py::arg("metadata"), py::arg("durable") = true)
       .def("write", [](SafetensorsWriter& w, const std::string& name, const py::buffer& data) {
-        const BufferView view = contiguous_view("SafetensorsWriter.write", name, data, data.request().itemsize);
+        const BufferView view = byte_view("SafetensorsWriter.write", name, data);
         const uint64_t nbytes = uint64_t(view.count) * uint64_t(view.info.itemsize);
         py::gil_scoped_release release;
         w.write(name, view.data, nbytes);

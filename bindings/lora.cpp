@@ -3,6 +3,7 @@
 // arrays (all of one type); the base weight as a flat buffer described by
 // base_dtype ("float32", "float16", "bfloat16" (uint16 bits), "float64") or,
 // for a 4-bit base ("nf4" / "fp4"), packed codes plus float32 absmax.
+#include <cmath>
 #include <optional>
 
 #include "bindings/registry.hpp"
@@ -13,7 +14,6 @@
 namespace halo::bindings {
 namespace {
 
-using lora::BaseStorage;
 using lora::BaseWeight;
 
 int64_t element_count(const py::array& array) {
@@ -28,6 +28,7 @@ const Scalar* scalar_data(const char* fn, const char* what, const py::array& arr
   const char* type_name = std::is_same_v<Scalar, float> ? "float32" : "float64";
   require<TypeMismatch>(array.dtype().kind() == 'f' && array.itemsize() == sizeof(Scalar), fn, what, " must be ",
                         type_name, " like x, got ", std::string(py::str(array.dtype())));
+  require<TypeMismatch>(array.dtype().byteorder() != '>', fn, what, " is big-endian; convert it to native byte order");
   require(array.flags() & py::array::c_style, fn, what, " must be C-contiguous");
   require(element_count(array) == expected, fn, what, " holds ", element_count(array), " elements, expected ",
           expected);
@@ -45,35 +46,25 @@ BaseWeight make_base(const char* fn, const py::buffer& weight, const std::string
   base.fan_in_fan_out = fan_in_fan_out;
   base.backend = parse_backend(backend);
   const int64_t n = out_features * in_features;
-  if (base_dtype == "nf4" || base_dtype == "fp4") {
-    base.storage = BaseStorage::quant4;
-    base.quant_type = base_dtype == "nf4" ? QuantType::nf4 : QuantType::fp4;
-    require(valid_blocksize(blocksize), fn, "blocksize must be a power of two in 32..4096, got ", blocksize);
+  const auto format = format_from_name(base_dtype);
+  if (format && is_bnb4(*format)) {
+    check_bnb4(fn, *format, blocksize);
+    base.storage = *format;
     base.blocksize = blocksize;
-    const BufferView codes = contiguous_view(fn, "packed", weight, 1);
+    const BufferView codes = typed_view(fn, "packed", weight, Format::u8);
     require(codes.count == packed_size(n), fn, "packed holds ", codes.count, " bytes, expected ", packed_size(n));
     require(absmax.has_value(), fn, "a 4-bit base needs absmax");
-    const BufferView scales = contiguous_view(fn, "absmax", *absmax, 4);
+    const BufferView scales = typed_view(fn, "absmax", *absmax, Format::f32);
     require(scales.count == num_blocks(n, blocksize), fn, "absmax holds ", scales.count, " values, expected ",
             num_blocks(n, blocksize));
     base.packed = static_cast<const uint8_t*>(codes.data);
     base.absmax = static_cast<const float*>(scales.data);
     return base;
   }
-  int64_t itemsize = 0;
-  if (base_dtype == "float32") {
-    base.storage = BaseStorage::float32, itemsize = 4;
-  } else if (base_dtype == "float16") {
-    base.storage = BaseStorage::float16, itemsize = 2;
-  } else if (base_dtype == "bfloat16") {
-    base.storage = BaseStorage::bfloat16, itemsize = 2;
-  } else if (base_dtype == "float64") {
-    base.storage = BaseStorage::float64, itemsize = 8;
-  } else {
-    fail<TypeMismatch>(fn, "base dtype must be float32, float16, bfloat16, float64, nf4 or fp4, got '", base_dtype,
-                       "'");
-  }
-  const BufferView view = contiguous_view(fn, "base", weight, itemsize);
+  require<TypeMismatch>(format && (is_kernel_float(*format) || *format == Format::f64), fn,
+                        "base dtype must be float32, float16, bfloat16, float64, nf4 or fp4, got '", base_dtype, "'");
+  base.storage = *format;
+  const BufferView view = typed_view(fn, "base", weight, *format);
   require(view.count == n, fn, "base holds ", view.count, " elements, expected ", n);
   base.data = view.data;
   return base;
@@ -185,8 +176,8 @@ void bind(py::module_& m) {
       [](const py::buffer& weight, const std::string& dtype_name, int64_t out_features, int64_t in_features,
          const py::array& lora_a, const py::array& lora_b, double scaling, bool fan_in_fan_out, bool subtract) {
         const char* fn = subtract ? "unmerge" : "merge";
-        const DType dtype = parse_dtype(fn, dtype_name);
-        const BufferView view = contiguous_view(fn, "W", weight, dtype_size(dtype));
+        const Format dtype = parse_kernel_float(fn, dtype_name);
+        const BufferView view = typed_view(fn, "W", weight, dtype);
         require(out_features > 0 && in_features > 0, fn, "weight shape must be positive");
         require(view.count == out_features * in_features, fn, "W holds ", view.count, " elements, expected ",
                 out_features * in_features);
@@ -194,31 +185,14 @@ void bind(py::module_& m) {
         const int64_t rank = lora_a.shape(0);
         const float* a_ptr = scalar_data<float>(fn, "lora_A", lora_a, rank * in_features);
         const float* b_ptr = scalar_data<float>(fn, "lora_B", lora_b, out_features * rank);
-        const int64_t n = view.count;
-        py::array out = new_array(dtype, n);
-        void* out_ptr = out.mutable_data();
         const float scale = static_cast<float>(scaling);
+        require(std::isfinite(scale), fn, "scaling ", scaling, " is not finite in float32");
+        py::array out = new_array(dtype, view.count);
+        void* out_ptr = out.mutable_data();
         {
           py::gil_scoped_release release;
-          if (dtype == DType::f32) {
-            std::copy_n(static_cast<const float*>(view.data), n, static_cast<float*>(out_ptr));
-            lora::merge_inplace(static_cast<float*>(out_ptr), out_features, in_features, a_ptr, b_ptr, rank, scale,
-                                fan_in_fan_out, subtract);
-          } else {
-            // PEFT on the CPU: delta in float32, rounded to the weight's dtype,
-            // then W +/- delta computed in float32 and rounded once.
-            std::vector<float> delta(n);
-            lora::delta_weight(delta.data(), out_features, in_features, a_ptr, b_ptr, rank, scale, fan_in_fan_out);
-            const auto* src = static_cast<const uint16_t*>(view.data);
-            auto* dst = static_cast<uint16_t*>(out_ptr);
-            const bool half = dtype == DType::f16;
-            for (int64_t i = 0; i < n; ++i) {
-              const float w = half ? f16_to_float(src[i]) : bf16_to_float(src[i]);
-              const float d = half ? f16_to_float(float_to_f16(delta[i])) : bf16_to_float(float_to_bf16(delta[i]));
-              const float sum = subtract ? w - d : w + d;
-              dst[i] = half ? float_to_f16(sum) : float_to_bf16(sum);
-            }
-          }
+          lora::merge_weight(view.data, dtype, out_ptr, out_features, in_features, a_ptr, b_ptr, rank, scale,
+                             fan_in_fan_out, subtract);
         }
         return out;
       },

@@ -14,33 +14,65 @@ std::map<std::string, Binder>& registry() {
 
 Registrar::Registrar(const char* area, Binder binder) { registry()[area] = binder; }
 
-DType parse_dtype(const std::string& function, const std::string& name) {
-  if (name == "float32") return DType::f32;
-  if (name == "float16") return DType::f16;
-  if (name == "bfloat16") return DType::bf16;
-  fail<TypeMismatch>(function, "unsupported dtype '", name, "'; expected float32, float16 or bfloat16");
+namespace {
+
+// The format character without a byte-order prefix; '>' and '!' (big-endian) are
+// refused because every kernel reads native little-endian data.
+std::string bare_format(const std::string& function, const std::string& what, const std::string& format) {
+  if (!format.empty() && (format[0] == '>' || format[0] == '!'))
+    fail<TypeMismatch>(function, what, " is big-endian (buffer format '", format,
+                       "'); convert it to native byte order first (e.g. array.astype(array.dtype.newbyteorder('=')))");
+  if (!format.empty() && (format[0] == '<' || format[0] == '=' || format[0] == '@')) return format.substr(1);
+  return format;
 }
 
-BufferView contiguous_view(const std::string& function, const std::string& what, const py::buffer& buffer,
-                           int64_t expected_itemsize) {
-  py::buffer_info info = buffer.request();
-  require<TypeMismatch>(info.itemsize == expected_itemsize, function, what, " must have ", expected_itemsize,
-                        "-byte elements, got ", info.itemsize, "-byte elements (format '", info.format, "')");
+void check_contiguous(const std::string& function, const std::string& what, const py::buffer_info& info) {
   int64_t stride = info.itemsize;
   for (int64_t d = info.ndim - 1; d >= 0; --d) {
     require(info.shape[d] == 1 || info.strides[d] == stride, function, what, " must be C-contiguous");
     stride *= info.shape[d];
   }
-  return BufferView{info.ptr, info.size, std::move(info)};
 }
 
-py::array new_array(DType dtype, int64_t count) {
-  switch (dtype) {
-    case DType::f32: return py::array_t<float>(count);
-    case DType::f16: return py::array(py::dtype("float16"), std::vector<py::ssize_t>{py::ssize_t(count)});
-    case DType::bf16: return py::array_t<uint16_t>(count);
-  }
-  return {};
+}  // namespace
+
+BufferView typed_view(const std::string& function, const std::string& what, const py::buffer& buffer,
+                      Format expected, bool writable) {
+  py::buffer_info info = buffer.request(writable);
+  const FormatTraits& t = traits(expected);
+  const std::string format = bare_format(function, what, info.format);
+  const bool known = format.size() == 1 && t.buffer.find(format[0]) != std::string_view::npos;
+  require<TypeMismatch>(known && info.itemsize == t.block_bytes && t.block_elems == 1, function, what,
+                        " must hold ", t.name, " elements, got buffer format '", info.format, "' with ",
+                        info.itemsize, "-byte items");
+  if (writable) require(!info.readonly, function, what, " is read-only");
+  check_contiguous(function, what, info);
+  return BufferView{info.ptr, int64_t(info.size), std::move(info)};
+}
+
+BufferView byte_view(const std::string& function, const std::string& what, const py::buffer& buffer) {
+  py::buffer_info info = buffer.request();
+  bare_format(function, what, info.format);
+  check_contiguous(function, what, info);
+  return BufferView{info.ptr, int64_t(info.size), std::move(info)};
+}
+
+BufferView contiguous_view(const std::string& function, const std::string& what, const py::buffer& buffer,
+                           int64_t expected_itemsize) {
+  BufferView view = byte_view(function, what, buffer);
+  require<TypeMismatch>(view.info.itemsize == expected_itemsize, function, what, " must have ", expected_itemsize,
+                        "-byte elements, got ", view.info.itemsize, "-byte elements (format '", view.info.format,
+                        "')");
+  return view;
+}
+
+py::array new_array(Format format, int64_t count) {
+  const FormatTraits& t = traits(format);
+  require(t.block_elems == 1, "new_array", "format ", t.name, " is not an element format");
+  const std::string numpy = format == Format::bf16 ? "uint16" : t.kind == FormatKind::floating && t.block_bytes == 1
+                                                                   ? "uint8"
+                                                                   : std::string(t.numpy);
+  return py::array(py::dtype(numpy), std::vector<py::ssize_t>{py::ssize_t(count)});
 }
 
 }  // namespace halo::bindings
@@ -54,6 +86,8 @@ PYBIND11_MODULE(_core, m) {
     } catch (const halo::TypeMismatch& e) {
       PyErr_SetString(PyExc_TypeError, e.what());
     } catch (const halo::FormatError& e) {
+      PyErr_SetString(PyExc_ValueError, e.what());
+    } catch (const halo::InvalidArgument& e) {
       PyErr_SetString(PyExc_ValueError, e.what());
     } catch (const halo::BackendUnavailable& e) {
       PyErr_SetString(PyExc_RuntimeError, e.what());

@@ -2,16 +2,11 @@
 
 #include "bindings/registry.hpp"
 #include "halo/core/reduce.hpp"
+#include "halo/quant/codebook4.hpp"
 #include "halo/quant/quant4.hpp"
 
 namespace halo::bindings {
 namespace {
-
-QuantType parse_quant_type(const std::string& function, const std::string& name) {
-  if (name == "nf4") return QuantType::nf4;
-  if (name == "fp4") return QuantType::fp4;
-  fail(function, "quant_type must be 'nf4' or 'fp4', got '", name, "'");
-}
 
 py::array_t<float> float_array(const float* data, size_t count) {
   py::array_t<float> out(count);
@@ -25,12 +20,12 @@ void bind(py::module_& m) {
       [](const py::buffer& input, const std::string& dtype_name, const std::string& quant_type, int64_t blocksize,
          const std::string& backend) {
         const char* fn = "quantize_4bit";
-        const DType dtype = parse_dtype(fn, dtype_name);
-        const BufferView view = contiguous_view(fn, "input", input, dtype_size(dtype));
-        const QuantType type = parse_quant_type(fn, quant_type);
+        const Format dtype = parse_kernel_float(fn, dtype_name);
+        const BufferView view = typed_view(fn, "input", input, dtype);
+        const Format type = parse_bnb4(fn, quant_type);
         const Backend chosen = parse_backend(backend);
         require(view.count > 0, fn, "the tensor is empty");
-        require(valid_blocksize(blocksize), fn, "blocksize must be a power of two in 32..4096, got ", blocksize);
+        check_bnb4(fn, type, blocksize);
         py::array_t<uint8_t> packed(packed_size(view.count));
         py::array_t<float> absmax(num_blocks(view.count, blocksize));
         uint8_t* packed_ptr = packed.mutable_data();
@@ -49,13 +44,13 @@ void bind(py::module_& m) {
       [](const py::buffer& packed, const py::buffer& absmax, int64_t n, const std::string& quant_type,
          int64_t blocksize, const std::string& dtype_name, const std::string& backend, std::optional<py::buffer> out) {
         const char* fn = "dequantize_4bit";
-        const DType dtype = parse_dtype(fn, dtype_name);
-        const QuantType type = parse_quant_type(fn, quant_type);
+        const Format dtype = parse_kernel_float(fn, dtype_name);
+        const Format type = parse_bnb4(fn, quant_type);
         const Backend chosen = parse_backend(backend);
-        const BufferView codes = contiguous_view(fn, "packed", packed, 1);
-        const BufferView scales = contiguous_view(fn, "absmax", absmax, 4);
+        const BufferView codes = typed_view(fn, "packed", packed, Format::u8);
+        const BufferView scales = typed_view(fn, "absmax", absmax, Format::f32);
         require(n > 0, fn, "element count must be positive, got ", n);
-        require(valid_blocksize(blocksize), fn, "blocksize must be a power of two in 32..4096, got ", blocksize);
+        check_bnb4(fn, type, blocksize);
         require(codes.count == packed_size(n), fn, "packed holds ", codes.count, " bytes, expected ",
                 packed_size(n), " for ", n, " elements");
         require(scales.count == num_blocks(n, blocksize), fn, "absmax holds ", scales.count, " values, expected ",
@@ -63,11 +58,9 @@ void bind(py::module_& m) {
         py::object result;
         void* out_ptr = nullptr;
         if (out) {
-          py::buffer_info info = out->request(/*writable=*/true);
-          require(!info.readonly, fn, "out is read-only");
-          BufferView target = contiguous_view(fn, "out", *out, dtype_size(dtype));
+          BufferView target = typed_view(fn, "out", *out, dtype, /*writable=*/true);
           require(target.count == n, fn, "out holds ", target.count, " elements, expected ", n);
-          out_ptr = const_cast<void*>(target.data);
+          out_ptr = target.data;
           result = *out;
         } else {
           py::array fresh = new_array(dtype, n);
@@ -89,7 +82,7 @@ void bind(py::module_& m) {
       "double_quantize",
       [](const py::buffer& absmax, int64_t nested_blocksize, std::optional<float> offset, int mean_threads) {
         const char* fn = "double_quantize";
-        const BufferView view = contiguous_view(fn, "absmax", absmax, 4);
+        const BufferView view = typed_view(fn, "absmax", absmax, Format::f32);
         require(mean_threads >= 1, fn, "mean_threads must be >= 1, got ", mean_threads);
         NestedAbsmax nested;
         {
@@ -108,8 +101,8 @@ void bind(py::module_& m) {
       "double_dequantize",
       [](const py::buffer& codes, const py::buffer& nested_absmax, float offset, int64_t nested_blocksize) {
         const char* fn = "double_dequantize";
-        const BufferView code_view = contiguous_view(fn, "codes", codes, 1);
-        const BufferView scale_view = contiguous_view(fn, "nested_absmax", nested_absmax, 4);
+        const BufferView code_view = typed_view(fn, "codes", codes, Format::u8);
+        const BufferView scale_view = typed_view(fn, "nested_absmax", nested_absmax, Format::f32);
         require(nested_blocksize > 0, fn, "nested_blocksize must be positive, got ", nested_blocksize);
         require(scale_view.count == num_blocks(code_view.count, nested_blocksize), fn, "nested_absmax holds ",
                 scale_view.count, " values, expected ", num_blocks(code_view.count, nested_blocksize));
@@ -127,7 +120,7 @@ void bind(py::module_& m) {
       py::arg("codes"), py::arg("nested_absmax"), py::arg("offset"), py::arg("nested_blocksize") = 256);
 
   m.def("code_book", [](const std::string& quant_type) {
-    const Format4& f = format4(parse_quant_type("code_book", quant_type));
+    const Codebook4& f = codebook4(parse_bnb4("code_book", quant_type));
     return float_array(f.code.data(), 16);
   }, py::arg("quant_type"), "The 16 float32 values of a 4-bit format, indexed by code (bitsandbytes' quant_map).");
   m.def("dynamic_map", [] { return float_array(kDynamicMapSigned.data(), 256); },
@@ -135,7 +128,7 @@ void bind(py::module_& m) {
   m.def(
       "torch_mean_f32",
       [](const py::buffer& values, int num_threads) {
-        const BufferView view = contiguous_view("torch_mean_f32", "values", values, 4);
+        const BufferView view = typed_view("torch_mean_f32", "values", values, Format::f32);
         return torch_mean_f32(static_cast<const float*>(view.data), view.count, num_threads);
       },
       py::arg("values"), py::arg("num_threads") = 1,

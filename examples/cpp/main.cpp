@@ -14,10 +14,10 @@ int main() {
   std::normal_distribution<float> normal(0.0f, 0.02f);
   for (float& w : weight) w = normal(rng);
 
-  halo::Quantized4 q = halo::quantize_4bit(weight.data(), halo::DType::f32, {rows, cols}, halo::QuantType::nf4,
+  halo::Quantized4 q = halo::quantize_4bit(weight.data(), halo::Format::f32, {rows, cols}, halo::Format::nf4,
                                            64, /*double_quant=*/true);
   std::vector<float> restored(weight.size());
-  halo::dequantize_4bit(q, restored.data(), halo::DType::f32);
+  halo::dequantize_4bit(q, restored.data(), halo::Format::f32);
 
   const std::vector<float> absmax = q.block_absmax();
   double worst = 0.0;

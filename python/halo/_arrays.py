@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+from .formats import KERNEL_FLOATS as FLOAT_DTYPES
 
 
 @dataclass
@@ -40,11 +40,17 @@ def flatten_float(function: str, value: Any) -> Flat:
     if is_torch_tensor(value):
         torch = _torch()
         tensor = value.detach()
+        if tensor.layout != torch.strided:
+            raise TypeError(
+                f"[{function}] expected a dense tensor, got layout {tensor.layout}; call .to_dense() first"
+            )
         if tensor.device.type != "cpu":
             tensor = tensor.cpu()
         names = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
         if tensor.dtype not in names:
-            raise TypeError(f"[{function}] expected a float32, float16 or bfloat16 tensor, got {tensor.dtype}")
+            raise TypeError(
+                f"[{function}] expected a float32, float16 or bfloat16 tensor, got {tensor.dtype}"
+            )
         tensor = tensor.contiguous()
         dtype = names[tensor.dtype]
         flat = tensor.reshape(-1)
@@ -53,8 +59,13 @@ def flatten_float(function: str, value: Any) -> Flat:
     if isinstance(value, np.ndarray):
         name = value.dtype.name
         if name not in FLOAT_DTYPES:
-            raise TypeError(f"[{function}] expected a float32, float16 or bfloat16 array, got dtype {value.dtype}")
-        array = np.ascontiguousarray(value)
+            raise TypeError(
+                f"[{function}] expected a float32, float16 or bfloat16 array, got dtype {value.dtype}"
+            )
+        # Kernels read native (little-endian) data: a big-endian array is converted, not misread.
+        array = np.ascontiguousarray(
+            value if value.dtype.isnative else value.astype(value.dtype.newbyteorder("="))
+        )
         data = array.reshape(-1)
         if name == "bfloat16":  # ml_dtypes.bfloat16
             data = data.view(np.uint16)
@@ -62,12 +73,26 @@ def flatten_float(function: str, value: Any) -> Flat:
     raise TypeError(f"[{function}] expected a NumPy array or a torch tensor, got {type(value).__name__}")
 
 
+def float_dtype_name(function: str, dtype: Any) -> str:
+    """ "float32" / "float16" / "bfloat16" from a name, a NumPy dtype or type, or a torch dtype."""
+    if isinstance(dtype, str):
+        name = dtype.removeprefix("torch.")
+    else:
+        try:
+            name = np.dtype(dtype).name  # np.float32, np.dtype("float16"), ml_dtypes.bfloat16
+        except TypeError:
+            name = str(dtype).removeprefix("torch.")  # torch.bfloat16
+    if name not in FLOAT_DTYPES:
+        raise TypeError(f"[{function}] dtype must be float32, float16 or bfloat16, got {dtype!r}")
+    return name
+
+
 def restore(flat: np.ndarray, dtype: str, shape: tuple[int, ...], kind: str) -> Any:
     """Turns core output (bfloat16 as uint16 bits) into the kind the user gave."""
     if kind == "torch":
         torch = _torch()
         if torch is None:
-            import torch  # noqa: F811  (the caller gave torch once; it must be importable)
+            import torch
         if dtype == "bfloat16":
             return torch.from_numpy(flat.view(np.int16)).view(torch.bfloat16).reshape(shape)
         return torch.from_numpy(flat).reshape(shape)
@@ -77,5 +102,7 @@ def restore(flat: np.ndarray, dtype: str, shape: tuple[int, ...], kind: str) -> 
 
             return flat.view(ml_dtypes.bfloat16).reshape(shape)
         except ImportError as error:
-            raise TypeError("bfloat16 NumPy output needs the ml_dtypes package; ask for float32 instead") from error
+            raise TypeError(
+                "bfloat16 NumPy output needs the ml_dtypes package; ask for float32 instead"
+            ) from error
     return flat.reshape(shape)

@@ -100,10 +100,10 @@ def _torch():
     return torch
 
 
-def _shape(value: Any) -> tuple[int, ...]:
-    if isinstance(value, QuantizedTensor):
+def _shape(fn: str, value: Any) -> tuple[int, ...]:
+    if isinstance(value, QuantizedTensor) or isinstance(value, np.ndarray) or is_torch_tensor(value):
         return tuple(value.shape)
-    return tuple(value.shape)
+    raise TypeError(f"[{fn}] W must be a NumPy array, a torch tensor or a QuantizedTensor, got {type(value).__name__}")
 
 
 def _check_adapter_shapes(
@@ -171,7 +171,7 @@ def _merge(fn: str, W: Any, A: Any, B: Any, scaling: Any, fan_in_fan_out: bool, 
     a = _as_numpy(fn, "lora_A", A, np.float32)
     b = _as_numpy(fn, "lora_B", B, np.float32)
     out_features, in_features, _ = _check_adapter_shapes(
-        fn, _shape(W), a.shape, b.shape, bool(fan_in_fan_out)
+        fn, _shape(fn, W), a.shape, b.shape, bool(fan_in_fan_out)
     )
     if isinstance(W, QuantizedTensor):
         return _merge_4bit(fn, W, a, b, scaling, bool(fan_in_fan_out), subtract, out_features, in_features)
@@ -356,6 +356,8 @@ def lora_backward(
     check_backend(fn, backend)
     info, a, b, out_features, in_features = _kernel_args(fn, base, A, B, x_dtype, bool(fan_in_fan_out))
     rows = _as_rows(fn, x, in_features)
+    if not isinstance(grad_y, np.ndarray):
+        raise TypeError(f"[{fn}] grad_y must be a NumPy array like x, got {type(grad_y).__name__}")
     if grad_y.shape != (*x.shape[:-1], out_features):
         raise ValueError(f"[{fn}] grad_y has shape {grad_y.shape}, expected {(*x.shape[:-1], out_features)}")
     dy = np.ascontiguousarray(grad_y, dtype=x_dtype).reshape(-1, out_features)
@@ -387,4 +389,6 @@ def _float_kind(fn: str, x: Any) -> type:
         return np.float32
     if x.dtype == np.float64:
         return np.float64
+    if not x.dtype.isnative:
+        raise TypeError(f"[{fn}] x is big-endian ({x.dtype.str}); convert it to native byte order")
     raise TypeError(f"[{fn}] x must be float32 or float64, got dtype {x.dtype}")

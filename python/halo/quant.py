@@ -18,23 +18,25 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from . import _core
-from ._arrays import FLOAT_DTYPES, flatten_float, is_torch_tensor, restore
+from ._arrays import FLOAT_DTYPES, flatten_float, float_dtype_name, is_torch_tensor, restore
 from .backend import check_backend
+from .formats import BNB4_BLOCKSIZES as BLOCKSIZES
+from .formats import BNB4_TYPES as QUANT_TYPES
 
-QUANT_TYPES = ("nf4", "fp4")
-BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256
 
 
 def _check_quant_type(function: str, quant_type: Any) -> str:
-    if quant_type not in QUANT_TYPES:
-        raise ValueError(f"[{function}] quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
+    if not isinstance(quant_type, str) or quant_type not in QUANT_TYPES:
+        raise ValueError(f"[{function}] quant_type must be one of {', '.join(QUANT_TYPES)}, got {quant_type!r}")
     return quant_type
 
 
 def _check_blocksize(function: str, blocksize: Any) -> int:
     if isinstance(blocksize, bool) or not isinstance(blocksize, (int, np.integer)) or int(blocksize) not in BLOCKSIZES:
-        raise ValueError(f"[{function}] blocksize must be a power of two in 32..4096, got {blocksize!r}")
+        raise ValueError(
+            f"[{function}] blocksize must be a power of two in {BLOCKSIZES[0]}..{BLOCKSIZES[-1]}, got {blocksize!r}"
+        )
     return int(blocksize)
 
 
@@ -284,9 +286,11 @@ def dequantize_4bit(
     if not isinstance(qt, QuantizedTensor):
         raise TypeError(f"[{fn}] expected a QuantizedTensor, got {type(qt).__name__}")
     check_backend(fn, backend)
+    if out is not None and not (is_torch_tensor(out) or isinstance(out, np.ndarray)):
+        raise TypeError(f"[{fn}] out must be a NumPy array or a torch tensor, got {type(out).__name__}")
     if out is not None and dtype is None:
-        dtype = str(out.dtype).replace("torch.", "")
-    dtype = _dtype_name(fn, dtype if dtype is not None else qt.dtype)
+        dtype = out.dtype
+    dtype = float_dtype_name(fn, dtype if dtype is not None else qt.dtype)
     if out is not None:
         target = _writable_flat(fn, out, dtype, qt.numel)
         _core.quant.dequantize_4bit(
@@ -318,6 +322,8 @@ def _writable_flat(function: str, out: Any, dtype: str, numel: int) -> np.ndarra
         flat = out.reshape(-1)
         array = flat.view(torch.int16).numpy() if dtype == "bfloat16" else flat.numpy()
     elif isinstance(out, np.ndarray):
+        if not out.dtype.isnative:
+            raise TypeError(f"[{function}] out is big-endian ({out.dtype.str}); give a native-order array")
         if not out.flags.c_contiguous or not out.flags.writeable:
             raise ValueError(f"[{function}] out must be a writeable C-contiguous array")
         if out.dtype.name != dtype:
@@ -328,10 +334,3 @@ def _writable_flat(function: str, out: Any, dtype: str, numel: int) -> np.ndarra
     if array.size != numel:
         raise ValueError(f"[{function}] out holds {array.size} elements, expected {numel}")
     return array
-
-
-def _dtype_name(function: str, dtype: Any) -> str:
-    name = str(dtype).replace("torch.", "")
-    if name not in FLOAT_DTYPES:
-        raise TypeError(f"[{function}] dtype must be float32, float16 or bfloat16, got {dtype!r}")
-    return name

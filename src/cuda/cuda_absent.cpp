@@ -13,8 +13,8 @@ namespace {
 bool compiled() { return false; }
 std::string unavailable_reason() { return "halo was built without CUDA"; }
 
-void quantize_4bit(const void*, DType, int64_t, int, int64_t, uint8_t*, float*) { absent("cuda::quantize_4bit"); }
-void dequantize_4bit(const uint8_t*, const float*, int64_t, int, int64_t, void*, DType) {
+void quantize_4bit(const void*, Format, int64_t, Format, int64_t, uint8_t*, float*) { absent("cuda::quantize_4bit"); }
+void dequantize_4bit(const uint8_t*, const float*, int64_t, Format, int64_t, void*, Format) {
   absent("cuda::dequantize_4bit");
 }
 

@@ -6,7 +6,7 @@
 #include <cstdint>
 #include <string>
 
-#include "halo/core/dtype.hpp"
+#include "halo/core/convert.hpp"
 
 namespace halo::cuda {
 
@@ -15,9 +15,9 @@ bool compiled();
 std::string unavailable_reason();
 
 // Host pointers in, host pointers out; the device copies are internal.
-void quantize_4bit(const void* input, DType dtype, int64_t n, int quant_type, int64_t blocksize,
+void quantize_4bit(const void* input, Format dtype, int64_t n, Format type, int64_t blocksize,
                    uint8_t* packed, float* absmax);
-void dequantize_4bit(const uint8_t* packed, const float* absmax, int64_t n, int quant_type,
-                     int64_t blocksize, void* output, DType dtype);
+void dequantize_4bit(const uint8_t* packed, const float* absmax, int64_t n, Format type,
+                     int64_t blocksize, void* output, Format dtype);
 
 }  // namespace halo::cuda

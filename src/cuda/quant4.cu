@@ -18,7 +18,7 @@ void check(cudaError_t status, const char* function, const char* what) {
 }
 
 // One thread per block: blocks are small (32..4096 elements) and many.
-__global__ void quantize_kernel(Format4 format, const void* input, DType dtype, int64_t n, int64_t blocksize,
+__global__ void quantize_kernel(Codebook4 format, const void* input, Format dtype, int64_t n, int64_t blocksize,
                                 uint8_t* packed, float* absmax) {
   const int64_t block = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t begin = block * blocksize;
@@ -27,8 +27,8 @@ __global__ void quantize_kernel(Format4 format, const void* input, DType dtype, 
   quantize4_block(format, input, dtype, begin, end, end - begin < blocksize, packed, absmax + block);
 }
 
-__global__ void dequantize_kernel(Format4 format, const uint8_t* packed, const float* absmax, int64_t n,
-                                  int64_t blocksize, void* output, DType dtype) {
+__global__ void dequantize_kernel(Codebook4 format, const uint8_t* packed, const float* absmax, int64_t n,
+                                  int64_t blocksize, void* output, Format dtype) {
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
     store_from_float(output, dtype, i, dequantize4_value(format, packed, absmax, blocksize, i));
@@ -58,37 +58,37 @@ std::string unavailable_reason() {
   return "";
 }
 
-void quantize_4bit(const void* input, DType dtype, int64_t n, int quant_type, int64_t blocksize, uint8_t* packed,
+void quantize_4bit(const void* input, Format dtype, int64_t n, Format type, int64_t blocksize, uint8_t* packed,
                    float* absmax) {
   const char* fn = "cuda::quantize_4bit";
   const int64_t blocks = (n + blocksize - 1) / blocksize;
-  DeviceBuffer<char> d_input(size_t(n) * dtype_size(dtype), fn);
+  DeviceBuffer<char> d_input(size_t(n) * element_size(dtype), fn);
   DeviceBuffer<uint8_t> d_packed(size_t((n + 1) / 2), fn);
   DeviceBuffer<float> d_absmax(size_t(blocks), fn);
-  check(cudaMemcpy(d_input.ptr, input, size_t(n) * dtype_size(dtype), cudaMemcpyHostToDevice), fn, "copy in");
+  check(cudaMemcpy(d_input.ptr, input, size_t(n) * element_size(dtype), cudaMemcpyHostToDevice), fn, "copy in");
   const int threads = 128;
   quantize_kernel<<<unsigned((blocks + threads - 1) / threads), threads>>>(
-      format4(QuantType(quant_type)), d_input.ptr, dtype, n, blocksize, d_packed.ptr, d_absmax.ptr);
+      codebook4(type), d_input.ptr, dtype, n, blocksize, d_packed.ptr, d_absmax.ptr);
   check(cudaGetLastError(), fn, "kernel launch");
   check(cudaMemcpy(packed, d_packed.ptr, size_t((n + 1) / 2), cudaMemcpyDeviceToHost), fn, "copy out");
   check(cudaMemcpy(absmax, d_absmax.ptr, size_t(blocks) * sizeof(float), cudaMemcpyDeviceToHost), fn, "copy out");
 }
 
-void dequantize_4bit(const uint8_t* packed, const float* absmax, int64_t n, int quant_type, int64_t blocksize,
-                     void* output, DType dtype) {
+void dequantize_4bit(const uint8_t* packed, const float* absmax, int64_t n, Format type, int64_t blocksize,
+                     void* output, Format dtype) {
   const char* fn = "cuda::dequantize_4bit";
   const int64_t blocks = (n + blocksize - 1) / blocksize;
   DeviceBuffer<uint8_t> d_packed(size_t((n + 1) / 2), fn);
   DeviceBuffer<float> d_absmax(size_t(blocks), fn);
-  DeviceBuffer<char> d_output(size_t(n) * dtype_size(dtype), fn);
+  DeviceBuffer<char> d_output(size_t(n) * element_size(dtype), fn);
   check(cudaMemcpy(d_packed.ptr, packed, size_t((n + 1) / 2), cudaMemcpyHostToDevice), fn, "copy in");
   check(cudaMemcpy(d_absmax.ptr, absmax, size_t(blocks) * sizeof(float), cudaMemcpyHostToDevice), fn, "copy in");
   const int threads = 256;
   const int64_t grid = (n + threads - 1) / threads < 65535 * 8 ? (n + threads - 1) / threads : 65535 * 8;
-  dequantize_kernel<<<unsigned(grid), threads>>>(format4(QuantType(quant_type)), d_packed.ptr, d_absmax.ptr, n,
+  dequantize_kernel<<<unsigned(grid), threads>>>(codebook4(type), d_packed.ptr, d_absmax.ptr, n,
                                                  blocksize, d_output.ptr, dtype);
   check(cudaGetLastError(), fn, "kernel launch");
-  check(cudaMemcpy(output, d_output.ptr, size_t(n) * dtype_size(dtype), cudaMemcpyDeviceToHost), fn, "copy out");
+  check(cudaMemcpy(output, d_output.ptr, size_t(n) * element_size(dtype), cudaMemcpyDeviceToHost), fn, "copy out");
 }
 
 }  // namespace halo::cuda

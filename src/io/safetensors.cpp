@@ -17,19 +17,6 @@
 namespace halo::io {
 namespace {
 
-struct DTypeRow {
-  StDType dtype;
-  std::string_view name;
-  int64_t size;
-};
-constexpr DTypeRow kDTypes[] = {
-    {StDType::F64, "F64", 8},         {StDType::F32, "F32", 4},         {StDType::F16, "F16", 2},
-    {StDType::BF16, "BF16", 2},       {StDType::I64, "I64", 8},         {StDType::I32, "I32", 4},
-    {StDType::I16, "I16", 2},         {StDType::I8, "I8", 1},           {StDType::U8, "U8", 1},
-    {StDType::BOOL, "BOOL", 1},       {StDType::F8_E4M3, "F8_E4M3", 1}, {StDType::F8_E5M2, "F8_E5M2", 1},
-    {StDType::F8_E4M3FNUZ, "F8_E4M3FNUZ", 1}, {StDType::F8_E5M2FNUZ, "F8_E5M2FNUZ", 1},
-};
-
 // Header lengths above this are refused before allocating (the reference
 // implementation uses the same 100 MB bound).
 constexpr uint64_t kMaxHeader = 100'000'000;
@@ -91,30 +78,19 @@ std::string json_string(const std::string& s, const char* what) {
 
 }  // namespace
 
-std::string_view dtype_name(StDType dtype) {
-  for (const auto& row : kDTypes)
-    if (row.dtype == dtype) return row.name;
-  return "?";
+std::string_view dtype_name(Format dtype) {
+  const std::string_view name = traits(dtype).safetensors;
+  require(!name.empty(), "safetensors", "format ", format_name(dtype), " has no safetensors dtype");
+  return name;
 }
 
-int64_t dtype_size(StDType dtype) {
-  for (const auto& row : kDTypes)
-    if (row.dtype == dtype) return row.size;
-  return 0;
-}
-
-StDType parse_dtype_name(std::string_view name) {
-  for (const auto& row : kDTypes)
-    if (row.name == name) return row.dtype;
-  fail("parse_dtype_name", "unknown safetensors dtype \"", name, "\"");
-}
-
-std::string shape_problem(StDType dtype, const std::vector<int64_t>& shape, uint64_t& nbytes) {
+std::string shape_problem(Format dtype, const std::vector<int64_t>& shape, uint64_t& nbytes) {
   if (shape.size() > kMaxDims)
     return "shape has " + std::to_string(shape.size()) + " dimensions; at most " + std::to_string(kMaxDims) +
            " are supported (NumPy's and torch's limit)";
   constexpr uint64_t kLimit = uint64_t(std::numeric_limits<int64_t>::max());
-  const uint64_t size = uint64_t(dtype_size(dtype));
+  const uint64_t size = uint64_t(element_size(dtype));
+  if (size == 0) return "dtype " + std::string(format_name(dtype)) + " is a block format, not an element type";
   // numel * size is the byte count; the product with empty dimensions counted as 1
   // bounds the largest stride, which NumPy and torch also keep in int64.
   uint64_t numel = 1, extent = size;
@@ -165,11 +141,9 @@ Header parse_header(std::string_view text, uint64_t data_size, const std::string
     TensorInfo info;
     info.name = name;
     if (!dtype.is_string()) bad(source, who + " dtype is not a string");
-    try {
-      info.dtype = parse_dtype_name(dtype.get_ref<const std::string&>());
-    } catch (const InvalidArgument&) {
-      bad(source, who + " has unknown dtype " + quote(dtype.get<std::string>()));
-    }
+    const auto format = format_from_safetensors(dtype.get_ref<const std::string&>());
+    if (!format) bad(source, who + " has unknown dtype " + quote(dtype.get<std::string>()));
+    info.dtype = *format;
     if (!shape.is_array()) bad(source, who + " shape is not an array");
     for (const auto& d : shape) {
       uint64_t dim = 0;
@@ -189,7 +163,7 @@ Header parse_header(std::string_view text, uint64_t data_size, const std::string
                       std::to_string(data_size) + " bytes); the file may be truncated");
     if (need != info.nbytes())
       bad(source, who + " has " + std::to_string(info.nbytes()) + " bytes but dtype and shape need " +
-                      std::to_string(info.numel()) + " x " + std::to_string(dtype_size(info.dtype)));
+                      std::to_string(info.numel()) + " x " + std::to_string(element_size(info.dtype)));
     header.tensors.push_back(std::move(info));
   }
   std::sort(header.tensors.begin(), header.tensors.end(), [](const TensorInfo& a, const TensorInfo& b) {

@@ -5,7 +5,8 @@
 #include <cmath>
 #include <vector>
 
-#include "halo/core/dtype.hpp"
+#include "halo/backend/dispatch.hpp"
+#include "halo/core/convert.hpp"
 #include "halo/core/error.hpp"
 #include "halo/core/parallel.hpp"
 #include "halo/quant/quant4.hpp"
@@ -55,11 +56,14 @@ void check_inputs(const char* fn, int64_t rows, const BaseWeight& base, const vo
   require(spec.dropout >= 0.0 && spec.dropout < 1.0, fn, "dropout must be in [0, 1), got ", spec.dropout);
   require(rows == 0 || x != nullptr, fn, "x is null");
   require(lora_a != nullptr && lora_b != nullptr, fn, "lora_A / lora_B is null");
-  if (base.storage == BaseStorage::quant4) {
+  if (is_bnb4(base.storage)) {
     require(base.packed != nullptr && base.absmax != nullptr, fn, "4-bit base needs packed codes and absmax");
-    require(valid_blocksize(base.blocksize), fn, "blocksize must be a power of two in 32..4096, got ",
-            base.blocksize);
+    check_bnb4(fn, base.storage, base.blocksize);
   } else {
+    require(base.storage == Format::f32 || base.storage == Format::f16 || base.storage == Format::bf16 ||
+                base.storage == Format::f64,
+            fn, "base weight format must be float32, float16, bfloat16, float64, nf4 or fp4, got ",
+            format_name(base.storage));
     require(base.data != nullptr, fn, "base weight data is null");
   }
 }
@@ -93,7 +97,7 @@ class TileLoader {
     const int64_t r0 = fan ? k0 : o0, r1 = fan ? k1 : o1, c0 = fan ? o0 : k0, c1 = fan ? o1 : k1;
     const int64_t cols = c1 - c0, rows = r1 - r0;
     const bool same_orientation = fan == k_major;
-    if (base_.storage == BaseStorage::quant4 && !std::is_same_v<Scalar, float>)
+    if (is_bnb4(base_.storage) && !std::is_same_v<Scalar, float>)
       scratch_.resize(static_cast<size_t>(cols));
     if (!same_orientation) row_.resize(static_cast<size_t>(cols));
     for (int64_t r = 0; r < rows; ++r) {
@@ -115,7 +119,7 @@ class TileLoader {
       return StridedBlock<Scalar>(data, rows, cols, Eigen::OuterStride<>(stored_cols_));
     }
     buffer_.resize(static_cast<size_t>(rows * cols));
-    if (base_.storage == BaseStorage::quant4 && !std::is_same_v<Scalar, float>)
+    if (is_bnb4(base_.storage) && !std::is_same_v<Scalar, float>)
       scratch_.resize(static_cast<size_t>(cols));
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t begin = (r0 + r) * stored_cols_ + c0;
@@ -126,43 +130,45 @@ class TileLoader {
   }
 
   bool native() const {
-    if constexpr (std::is_same_v<Scalar, float>) return base_.storage == BaseStorage::float32;
-    return base_.storage == BaseStorage::float64;
+    if constexpr (std::is_same_v<Scalar, float>) return base_.storage == Format::f32;
+    return base_.storage == Format::f64;
   }
 
   void convert_row(int64_t begin, int64_t count, Scalar* out) {
     switch (base_.storage) {
-      case BaseStorage::float32: {
+      case Format::f32: {
         const float* src = static_cast<const float*>(base_.data) + begin;
         for (int64_t i = 0; i < count; ++i) out[i] = static_cast<Scalar>(src[i]);
         return;
       }
-      case BaseStorage::float64: {
+      case Format::f64: {
         const double* src = static_cast<const double*>(base_.data) + begin;
         for (int64_t i = 0; i < count; ++i) out[i] = static_cast<Scalar>(src[i]);
         return;
       }
-      case BaseStorage::float16: {
+      case Format::f16: {
         const uint16_t* src = static_cast<const uint16_t*>(base_.data) + begin;
         for (int64_t i = 0; i < count; ++i) out[i] = static_cast<Scalar>(f16_to_float(src[i]));
         return;
       }
-      case BaseStorage::bfloat16: {
+      case Format::bf16: {
         const uint16_t* src = static_cast<const uint16_t*>(base_.data) + begin;
         for (int64_t i = 0; i < count; ++i) out[i] = static_cast<Scalar>(bf16_to_float(src[i]));
         return;
       }
-      case BaseStorage::quant4: {
+      case Format::nf4:
+      case Format::fp4: {
         if constexpr (std::is_same_v<Scalar, float>) {
-          dequantize_4bit_range(base_.packed, base_.absmax, base_.quant_type, base_.blocksize, begin, begin + count,
+          dequantize_4bit_range(base_.packed, base_.absmax, base_.storage, base_.blocksize, begin, begin + count,
                                 out, backend_);
         } else {
-          dequantize_4bit_range(base_.packed, base_.absmax, base_.quant_type, base_.blocksize, begin, begin + count,
+          dequantize_4bit_range(base_.packed, base_.absmax, base_.storage, base_.blocksize, begin, begin + count,
                                 scratch_.data(), backend_);
           for (int64_t i = 0; i < count; ++i) out[i] = static_cast<Scalar>(scratch_[i]);
         }
         return;
       }
+      default: fail("lora", "unsupported base format ", format_name(base_.storage));  // check_inputs refuses it first
     }
   }
 
@@ -174,19 +180,18 @@ class TileLoader {
   std::vector<float> scratch_;
 };
 
+const KernelTable<kernels::TileGemm> kTileGemm{"lora_tile_gemm", kernels::gemm_nn_scalar, kernels::gemm_nn_avx2,
+                                               kernels::gemm_nn_avx512, nullptr};
+const KernelRegistration kRegTileGemm(kTileGemm);
+
 // The backend picks both the 4-bit tile dequantizer and, for float activations,
-// the tile GEMM (the AVX-512 or AVX2 kernel; Eigen in plain code for scalar).
-Backend tile_backend(const BaseWeight& base) { return resolve(base.backend); }
+// the tile GEMM from the registry (double activations, used by gradient checks, run on Eigen).
+Backend tile_backend(const BaseWeight& base) { return dispatch(kTileGemm, base.backend).backend; }
 
-using TileGemm = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t, int64_t, int64_t);
-
-// The SIMD tile GEMM for float activations on this backend, or null for Eigen.
 template <typename Scalar>
-TileGemm simd_gemm(Backend backend) {
+kernels::TileGemm tile_gemm(Backend backend) {
   if (!std::is_same_v<Scalar, float>) return nullptr;
-  if (backend == Backend::avx512) return kernels::gemm_nn_avx512;
-  if (backend == Backend::avx2) return kernels::gemm_nn_avx2;
-  return nullptr;
+  return dispatch(kTileGemm, backend).kernel;
 }
 
 int64_t tiles(int64_t extent, int64_t tile) { return (extent + tile - 1) / tile; }
@@ -211,12 +216,11 @@ BaseWeight quant4_base(const Quantized4& tensor, bool fan_in_fan_out, std::vecto
   require(tensor.shape.size() == 2, "quant4_base", "the base must be 2-D, got ", tensor.shape.size(),
           " dimensions");
   BaseWeight base;
-  base.storage = BaseStorage::quant4;
+  base.storage = tensor.type;
   base.fan_in_fan_out = fan_in_fan_out;
   base.out_features = fan_in_fan_out ? tensor.shape[1] : tensor.shape[0];
   base.in_features = fan_in_fan_out ? tensor.shape[0] : tensor.shape[1];
   base.packed = tensor.packed.data();
-  base.quant_type = tensor.type;
   base.blocksize = tensor.blocksize;
   base.backend = backend;
   if (tensor.nested) {
@@ -252,7 +256,7 @@ void lora_forward(const Scalar* x, int64_t rows, const BaseWeight& base, const S
   if (rows == 0) return;
   const int64_t out = base.out_features, in = base.in_features, rank = spec.rank;
   const Backend backend = tile_backend(base);
-  const TileGemm gemm = simd_gemm<Scalar>(backend);
+  const kernels::TileGemm gemm = tile_gemm<Scalar>(backend);
   ConstMap<Scalar> input(x, rows, in);
   ConstMap<Scalar> a(lora_a, rank, in);
   ConstMap<Scalar> b(lora_b, out, rank);
@@ -328,7 +332,7 @@ void lora_backward(const Scalar* grad_y, const Scalar* x, int64_t rows, const Ba
   require(rows == 0 || grad_y != nullptr, "lora_backward", "grad_y is null");
   const int64_t out = base.out_features, in = base.in_features, rank = spec.rank;
   const Backend backend = tile_backend(base);
-  const TileGemm gemm = simd_gemm<Scalar>(backend);
+  const kernels::TileGemm gemm = tile_gemm<Scalar>(backend);
   ConstMap<Scalar> dy(grad_y, rows, out);
   ConstMap<Scalar> a(lora_a, rank, in);
   ConstMap<Scalar> b(lora_b, out, rank);

@@ -1,9 +1,10 @@
-// The dispatch point for the 4-bit kernels: validates arguments, resolves the
-// backend and splits the work across threads in whole blocks.
+// The dispatch point for the 4-bit kernels: validates arguments, picks the
+// kernel from the registry and splits the work across threads in whole blocks.
 #include "halo/quant/quant4.hpp"
 
 #include <algorithm>
 
+#include "halo/backend/dispatch.hpp"
 #include "halo/core/error.hpp"
 #include "halo/core/parallel.hpp"
 #include "halo/quant/block.hpp"
@@ -16,72 +17,77 @@ namespace {
 // About 256 KiB of float input per chunk: big enough to amortize a thread.
 constexpr int64_t kElementsPerChunk = 1 << 16;
 
-void check_common(const char* function, int64_t n, int64_t blocksize) {
+void check_common(const char* function, int64_t n, Format type, int64_t blocksize) {
   require(n > 0, function, "the tensor is empty (n = ", n, ")");
-  require(valid_blocksize(blocksize), function, "blocksize must be a power of two in 32..4096, got ", blocksize);
+  check_bnb4(function, type, blocksize);
 }
 
-using QuantizeKernel = void (*)(const kernels::Quant4Job&, int64_t, int64_t);
-using DequantizeKernel = void (*)(const kernels::Dequant4Job&, int64_t, int64_t, void*);
-
-QuantizeKernel quantize_kernel(Backend backend) {
-  switch (backend) {
-    case Backend::avx512: return kernels::quantize4_avx512;
-    case Backend::avx2: return kernels::quantize4_avx2;
-    default: return kernels::quantize4_scalar;
-  }
+void check_input(const char* function, Format dtype) {
+  require<TypeMismatch>(is_kernel_float(dtype), function, "dtype must be float32, float16 or bfloat16, got ",
+                        format_name(dtype));
 }
 
-DequantizeKernel dequantize_kernel(Backend backend) {
-  switch (backend) {
-    case Backend::avx512: return kernels::dequantize4_avx512;
-    case Backend::avx2: return kernels::dequantize4_avx2;
-    default: return kernels::dequantize4_scalar;
-  }
-}
+// Whole-operation signatures: CPU entries split the work over the thread pool,
+// the CUDA entry hands the whole tensor to the device.
+using QuantizeOp = void (*)(const void*, Format, int64_t, Format, int64_t, uint8_t*, float*);
+using DequantizeOp = void (*)(const uint8_t*, const float*, int64_t, Format, int64_t, void*, Format);
 
-}  // namespace
-
-void quantize_4bit(const void* input, DType dtype, int64_t n, QuantType type, int64_t blocksize, uint8_t* packed,
-                   float* absmax, Backend backend) {
-  check_common("quantize_4bit", n, blocksize);
-  backend = resolve(backend);
-  if (backend == Backend::cuda) {
-    cuda::quantize_4bit(input, dtype, n, int(type), blocksize, packed, absmax);
-    return;
-  }
-  const kernels::Quant4Job job{input, dtype, n, blocksize, &format4(type), packed, absmax};
-  const QuantizeKernel kernel = quantize_kernel(backend);
+template <void (*Kernel)(const kernels::Quant4Job&, int64_t, int64_t)>
+void quantize_on_cpu(const void* input, Format dtype, int64_t n, Format type, int64_t blocksize, uint8_t* packed,
+                     float* absmax) {
+  const kernels::Quant4Job job{input, dtype, n, blocksize, &codebook4(type), packed, absmax};
   const int64_t blocks_per_chunk = std::max<int64_t>(1, kElementsPerChunk / blocksize);
   parallel_for(num_blocks(n, blocksize), blocks_per_chunk,
-               [&](int64_t first, int64_t last) { kernel(job, first, last); });
+               [&](int64_t first, int64_t last) { Kernel(job, first, last); });
 }
 
-void dequantize_4bit(const uint8_t* packed, const float* absmax, int64_t n, QuantType type, int64_t blocksize,
-                     void* output, DType dtype, Backend backend) {
-  check_common("dequantize_4bit", n, blocksize);
-  backend = resolve(backend);
-  if (backend == Backend::cuda) {
-    cuda::dequantize_4bit(packed, absmax, n, int(type), blocksize, output, dtype);
-    return;
-  }
-  const kernels::Dequant4Job job{packed, absmax, blocksize, &format4(type), dtype};
-  const DequantizeKernel kernel = dequantize_kernel(backend);
-  const int64_t element_size = dtype_size(dtype);
+template <void (*Kernel)(const kernels::Dequant4Job&, int64_t, int64_t, void*)>
+void dequantize_on_cpu(const uint8_t* packed, const float* absmax, int64_t n, Format type, int64_t blocksize,
+                       void* output, Format dtype) {
+  const kernels::Dequant4Job job{packed, absmax, blocksize, &codebook4(type), dtype};
+  const int64_t element_bytes = element_size(dtype);
   parallel_for(n, kElementsPerChunk * 4, [&](int64_t begin, int64_t end) {
-    kernel(job, begin, end, static_cast<char*>(output) + begin * element_size);
+    Kernel(job, begin, end, static_cast<char*>(output) + begin * element_bytes);
   });
 }
 
-void dequantize_4bit_range(const uint8_t* packed, const float* absmax, QuantType type, int64_t blocksize,
+const KernelTable<QuantizeOp> kQuantize4{"quantize_4bit", quantize_on_cpu<kernels::quantize4_scalar>,
+                                         quantize_on_cpu<kernels::quantize4_avx2>,
+                                         quantize_on_cpu<kernels::quantize4_avx512>, cuda::quantize_4bit};
+const KernelTable<DequantizeOp> kDequantize4{"dequantize_4bit", dequantize_on_cpu<kernels::dequantize4_scalar>,
+                                             dequantize_on_cpu<kernels::dequantize4_avx2>,
+                                             dequantize_on_cpu<kernels::dequantize4_avx512>, cuda::dequantize_4bit};
+
+using RangeKernel = void (*)(const kernels::Dequant4Job&, int64_t, int64_t, void*);
+const KernelTable<RangeKernel> kDequantize4Range{"dequantize_4bit_range", kernels::dequantize4_scalar,
+                                                 kernels::dequantize4_avx2, kernels::dequantize4_avx512, nullptr};
+
+const KernelRegistration kRegQuantize4(kQuantize4);
+const KernelRegistration kRegDequantize4(kDequantize4);
+const KernelRegistration kRegDequantize4Range(kDequantize4Range);
+
+}  // namespace
+
+void quantize_4bit(const void* input, Format dtype, int64_t n, Format type, int64_t blocksize, uint8_t* packed,
+                   float* absmax, Backend backend) {
+  check_common("quantize_4bit", n, type, blocksize);
+  check_input("quantize_4bit", dtype);
+  dispatch(kQuantize4, backend).kernel(input, dtype, n, type, blocksize, packed, absmax);
+}
+
+void dequantize_4bit(const uint8_t* packed, const float* absmax, int64_t n, Format type, int64_t blocksize,
+                     void* output, Format dtype, Backend backend) {
+  check_common("dequantize_4bit", n, type, blocksize);
+  check_input("dequantize_4bit", dtype);
+  dispatch(kDequantize4, backend).kernel(packed, absmax, n, type, blocksize, output, dtype);
+}
+
+void dequantize_4bit_range(const uint8_t* packed, const float* absmax, Format type, int64_t blocksize,
                            int64_t begin, int64_t end, float* output, Backend backend) {
-  require(valid_blocksize(blocksize), "dequantize_4bit_range", "blocksize must be a power of two in 32..4096, got ",
-          blocksize);
+  check_bnb4("dequantize_4bit_range", type, blocksize);
   require(0 <= begin && begin <= end, "dequantize_4bit_range", "bad range [", begin, ", ", end, ")");
-  backend = resolve(backend);
-  require(backend != Backend::cuda, "dequantize_4bit_range", "works on host memory; backend 'cuda' is not accepted");
-  const kernels::Dequant4Job job{packed, absmax, blocksize, &format4(type), DType::f32};
-  dequantize_kernel(backend)(job, begin, end, output);
+  const kernels::Dequant4Job job{packed, absmax, blocksize, &codebook4(type), Format::f32};
+  dispatch(kDequantize4Range, backend).kernel(job, begin, end, output);
 }
 
 int64_t Quantized4::numel() const {
@@ -97,7 +103,7 @@ std::vector<float> Quantized4::block_absmax() const {
   return out;
 }
 
-Quantized4 quantize_4bit(const void* input, DType dtype, const std::vector<int64_t>& shape, QuantType type,
+Quantized4 quantize_4bit(const void* input, Format dtype, const std::vector<int64_t>& shape, Format type,
                          int64_t blocksize, bool double_quant, Backend backend) {
   Quantized4 out;
   out.type = type;
@@ -106,7 +112,8 @@ Quantized4 quantize_4bit(const void* input, DType dtype, const std::vector<int64
   out.dtype = dtype;
   for (int64_t d : shape) require(d >= 0, "quantize_4bit", "negative dimension ", d);
   const int64_t n = out.numel();
-  check_common("quantize_4bit", n, blocksize);
+  check_common("quantize_4bit", n, type, blocksize);
+  check_input("quantize_4bit", dtype);
   out.packed.resize(packed_size(n));
   out.absmax.resize(num_blocks(n, blocksize));
   quantize_4bit(input, dtype, n, type, blocksize, out.packed.data(), out.absmax.data(), backend);
@@ -117,7 +124,7 @@ Quantized4 quantize_4bit(const void* input, DType dtype, const std::vector<int64
   return out;
 }
 
-void dequantize_4bit(const Quantized4& tensor, void* output, DType dtype, Backend backend) {
+void dequantize_4bit(const Quantized4& tensor, void* output, Format dtype, Backend backend) {
   const std::vector<float> absmax = tensor.block_absmax();
   dequantize_4bit(tensor.packed.data(), absmax.data(), tensor.numel(), tensor.type, tensor.blocksize, output, dtype,
                   backend);

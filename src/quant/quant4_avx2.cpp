@@ -14,10 +14,10 @@ struct Isa {
   using arch = xsimd::avx2;
   using batch = xsimd::batch<float, arch>;
 
-  static batch load(const void* src, DType dtype, int64_t i) {
-    if (dtype == DType::f32) return batch::load_unaligned(static_cast<const float*>(src) + i);
+  static batch load(const void* src, Format dtype, int64_t i) {
+    if (dtype == Format::f32) return batch::load_unaligned(static_cast<const float*>(src) + i);
     __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(src) + i));
-    if (dtype == DType::f16) return _mm256_cvtph_ps(half);
+    if (dtype == Format::f16) return _mm256_cvtph_ps(half);
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
   }
 
@@ -29,7 +29,7 @@ struct Isa {
   }
 
   // 8 scaled values -> 4 bytes of codes.
-  static void pack(const batch& scaled, const Format4& format, uint8_t* out) {
+  static void pack(const batch& scaled, const Codebook4& format, uint8_t* out) {
     __m256 v = scaled;
     v = _mm256_blendv_ps(v, _mm256_set1_ps(__builtin_inff()), _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
     __m256i rank = _mm256_setzero_si256();
@@ -37,7 +37,7 @@ struct Isa {
       __m256 above = _mm256_cmp_ps(v, _mm256_set1_ps(format.thresholds[t]), _CMP_GT_OQ);
       rank = _mm256_sub_epi32(rank, _mm256_castps_si256(above));  // true lanes are -1
     }
-    if (format.type != QuantType::nf4) {
+    if (!format.identity_order) {
       alignas(32) int32_t table[16];
       for (int r = 0; r < 16; ++r) table[r] = format.code_of_rank[r];
       rank = lookup16(rank, table);
@@ -53,10 +53,10 @@ struct Isa {
     __builtin_memcpy(out, &word, 4);
   }
 
-  static void store(__m256 v, DType dtype, char* out) {
-    if (dtype == DType::f32) {
+  static void store(__m256 v, Format dtype, char* out) {
+    if (dtype == Format::f32) {
       _mm256_storeu_ps(reinterpret_cast<float*>(out), v);
-    } else if (dtype == DType::f16) {
+    } else if (dtype == Format::f16) {
       _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
     } else {
       __m256i bits = _mm256_castps_si256(v);
@@ -72,8 +72,8 @@ struct Isa {
   }
 
   // 16 elements (8 bytes) of one block.
-  static void dequant(const uint8_t* bytes, const float* table, float scale, DType dtype, char* out) {
-    const int64_t size = dtype == DType::f32 ? 4 : 2;
+  static void dequant(const uint8_t* bytes, const float* table, float scale, Format dtype, char* out) {
+    const int64_t size = dtype == Format::f32 ? 4 : 2;
     __m128i packed = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes));
     __m128i wide = _mm_cvtepu8_epi16(packed);
     __m128i high = _mm_srli_epi16(wide, 4);

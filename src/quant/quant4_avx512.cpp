@@ -14,15 +14,15 @@ struct Isa {
   using arch = xsimd::avx512bw;
   using batch = xsimd::batch<float, arch>;
 
-  static batch load(const void* src, DType dtype, int64_t i) {
-    if (dtype == DType::f32) return batch::load_unaligned(static_cast<const float*>(src) + i);
+  static batch load(const void* src, Format dtype, int64_t i) {
+    if (dtype == Format::f32) return batch::load_unaligned(static_cast<const float*>(src) + i);
     __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(src) + i));
-    if (dtype == DType::f16) return _mm512_cvtph_ps(half);
+    if (dtype == Format::f16) return _mm512_cvtph_ps(half);
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
   }
 
   // 16 scaled values -> 8 bytes of codes.
-  static void pack(const batch& scaled, const Format4& format, uint8_t* out) {
+  static void pack(const batch& scaled, const Codebook4& format, uint8_t* out) {
     __m512 v = scaled;
     // NaN -> +inf so it lands in the top bucket.
     v = _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_ps(__builtin_inff()));
@@ -32,7 +32,7 @@ struct Isa {
       __mmask16 above = _mm512_cmp_ps_mask(v, _mm512_set1_ps(format.thresholds[t]), _CMP_GT_OQ);
       rank = _mm512_mask_add_epi32(rank, above, rank, one);
     }
-    if (format.type != QuantType::nf4) {
+    if (!format.identity_order) {
       alignas(64) int32_t table[16];
       for (int r = 0; r < 16; ++r) table[r] = format.code_of_rank[r];
       rank = _mm512_permutexvar_epi32(rank, _mm512_load_si512(table));
@@ -52,10 +52,10 @@ struct Isa {
     return _mm512_mul_ps(_mm512_permutexvar_ps(index, _mm512_loadu_ps(table)), _mm512_set1_ps(scale));
   }
 
-  static void store(__m512 v, DType dtype, char* out) {
-    if (dtype == DType::f32) {
+  static void store(__m512 v, Format dtype, char* out) {
+    if (dtype == Format::f32) {
       _mm512_storeu_ps(reinterpret_cast<float*>(out), v);
-    } else if (dtype == DType::f16) {
+    } else if (dtype == Format::f16) {
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
     } else {
       __m512i bits = _mm512_castps_si512(v);
@@ -67,8 +67,8 @@ struct Isa {
   }
 
   // 32 elements (16 bytes) of one block.
-  static void dequant(const uint8_t* bytes, const float* table, float scale, DType dtype, char* out) {
-    const int64_t size = dtype == DType::f32 ? 4 : 2;
+  static void dequant(const uint8_t* bytes, const float* table, float scale, Format dtype, char* out) {
+    const int64_t size = dtype == Format::f32 ? 4 : 2;
     store(expand16(bytes, table, scale), dtype, out);
     store(expand16(bytes + 8, table, scale), dtype, out + 16 * size);
   }

@@ -5,17 +5,17 @@
 
 #include <cstdint>
 
-#include "halo/core/dtype.hpp"
-#include "halo/quant/format.hpp"
+#include "halo/core/convert.hpp"
+#include "halo/quant/codebook4.hpp"
 
 namespace halo::kernels {
 
 struct Quant4Job {
   const void* input;
-  DType dtype;
+  Format dtype;
   int64_t n;
   int64_t blocksize;
-  const Format4* format;
+  const Codebook4* format;
   uint8_t* packed;
   float* absmax;
 };
@@ -29,8 +29,8 @@ struct Dequant4Job {
   const uint8_t* packed;
   const float* absmax;
   int64_t blocksize;
-  const Format4* format;
-  DType dtype;
+  const Codebook4* format;
+  Format dtype;
 };
 
 // Elements [begin, end) into output[0, end - begin) (output is of job.dtype).

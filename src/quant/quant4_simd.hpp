@@ -3,9 +3,9 @@
 // Included by exactly one translation unit per ISA (quant4_avx2.cpp,
 // quant4_avx512.cpp), after that unit defines `Isa` with:
 //   using arch = xsimd::<tag>;                       W = batch<float, arch>::size
-//   static batch load(const void* src, DType, i)     W elements as float32
-//   static void pack(const batch& scaled, const Format4&, uint8_t* out)   W/2 bytes
-//   static void dequant(const uint8_t* bytes, const float* table, float scale, DType, void* out, i)
+//   static batch load(const void* src, Format, i)     W elements as float32
+//   static void pack(const batch& scaled, const Codebook4&, uint8_t* out)   W/2 bytes
+//   static void dequant(const uint8_t* bytes, const float* table, float scale, Format, void* out, i)
 //                                                    2W elements from W bytes
 // The short last block, unaligned heads and tails go to the scalar reference.
 #pragma once
@@ -53,7 +53,7 @@ inline void quantize_blocks(const Quant4Job& job, int64_t block_begin, int64_t b
 
 inline void dequantize_range(const Dequant4Job& job, int64_t begin, int64_t end, void* output) {
   constexpr int64_t step = 2 * kWidth;  // elements per Isa::dequant call; divides every block size
-  const int64_t size = job.dtype == DType::f32 ? 4 : 2;
+  const int64_t size = job.dtype == Format::f32 ? 4 : 2;
   auto* out = static_cast<char*>(output);
   int64_t head_end = (begin + step - 1) / step * step;
   if (head_end > end) head_end = end;

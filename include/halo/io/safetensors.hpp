@@ -22,14 +22,14 @@
 #include <string_view>
 #include <vector>
 
+#include "halo/core/format.hpp"
+
 namespace halo::io {
 
-enum class StDType { F64, F32, F16, BF16, I64, I32, I16, I8, U8, BOOL, F8_E4M3, F8_E5M2, F8_E4M3FNUZ, F8_E5M2FNUZ };
-
-std::string_view dtype_name(StDType dtype);
-int64_t dtype_size(StDType dtype);
-// Throws InvalidArgument for an unknown name.
-StDType parse_dtype_name(std::string_view name);
+// Tensor dtypes are rows of the format table (core/format.hpp) that have a
+// safetensors name: traits(f).safetensors, element_size(f), parse_safetensors_dtype.
+// The safetensors spelling of a format; InvalidArgument when it has none (e.g. nf4).
+std::string_view dtype_name(Format dtype);
 
 // NumPy's and torch's limit on dimensions; headers with more are refused.
 constexpr size_t kMaxDims = 64;
@@ -37,11 +37,11 @@ constexpr size_t kMaxDims = 64;
 // Empty when a tensor of `dtype` and `shape` can exist (at most kMaxDims non-negative
 // dimensions whose byte size and strides fit in int64), setting `nbytes`; otherwise
 // the reason, for an error message.
-std::string shape_problem(StDType dtype, const std::vector<int64_t>& shape, uint64_t& nbytes);
+std::string shape_problem(Format dtype, const std::vector<int64_t>& shape, uint64_t& nbytes);
 
 struct TensorInfo {
   std::string name;
-  StDType dtype;
+  Format dtype;
   std::vector<int64_t> shape;
   uint64_t begin = 0;  // byte offsets relative to the data section
   uint64_t end = 0;
@@ -99,7 +99,7 @@ class SafetensorsFile {
 
 struct TensorSpec {
   std::string name;
-  StDType dtype;
+  Format dtype;
   std::vector<int64_t> shape;
 };
 

@@ -17,25 +17,23 @@
 #include <vector>
 
 #include "halo/backend/backend.hpp"
-#include "halo/quant/format.hpp"
+#include "halo/quant/codebook4.hpp"
 #include "halo/quant/quant4.hpp"
 
 namespace halo::lora {
 
-enum class BaseStorage : uint8_t { float32, float16, bfloat16, float64, quant4 };
-
 // A non-owning view of the frozen base weight.
 struct BaseWeight {
-  BaseStorage storage = BaseStorage::float32;
+  // float32, float16, bfloat16, float64, or a bnb 4-bit format (nf4 / fp4).
+  Format storage = Format::f32;
   int64_t out_features = 0;
   int64_t in_features = 0;
   bool fan_in_fan_out = false;  // stored [in, out] instead of [out, in]
   const void* data = nullptr;   // dense storage: out*in elements
-  // quant4 storage: packed codes (two per byte, bitsandbytes order) and float32
+  // 4-bit storage: packed codes (two per byte, bitsandbytes order) and float32
   // absmax per block (decode nested statistics first with double_dequantize).
   const uint8_t* packed = nullptr;
   const float* absmax = nullptr;
-  QuantType quant_type = QuantType::nf4;
   int64_t blocksize = 64;
   Backend backend = Backend::automatic;  // 4-bit tile dequantization kernel
 };

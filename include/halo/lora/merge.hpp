@@ -8,6 +8,8 @@
 
 #include <cstdint>
 
+#include "halo/core/format.hpp"
+
 namespace halo::lora {
 
 void merge_inplace(float* weight, int64_t out_features, int64_t in_features, const float* lora_a,
@@ -16,5 +18,13 @@ void merge_inplace(float* weight, int64_t out_features, int64_t in_features, con
 // delta[out, in] (or [in, out] with fan_in_fan_out) = (B @ A) * scaling.
 void delta_weight(float* delta, int64_t out_features, int64_t in_features, const float* lora_a, const float* lora_b,
                   int64_t rank, float scaling, bool fan_in_fan_out);
+
+// out = W +/- scaling * (B @ A) for a float32, float16 or bfloat16 W of `dtype`
+// (out may be W itself). Half-precision weights follow PEFT on the CPU: the delta
+// is formed in float32 and rounded to W's dtype, then W +/- delta is computed in
+// float32 and rounded once, so results equal merge_and_unload bit for bit.
+void merge_weight(const void* weight, Format dtype, void* out, int64_t out_features, int64_t in_features,
+                  const float* lora_a, const float* lora_b, int64_t rank, float scaling, bool fan_in_fan_out,
+                  bool subtract);
 
 }  // namespace halo::lora

@@ -14,8 +14,8 @@
 
 #include <cstdint>
 
-#include "halo/core/dtype.hpp"
-#include "halo/quant/format.hpp"
+#include "halo/core/convert.hpp"
+#include "halo/quant/codebook4.hpp"
 
 namespace halo {
 
@@ -24,17 +24,17 @@ inline constexpr float kAbsmaxFloor = 1e-38f;
 HALO_HD inline bool is_nan(float v) { return v != v; }
 
 // Bucket of a scaled value: how many thresholds it exceeds; NaN -> 15.
-HALO_HD inline uint8_t rank4(const Format4& format, float scaled) {
+HALO_HD inline uint8_t rank4(const Codebook4& format, float scaled) {
   if (is_nan(scaled)) return 15;
   uint8_t rank = 0;
   for (int i = 0; i < 15; ++i) rank += scaled > format.thresholds[i] ? 1 : 0;
   return rank;
 }
 
-HALO_HD inline uint8_t encode4(const Format4& format, float scaled) { return format.code_of_rank[rank4(format, scaled)]; }
+HALO_HD inline uint8_t encode4(const Codebook4& format, float scaled) { return format.code_of_rank[rank4(format, scaled)]; }
 
 // max |x| with NaN propagation (torch.max semantics).
-HALO_HD inline float absmax_of(const void* input, DType dtype, int64_t begin, int64_t end) {
+HALO_HD inline float absmax_of(const void* input, Format dtype, int64_t begin, int64_t end) {
   float best = 0.0f;
   bool nan = false;
   for (int64_t i = begin; i < end; ++i) {
@@ -51,7 +51,7 @@ HALO_HD inline float floored(float absmax) { return absmax > kAbsmaxFloor || is_
 // Quantizes elements [begin, end) of one block. `begin` is even (blocks start
 // at multiples of an even block size); an odd `end` is the tensor's last
 // element and its pair is padded with the code of 0.
-HALO_HD inline void quantize4_block(const Format4& format, const void* input, DType dtype, int64_t begin,
+HALO_HD inline void quantize4_block(const Codebook4& format, const void* input, Format dtype, int64_t begin,
                                     int64_t end, bool short_block, uint8_t* packed, float* absmax_slot) {
   const float found = absmax_of(input, dtype, begin, end);
   const float floor = floored(found);
@@ -72,7 +72,7 @@ HALO_HD inline uint8_t code_at(const uint8_t* packed, int64_t i) {
   return (i & 1) ? (byte & 0x0f) : (byte >> 4);
 }
 
-HALO_HD inline float dequantize4_value(const Format4& format, const uint8_t* packed, const float* absmax,
+HALO_HD inline float dequantize4_value(const Codebook4& format, const uint8_t* packed, const float* absmax,
                                        int64_t blocksize, int64_t i) {
   return format.code[code_at(packed, i)] * absmax[i / blocksize];
 }

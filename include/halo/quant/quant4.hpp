@@ -13,8 +13,8 @@
 #include <vector>
 
 #include "halo/backend/backend.hpp"
-#include "halo/core/dtype.hpp"
-#include "halo/quant/format.hpp"
+#include "halo/core/convert.hpp"
+#include "halo/quant/codebook4.hpp"
 
 namespace halo {
 
@@ -22,16 +22,16 @@ constexpr int64_t num_blocks(int64_t n, int64_t blocksize) { return (n + blocksi
 constexpr int64_t packed_size(int64_t n) { return (n + 1) / 2; }
 
 // packed: packed_size(n) bytes; absmax: num_blocks(n, blocksize) floats.
-void quantize_4bit(const void* input, DType dtype, int64_t n, QuantType type, int64_t blocksize,
+void quantize_4bit(const void* input, Format dtype, int64_t n, Format type, int64_t blocksize,
                    uint8_t* packed, float* absmax, Backend backend = Backend::automatic);
 
 // output: n elements of `dtype`.
-void dequantize_4bit(const uint8_t* packed, const float* absmax, int64_t n, QuantType type, int64_t blocksize,
-                     void* output, DType dtype, Backend backend = Backend::automatic);
+void dequantize_4bit(const uint8_t* packed, const float* absmax, int64_t n, Format type, int64_t blocksize,
+                     void* output, Format dtype, Backend backend = Backend::automatic);
 
 // Elements [begin, end) of the flattened tensor as float32 into output[0, end-begin):
 // for consumers that dequantize tile by tile (the 4-bit LoRA GEMM).
-void dequantize_4bit_range(const uint8_t* packed, const float* absmax, QuantType type, int64_t blocksize,
+void dequantize_4bit_range(const uint8_t* packed, const float* absmax, Format type, int64_t blocksize,
                            int64_t begin, int64_t end, float* output, Backend backend = Backend::scalar);
 
 // 8-bit blockwise quantization with a 256-entry ascending code book, as
@@ -60,10 +60,10 @@ void double_dequantize(const NestedAbsmax& nested, float* absmax_out);
 
 // Owning convenience type for C++ callers.
 struct Quantized4 {
-  QuantType type = QuantType::nf4;
+  Format type = Format::nf4;
   int64_t blocksize = 64;
   std::vector<int64_t> shape;
-  DType dtype = DType::f32;
+  Format dtype = Format::f32;
   std::vector<uint8_t> packed;
   std::vector<float> absmax;             // plain absmax (empty when nested)
   std::optional<NestedAbsmax> nested;    // set when double-quantized
@@ -71,10 +71,10 @@ struct Quantized4 {
   std::vector<float> block_absmax() const;  // plain or dequantized nested absmax
 };
 
-Quantized4 quantize_4bit(const void* input, DType dtype, const std::vector<int64_t>& shape, QuantType type,
+Quantized4 quantize_4bit(const void* input, Format dtype, const std::vector<int64_t>& shape, Format type,
                          int64_t blocksize = 64, bool double_quant = false,
                          Backend backend = Backend::automatic);
 // n elements of `dtype` into output.
-void dequantize_4bit(const Quantized4& tensor, void* output, DType dtype, Backend backend = Backend::automatic);
+void dequantize_4bit(const Quantized4& tensor, void* output, Format dtype, Backend backend = Backend::automatic);
 
 }  // namespace halo

@@ -1,4 +1,4 @@
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -13,7 +13,7 @@ def nominal_point(model: str, bits: int) -> int: ...
 def plan_dvfs(model: str, wanted: list[int], macs: list[int], max_switches: int) -> tuple[list[int], list[int], int]: ...
 def quantize(
     weights: npt.ArrayLike,
-    sensitivity: Optional[npt.ArrayLike],
+    sensitivity: npt.ArrayLike | None,
     model: str,
     bits: int,
     tile_rows: int,

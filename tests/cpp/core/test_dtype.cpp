@@ -5,7 +5,7 @@
 #include <cstring>
 #include <random>
 
-#include "halo/core/dtype.hpp"
+#include "halo/core/convert.hpp"
 
 using namespace halo;
 

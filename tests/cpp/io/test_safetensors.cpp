@@ -72,7 +72,7 @@ TEST_CASE("writer output reads back byte for byte") {
   std::vector<float> a{1, 2, 3, 4, 5, 6};
   std::vector<uint16_t> b{0x3F80, 0xC000};
   {
-    SafetensorsWriter w(p.string(), {{"a", StDType::F32, {2, 3}}, {"b", StDType::BF16, {2}}, {"e", StDType::F32, {0}}},
+    SafetensorsWriter w(p.string(), {{"a", halo::Format::f32, {2, 3}}, {"b", halo::Format::bf16, {2}}, {"e", halo::Format::f32, {0}}},
                         {{"format", "pt"}, {"q\"uote", "x\ny"}});
     w.write("a", a.data(), a.size() * 4);
     w.write("b", b.data(), b.size() * 2);
@@ -93,7 +93,7 @@ TEST_CASE("writer output reads back byte for byte") {
 TEST_CASE("unfinished writer leaves nothing behind") {
   auto p = temp_file("unfinished.safetensors");
   {
-    SafetensorsWriter w(p.string(), {{"a", StDType::F32, {1}}}, {});
+    SafetensorsWriter w(p.string(), {{"a", halo::Format::f32, {1}}}, {});
     CHECK_THROWS_AS(w.write("b", nullptr, 4), halo::InvalidArgument);
   }
   CHECK_FALSE(fs::exists(p));
@@ -184,7 +184,7 @@ TEST_CASE("paths with a NUL byte are refused by the reader and the writer") {
   fs::remove(real);
   const std::string with_nul = real.string() + std::string("\0.safetensors", 13);
   CHECK_THAT(open_error(with_nul), Catch::Contains("NUL byte"));
-  CHECK_THROWS_WITH(SafetensorsWriter(with_nul, {{"a", StDType::F32, {1}}}, {}), Catch::Contains("NUL byte"));
+  CHECK_THROWS_WITH(SafetensorsWriter(with_nul, {{"a", halo::Format::f32, {1}}}, {}), Catch::Contains("NUL byte"));
   CHECK_FALSE(fs::exists(real));
   for (const auto& e : fs::directory_iterator(real.parent_path()))
     CHECK(e.path().filename().string().find("nul-target") == std::string::npos);
@@ -239,12 +239,12 @@ TEST_CASE("the writer refuses what the reader would refuse, before creating the 
   auto p = temp_file("refused.safetensors");
   fs::remove(p);
   const std::vector<std::vector<TensorSpec>> bad = {
-      {{"a", StDType::F32, {int64_t(1) << 62, 4}}},                             // byte size overflows
-      {{"a", StDType::U8, {0, std::numeric_limits<int64_t>::max(), 2}}},         // strides overflow
-      {{"a", StDType::F32, std::vector<int64_t>(65, 1)}},                       // too many dimensions
-      {{"a", StDType::F32, {-1}}},                                              // negative
-      {{"a", StDType::U8, {int64_t(1) << 62}}, {"b", StDType::U8, {int64_t(1) << 62}}},  // total overflows
-      {{"bad\xff", StDType::F32, {1}}},                                         // invalid UTF-8 name
+      {{"a", halo::Format::f32, {int64_t(1) << 62, 4}}},                             // byte size overflows
+      {{"a", halo::Format::u8, {0, std::numeric_limits<int64_t>::max(), 2}}},         // strides overflow
+      {{"a", halo::Format::f32, std::vector<int64_t>(65, 1)}},                       // too many dimensions
+      {{"a", halo::Format::f32, {-1}}},                                              // negative
+      {{"a", halo::Format::u8, {int64_t(1) << 62}}, {"b", halo::Format::u8, {int64_t(1) << 62}}},  // total overflows
+      {{"bad\xff", halo::Format::f32, {1}}},                                         // invalid UTF-8 name
   };
   for (const auto& specs : bad) {
     CHECK_THROWS_AS(SafetensorsWriter(p.string(), specs, {}), halo::InvalidArgument);
@@ -260,7 +260,7 @@ TEST_CASE("durable and non-durable writers produce the same bytes") {
   std::string bytes[2];
   for (int durable = 0; durable < 2; ++durable) {
     auto p = temp_file("durable" + std::to_string(durable) + ".safetensors");
-    SafetensorsWriter w(p.string(), {{"a", StDType::F32, {3}}}, {{"format", "pt"}}, durable == 1);
+    SafetensorsWriter w(p.string(), {{"a", halo::Format::f32, {3}}}, {{"format", "pt"}}, durable == 1);
     w.write("a", a.data(), 12);
     w.finish();
     std::ifstream in(p, std::ios::binary);
@@ -274,7 +274,7 @@ TEST_CASE("truncating a mapped file raises SIGBUS on access, a copied file is im
   auto p = temp_file("trunc.safetensors");
   std::vector<float> big(1 << 16, 1.5f);  // 256 KiB: several pages
   {
-    SafetensorsWriter w(p.string(), {{"a", StDType::F32, {int64_t(big.size())}}}, {}, false);
+    SafetensorsWriter w(p.string(), {{"a", halo::Format::f32, {int64_t(big.size())}}}, {}, false);
     w.write("a", big.data(), big.size() * 4);
     w.finish();
   }

@@ -8,7 +8,7 @@
 #include <vector>
 
 #include "halo/backend/backend.hpp"
-#include "halo/core/dtype.hpp"
+#include "halo/core/convert.hpp"
 #include "halo/core/error.hpp"
 #include "halo/lora/linear.hpp"
 #include "halo/quant/quant4.hpp"
@@ -90,8 +90,8 @@ struct Case {
   int64_t rows, out, in, rank;
 };
 
-void run_case(const Case& c, BaseStorage storage, bool fan_in_fan_out, double p, Backend backend, bool with_bias,
-              QuantType qtype = QuantType::nf4, int64_t blocksize = 64) {
+void run_case(const Case& c, Format storage, bool fan_in_fan_out, double p, Backend backend, bool with_bias,
+              Format qtype = Format::nf4, int64_t blocksize = 64) {
   const auto w_logical = random_values(c.out * c.in, 11, 0.2f);
   // stored layout: [out, in], or [in, out] with fan_in_fan_out
   std::vector<float> stored(c.out * c.in);
@@ -99,7 +99,7 @@ void run_case(const Case& c, BaseStorage storage, bool fan_in_fan_out, double p,
     for (int64_t k = 0; k < c.in; ++k)
       stored[fan_in_fan_out ? k * c.out + o : o * c.in + k] = w_logical[o * c.in + k];
   BaseWeight base;
-  base.storage = storage;
+  base.storage = is_bnb4(storage) ? qtype : storage;
   base.out_features = c.out;
   base.in_features = c.in;
   base.fan_in_fan_out = fan_in_fan_out;
@@ -109,27 +109,27 @@ void run_case(const Case& c, BaseStorage storage, bool fan_in_fan_out, double p,
   std::vector<double> w_ref(c.out * c.in);  // what the kernel must see, logical layout
   std::vector<float> stored_seen(stored.size());
   switch (storage) {
-    case BaseStorage::float32:
+    case Format::f32:
       base.data = stored.data();
       stored_seen = stored;
       break;
-    case BaseStorage::float16:
-    case BaseStorage::bfloat16:
+    case Format::f16:
+    case Format::bf16:
       halves.resize(stored.size());
       for (size_t i = 0; i < stored.size(); ++i) {
-        halves[i] = storage == BaseStorage::float16 ? float_to_f16(stored[i]) : float_to_bf16(stored[i]);
-        stored_seen[i] = storage == BaseStorage::float16 ? f16_to_float(halves[i]) : bf16_to_float(halves[i]);
+        halves[i] = storage == Format::f16 ? float_to_f16(stored[i]) : float_to_bf16(stored[i]);
+        stored_seen[i] = storage == Format::f16 ? f16_to_float(halves[i]) : bf16_to_float(halves[i]);
       }
       base.data = halves.data();
       break;
-    case BaseStorage::quant4:
-      q = quantize_4bit(stored.data(), DType::f32, {int64_t(stored.size())}, qtype, blocksize, false,
+    case Format::nf4:
+    case Format::fp4:
+      q = quantize_4bit(stored.data(), Format::f32, {int64_t(stored.size())}, qtype, blocksize, false,
                         Backend::scalar);
       base.packed = q.packed.data();
       base.absmax = q.absmax.data();
-      base.quant_type = qtype;
       base.blocksize = blocksize;
-      dequantize_4bit(q, stored_seen.data(), DType::f32, Backend::scalar);
+      dequantize_4bit(q, stored_seen.data(), Format::f32, Backend::scalar);
       break;
     default:
       FAIL("unexpected storage");
@@ -170,7 +170,7 @@ TEST_CASE("lora kernels match a naive reference for dense bases on every CPU bac
   for (Backend backend : available_backends()) {
     if (backend == Backend::cuda) continue;
   for (const Case& c : kCases)
-    for (BaseStorage storage : {BaseStorage::float32, BaseStorage::float16, BaseStorage::bfloat16})
+    for (Format storage : {Format::f32, Format::f16, Format::bf16})
       for (bool fan : {false, true})
         for (double p : {0.0, 0.3}) {
           INFO("case " << c.rows << "x" << c.out << "x" << c.in << " r" << c.rank << " storage "
@@ -185,12 +185,12 @@ TEST_CASE("lora kernels match a naive reference for 4-bit bases on every CPU bac
   for (Backend backend : available_backends()) {
     if (backend == Backend::cuda) continue;
     for (const Case& c : kCases)
-      for (QuantType qtype : {QuantType::nf4, QuantType::fp4})
+      for (Format qtype : {Format::nf4, Format::fp4})
         for (bool fan : {false, true})
           for (int64_t blocksize : {64, 32, 128}) {
             INFO("backend " << backend_name(backend) << " case " << c.rows << "x" << c.out << "x" << c.in << " r"
                             << c.rank << " fan " << fan << " blocksize " << blocksize);
-            run_case(c, BaseStorage::quant4, fan, fan ? 0.1 : 0.0, backend, !fan, qtype, blocksize);
+            run_case(c, qtype, fan, fan ? 0.1 : 0.0, backend, !fan, qtype, blocksize);
           }
   }
 }
@@ -203,7 +203,7 @@ TEST_CASE("double kernels match the reference tightly", "[lora]") {
   const auto dy = random_values(rows * out, 25);
   std::vector<double> xd(x.begin(), x.end()), ad(a.begin(), a.end()), bd(b.begin(), b.end()), dyd(dy.begin(), dy.end());
   BaseWeight base;
-  base.storage = BaseStorage::float64;
+  base.storage = Format::f64;
   base.out_features = out;
   base.in_features = in;
   base.data = w.data();
@@ -253,7 +253,7 @@ TEST_CASE("lora kernels reject bad arguments", "[lora]") {
   CHECK_THROWS_WITH(lora_forward<float>(x.data(), 1, base, a.data(), b.data(), nullptr, bad_dropout, y.data()),
                     Catch::Contains("[lora_forward]") && Catch::Contains("dropout"));
   BaseWeight quant = base;
-  quant.storage = BaseStorage::quant4;
+  quant.storage = Format::nf4;
   CHECK_THROWS_AS(lora_forward<float>(x.data(), 1, quant, a.data(), b.data(), nullptr, spec, y.data()),
                   InvalidArgument);
   CHECK(lora_scaling(16, 4, false) == 4.0);
@@ -263,10 +263,10 @@ TEST_CASE("lora kernels reject bad arguments", "[lora]") {
 TEST_CASE("a double-quantized Quantized4 works as a base through quant4_base", "[lora]") {
   const int64_t rows = 3, out = 40, in = 96, rank = 2;
   const auto w = random_values(out * in, 31, 0.1f);
-  const Quantized4 q = quantize_4bit(w.data(), DType::f32, {out, in}, QuantType::nf4, 64, true, Backend::scalar);
+  const Quantized4 q = quantize_4bit(w.data(), Format::f32, {out, in}, Format::nf4, 64, true, Backend::scalar);
   REQUIRE(q.nested.has_value());
   std::vector<float> seen(out * in);
-  dequantize_4bit(q, seen.data(), DType::f32, Backend::scalar);
+  dequantize_4bit(q, seen.data(), Format::f32, Backend::scalar);
   std::vector<double> w_ref(seen.begin(), seen.end());
   const auto x = random_values(rows * in, 32), a = random_values(rank * in, 33), b = random_values(out * rank, 34);
   const auto dy = random_values(rows * out, 35);

@@ -1,37 +1,13 @@
-// 4-bit and 8-bit code books as data: the bitsandbytes NF4, FP4 and signed
-// dynamic (8-bit) maps, with the decision thresholds the quantizers use.
-//
-// A Format4 is everything a kernel needs to know about a 4-bit format; kernels
-// are written once against it. Thresholds are the float32 midpoints between
-// neighbouring values in ascending order; a value goes to the higher bucket
-// only when it is strictly greater than the threshold (an exact tie goes low),
-// and NaN goes to the top bucket, as bitsandbytes' torch.bucketize does.
+// The code books of halo's formats as data: bitsandbytes' NF4 and FP4 4-bit
+// maps and its signed 8-bit dynamic map (used for double quantization). The
+// format table (core/format.hpp) points at these; the quantizers' decision
+// thresholds are derived from them in quant/codebook4.hpp.
 #pragma once
 
 #include <array>
 #include <cstdint>
-#include <string_view>
-
-#include "halo/core/dtype.hpp"
 
 namespace halo {
-
-enum class QuantType : uint8_t { nf4 = 0, fp4 = 1 };
-
-struct Format4 {
-  QuantType type;
-  std::array<float, 16> code;            // value of each 4-bit code
-  std::array<float, 15> thresholds;      // ascending, between values of consecutive ranks
-  std::array<uint8_t, 16> code_of_rank;  // bucket (rank in ascending order) -> 4-bit code
-};
-
-namespace detail {
-constexpr std::array<float, 15> midpoints(const std::array<float, 16>& sorted) {
-  std::array<float, 15> out{};
-  for (int i = 0; i < 15; ++i) out[i] = (sorted[i] + sorted[i + 1]) / 2.0f;
-  return out;
-}
-}  // namespace detail
 
 inline constexpr std::array<float, 16> kNF4Code = {
     -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
@@ -49,29 +25,6 @@ inline constexpr std::array<float, 16> kFP4Code = {
 
 // Ascending order of the FP4 values; the two zeros keep code 0 first.
 inline constexpr std::array<uint8_t, 16> kFP4CodeOfRank = {11, 10, 13, 12, 15, 14, 9, 0, 8, 1, 6, 7, 4, 5, 2, 3};
-
-namespace detail {
-constexpr std::array<float, 16> fp4_sorted() {
-  std::array<float, 16> out{};
-  for (int r = 0; r < 16; ++r) out[r] = kFP4Code[kFP4CodeOfRank[r]];
-  return out;
-}
-}  // namespace detail
-
-inline constexpr Format4 kNF4{QuantType::nf4, kNF4Code, detail::midpoints(kNF4Code),
-                              {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}};
-inline constexpr Format4 kFP4{QuantType::fp4, kFP4Code, detail::midpoints(detail::fp4_sorted()), kFP4CodeOfRank};
-
-constexpr const Format4& format4(QuantType type) { return type == QuantType::nf4 ? kNF4 : kFP4; }
-
-constexpr std::string_view quant_type_name(QuantType type) { return type == QuantType::nf4 ? "nf4" : "fp4"; }
-
-// Block sizes bitsandbytes accepts for 4-bit quantization.
-constexpr bool valid_blocksize(int64_t blocksize) {
-  for (int64_t b = 32; b <= 4096; b *= 2)
-    if (b == blocksize) return true;
-  return false;
-}
 
 // Signed dynamic 8-bit map (bitsandbytes create_dynamic_map(signed=True), 7
 // exponent bits): 256 ascending float32 values, entry 127 is 0, entry 255 is 1.

@@ -1,4 +1,5 @@
-// Element types that cross halo's API, and exact conversions between them.
+// Exact conversions between the float element formats halo's kernels read and
+// write (float32, float16, bfloat16), usable on the host and in CUDA kernels.
 //
 // Conversions are bit-exact with PyTorch and NumPy: float32 -> float16 and
 // float32 -> bfloat16 round to nearest even, NaN stays NaN (bfloat16 NaN is
@@ -7,7 +8,8 @@
 
 #include <bit>
 #include <cstdint>
-#include <string_view>
+
+#include "halo/core/format.hpp"
 
 #if defined(__CUDACC__)
 #define HALO_HD __host__ __device__
@@ -16,19 +18,6 @@
 #endif
 
 namespace halo {
-
-enum class DType : uint8_t { f32, f16, bf16 };
-
-constexpr std::string_view dtype_name(DType dtype) {
-  switch (dtype) {
-    case DType::f32: return "float32";
-    case DType::f16: return "float16";
-    case DType::bf16: return "bfloat16";
-  }
-  return "?";
-}
-
-constexpr int64_t dtype_size(DType dtype) { return dtype == DType::f32 ? 4 : 2; }
 
 HALO_HD inline uint32_t float_bits(float value) {
 #if defined(__CUDA_ARCH__)
@@ -90,22 +79,24 @@ HALO_HD inline uint16_t float_to_f16(float value) {
   return uint16_t(sign | ((rounded - 0x38000000u) >> 13));
 }
 
-// Loads element i of a buffer of `dtype` as float32 (exact for every dtype).
-HALO_HD inline float load_as_float(const void* data, DType dtype, int64_t i) {
+// Loads element i of a float32/float16/bfloat16 buffer as float32 (exact). Callers
+// check the format first (is_kernel_float); other formats read as 0.
+HALO_HD inline float load_as_float(const void* data, Format dtype, int64_t i) {
   switch (dtype) {
-    case DType::f32: return static_cast<const float*>(data)[i];
-    case DType::f16: return f16_to_float(static_cast<const uint16_t*>(data)[i]);
-    case DType::bf16: return bf16_to_float(static_cast<const uint16_t*>(data)[i]);
+    case Format::f32: return static_cast<const float*>(data)[i];
+    case Format::f16: return f16_to_float(static_cast<const uint16_t*>(data)[i]);
+    case Format::bf16: return bf16_to_float(static_cast<const uint16_t*>(data)[i]);
+    default: return 0.0f;
   }
-  return 0.0f;
 }
 
-// Stores a float32 as element i of a buffer of `dtype`, rounding to nearest even.
-HALO_HD inline void store_from_float(void* data, DType dtype, int64_t i, float value) {
+// Stores a float32 as element i of a float32/float16/bfloat16 buffer, rounding to nearest even.
+HALO_HD inline void store_from_float(void* data, Format dtype, int64_t i, float value) {
   switch (dtype) {
-    case DType::f32: static_cast<float*>(data)[i] = value; break;
-    case DType::f16: static_cast<uint16_t*>(data)[i] = float_to_f16(value); break;
-    case DType::bf16: static_cast<uint16_t*>(data)[i] = float_to_bf16(value); break;
+    case Format::f32: static_cast<float*>(data)[i] = value; break;
+    case Format::f16: static_cast<uint16_t*>(data)[i] = float_to_f16(value); break;
+    case Format::bf16: static_cast<uint16_t*>(data)[i] = float_to_bf16(value); break;
+    default: break;
   }
 }
 

@@ -1,6 +1,8 @@
-// halo::io::convert_* against independent conversions: GCC's _Float16 (soft-float
-// round to nearest even) for F16, a nearest-neighbour search over bfloat16's grid
-// for BF16, and C casts for F64.
+// The format table's float row conversions (halo::to_float / from_float, which the
+// merge's float32 working copies use) against independent conversions: GCC's _Float16
+// (soft-float round to nearest even) for F16, a nearest-neighbour search over
+// bfloat16's grid for BF16, and C casts for F64, on sizes that split into several
+// parallel chunks.
 #include <catch2/catch.hpp>
 
 #include <bit>
@@ -11,10 +13,9 @@
 #include <random>
 #include <vector>
 
-#include "halo/core/error.hpp"
-#include "halo/io/convert.hpp"
+#include "halo/core/format.hpp"
 
-using namespace halo::io;
+using halo::Format;
 
 namespace {
 
@@ -67,20 +68,20 @@ std::vector<float> awkward_floats(size_t count) {
 
 }  // namespace
 
-TEST_CASE("F16 and BF16 to float32 agree with independent conversions on every bit pattern") {
+TEST_CASE("F16 and BF16 rows to float32 agree with independent conversions on every bit pattern", "[format]") {
   std::vector<uint16_t> all(65536);
   for (uint32_t i = 0; i < 65536; ++i) all[i] = uint16_t(i);
   std::vector<float> out(all.size());
-  convert_to_float32(all.data(), StDType::F16, int64_t(all.size()), out.data());
+  halo::to_float(Format::f16, all.data(), out.data(), int64_t(all.size()));
   for (uint32_t i = 0; i < 65536; ++i) REQUIRE(same(out[i], half_bits_to_float(uint16_t(i))));
-  convert_to_float32(all.data(), StDType::BF16, int64_t(all.size()), out.data());
+  halo::to_float(Format::bf16, all.data(), out.data(), int64_t(all.size()));
   for (uint32_t i = 0; i < 65536; ++i) REQUIRE(same(out[i], std::bit_cast<float>(i << 16)));
 }
 
-TEST_CASE("float32 to F16 rounds to nearest even like _Float16") {
+TEST_CASE("float32 rows to F16 round to nearest even like _Float16", "[format]") {
   const auto x = awkward_floats(200'003);  // several parallel chunks and an odd tail
   std::vector<uint16_t> got(x.size());
-  convert_from_float32(x.data(), int64_t(x.size()), StDType::F16, got.data());
+  halo::from_float(Format::f16, x.data(), got.data(), int64_t(x.size()));
   for (size_t i = 0; i < x.size(); ++i) {
     INFO("x = " << x[i] << " bits " << std::bit_cast<uint32_t>(x[i]));
     if (std::isnan(x[i])) REQUIRE(std::isnan(half_bits_to_float(got[i])));
@@ -88,10 +89,10 @@ TEST_CASE("float32 to F16 rounds to nearest even like _Float16") {
   }
 }
 
-TEST_CASE("float32 to BF16 picks the nearest bfloat16, ties to even") {
+TEST_CASE("float32 rows to BF16 pick the nearest bfloat16, ties to even", "[format]") {
   const auto x = awkward_floats(200'003);
   std::vector<uint16_t> got(x.size());
-  convert_from_float32(x.data(), int64_t(x.size()), StDType::BF16, got.data());
+  halo::from_float(Format::bf16, x.data(), got.data(), int64_t(x.size()));
   for (size_t i = 0; i < x.size(); ++i) {
     INFO("x = " << x[i] << " bits " << std::bit_cast<uint32_t>(x[i]));
     if (std::isnan(x[i])) REQUIRE(std::isnan(std::bit_cast<float>(uint32_t(got[i]) << 16)));
@@ -99,7 +100,7 @@ TEST_CASE("float32 to BF16 picks the nearest bfloat16, ties to even") {
   }
 }
 
-TEST_CASE("F32 and F64 conversions are casts, on awkward sizes") {
+TEST_CASE("F32 and F64 row conversions are casts, on awkward sizes", "[format]") {
   for (int64_t n : {0, 1, 31, 65535, 65537, 3 * 65536 + 5}) {
     const size_t count = static_cast<size_t>(n);
     std::vector<double> d(count);
@@ -107,22 +108,13 @@ TEST_CASE("F32 and F64 conversions are casts, on awkward sizes") {
     for (auto& v : d) v = std::bit_cast<double>(rng());
     std::vector<float> f(count), copy(count), copy2(count);
     std::vector<double> back_d(count);
-    convert_to_float32(d.data(), StDType::F64, n, f.data());
+    halo::to_float(Format::f64, d.data(), f.data(), n);
     for (int64_t i = 0; i < n; ++i) REQUIRE(same(f[size_t(i)], static_cast<float>(d[size_t(i)])));
-    convert_from_float32(f.data(), n, StDType::F64, back_d.data());
+    halo::from_float(Format::f64, f.data(), back_d.data(), n);
     for (int64_t i = 0; i < n; ++i)
       REQUIRE((std::isnan(f[size_t(i)]) ? std::isnan(back_d[size_t(i)]) : back_d[size_t(i)] == double(f[size_t(i)])));
-    convert_from_float32(f.data(), n, StDType::F32, copy.data());
-    convert_to_float32(copy.data(), StDType::F32, n, copy2.data());
+    halo::from_float(Format::f32, f.data(), copy.data(), n);
+    halo::to_float(Format::f32, copy.data(), copy2.data(), n);
     if (n) REQUIRE(std::memcmp(f.data(), copy2.data(), count * 4) == 0);
   }
-}
-
-TEST_CASE("non-float dtypes and negative counts are refused") {
-  float out[1];
-  const uint8_t in[4] = {};
-  CHECK_THROWS_WITH(convert_to_float32(in, StDType::I32, 1, out), Catch::Contains("convert_to_float32") &&
-                                                                       Catch::Contains("I32"));
-  CHECK_THROWS_AS(convert_from_float32(out, 1, StDType::U8, nullptr), halo::InvalidArgument);
-  CHECK_THROWS_AS(convert_to_float32(in, StDType::F32, -1, out), halo::InvalidArgument);
 }
