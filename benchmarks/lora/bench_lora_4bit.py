@@ -11,31 +11,22 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
+import sys
 import time
 import tracemalloc
 import warnings
+from pathlib import Path
 
 import torch
 
 warnings.filterwarnings("ignore")
 logging.disable(logging.WARNING)
-import bitsandbytes as bnb
 import halo
 from halo.torch import lora_linear
-from peft import LoraConfig, get_peft_model
 
-
-class _OneLayer(torch.nn.Module):
-    # what transformers sets on a model loaded in 4 bits: PEFT then wraps Linear4bit in its
-    # bitsandbytes LoRA layer (peft.tuners.lora.bnb.Linear4bit), as QLoRA training does
-    is_loaded_in_4bit = True
-
-    def __init__(self, layer):
-        super().__init__()
-        self.proj = layer
-
-    def forward(self, x):
-        return self.proj(x)
+# The tiny-model builders are shared with the tests.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests" / "python"))
+import tiny_models
 
 
 def timeit(fn, reps: int) -> float:
@@ -61,23 +52,8 @@ def main() -> None:
     reps = args.reps or (2 if args.quick else 3)
     rank, alpha, dropout = args.rank, 2 * args.rank, 0.05
 
-    torch.manual_seed(0)
-    dense = torch.nn.Linear(in_features, out_features, bias=False)
-    base = bnb.nn.Linear4bit(
-        in_features,
-        out_features,
-        bias=False,
-        compute_dtype=torch.float32,
-        quant_type="nf4",
-        compress_statistics=True,
-    )
-    base.load_state_dict(dense.state_dict())
-    base = base.to("cpu")
-    del dense
-    config = LoraConfig(
-        r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=["proj"], init_lora_weights=False
-    )
-    layer = get_peft_model(_OneLayer(base), config).base_model.model.proj
+    layer = tiny_models.qlora_layer(in_features, out_features, r=rank, alpha=alpha, dropout=dropout, seed=0)
+    base = layer.get_base_layer()
     layer.train()
     qt = halo.QuantizedTensor.from_bnb_state_dict(base.state_dict(), "weight")
     lora_a = layer.lora_A["default"].weight

@@ -1,6 +1,7 @@
 # Stubs of the compiled module halo._core: one file per area submodule.
 from . import backend as backend
 from . import core as core
+from . import gguf as gguf
 from . import hwq as hwq
 from . import io as io
 from . import lora as lora
