@@ -41,12 +41,16 @@ def flatten_float(function: str, value: Any) -> Flat:
         torch = _torch()
         tensor = value.detach()
         if tensor.layout != torch.strided:
-            raise TypeError(f"[{function}] expected a dense tensor, got layout {tensor.layout}; call .to_dense() first")
+            raise TypeError(
+                f"[{function}] expected a dense tensor, got layout {tensor.layout}; call .to_dense() first"
+            )
         if tensor.device.type != "cpu":
             tensor = tensor.cpu()
         names = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
         if tensor.dtype not in names:
-            raise TypeError(f"[{function}] expected a float32, float16 or bfloat16 tensor, got {tensor.dtype}")
+            raise TypeError(
+                f"[{function}] expected a float32, float16 or bfloat16 tensor, got {tensor.dtype}"
+            )
         tensor = tensor.contiguous()
         dtype = names[tensor.dtype]
         flat = tensor.reshape(-1)
@@ -55,9 +59,13 @@ def flatten_float(function: str, value: Any) -> Flat:
     if isinstance(value, np.ndarray):
         name = value.dtype.name
         if name not in FLOAT_DTYPES:
-            raise TypeError(f"[{function}] expected a float32, float16 or bfloat16 array, got dtype {value.dtype}")
+            raise TypeError(
+                f"[{function}] expected a float32, float16 or bfloat16 array, got dtype {value.dtype}"
+            )
         # Kernels read native (little-endian) data: a big-endian array is converted, not misread.
-        array = np.ascontiguousarray(value if value.dtype.isnative else value.astype(value.dtype.newbyteorder("=")))
+        array = np.ascontiguousarray(
+            value if value.dtype.isnative else value.astype(value.dtype.newbyteorder("="))
+        )
         data = array.reshape(-1)
         if name == "bfloat16":  # ml_dtypes.bfloat16
             data = data.view(np.uint16)
@@ -66,7 +74,7 @@ def flatten_float(function: str, value: Any) -> Flat:
 
 
 def float_dtype_name(function: str, dtype: Any) -> str:
-    """"float32" / "float16" / "bfloat16" from a name, a NumPy dtype or type, or a torch dtype."""
+    """ "float32" / "float16" / "bfloat16" from a name, a NumPy dtype or type, or a torch dtype."""
     if isinstance(dtype, str):
         name = dtype.removeprefix("torch.")
     else:
@@ -84,7 +92,7 @@ def restore(flat: np.ndarray, dtype: str, shape: tuple[int, ...], kind: str) -> 
     if kind == "torch":
         torch = _torch()
         if torch is None:
-            import torch  # noqa: F811  (the caller gave torch once; it must be importable)
+            import torch
         if dtype == "bfloat16":
             return torch.from_numpy(flat.view(np.int16)).view(torch.bfloat16).reshape(shape)
         return torch.from_numpy(flat).reshape(shape)
@@ -94,5 +102,7 @@ def restore(flat: np.ndarray, dtype: str, shape: tuple[int, ...], kind: str) -> 
 
             return flat.view(ml_dtypes.bfloat16).reshape(shape)
         except ImportError as error:
-            raise TypeError("bfloat16 NumPy output needs the ml_dtypes package; ask for float32 instead") from error
+            raise TypeError(
+                "bfloat16 NumPy output needs the ml_dtypes package; ask for float32 instead"
+            ) from error
     return flat.reshape(shape)

@@ -9,7 +9,7 @@ lists, so adding a format to ``include/halo/core/format.hpp`` adds it here.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 from . import _core
 
@@ -26,7 +26,7 @@ class FormatInfo:
     block_elems: int  # 1 for element types, 0 for bnb4 (block size chosen per tensor)
     block_bytes: int
     bits_per_element: float
-    code_book: Optional[tuple[float, ...]]
+    code_book: tuple[float, ...] | None
     to_float: bool
     from_float: bool
 

@@ -9,7 +9,7 @@ os.environ.setdefault(
 )
 warnings.filterwarnings("ignore", message=".*kernels-community.*")
 
-from hypothesis import settings  # noqa: E402
+from hypothesis import settings  # noqa: E402 (the environment above must be set first)
 
 # No example database in the work tree: runs stay independent of earlier runs.
 settings.register_profile("halo", database=None)

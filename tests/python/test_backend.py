@@ -6,16 +6,16 @@ import os
 import subprocess
 import sys
 
+import halo
 import numpy as np
 import pytest
-
-import halo
 
 
 def test_backends_lists_scalar_and_what_the_cpu_has():
     names = halo.backends()
     assert names[0] == "scalar"
-    flags = open("/proc/cpuinfo").read()
+    with open("/proc/cpuinfo") as cpuinfo:
+        flags = cpuinfo.read()
     assert ("avx512bw" in flags) == ("avx512" in names)
     assert ("avx2" in flags) == ("avx2" in names)
 
@@ -30,11 +30,20 @@ def test_auto_picks_the_best_cpu_backend():
 
 def test_env_override_pins_the_backend():
     code = "import halo; print(halo.resolve_backend('auto'))"
-    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "HALO_BACKEND": "scalar"},
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "HALO_BACKEND": "scalar"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert out.stdout.strip() == "scalar"
-    bad = subprocess.run([sys.executable, "-c", code], env={**os.environ, "HALO_BACKEND": "tpu"},
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "HALO_BACKEND": "tpu"},
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode != 0 and "tpu" in bad.stderr
 
 

@@ -4,11 +4,10 @@ torch and NumPy dtype names, and bitsandbytes' code books."""
 
 from __future__ import annotations
 
+import halo
 import numpy as np
 import pytest
 import torch
-
-import halo
 from halo import formats
 
 
@@ -31,7 +30,9 @@ def test_element_rows_match_torch_numpy_and_safetensors():
             continue
         tdtype = getattr(torch, row.torch)
         assert tdtype.itemsize == row.itemsize, row.name
-        npdtype = np.dtype(getattr(ml_dtypes, row.numpy)) if hasattr(ml_dtypes, row.numpy) else np.dtype(row.numpy)
+        npdtype = (
+            np.dtype(getattr(ml_dtypes, row.numpy)) if hasattr(ml_dtypes, row.numpy) else np.dtype(row.numpy)
+        )
         assert npdtype.itemsize == row.itemsize, row.name
         # safetensors' own name for the torch dtype is the table's.
         assert safetensors.torch._TYPES[row.safetensors] == tdtype, row.name

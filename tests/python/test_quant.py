@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 import logging
 
+import halo
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-import halo
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 try:  # the reference; tests that only need NumPy/torch run without it
@@ -48,7 +47,9 @@ def bits(t: torch.Tensor) -> np.ndarray:
 @pytest.mark.parametrize("blocksize", BLOCKSIZES)
 @pytest.mark.parametrize("dtype", DTYPES)
 # 4095 and 8191 are one short of a multiple of every block size (the AVX-512 tail case).
-@pytest.mark.parametrize("shape", [(1,), (33,), (7, 65), (64, 129), (300, 70), (4097,), (4095,), (3, 2730 + 1), (8191,)])
+@pytest.mark.parametrize(
+    "shape", [(1,), (33,), (7, 65), (64, 129), (300, 70), (4097,), (4095,), (3, 2730 + 1), (8191,)]
+)
 def test_bit_exact_with_bitsandbytes(quant_type, blocksize, dtype, shape):
     gen = torch.Generator().manual_seed(hash((quant_type, blocksize, str(dtype), shape)) % 2**31)
     w = torch.randn(shape, generator=gen).to(dtype)
@@ -66,7 +67,9 @@ def assert_matches_bnb_dequant(got, packed, absmax, quant_type, blocksize, shape
     """halo equals bitsandbytes' reference (torch) dequantizer bit for bit, and its native
     CPU kernel wherever that kernel is self-consistent (see docs/quantization.md)."""
     code = F.get_4bit_type(quant_type, device="cpu")
-    reference_values = _dequantize_4bit_compute.__wrapped__(packed.reshape(-1), absmax, code, blocksize, shape, dtype)
+    reference_values = _dequantize_4bit_compute.__wrapped__(
+        packed.reshape(-1), absmax, code, blocksize, shape, dtype
+    )
     assert np.array_equal(bits(got), bits(reference_values))
     native = torch.ops.bitsandbytes.dequantize_4bit(packed, absmax, blocksize, quant_type, list(shape), dtype)
     # bnb 0.50.2's native CPU kernel reads the wrong absmax for some shapes (e.g. [40, 96] with
@@ -97,7 +100,9 @@ def test_double_quant_bit_exact(quant_type, blocksize, shape, threads):
     assert np.float32(qt.nested_offset).view(np.int32) == np.float32(state.offset.item()).view(np.int32)
     absmax = F.dequantize_blockwise(state.absmax, state.state2) + state.offset
     assert np.array_equal(bits(torch.from_numpy(qt.block_absmax())), bits(absmax))
-    assert_matches_bnb_dequant(halo.dequantize_4bit(qt), packed, absmax, quant_type, blocksize, shape, torch.float32)
+    assert_matches_bnb_dequant(
+        halo.dequantize_4bit(qt), packed, absmax, quant_type, blocksize, shape, torch.float32
+    )
 
 
 @needs_bnb
@@ -152,7 +157,7 @@ def test_state_dict_loads_into_linear4bit_and_back(tmp_path):
     assert torch.equal(halo.dequantize_4bit(back), halo.dequantize_4bit(qt))
     # bitsandbytes reads halo's entries.
     bnb_layer = bnb.nn.Linear4bit(70, 30, bias=False, compute_dtype=torch.float32, quant_type="nf4")
-    stats = {k[len("weight."):]: v for k, v in loaded.items() if k != "weight"}
+    stats = {k[len("weight.") :]: v for k, v in loaded.items() if k != "weight"}
     bnb_layer.weight = bnb.nn.Params4bit.from_prequantized(
         data=loaded["weight"], quantized_stats=stats, requires_grad=False, device="cpu"
     )
@@ -245,7 +250,9 @@ def test_bad_input_raises_clear_errors(call, error, fragment):
 
 
 def _state():
-    return halo.quantize_4bit(np.random.default_rng(1).standard_normal(128).astype(np.float32)).to_bnb_state_dict()
+    return halo.quantize_4bit(
+        np.random.default_rng(1).standard_normal(128).astype(np.float32)
+    ).to_bnb_state_dict()
 
 
 @pytest.mark.parametrize(
@@ -257,23 +264,36 @@ def _state():
         (lambda sd: sd.__setitem__("weight.absmax", sd["weight.absmax"][:1]), "absmax"),
         (
             lambda sd: sd.__setitem__(
-                "weight.quant_state.bitsandbytes__nf4", torch.frombuffer(bytearray(b"{not json"), dtype=torch.uint8)
+                "weight.quant_state.bitsandbytes__nf4",
+                torch.frombuffer(bytearray(b"{not json"), dtype=torch.uint8),
             ),
             "JSON",
         ),
         (
             lambda sd: sd.__setitem__(
                 "weight.quant_state.bitsandbytes__nf4",
-                torch.frombuffer(bytearray(json.dumps({"quant_type": "nf4", "blocksize": 64, "dtype": "float32",
-                                                        "shape": [3, -1]}).encode()), dtype=torch.uint8),
+                torch.frombuffer(
+                    bytearray(
+                        json.dumps(
+                            {"quant_type": "nf4", "blocksize": 64, "dtype": "float32", "shape": [3, -1]}
+                        ).encode()
+                    ),
+                    dtype=torch.uint8,
+                ),
             ),
             "shape",
         ),
         (
             lambda sd: sd.__setitem__(
                 "weight.quant_state.bitsandbytes__nf4",
-                torch.frombuffer(bytearray(json.dumps({"quant_type": "nf4", "blocksize": 48, "dtype": "float32",
-                                                        "shape": [128]}).encode()), dtype=torch.uint8),
+                torch.frombuffer(
+                    bytearray(
+                        json.dumps(
+                            {"quant_type": "nf4", "blocksize": 48, "dtype": "float32", "shape": [128]}
+                        ).encode()
+                    ),
+                    dtype=torch.uint8,
+                ),
             ),
             "48",
         ),
@@ -322,6 +342,45 @@ def test_dequantize_into_out_equals_fresh_result():
         halo.dequantize_4bit(qt, dtype="float32", out=np.empty(2560, np.float16))
 
 
+def _nested_state_with(**changes):
+    w = np.random.default_rng(2).standard_normal(64 * 300).astype(np.float32)
+    sd = halo.quantize_4bit(w, double_quant=True).to_bnb_state_dict()
+    key = "weight.quant_state.bitsandbytes__nf4"
+    meta = json.loads(bytes(sd[key].numpy()).decode())
+    meta.update(changes)
+    sd[key] = torch.frombuffer(bytearray(json.dumps(meta).encode()), dtype=torch.uint8)
+    return sd
+
+
+@pytest.mark.parametrize(
+    ("changes", "fragment"),
+    [
+        ({"nested_blocksize": 0}, "'nested_blocksize' must be a positive integer, got 0"),
+        ({"nested_blocksize": "abc"}, "'nested_blocksize' must be a positive integer, got 'abc'"),
+        ({"nested_blocksize": 10**30}, "'nested_blocksize' must be a positive integer, got 10000000000"),
+        ({"nested_blocksize": 1.5}, "'nested_blocksize' must be a positive integer, got 1.5"),
+        ({"nested_blocksize": True}, "'nested_blocksize' must be a positive integer, got True"),
+        ({"nested_offset": None}, "'nested_offset' must be a finite float32 number, got None"),
+        ({"nested_offset": 1e300}, "'nested_offset' must be a finite float32 number, got 1e\\+300"),
+        ({"nested_offset": "0.5"}, "'nested_offset' must be a finite float32 number"),
+        ({"nested_offset": 10**400}, "'nested_offset' must be a finite float32 number"),
+    ],
+)
+def test_bad_nested_quant_state_raises_instead_of_nan_weights(changes, fragment):
+    """Issue 9: each of these gave ZeroDivisionError, a bare int() error, a silently truncated
+    block size or NaN/inf weights."""
+    sd = _nested_state_with(**changes)
+    with pytest.raises(ValueError, match=fragment) as info:
+        halo.QuantizedTensor.from_bnb_state_dict(sd)
+    assert str(info.value).startswith("[QuantizedTensor.from_bnb_state_dict]")
+
+
+def test_good_nested_quant_state_still_reads():
+    sd = _nested_state_with()
+    qt = halo.QuantizedTensor.from_bnb_state_dict(sd)
+    assert np.isfinite(halo.dequantize_4bit(qt)).all()
+
+
 # -- the typed boundary ------------------------------------------------------------------------------
 
 
@@ -358,7 +417,9 @@ def test_dtype_objects_are_accepted_and_bad_outs_refused():
     for spelling in (np.float16, np.dtype("float16"), torch.float16, "float16"):
         got = halo.dequantize_4bit(qt, dtype=spelling)
         assert got.dtype == np.float16 and np.array_equal(got, expected), spelling
-    with pytest.raises(TypeError, match=r"\[dequantize_4bit\] out must be a NumPy array or a torch tensor, got list"):
+    with pytest.raises(
+        TypeError, match=r"\[dequantize_4bit\] out must be a NumPy array or a torch tensor, got list"
+    ):
         halo.dequantize_4bit(qt, out=[0.0] * 512)
     with pytest.raises(TypeError, match="int8"):
         halo.dequantize_4bit(qt, dtype=np.int8)
@@ -375,14 +436,29 @@ def test_numpy_only_tests_run_without_bitsandbytes(tmp_path):
     (tmp_path / "sitecustomize.py").write_text("import sys\nsys.modules['bitsandbytes'] = None\n")
     import os
 
-    paths = [str(tmp_path)] + [os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    paths = [str(tmp_path)] + [
+        os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p
+    ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
     here = Path(__file__)
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", str(here), "-q", "-p", "no:cacheprovider", "-k",
-         "numpy_in_numpy_out or memory_layout or round_trip_property or bad_input or typed or big_endian"
-         " or wrong_element or dtype_objects"],
-        env=env, capture_output=True, text=True, cwd=here.parents[2], timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            str(here),
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-k",
+            "numpy_in_numpy_out or memory_layout or round_trip_property or bad_input or typed or big_endian"
+            " or wrong_element or dtype_objects",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=here.parents[2],
+        timeout=300,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert " passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-1000:]

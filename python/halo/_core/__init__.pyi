@@ -1,8 +1,9 @@
 # Stubs of the compiled module halo._core: one file per area submodule.
 from . import backend as backend
 from . import core as core
-from . import quant as quant
+from . import gguf as gguf
 from . import hwq as hwq
-from . import lora as lora
 from . import io as io
+from . import lora as lora
+from . import quant as quant
 from . import sched as sched

@@ -1,4 +1,3 @@
-from typing import Optional
 
 import numpy as np
 import numpy.typing as npt
@@ -7,7 +6,7 @@ def forward(
     x: npt.NDArray[np.floating],
     lora_a: npt.NDArray[np.floating],
     lora_b: npt.NDArray[np.floating],
-    bias: Optional[npt.NDArray[np.floating]],
+    bias: npt.NDArray[np.floating] | None,
     base: npt.ArrayLike,
     base_dtype: str,
     out_features: int,
@@ -16,7 +15,7 @@ def forward(
     scaling: float,
     dropout: float,
     seed: int,
-    absmax: Optional[npt.ArrayLike] = None,
+    absmax: npt.ArrayLike | None = None,
     blocksize: int = 64,
     backend: str = "auto",
 ) -> npt.NDArray[np.floating]: ...
@@ -34,11 +33,11 @@ def backward(
     scaling: float,
     dropout: float,
     seed: int,
-    absmax: Optional[npt.ArrayLike] = None,
+    absmax: npt.ArrayLike | None = None,
     blocksize: int = 64,
     backend: str = "auto",
 ) -> tuple[
-    npt.NDArray[np.floating], npt.NDArray[np.floating], npt.NDArray[np.floating], Optional[npt.NDArray[np.floating]]
+    npt.NDArray[np.floating], npt.NDArray[np.floating], npt.NDArray[np.floating], npt.NDArray[np.floating] | None
 ]: ...
 def dropout_mask(seed: int, count: int, p: float) -> npt.NDArray[np.float32]: ...
 def merge(

@@ -1,4 +1,3 @@
-from typing import Optional
 
 import numpy as np
 import numpy.typing as npt
@@ -14,10 +13,10 @@ def dequantize_4bit(
     blocksize: int,
     dtype: str,
     backend: str,
-    out: Optional[npt.ArrayLike] = None,
+    out: npt.ArrayLike | None = None,
 ) -> npt.NDArray[np.generic]: ...
 def double_quantize(
-    absmax: npt.ArrayLike, nested_blocksize: int = 256, offset: Optional[float] = None, mean_threads: int = 1
+    absmax: npt.ArrayLike, nested_blocksize: int = 256, offset: float | None = None, mean_threads: int = 1
 ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32], float]: ...
 def double_dequantize(
     codes: npt.ArrayLike, nested_absmax: npt.ArrayLike, offset: float, nested_blocksize: int = 256
