@@ -1,5 +1,6 @@
 #include <optional>
 
+#include "bindings/array_cache.hpp"
 #include "bindings/registry.hpp"
 #include "halo/core/reduce.hpp"
 #include "halo/quant/codebook4.hpp"
@@ -64,7 +65,7 @@ py::object matmul(const py::buffer& x, const std::string& dtype_name, int64_t ro
     y_ptr = target.data;
     result = *out;
   } else {
-    py::array fresh = new_array(dtype, rows * y_cols);
+    py::array fresh = cached_array(dtype, rows * y_cols);
     y_ptr = fresh.mutable_data();
     result = fresh;
   }
@@ -133,7 +134,7 @@ void bind(py::module_& m) {
           out_ptr = target.data;
           result = *out;
         } else {
-          py::array fresh = new_array(dtype, n);
+          py::array fresh = cached_array(dtype, n);  // reused pages: no fault-and-zero per call
           out_ptr = fresh.mutable_data();
           result = fresh;
         }
@@ -195,6 +196,9 @@ void bind(py::module_& m) {
         py::arg("out") = py::none(),
         "y = x W^T (+ bias), or x W when transposed, for a flat 4-bit W [out_features, in_features]; x, bias, out "
         "and the result are flat arrays of `dtype` (bfloat16 as uint16 bits).");
+  m.def(
+      "array_cache_state", [] { return array_cache_state(); },
+      "(blocks, bytes) of output memory cached for reuse by new result arrays (HALO_ARRAY_CACHE_MIB).");
   m.def(
       "matmul_4bit_variant",
       [](const std::string& dtype_name, int64_t rows, int64_t out_features, int64_t in_features, int64_t blocksize,

@@ -264,9 +264,7 @@ def write_gguf(path, layers, hidden, ffn, vocab, heads):
         return raw.reshape(rows, cols // 32 * 18)
 
     def add_q(name, rows, cols):
-        writer.add_tensor(
-            name, q4_0(rows, cols), raw_shape=(rows, cols), raw_dtype=gguf.GGMLQuantizationType.Q4_0
-        )
+        writer.add_tensor(name, q4_0(rows, cols), raw_dtype=gguf.GGMLQuantizationType.Q4_0)
 
     writer.add_tensor("token_embd.weight", rng.standard_normal((vocab, hidden), np.float32) * 0.02)
     writer.add_tensor("output_norm.weight", np.ones(hidden, np.float32))
@@ -312,12 +310,17 @@ def main_llama(args):
                 qt._kernel_arrays()
         total_bytes = sum(weight_bytes(qt) for qts in halo_layers for qt in qts)
 
+        inputs = {
+            dt: (torch.randn(1, hidden).to(dt), torch.randn(1, ffn).to(dt))
+            for dt in (torch.bfloat16, torch.float32)
+        }
+
         def halo_token(dtype):
-            x = torch.randn(1, hidden).to(dtype)
+            x, wide = inputs[dtype]
             start = time.perf_counter()
             for qts in halo_layers:
                 for qt, (_, i) in zip(qts, shapes):
-                    halo.matmul_4bit(x if i == hidden else torch.randn(1, ffn).to(dtype), qt)
+                    halo.matmul_4bit(x if i == hidden else wide, qt)
             return time.perf_counter() - start
 
         def llama_token(position):

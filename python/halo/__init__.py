@@ -7,13 +7,16 @@
 Areas: 4-bit quantization (this namespace), ``halo.lora`` and ``halo.torch`` (adapter math, autograd),
 ``halo.io`` / ``halo.merge`` / ``halo.read_adapter`` (safetensors, PEFT adapters, streaming merge),
 ``halo.halo_quantize`` and ``halo.hf`` (hardware-aware quantizer), ``halo.partition`` and ``halo.sched``
-(neuron groups, PLR-aware balancer, cluster simulator). ``halo.ops`` (torch operators),
-``halo.nn`` (Linear4bit), ``halo.optim`` (8-bit AdamW) and ``halo.hf.HaloConfig`` need torch and
-load on first use: importing halo does not import torch.
+(neuron groups, PLR-aware balancer, cluster simulator), ``halo.gguf`` / ``halo.export_gguf`` /
+``halo.import_gguf`` (llama.cpp's GGUF files). ``halo.ops`` (torch operators), ``halo.nn``
+(Linear4bit), ``halo.optim`` (8-bit AdamW) and ``halo.hf.HaloConfig`` need torch and load on first
+use: importing halo does not import torch.
 """
 
-from . import hf, io, lora, partition, sched
+from . import gguf, hf, io, lora, partition, sched
 from .backend import backends, built_with_cuda, resolve_backend
+from .gguf_export import export_gguf
+from .gguf_import import import_gguf
 from .hwq import HaloQuantized, HardwareModel, halo_quantize, rtn_quantize
 from .merge import merge
 from .peft_io import read_adapter, write_adapter
@@ -39,8 +42,11 @@ __all__ = [
     "backends",
     "built_with_cuda",
     "dequantize_4bit",
+    "export_gguf",
+    "gguf",
     "halo_quantize",
     "hf",
+    "import_gguf",
     "io",
     "lora",
     "matmul_4bit",

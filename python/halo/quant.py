@@ -224,7 +224,26 @@ class QuantizedTensor:
             raise ValueError(f"[{fn}] quant state JSON lacks 'nested_offset'")
         if absmax.dtype != np.uint8:
             raise ValueError(f"[{fn}] nested '{prefix}.absmax' must be uint8 codes, got {absmax.dtype}")
-        nested_blocksize = int(meta.get("nested_blocksize", NESTED_BLOCKSIZE))
+        nested_blocksize = meta.get("nested_blocksize", NESTED_BLOCKSIZE)
+        if (
+            isinstance(nested_blocksize, bool)
+            or not isinstance(nested_blocksize, int)
+            or not 0 < nested_blocksize < 2**31
+        ):
+            raise ValueError(
+                f"[{fn}] quant state 'nested_blocksize' must be a positive integer, got {nested_blocksize!r}"
+            )
+        nested_offset = meta["nested_offset"]
+        finite = isinstance(nested_offset, (int, float)) and not isinstance(nested_offset, bool)
+        try:
+            with np.errstate(over="ignore"):
+                finite = finite and bool(np.isfinite(np.float32(float(nested_offset))))
+        except OverflowError:  # an integer beyond double's range
+            finite = False
+        if not finite:
+            raise ValueError(
+                f"[{fn}] quant state 'nested_offset' must be a finite float32 number, got {nested_offset!r}"
+            )
         nested_absmax = np.ascontiguousarray(_as_numpy(state_dict[f"{prefix}.nested_absmax"])).reshape(-1)
         if nested_absmax.dtype != np.float32 or nested_absmax.shape[0] != -(-blocks // nested_blocksize):
             raise ValueError(
@@ -245,7 +264,7 @@ class QuantizedTensor:
             quant_type,
             double_quant=True,
             nested_absmax=nested_absmax,
-            nested_offset=float(np.float32(meta["nested_offset"])),
+            nested_offset=float(np.float32(nested_offset)),
             nested_blocksize=nested_blocksize,
             kind=kind,
         )

@@ -34,6 +34,7 @@ struct Params {
   const void* bias;
   void* y;
   bool aligned;  // in % 8 == 0 and packed 4-byte aligned: whole 32-bit words per 8 weights
+  int block_shift;  // log2(blocksize)
 };
 
 __device__ inline float rounded(float value, Format dtype) {
@@ -49,7 +50,7 @@ __device__ inline float weight_at(const Params& p, int64_t flat) {
 // The 8 weights of flat elements [flat, flat + 8) (flat a multiple of 8: one block, 4 bytes).
 __device__ inline void weights8(const Params& p, int64_t flat, float* w) {
   const uint32_t word = *reinterpret_cast<const uint32_t*>(p.packed + flat / 2);
-  const float scale = p.absmax[flat / p.blocksize];
+  const float scale = p.absmax[flat >> p.block_shift];
 #pragma unroll
   for (int b = 0; b < 4; ++b) {
     const uint32_t byte = (word >> (8 * b)) & 0xffu;
@@ -139,7 +140,9 @@ void matmul_4bit_device(const void* x, Format dtype, int64_t rows, const uint8_t
   const char* fn = "cuda::matmul_4bit_device";
   if (rows == 0) return;
   const bool aligned = in % 8 == 0 && reinterpret_cast<uintptr_t>(packed) % 4 == 0;
-  const Params params{codebook4(type), x, dtype, rows, packed, absmax, blocksize, out, in, bias, y, aligned};
+  int shift = 0;
+  while ((int64_t(1) << shift) < blocksize) ++shift;
+  const Params params{codebook4(type), x, dtype, rows, packed, absmax, blocksize, out, in, bias, y, aligned, shift};
   const auto queue = static_cast<cudaStream_t>(stream);
   if (transposed) {
     const int threads = 128;

@@ -4,6 +4,7 @@
 #include "halo/quant/matmul4.hpp"
 
 #include <algorithm>
+#include <bit>
 #include <cstring>
 #include <vector>
 
@@ -13,6 +14,7 @@
 #include "halo/core/parallel.hpp"
 #include "halo/quant/codebook4.hpp"
 #include "src/cuda/cuda_api.hpp"
+#include "src/quant/matmul4_buffers.hpp"
 #include "src/quant/matmul4_kernels.hpp"
 #include "src/quant/matmul4_reference.hpp"
 #include "src/quant/matmul4_special.hpp"
@@ -33,6 +35,15 @@ constexpr int64_t kPanelDepth = 256;
 // Transposed product: kStripCols columns of W per panel, kStripDepth rows deep.
 constexpr int64_t kStripCols = 128;
 constexpr int64_t kStripDepth = 256;
+// At least this many weights per thread in the GEMV (about 10 us of work): smaller
+// products run on the calling thread, as waking a pool thread costs more.
+constexpr int64_t kGemvWeightsPerTask = 1 << 17;
+
+// Rows of W per task: one even share per thread, or fewer tasks when the product is small.
+int64_t gemv_grain(int64_t out, int64_t in) {
+  const int64_t tasks = std::clamp<int64_t>(out * in / kGemvWeightsPerTask, 1, num_threads());
+  return ((out + tasks - 1) / tasks + 3) / 4 * 4;
+}
 
 struct Job {
   const void* x;
@@ -45,7 +56,7 @@ struct Job {
 };
 
 // x as float32 rows: the caller's memory when it is float32, else a converted copy.
-const float* float_rows(const void* data, Format dtype, int64_t count, std::vector<float>& storage) {
+const float* float_rows(const void* data, Format dtype, int64_t count, kernels::AlignedVector<float>& storage) {
   if (dtype == Format::f32) return static_cast<const float*>(data);
   storage.resize(size_t(count));
   parallel_for(count, 1 << 16, [&](int64_t begin, int64_t end) {
@@ -55,7 +66,7 @@ const float* float_rows(const void* data, Format dtype, int64_t count, std::vect
 }
 
 // Where float32 results go before bias and rounding: y itself when it is float32.
-float* float_output(const Job& job, int64_t count, std::vector<float>& storage) {
+float* float_output(const Job& job, int64_t count, kernels::AlignedVector<float>& storage) {
   if (job.dtype == Format::f32) return static_cast<float*>(job.y);
   storage.resize(size_t(count));
   return storage.data();
@@ -77,7 +88,7 @@ void finish(const Job& job, const float* y32, int64_t cols, const void* bias) {
 // ---- forward: y = x Wᵀ ---------------------------------------------------------------------------
 
 void forward_scalar(const Job& job) {
-  std::vector<float> x_storage, y_storage;
+  kernels::AlignedVector<float> x_storage, y_storage;
   const float* x32 = float_rows(job.x, job.dtype, job.rows * job.w.in, x_storage);
   float* y32 = float_output(job, job.rows * job.w.out, y_storage);
   parallel_for(job.w.out, 16, [&](int64_t o0, int64_t o1) {
@@ -92,24 +103,31 @@ bool fused_gemv_fits(const Matmul4Ops& ops, const Job& job) {
 
 void forward_gemv(const Matmul4Ops& ops, const Job& job, const float* x32, float* y32) {
   const int64_t in = job.w.in, out = job.w.out;
-  std::vector<float> panel;
+  kernels::AlignedVector<float> panel;
   for (int64_t r0 = 0; r0 < job.rows; r0 += ops.gemv_max_rows) {
     const int64_t rows = std::min<int64_t>(ops.gemv_max_rows, job.rows - r0);
     panel.resize(size_t(rows * in));
     ops.gemv_pack(x32 + r0 * in, rows, in, panel.data());
-    parallel_for(out, 16, [&](int64_t o0, int64_t o1) { ops.gemv(job.w, panel.data(), rows, o0, o1, y32 + r0 * out, out); });
+    parallel_for(out, gemv_grain(out, in),
+                 [&](int64_t o0, int64_t o1) { ops.gemv(job.w, panel.data(), rows, o0, o1, y32 + r0 * out, out); });
   }
 }
 
-// x [rows, in] -> xT [in, rows] (the GEMM's b operand), in cache-sized tiles.
+// The GEMM's b operand is read as panels kBPanel columns wide, each stored contiguously
+// ([depth][kBPanel]): with a leading dimension of the full width, rows 512 B to 2 KB
+// apart fall into a few L1 sets and miss.
+constexpr int64_t kBPanel = kernels::kGemmPanel;
+
+// x [rows, in] -> xt[(r / kBPanel) * in * kBPanel + k * kBPanel + r % kBPanel] (xᵀ in panels).
 void transpose_rows(const float* x32, int64_t rows, int64_t in, float* xt) {
   constexpr int64_t kTile = 64;
   parallel_for(in, kTile, [&](int64_t k_begin, int64_t k_end) {
     for (int64_t k0 = k_begin; k0 < k_end; k0 += kTile)
-      for (int64_t r0 = 0; r0 < rows; r0 += kTile) {
-        const int64_t k1 = std::min(k_end, k0 + kTile), r1 = std::min(rows, r0 + kTile);
+      for (int64_t r0 = 0; r0 < rows; r0 += kBPanel) {
+        const int64_t k1 = std::min(k_end, k0 + kTile), r1 = std::min(rows, r0 + kBPanel);
+        float* panel = xt + r0 * in;
         for (int64_t r = r0; r < r1; ++r)
-          for (int64_t k = k0; k < k1; ++k) xt[k * rows + r] = x32[r * in + k];
+          for (int64_t k = k0; k < k1; ++k) panel[k * kBPanel + (r - r0)] = x32[r * in + k];
       }
   });
 }
@@ -118,17 +136,19 @@ void transpose_rows(const float* x32, int64_t rows, int64_t in, float* xt) {
 // the GEMM against xᵀ; each panel's yᵀ tile is written back transposed.
 void forward_gemm(const Matmul4Ops& ops, const Job& job, const float* x32, float* y32) {
   const int64_t in = job.w.in, out = job.w.out, rows = job.rows;
-  std::vector<float> xt(size_t(in * rows));
+  const int64_t padded = (rows + kBPanel - 1) / kBPanel * kBPanel;
+  kernels::AlignedVector<float> xt(size_t(in * padded));
   transpose_rows(x32, rows, in, xt.data());
   parallel_for(out, kPanelRows, [&](int64_t n_begin, int64_t n_end) {
-    std::vector<float> panel(size_t(kPanelRows * kPanelDepth)), tile(size_t(kPanelRows * rows));
+    kernels::AlignedVector<float> panel(size_t(kPanelRows * kPanelDepth)), tile(size_t(kPanelRows * rows));
     for (int64_t n0 = n_begin; n0 < n_end; n0 += kPanelRows) {
       const int64_t n1 = std::min(n_end, n0 + kPanelRows);
       std::fill(tile.begin(), tile.end(), 0.0f);
       for (int64_t k0 = 0; k0 < in; k0 += kPanelDepth) {
         const int64_t k1 = std::min(in, k0 + kPanelDepth);
         ops.decode(job.w, n0, n1, k0, k1, panel.data(), kPanelDepth);
-        ops.gemm(panel.data(), kPanelDepth, xt.data() + k0 * rows, rows, tile.data(), rows, n1 - n0, rows, k1 - k0);
+        ops.gemm_panels(panel.data(), kPanelDepth, xt.data() + k0 * kBPanel, in * kBPanel, tile.data(), rows, n1 - n0,
+                        rows, k1 - k0);
       }
       for (int64_t r = 0; r < rows; ++r)
         for (int64_t n = n0; n < n1; ++n) y32[r * out + n] = tile[size_t((n - n0) * rows + r)];
@@ -137,7 +157,7 @@ void forward_gemm(const Matmul4Ops& ops, const Job& job, const float* x32, float
 }
 
 void forward_cpu(const Matmul4Ops& ops, const Job& job) {
-  std::vector<float> x_storage, y_storage;
+  kernels::AlignedVector<float> x_storage, y_storage;
   const float* x32 = float_rows(job.x, job.dtype, job.rows * job.w.in, x_storage);
   float* y32 = float_output(job, job.rows * job.w.out, y_storage);
   if (fused_gemv_fits(ops, job))
@@ -162,7 +182,7 @@ void forward_cuda(const Job& job) {
 // ---- transposed: y = x W --------------------------------------------------------------------------
 
 void transposed_scalar(const Job& job) {
-  std::vector<float> x_storage, y_storage;
+  kernels::AlignedVector<float> x_storage, y_storage;
   const float* x32 = float_rows(job.x, job.dtype, job.rows * job.w.out, x_storage);
   float* y32 = float_output(job, job.rows * job.w.in, y_storage);
   parallel_for(job.w.in, 16, [&](int64_t k0, int64_t k1) {
@@ -175,18 +195,20 @@ void transposed_scalar(const Job& job) {
 // against W's decoded rows, which are already laid out as its b operand.
 void transposed_cpu(const Matmul4Ops& ops, const Job& job) {
   const int64_t in = job.w.in, out = job.w.out, rows = job.rows;
-  std::vector<float> x_storage, y_storage;
+  kernels::AlignedVector<float> x_storage, y_storage;
   const float* x32 = float_rows(job.x, job.dtype, rows * out, x_storage);
   float* y32 = float_output(job, rows * in, y_storage);
   parallel_for(in, kStripCols, [&](int64_t k_begin, int64_t k_end) {
-    std::vector<float> panel(size_t(kStripDepth * kStripCols));
+    // The decoded strip as kBPanel-wide panels, each [kStripDepth][kBPanel] contiguous.
+    kernels::AlignedVector<float> panel(size_t(kStripDepth * kStripCols));
     for (int64_t k0 = k_begin; k0 < k_end; k0 += kStripCols) {
       const int64_t k1 = std::min(k_end, k0 + kStripCols);
       for (int64_t r = 0; r < rows; ++r) std::fill(y32 + r * in + k0, y32 + r * in + k1, 0.0f);
       for (int64_t o0 = 0; o0 < out; o0 += kStripDepth) {
         const int64_t o1 = std::min(out, o0 + kStripDepth);
-        ops.decode(job.w, o0, o1, k0, k1, panel.data(), kStripCols);
-        ops.gemm(x32 + o0, out, panel.data(), kStripCols, y32 + k0, in, rows, k1 - k0, o1 - o0);
+        for (int64_t j0 = k0; j0 < k1; j0 += kBPanel)
+          ops.decode(job.w, o0, o1, j0, std::min(k1, j0 + kBPanel), panel.data() + (j0 - k0) * kStripDepth, kBPanel);
+        ops.gemm_panels(x32 + o0, out, panel.data(), kStripDepth * kBPanel, y32 + k0, in, rows, k1 - k0, o1 - o0);
       }
     }
   });
@@ -237,7 +259,8 @@ Job make_job(const char* fn, const void* x, Format dtype, int64_t rows, const Qu
   if (bias != nullptr) require(!overlaps(bias, y_cols * size, y, rows * y_cols * size), fn, "y overlaps bias");
   const Codebook4& book = codebook4(w.type);
   return Job{x, dtype, rows, bias, y, w.type,
-             Matmul4Weight{w.packed, w.absmax, book.code.data(), w.blocksize, w.out_features, w.in_features, dtype}};
+             Matmul4Weight{w.packed, w.absmax, book.code.data(), w.blocksize, w.out_features, w.in_features, dtype,
+                           std::countr_zero(uint64_t(w.blocksize))}};
 }
 
 }  // namespace

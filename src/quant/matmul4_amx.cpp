@@ -51,7 +51,7 @@ uint16_t scalar_weight(const Matmul4Weight& w, int64_t o, int64_t k) {
 // Chunk c of row o (64 weights, one block) as two vectors in chunk order.
 void decode_chunk(const Matmul4Weight& w, int64_t o, int64_t c, __m512i& first, __m512i& second) {
   const int64_t flat = o * w.in + 64 * c;
-  const __m512i lookup = table(w.code, w.absmax[flat / w.blocksize]);
+  const __m512i lookup = table(w.code, w.absmax[flat >> w.block_shift]);
   const __m512i bytes = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.packed + flat / 2)));
   const __m512i shift0 = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
   const __m512i shift1 = _mm512_add_epi16(shift0, _mm512_set1_epi16(8));
@@ -69,8 +69,8 @@ void decode_natural(const Matmul4Weight& w, int64_t o, int64_t k0, int64_t k1, u
   __m512i lookup = _mm512_setzero_si512();
   for (; k + 32 <= k1; k += 32) {
     const int64_t i = base + k;
-    if (i / w.blocksize != block) {
-      block = i / w.blocksize;
+    if (i >> w.block_shift != block) {
+      block = i >> w.block_shift;
       lookup = table(w.code, w.absmax[block]);
     }
     const __m256i wide = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.packed + i / 2)));
@@ -94,13 +94,13 @@ void zero_words(uint16_t* dst, int64_t count) {
 
 template <int ATiles, int BTiles>
 void product(const uint16_t* a, int64_t a_step, int64_t a_next, const uint32_t* b, int64_t b_step, int64_t b_next,
-             int64_t steps, float* c, int64_t ldc, bool accumulate) {
-  const int64_t stride = ldc * 4;
+             int64_t steps, float* c, int64_t c_stride, int64_t c_row, int64_t c_col, bool accumulate) {
+  const int64_t stride = c_stride * 4;
   if (accumulate) {
     _tile_loadd(0, c, stride);
-    if constexpr (BTiles > 1) _tile_loadd(1, c + 16, stride);
-    if constexpr (ATiles > 1) _tile_loadd(2, c + 16 * ldc, stride);
-    if constexpr (ATiles > 1 && BTiles > 1) _tile_loadd(3, c + 16 * ldc + 16, stride);
+    if constexpr (BTiles > 1) _tile_loadd(1, c + c_col, stride);
+    if constexpr (ATiles > 1) _tile_loadd(2, c + c_row, stride);
+    if constexpr (ATiles > 1 && BTiles > 1) _tile_loadd(3, c + c_row + c_col, stride);
   } else {
     _tile_zero(0);
     _tile_zero(1);
@@ -120,9 +120,9 @@ void product(const uint16_t* a, int64_t a_step, int64_t a_next, const uint32_t* 
     if constexpr (ATiles > 1 && BTiles > 1) _tile_dpbf16ps(3, 5, 7);
   }
   _tile_stored(0, c, stride);
-  if constexpr (BTiles > 1) _tile_stored(1, c + 16, stride);
-  if constexpr (ATiles > 1) _tile_stored(2, c + 16 * ldc, stride);
-  if constexpr (ATiles > 1 && BTiles > 1) _tile_stored(3, c + 16 * ldc + 16, stride);
+  if constexpr (BTiles > 1) _tile_stored(1, c + c_col, stride);
+  if constexpr (ATiles > 1) _tile_stored(2, c + c_row, stride);
+  if constexpr (ATiles > 1 && BTiles > 1) _tile_stored(3, c + c_row + c_col, stride);
 }
 
 }  // namespace
@@ -141,38 +141,41 @@ void configure() {
 
 void release() { _tile_release(); }
 
-void decode_rows(const Matmul4Weight& w, int64_t n0, int64_t n1, int64_t depth, bool chunk_order, uint16_t* panel) {
+void decode_rows(const Matmul4Weight& w, int64_t n0, int64_t n1, int64_t s0, int64_t steps, bool chunk_order,
+                 uint16_t* panel) {
+  const int64_t k0 = 32 * s0, k1 = 32 * (s0 + steps);
   for (int64_t r = 0; r < 32; ++r) {
     uint16_t* dst = panel + r * 32;
     const int64_t o = n0 + r;
-    int64_t filled = 0;
+    int64_t filled = k0;
     if (o < n1 && chunk_order) {
-      for (int64_t c = 0; c < w.in / 64; ++c) {
+      for (int64_t c = s0 / 2; c < (s0 + steps) / 2; ++c) {
         __m512i first, second;
         decode_chunk(w, o, c, first, second);
-        _mm512_storeu_si512(dst + (2 * c) * 1024, first);
-        _mm512_storeu_si512(dst + (2 * c + 1) * 1024, second);
+        _mm512_storeu_si512(dst + (2 * c - s0) * 1024, first);
+        _mm512_storeu_si512(dst + (2 * c + 1 - s0) * 1024, second);
       }
-      filled = w.in;
+      filled = k1;
     } else if (o < n1) {
-      decode_natural(w, o, 0, w.in, dst, 1024);
-      filled = w.in;
+      filled = k1 < w.in ? k1 : w.in;
+      if (filled > k0) decode_natural(w, o, k0, filled, dst, 1024);
+      if (filled < k0) filled = k0;
     }
-    for (int64_t k = filled; k < depth; ++k) dst[k / 32 * 1024 + k % 32] = 0;
+    for (int64_t k = filled; k < k1; ++k) dst[(k - k0) / 32 * 1024 + (k - k0) % 32] = 0;
   }
 }
 
-void decode_pairs(const Matmul4Weight& w, int64_t k0, int64_t depth, bool chunk_order, uint32_t* panel) {
+void decode_pairs(const Matmul4Weight& w, int64_t k0, int64_t o0, int64_t steps, bool chunk_order, uint32_t* panel) {
   alignas(64) static const uint16_t kInterleave[32] = {0,  32, 1,  33, 2,  34, 3,  35, 4,  36, 5,  37, 6,  38, 7,  39,
                                                        8,  40, 9,  41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
   // Word j of the result is (a[j], b[j]) of two rows: the low 16 bits hold row o.
   const __m512i low_half = _mm512_load_si512(kInterleave);
   const __m512i high_half = _mm512_add_epi16(low_half, _mm512_set1_epi16(16));
-  const int64_t column_block = depth / 2 * 16;
+  const int64_t column_block = steps * 256;
   const int64_t k1 = k0 + 64 < w.in ? k0 + 64 : w.in;
   alignas(64) uint16_t first[64], second[64];
-  for (int64_t p = 0; p < depth / 2; ++p) {
-    const int64_t o = 2 * p;
+  for (int64_t p = 0; p < steps * 16; ++p) {
+    const int64_t o = o0 + 2 * p;
     __m512i rows[2][2];  // [row o / o+1][32-column half]
     if (chunk_order) {
       for (int j = 0; j < 2; ++j) {
@@ -184,8 +187,8 @@ void decode_pairs(const Matmul4Weight& w, int64_t k0, int64_t depth, bool chunk_
     } else {
       zero_words(first, 64);
       zero_words(second, 64);
-      if (o < w.out) decode_natural(w, o, k0, k1, first, 32);
-      if (o + 1 < w.out) decode_natural(w, o + 1, k0, k1, second, 32);
+      if (o < w.out && k1 > k0) decode_natural(w, o, k0, k1, first, 32);
+      if (o + 1 < w.out && k1 > k0) decode_natural(w, o + 1, k0, k1, second, 32);
       for (int h = 0; h < 2; ++h) {
         rows[0][h] = _mm512_load_si512(first + 32 * h);
         rows[1][h] = _mm512_load_si512(second + 32 * h);
@@ -201,15 +204,16 @@ void decode_pairs(const Matmul4Weight& w, int64_t k0, int64_t depth, bool chunk_
 }
 
 void tile_product(const uint16_t* a, int64_t a_step, int64_t a_next, int a_tiles, const uint32_t* b, int64_t b_step,
-                  int64_t b_next, int b_tiles, int64_t steps, float* c, int64_t ldc, bool accumulate) {
+                  int64_t b_next, int b_tiles, int64_t steps, float* c, int64_t c_stride, int64_t c_next_row,
+                  int64_t c_next_col, bool accumulate) {
   if (a_tiles > 1 && b_tiles > 1)
-    product<2, 2>(a, a_step, a_next, b, b_step, b_next, steps, c, ldc, accumulate);
+    product<2, 2>(a, a_step, a_next, b, b_step, b_next, steps, c, c_stride, c_next_row, c_next_col, accumulate);
   else if (a_tiles > 1)
-    product<2, 1>(a, a_step, a_next, b, b_step, b_next, steps, c, ldc, accumulate);
+    product<2, 1>(a, a_step, a_next, b, b_step, b_next, steps, c, c_stride, c_next_row, c_next_col, accumulate);
   else if (b_tiles > 1)
-    product<1, 2>(a, a_step, a_next, b, b_step, b_next, steps, c, ldc, accumulate);
+    product<1, 2>(a, a_step, a_next, b, b_step, b_next, steps, c, c_stride, c_next_row, c_next_col, accumulate);
   else
-    product<1, 1>(a, a_step, a_next, b, b_step, b_next, steps, c, ldc, accumulate);
+    product<1, 1>(a, a_step, a_next, b, b_step, b_next, steps, c, c_stride, c_next_row, c_next_col, accumulate);
 }
 
 }  // namespace halo::kernels::amx

@@ -47,27 +47,35 @@ struct Isa {
   }
   static void prefetch(const uint8_t* p) { _mm_prefetch(reinterpret_cast<const char*>(p + 1024), _MM_HINT_T0); }
 
-  static __m256 round_to(__m256 v, Format precision) {
-    if (precision == Format::bf16) {
+  template <Format P>
+  static __m256 round_to(__m256 v) {
+    if constexpr (P == Format::bf16) {
       const __m256i bits = _mm256_castps_si256(v);
       const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
       __m256i rounded = _mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
       rounded = _mm256_and_si256(rounded, _mm256_set1_epi32(int(0xffff0000u)));
       const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
       return _mm256_blendv_ps(_mm256_castsi256_ps(rounded), _mm256_castsi256_ps(_mm256_set1_epi32(0x7fc00000)), nan);
-    }
-    if (precision == Format::f16)
+    } else if constexpr (P == Format::f16) {
       return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-    return v;
+    } else {
+      return v;
+    }
   }
 
   struct Table {
     __m256 low, high;  // weights of codes 0-7 and 8-15
   };
-  static Table table(const float* code, float absmax, Format precision) {
+  template <Format P>
+  static Table table(const float* code, float absmax) {
     const __m256 scale = _mm256_set1_ps(absmax);
-    return {round_to(_mm256_mul_ps(_mm256_loadu_ps(code), scale), precision),
-            round_to(_mm256_mul_ps(_mm256_loadu_ps(code + 8), scale), precision)};
+    return {round_to<P>(_mm256_mul_ps(_mm256_loadu_ps(code), scale)),
+            round_to<P>(_mm256_mul_ps(_mm256_loadu_ps(code + 8), scale))};
+  }
+  static Table table(const float* code, float absmax, Format precision) {
+    if (precision == Format::bf16) return table<Format::bf16>(code, absmax);
+    if (precision == Format::f16) return table<Format::f16>(code, absmax);
+    return table<Format::f32>(code, absmax);
   }
   // Looks up the low 4 bits of each lane (higher bits are ignored).
   static V lookup(__m256i index, const Table& table) {

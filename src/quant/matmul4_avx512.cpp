@@ -35,25 +35,33 @@ struct Isa {
 
   // Rounds float32 lanes to bfloat16 / float16 precision (nearest even, NaN stays
   // NaN, subnormals kept), as halo's scalar conversions do.
-  static __m512 round_to(__m512 v, Format precision) {
-    if (precision == Format::bf16) {
+  template <Format P>
+  static __m512 round_to(__m512 v) {
+    if constexpr (P == Format::bf16) {
       const __m512i bits = _mm512_castps_si512(v);
       const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
       __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
       rounded = _mm512_and_si512(rounded, _mm512_set1_epi32(int(0xffff0000u)));
       rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc00000));
       return _mm512_castsi512_ps(rounded);
-    }
-    if (precision == Format::f16)
+    } else if constexpr (P == Format::f16) {
       return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-    return v;
+    } else {
+      return v;
+    }
   }
 
   struct Table {
     __m512 values;
   };
+  template <Format P>
+  static Table table(const float* code, float absmax) {
+    return {round_to<P>(_mm512_mul_ps(_mm512_loadu_ps(code), _mm512_set1_ps(absmax)))};
+  }
   static Table table(const float* code, float absmax, Format precision) {
-    return {round_to(_mm512_mul_ps(_mm512_loadu_ps(code), _mm512_set1_ps(absmax)), precision)};
+    if (precision == Format::bf16) return table<Format::bf16>(code, absmax);
+    if (precision == Format::f16) return table<Format::f16>(code, absmax);
+    return table<Format::f32>(code, absmax);
   }
 
   // Chunk layout: lanes 0-7 read the low nibble, lanes 8-15 the high nibble, of byte

@@ -50,9 +50,9 @@ void gemv_rows(const Matmul4Weight& w, const uint16_t* panel, int64_t o_begin, i
       for (int j = 0; j < C; ++j) acc[r][j] = _mm512_setzero_ps();
     const uint8_t* bytes = w.packed + o * (w.in / 2);
     int64_t flat = o * w.in;
-    __m512i table = bf16_table(w.code, w.absmax[flat / w.blocksize]);
+    __m512i table = bf16_table(w.code, w.absmax[flat >> w.block_shift]);
     for (int64_t c = 0; c < chunks; ++c, flat += 64) {
-      if (c != 0 && (flat & block_mask) == 0) table = bf16_table(w.code, w.absmax[flat / w.blocksize]);
+      if (c != 0 && (flat & block_mask) == 0) table = bf16_table(w.code, w.absmax[flat >> w.block_shift]);
       _mm_prefetch(reinterpret_cast<const char*>(bytes + c * 32 + 1024), _MM_HINT_T0);
       const __m512i chunk = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes + c * 32)));
       const __m512i w0 = decode<0>(chunk, table);

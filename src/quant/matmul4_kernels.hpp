@@ -19,6 +19,7 @@ struct Matmul4Weight {
   int64_t blocksize;
   int64_t out, in;    // W is [out, in]
   Format precision;   // f32, f16 or bf16: each weight is code * absmax rounded to this
+  int block_shift;    // log2(blocksize): element i is in block i >> block_shift (no division in loops)
 };
 
 // c[i, j] += sum_l a[i, l] * b[l, j] (row-major with leading dimensions): the register
@@ -38,9 +39,16 @@ struct Matmul4Ops {
   // W[o, k] for o in [o0, o1), k in [k0, k1) as float32 into out[(o - o0) * ld + (k - k0)].
   void (*decode)(const Matmul4Weight& w, int64_t o0, int64_t o1, int64_t k0, int64_t k1, float* out, int64_t ld);
   Gemm gemm;
+  // The same with b stored in panels kGemmPanel columns wide: column j at
+  // b[(j / kGemmPanel) * panel_stride + l * kGemmPanel + j % kGemmPanel] (each panel contiguous,
+  // so its rows do not crowd a few L1 sets the way a wide leading dimension does).
+  Gemm gemm_panels;  // (a, lda, b, panel_stride, c, ldc, rows, cols, depth)
   // Register tile of `gemm`: rows of a, columns of b (multiples of these run without tails).
   int gemm_rows, gemm_cols;
 };
+
+// Width of the b panels of Matmul4Ops::gemm_panels (a multiple of every ISA's register tile).
+inline constexpr int64_t kGemmPanel = 32;
 
 extern const Matmul4Ops kMatmul4Scalar;
 extern const Matmul4Ops kMatmul4Avx2;

@@ -61,6 +61,6 @@ void gemm_scalar(const float* a, int64_t lda, const float* b, int64_t ldb, float
   }
 }
 
-const Matmul4Ops kMatmul4Scalar = {0, nullptr, nullptr, matmul4_decode_scalar, gemm_scalar, 1, 1};
+const Matmul4Ops kMatmul4Scalar = {0, nullptr, nullptr, matmul4_decode_scalar, gemm_scalar, nullptr, 1, 1};
 
 }  // namespace halo::kernels

@@ -5,7 +5,8 @@
 // matmul4_avx512.cpp) after it defines `Isa` with:
 //   W, V                          float lanes per vector, the vector type
 //   zero, load, load_n, store_n, set1, fma (a*b + c), add, sum
-//   Table, table(code, absmax, precision)     one block's 16 weights, rounded to precision
+//   Table, table<precision>(code, absmax)     one block's 16 weights, rounded to precision
+//   (table(code, absmax, precision) the same with a run-time precision)
 //   kChunkVecs = 64 / W, Chunk, load_chunk(32 bytes), decode<v>(chunk, table)
 //                                  vector v of a 64-element chunk, lane l holding
 //                                  element lane_element(v, l) (an order that needs
@@ -67,7 +68,7 @@ inline void gemv_chunk(const typename Isa::Chunk (&chunk)[G], const typename Isa
 
 // Rows [o, o + G) of W against R rows of x: the weight bytes stream through once, each
 // 64-element chunk decoded in registers; y[r * ldy + o + g] gets the sums.
-template <int R, int G>
+template <int R, int G, Format P>
 void gemv_block(const Matmul4Weight& w, const float* panel, int64_t o, float* y, int64_t ldy) {
   constexpr int C = G == 1 ? Isa::chains(R) : 1;
   const int64_t chunks = w.in / 64;
@@ -84,14 +85,14 @@ void gemv_block(const Matmul4Weight& w, const float* panel, int64_t o, float* y,
   int64_t flat = o * w.in;
   typename Isa::Table table[G];
 #pragma GCC unroll 4
-  for (int g = 0; g < G; ++g) table[g] = Isa::table(w.code, w.absmax[(flat + g * w.in) / w.blocksize], w.precision);
+  for (int g = 0; g < G; ++g) table[g] = Isa::template table<P>(w.code, w.absmax[(flat + g * w.in) >> w.block_shift]);
   for (int64_t c = 0; c < chunks; ++c, flat += 64) {
     typename Isa::Chunk chunk[G];
 #pragma GCC unroll 4
     for (int g = 0; g < G; ++g) {
       const int64_t start = flat + g * w.in;
       if (c != 0 && (start & block_mask) == 0)
-        table[g] = Isa::table(w.code, w.absmax[start / w.blocksize], w.precision);
+        table[g] = Isa::template table<P>(w.code, w.absmax[start >> w.block_shift]);
       Isa::prefetch(bytes + g * row_bytes + c * 32);
       chunk[g] = Isa::load_chunk(bytes + g * row_bytes + c * 32);
     }
@@ -108,12 +109,22 @@ void gemv_block(const Matmul4Weight& w, const float* panel, int64_t o, float* y,
     }
 }
 
-template <int R>
-void gemv_rows(const Matmul4Weight& w, const float* panel, int64_t o_begin, int64_t o_end, float* y, int64_t ldy) {
+template <int R, Format P>
+void gemv_rows_at(const Matmul4Weight& w, const float* panel, int64_t o_begin, int64_t o_end, float* y, int64_t ldy) {
   constexpr int G = Isa::group(R);
   int64_t o = o_begin;
-  for (; o + G <= o_end; o += G) gemv_block<R, G>(w, panel, o, y, ldy);
-  for (; o < o_end; ++o) gemv_block<R, 1>(w, panel, o, y, ldy);
+  for (; o + G <= o_end; o += G) gemv_block<R, G, P>(w, panel, o, y, ldy);
+  for (; o < o_end; ++o) gemv_block<R, 1, P>(w, panel, o, y, ldy);
+}
+
+// The weight precision is a template argument so the per-block table needs no branch.
+template <int R>
+void gemv_rows(const Matmul4Weight& w, const float* panel, int64_t o_begin, int64_t o_end, float* y, int64_t ldy) {
+  switch (w.precision) {
+    case Format::bf16: gemv_rows_at<R, Format::bf16>(w, panel, o_begin, o_end, y, ldy); break;
+    case Format::f16: gemv_rows_at<R, Format::f16>(w, panel, o_begin, o_end, y, ldy); break;
+    default: gemv_rows_at<R, Format::f32>(w, panel, o_begin, o_end, y, ldy); break;
+  }
 }
 
 template <int... Rs>
@@ -139,8 +150,8 @@ void decode(const Matmul4Weight& w, int64_t o0, int64_t o1, int64_t k0, int64_t 
     int64_t block = -1;
     typename Isa::Table table{};
     for (; i + 32 <= end; i += 32) {
-      if (i / w.blocksize != block) {
-        block = i / w.blocksize;
+      if (i >> w.block_shift != block) {
+        block = i >> w.block_shift;
         table = Isa::table(w.code, w.absmax[block], w.precision);
       }
       Isa::decode32(w.packed + i / 2, table, dst + (i - begin));
@@ -183,41 +194,60 @@ void micro_kernel(const float* a, int64_t lda, const float* b, int64_t ldb, floa
     }
 }
 
+// Columns [0, cols) of b are stored in panels `panel_width` wide (a multiple of the
+// register tile), column j at b[(j / panel_width) * panel_stride + l * ldb + j % panel_width].
+struct BPanels {
+  int64_t ldb, panel_width, panel_stride;
+  const float* column(const float* b, int64_t j) const { return b + (j / panel_width) * panel_stride + j % panel_width; }
+};
+
 template <int Rows>
-void column_sweep(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc, int64_t cols,
-                  int64_t depth) {
+void column_sweep(const float* a, int64_t lda, const float* b, const BPanels& layout, float* c, int64_t ldc,
+                  int64_t cols, int64_t depth) {
   constexpr int64_t kCols = Isa::kGemmVecs * kW;
+  const int64_t ldb = layout.ldb;
   int64_t j = 0;
   for (; j + kCols <= cols; j += kCols)
-    micro_kernel<Rows, Isa::kGemmVecs, false>(a, lda, b + j, ldb, c + j, ldc, depth, kW);
+    micro_kernel<Rows, Isa::kGemmVecs, false>(a, lda, layout.column(b, j), ldb, c + j, ldc, depth, kW);
   const int64_t rest = cols - j;
   if (rest <= 0) return;
   const int last = int(rest - (rest - 1) / kW * kW);
   if (rest <= kW)
-    micro_kernel<Rows, 1, true>(a, lda, b + j, ldb, c + j, ldc, depth, last);
+    micro_kernel<Rows, 1, true>(a, lda, layout.column(b, j), ldb, c + j, ldc, depth, last);
   else if constexpr (Isa::kGemmVecs >= 2)
-    micro_kernel<Rows, Isa::kGemmVecs, true>(a, lda, b + j, ldb, c + j, ldc, depth, last);
+    micro_kernel<Rows, Isa::kGemmVecs, true>(a, lda, layout.column(b, j), ldb, c + j, ldc, depth, last);
 }
 
 template <int... Hs>
-void row_tail(int64_t height, const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc,
-              int64_t cols, int64_t depth, std::integer_sequence<int, Hs...>) {
-  ((height == Hs + 1 ? (column_sweep<Hs + 1>(a, lda, b, ldb, c, ldc, cols, depth), 0) : 0), ...);
+void row_tail(int64_t height, const float* a, int64_t lda, const float* b, const BPanels& layout, float* c,
+              int64_t ldc, int64_t cols, int64_t depth, std::integer_sequence<int, Hs...>) {
+  ((height == Hs + 1 ? (column_sweep<Hs + 1>(a, lda, b, layout, c, ldc, cols, depth), 0) : 0), ...);
 }
 
 // Row blocks of a outside, column panels inside: the kGemmRows rows of a stay in L1
 // while the (L2-resident) b passes under them.
-void gemm(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc, int64_t rows,
-          int64_t cols, int64_t depth) {
+void gemm_layout(const float* a, int64_t lda, const float* b, const BPanels& layout, float* c, int64_t ldc,
+                 int64_t rows, int64_t cols, int64_t depth) {
   int64_t i = 0;
   for (; i + Isa::kGemmRows <= rows; i += Isa::kGemmRows)
-    column_sweep<Isa::kGemmRows>(a + i * lda, lda, b, ldb, c + i * ldc, ldc, cols, depth);
+    column_sweep<Isa::kGemmRows>(a + i * lda, lda, b, layout, c + i * ldc, ldc, cols, depth);
   if (i < rows)
-    row_tail(rows - i, a + i * lda, lda, b, ldb, c + i * ldc, ldc, cols, depth,
+    row_tail(rows - i, a + i * lda, lda, b, layout, c + i * ldc, ldc, cols, depth,
              std::make_integer_sequence<int, Isa::kGemmRows - 1>());
 }
 
-constexpr Matmul4Ops kOps = {Isa::kGemvMaxRows, gemv_pack, gemv, decode, gemm, Isa::kGemmRows,
+void gemm(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc, int64_t rows,
+          int64_t cols, int64_t depth) {
+  const int64_t whole = (cols + Isa::kGemmVecs * kW - 1) / (Isa::kGemmVecs * kW) * (Isa::kGemmVecs * kW);
+  gemm_layout(a, lda, b, BPanels{ldb, whole, 0}, c, ldc, rows, cols, depth);
+}
+
+void gemm_panels(const float* a, int64_t lda, const float* b, int64_t panel_stride, float* c, int64_t ldc,
+                 int64_t rows, int64_t cols, int64_t depth) {
+  gemm_layout(a, lda, b, BPanels{kGemmPanel, kGemmPanel, panel_stride}, c, ldc, rows, cols, depth);
+}
+
+constexpr Matmul4Ops kOps = {Isa::kGemvMaxRows, gemv_pack, gemv, decode, gemm, gemm_panels, Isa::kGemmRows,
                              Isa::kGemmVecs * kW};
 
 }  // namespace

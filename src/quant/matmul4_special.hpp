@@ -44,21 +44,24 @@ constexpr int chunk_element(int v, int q) { return q < 16 ? 4 * q + 2 * v + 1 : 
 // Tile configuration of the calling thread (every AMX routine below needs it).
 void configure();
 void release();
-// W[n0:n1, 0:in] as bfloat16 a tiles: panel[(k / 32) * 1024 + (n - n0) * 32 + k % 32] (k in
-// chunk order when chunk_order); rows past n1 and k past `in` (up to `depth`, a multiple
-// of 32) are zero.
-void decode_rows(const Matmul4Weight& w, int64_t n0, int64_t n1, int64_t depth, bool chunk_order, uint16_t* panel);
-// W[0:depth, k0:k0+64] as b tiles: panel[(j / 16) * (depth / 2) * 16 + (o / 2) * 16 + j % 16]
-// holds the pair (W[o, k], W[o+1, k]) as one 32-bit word (row o in the low half), where
-// column j is k = k0 + j, or k0 + chunk_element(j / 32, j % 32) when chunk_order (then k0
+// W[n0:n1, k-steps s0 .. s0+steps) as bfloat16 a tiles: panel[(s - s0) * 1024 + (n - n0) * 32 + q]
+// holds the element at position q of k-step s (chunk order when chunk_order, else k = 32s + q);
+// rows past n1 (at most 32 rows) and k past `in` are zero. s0 and steps are even in chunk order.
+void decode_rows(const Matmul4Weight& w, int64_t n0, int64_t n1, int64_t s0, int64_t steps, bool chunk_order,
+                 uint16_t* panel);
+// W[o0 : o0 + 32 * steps, k0 : k0 + 64] as b tiles: panel[(j / 16) * steps * 256 + (o - o0) / 2 * 16 + j % 16]
+// holds the pair (W[o, k], W[o+1, k]) as one 32-bit word (row o in the low half, o - o0 even),
+// where column j is k = k0 + j, or k0 + chunk_element(j / 32, j % 32) when chunk_order (then k0
 // is a multiple of 64). Rows past `out` and columns past `in` are zero.
-void decode_pairs(const Matmul4Weight& w, int64_t k0, int64_t depth, bool chunk_order, uint32_t* panel);
-// c[32 x 32] (float32, row stride ldc) = (accumulate ? c : 0) + the sum over `steps`
-// k-steps of a tiles times b tiles: a tile i (i < a_tiles) of step s at a + s * a_step +
-// i * a_next, b tile j (j < b_tiles) at b + s * b_step + j * b_next (elements / 32-bit
-// words; every tile contiguous). c rows and columns past the tiles used are untouched.
+void decode_pairs(const Matmul4Weight& w, int64_t k0, int64_t o0, int64_t steps, bool chunk_order, uint32_t* panel);
+// The four 16 x 16 float32 accumulator tiles C(i, j) = (accumulate ? C(i, j) : 0) + the sum
+// over `steps` k-steps of a tile i times b tile j, for i < a_tiles, j < b_tiles: a tile i of
+// step s at a + s * a_step + i * a_next, b tile j at b + s * b_step + j * b_next (elements /
+// 32-bit words; tiles contiguous), C(i, j) at c + i * c_next_row + j * c_next_col with rows
+// c_stride floats apart.
 void tile_product(const uint16_t* a, int64_t a_step, int64_t a_next, int a_tiles, const uint32_t* b, int64_t b_step,
-                  int64_t b_next, int b_tiles, int64_t steps, float* c, int64_t ldc, bool accumulate);
+                  int64_t b_next, int b_tiles, int64_t steps, float* c, int64_t c_stride, int64_t c_next_row,
+                  int64_t c_next_col, bool accumulate);
 }  // namespace amx
 
 }  // namespace halo::kernels

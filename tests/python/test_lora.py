@@ -9,6 +9,7 @@ import warnings
 import halo
 import numpy as np
 import pytest
+import tiny_models
 import torch
 from halo.lora import dropout_mask, lora_scaling, merge, unmerge
 from halo.torch import lora_linear
@@ -21,23 +22,11 @@ warnings.filterwarnings("ignore", category=UserWarning)
 
 
 def tiny_llama(seed: int = 0):
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(config).eval()
+    return tiny_models.llama(seed, intermediate_size=96, vocab_size=128)
 
 
 def tiny_gpt2(seed: int = 0):
-    torch.manual_seed(seed)
-    config = transformers.GPT2Config(n_embd=48, n_layer=2, n_head=4, vocab_size=128, n_positions=64)
-    return transformers.GPT2LMHeadModel(config).eval()
+    return tiny_models.gpt2(seed, n_embd=48, vocab_size=128, n_positions=64)
 
 
 def peft_llama(
@@ -186,38 +175,21 @@ def test_half_precision_merge_matches_peft_bitwise(dtype):
 bnb = pytest.importorskip("bitsandbytes")
 
 
-class _OneLayer(torch.nn.Module):
-    # what transformers sets on a model loaded in 4 bits: PEFT then wraps Linear4bit in its
-    # bitsandbytes LoRA layer (peft.tuners.lora.bnb.Linear4bit), as QLoRA training does
-    is_loaded_in_4bit = True
-
-    def __init__(self, layer):
-        super().__init__()
-        self.proj = layer
-
-    def forward(self, x):
-        return self.proj(x)
-
-
 # bitsandbytes 0.50.2's native CPU dequantizer scrambles values when the last dimension is not a
 # multiple of the block size (e.g. [40, 96] with blocksize 64; halo follows its torch reference path
 # there), so the comparisons against bitsandbytes use in_features = 128.
 def bnb_lora(quant_type: str, double_quant: bool, out_features=40, in_features=128, bias=True):
-    torch.manual_seed(11)
-    dense = torch.nn.Linear(in_features, out_features, bias=bias)
-    layer = bnb.nn.Linear4bit(
+    return tiny_models.qlora_layer(
         in_features,
         out_features,
-        bias=bias,
-        compute_dtype=torch.float32,
         quant_type=quant_type,
-        compress_statistics=double_quant,
+        double_quant=double_quant,
+        bias=bias,
+        r=8,
+        alpha=16,
+        seed=11,
+        lora_seed=12,
     )
-    layer.load_state_dict(dense.state_dict())
-    layer = layer.to("cpu")
-    config = LoraConfig(r=8, lora_alpha=16, target_modules=["proj"], init_lora_weights=False)
-    torch.manual_seed(12)
-    return get_peft_model(_OneLayer(layer), config).base_model.model.proj
 
 
 @pytest.mark.parametrize("quant_type,double_quant", [("nf4", True), ("nf4", False), ("fp4", False)])
@@ -383,7 +355,7 @@ def test_4bit_base_in_bfloat16_matches_bnb_and_peft(rows):
     layer = bnb.nn.Linear4bit(128, 40, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
     layer.load_state_dict(dense.state_dict())
     config = LoraConfig(r=8, lora_alpha=16, target_modules=["proj"], init_lora_weights=False)
-    peft_layer = get_peft_model(_OneLayer(layer.to("cpu")), config).base_model.model.proj
+    peft_layer = get_peft_model(tiny_models.OneLayer(layer.to("cpu")), config).base_model.model.proj
     qt = halo.QuantizedTensor.from_bnb_state_dict(peft_layer.get_base_layer().state_dict(), "weight")
     lora_a, lora_b = peft_layer.lora_A["default"].weight, peft_layer.lora_B["default"].weight
     x = torch.randn(rows, 128).to(torch.bfloat16)

@@ -258,3 +258,26 @@ def test_cuda_tensors(dtype):
         assert_close(y.cpu(), x, qt, bias)
         g = torch.randn(rows, 96).to(dtype)
         assert_close(halo.matmul_4bit_transposed(g.cuda(), qt).cpu(), g, qt, transposed=True)
+
+
+def test_large_results_reuse_memory_without_changing_values():
+    """Arrays of >= 1 MiB returned by dequantize_4bit / matmul_4bit come from a cache of
+    blocks earlier results gave back (no page faults for fresh pages on every call)."""
+    qt = quantized(1024, 512, seed=12)  # 2 MiB as float32
+    first = halo.dequantize_4bit(qt, dtype="float32")
+    expected = first.clone()
+    address = first.data_ptr()
+    del first
+    blocks, cached = halo._core.quant.array_cache_state()
+    assert blocks >= 1 and cached >= 2 * 2**20
+    again = halo.dequantize_4bit(qt, dtype="float32")
+    assert again.data_ptr() == address
+    assert torch.equal(again, expected)
+    x = torch.randn(600, 512)  # a 600 x 1024 float32 result: 2.3 MiB
+    y1 = halo.matmul_4bit(x, qt)
+    reference = y1.clone()
+    del y1
+    y2 = halo.matmul_4bit(x, qt)
+    assert torch.equal(y2, reference)
+    small = halo.matmul_4bit(torch.randn(1, 512), qt)  # small results are plain arrays
+    assert small.shape == (1, 1024)

@@ -2,6 +2,7 @@
 from . import backend as backend
 from . import core as core
 from . import cuda as cuda
+from . import gguf as gguf
 from . import hwq as hwq
 from . import io as io
 from . import lora as lora
