@@ -15,7 +15,7 @@ ASAN      := build/asan
 PREFIX    := build/install
 STAMP     := $(VENV)/.halo-deps
 
-.PHONY: all setup apt venv build cpp asan install-py model demo test test-cpp test-asan test-example test-py bench clean
+.PHONY: all setup apt venv build cpp asan install-py model demo test test-cpp test-asan test-example test-py bench fuzz clean
 
 all: build
 
@@ -62,8 +62,13 @@ model: setup
 test-cpp: cpp
 	ctest --test-dir $(BUILD) --output-on-failure -j $(JOBS)
 
+# ctest includes the fuzz targets (tests/fuzz) at their small size.
 test-asan: asan
 	ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 ctest --test-dir $(ASAN) --output-on-failure -j $(JOBS)
+
+# Every fuzz target at full size under ASan/UBSan (FUZZ_ARGS="--target safetensors --seed 7" to narrow).
+fuzz: asan
+	ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 $(ASAN)/tests/fuzz/halo_fuzz $(FUZZ_ARGS)
 
 test-example: cpp
 	cmake -S examples/cpp -B build/example -G Ninja -DCMAKE_PREFIX_PATH=$(abspath $(PREFIX)) >/dev/null
@@ -75,7 +80,7 @@ test-py: install-py
 
 test: test-cpp test-asan test-example test-py
 
-demo: install-py
+demo: install-py model
 	$(PY) -m halo.demo
 
 bench: build

@@ -69,6 +69,7 @@ void bind(py::module_& m) {
       .def_property_readonly("path", &SafetensorsFile::path)
       .def_property_readonly("metadata", &SafetensorsFile::metadata)
       .def_property_readonly("file_size", &SafetensorsFile::file_size)
+      .def_property_readonly("copied", &SafetensorsFile::copied)
       .def("names", [](const SafetensorsFile& f) {
         std::vector<std::string> out;
         for (const auto& t : f.tensors()) out.push_back(t.name);
@@ -86,11 +87,13 @@ void bind(py::module_& m) {
 
   m.def(
       "open_safetensors",
-      [](const std::string& path) {
+      [](const std::string& path, bool copy) {
         py::gil_scoped_release release;
-        return SafetensorsFile::open(path);
+        return SafetensorsFile::open(path, copy ? halo::io::LoadMode::copy : halo::io::LoadMode::map);
       },
-      py::arg("path"), "Maps and validates a safetensors file (ValueError naming the file and problem).");
+      py::arg("path"), py::arg("copy") = false,
+      "Maps (copy=True: reads into private memory) and validates a safetensors file "
+      "(ValueError naming the file and problem).");
 
   m.def(
       "parse_header",
@@ -106,20 +109,21 @@ void bind(py::module_& m) {
 
   py::class_<SafetensorsWriter>(m, "SafetensorsWriter", "Streams tensors into a safetensors file (temp + rename).")
       .def(py::init([](const std::string& path, const std::vector<std::tuple<std::string, std::string, std::vector<int64_t>>>& specs,
-                       const std::map<std::string, std::string>& metadata) {
+                       const std::map<std::string, std::string>& metadata, bool durable) {
              std::vector<halo::io::TensorSpec> out;
              for (const auto& [name, dtype, shape] : specs)
                out.push_back({name, parse_safetensors_dtype("SafetensorsWriter", dtype), shape});
-             return std::make_unique<SafetensorsWriter>(path, std::move(out), metadata);
+             return std::make_unique<SafetensorsWriter>(path, std::move(out), metadata, durable);
            }),
-           py::arg("path"), py::arg("specs"), py::arg("metadata"))
+           py::arg("path"), py::arg("specs"), py::arg("metadata"), py::arg("durable") = true)
       .def("write", [](SafetensorsWriter& w, const std::string& name, const py::buffer& data) {
         const BufferView view = byte_view("SafetensorsWriter.write", name, data);
         const uint64_t nbytes = uint64_t(view.count) * uint64_t(view.info.itemsize);
         py::gil_scoped_release release;
         w.write(name, view.data, nbytes);
       }, py::arg("name"), py::arg("data"))
-      .def("finish", &SafetensorsWriter::finish)
+      .def("finish", &SafetensorsWriter::finish, py::call_guard<py::gil_scoped_release>(),
+           "fsyncs (unless durable=False) and renames the temp file into place.")
       .def_property_readonly("written", &SafetensorsWriter::written);
 }
 

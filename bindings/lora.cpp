@@ -165,7 +165,11 @@ void bind(py::module_& m) {
       [](uint64_t seed, int64_t count, double p) {
         require(count >= 0, "dropout_mask", "count must be non-negative, got ", count);
         py::array_t<float> mask(count);
-        lora::dropout_mask(seed, count, p, mask.mutable_data());
+        float* data = mask.mutable_data();
+        {
+          py::gil_scoped_release release;
+          lora::dropout_mask(seed, count, p, data);
+        }
         return mask;
       },
       py::arg("seed"), py::arg("count"), py::arg("p"),

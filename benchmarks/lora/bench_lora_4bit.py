@@ -1,9 +1,11 @@
-"""LoRA forward + backward on a 4-bit NF4 base (QLoRA's layer) on the CPU:
-halo.torch.lora_linear (tile-wise dequantization inside the GEMM) against
-bitsandbytes Linear4bit wrapped by PEFT, both measured in this run on the same
-weights, adapter and input. Gradients: x, lora_A, lora_B (the base is frozen).
+"""One QLoRA training step of a layer (forward + backward, r = 16, dropout 0.05) on a 4-bit
+NF4 double-quant base on the CPU: halo.torch.lora_linear against bitsandbytes Linear4bit
+wrapped by PEFT (train mode, what QLoRA training runs), same weights, adapter and input,
+measured in one run, interleaved (PEFT, halo, PEFT, halo, ...), min and median of the repeats.
+Gradients: x, lora_A, lora_B (the base is frozen). The compute dtype is x's dtype
+(bitsandbytes' compute_dtype); the adapter stays float32, as PEFT keeps it.
 
-    python benchmarks/lora/bench_lora_4bit.py [--quick] [--tokens N] [--shape OUT IN]
+    python benchmarks/lora/bench_lora_4bit.py [--quick] [--tokens N ...] [--shape OUT IN] [--dtype D ...]
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import argparse
 import logging
 import statistics
 import time
-import tracemalloc
 import warnings
 
 import torch
@@ -23,6 +24,10 @@ import bitsandbytes as bnb
 import halo
 from halo.torch import lora_linear
 from peft import LoraConfig, get_peft_model
+
+# (out, in, tokens): a 4096 x 4096 projection at three batch x sequence sizes, and the two
+# SmolLM2-135M projection shapes (hidden 576, FFN 1536) at one sequence of 128 tokens.
+CASES = [(4096, 4096, 128), (4096, 4096, 512), (4096, 4096, 1024), (576, 576, 128), (1536, 576, 128)]
 
 
 class _OneLayer(torch.nn.Module):
@@ -38,55 +43,26 @@ class _OneLayer(torch.nn.Module):
         return self.proj(x)
 
 
-def timeit(fn, reps: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--tokens", type=int, default=None, help="batch x sequence, flattened")
-    parser.add_argument("--shape", type=int, nargs=2, default=None, metavar=("OUT", "IN"))
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--reps", type=int, default=None)
-    args = parser.parse_args()
-    out_features, in_features = args.shape or ((2048, 2048) if args.quick else (4096, 4096))
-    tokens = args.tokens or (128 if args.quick else 512)
-    reps = args.reps or (2 if args.quick else 3)
-    rank, alpha, dropout = args.rank, 2 * args.rank, 0.05
-
+def run_case(out_features, in_features, tokens, dtype, rank, reps):
     torch.manual_seed(0)
     dense = torch.nn.Linear(in_features, out_features, bias=False)
     base = bnb.nn.Linear4bit(
-        in_features,
-        out_features,
-        bias=False,
-        compute_dtype=torch.float32,
-        quant_type="nf4",
-        compress_statistics=True,
+        in_features, out_features, bias=False, compute_dtype=dtype, quant_type="nf4", compress_statistics=True
     )
     base.load_state_dict(dense.state_dict())
     base = base.to("cpu")
-    del dense
     config = LoraConfig(
-        r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=["proj"], init_lora_weights=False
+        r=rank, lora_alpha=2 * rank, lora_dropout=0.05, target_modules=["proj"], init_lora_weights=False
     )
     layer = get_peft_model(_OneLayer(base), config).base_model.model.proj
-    layer.train()
+    layer.train()  # eval() would make bitsandbytes repack W for its inference kernel
     qt = halo.QuantizedTensor.from_bnb_state_dict(base.state_dict(), "weight")
-    lora_a = layer.lora_A["default"].weight
-    lora_b = layer.lora_B["default"].weight
+    lora_a, lora_b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     scaling = layer.scaling["default"]
     a_halo = lora_a.detach().clone().requires_grad_(True)
     b_halo = lora_b.detach().clone().requires_grad_(True)
-    x = torch.randn(tokens, in_features)
-    grad_y = torch.randn(tokens, out_features)
+    x = torch.randn(tokens, in_features).to(dtype)
+    grad_y = torch.randn(tokens, out_features).to(dtype)
 
     def run_peft():
         xr = x.clone().requires_grad_(True)
@@ -96,46 +72,65 @@ def main() -> None:
     def run_halo():
         xr = x.clone().requires_grad_(True)
         a_halo.grad = b_halo.grad = None
-        lora_linear(xr, qt, a_halo, b_halo, scaling, dropout=dropout, seed=1).backward(grad_y)
+        lora_linear(xr, qt, a_halo, b_halo, scaling, dropout=0.05, seed=1).backward(grad_y)
 
-    # Same numbers without dropout (the two dropouts draw different masks). The layer stays in
-    # train mode: eval() would make bitsandbytes repack W for its bfloat16 inference kernel,
-    # which is not what QLoRA training runs.
-    peft_dropout = layer.lora_dropout["default"]
-    peft_dropout.p = 0.0
+    # Same numbers without dropout (the two dropouts draw different masks).
+    dropout = layer.lora_dropout["default"]
+    dropout.p = 0.0
     with torch.no_grad():
-        y_peft = layer(x)
-    peft_dropout.p = dropout
-    y_halo = lora_linear(x, qt, lora_a.detach(), lora_b.detach(), scaling, training=False)
+        y_peft = layer(x).float()
+    dropout.p = 0.05
+    y_halo = lora_linear(x, qt, lora_a.detach(), lora_b.detach(), scaling, training=False).float()
     err = float((y_halo - y_peft).abs().max() / y_peft.abs().max())
 
-    flops = (
-        2 * 2 * tokens * out_features * in_features
-    )  # forward and grad_x base GEMMs (LoRA terms are small)
-    t_peft = timeit(run_peft, reps)
-    t_halo = timeit(run_halo, reps)
-
-    # Python-visible peak allocation of one halo step (the C++ tile buffers are per thread, ~256 KiB each)
-    tracemalloc.start()
+    times = {"peft": [], "halo": []}
+    run_peft()
     run_halo()
-    _, halo_peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
+    for _ in range(reps):
+        for name, fn in (("peft", run_peft), ("halo", run_halo)):
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times, err
 
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--tokens", type=int, nargs="*", default=None, help="batch x sequence, flattened")
+    parser.add_argument("--shape", type=int, nargs=2, default=None, metavar=("OUT", "IN"))
+    parser.add_argument("--dtype", nargs="*", default=["float32", "bfloat16"])
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--reps", type=int, default=None)
+    args = parser.parse_args()
+    cases = CASES
+    if args.shape or args.tokens:
+        out_features, in_features = args.shape or (4096, 4096)
+        cases = [(out_features, in_features, t) for t in (args.tokens or [512])]
+    elif args.quick:
+        cases = [(2048, 2048, 128), (576, 576, 128)]
+    reps = args.reps or (3 if args.quick else 7)
     print(
-        f"LoRA fwd+bwd on an NF4 (double-quant) base [{out_features} x {in_features}], r={rank}, "
-        f"{tokens} tokens, dropout {dropout}; torch {torch.__version__} with {torch.get_num_threads()} "
-        f"threads, halo {halo._core.backend.num_threads()} threads, backend {halo.resolve_backend()}"
+        f"QLoRA layer step (forward + backward), NF4 double-quant base, r={args.rank}, dropout 0.05; torch "
+        f"{torch.__version__} with {torch.get_num_threads()} threads, halo {halo._core.backend.num_threads()} threads, "
+        f"backend {halo.resolve_backend()}; {reps} interleaved repeats, times in ms as 'min median'"
     )
-    print(f"max relative difference of the outputs (no dropout): {err:.2e}")
-    print(f"{'impl':<26} {'ms/step':>9} {'GFLOP/s':>8}")
-    print(f"{'bitsandbytes+PEFT':<26} {t_peft * 1e3:>9.1f} {flops / t_peft / 1e9:>8.1f}")
-    print(f"{'halo.torch.lora_linear':<26} {t_halo * 1e3:>9.1f} {flops / t_halo / 1e9:>8.1f}")
-    print(f"speed-up halo vs bitsandbytes+PEFT: {t_peft / t_halo:.2f}x")
-    w_mib = out_features * in_features * 4 / 2**20
     print(
-        f"float copy of W that bitsandbytes materializes per pass: {w_mib:.0f} MiB;"
-        f" halo's Python-side peak per step: {halo_peak / 2**20:.1f} MiB"
+        f"{'shape':>11} {'tokens':>6} {'dtype':>8} {'bnb+PEFT':>17} {'halo':>17} {'x min':>6} {'x med':>6} {'diff':>8}"
     )
+    for out_features, in_features, tokens in cases:
+        for name in args.dtype:
+            dtype = getattr(torch, name)
+            times, err = run_case(out_features, in_features, tokens, dtype, args.rank, reps)
+            peft, ours = times["peft"], times["halo"]
+            print(
+                f"{out_features:>5}x{in_features:<5} {tokens:>6} {name:>8} "
+                f"{min(peft) * 1e3:8.1f} {statistics.median(peft) * 1e3:8.1f} "
+                f"{min(ours) * 1e3:8.1f} {statistics.median(ours) * 1e3:8.1f} "
+                f"{min(peft) / min(ours):6.2f} {statistics.median(peft) / statistics.median(ours):6.2f} {err:8.1e}"
+            )
+    print("x min / x med: bnb+PEFT time / halo time from the minima / the medians (> 1: halo faster);")
+    print("diff: max |halo - PEFT| / max |PEFT| of the layer output without dropout")
 
 
 if __name__ == "__main__":

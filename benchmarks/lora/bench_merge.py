@@ -4,6 +4,9 @@ The model (random init, fixed seed, bfloat16, saved in shards) and a PEFT LoRA a
 (r=16 on all seven projections) are generated once and cached under build/bench-merge.
 Each merge runs in its own subprocess; wall time and that child's peak RSS (wait4) are
 measured in the same run. `--small` uses a ~60 M model for a quick check.
+
+The cost of durability: `halo merge` fsyncs every output file and folder before swapping the
+output in; `--fsync-reps N` (default 3) times it against `--no-fsync`, interleaved (A, B, A, B...).
 """
 
 from __future__ import annotations
@@ -58,6 +61,19 @@ def prepare(small: bool) -> tuple[Path, Path, int]:
     base, adapter = CACHE / f"base-{tag}", CACHE / f"adapter-{tag}"
     stamp = CACHE / f"ready-{tag}"
     if not stamp.exists():
+        # In a child: a parent that held the model would lend its RSS to the measured
+        # children (ru_maxrss counts the forked image before exec).
+        args = [sys.executable, __file__, "--prepare-only"] + (["--small"] if small else [])
+        subprocess.run(args, check=True)
+    params = sum(os.path.getsize(p) for p in base.glob("*.safetensors")) // 2
+    return base, adapter, params
+
+
+def build_cache(small: bool) -> None:
+    tag = "small" if small else "0.5b"
+    base, adapter = CACHE / f"base-{tag}", CACHE / f"adapter-{tag}"
+    stamp = CACHE / f"ready-{tag}"
+    if not stamp.exists():
         import peft
         import torch
         import transformers
@@ -75,8 +91,6 @@ def prepare(small: bool) -> tuple[Path, Path, int]:
         pm.save_pretrained(adapter)
         CACHE.mkdir(parents=True, exist_ok=True)
         stamp.write_text("ok")
-    params = sum(os.path.getsize(p) for p in base.glob("*.safetensors")) // 2
-    return base, adapter, params
 
 
 def measure(cmd: list[str]) -> tuple[float, float]:
@@ -95,6 +109,9 @@ def measure(cmd: list[str]) -> tuple[float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--small", action="store_true", help="~60 M parameters instead of ~0.5 B")
+    ap.add_argument(
+        "--fsync-reps", type=int, default=3, help="interleaved fsync / --no-fsync pairs (0: skip)"
+    )
     args = ap.parse_args()
     base, adapter, params = prepare(args.small)
     out_halo, out_peft = CACHE / "out-halo", CACHE / "out-peft"
@@ -143,6 +160,27 @@ def main() -> None:
     a, b = tensor(out_halo, name).float(), tensor(out_peft, name).float()
     ulps = ((a - b).abs() / torch.finfo(torch.bfloat16).eps / a.abs().clamp_min(1e-30)).max().item()
     print(f"check {name}: max difference {ulps:.2f} bf16 ulp (relative)")
+    if args.fsync_reps > 0:
+        fsync_cost(halo_cmd, args.fsync_reps, sum(p.stat().st_size for p in out_halo.iterdir()))
+
+
+def fsync_cost(halo_cmd: list[str], reps: int, out_bytes: int) -> None:
+    """halo merge with fsync (the default) against --no-fsync, interleaved, --force over the last output."""
+    import statistics
+
+    times: dict[str, list[float]] = {"fsync": [], "no-fsync": []}
+    for _ in range(reps):
+        for key, extra in (("fsync", []), ("no-fsync", ["--no-fsync"])):
+            os.sync()  # start each run without the previous run's dirty pages
+            times[key].append(measure(halo_cmd + extra)[0])
+    print(f"durability ({out_bytes / 2**20:.0f} MiB written; {reps} interleaved runs each, min / median):")
+    for key, values in times.items():
+        print(
+            f"  halo merge {'(default, fsync)' if key == 'fsync' else '--no-fsync':<18}"
+            f"{min(values):8.2f} s / {statistics.median(values):6.2f} s"
+        )
+    cost = statistics.median(times["fsync"]) / statistics.median(times["no-fsync"])
+    print(f"  fsync costs {cost:.2f}x the wall time of --no-fsync (median over median)")
 
 
 if __name__ == "__main__":

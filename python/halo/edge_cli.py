@@ -49,6 +49,9 @@ def register(subparsers) -> None:
     r.add_argument("--tokens", type=int, default=16)
     r.add_argument("--prompt", required=True)
     r.add_argument("--compensation", choices=("zero", "previous", "predictor"), default=None)
+    r.add_argument(
+        "--weights", choices=("float32", "nf4"), default="float32", help="how workers hold weights"
+    )
     r.add_argument("--connect-timeout", type=float, default=5.0)
     r.add_argument("--json", metavar="FILE", help="also write the result (timings, delivery) as JSON")
     r.set_defaults(handler=_run)
@@ -132,7 +135,7 @@ def _run(args: argparse.Namespace) -> int:
     _one_thread()
     if args.tokens < 1:
         return _fail("run", ValueError(f"--tokens must be >= 1, got {args.tokens}"))
-    options = {"connect_timeout": args.connect_timeout}
+    options = {"connect_timeout": args.connect_timeout, "weights": args.weights}
     if args.compensation is not None:
         options["compensation"] = args.compensation
     try:

@@ -209,7 +209,7 @@ class Checkpoint:
         for file in files:
             try:
                 handle = safe_open(str(file), framework="pt")
-            except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+            except Exception as exc:
                 raise EdgeError(f"{file}: unreadable safetensors file ({exc})") from None
             self._handles.append(handle)
             for name in handle.keys():  # noqa: SIM118 - a safe_open handle, not a dict
@@ -273,9 +273,45 @@ def _names(spec: Spec, layer: int) -> dict[str, str]:
 
 @dataclass
 class GroupWeights:
-    """One group's matrices as [out, in] float32 tensors (biases where the family has them)."""
+    """One group's matrices as [out, in] float32 tensors or ``Nf4Matrix`` (biases float32)."""
 
     mats: dict[str, Any]
+
+
+WEIGHT_FORMATS = ("float32", "nf4")
+_MATRICES = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+class Nf4Matrix:
+    """A weight held in halo's 4-bit NF4 format (bitsandbytes layout, blocks of 64); products
+    run through halo's 4-bit kernel (``halo.lora.lora_forward`` with an empty adapter)."""
+
+    def __init__(self, weight) -> None:
+        from .quant import quantize_4bit
+
+        w = weight.detach().float().contiguous().numpy()
+        self.shape = w.shape
+        self.packed = quantize_4bit(w, quant_type="nf4", blocksize=64)
+        self._a = np.zeros((1, w.shape[1]), np.float32)
+        self._b = np.zeros((w.shape[0], 1), np.float32)
+
+    def apply(self, h):
+        from .lora import lora_forward
+
+        torch = _torch()
+        y = lora_forward(
+            np.ascontiguousarray(h.detach().numpy(), dtype=np.float32), self.packed, self._a, self._b, 0.0
+        )
+        return torch.from_numpy(np.ascontiguousarray(y))
+
+
+def _linear(h, w, bias=None):
+    """h @ w.T (+ bias) for a float tensor or an Nf4Matrix."""
+    torch = _torch()
+    if isinstance(w, Nf4Matrix):
+        y = w.apply(h)
+        return y if bias is None else y + bias
+    return torch.nn.functional.linear(h, w, bias)
 
 
 class WeightStore:
@@ -286,8 +322,10 @@ class WeightStore:
     This is the seam where loading groups in the background (issue 15) plugs in.
     """
 
-    def __init__(self, checkpoint: Checkpoint, spec: Spec) -> None:
-        self.checkpoint, self.spec = checkpoint, spec
+    def __init__(self, checkpoint: Checkpoint, spec: Spec, weights: str = "float32") -> None:
+        if weights not in WEIGHT_FORMATS:
+            raise EdgeError(f"weights must be one of {WEIGHT_FORMATS}, got {weights!r}")
+        self.checkpoint, self.spec, self.weights = checkpoint, spec, weights
         self._held: dict[tuple[int, int, int], GroupWeights] = {}
 
     def hold(self, groups: Iterable[GroupDef]) -> tuple[int, int]:
@@ -333,6 +371,10 @@ class WeightStore:
                 mats["gate"] = ck.get(names["gate"] + ".weight", rows=rows)
             else:
                 mats["up_bias"] = ck.get(names["up"] + ".bias", rows=rows)
+        if self.weights == "nf4":
+            for key in _MATRICES:
+                if key in mats:
+                    mats[key] = Nf4Matrix(mats[key])
         return GroupWeights(mats)
 
 
@@ -411,15 +453,14 @@ class GroupCompute:
         for g in groups:
             w = self.store.get(g.key).mats
             if self.spec.family == "llama":
-                act = F.silu(F.linear(h, w["gate"])) * F.linear(h, w["up"])
+                act = F.silu(_linear(h, w["gate"])) * _linear(h, w["up"])
             else:
-                act = F.gelu(F.linear(h, w["up"], w["up_bias"]))
-            out.append(F.linear(act, w["down"]))
+                act = F.gelu(_linear(h, w["up"], w["up_bias"]))
+            out.append(_linear(act, w["down"]))
         return out
 
     def _attention(self, groups: list[GroupDef], h, pos: int, replay: bool) -> list[Any]:
         torch = _torch()
-        F = torch.nn.functional
         spec, d = self.spec, self.spec.head_dim
         n = h.shape[0]
         share = spec.heads // spec.kv_heads
@@ -429,8 +470,8 @@ class GroupCompute:
         out = []
         for g in groups:
             w = self.store.get(g.key).mats
-            k = F.linear(h, w["k"], w.get("k_bias")).view(n, len(g.kv), d).transpose(0, 1)
-            v = F.linear(h, w["v"], w.get("v_bias")).view(n, len(g.kv), d).transpose(0, 1)
+            k = _linear(h, w["k"], w.get("k_bias")).view(n, len(g.kv), d).transpose(0, 1)
+            v = _linear(h, w["v"], w.get("v_bias")).view(n, len(g.kv), d).transpose(0, 1)
             if llama:
                 k = _rotate(k, cos, sin)
                 keys, values = [], []
@@ -443,7 +484,7 @@ class GroupCompute:
                     continue
             else:
                 keys, values = list(k), list(v)
-            q = F.linear(h, w["q"], w.get("q_bias")).view(n, len(g.heads), d).transpose(0, 1)
+            q = _linear(h, w["q"], w.get("q_bias")).view(n, len(g.heads), d).transpose(0, 1)
             if llama:
                 q = _rotate(q, cos, sin)
             heads = []
@@ -455,7 +496,7 @@ class GroupCompute:
                     mask = torch.arange(total)[None, :] > torch.arange(pos, pos + n)[:, None]
                     scores = scores.masked_fill(mask, float("-inf"))
                 heads.append(torch.softmax(scores, dim=-1) @ values[j])
-            out.append(F.linear(torch.cat(heads, dim=-1), w["o"]))
+            out.append(_linear(torch.cat(heads, dim=-1), w["o"]))
         return out
 
 
@@ -547,9 +588,11 @@ class LocalCluster:
 
     ``observer(layer, part, h, terms)`` (optional) sees each exchange's input and group terms."""
 
-    def __init__(self, checkpoint: Checkpoint, spec: Spec, groups: list[list[list[GroupDef]]]) -> None:
+    def __init__(
+        self, checkpoint: Checkpoint, spec: Spec, groups: list[list[list[GroupDef]]], weights: str = "float32"
+    ) -> None:
         self.groups = groups
-        self.store = WeightStore(checkpoint, spec)
+        self.store = WeightStore(checkpoint, spec, weights)
         self.store.hold(g for layer in groups for part in layer for g in part)
         self.compute = GroupCompute(spec, self.store)
         self.observer: Callable[..., None] | None = None

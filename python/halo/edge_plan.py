@@ -246,7 +246,10 @@ def _fit_scorers(xs: list[np.ndarray], ys: list[np.ndarray], rank: int, steps: i
     out = []
     for i, y in enumerate(ys):
         g = y.shape[1]
-        det = lambda t: t.detach().numpy().astype(np.float64)
+
+        def det(t):
+            return t.detach().numpy().astype(np.float64)
+
         out.append((det(A[i]), det(a[i, 0]), det(B[i, :, :g]), det(b[i, 0, :g]), means[i], scales[i]))
     return out
 

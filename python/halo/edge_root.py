@@ -12,6 +12,7 @@ balancer (as are groups of links whose loss estimate drifts); every wait has a d
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -60,10 +61,15 @@ class RunOptions:
     monitor_alpha: float = 0.005  # per group observation: ~240 per worker and token on SmolLM2
     duplicate_critical: bool = True  # halo: an unreliable copy of each critical message first
     threads: int = 1
+    weights: str = "float32"  # how workers hold their groups: "float32" or "nf4" (halo's 4-bit kernel)
 
     def check(self) -> RunOptions:
         if self.policy not in POLICIES:
             raise EdgeError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        from .edge_model import WEIGHT_FORMATS
+
+        if self.weights not in WEIGHT_FORMATS:
+            raise EdgeError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}, got {self.weights!r}")
         if self.compensation is not None and self.compensation not in COMPENSATIONS:
             raise EdgeError(
                 f"compensation must be one of {', '.join(COMPENSATIONS)}, got {self.compensation!r}"
@@ -201,13 +207,19 @@ class _Runner:
 class Local(_Runner):
     """Every group in this process, no network: the lossless float32 reference."""
 
-    def __init__(self, model_dir: str, group_size: int = 128, heads_per_group: int | None = None) -> None:
+    def __init__(
+        self,
+        model_dir: str,
+        group_size: int = 128,
+        heads_per_group: int | None = None,
+        weights: str = "float32",
+    ) -> None:
         from .edge_model import default_heads_per_group
 
         self.spec = read_spec(model_dir)
         ck = Checkpoint(model_dir)
         hpg = default_heads_per_group(self.spec) if heads_per_group is None else heads_per_group
-        self.cluster = LocalCluster(ck, self.spec, layout(self.spec, group_size, hpg))
+        self.cluster = LocalCluster(ck, self.spec, layout(self.spec, group_size, hpg), weights)
         self.model = RootModel(ck, self.spec)
 
     def forward(self, ids: Sequence[int], pos: int):
@@ -389,6 +401,7 @@ class Root(_Runner):
             "threads": o.threads,
             # A worker with a memory budget reads its groups' importance and predictors here.
             "plan": str(self.plan.path.resolve()) if self.plan.path is not None else None,
+            "weights": o.weights,
         }
         for w in everyone:
             self._send(w, load)
@@ -448,10 +461,8 @@ class Root(_Runner):
             return
         for w in range(len(self.addresses)):
             if self.alive[w] and self.peer[w] >= 0:
-                try:
+                with contextlib.suppress(RuntimeError):
                     self._send(w, {"type": "bye"})
-                except RuntimeError:
-                    pass
         self.transport.flush()
         end = time.monotonic() + 0.2
         while time.monotonic() < end and self.transport.poll(0.02) is not None:
@@ -462,7 +473,7 @@ class Root(_Runner):
         self.transport.flush()
         self.transport = None
 
-    def __enter__(self) -> Root:  # noqa: PYI034 - Python 3.9 has no typing.Self
+    def __enter__(self) -> Root:
         return self.connect()
 
     def __exit__(self, *exc: object) -> None:
@@ -655,7 +666,7 @@ class Root(_Runner):
         W = len(self.addresses)
         key = (part, rows)
         mon = self.latency.setdefault(key, sched.Monitor(W, alpha=self.options.monitor_alpha))
-        for late_step, group, peer, when in r["late"]:
+        for late_step, group, _peer, when in r["late"]:
             miss = self._missed.pop((late_step, group), None)
             if miss is None:
                 continue

@@ -85,7 +85,7 @@ class _Session:
             if self.streaming is not None:
                 self.store, self.compute = self.streaming.open(model, spec, self.groups, msg)
             else:
-                self.store = WeightStore(Checkpoint(model), spec)
+                self.store = WeightStore(Checkpoint(model), spec, str(msg.get("weights", "float32")))
                 self.compute = GroupCompute(spec, self.store)
             torch.set_num_threads(int(msg.get("threads", 1)))
         except (EdgeError, KeyError, TypeError, ValueError) as exc:
@@ -213,7 +213,7 @@ def _serve_session(transport: Any, peer: int, log: TextIO, streaming: Any = None
             try:
                 body = json.loads(msg["json"])
                 if not isinstance(body, dict):
-                    raise ValueError("not an object")  # noqa: TRY004 - bad message content
+                    raise ValueError("not an object")
             except ValueError as exc:
                 session.error(f"control message is not a JSON object ({exc})")
                 continue

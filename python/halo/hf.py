@@ -13,17 +13,18 @@ Sensitivity sources:
 - ``"fisher"``: squared gradients summed over batches of a loss: the model's own
   loss when the batch yields one (e.g. causal LM with labels), else ``loss_fn``.
 - ``"magnitude"``: |w|, no calibration needed.
+``compute_sensitivity`` returns them per layer, so several runs can share one calibration.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 
-from .hwq import HaloQuantized, HardwareModel, halo_quantize, weighted_error
+from .hwq import BASELINES, Estimate, HaloQuantized, HardwareModel, check_tile, halo_quantize, weighted_error
 
 SENSITIVITIES = ("activation", "fisher", "magnitude")
 
@@ -34,7 +35,7 @@ class LayerReport:
     shape: tuple[int, int]
     weighted_error: float  # sum s dw^2 / sum s w^2 under the layer's sensitivity
     average_bits: float
-    speedup: float
+    speedup: float  # against the uniform baseline at the nominal point
     energy_saving: float
     switches: int
     sparse_fraction: float
@@ -42,9 +43,14 @@ class LayerReport:
     baseline_latency_ns: float
     energy_nj: float
     baseline_energy_nj: float
+    estimate: Estimate | None = None  # HALO and every baseline (uniform, w8a8, fp16)
 
     def as_dict(self) -> dict:
-        return dict(self.__dict__, shape=list(self.shape))
+        out = {k: v for k, v in self.__dict__.items() if k != "estimate"}
+        out["shape"] = list(self.shape)
+        if self.estimate is not None:
+            out["estimate"] = self.estimate.as_dict()
+        return out
 
 
 @dataclass
@@ -52,22 +58,42 @@ class ModelReport:
     layers: list[LayerReport] = field(default_factory=list)
     quantized: dict[str, HaloQuantized] = field(default_factory=dict)
 
-    def totals(self) -> dict:
-        """Whole-model figures: latency/energy summed over layers, bits weighted by size."""
+    def totals(self, tokens: int | None = None) -> dict:
+        """Whole-model figures: latency/energy summed over layers (run one after another), bits weighted by
+        size; speed-up and energy saving against each baseline. ``tokens`` re-prices every layer."""
         if not self.layers:
             return {}
         numel = np.array([r.shape[0] * r.shape[1] for r in self.layers], np.float64)
-        latency = sum(r.latency_ns for r in self.layers)
-        base_latency = sum(r.baseline_latency_ns for r in self.layers)
-        energy = sum(r.energy_nj for r in self.layers)
-        base_energy = sum(r.baseline_energy_nj for r in self.layers)
-        return {
+        estimates = [
+            self.quantized[r.name].estimate(tokens) if r.name in self.quantized else r.estimate
+            for r in self.layers
+        ]
+        out = {
             "layers": len(self.layers),
             "average_bits": float((numel * [r.average_bits for r in self.layers]).sum() / numel.sum()),
             "weighted_error": float(np.mean([r.weighted_error for r in self.layers])),
-            "speedup": base_latency / latency,
-            "energy_saving": 1.0 - energy / base_energy,
         }
+        if any(e is None for e in estimates):
+            latency = sum(r.latency_ns for r in self.layers)
+            energy = sum(r.energy_nj for r in self.layers)
+            out["speedup"] = sum(r.baseline_latency_ns for r in self.layers) / latency
+            out["energy_saving"] = 1.0 - energy / sum(r.baseline_energy_nj for r in self.layers)
+            return out
+        latency = sum(e.halo.latency_ns for e in estimates)
+        energy = sum(e.halo.energy_nj for e in estimates)
+        out.update(latency_ns=latency, energy_nj=energy, tokens=estimates[0].tokens)
+        out["speedup_vs"], out["energy_saving_vs"], out["baseline_bits"] = {}, {}, {}
+        for name in BASELINES:
+            base_latency = sum(e.baselines[name].latency_ns for e in estimates)
+            base_energy = sum(e.baselines[name].energy_nj for e in estimates)
+            out["speedup_vs"][name] = base_latency / latency
+            out["energy_saving_vs"][name] = 1.0 - energy / base_energy
+            out["baseline_bits"][name] = float(
+                (numel * [e.baselines[name].bits for e in estimates]).sum() / numel.sum()
+            )
+        out["speedup"] = out["speedup_vs"]["uniform"]
+        out["energy_saving"] = out["energy_saving_vs"]["uniform"]
+        return out
 
 
 def _batches(function: str, calibration_batches: Any) -> list:
@@ -161,11 +187,39 @@ def _fisher_sensitivity(
     return {name: (square / max(len(batches), 1)).numpy() for name, square in squares.items()}
 
 
+def compute_sensitivity(
+    model: Any,
+    calibration_batches: Iterable[Any] | None,
+    kind: str = "activation",
+    *,
+    skip: Sequence[str] = ("lm_head",),
+    loss_fn: Callable[[Any, Any], Any] | None = None,
+) -> dict[str, np.ndarray]:
+    """Per-layer sensitivity (layer name -> float32 array of the weight's shape) for ``halo_quantize_model``:
+    ``"activation"``, ``"fisher"`` (mean squared gradient per weight) or ``"magnitude"`` (empty: |w|)."""
+    fn = "compute_sensitivity"
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"[{fn}] model must be a torch.nn.Module, got {type(model).__name__}")
+    if kind not in SENSITIVITIES:
+        raise ValueError(f"[{fn}] sensitivity must be one of {SENSITIVITIES}, got {kind!r}")
+    batches = _batches(fn, calibration_batches)
+    if kind != "magnitude" and not batches:
+        raise ValueError(f"[{fn}] sensitivity={kind!r} needs at least one calibration batch")
+    layers = _linear_layers(model, skip)
+    if kind == "activation":
+        return _activation_sensitivity(model, layers, batches)
+    if kind == "fisher":
+        return _fisher_sensitivity(model, layers, batches, loss_fn)
+    return {}
+
+
 def halo_quantize_model(
     model: Any,
     calibration_batches: Iterable[Any] | None,
     *,
-    sensitivity: str = "activation",
+    sensitivity: str | Mapping[str, Any] = "activation",
     hw: HardwareModel | None = None,
     tile: Sequence[int] = (128, 128),
     salient_fraction: float = 5e-4,
@@ -173,34 +227,42 @@ def halo_quantize_model(
     max_switches: int = 3,
     skip: Sequence[str] = ("lm_head",),
     loss_fn: Callable[[Any, Any], Any] | None = None,
+    progress: bool = False,
     **options: Any,
 ) -> ModelReport:
     """Quantizes every nn.Linear (names containing a ``skip`` part are left alone) in place.
 
-    ``options`` go to :func:`halo.halo_quantize` (bits, channel_scales, tier_fractions, tokens).
+    ``sensitivity``: a kind (see :func:`compute_sensitivity`) computed from ``calibration_batches``, or a
+    mapping layer name -> array already computed (layers missing from it use |w|). ``options`` go to
+    :func:`halo.halo_quantize` (grid, bits, mode, preset, assign, split, tier_fractions, channel_scales,
+    book_iterations, energy_weight, tokens, backend). ``progress`` shows a tqdm bar over the layers.
     """
     fn = "halo_quantize_model"
     import torch
 
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"[{fn}] model must be a torch.nn.Module, got {type(model).__name__}")
-    if sensitivity not in SENSITIVITIES:
-        raise ValueError(f"[{fn}] sensitivity must be one of {SENSITIVITIES}, got {sensitivity!r}")
-    batches = _batches(fn, calibration_batches)
-    if sensitivity != "magnitude" and not batches:
-        raise ValueError(f"[{fn}] sensitivity={sensitivity!r} needs at least one calibration batch")
+    check_tile(fn, tile)  # before any calibration pass
     layers = _linear_layers(model, skip)
     if not layers:
         raise ValueError(f"[{fn}] the model has no nn.Linear layers to quantize")
-    if sensitivity == "activation":
-        scores = _activation_sensitivity(model, layers, batches)
-    elif sensitivity == "fisher":
-        scores = _fisher_sensitivity(model, layers, batches, loss_fn)
+    if isinstance(sensitivity, Mapping):
+        scores = dict(sensitivity)
+    elif sensitivity in SENSITIVITIES:
+        scores = compute_sensitivity(model, calibration_batches, sensitivity, skip=skip, loss_fn=loss_fn)
     else:
-        scores = {}
+        raise ValueError(
+            f"[{fn}] sensitivity must be one of {SENSITIVITIES} or a mapping of layer names to arrays, "
+            f"got {sensitivity!r}"
+        )
     hw = HardwareModel.default() if hw is None else hw
     report = ModelReport()
-    for name, module in layers:
+    iterator = layers
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(layers, desc="halo_quantize", unit="layer")
+    for name, module in iterator:
         weight = module.weight.detach().float().cpu().numpy().copy()  # the write-back below must not alias it
         score = scores.get(name)
         quantized = halo_quantize(
@@ -225,6 +287,26 @@ def halo_quantize_model(
                 est.baseline_latency_ns,
                 est.energy_nj,
                 est.baseline_energy_nj,
+                est,
             )
         )
     return report
+
+
+# -- Drop-in 4-bit loading (halo.hf_4bit): HaloConfig for from_pretrained, quantize_model,
+# bitsandbytes checkpoints without bitsandbytes. Imported on first use so that importing halo
+# does not import torch or transformers.
+_DROP_IN = ("HaloConfig", "HaloHfQuantizer", "load_bnb_checkpoint", "quantize_model")
+_PEFT = ("LoraLinear4bit", "register_lora")
+
+
+def __getattr__(name: str):
+    if name in _DROP_IN:
+        from . import hf_4bit
+
+        return getattr(hf_4bit, name)
+    if name in _PEFT:
+        from . import peft_layers
+
+        return getattr(peft_layers, name)
+    raise AttributeError(f"module 'halo.hf' has no attribute {name!r}")

@@ -2,12 +2,16 @@
 
 ``halo_quantize`` splits a weight matrix (rows = output channels) into a
 full-precision CSR part (salient weights and k-sigma outliers) and a dense
-low-bit part cut into tiles. Each tile uses the code book its clock admits
-under a :class:`HardwareModel` (values whose multiplier critical path fits the
-clock period); tiles that lose least from the small code book run at the
-fastest clock. The result carries the DVFS plan and a latency/energy estimate
-against a uniform quantizer at the nominal point. ``rtn_quantize`` is the
-plain round-to-nearest baseline.
+part cut into tiles. In the default INT8-subset mode (the paper's setting) a
+tile's code book is a small set of INT8 values (at most ``book_size`` per
+operating point, e.g. 16 at 2.4 GHz and 9 at 3.7 GHz) chosen, per layer and
+point, from the values whose multiply fits that point's clock under a
+:class:`HardwareModel`. The most sensitive tiles (mean sensitivity, e.g.
+Fisher g^2, split by cumulative share) stay at the nominal clock, the rest run
+faster (``mode="performance"``) or at a lower voltage (``mode="energy"``). The
+result carries the DVFS plan and a latency/energy estimate against uniform,
+W8A8 and FP16 baselines at the nominal point. ``rtn_quantize`` is the plain
+round-to-nearest baseline.
 
     >>> import halo, numpy as np
     >>> w = np.random.default_rng(0).standard_normal((256, 256)).astype(np.float32)
@@ -32,18 +36,26 @@ from .backend import check_backend
 
 _hw = _core.hwq
 
+GRIDS = ("subset", "int4", "int8")
+MODES = ("performance", "energy")
+PRESETS = ("performance", "balanced", "accuracy")
+ASSIGNS = ("sensitivity", "error_gain")
+BASELINES = ("uniform", "w8a8", "fp16")
+
 
 class HardwareModel:
-    """Per-value multiply delays (4- and 8-bit grids), DVFS points, switch cost, array and tile shape.
+    """Per-corner multiply delays and per-value MAC energies (4- and 8-bit grids), DVFS points, switch cost,
+    MAC array, sparse engine, memory system and tile shape.
 
-    Held as validated JSON (schema in docs/hwq.md); ``load``/``save`` read and write it.
+    Parsed and validated once into a C++ object (schema in docs/hwq.md; version-1 files still load);
+    ``load``/``save`` read and write its JSON.
     """
 
     def __init__(self, text: str | None = None):
-        self._text = (
-            _hw.default_model() if text is None else _hw.normalize_model(_check_str("HardwareModel", text))
-        )
-        self._data = json.loads(self._text)
+        if text is None:
+            self._model = _hw.HardwareModel.default()
+        else:
+            self._model = _hw.HardwareModel.from_json(_check_str("HardwareModel", text))
 
     @classmethod
     def default(cls) -> HardwareModel:
@@ -55,6 +67,8 @@ class HardwareModel:
 
     @classmethod
     def from_dict(cls, data: dict) -> HardwareModel:
+        if not isinstance(data, dict):
+            raise TypeError(f"[HardwareModel.from_dict] expected a dict, got {type(data).__name__}")
         return cls(json.dumps(data))
 
     @classmethod
@@ -62,56 +76,101 @@ class HardwareModel:
         try:
             with open(path, encoding="utf-8") as handle:
                 text = handle.read()
-        except OSError as error:
-            raise ValueError(f"[HardwareModel.load] cannot read {str(path)!r}: {error.strerror}") from error
+        except (OSError, UnicodeDecodeError) as error:
+            reason = getattr(error, "strerror", None) or str(error)
+            raise ValueError(f"[HardwareModel.load] cannot read {str(path)!r}: {reason}") from error
         return cls(text)
 
     def to_json(self) -> str:
-        return self._text
+        return self._model.to_json()
 
     def to_dict(self) -> dict:
-        return json.loads(self._text)
+        return json.loads(self._model.to_json())
 
     def save(self, path: str | os.PathLike) -> None:
-        _atomic_write_text(path, self._text + "\n")
+        _atomic_write_text(path, self.to_json() + "\n")
+
+    @property
+    def energy_model(self) -> str:
+        """``"activity"`` (per-value MAC energy, V^2, leakage, memory) or ``"power"`` (version-1 fixed power)."""
+        return self._model.energy_model
 
     @property
     def operating_points(self) -> list[dict]:
-        return [dict(p) for p in self._data["operating_points"]]
+        return [self._model.point(p) for p in range(self._model.num_points)]
 
-    def delays(self, bits: int = 4) -> dict[int, float]:
-        table = self._data["delay_ns"][_grid_key("HardwareModel.delays", bits)]
+    def delays(self, bits: int = 8, point: int | None = None) -> dict[int, float]:
+        """Delay (ns) of a multiply by each value of the signed ``bits`` grid at ``point`` (default: nominal)."""
+        _check_bits("HardwareModel.delays", bits)
+        if point is None:
+            point = max(self.nominal_point(bits), 0)
+        table = self._model.delays(bits, _check_point("HardwareModel.delays", point))
         low = -(1 << (bits - 1))
         return {low + i: float(d) for i, d in enumerate(table)}
 
-    def code_book(self, point: int, bits: int = 4) -> tuple[int, ...]:
-        """Values of the signed ``bits`` grid admitted at operating point ``point`` (ascending frequency order)."""
-        return tuple(_hw.code_book(self._text, bits, point))
+    def energies(self, bits: int = 8) -> dict[int, float]:
+        """Energy (pJ) of one MAC by each value of the signed ``bits`` grid at 1 V (scaled by V^2 per point)."""
+        _check_bits("HardwareModel.energies", bits)
+        low = -(1 << (bits - 1))
+        return {low + i: float(e) for i, e in enumerate(self._model.energies(bits))}
 
-    def nominal_point(self, bits: int = 4) -> int:
-        """The fastest point admitting the whole grid (where a uniform quantizer runs); -1 if none."""
-        return int(_hw.nominal_point(self._text, bits))
+    def admitted(self, point: int, bits: int = 8) -> tuple[int, ...]:
+        """Values of the signed ``bits`` grid whose delay at ``point`` fits its clock period."""
+        _check_bits("HardwareModel.admitted", bits)
+        return tuple(self._model.admitted(bits, _check_point("HardwareModel.admitted", point)))
+
+    def nominal_point(self, bits: int = 8) -> int:
+        """Fastest clock admitting the whole grid, lowest voltage there (the baselines' point); -1 if none."""
+        _check_bits("HardwareModel.nominal_point", bits)
+        return int(self._model.nominal_point(bits))
+
+    def ladder(self, mode: str = "performance", bits: int = 8) -> tuple[int, ...]:
+        """The points a run may use, nominal first (``mode`` performance: faster clocks; energy: lower volts)."""
+        _check_bits("HardwareModel.ladder", bits)
+        return tuple(self._model.ladder(_check_choice("HardwareModel.ladder", "mode", mode, MODES), bits))
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, HardwareModel) and self._data == other._data
+        return isinstance(other, HardwareModel) and self.to_json() == other.to_json()
+
+    def __hash__(self) -> int:
+        return hash(self.to_json())
 
     def __repr__(self) -> str:
         points = ", ".join(
-            f"({p['voltage']} V, {p['frequency_ghz']} GHz)" for p in self._data["operating_points"]
+            f"({p['voltage']} V, {p['frequency_ghz']} GHz, book {p['book_size']})"
+            for p in self.operating_points
         )
-        return f"HardwareModel(points=[{points}], tile={self._data['tile']})"
+        return f"HardwareModel(points=[{points}], energy_model={self.energy_model!r})"
 
 
-def _grid_key(function: str, bits: int) -> str:
-    if bits not in (4, 8):
+def _check_bits(function: str, bits: Any) -> int:
+    if isinstance(bits, bool) or bits not in (4, 8):
         raise ValueError(f"[{function}] bits must be 4 or 8, got {bits!r}")
-    return f"int{bits}"
+    return int(bits)
+
+
+def _check_point(function: str, point: Any) -> int:
+    if isinstance(point, bool) or not isinstance(point, (int, np.integer)):
+        raise TypeError(f"[{function}] point must be an int, got {point!r}")
+    return int(point)
 
 
 def _check_str(function: str, value: Any) -> str:
     if not isinstance(value, str):
         raise TypeError(f"[{function}] expected JSON text, got {type(value).__name__}")
     return value
+
+
+def _check_choice(function: str, name: str, value: Any, choices: Sequence[str]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"[{function}] {name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _check_int(function: str, name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"[{function}] {name} must be an int, got {value!r}")
+    return int(value)
 
 
 def _atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -142,19 +201,25 @@ def as_float32_matrix(function: str, value: Any, what: str = "w") -> np.ndarray:
     return np.ascontiguousarray(data.reshape(flat.shape))
 
 
-def _tile_pair(function: str, tile: Any) -> tuple[int, int]:
+def check_tile(function: str, tile: Any) -> tuple[int, int]:
+    """(rows, cols) of positive ints, or ValueError naming the function and the value."""
     try:
         rows, cols = (int(v) for v in tile)
     except (TypeError, ValueError):
         raise ValueError(f"[{function}] tile must be a pair (rows, cols), got {tile!r}") from None
     if rows < 1 or cols < 1:
-        raise ValueError(f"[{function}] tile sizes must be positive, got {tile!r}")
+        raise ValueError(f"[{function}] tile sizes must be positive, got {tuple(tile)!r}")
     return rows, cols
+
+
+def _readonly(array: np.ndarray) -> np.ndarray:
+    array.setflags(write=False)
+    return array
 
 
 @dataclass(frozen=True)
 class Tile:
-    """One weight tile: where it is, its code book and the clock it runs at."""
+    """One weight tile: where it is, its code book and the point it runs at."""
 
     index: int
     row: int
@@ -165,8 +230,11 @@ class Tile:
     point: int
     frequency_ghz: float
     voltage: float
-    wanted_point: int  # the fastest point its sensitivity allowed (the plan may run it slower)
+    wanted_point: (
+        int  # the most aggressive point its sensitivity allowed (the plan may keep it nearer nominal)
+    )
     error: float  # sensitivity-weighted squared error of its dense part
+    score: float  # mean sensitivity (e.g. Fisher g^2)
 
 
 @dataclass(frozen=True)
@@ -176,7 +244,7 @@ class SparsePart:
     shape: tuple[int, int]
     indptr: np.ndarray  # int64 (rows + 1)
     indices: np.ndarray  # int32 column per kept weight
-    values: np.ndarray  # float32 original weights
+    values: np.ndarray  # float32: the original weights (rounded to float16 with sparse_dtype="float16")
 
     @property
     def nnz(self) -> int:
@@ -194,63 +262,161 @@ class Plan:
     """The DVFS schedule: tiles in execution order and the point each runs at."""
 
     order: np.ndarray  # tile indices (row-major numbering) in execution order
-    point: np.ndarray  # per tile (row-major numbering)
+    point: np.ndarray  # per tile (row-major numbering): model point
     switches: int
     frequencies_ghz: tuple[float, ...]  # of each operating point
     voltages: tuple[float, ...]
 
     def segments(self) -> list[tuple[float, float, int]]:
-        """(voltage, frequency_ghz, tile count) for each constant-clock stretch in execution order."""
+        """(voltage, frequency_ghz, tile count) for each constant-point stretch in execution order."""
         result: list[tuple[float, float, int]] = []
+        previous = None
         for tile in self.order:
             p = int(self.point[tile])
-            if result and result[-1][1] == self.frequencies_ghz[p]:
+            if result and previous == p:
                 result[-1] = (result[-1][0], result[-1][1], result[-1][2] + 1)
             else:
                 result.append((self.voltages[p], self.frequencies_ghz[p], 1))
+            previous = p
         return result
 
 
 @dataclass(frozen=True)
-class Estimate:
+class Cost:
+    """One way of running a layer: latency = max(compute, memory); energy = dynamic + leakage + memory + static."""
+
     latency_ns: float
     energy_nj: float
-    baseline_latency_ns: float
-    baseline_energy_nj: float
-    speedup: float
-    energy_saving: float
-    average_bits: float
-    baseline_bits: float
+    compute_ns: float
+    memory_ns: float
+    dynamic_nj: float
+    leakage_nj: float
+    memory_nj: float
+    static_nj: float
+    bits: float  # stored bits per weight
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """HALO's cost and the baselines' at the nominal point: ``uniform`` (HALO's code bits), ``w8a8``, ``fp16``."""
+
+    halo: Cost
+    baselines: dict[str, Cost]
+    switch_ns: float
+    switch_nj: float
+    sparse_ns: float  # sparse engine time (concurrent with the dense array)
+    sparse_nj: float
+    sparse_point: int
+    nominal_point: int
+    tokens: int
+
+    def speedup_vs(self, baseline: str = "uniform") -> float:
+        return self.baselines[_check_choice("Estimate", "baseline", baseline, BASELINES)].latency_ns / (
+            self.halo.latency_ns
+        )
+
+    def energy_saving_vs(self, baseline: str = "uniform") -> float:
+        base = self.baselines[_check_choice("Estimate", "baseline", baseline, BASELINES)].energy_nj
+        return 1.0 - self.halo.energy_nj / base
+
+    # The library's historical headline: against the uniform baseline.
+    @property
+    def latency_ns(self) -> float:
+        return self.halo.latency_ns
+
+    @property
+    def energy_nj(self) -> float:
+        return self.halo.energy_nj
+
+    @property
+    def baseline_latency_ns(self) -> float:
+        return self.baselines["uniform"].latency_ns
+
+    @property
+    def baseline_energy_nj(self) -> float:
+        return self.baselines["uniform"].energy_nj
+
+    @property
+    def speedup(self) -> float:
+        return self.speedup_vs("uniform")
+
+    @property
+    def energy_saving(self) -> float:
+        return self.energy_saving_vs("uniform")
+
+    @property
+    def average_bits(self) -> float:
+        return self.halo.bits
+
+    @property
+    def baseline_bits(self) -> float:
+        return self.baselines["uniform"].bits
 
     def as_dict(self) -> dict:
-        return dict(self.__dict__)
+        return {
+            "halo": dict(self.halo.__dict__),
+            "baselines": {k: dict(v.__dict__) for k, v in self.baselines.items()},
+            "switch_ns": self.switch_ns,
+            "switch_nj": self.switch_nj,
+            "sparse_ns": self.sparse_ns,
+            "sparse_nj": self.sparse_nj,
+            "sparse_point": self.sparse_point,
+            "nominal_point": self.nominal_point,
+            "tokens": self.tokens,
+            "speedup": {b: self.speedup_vs(b) for b in BASELINES},
+            "energy_saving": {b: self.energy_saving_vs(b) for b in BASELINES},
+        }
+
+    @classmethod
+    def _from_raw(cls, raw: dict) -> Estimate:
+        return cls(
+            Cost(**raw["halo"]),
+            {name: Cost(**raw[name]) for name in BASELINES},
+            raw["switch_ns"],
+            raw["switch_nj"],
+            raw["sparse_ns"],
+            raw["sparse_nj"],
+            int(raw["sparse_point"]),
+            int(raw["nominal_point"]),
+            int(raw["tokens"]),
+        )
 
 
 class HaloQuantized:
-    """A HALO-quantized matrix: int codes on the tier grids, row-in-tile scales, CSR side part, DVFS plan."""
+    """A HALO-quantized matrix: grid codes, row-in-tile scales, per-rung books, CSR side part, DVFS plan.
 
-    def __init__(
-        self, raw: dict, hw: HardwareModel, bits: int, shape: tuple[int, int], kind: str, dtype: str
-    ):
-        self.codes: np.ndarray = raw["codes"]
-        self.scales: np.ndarray = raw["scales"]
-        self.tile_shape = (int(raw["tile_rows"]), int(raw["tile_cols"]))
-        self.bits = bits
-        self.shape = shape
+    Holds the C++ result; the arrays are read-only views of it.
+    """
+
+    def __init__(self, handle: Any, hw: HardwareModel, kind: str):
+        self._q = handle
         self.hw = hw
-        self._kind, self._dtype = kind, dtype
-        self.sparse = SparsePart(shape, raw["indptr"], raw["indices"], raw["values"])
+        self._kind = kind
+        self.codes: np.ndarray = _readonly(handle.codes)
+        self.scales: np.ndarray = _readonly(handle.scales)
+        self.shape: tuple[int, int] = tuple(handle.shape)
+        self.tile_shape: tuple[int, int] = tuple(handle.tile_shape)
+        self.bits: int = handle.bits  # MAC grid: codes are values of the signed `bits` grid
+        self.grid_mode: str = handle.grid
+        self.sparse_dtype: str = handle.sparse_dtype
+        self.mode: str = handle.mode
+        self.ladder: tuple[int, ...] = tuple(handle.ladder)
+        self.books: tuple[tuple[int, ...], ...] = tuple(tuple(b) for b in handle.books)
+        self.sparse = SparsePart(
+            self.shape, _readonly(handle.indptr), _readonly(handle.indices), _readonly(handle.values)
+        )
         points = hw.operating_points
         self.plan = Plan(
-            np.asarray(raw["plan_order"], np.int64),
-            np.asarray(raw["plan_point"], np.int64),
-            int(raw["switches"]),
+            _readonly(handle.plan_order),
+            _readonly(handle.plan_point),
+            int(handle.switches),
             tuple(p["frequency_ghz"] for p in points),
             tuple(p["voltage"] for p in points),
         )
-        self.wanted_point = np.asarray(raw["wanted_point"], np.int64)
-        self.tile_error = np.asarray(raw["tile_error"], np.float64)
-        self._estimate = Estimate(**raw["estimate"])
+        self.wanted_point: np.ndarray = _readonly(handle.wanted_point)
+        self.tile_error: np.ndarray = _readonly(handle.tile_error)
+        self.tile_score: np.ndarray = _readonly(handle.tile_score)
+        self._estimates: dict[int, Estimate] = {}
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -258,12 +424,25 @@ class HaloQuantized:
         return (-(-rows // tr), -(-cols // tc))
 
     @property
+    def stored_bits(self) -> float:
+        """Bits per weight of the packed layout (code indices, book tables, fp32 scales, CSR part)."""
+        return float(_hw.stored_bits(self._q))
+
+    def book_of(self, point: int) -> tuple[int, ...]:
+        """The code book tiles running at model point ``point`` use."""
+        if point not in self.ladder:
+            raise ValueError(
+                f"[HaloQuantized.book_of] point {point!r} is not on this run's ladder {self.ladder}"
+            )
+        return self.books[self.ladder.index(point)]
+
+    @property
     def tiles(self) -> list[Tile]:
         points = self.hw.operating_points
-        books = [self.hw.code_book(p, self.bits) for p in range(len(points))]
         (tr, tc), (_, gcols) = self.tile_shape, self.grid
         result = []
         for index, point in enumerate(self.plan.point):
+            point = int(point)
             r0, c0 = (index // gcols) * tr, (index % gcols) * tc
             height, width = min(tr, self.shape[0] - r0), min(tc, self.shape[1] - c0)
             result.append(
@@ -272,36 +451,47 @@ class HaloQuantized:
                     r0,
                     c0,
                     (height, width),
-                    books[point],
+                    self.book_of(point),
                     self.scales[r0 : r0 + height, index % gcols].copy(),
-                    int(point),
+                    point,
                     points[point]["frequency_ghz"],
                     points[point]["voltage"],
                     int(self.wanted_point[index]),
                     float(self.tile_error[index]),
+                    float(self.tile_score[index]),
                 )
             )
         return result
 
-    def estimate(self) -> Estimate:
-        """Latency/energy against a uniform quantizer at the nominal point, and stored bits per weight."""
-        return self._estimate
+    def estimate(self, tokens: int | None = None) -> Estimate:
+        """Latency/energy/bits of HALO and the uniform, W8A8 and FP16 baselines at the nominal point, for
+        ``tokens`` input columns per pass (default: those the plan was made for)."""
+        count = 0 if tokens is None else _check_int("HaloQuantized.estimate", "tokens", tokens)
+        if tokens is not None and count < 1:
+            raise ValueError(f"[HaloQuantized.estimate] tokens must be >= 1, got {tokens!r}")
+        if count not in self._estimates:
+            self._estimates[count] = Estimate._from_raw(_hw.estimate(self._q, self.hw._model, count))
+        return self._estimates[count]
 
     def dequantize(self) -> Any:
         """The float32 reconstruction (a torch tensor when a tensor was quantized)."""
-        out = _hw.dequantize(
-            self.codes,
-            self.scales,
-            self.tile_shape[1],
-            self.sparse.indptr,
-            self.sparse.indices,
-            self.sparse.values,
-        )
+        out = _hw.dequantize(self._q)
         if self._kind == "torch":
             import torch
 
             return torch.from_numpy(out)
         return out
+
+
+def _resolve_grid(function: str, grid: Any, bits: Any) -> str:
+    if bits is None:
+        return "subset" if grid is None else _check_choice(function, "grid", grid, GRIDS)
+    by_bits = {4: "int4", 8: "int8"}.get(bits) if not isinstance(bits, bool) else None
+    if by_bits is None:
+        raise ValueError(f"[{function}] bits must be 4 or 8 (the int4 / int8 grid modes), got {bits!r}")
+    if grid is not None and grid != by_bits:
+        raise ValueError(f"[{function}] bits={bits} selects grid {by_bits!r} but grid={grid!r} was given")
+    return by_bits
 
 
 def halo_quantize(
@@ -313,20 +503,38 @@ def halo_quantize(
     outlier_sigma: float = 3.0,
     max_switches: int = 3,
     *,
-    bits: int = 4,
-    channel_scales: bool = True,
+    grid: str | None = None,
+    bits: int | None = None,
+    sparse_dtype: str = "float16",
+    mode: str = "performance",
+    preset: str = "balanced",
+    assign: str | None = None,
+    split: Sequence[float] | None = None,
     tier_fractions: Sequence[float] | None = None,
+    channel_scales: bool = True,
+    book_iterations: int = 4,
+    energy_weight: float = 0.1,
     tokens: int = 128,
     backend: str = "auto",
 ) -> HaloQuantized:
     """Quantizes a 2-D weight matrix with HALO.
 
-    sensitivity: per-weight importance of the same shape (e.g. squared gradients, or the input
-    activations' mean square broadcast over rows); None uses |w|. tier_fractions: share of tiles
-    wanting each operating point (ascending frequency); None gives a quarter the fastest point and
-    the rest the next one. channel_scales: a scale per row inside each tile (else one per tile).
-    tokens: input columns per pass assumed by the plan and the estimate. backend: the scale-search
-    kernel ("auto" follows HALO_BACKEND / the CPU; "avx512" or "scalar"; "avx2" runs the scalar loop).
+    sensitivity: per-weight importance of the same shape (squared gradients for Fisher, or the input
+    activations' mean square broadcast over rows); None uses |w|. sparse_dtype: how the full-precision
+    side part stores its values (``"float16"``, as the paper's FP16 models; ``"float32"``: exactly).
+    grid: ``"subset"`` (default: INT8 MAC, books of at most each point's ``book_size`` admitted INT8 values),
+    ``"int4"`` (a 4-bit MAC, books = admitted 4-bit values) or ``"int8"`` (books = admitted INT8 values);
+    ``bits=4`` / ``bits=8`` select the last two.
+    mode: ``"performance"`` (faster clocks) or ``"energy"`` (lower voltage at the nominal clock).
+    assign: ``"sensitivity"`` (default: mean-sensitivity tile score, cumulative split by ``preset`` —
+    performance, balanced, accuracy — or explicit ``split`` thresholds, one per rung but the last) or
+    ``"error_gain"`` (tiles losing least on the small books go fast; ``tier_fractions``: share of tiles per
+    rung; giving tier_fractions selects this). channel_scales: a scale per row inside each tile (else one
+    per tile). book_iterations: rounds of book search and scale fit per point (subset mode).
+    energy_weight: how much switching activity a subset book pays for relative to its error (0: error
+    only; 0.1: halving its MAC energy is worth 5 % more weighted error). tokens: input columns per pass
+    assumed by the plan and the estimate. backend: the
+    scale-search kernel (``"auto"`` follows HALO_BACKEND / the CPU; ``"scalar"``, ``"avx2"``, ``"avx512"``).
     """
     fn = "halo_quantize"
     matrix = as_float32_matrix(fn, w)
@@ -340,28 +548,39 @@ def halo_quantize(
     hw = HardwareModel.default() if hw is None else hw
     if not isinstance(hw, HardwareModel):
         raise TypeError(f"[{fn}] hw must be a HardwareModel, got {type(hw).__name__}")
-    tile_rows, tile_cols = _tile_pair(fn, tile)
-    for name, value in (("max_switches", max_switches), ("bits", bits), ("tokens", tokens)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            raise TypeError(f"[{fn}] {name} must be an int, got {value!r}")
-    fractions = [] if tier_fractions is None else [float(f) for f in tier_fractions]
+    tile_rows, tile_cols = check_tile(fn, tile)
+    for name, value in (
+        ("max_switches", max_switches),
+        ("tokens", tokens),
+        ("book_iterations", book_iterations),
+    ):
+        _check_int(fn, name, value)
+    grid_mode = _resolve_grid(fn, grid, bits)
+    if assign is None:
+        assign = "error_gain" if tier_fractions is not None else "sensitivity"
     raw = _hw.quantize(
         matrix,
         sens,
-        hw.to_json(),
-        int(bits),
+        hw._model,
+        grid_mode,
+        _check_choice(fn, "mode", mode, MODES),
+        _check_choice(fn, "assign", assign, ASSIGNS),
+        _check_choice(fn, "preset", preset, PRESETS),
+        [] if split is None else [float(f) for f in split],
+        [] if tier_fractions is None else [float(f) for f in tier_fractions],
         tile_rows,
         tile_cols,
         float(salient_fraction),
         float(outlier_sigma),
+        _check_choice(fn, "sparse_dtype", sparse_dtype, ("float16", "float32")),
         int(max_switches),
         bool(channel_scales),
-        fractions,
+        int(book_iterations),
+        float(energy_weight),
         int(tokens),
         check_backend(fn, backend),
     )
-    flat_kind = "torch" if is_torch_tensor(w) else "numpy"
-    return HaloQuantized(raw, hw, int(bits), matrix.shape, flat_kind, "float32")
+    return HaloQuantized(raw, hw, "torch" if is_torch_tensor(w) else "numpy")
 
 
 class RtnQuantized:
@@ -394,15 +613,13 @@ def rtn_quantize(w: Any, bits: int = 4, group_size: int = 128) -> RtnQuantized:
     """Round-to-nearest baseline with one fp32 absmax scale per ``group_size`` weights of a row (<= 0: whole row)."""
     fn = "rtn_quantize"
     matrix = as_float32_matrix(fn, w)
-    if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)):
-        raise TypeError(f"[{fn}] group_size must be an int, got {group_size!r}")
-    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)):
-        raise TypeError(f"[{fn}] bits must be an int, got {bits!r}")
+    group_size = _check_int(fn, "group_size", group_size)
+    bits = _check_int(fn, "bits", bits)
     if not np.isfinite(matrix).all():
         raise ValueError(f"[{fn}] w holds non-finite values")
-    group = matrix.shape[1] if group_size <= 0 else min(int(group_size), matrix.shape[1])
-    codes, scales = _hw.rtn_quantize(matrix, int(bits), group)
-    return RtnQuantized(codes, scales, int(bits), group, "torch" if is_torch_tensor(w) else "numpy")
+    codes, scales = _hw.rtn_quantize(matrix, bits, group_size)
+    group = matrix.shape[1] if group_size <= 0 else min(group_size, matrix.shape[1])
+    return RtnQuantized(codes, scales, bits, group, "torch" if is_torch_tensor(w) else "numpy")
 
 
 def weighted_error(w: Any, w_hat: Any, sensitivity: Any = None) -> float:

@@ -1,6 +1,7 @@
 """``halo hwq``: HALO-quantize a Hugging Face model folder with calibration text.
 
-    halo hwq --model DIR --calib FILE --out DIR [--hw table.json]
+    halo hwq --model DIR --calib FILE --out DIR [--hw table.json] [--grid subset|int4|int8]
+             [--mode performance|energy] [--preset performance|balanced|accuracy]
 
 FILE holds one calibration text per line. OUT (which must not exist yet) gets
 ``quantized.safetensors`` (per layer: int8 codes, scales, CSR part), ``plan.json``
@@ -27,7 +28,14 @@ def register(subparsers) -> None:
     parser.add_argument("--calib", required=True, help="calibration text file, one sample per line")
     parser.add_argument("--out", required=True, help="output folder (must not exist)")
     parser.add_argument("--hw", help="hardware model JSON (default: the built-in structural model)")
-    parser.add_argument("--bits", type=int, default=4, choices=(4, 8))
+    parser.add_argument(
+        "--grid",
+        choices=("subset", "int4", "int8"),
+        help="code books: INT8 subsets of each point's book_size (default), the 4-bit grid, or the INT8 grid",
+    )
+    parser.add_argument("--bits", type=int, choices=(4, 8), help="the int4 / int8 grid modes (as --grid)")
+    parser.add_argument("--mode", default="performance", choices=("performance", "energy"))
+    parser.add_argument("--preset", default="balanced", choices=("performance", "balanced", "accuracy"))
     parser.add_argument("--tile", type=int, nargs=2, default=(128, 128), metavar=("ROWS", "COLS"))
     parser.add_argument("--sensitivity", default="activation", choices=("activation", "fisher", "magnitude"))
     parser.add_argument("--max-switches", type=int, default=3)
@@ -66,6 +74,13 @@ def _markdown(report, totals: dict) -> str:
             f"{totals['speedup']:.3f}x, energy saving {100 * totals['energy_saving']:.1f} % "
             "(against a uniform quantizer at the nominal point)."
         ),
+        "",
+        *[
+            f"Against {name}: speed-up {totals['speedup_vs'][name]:.3f}x, energy saving "
+            f"{100 * totals['energy_saving_vs'][name]:.1f} % ({totals['baseline_bits'][name]:.3f} bits)."
+            for name in ("w8a8", "fp16")
+            if "speedup_vs" in totals
+        ],
         "",
         "| layer | shape | weighted error | bits | speed-up | energy saving | switches | sparse % |",
         "|---|---|---|---|---|---|---|---|",
@@ -107,6 +122,9 @@ def _write_outputs(folder: str, report, hw, model_dir: str) -> None:
             "shape": list(q.shape),
             "tile": list(q.tile_shape),
             "bits": q.bits,
+            "grid": q.grid_mode,
+            "mode": q.mode,
+            "books": {str(p): list(b) for p, b in zip(q.ladder, q.books)},
             "order": q.plan.order.tolist(),
             "point": q.plan.point.tolist(),
             "switches": q.plan.switches,
@@ -136,6 +154,10 @@ def run(args: argparse.Namespace) -> int:
             return _fail(f"--out {args.out!r} already exists")
         if args.max_switches < 0 or args.batch_size < 1 or args.max_length < 1:
             return _fail("--max-switches must be >= 0 and --batch-size, --max-length >= 1")
+        if min(args.tile) < 1:
+            return _fail(f"--tile must be two positive sizes, got {args.tile[0]} {args.tile[1]}")
+        if args.bits is not None and args.grid is not None and args.grid != f"int{args.bits}":
+            return _fail(f"--bits {args.bits} selects grid int{args.bits} but --grid {args.grid} was given")
         lines = _read_lines(args.calib)
         from .hwq import HardwareModel
 
@@ -173,7 +195,10 @@ def run(args: argparse.Namespace) -> int:
             hw=hw,
             tile=tuple(args.tile),
             max_switches=args.max_switches,
+            grid=args.grid,
             bits=args.bits,
+            mode=args.mode,
+            preset=args.preset,
             channel_scales=not args.tile_scale,
         )
         parent = os.path.dirname(os.path.abspath(args.out))

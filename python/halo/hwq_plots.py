@@ -1,6 +1,6 @@
 """Optional matplotlib figures for HALO results (needs the ``plot`` extra).
 
-- ``plot_tile_frequencies(q, path)``: the clock each tile of a layer runs at, as a map.
+- ``plot_tile_frequencies(q, path)``: the clock (or, in energy mode, voltage) of each tile of a layer, as a map.
 - ``plot_error_vs_speedup(points, path)``: weighted error against estimated speed-up per setting.
 Both save a PNG (temporary file, then rename) and return the path.
 """
@@ -41,17 +41,19 @@ def _save(figure, path: str | os.PathLike) -> str:
 
 
 def plot_tile_frequencies(q: HaloQuantized, path: str | os.PathLike, title: str | None = None) -> str:
-    """A heat map of the clock (GHz) each tile runs at, tiles laid out as in the weight matrix."""
+    """A heat map of the clock (GHz; the voltage in energy mode) each tile runs at, laid out as the matrix."""
     if not isinstance(q, HaloQuantized):
         raise TypeError(f"[plot_tile_frequencies] expected a HaloQuantized, got {type(q).__name__}")
     plt = _pyplot("plot_tile_frequencies")
     grid_rows, grid_cols = q.grid
-    clocks = np.array(q.plan.frequencies_ghz)[q.plan.point].reshape(grid_rows, grid_cols)
-    figure, axes = plt.subplots(figsize=(4 + grid_cols * 0.15, 3 + grid_rows * 0.15))
-    image = axes.imshow(
-        clocks, cmap="viridis", vmin=min(q.plan.frequencies_ghz), vmax=max(q.plan.frequencies_ghz)
+    # Energy mode keeps one clock: show the voltage each tile runs at instead.
+    values, label = (
+        (q.plan.voltages, "voltage (V)") if q.mode == "energy" else (q.plan.frequencies_ghz, "clock (GHz)")
     )
-    figure.colorbar(image, ax=axes, label="clock (GHz)")
+    shown = np.array(values)[q.plan.point].reshape(grid_rows, grid_cols)
+    figure, axes = plt.subplots(figsize=(4 + grid_cols * 0.15, 3 + grid_rows * 0.15))
+    image = axes.imshow(shown, cmap="viridis", vmin=min(values), vmax=max(values))
+    figure.colorbar(image, ax=axes, label=label)
     axes.set_xlabel(f"tile column ({q.tile_shape[1]} inputs)")
     axes.set_ylabel(f"tile row ({q.tile_shape[0]} outputs)")
     axes.set_title(title or f"{q.shape[0]}x{q.shape[1]}, {q.plan.switches} switches")

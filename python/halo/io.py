@@ -1,7 +1,10 @@
 """safetensors files through halo's C++ reader (memory-mapped, validated header,
 zero-copy NumPy views) and streaming writer (temp file, then rename).
 
-Every malformed file raises ``ValueError`` naming the file and the problem.
+Every malformed file raises ``ValueError`` naming the file and the problem; a FIFO,
+device or folder is refused before it is opened. Views share the file's memory map:
+truncating the file while views live makes reading them raise SIGBUS (as with any
+mmap); ``open_safetensors(path, copy=True)`` reads the file into private memory instead.
 NumPy has no bfloat16: BF16 tensors come back as ``uint16`` bit patterns with
 ``framework="numpy"`` and as ``torch.bfloat16`` with ``framework="torch"``.
 """
@@ -56,9 +59,12 @@ _TORCH_TO_ST = {
 }
 
 
-def open_safetensors(path: str | os.PathLike) -> SafetensorsFile:
-    """Maps ``path`` and validates its header; tensors are read lazily with ``.get(name)``."""
-    return _io.open_safetensors(os.fspath(path))
+def open_safetensors(path: str | os.PathLike, copy: bool = False) -> SafetensorsFile:
+    """Maps ``path`` and validates its header; tensors are read lazily with ``.get(name)``.
+
+    ``copy=True`` reads the whole file into private memory, so later changes to the file
+    (truncation, rewriting) cannot affect the views or raise SIGBUS."""
+    return _io.open_safetensors(os.fspath(path), copy)
 
 
 def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
@@ -127,8 +133,10 @@ def save_safetensors(
     tensors: Mapping[str, Any],
     metadata: Mapping[str, str] | None = None,
     bf16_names: set[str] | frozenset[str] = frozenset(),
+    fsync: bool = True,
 ) -> None:
-    """Writes ``tensors`` (NumPy arrays or torch tensors) to ``path`` through a temp file.
+    """Writes ``tensors`` (NumPy arrays or torch tensors) to ``path`` through a temp file,
+    fsynced and renamed into place (``fsync=False`` skips the fsyncs).
 
     ``bf16_names`` marks NumPy ``uint16`` arrays that hold bfloat16 bits."""
     fn = "save_safetensors"
@@ -148,7 +156,7 @@ def save_safetensors(
                 raise TypeError(f"[{fn}] {name!r} is marked bfloat16 but is {arr.dtype}, not uint16 bits")
             dtype = "BF16"
         items.append((name, dtype, arr))
-    writer = _io.SafetensorsWriter(os.fspath(path), [(n, d, list(a.shape)) for n, d, a in items], meta)
+    writer = _io.SafetensorsWriter(os.fspath(path), [(n, d, list(a.shape)) for n, d, a in items], meta, fsync)
     for name, _, arr in items:
         writer.write(name, arr.reshape(-1) if arr.ndim else arr.reshape(1))
     writer.finish()

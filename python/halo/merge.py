@@ -4,14 +4,17 @@
 memory maps (one tensor in memory at a time, plus its merged copy), applies every
 LoRA delta (rank/alpha patterns, rsLoRA, fan_in_fan_out, DoRA) with
 ``halo.lora.merge``, and streams the result into shards of the same layout.
-The output is assembled in a temporary folder next to ``out_dir`` and renamed
-into place only when complete.
+The output is assembled in a temporary folder next to ``out_dir``, fsynced, and
+swapped into place only when complete (see ``_output``: an output that overlaps
+an input is refused, SIGTERM/SIGHUP clean up like SIGINT, temp folders of killed
+runs are removed by the next run, and ``--force`` never leaves ``out_dir`` missing).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -21,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from . import _output
 from . import io as hio
 from . import lora as hlora
 from ._core import io as _core_io
@@ -112,6 +116,7 @@ def _apply_lora(w: np.ndarray, module, fan_in_fan_out: bool, name: str) -> np.nd
             f"base tensor {name!r} of shape {list(w.shape)}"
         )
     merged = hlora.merge(w, A, B, module.scaling, fan_in_fan_out=fan_in_fan_out)
+    _check_finite(merged, w, module, name)
     if module.magnitude is None:
         return merged
     # DoRA (as PEFT merges it): rescale each output row of W + delta to the learned magnitude;
@@ -120,6 +125,25 @@ def _apply_lora(w: np.ndarray, module, fan_in_fan_out: bool, name: str) -> np.nd
     norm = np.linalg.norm(rows.astype(np.float64), axis=1).astype(np.float32)
     factor = module.magnitude / norm
     return (factor[None, :] * merged) if fan_in_fan_out else (factor[:, None] * merged)
+
+
+def _check_finite(merged: np.ndarray, w: np.ndarray, module, name: str) -> None:
+    # |B A * scaling| <= r * max|A| * max|B| * |scaling|: when that bound is far below float32's
+    # range the delta cannot overflow and the full scan is skipped (NaN in A or B fails the test).
+    with np.errstate(over="ignore", invalid="ignore"):
+        bound = (
+            module.lora_A.shape[0]
+            * float(np.abs(module.lora_A).max(initial=0.0))
+            * float(np.abs(module.lora_B).max(initial=0.0))
+            * abs(module.scaling)
+        )
+    if bound < 1e37:
+        return
+    if not np.isfinite(merged).all() and np.isfinite(w).all():
+        _fail(
+            f"merging adapter module {module.name!r} into {name!r} gives inf/NaN weights "
+            f"(scaling {module.scaling:g}, largest |lora_A| x |lora_B| x r x scaling {bound:g})"
+        )
 
 
 class _Progress:
@@ -148,18 +172,71 @@ class _Progress:
         sys.stderr.flush()
 
 
-def _linear_weights(base: Path, skip: set[str]) -> set[str]:
-    """Names of weights that transformers' bitsandbytes path quantizes: nn.Linear weights except lm_head."""
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
+# Config fields that set how many modules the model skeleton is built with (each such
+# module holds at least one tensor, so none can exceed the checkpoint's tensor count).
+_COUNT_FIELDS = frozenset(
+    {
+        "num_hidden_layers",
+        "num_layers",
+        "n_layer",
+        "n_layers",
+        "encoder_layers",
+        "decoder_layers",
+        "num_encoder_layers",
+        "num_decoder_layers",
+        "num_local_experts",
+        "num_experts",
+        "n_routed_experts",
+        "moe_num_experts",
+    }
+)
+
+
+def _linear_weights(base: Path, skip: set[str], shapes: dict[str, list[int]]) -> set[str]:
+    """Names of weights that transformers' bitsandbytes path quantizes: nn.Linear weights except lm_head.
+
+    config.json is checked against the tensors present (`shapes`) before the model skeleton is
+    built: a hostile module count (num_hidden_layers 10**9) would hang and grow memory."""
     import torch
     import transformers
 
+    cfg_path = base / "config.json"
     config = transformers.AutoConfig.from_pretrained(base)
+    present = sorted({int(m.group(1)) for n in shapes for m in [_LAYER_INDEX.search(n)] if m})
+    fields = {}
+    for owner in (
+        config,
+        *(v for v in vars(config).values() if isinstance(v, transformers.PretrainedConfig)),
+    ):
+        for key, value in owner.to_dict().items():
+            if key in _COUNT_FIELDS and isinstance(value, int) and not isinstance(value, bool):
+                fields[key] = value
+    for key, value in fields.items():
+        if value < 0 or value > len(shapes):
+            _fail(
+                f"{cfg_path}: {key} = {value} does not fit the checkpoint, which holds {len(shapes)} tensors"
+            )
+    layers = getattr(config, "num_hidden_layers", None)
+    if isinstance(layers, int) and present and layers != len(present):
+        _fail(
+            f"{cfg_path}: num_hidden_layers = {layers}, but the checkpoint's tensors hold {len(present)} layers "
+            f"({present[0]}..{present[-1]})"
+        )
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config)
     names = set()
     for mod_name, mod in model.named_modules():
         if isinstance(mod, torch.nn.Linear) and mod_name.split(".")[-1] not in skip:
-            names.add(f"{mod_name}.weight")
+            wname = f"{mod_name}.weight"
+            want = list(mod.weight.shape)
+            if wname not in shapes:
+                _fail(f"{cfg_path} describes a weight {wname!r} {want} that the checkpoint does not hold")
+            if list(shapes[wname]) != want:
+                _fail(
+                    f"{cfg_path} gives {wname!r} the shape {want}, the checkpoint holds {list(shapes[wname])}"
+                )
+            names.add(wname)
     return names
 
 
@@ -182,26 +259,48 @@ def merge(
     quantize: str | None = None,
     progress: bool = True,
     force: bool = False,
+    fsync: bool = True,
 ) -> MergeSummary:
     """Merges the LoRA adapter in ``adapter_dir`` into the model in ``base_dir`` and writes ``out_dir``.
 
     ``dtype`` ("fp32", "fp16", "bf16"; default: keep each tensor's dtype) sets the output
     floating-point type; ``quantize="nf4"`` writes a bitsandbytes NF4 (double-quant)
-    checkpoint with ``quantization_config`` in ``config.json``. ValueError on bad input.
+    checkpoint with ``quantization_config`` in ``config.json``. ``fsync=False`` skips the
+    fsync of the output before it is swapped in (faster; a power cut may then leave a
+    damaged output). ValueError on bad input; ``_output.Interrupted`` on SIGTERM/SIGHUP.
     """
     t0 = time.monotonic()
+    with _output.signals_raise():
+        return _merge(base_dir, adapter_dir, out_dir, dtype, quantize, progress, force, fsync, t0)
+
+
+def _inputs(base: Path, adapter_dir: Path) -> list[tuple[Path, str]]:
+    """Every path the merge reads: both folders and each file in them (symlinks as they are and resolved)."""
+    found = [(base, "base folder"), (adapter_dir, "adapter folder")]
+    for folder, what in ((base, "base file"), (adapter_dir, "adapter file")):
+        if folder.is_dir():
+            for item in folder.iterdir():
+                found.append((item, what))
+                if item.is_symlink():
+                    found.append((item.resolve(), what))
+    return found
+
+
+def _merge(base_dir, adapter_dir, out_dir, dtype, quantize, progress, force, fsync, t0) -> MergeSummary:
     base, out = Path(base_dir), Path(out_dir)
     if dtype is not None and dtype not in _DTYPES:
         _fail(f"dtype must be one of fp32, fp16, bf16, got {dtype!r}")
     if quantize not in (None, "nf4"):
         _fail(f"quantize must be None or 'nf4', got {quantize!r}")
     out_st = _DTYPES[dtype] if dtype else None
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        _fail(f"output folder {out} exists and is not empty (use --force to replace it)")
-    if out.resolve() == base.resolve():
-        _fail("output folder must differ from the base folder")
     if not Path(adapter_dir).is_dir():
         _fail(f"adapter folder {adapter_dir} does not exist")
+    if not base.is_dir():
+        _fail(f"base folder {base} does not exist")
+    # Before anything else: with --force the old output is deleted, so it must not hold an input.
+    _output.check_disjoint("merge", out, _inputs(base, Path(adapter_dir)))
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        _fail(f"output folder {out} exists and is not empty (use --force to replace it)")
     adapter: Adapter = read_adapter(adapter_dir)
     fan = adapter.config.fan_in_fan_out
     shard_names, weight_map, index_meta = _base_shards(base)
@@ -240,7 +339,8 @@ def merge(
 
     quant_names: set[str] = set()
     if quantize == "nf4":
-        quant_names = _linear_weights(base, {"lm_head"})
+        shapes = {n: list(files[s].info(n)[1]) for n, s in where.items()}
+        quant_names = _linear_weights(base, {"lm_head"}, shapes)
         if out_st is None:
             out_st = "F16"
 
@@ -250,9 +350,9 @@ def merge(
     total_bytes = sum(e - b for f in files.values() for n in f.names() for _, _, b, e in [f.info(n)])
     bar = _Progress(len(where), total_bytes, progress)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.halo-tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    _output.remove_stale(out)
+    temp = _output.TempFolder(out)
+    tmp = temp.path
     new_map: dict[str, str] = {}
     written = 0
     try:
@@ -277,7 +377,7 @@ def merge(
                     specs.append((n, out_dtype(st), list(shape)))
             meta = dict(f.metadata) or {"format": "pt"}
             meta.setdefault("format", "pt")
-            writer = hio.SafetensorsWriter(str(tmp / s), specs, meta)
+            writer = hio.SafetensorsWriter(str(tmp / s), specs, meta, durable=fsync)
             for n in names:
                 st, shape, _, _ = f.info(n)
                 target = out_dtype(st)  # what the header says
@@ -319,15 +419,17 @@ def merge(
             if item.is_file() and not item.name.endswith(_SKIP_SUFFIXES) and item.name != INDEX_NAME:
                 shutil.copy2(item, tmp / item.name)
         _update_config(tmp, out_st, quantize)
-        if out.exists():
-            old = out.parent / f".{out.name}.halo-old-{os.getpid()}"
-            os.replace(out, old) if out.is_dir() else out.unlink()
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        temp.drop_owner_note()
+        if fsync:
+            _output.fsync_tree(tmp)
+        with _output.blocked():  # a signal now would leave the swap half done: defer it
+            old = _output.replace_folder(tmp, out)
+            if fsync:
+                _output.fsync_folder(out.parent)
+        if old is not None:
+            _output.remove_path(old)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        temp.remove()
         raise
     return MergeSummary(
         str(out), len(new_map), len(lora_for), len(adapter.saved_tensors), written, time.monotonic() - t0

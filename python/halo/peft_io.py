@@ -30,6 +30,14 @@ PICKLE_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _pattern_key(patterns: dict[str, Any], module: str) -> str | None:
     # PEFT's get_pattern_key: the first pattern that matches the end of the name after a dot.
     for key in patterns:
@@ -53,34 +61,57 @@ class AdapterConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "adapter_config.json") -> AdapterConfig:
-        fn = "read_adapter"
+        """Checks every field merging depends on (as PEFT would refuse it, but always as one
+        ``ValueError`` naming ``source`` and the field)."""
+
+        def bad(field_name: str, what: str, value: Any) -> ValueError:
+            return ValueError(f"[read_adapter] {source}: {field_name} {what}, got {value!r}")
+
         if not isinstance(d, dict):
-            raise ValueError(f"[{fn}] {source}: expected a JSON object")  # noqa: TRY004 - bad file content, not a caller's type
+            raise ValueError(f"[read_adapter] {source}: expected a JSON object")  # noqa: TRY004 - bad file content, not a caller's type
         peft_type = d.get("peft_type", "LORA")
         if peft_type != "LORA":
-            raise ValueError(f"[{fn}] {source}: peft_type {peft_type!r} is not supported (only LORA)")
+            raise bad("peft_type", "is not supported (only LORA)", peft_type)
         r = d.get("r", 8)
-        if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
-            raise ValueError(f"[{fn}] {source}: r must be a positive integer, got {r!r}")
+        if not _is_int(r) or r <= 0:
+            raise bad("r", "must be a positive integer", r)
         alpha = d.get("lora_alpha", 8)
-        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
-            raise ValueError(f"[{fn}] {source}: lora_alpha must be a number, got {alpha!r}")  # noqa: TRY004 - bad file content, not a caller's type
-        rank_pattern = d.get("rank_pattern") or {}
-        alpha_pattern = d.get("alpha_pattern") or {}
-        for name, pat in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
-            if not isinstance(pat, dict):
-                raise ValueError(f"[{fn}] {source}: {name} must be an object, got {pat!r}")  # noqa: TRY004 - bad file content, not a caller's type
+        if not _is_finite_number(alpha):
+            raise bad("lora_alpha", "must be a finite number", alpha)
+        flags = {}
+        for name in ("use_rslora", "fan_in_fan_out", "use_dora"):
+            value = d.get(name)
+            if value is not None and not isinstance(value, bool):
+                # PEFT would take the string "false" as true.
+                raise bad(name, "must be true or false", value)
+            flags[name] = bool(value)
+        patterns = {}
+        for name, check, what in (
+            ("rank_pattern", lambda v: _is_int(v) and v > 0, "must be a positive integer"),
+            ("alpha_pattern", _is_finite_number, "must be a finite number"),
+        ):
+            pattern = d.get(name) or {}
+            if not isinstance(pattern, dict):
+                raise bad(name, "must be an object", pattern)
+            for key, value in pattern.items():
+                try:
+                    re.compile(rf"(.*\.)?({key})$")
+                except re.error as exc:
+                    raise bad(
+                        f"{name} key {key!r}", f"is not a valid regular expression ({exc})", key
+                    ) from None
+                if not check(value):
+                    raise bad(f"{name}[{key!r}]", what, value)
+            patterns[name] = dict(pattern)
         return cls(
             r=r,
             lora_alpha=alpha,
-            use_rslora=bool(d.get("use_rslora", False)),
-            fan_in_fan_out=bool(d.get("fan_in_fan_out", False)),
-            use_dora=bool(d.get("use_dora", False)),
             target_modules=d.get("target_modules"),
-            rank_pattern=dict(rank_pattern),
-            alpha_pattern=dict(alpha_pattern),
+            rank_pattern=patterns["rank_pattern"],
+            alpha_pattern=patterns["alpha_pattern"],
             modules_to_save=d.get("modules_to_save"),
             raw=dict(d),
+            **flags,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -112,6 +143,12 @@ class AdapterConfig:
     def scaling_for(self, module: str) -> float:
         r, alpha = self.rank_for(module), self.alpha_for(module)
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    def field_for(self, kind: str, module: str) -> str:
+        """The config field that sets ``module``'s rank (kind "r") or alpha (kind "alpha"), for messages."""
+        patterns, default = (self.rank_pattern, "r") if kind == "r" else (self.alpha_pattern, "lora_alpha")
+        key = _pattern_key(patterns, module)
+        return default if key is None else f"{'rank_pattern' if kind == 'r' else 'alpha_pattern'}[{key!r}]"
 
 
 @dataclass
@@ -218,6 +255,21 @@ def read_adapter(folder: str | os.PathLike) -> Adapter:
             raise ValueError(
                 f"[{fn}] module {module!r}: lora_A {A.shape} and lora_B {B.shape} are not [r, in] and [out, r]"
             )
+        rank = config.rank_for(module)
+        if A.shape[0] != rank:
+            raise ValueError(
+                f"[{fn}] {cfg_path}: {config.field_for('r', module)} is {rank} but module {module!r} has "
+                f"rank {A.shape[0]} (lora_A {list(A.shape)}, lora_B {list(B.shape)})"
+            )
+        scaling = config.scaling_for(module)
+        with np.errstate(over="ignore"):
+            scaling_f32 = np.float32(scaling)
+        if not np.isfinite(scaling_f32):
+            # Finite in double but not in float32 (e.g. lora_alpha 1e40): the merged weights would be inf/NaN.
+            raise ValueError(
+                f"[{fn}] {cfg_path}: {config.field_for('alpha', module)} = {config.alpha_for(module)!r} gives "
+                f"module {module!r} a scaling of {scaling:g}, beyond float32's range"
+            )
         mag = None
         if "lora_magnitude_vector" in p:
             k, dt, arr = p["lora_magnitude_vector"]
@@ -226,7 +278,7 @@ def read_adapter(folder: str | os.PathLike) -> Adapter:
                 raise ValueError(
                     f"[{fn}] module {module!r}: magnitude has {mag.shape[0]} entries, lora_B has {B.shape[0]} rows"
                 )
-        modules[module] = LoraModule(module, A, B, config.scaling_for(module), mag)
+        modules[module] = LoraModule(module, A, B, scaling, mag)
     return Adapter(config, modules, saved, saved_bf16)
 
 

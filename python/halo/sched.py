@@ -107,9 +107,14 @@ def oracle(
     policy: str = "halo",
     loss_budget: float = 0.01,
     time_limit: float = 30.0,
+    require_optimal: bool = True,
 ) -> Plan:
     """Exact placement as a MIP solved by HiGHS (small instances): binary x[g, d],
-    device-used flags u[d]; minimise T with T >= latency_d u_d + sum_g t_gd x_gd."""
+    device-used flags u[d]; minimise T with T >= latency_d u_d + sum_g t_gd x_gd.
+
+    ``plan.extra`` holds ``optimal`` (proved) and ``bound`` (HiGHS's lower bound on the
+    optimal step time). With ``require_optimal=False`` a run that hits ``time_limit`` returns
+    its best placement and that bound instead of raising."""
     import highspy
 
     gs = _group_dicts(groups)
@@ -130,6 +135,7 @@ def oracle(
     h.setOptionValue("output_flag", False)
     h.setOptionValue("time_limit", float(time_limit))
     h.setOptionValue("mip_rel_gap", 1e-6)
+    h.setOptionValue("threads", 1)
     x = [[h.addBinary() for _ in range(D)] for _ in range(G)]
     u = [h.addBinary() for _ in range(D)]
     T = h.addVariable(lb=0.0)
@@ -154,11 +160,16 @@ def oracle(
         )
     h.minimize(T)
     status = h.getModelStatus()
-    if status != highspy.HighsModelStatus.kOptimal:
+    optimal = status == highspy.HighsModelStatus.kOptimal
+    has_solution = h.getInfo().primal_solution_status == 2  # a feasible point was found
+    if not optimal and (require_optimal or not has_solution):
         raise RuntimeError(f"[oracle] HiGHS did not prove optimality: {h.modelStatusToString(status)}")
     sol = np.array(h.getSolution().col_value)
     device_of = [int(np.argmax([sol[x[gi][di].index] for di in range(D)])) for gi in range(G)]
-    return _plan(_sched.evaluate(gs, ds, device_of))
+    plan = _plan(_sched.evaluate(gs, ds, device_of))
+    bound = float(h.getInfo().mip_dual_bound)
+    plan.extra = {"optimal": optimal, "bound": plan.makespan if optimal else bound}
+    return plan
 
 
 class Monitor:

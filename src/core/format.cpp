@@ -10,6 +10,7 @@
 #include "halo/core/convert.hpp"
 #include "halo/core/error.hpp"
 #include "halo/core/parallel.hpp"
+#include "halo/gguf/quants.hpp"
 #include "halo/quant/codebook4.hpp"
 
 namespace halo {
@@ -110,6 +111,17 @@ std::array<RowCodec, kFormats.size()> make_codecs() {
   set(Format::f8_e5m2, f8_row_to_float<5, false>, nullptr);
   set(Format::f8_e4m3fnuz, f8_row_to_float<4, true>, nullptr);
   set(Format::f8_e5m2fnuz, f8_row_to_float<5, true>, nullptr);
+  set(Format::q4_0, gguf::to_float_q4_0, gguf::from_float_q4_0);
+  set(Format::q4_1, gguf::to_float_q4_1, gguf::from_float_q4_1);
+  set(Format::q5_0, gguf::to_float_q5_0, gguf::from_float_q5_0);
+  set(Format::q5_1, gguf::to_float_q5_1, gguf::from_float_q5_1);
+  set(Format::q8_0, gguf::to_float_q8_0, gguf::from_float_q8_0);
+  set(Format::q2_k, gguf::to_float_q2_k, gguf::from_float_q2_k);
+  set(Format::q3_k, gguf::to_float_q3_k, gguf::from_float_q3_k);
+  set(Format::q4_k, gguf::to_float_q4_k, gguf::from_float_q4_k);
+  set(Format::q5_k, gguf::to_float_q5_k, gguf::from_float_q5_k);
+  set(Format::q6_k, gguf::to_float_q6_k, gguf::from_float_q6_k);
+  set(Format::q8_k, gguf::to_float_q8_k, gguf::from_float_q8_k);
   return out;
 }
 

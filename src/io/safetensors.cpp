@@ -12,7 +12,7 @@
 #include <limits>
 
 #include "halo/core/error.hpp"
-#include "json_lite.hpp"
+#include "strict_json.hpp"
 
 namespace halo::io {
 namespace {
@@ -25,27 +25,55 @@ constexpr uint64_t kMaxHeader = 100'000'000;
   fail<FormatError>("safetensors", source, ": ", what);
 }
 
+// At most 80 bytes of a name, cut on a UTF-8 character boundary so the message stays valid UTF-8.
 std::string quote(const std::string& s) {
+  size_t cut = std::min<size_t>(s.size(), 80);
+  while (cut > 0 && cut < s.size() && (static_cast<unsigned char>(s[cut]) & 0xC0) == 0x80) --cut;
   std::string out = "\"";
-  for (char c : s.substr(0, 80)) out += (static_cast<unsigned char>(c) < 0x20) ? '?' : c;
-  return out + (s.size() > 80 ? "...\"" : "\"");
+  for (char c : s.substr(0, cut)) out += (static_cast<unsigned char>(c) < 0x20) ? '?' : c;
+  return out + (cut < s.size() ? "...\"" : "\"");
 }
 
-void json_escape(std::string& out, const std::string& s) {
-  out += '"';
-  for (unsigned char c : s) {
-    if (c == '"' || c == '\\') {
-      out += '\\';
-      out += char(c);
-    } else if (c < 0x20) {
-      char buf[8];
-      std::snprintf(buf, sizeof buf, "\\u%04x", c);
-      out += buf;
-    } else {
-      out += char(c);
-    }
+std::string shape_text(const std::vector<int64_t>& shape) {
+  std::string out = "[";
+  for (size_t k = 0; k < shape.size() && k < 8; ++k) out += (k ? ", " : "") + std::to_string(shape[k]);
+  return out + (shape.size() > 8 ? ", ...]" : "]");
+}
+
+// Paths reach C as NUL-terminated strings: an embedded NUL would silently name another file.
+std::string path_problem(const std::string& path) {
+  if (path.empty()) return "path is empty";
+  if (path.find('\0') != std::string::npos) return "path contains a NUL byte";
+  return {};
+}
+
+std::string file_kind(mode_t mode) {
+  if (S_ISDIR(mode)) return "a directory";
+  if (S_ISFIFO(mode)) return "a FIFO (named pipe)";
+  if (S_ISCHR(mode)) return "a character device";
+  if (S_ISBLK(mode)) return "a block device";
+  if (S_ISSOCK(mode)) return "a socket";
+  return "not a regular file";
+}
+
+// fsync of the folder holding `path`, so a rename into it survives a crash.
+bool sync_parent_folder(const std::string& path) {
+  std::string folder = std::filesystem::path(path).parent_path().string();
+  if (folder.empty()) folder = ".";
+  const int fd = ::open(folder.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return false;
+  const bool ok = ::fsync(fd) == 0 || errno == EINVAL;  // some file systems cannot sync folders
+  ::close(fd);
+  return ok;
+}
+
+// A JSON string literal for `s`; InvalidArgument when s is not valid UTF-8 (the reader would refuse it).
+std::string json_string(const std::string& s, const char* what) {
+  try {
+    return nlohmann::json(s).dump();
+  } catch (const nlohmann::json::exception&) {
+    fail("make_header", what, " ", quote(s), " is not valid UTF-8");
   }
-  out += '"';
 }
 
 }  // namespace
@@ -56,6 +84,28 @@ std::string_view dtype_name(Format dtype) {
   return name;
 }
 
+std::string shape_problem(Format dtype, const std::vector<int64_t>& shape, uint64_t& nbytes) {
+  if (shape.size() > kMaxDims)
+    return "shape has " + std::to_string(shape.size()) + " dimensions; at most " + std::to_string(kMaxDims) +
+           " are supported (NumPy's and torch's limit)";
+  constexpr uint64_t kLimit = uint64_t(std::numeric_limits<int64_t>::max());
+  const uint64_t size = uint64_t(element_size(dtype));
+  if (size == 0) return "dtype " + std::string(format_name(dtype)) + " is a block format, not an element type";
+  // numel * size is the byte count; the product with empty dimensions counted as 1
+  // bounds the largest stride, which NumPy and torch also keep in int64.
+  uint64_t numel = 1, extent = size;
+  for (int64_t d : shape) {
+    if (d < 0) return "shape " + shape_text(shape) + " has a negative dimension";
+    const uint64_t dim = uint64_t(d), step = std::max<uint64_t>(dim, 1);
+    if (extent > kLimit / step)
+      return "shape " + shape_text(shape) + " overflows: its byte size or strides do not fit in 64 bits";
+    extent *= step;
+    numel *= dim;  // <= extent / size, so no overflow
+  }
+  nbytes = numel * size;
+  return {};
+}
+
 int64_t TensorInfo::numel() const {
   int64_t n = 1;
   for (int64_t d : shape) n *= d;
@@ -63,61 +113,57 @@ int64_t TensorInfo::numel() const {
 }
 
 Header parse_header(std::string_view text, uint64_t data_size, const std::string& source) {
-  json::Value root;
+  nlohmann::json root;
   try {
-    root = json::parse(text);
+    root = parse_strict_json(text);
   } catch (const std::runtime_error& e) {
     bad(source, std::string("header is not valid JSON (") + e.what() + ")");
   }
-  if (root.kind != json::Value::Kind::Object) bad(source, "header is not a JSON object");
+  if (!root.is_object()) bad(source, "header is not a JSON object");
   Header header;
-  for (auto& [name, entry] : root.members) {
+  for (const auto& [name, entry] : root.items()) {
     if (name == "__metadata__") {
-      if (entry.kind != json::Value::Kind::Object) bad(source, "__metadata__ is not an object");
-      for (auto& [k, v] : entry.members) {
-        if (v.kind != json::Value::Kind::String) bad(source, "__metadata__ value for " + quote(k) + " is not a string");
-        header.metadata[k] = v.text;
+      if (!entry.is_object()) bad(source, "__metadata__ is not an object");
+      for (const auto& [k, v] : entry.items()) {
+        if (!v.is_string()) bad(source, "__metadata__ value for " + quote(k) + " is not a string");
+        header.metadata[k] = v.get<std::string>();
       }
       continue;
     }
     const std::string who = "tensor " + quote(name);
-    if (entry.kind != json::Value::Kind::Object) bad(source, who + " is not an object");
-    const json::Value *dtype = nullptr, *shape = nullptr, *offsets = nullptr;
-    for (auto& [k, v] : entry.members) {
-      if (k == "dtype") dtype = &v;
-      else if (k == "shape") shape = &v;
-      else if (k == "data_offsets") offsets = &v;
-      else bad(source, who + " has unknown field " + quote(k));
-    }
-    if (!dtype || !shape || !offsets) bad(source, who + " lacks dtype, shape or data_offsets");
+    if (!entry.is_object()) bad(source, who + " is not an object");
+    for (const auto& [k, v] : entry.items())
+      if (k != "dtype" && k != "shape" && k != "data_offsets") bad(source, who + " has unknown field " + quote(k));
+    if (entry.size() != 3) bad(source, who + " lacks dtype, shape or data_offsets");
+    const auto& dtype = entry["dtype"];
+    const auto& shape = entry["shape"];
+    const auto& offsets = entry["data_offsets"];
     TensorInfo info;
     info.name = name;
-    if (dtype->kind != json::Value::Kind::String) bad(source, who + " dtype is not a string");
-    const auto format = format_from_safetensors(dtype->text);
-    if (!format) bad(source, who + " has unknown dtype " + quote(dtype->text));
+    if (!dtype.is_string()) bad(source, who + " dtype is not a string");
+    const auto format = format_from_safetensors(dtype.get_ref<const std::string&>());
+    if (!format) bad(source, who + " has unknown dtype " + quote(dtype.get<std::string>()));
     info.dtype = *format;
-    if (shape->kind != json::Value::Kind::Array) bad(source, who + " shape is not an array");
-    uint64_t numel = 1;
-    for (const auto& d : shape->items) {
+    if (!shape.is_array()) bad(source, who + " shape is not an array");
+    for (const auto& d : shape) {
       uint64_t dim = 0;
-      if (!json::as_uint64(d, dim) || dim > uint64_t(std::numeric_limits<int64_t>::max()))
+      if (!json_to_uint64(d, dim) || dim > uint64_t(std::numeric_limits<int64_t>::max()))
         bad(source, who + " shape has a value that is not a non-negative integer");
-      if (dim != 0 && numel > uint64_t(std::numeric_limits<int64_t>::max()) / dim)
-        bad(source, who + " shape overflows");
-      numel *= dim;
       info.shape.push_back(int64_t(dim));
     }
-    if (offsets->kind != json::Value::Kind::Array || offsets->items.size() != 2 ||
-        !json::as_uint64(offsets->items[0], info.begin) || !json::as_uint64(offsets->items[1], info.end))
+    if (!offsets.is_array() || offsets.size() != 2 || !json_to_uint64(offsets[0], info.begin) ||
+        !json_to_uint64(offsets[1], info.end))
       bad(source, who + " data_offsets is not [begin, end] of non-negative integers");
+    uint64_t need = 0;
+    if (const std::string problem = shape_problem(info.dtype, info.shape, need); !problem.empty())
+      bad(source, who + " " + problem);
     if (info.begin > info.end) bad(source, who + " data_offsets has begin > end");
     if (info.end > data_size)
       bad(source, who + " data_offsets end " + std::to_string(info.end) + " is past the data section (" +
                       std::to_string(data_size) + " bytes); the file may be truncated");
-    const uint64_t size = uint64_t(element_size(info.dtype));
-    if (numel > std::numeric_limits<uint64_t>::max() / size || numel * size != info.nbytes())
+    if (need != info.nbytes())
       bad(source, who + " has " + std::to_string(info.nbytes()) + " bytes but dtype and shape need " +
-                      std::to_string(numel) + " x " + std::to_string(size));
+                      std::to_string(info.numel()) + " x " + std::to_string(element_size(info.dtype)));
     header.tensors.push_back(std::move(info));
   }
   std::sort(header.tensors.begin(), header.tensors.end(), [](const TensorInfo& a, const TensorInfo& b) {
@@ -136,24 +182,51 @@ Header parse_header(std::string_view text, uint64_t data_size, const std::string
   return header;
 }
 
-std::shared_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) {
+std::shared_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path, LoadMode mode) {
+  if (const std::string problem = path_problem(path); !problem.empty()) bad(quote(path), problem);
   std::shared_ptr<SafetensorsFile> f(new SafetensorsFile());
   f->path_ = path;
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) bad(path, std::string("cannot open: ") + std::strerror(errno));
+  // The file type is checked before opening: opening a FIFO for reading blocks until a
+  // writer appears, and opening some devices has side effects. O_NONBLOCK keeps a FIFO
+  // swapped in after the check from blocking; the fstat below then refuses it.
   struct stat st{};
+  if (::stat(path.c_str(), &st) != 0) bad(path, std::string("cannot open: ") + std::strerror(errno));
+  if (!S_ISREG(st.st_mode)) bad(path, "is " + file_kind(st.st_mode) + ", not a regular file");
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+  if (fd < 0) bad(path, std::string("cannot open: ") + std::strerror(errno));
   if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
     ::close(fd);
-    bad(path, "not a regular file");
+    bad(path, "is " + file_kind(st.st_mode) + ", not a regular file");
   }
   f->size_ = uint64_t(st.st_size);
   if (f->size_ < 8) {
     ::close(fd);
     bad(path, "file has " + std::to_string(f->size_) + " bytes, fewer than the 8-byte header length");
   }
-  void* map = ::mmap(nullptr, f->size_, PROT_READ, MAP_SHARED, fd, 0);
+  void* map = nullptr;
+  if (mode == LoadMode::map) {
+    map = ::mmap(nullptr, f->size_, PROT_READ, MAP_SHARED, fd, 0);
+  } else {
+    // A private anonymous copy: immune to the file being truncated or rewritten later.
+    map = ::mmap(nullptr, f->size_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    uint64_t done = 0;
+    while (map != MAP_FAILED && done < f->size_) {
+      const ssize_t got = ::pread(fd, static_cast<char*>(map) + done, f->size_ - done, off_t(done));
+      if (got < 0 && errno == EINTR) continue;
+      if (got <= 0) {
+        const std::string why = got < 0 ? std::strerror(errno) : "the file shrank while it was read";
+        ::munmap(map, f->size_);
+        ::close(fd);
+        bad(path, "read failed: " + why);
+      }
+      done += uint64_t(got);
+    }
+    if (map != MAP_FAILED) ::mprotect(map, f->size_, PROT_READ);
+    f->copied_ = true;
+  }
+  const int map_errno = errno;
   ::close(fd);
-  if (map == MAP_FAILED) bad(path, std::string("mmap failed: ") + std::strerror(errno));
+  if (map == MAP_FAILED) bad(path, std::string("mmap failed: ") + std::strerror(map_errno));
   f->map_ = map;
   const auto* bytes = static_cast<const unsigned char*>(map);
   uint64_t n = 0;
@@ -174,7 +247,8 @@ SafetensorsFile::~SafetensorsFile() {
 }
 
 void SafetensorsFile::release_pages() const {
-  if (map_) ::madvise(map_, size_, MADV_DONTNEED);
+  // On the private copy MADV_DONTNEED would zero the data: only file-backed pages are dropped.
+  if (map_ && !copied_) ::madvise(map_, size_, MADV_DONTNEED);
 }
 
 const TensorInfo& SafetensorsFile::info(const std::string& name) const {
@@ -190,9 +264,7 @@ std::string make_header(const std::vector<TensorSpec>& specs, const std::map<std
     out += "\"__metadata__\":{";
     for (auto it = metadata.begin(); it != metadata.end(); ++it) {
       if (it != metadata.begin()) out += ',';
-      json_escape(out, it->first);
-      out += ':';
-      json_escape(out, it->second);
+      out += json_string(it->first, "metadata key") + ':' + json_string(it->second, "metadata value");
     }
     out += '}';
     first = false;
@@ -200,35 +272,47 @@ std::string make_header(const std::vector<TensorSpec>& specs, const std::map<std
   uint64_t offset = 0;
   for (const auto& s : specs) {
     require(s.name != "__metadata__", "make_header", "a tensor may not be named __metadata__");
-    uint64_t numel = 1;
-    for (int64_t d : s.shape) {
-      require(d >= 0, "make_header", "tensor \"", s.name, "\" has negative dimension ", d);
-      numel *= uint64_t(d);
-    }
-    const uint64_t nbytes = numel * uint64_t(element_size(s.dtype));
+    uint64_t nbytes = 0;
+    const std::string problem = shape_problem(s.dtype, s.shape, nbytes);
+    require(problem.empty(), "make_header", "tensor ", quote(s.name), " ", problem);
+    require(offset <= uint64_t(std::numeric_limits<int64_t>::max()) - nbytes, "make_header",
+            "the tensors' total size overflows 64 bits at tensor ", quote(s.name));
     if (!first) out += ',';
     first = false;
-    json_escape(out, s.name);
+    out += json_string(s.name, "tensor name");
     out += ":{\"dtype\":\"" + std::string(dtype_name(s.dtype)) + "\",\"shape\":[";
-    for (size_t k = 0; k < s.shape.size(); ++k) out += (k ? "," : "") + std::to_string(s.shape[k]);
+    for (size_t k = 0; k < s.shape.size(); ++k) {
+      if (k) out += ',';
+      out += std::to_string(s.shape[k]);
+    }
     out += "],\"data_offsets\":[" + std::to_string(offset) + "," + std::to_string(offset + nbytes) + "]}";
     offset += nbytes;
   }
   out += '}';
   while (out.size() % 8 != 0) out += ' ';
+  require(out.size() <= kMaxHeader, "make_header", "the header would have ", out.size(),
+          " bytes; readers refuse more than ", kMaxHeader);
   return out;
 }
 
 SafetensorsWriter::SafetensorsWriter(std::string path, std::vector<TensorSpec> specs,
-                                     std::map<std::string, std::string> metadata)
-    : path_(std::move(path)), specs_(std::move(specs)) {
+                                     std::map<std::string, std::string> metadata, bool durable)
+    : path_(std::move(path)), specs_(std::move(specs)), durable_(durable) {
+  const std::string problem = path_problem(path_);
+  require(problem.empty(), "SafetensorsWriter", problem, " (", quote(path_), ")");
   std::vector<std::string> names;
   for (const auto& s : specs_) names.push_back(s.name);
   std::sort(names.begin(), names.end());
   auto dup = std::adjacent_find(names.begin(), names.end());
   require(dup == names.end(), "SafetensorsWriter", "tensor name \"", dup == names.end() ? "" : *dup,
           "\" appears twice");
+  // Every size is checked (make_header) before the file is created.
   const std::string header = make_header(specs_, metadata);
+  for (const auto& s : specs_) {
+    uint64_t nbytes = 0;
+    shape_problem(s.dtype, s.shape, nbytes);
+    sizes_.push_back(nbytes);
+  }
   temp_ = path_ + ".tmp-" + std::to_string(::getpid());
   file_ = std::fopen(temp_.c_str(), "wb");
   if (!file_) fail("SafetensorsWriter", "cannot create ", temp_, ": ", std::strerror(errno));
@@ -257,9 +341,7 @@ void SafetensorsWriter::write(const std::string& name, const void* data, uint64_
           name, "\"");
   const TensorSpec& s = specs_[next_];
   require(name == s.name, "SafetensorsWriter.write", "expected tensor \"", s.name, "\" next, got \"", name, "\"");
-  uint64_t numel = 1;
-  for (int64_t d : s.shape) numel *= uint64_t(d);
-  const uint64_t want = numel * uint64_t(element_size(s.dtype));
+  const uint64_t want = sizes_[next_];
   require(nbytes == want, "SafetensorsWriter.write", "tensor \"", name, "\" needs ", want, " bytes, got ", nbytes);
   if (nbytes && std::fwrite(data, 1, nbytes, file_) != nbytes) {
     abandon();
@@ -276,13 +358,19 @@ void SafetensorsWriter::finish() {
     fail("SafetensorsWriter.finish", path_, ": ", specs_.size() - next_, " tensors were not written (next \"", missing,
          "\")");
   }
-  const bool ok = std::fflush(file_) == 0;
-  std::fclose(file_);
+  // Data reaches the disk before the rename makes it visible, and the folder entry after:
+  // a crash leaves either the old file or the complete new one.
+  int error = std::fflush(file_) == 0 ? 0 : errno;
+  if (!error && durable_ && ::fsync(::fileno(file_)) != 0) error = errno;
+  if (std::fclose(file_) != 0 && !error) error = errno;
   file_ = nullptr;
-  if (!ok || std::rename(temp_.c_str(), path_.c_str()) != 0) {
+  if (!error && std::rename(temp_.c_str(), path_.c_str()) != 0) error = errno;
+  if (error) {
     std::remove(temp_.c_str());
-    fail("SafetensorsWriter.finish", "cannot write ", path_, ": ", std::strerror(errno));
+    fail("SafetensorsWriter.finish", "cannot write ", path_, ": ", std::strerror(error));
   }
+  if (durable_ && !sync_parent_folder(path_))
+    fail("SafetensorsWriter.finish", "wrote ", path_, " but could not fsync its folder: ", std::strerror(errno));
 }
 
 }  // namespace halo::io

@@ -10,7 +10,8 @@
 #include "halo/core/error.hpp"
 #include "halo/core/parallel.hpp"
 #include "halo/quant/quant4.hpp"
-#include "gemm_kernels.hpp"
+#include "halo/quant/matmul4.hpp"
+#include "src/quant/matmul4_kernels.hpp"
 
 namespace halo::lora {
 namespace {
@@ -180,8 +181,10 @@ class TileLoader {
   std::vector<float> scratch_;
 };
 
-const KernelTable<kernels::TileGemm> kTileGemm{"lora_tile_gemm", kernels::gemm_nn_scalar, kernels::gemm_nn_avx2,
-                                               kernels::gemm_nn_avx512, nullptr};
+// The float GEMM shared with the 4-bit matmul (one template per ISA, src/quant/matmul4_simd.hpp).
+using TileGemm = halo::kernels::Gemm;
+const KernelTable<TileGemm> kTileGemm{"lora_tile_gemm", halo::kernels::gemm_scalar, halo::kernels::gemm_avx2,
+                                      halo::kernels::gemm_avx512, nullptr};
 const KernelRegistration kRegTileGemm(kTileGemm);
 
 // The backend picks both the 4-bit tile dequantizer and, for float activations,
@@ -189,7 +192,7 @@ const KernelRegistration kRegTileGemm(kTileGemm);
 Backend tile_backend(const BaseWeight& base) { return dispatch(kTileGemm, base.backend).backend; }
 
 template <typename Scalar>
-kernels::TileGemm tile_gemm(Backend backend) {
+TileGemm tile_gemm(Backend backend) {
   if (!std::is_same_v<Scalar, float>) return nullptr;
   return dispatch(kTileGemm, backend).kernel;
 }
@@ -207,6 +210,71 @@ RowMat<Scalar> dropped_input(const Scalar* x, int64_t rows, int64_t in, const Lo
     for (int64_t i = 0; i < count; ++i) data[i] = dropout_keep(spec.seed, i, spec.dropout) ? data[i] * scale : 0;
   }
   return out;
+}
+
+// The stored 4-bit weight as the matmul sees it: [out, in], or [in, out] with fan_in_fan_out.
+Quant4Matrix stored_matrix(const BaseWeight& base) {
+  Quant4Matrix w;
+  w.packed = base.packed;
+  w.absmax = base.absmax;
+  w.type = base.storage;
+  w.blocksize = base.blocksize;
+  w.out_features = base.fan_in_fan_out ? base.in_features : base.out_features;
+  w.in_features = base.fan_in_fan_out ? base.out_features : base.in_features;
+  return w;
+}
+
+// y [rows, out] = x W^T over a 4-bit base, through the matmul kernels (decode GEMV for a
+// few rows, panel GEMM for many); bias added before the LoRA term, as PEFT orders it.
+void base_forward_4bit(const float* x, int64_t rows, const BaseWeight& base, const float* bias, float* y) {
+  const Quant4Matrix w = stored_matrix(base);
+  if (!base.fan_in_fan_out) {
+    matmul_4bit(x, Format::f32, rows, w, bias, y, base.backend);
+    return;
+  }
+  matmul_4bit_transposed(x, Format::f32, rows, w, y, base.backend);
+  if (bias != nullptr) Map<float>(y, rows, base.out_features).rowwise() +=
+      Eigen::Map<const Eigen::Matrix<float, 1, Eigen::Dynamic>>(bias, base.out_features);
+}
+
+// grad_x [rows, in] = grad_y W over a 4-bit base.
+void base_backward_4bit(const float* grad_y, int64_t rows, const BaseWeight& base, float* grad_x) {
+  const Quant4Matrix w = stored_matrix(base);
+  if (!base.fan_in_fan_out)
+    matmul_4bit_transposed(grad_y, Format::f32, rows, w, grad_x, base.backend);
+  else
+    matmul_4bit(grad_y, Format::f32, rows, w, nullptr, grad_x, base.backend);
+}
+
+// Gradients over a 4-bit base: grad_x through the matmul kernels, the rank-r products
+// with Eigen. scaling is applied after the small products (not to a copy of grad_y).
+void backward_4bit(const float* grad_y, const float* x, int64_t rows, const BaseWeight& base, const float* lora_a,
+                   const float* lora_b, const LoraSpec& spec, float* grad_x, float* grad_a, float* grad_b) {
+  const int64_t in = base.in_features, out = base.out_features, rank = spec.rank;
+  const float scaling = static_cast<float>(spec.scaling);
+  ConstMap<float> dy(grad_y, rows, out);
+  ConstMap<float> a(lora_a, rank, in);
+  ConstMap<float> b(lora_b, out, rank);
+  const bool dropout = spec.dropout > 0.0;
+  RowMat<float> dropped;
+  if (dropout) dropped = dropped_input(x, rows, in, spec);
+  const ConstMap<float> input(dropout ? dropped.data() : x, rows, in);
+  const RowMat<float> t = input * a.transpose();        // [rows, r]
+  const RowMat<float> dt = (dy * b) * scaling;           // [rows, r]
+  if (grad_b != nullptr) Map<float>(grad_b, out, rank).noalias() = (dy.transpose() * t) * scaling;
+  if (grad_a != nullptr) Map<float>(grad_a, rank, in).noalias() = dt.transpose() * input;
+  if (grad_x == nullptr) return;
+  base_backward_4bit(grad_y, rows, base, grad_x);
+  Map<float> dx(grad_x, rows, in);
+  if (!dropout) {
+    dx.noalias() += dt * a;
+    return;
+  }
+  RowMat<float> lora_dx = dt * a;
+  const float keep_scale = static_cast<float>(1.0 / (1.0 - spec.dropout));
+  float* values = lora_dx.data();
+  for (int64_t i = 0; i < rows * in; ++i) values[i] = dropout_keep(spec.seed, i, spec.dropout) ? values[i] * keep_scale : 0.0f;
+  dx += lora_dx;
 }
 
 }  // namespace
@@ -246,7 +314,9 @@ void dropout_mask(uint64_t seed, int64_t count, double p, float* mask) {
   require(p >= 0.0 && p < 1.0, "dropout_mask", "p must be in [0, 1), got ", p);
   require(count >= 0, "dropout_mask", "count must be non-negative, got ", count);
   const float scale = static_cast<float>(1.0 / (1.0 - p));
-  for (int64_t i = 0; i < count; ++i) mask[i] = dropout_keep(seed, i, p) ? scale : 0.0f;
+  parallel_for(count, 1 << 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) mask[i] = dropout_keep(seed, i, p) ? scale : 0.0f;
+  });
 }
 
 template <typename Scalar>
@@ -254,9 +324,21 @@ void lora_forward(const Scalar* x, int64_t rows, const BaseWeight& base, const S
                   const Scalar* bias, const LoraSpec& spec, Scalar* y) {
   check_inputs("lora_forward", rows, base, x, lora_a, lora_b, spec);
   if (rows == 0) return;
+  if constexpr (std::is_same_v<Scalar, float>) {
+    if (is_bnb4(base.storage)) {
+      const int64_t in = base.in_features, out = base.out_features;
+      base_forward_4bit(x, rows, base, bias, y);
+      ConstMap<float> a(lora_a, spec.rank, in);
+      ConstMap<float> b(lora_b, out, spec.rank);
+      const RowMat<float> t = spec.dropout > 0.0 ? RowMat<float>(dropped_input(x, rows, in, spec) * a.transpose())
+                                                 : RowMat<float>(ConstMap<float>(x, rows, in) * a.transpose());
+      Map<float>(y, rows, out).noalias() += (t * b.transpose()) * static_cast<float>(spec.scaling);
+      return;
+    }
+  }
   const int64_t out = base.out_features, in = base.in_features, rank = spec.rank;
   const Backend backend = tile_backend(base);
-  const kernels::TileGemm gemm = tile_gemm<Scalar>(backend);
+  const TileGemm gemm = tile_gemm<Scalar>(backend);
   ConstMap<Scalar> input(x, rows, in);
   ConstMap<Scalar> a(lora_a, rank, in);
   ConstMap<Scalar> b(lora_b, out, rank);
@@ -332,7 +414,7 @@ void lora_backward(const Scalar* grad_y, const Scalar* x, int64_t rows, const Ba
   require(rows == 0 || grad_y != nullptr, "lora_backward", "grad_y is null");
   const int64_t out = base.out_features, in = base.in_features, rank = spec.rank;
   const Backend backend = tile_backend(base);
-  const kernels::TileGemm gemm = tile_gemm<Scalar>(backend);
+  const TileGemm gemm = tile_gemm<Scalar>(backend);
   ConstMap<Scalar> dy(grad_y, rows, out);
   ConstMap<Scalar> a(lora_a, rank, in);
   ConstMap<Scalar> b(lora_b, out, rank);
@@ -349,6 +431,12 @@ void lora_backward(const Scalar* grad_y, const Scalar* x, int64_t rows, const Ba
     if (grad_a != nullptr) Map<Scalar>(grad_a, rank, in).setZero();
     if (grad_b != nullptr) Map<Scalar>(grad_b, out, rank).setZero();
     return;
+  }
+  if constexpr (std::is_same_v<Scalar, float>) {
+    if (is_bnb4(base.storage)) {
+      backward_4bit(grad_y, x, rows, base, lora_a, lora_b, spec, grad_x, grad_a, grad_b);
+      return;
+    }
   }
   const RowMat<Scalar> dropped = dropped_input(x, rows, in, spec);
   const RowMat<Scalar> t = dropped * a.transpose();             // [rows, r]

@@ -9,11 +9,13 @@ one-way delay and Gilbert-Elliott loss state (bad state loses every frame, mean 
 
     python relay.py CONFIG.json      # [{"a": "a0", "b": "b0", "delay_ms": 1, "plr": 0.05, "burst": 3, "seed": 1}, ...]
 
-Stops on SIGTERM/SIGINT or after ``max_seconds`` (default 3600): every loop is bounded in time.
+SIGHUP re-reads CONFIG.json (same links, new delay/loss). Stops on SIGTERM/SIGINT or after
+``max_seconds`` (default 3600): every loop is bounded in time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import json
 import random
@@ -29,11 +31,15 @@ ETH_P_IP = 0x0800
 
 class Direction:
     def __init__(self, out: socket.socket, delay: float, plr: float, burst: float, seed: int) -> None:
-        self.out, self.delay, self.plr, self.burst = out, delay, plr, max(burst, 1.0)
+        self.out = out
+        self.configure(delay, plr, burst)
         self.rng = random.Random(seed)
         self.bad = False
         self.last_due = 0.0
         self.passed = self.dropped = 0
+
+    def configure(self, delay: float, plr: float, burst: float) -> None:
+        self.delay, self.plr, self.burst = delay, plr, max(burst, 1.0)
 
     def lost(self) -> bool:
         if self.plr <= 0:
@@ -71,21 +77,31 @@ def main(argv: list[str]) -> int:
         )
         sockets[a.fileno()] = (a, Direction(b, delay, plr, burst, 2 * seed + 1))  # root -> worker
         sockets[b.fileno()] = (b, Direction(a, delay, plr, burst, 2 * seed + 2))  # worker -> root
-    stop = []
+    stop: list[int] = []
+    reload: list[int] = []
+    signal.signal(signal.SIGHUP, lambda *_: reload.append(1))
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     signal.signal(signal.SIGINT, lambda *_: stop.append(1))
     queue: list[tuple[float, int, bytes, Direction]] = []
     order = 0
     end = time.monotonic() + max_seconds
     print("relay ready", flush=True)
+    directions = [d for _, d in sockets.values()]
     while not stop and time.monotonic() < end:
+        if reload:
+            reload.clear()
+            with open(argv[1]) as f:
+                for i, link in enumerate(json.load(f)):
+                    for d in directions[2 * i : 2 * i + 2]:
+                        d.configure(
+                            float(link.get("delay_ms", 0.0)) / 1e3, float(link["plr"]), float(link["burst"])
+                        )
+            print("relay reloaded", flush=True)
         now = time.monotonic()
         while queue and queue[0][0] <= now:
             _, _, frame, direction = heapq.heappop(queue)
-            try:
+            with contextlib.suppress(OSError):
                 direction.out.send(frame)
-            except OSError:
-                pass
         timeout = 0.2 if not queue else max(0.0, queue[0][0] - time.monotonic())
         ready, _, _ = select.select(list(sockets), [], [], timeout)
         for fd in ready:

@@ -35,7 +35,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 RELAY = Path(__file__).with_name("relay.py")
@@ -181,12 +181,39 @@ class Testbed:
         path.write_text(script)
         self._ns(ns, "nft", "-f", str(path))
 
-    def set_loss(self, i: int, plr: float) -> None:
-        """Changes link i's random loss (each way) while the bed is up (nftables)."""
-        if self.links[i].relayed:
-            raise ValueError(f"[Testbed.set_loss] link {i} loses packets in the relay, not in nftables")
-        self._loss_rules(self.root, f"r{i}", plr)
-        self._loss_rules(self.worker(i), "w", plr)
+    def set_loss(self, i: int, plr: float, burst: float | None = None) -> None:
+        """Changes link i's loss (each way) while the bed is up: nftables for a plain link,
+        the relay (which also takes a new mean burst length) for a relayed one."""
+        link = self.links[i]
+        if not link.relayed:
+            if burst not in (None, 1.0):
+                raise ValueError(f"[Testbed.set_loss] link {i} is not relayed: it cannot make bursts")
+            self._loss_rules(self.root, f"r{i}", plr)
+            self._loss_rules(self.worker(i), "w", plr)
+            self.links[i] = replace(link, plr=plr)
+            return
+        self.links[i] = replace(link, plr=plr, burst=link.burst if burst is None else max(burst, 1.0 + 1e-9))
+        self._relay_config[self._relay_index[i]].update(plr=plr, burst=self.links[i].burst)
+        self._relay_path.write_text(json.dumps(self._relay_config))
+        self.relay.send_signal(signal.SIGHUP)
+        line = self.relay.stdout.readline()
+        if "relay reloaded" not in line:
+            raise RuntimeError(f"[Testbed.set_loss] the relay did not take the new loss: {line.strip()}")
+
+    def set_rto_min(self, i: int, ms: float | None) -> None:
+        """Link i's TCP minimum RTO (both ends' routes); None: the kernel default (200 ms).
+        Connections opened afterwards use it."""
+        net = f"10.77.{i}.0/24"
+        extra = [] if ms is None else ["rto_min", f"{ms:g}ms"]
+        self._ns(
+            self.root, *f"ip route replace {net} dev r{i} scope link src {self.root_ip(i)}".split(), *extra
+        )
+        self._ns(
+            self.worker(i),
+            *f"ip route replace {net} dev w scope link src {self.worker_ip(i)}".split(),
+            *extra,
+        )
+        self.links[i] = replace(self.links[i], rto_min_ms=ms)
 
     def up(self) -> Testbed:
         remove_stale()
@@ -252,19 +279,13 @@ class Testbed:
                     self._loss_rules(self.root, f"r{i}", link.plr)
                     self._loss_rules(w, "w", link.plr)
                 if link.rto_min_ms is not None:
-                    rto = f"{link.rto_min_ms:g}ms"
-                    net = f"10.77.{i}.0/24"
-                    self._ns(
-                        self.root,
-                        *f"ip route replace {net} dev r{i} scope link src {self.root_ip(i)} rto_min {rto}".split(),
-                    )
-                    self._ns(
-                        w,
-                        *f"ip route replace {net} dev w scope link src {self.worker_ip(i)} rto_min {rto}".split(),
-                    )
+                    self.set_rto_min(i, link.rto_min_ms)
             if relay_config:
                 path = Path(self._tmp) / "relay.json"
                 path.write_text(json.dumps(relay_config))
+                self._relay_path = path
+                self._relay_config = relay_config
+                self._relay_index = {int(c["a"][1:]): k for k, c in enumerate(relay_config)}
                 self.relay = subprocess.Popen(
                     ["ip", "netns", "exec", self.relay_ns, sys.executable, str(RELAY), str(path)],
                     stdout=subprocess.PIPE,
@@ -300,7 +321,7 @@ class Testbed:
         with contextlib.suppress(Exception):
             atexit.unregister(self.down)
 
-    def __enter__(self) -> Testbed:  # noqa: PYI034
+    def __enter__(self) -> Testbed:
         return self.up()
 
     def __exit__(self, *exc) -> None:

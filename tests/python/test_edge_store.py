@@ -406,7 +406,7 @@ def test_worker_with_a_memory_budget_serves_the_root_in_less_memory(tmp_path_fac
             line = proc.stderr.readline()
             address = re.search(r"listening on (\S+)", line).group(1)
             threading.Thread(target=proc.stderr.read, daemon=True).start()
-            with edge.Root(str(model), [address], plan, policy="tcp", log=None) as root:
+            with edge.Root(str(model), [address], plan, policy="tcp", log=None, connect_timeout=20.0) as root:
                 tokens = root.generate([5, 17, 3, 99], 6)["tokens"]
                 hwm = _vm_hwm(proc.pid)
             results[budget] = (tokens, hwm)
@@ -430,7 +430,9 @@ def test_worker_leaves_late_groups_to_the_root_and_never_stalls(tiny, tmp_path):
     thread = threading.Thread(target=worker.serve, kwargs={"sessions": 1, "idle_timeout": 60}, daemon=True)
     thread.start()
     try:
-        with edge.Root(str(tiny), [f"127.0.0.1:{worker.port}"], plan, policy="halo", log=None) as root:
+        with edge.Root(
+            str(tiny), [f"127.0.0.1:{worker.port}"], plan, policy="halo", log=None, connect_timeout=20.0
+        ) as root:
             out = root.generate([5, 17, 3, 60], 8)
             delivered = root.stats.delivered_fraction()
             dead = dict(root.stats.dead)

@@ -4,6 +4,7 @@ plus hypothesis fuzzing: random and mutated headers must give ValueError, never 
 from __future__ import annotations
 
 import json
+import os
 import struct
 
 import numpy as np
@@ -131,6 +132,28 @@ BAD = [
     (_raw({"__metadata__": {"k": 1}}), "not a string"),
     (_raw({"a": {"dtype": "F32", "shape": [1]}}), "lacks"),
     (_raw('{"a": 1, "a": 2}'), "duplicate key"),
+    # nlohmann_json parses the header now; what the strict parser refused stays refused.
+    (_raw('{"__metadata__": ' + "[" * 200 + "]" * 200 + "}"), "nested deeper than 64"),
+    (
+        _raw(b'{"\xc0\xae": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}', b"\0" * 4),
+        "not valid JSON",
+    ),
+    (
+        _raw('{"\\ud800": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}', b"\0" * 4),
+        "not valid JSON",
+    ),
+    (
+        _raw({"a": {"dtype": "F32", "shape": [1.0], "data_offsets": [0, 4]}}, b"\0" * 4),
+        "non-negative integer",
+    ),
+    (
+        _raw({"a": {"dtype": "F32", "shape": [2**64], "data_offsets": [0, 4]}}, b"\0" * 4),
+        "non-negative integer",
+    ),
+    # Issue 9, item 10: shapes NumPy and torch cannot hold, named with the file (not a bare NumPy error).
+    (_raw({"a": {"dtype": "F32", "shape": [1] * 65, "data_offsets": [0, 4]}}, b"\0" * 4), "65 dimensions"),
+    (_raw({"a": {"dtype": "F32", "shape": [0, 2**62], "data_offsets": [0, 0]}}), "overflows"),
+    (_raw({"a": {"dtype": "U8", "shape": [0, 2**63 - 1, 2], "data_offsets": [0, 0]}}), "overflows"),
 ]
 
 
@@ -242,3 +265,110 @@ def test_fuzz_structured_headers(header, data_size):
     assert cursor == data_size
     for name, dtype, shape, b, e in tensors:
         assert e - b == sizes[dtype] * int(np.prod(shape, dtype=np.int64))
+
+
+# -- hostile paths and file types, the writer's checks, fsync, truncation (issue 9) -----------------
+
+
+def test_fifo_is_refused_without_blocking(tmp_path):
+    import threading
+
+    fifo = tmp_path / "pipe.safetensors"
+    os.mkfifo(fifo)
+    result = {}
+
+    def try_open():
+        try:
+            hio.open_safetensors(fifo)
+        except ValueError as exc:
+            result["error"] = str(exc)
+
+    worker = threading.Thread(target=try_open, daemon=True)
+    worker.start()
+    worker.join(10)
+    if worker.is_alive():  # blocked waiting for a writer: release it, then fail
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        worker.join(10)
+        os.close(fd)
+        pytest.fail("open_safetensors blocked on a FIFO")
+    assert "FIFO" in result["error"] and str(fifo) in result["error"]
+
+
+@pytest.mark.parametrize(
+    ("path", "kind"), [("/dev/zero", "character device"), ("/dev/null", "character device")]
+)
+def test_devices_are_refused(path, kind):
+    for copy in (False, True):
+        with pytest.raises(ValueError, match=kind):
+            hio.open_safetensors(path, copy=copy)
+
+
+def test_directory_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="is a directory"):
+        hio.open_safetensors(tmp_path)
+
+
+def test_paths_with_nul_bytes_are_refused(tmp_path):
+    target = tmp_path / "a"
+    with pytest.raises(ValueError, match="NUL byte"):
+        hio.save_safetensors(str(target) + "\0b.safetensors", {"x": np.zeros(2, np.float32)})
+    with pytest.raises(ValueError, match="NUL byte"):
+        hio.open_safetensors(str(target) + "\0b.safetensors")
+    assert list(tmp_path.iterdir()) == []  # nothing written under the name before the NUL
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype", "message"),
+    [
+        ([2**62, 4], "F32", "overflows"),
+        ([0, 2**63 - 1, 2], "U8", "overflows"),
+        ([1] * 65, "F32", "65 dimensions"),
+        ([-1], "F32", "negative"),
+    ],
+)
+def test_writer_refuses_unrepresentable_shapes_before_writing(tmp_path, shape, dtype, message):
+    with pytest.raises(ValueError, match=message):
+        core_io.SafetensorsWriter(str(tmp_path / "w.safetensors"), [("a", dtype, shape)], {})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_writer_refuses_total_size_overflow(tmp_path):
+    specs = [("a", "U8", [2**62]), ("b", "U8", [2**62])]
+    with pytest.raises(ValueError, match="total size overflows"):
+        core_io.SafetensorsWriter(str(tmp_path / "w.safetensors"), specs, {})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fsync_flag_changes_nothing_in_the_file(tmp_path):
+    ref = _tensors()
+    hio.save_safetensors(tmp_path / "a.safetensors", ref, {"format": "pt"})
+    hio.save_safetensors(tmp_path / "b.safetensors", ref, {"format": "pt"}, fsync=False)
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.safetensors"]
+
+
+def test_copy_survives_truncation_and_mapping_raises_sigbus(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    path = tmp_path / "t.safetensors"
+    data = np.arange(1 << 16, dtype=np.float32)
+    save_file({"w": torch.from_numpy(data)}, str(path))
+    copied = hio.open_safetensors(path, copy=True)
+    assert copied.copied and not hio.open_safetensors(path).copied
+    view = copied.get("w")
+    # The documented hazard of the mapped default, shown in a child process.
+    code = (
+        "import os, sys\n"
+        "from halo import io\n"
+        "f = io.open_safetensors(sys.argv[1])\n"
+        "w = f.get('w')\n"
+        "os.truncate(sys.argv[1], 4096)\n"
+        "print(float(w.sum()))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=False)
+    assert res.returncode == -signal.SIGBUS, (res.returncode, res.stderr[-500:])
+    assert path.stat().st_size == 4096
+    copied.release_pages()  # a no-op on a copy: the data must stay
+    np.testing.assert_array_equal(view, data)

@@ -9,6 +9,7 @@ import warnings
 import halo
 import numpy as np
 import pytest
+import tiny_models
 import torch
 from halo.lora import dropout_mask, lora_scaling, merge, unmerge
 from halo.torch import lora_linear
@@ -21,23 +22,11 @@ warnings.filterwarnings("ignore", category=UserWarning)
 
 
 def tiny_llama(seed: int = 0):
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(config).eval()
+    return tiny_models.llama(seed, intermediate_size=96, vocab_size=128)
 
 
 def tiny_gpt2(seed: int = 0):
-    torch.manual_seed(seed)
-    config = transformers.GPT2Config(n_embd=48, n_layer=2, n_head=4, vocab_size=128, n_positions=64)
-    return transformers.GPT2LMHeadModel(config).eval()
+    return tiny_models.gpt2(seed, n_embd=48, vocab_size=128, n_positions=64)
 
 
 def peft_llama(
@@ -186,38 +175,21 @@ def test_half_precision_merge_matches_peft_bitwise(dtype):
 bnb = pytest.importorskip("bitsandbytes")
 
 
-class _OneLayer(torch.nn.Module):
-    # what transformers sets on a model loaded in 4 bits: PEFT then wraps Linear4bit in its
-    # bitsandbytes LoRA layer (peft.tuners.lora.bnb.Linear4bit), as QLoRA training does
-    is_loaded_in_4bit = True
-
-    def __init__(self, layer):
-        super().__init__()
-        self.proj = layer
-
-    def forward(self, x):
-        return self.proj(x)
-
-
 # bitsandbytes 0.50.2's native CPU dequantizer scrambles values when the last dimension is not a
 # multiple of the block size (e.g. [40, 96] with blocksize 64; halo follows its torch reference path
 # there), so the comparisons against bitsandbytes use in_features = 128.
 def bnb_lora(quant_type: str, double_quant: bool, out_features=40, in_features=128, bias=True):
-    torch.manual_seed(11)
-    dense = torch.nn.Linear(in_features, out_features, bias=bias)
-    layer = bnb.nn.Linear4bit(
+    return tiny_models.qlora_layer(
         in_features,
         out_features,
-        bias=bias,
-        compute_dtype=torch.float32,
         quant_type=quant_type,
-        compress_statistics=double_quant,
+        double_quant=double_quant,
+        bias=bias,
+        r=8,
+        alpha=16,
+        seed=11,
+        lora_seed=12,
     )
-    layer.load_state_dict(dense.state_dict())
-    layer = layer.to("cpu")
-    config = LoraConfig(r=8, lora_alpha=16, target_modules=["proj"], init_lora_weights=False)
-    torch.manual_seed(12)
-    return get_peft_model(_OneLayer(layer), config).base_model.model.proj
 
 
 @pytest.mark.parametrize("quant_type,double_quant", [("nf4", True), ("nf4", False), ("fp4", False)])
@@ -343,6 +315,67 @@ def test_dropout_is_deterministic_and_backward_uses_the_same_mask():
     assert rel_err(y1, ref) < 1e-5
     for got, want in ((xs[0].grad, xs[1].grad), (as_[0].grad, as_[1].grad), (bs[0].grad, bs[1].grad)):
         assert rel_err(got, want) < 1e-5
+
+
+def test_4bit_base_dropout_and_fan_in_fan_out_follow_the_documented_mask():
+    """The 4-bit path (matmul kernels + torch LoRA products) against torch autograd on
+    the dequantized weight with the documented mask, both weight orientations."""
+    torch.manual_seed(33)
+    x = torch.randn(2, 5, 64)
+    lora_a, lora_b = torch.randn(4, 64), torch.randn(48, 4)
+    grad_y = torch.randn(2, 5, 48)
+    mask = torch.from_numpy(splitmix_mask(9, x.numel(), 0.3).reshape(x.shape))
+    for fan_in_fan_out in (False, True):
+        stored = torch.randn(64, 48) if fan_in_fan_out else torch.randn(48, 64)
+        qt = halo.quantize_4bit(stored, "nf4", 32, double_quant=True)
+        w = halo.dequantize_4bit(qt).T if fan_in_fan_out else halo.dequantize_4bit(qt)
+        bias = torch.randn(48)
+        xs = [x.clone().requires_grad_(True) for _ in range(2)]
+        as_ = [lora_a.clone().requires_grad_(True) for _ in range(2)]
+        bs = [lora_b.clone().requires_grad_(True) for _ in range(2)]
+        bias_ = [bias.clone().requires_grad_(True) for _ in range(2)]
+        y = lora_linear(
+            xs[0], qt, as_[0], bs[0], 0.5, dropout=0.3, seed=9, bias=bias_[0], fan_in_fan_out=fan_in_fan_out
+        )
+        y.backward(grad_y)
+        ref = xs[1] @ w.T + bias_[1] + ((xs[1] * mask) @ as_[1].T @ bs[1].T) * 0.5
+        ref.backward(grad_y)
+        assert rel_err(y, ref) < 1e-5
+        pairs = ((xs[0].grad, xs[1].grad), (as_[0].grad, as_[1].grad), (bs[0].grad, bs[1].grad))
+        for got, want in (*pairs, (bias_[0].grad, bias_[1].grad)):
+            assert rel_err(got, want) < 1e-5, fan_in_fan_out
+
+
+@pytest.mark.parametrize("rows", [3, 40])
+def test_4bit_base_in_bfloat16_matches_bnb_and_peft(rows):
+    """QLoRA's compute dtype: bfloat16 activations and base, float32 adapter (PEFT casts x
+    to the adapter's dtype). halo runs the base on the bfloat16 kernels (AMX where present)."""
+    torch.manual_seed(21)
+    dense = torch.nn.Linear(128, 40, bias=False)
+    layer = bnb.nn.Linear4bit(128, 40, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+    layer.load_state_dict(dense.state_dict())
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=["proj"], init_lora_weights=False)
+    peft_layer = get_peft_model(tiny_models.OneLayer(layer.to("cpu")), config).base_model.model.proj
+    qt = halo.QuantizedTensor.from_bnb_state_dict(peft_layer.get_base_layer().state_dict(), "weight")
+    lora_a, lora_b = peft_layer.lora_A["default"].weight, peft_layer.lora_B["default"].weight
+    x = torch.randn(rows, 128).to(torch.bfloat16)
+    grad_y = torch.randn(rows, 40).to(torch.bfloat16)
+    x_peft = x.clone().requires_grad_(True)
+    y_peft = peft_layer(x_peft)
+    y_peft.backward(grad_y)
+    for backend in halo.backends():
+        x_halo = x.clone().requires_grad_(True)
+        a_halo = lora_a.detach().clone().requires_grad_(True)
+        b_halo = lora_b.detach().clone().requires_grad_(True)
+        y = lora_linear(x_halo, qt, a_halo, b_halo, peft_layer.scaling["default"], backend=backend)
+        y.backward(grad_y)
+        assert y.dtype == x_halo.grad.dtype == torch.bfloat16
+        assert a_halo.grad.dtype == torch.float32
+        # bfloat16 results: a few units in the last place of the largest value
+        assert rel_err(y, y_peft) < 2e-2, backend
+        assert rel_err(x_halo.grad, x_peft.grad) < 2e-2, backend
+        assert rel_err(a_halo.grad, lora_a.grad) < 2e-2, backend
+        assert rel_err(b_halo.grad, lora_b.grad) < 2e-2, backend
 
 
 # -- gradcheck in float64 (runs the C++ double kernels) -----------------------------------------

@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers as T
 from halo.peft_io import read_adapter, write_adapter
-from merge_fixtures import llama, make_adapter, save_base
+from tiny_models import llama, make_adapter, save_base
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,31 @@ def test_bin_adapter_read_with_weights_only(base, tmp_path):
         ({"r": 0}, "positive integer"),
         ({"peft_type": "IA3"}, "not supported"),
         ({"rank_pattern": [1]}, "must be an object"),
-        ({"lora_alpha": "x"}, "must be a number"),
+        ({"lora_alpha": "x"}, "lora_alpha must be a finite number"),
+        # Issue 9: each of these crashed, hung on a regex error or merged silently wrong.
+        ({"rank_pattern": {"q_proj": 0}}, r"rank_pattern\['q_proj'\] must be a positive integer, got 0"),
+        ({"rank_pattern": {"[": 4}}, "rank_pattern key '\\[' is not a valid regular expression"),
+        ({"alpha_pattern": {"q_proj": "3"}}, r"alpha_pattern\['q_proj'\] must be a finite number, got '3'"),
+        ({"alpha_pattern": {"q_proj": None}}, r"alpha_pattern\['q_proj'\] must be a finite number"),
+        ({"r": -1}, "r must be a positive integer, got -1"),
+        ({"r": None}, "r must be a positive integer, got None"),
+        ({"r": 4.5}, "r must be a positive integer, got 4.5"),
+        ({"r": 4.0}, "r must be a positive integer, got 4.0"),
+        ({"r": True}, "r must be a positive integer, got True"),
+        ({"rank_pattern": {"q_proj": -2}}, r"rank_pattern\['q_proj'\] must be a positive integer, got -2"),
+        (
+            {"rank_pattern": {"q_proj": None}},
+            r"rank_pattern\['q_proj'\] must be a positive integer, got None",
+        ),
+        ({"rank_pattern": {"q_proj": 2.5}}, r"rank_pattern\['q_proj'\] must be a positive integer, got 2.5"),
+        ({"r": 8}, "r is 8 but module '.*' has rank 4"),
+        ({"rank_pattern": {"v_proj": 2}}, r"rank_pattern\['v_proj'\] is 2 but module .*v_proj' has rank 4"),
+        ({"lora_alpha": 1e40}, "lora_alpha = 1e\\+40 gives module .* a scaling of 2.5e\\+39, beyond float32"),
+        ({"alpha_pattern": {"o_proj": 2e39}}, r"alpha_pattern\['o_proj'\] = 2e\+39 gives"),
+        ({"lora_alpha": float("nan")}, "lora_alpha must be a finite number, got nan"),
+        ({"lora_alpha": float("inf")}, "lora_alpha must be a finite number, got inf"),
+        ({"use_rslora": "false"}, "use_rslora must be true or false, got 'false'"),
+        ({"fan_in_fan_out": 1}, "fan_in_fan_out must be true or false, got 1"),
     ],
 )
 def test_bad_config(base, tmp_path, change, message):
@@ -92,8 +116,27 @@ def test_bad_config(base, tmp_path, change, message):
     cfg = json.loads((folder / "adapter_config.json").read_text())
     cfg.update(change)
     (folder / "adapter_config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message) as info:
         read_adapter(folder)
+    # One line naming the file and the field, like every halo error.
+    text = str(info.value)
+    assert "\n" not in text and text.startswith("[read_adapter] ") and "adapter_config.json" in text
+
+
+def test_peft_refuses_what_halo_refuses(base, tmp_path):
+    """The reference: PEFT itself refuses these (with assorted exception types) or merges them
+    into inf weights; halo turns each into one ValueError before any tensor is touched."""
+    folder, _ = make_adapter(base, "plain", tmp_path / "ad")
+    cfg0 = json.loads((folder / "adapter_config.json").read_text())
+    for change in ({"rank_pattern": {"q_proj": 0}}, {"rank_pattern": {"[": 4}}, {"r": 8}, {"r": 4.5}):
+        (folder / "adapter_config.json").write_text(json.dumps({**cfg0, **change}))
+        with pytest.raises(Exception):  # noqa: B017 - PEFT raises ValueError, re.error, RuntimeError, TypeError
+            peft.PeftModel.from_pretrained(T.AutoModelForCausalLM.from_pretrained(base), folder)
+    (folder / "adapter_config.json").write_text(json.dumps({**cfg0, "lora_alpha": 1e40}))
+    merged = peft.PeftModel.from_pretrained(
+        T.AutoModelForCausalLM.from_pretrained(base), folder
+    ).merge_and_unload()
+    assert not torch.isfinite(merged.model.layers[0].self_attn.q_proj.weight).all()
 
 
 def test_missing_files(tmp_path):

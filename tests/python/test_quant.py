@@ -342,6 +342,45 @@ def test_dequantize_into_out_equals_fresh_result():
         halo.dequantize_4bit(qt, dtype="float32", out=np.empty(2560, np.float16))
 
 
+def _nested_state_with(**changes):
+    w = np.random.default_rng(2).standard_normal(64 * 300).astype(np.float32)
+    sd = halo.quantize_4bit(w, double_quant=True).to_bnb_state_dict()
+    key = "weight.quant_state.bitsandbytes__nf4"
+    meta = json.loads(bytes(sd[key].numpy()).decode())
+    meta.update(changes)
+    sd[key] = torch.frombuffer(bytearray(json.dumps(meta).encode()), dtype=torch.uint8)
+    return sd
+
+
+@pytest.mark.parametrize(
+    ("changes", "fragment"),
+    [
+        ({"nested_blocksize": 0}, "'nested_blocksize' must be a positive integer, got 0"),
+        ({"nested_blocksize": "abc"}, "'nested_blocksize' must be a positive integer, got 'abc'"),
+        ({"nested_blocksize": 10**30}, "'nested_blocksize' must be a positive integer, got 10000000000"),
+        ({"nested_blocksize": 1.5}, "'nested_blocksize' must be a positive integer, got 1.5"),
+        ({"nested_blocksize": True}, "'nested_blocksize' must be a positive integer, got True"),
+        ({"nested_offset": None}, "'nested_offset' must be a finite float32 number, got None"),
+        ({"nested_offset": 1e300}, "'nested_offset' must be a finite float32 number, got 1e\\+300"),
+        ({"nested_offset": "0.5"}, "'nested_offset' must be a finite float32 number"),
+        ({"nested_offset": 10**400}, "'nested_offset' must be a finite float32 number"),
+    ],
+)
+def test_bad_nested_quant_state_raises_instead_of_nan_weights(changes, fragment):
+    """Issue 9: each of these gave ZeroDivisionError, a bare int() error, a silently truncated
+    block size or NaN/inf weights."""
+    sd = _nested_state_with(**changes)
+    with pytest.raises(ValueError, match=fragment) as info:
+        halo.QuantizedTensor.from_bnb_state_dict(sd)
+    assert str(info.value).startswith("[QuantizedTensor.from_bnb_state_dict]")
+
+
+def test_good_nested_quant_state_still_reads():
+    sd = _nested_state_with()
+    qt = halo.QuantizedTensor.from_bnb_state_dict(sd)
+    assert np.isfinite(halo.dequantize_4bit(qt)).all()
+
+
 # -- the typed boundary ------------------------------------------------------------------------------
 
 

@@ -24,3 +24,43 @@ def double_dequantize(
 def code_book(quant_type: str) -> npt.NDArray[np.float32]: ...
 def dynamic_map() -> npt.NDArray[np.float32]: ...
 def torch_mean_f32(values: npt.ArrayLike, num_threads: int = 1) -> float: ...
+def matmul_4bit(
+    x: npt.ArrayLike,
+    dtype: str,
+    rows: int,
+    packed: npt.ArrayLike,
+    absmax: npt.ArrayLike,
+    quant_type: str,
+    blocksize: int,
+    out_features: int,
+    in_features: int,
+    bias: npt.ArrayLike | None = None,
+    transposed: bool = False,
+    backend: str = "auto",
+    out: npt.ArrayLike | None = None,
+) -> npt.NDArray[np.generic]: ...
+def matmul_4bit_variant(
+    dtype: str,
+    rows: int,
+    out_features: int,
+    in_features: int,
+    blocksize: int,
+    transposed: bool = False,
+    backend: str = "auto",
+) -> str: ...
+def matmul_4bit_device(
+    x: int,
+    dtype: str,
+    rows: int,
+    packed: int,
+    absmax: int,
+    quant_type: str,
+    blocksize: int,
+    out_features: int,
+    in_features: int,
+    bias: int,
+    y: int,
+    transposed: bool,
+    stream: int,
+) -> None: ...
+def array_cache_state() -> tuple[int, int]: ...

@@ -1,0 +1,416 @@
+"""``halo.nn.Linear4bit``: a drop-in for ``bitsandbytes.nn.Linear4bit`` on halo's ops.
+
+The layer holds its 4-bit weight in bitsandbytes' layout as torch tensors (so
+``.to(device)`` moves it and CUDA stays on the GPU): ``weight`` is the packed
+uint8 parameter ``[(n + 1) // 2, 1]`` (frozen), ``weight_absmax`` /
+``weight_nested_absmax`` are buffers. Its state dict has exactly the keys, dtypes,
+shapes and bytes of a bitsandbytes ``Linear4bit`` (``weight``, ``bias``,
+``weight.absmax``, ``weight.quant_map``, ``weight.nested_absmax``,
+``weight.nested_quant_map``, ``weight.quant_state.bitsandbytes__nf4``), so
+checkpoints move both ways. ``layer.quantized`` gives the weight as a
+:class:`halo.QuantizedTensor` (NumPy views, no copy, CPU only).
+
+Before it is quantized the layer holds a float ``weight`` ``[out, in]`` like
+``nn.Linear`` (this is how transformers builds it on the meta device before
+loading); assigning a float state dict or calling :meth:`quantize_` packs it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import _core
+from . import ops as _ops  # registers torch.ops.halo.*
+from .quant import QuantizedTensor
+
+__all__ = ["Linear4bit"]
+
+_QUANT_TYPES = ("nf4", "fp4")
+_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+_STATE_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def _check_settings(fn: str, quant_type: Any, blocksize: Any, compute_dtype: Any) -> None:
+    if quant_type not in _QUANT_TYPES:
+        raise ValueError(f"[{fn}] quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
+    if isinstance(blocksize, bool) or blocksize not in _BLOCKSIZES:
+        raise ValueError(f"[{fn}] blocksize must be a power of two in 32..4096, got {blocksize!r}")
+    if compute_dtype is not None and compute_dtype not in _DTYPE_NAMES:
+        raise TypeError(
+            f"[{fn}] compute_dtype must be None, torch.float32, torch.float16 or torch.bfloat16, "
+            f"got {compute_dtype!r}"
+        )
+
+
+class Linear4bit(nn.Module):
+    """``y = x W^T + b`` with a frozen 4-bit ``W`` (NF4 or FP4, blockwise absmax,
+    optional double quantization), computed by ``torch.ops.halo.matmul_4bit``.
+
+    ``compute_dtype`` (default: the input's dtype) is the dtype the matmul runs in;
+    the output comes back in the input's dtype, as bitsandbytes does.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        quant_type: str = "nf4",
+        compute_dtype: torch.dtype | None = None,
+        double_quant: bool = True,
+        blocksize: int = 64,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        fn = "Linear4bit"
+        _check_settings(fn, quant_type, blocksize, compute_dtype)
+        for name, value in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"[{fn}] {name} must be a positive integer, got {value!r}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.quant_type = quant_type
+        self.compute_dtype = compute_dtype
+        self.double_quant = bool(double_quant)
+        self.blocksize = int(blocksize)
+        self.nested_offset = 0.0
+        self.original_dtype = dtype or torch.float32
+        self.weight = nn.Parameter(
+            torch.empty(out_features, in_features, device=device, dtype=dtype or torch.float32),
+            requires_grad=False,
+        )
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+        # Plain attributes, not buffers: transformers' loader re-creates every non-persistent
+        # buffer empty after loading; _apply below moves them with the layer.
+        self.weight_absmax: torch.Tensor | None = None
+        self.weight_nested_absmax: torch.Tensor | None = None
+        self._quantized = False
+
+    # -- construction --------------------------------------------------------------------------------
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        quant_type: str = "nf4",
+        compute_dtype: torch.dtype | None = None,
+        double_quant: bool = True,
+        blocksize: int = 64,
+    ) -> Linear4bit:
+        """A quantized copy of an ``nn.Linear`` (same device; the float weight is not kept)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"[Linear4bit.from_linear] expected an nn.Linear, got {type(linear).__name__}")
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            quant_type,
+            compute_dtype,
+            double_quant,
+            blocksize,
+            device="meta",
+            dtype=linear.weight.dtype,
+        )
+        layer.quantize_(linear.weight.detach())
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
+        return layer
+
+    @classmethod
+    def from_quantized(
+        cls,
+        qt: QuantizedTensor,
+        bias: torch.Tensor | None = None,
+        compute_dtype: torch.dtype | None = None,
+    ) -> Linear4bit:
+        """A layer around a 2-D :class:`halo.QuantizedTensor` (its buffers are copied into tensors)."""
+        if not isinstance(qt, QuantizedTensor) or len(qt.shape) != 2:
+            raise TypeError("[Linear4bit.from_quantized] expected a 2-D QuantizedTensor")
+        out_features, in_features = qt.shape
+        layer = cls(
+            in_features,
+            out_features,
+            bias is not None,
+            qt.quant_type,
+            compute_dtype,
+            qt.double_quant,
+            qt.blocksize,
+            device="meta",
+        )
+        layer._set_state(
+            torch.from_numpy(np.ascontiguousarray(qt.packed).reshape(-1, 1).copy()),
+            torch.from_numpy(np.ascontiguousarray(qt.absmax).copy()),
+            None if not qt.double_quant else torch.from_numpy(np.ascontiguousarray(qt.nested_absmax).copy()),
+            float(qt.nested_offset or 0.0),
+            getattr(torch, qt.dtype),
+        )
+        if bias is not None:
+            layer.bias = nn.Parameter(bias.detach().clone())
+        return layer
+
+    @torch.no_grad()
+    def quantize_(self, weight: torch.Tensor | None = None) -> Linear4bit:
+        """Packs ``weight`` (default: the float weight the layer holds) in place, on its device."""
+        fn = "Linear4bit.quantize_"
+        w = self.weight if weight is None else weight
+        if self._quantized and weight is None:
+            return self
+        if not w.is_floating_point():
+            raise TypeError(f"[{fn}] the weight to quantize must be a float tensor, got {w.dtype}")
+        if tuple(w.shape) != (self.out_features, self.in_features):
+            raise ValueError(
+                f"[{fn}] weight has shape {tuple(w.shape)}, expected {(self.out_features, self.in_features)}"
+            )
+        if w.device.type == "meta":
+            raise ValueError(f"[{fn}] the weight is on the meta device; load real values first")
+        if w.dtype not in _DTYPE_NAMES:
+            w = w.float()
+        packed, absmax = _ops.quantize_4bit(w.detach(), self.quant_type, self.blocksize)
+        nested = None
+        offset = 0.0
+        if self.double_quant:
+            absmax, nested, offset = _double_quantize(absmax)
+        self._set_state(packed, absmax, nested, offset, w.dtype)
+        return self
+
+    def _set_state(self, packed, absmax, nested, offset, original_dtype) -> None:
+        self.weight = nn.Parameter(packed, requires_grad=False)
+        self.weight_absmax = absmax
+        self.weight_nested_absmax = nested
+        self.weight._is_hf_initialized = True  # tells transformers' loader not to re-initialize it
+        self.double_quant = nested is not None
+        self.nested_offset = float(offset)
+        self.original_dtype = original_dtype
+        self._quantized = True
+
+    def _apply(self, fn, recurse=True):
+        # Device moves (.to, .cuda, .cpu) apply to the quantization statistics too; dtype casts
+        # (.half(), .to(torch.bfloat16)) must not touch them (they are float32 / uint8 by format).
+        super()._apply(fn, recurse)
+        for name in ("weight_absmax", "weight_nested_absmax"):
+            tensor = getattr(self, name)
+            if tensor is not None:
+                moved = fn(tensor)
+                setattr(self, name, moved if moved.dtype == tensor.dtype else tensor.to(moved.device))
+        return self
+
+    @property
+    def is_quantized(self) -> bool:
+        return self._quantized
+
+    @property
+    def quantized(self) -> QuantizedTensor:
+        """The weight as a QuantizedTensor over the layer's CPU buffers (no copy)."""
+        self._require_quantized("Linear4bit.quantized")
+        if self.weight.device.type != "cpu":
+            raise ValueError(
+                f"[Linear4bit.quantized] the weight is on {self.weight.device}; move the layer to the CPU"
+            )
+        return QuantizedTensor(
+            self.weight.detach().numpy(),
+            self.weight_absmax.numpy(),
+            (self.out_features, self.in_features),
+            _DTYPE_NAMES.get(self.original_dtype, "float32"),
+            self.blocksize,
+            self.quant_type,
+            double_quant=self.double_quant,
+            nested_absmax=None if self.weight_nested_absmax is None else self.weight_nested_absmax.numpy(),
+            nested_offset=self.nested_offset if self.double_quant else None,
+            kind="torch",
+        )
+
+    def weight_args(self) -> tuple:
+        """(packed, absmax, nested_absmax, nested_offset, quant_type, blocksize) for torch.ops.halo.*."""
+        return (
+            self.weight,
+            self.weight_absmax,
+            self.weight_nested_absmax,
+            float(self.nested_offset),
+            self.quant_type,
+            self.blocksize,
+        )
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The float weight [out, in] the 4-bit codes hold (default: the original dtype)."""
+        self._require_quantized("Linear4bit.dequantize")
+        return torch.ops.halo.dequantize_4bit(
+            self.weight,
+            self.weight_absmax,
+            self.weight_nested_absmax,
+            float(self.nested_offset),
+            [self.out_features, self.in_features],
+            self.quant_type,
+            self.blocksize,
+            dtype or self.original_dtype,
+        )
+
+    def _require_quantized(self, fn: str) -> None:
+        if not self._quantized:
+            raise RuntimeError(
+                f"[{fn}] the layer is not quantized yet: load a state dict or call quantize_()"
+            )
+
+    # -- forward ---------------------------------------------------------------------------------------
+    def compute_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.compute_dtype is None or x.dtype == self.compute_dtype else x.to(self.compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._require_quantized("Linear4bit.forward")
+        if not x.is_floating_point():
+            raise TypeError(f"[Linear4bit.forward] x must be a float tensor, got {x.dtype}")
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"[Linear4bit.forward] x has shape {tuple(x.shape)}, expected [..., {self.in_features}]"
+            )
+        xc = self.compute_input(x)
+        bias = None if self.bias is None else self.bias.to(xc.dtype)
+        y = torch.ops.halo.matmul_4bit(
+            xc,
+            self.weight,
+            self.weight_absmax,
+            self.weight_nested_absmax,
+            float(self.nested_offset),
+            self.out_features,
+            self.quant_type,
+            self.blocksize,
+            bias,
+        )
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"quant_type={self.quant_type}, blocksize={self.blocksize}, double_quant={self.double_quant}, "
+            f"compute_dtype={self.compute_dtype}"
+        )
+
+    # -- bitsandbytes state dict -------------------------------------------------------------------------
+    def _quant_state_json(self) -> dict:
+        state: dict[str, Any] = {
+            "quant_type": self.quant_type,
+            "blocksize": self.blocksize,
+            "dtype": _DTYPE_NAMES.get(self.original_dtype, "float32"),
+            "shape": [self.out_features, self.in_features],
+        }
+        if self.double_quant:
+            state["nested_blocksize"] = 256
+            state["nested_dtype"] = "float32"
+            state["nested_offset"] = float(np.float32(self.nested_offset))
+        return state
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)  # weight (packed) and bias
+        if not self._quantized:
+            return
+        device = self.weight.device
+        destination[prefix + "weight.absmax"] = self.weight_absmax
+        destination[prefix + "weight.quant_map"] = torch.from_numpy(
+            _core.quant.code_book(self.quant_type)
+        ).to(device)
+        if self.double_quant:
+            destination[prefix + "weight.nested_absmax"] = self.weight_nested_absmax
+            destination[prefix + "weight.nested_quant_map"] = torch.from_numpy(_core.quant.dynamic_map()).to(
+                device
+            )
+        blob = json.dumps(self._quant_state_json()).encode("utf-8")
+        destination[prefix + f"weight.quant_state.bitsandbytes__{self.quant_type}"] = torch.frombuffer(
+            bytearray(blob), dtype=torch.uint8
+        ).to(device)
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        state_keys = [k for k in state_dict if k.startswith(prefix + "weight.quant_state.bitsandbytes__")]
+        weight_key = prefix + "weight"
+        if not state_keys:
+            # A float checkpoint (nn.Linear's keys): load it and quantize.
+            if weight_key in state_dict and state_dict[weight_key].is_floating_point():
+                w = state_dict[weight_key]
+                if tuple(w.shape) != (self.out_features, self.in_features):
+                    error_msgs.append(
+                        f"size mismatch for {weight_key}: {tuple(w.shape)} vs "
+                        f"{(self.out_features, self.in_features)}"
+                    )
+                    return
+                device = self.weight.device if self.weight.device.type != "meta" else w.device
+                self._load_bias(state_dict, prefix, missing_keys, error_msgs)
+                self.quantize_(w.to(device))
+                return
+            super()._load_from_state_dict(
+                state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+            )
+            return
+        sub = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix + "weight")}
+        try:
+            packed, absmax, nested, offset, dtype = _read_bnb_state(
+                sub, (self.out_features, self.in_features)
+            )
+        except ValueError as error:
+            error_msgs.append(f"[Linear4bit] {prefix}weight: {error}")
+            return
+        settings = json.loads(
+            bytes(sub[state_keys[0][len(prefix) :]].cpu().numpy().tobytes()).decode("utf-8")
+        )
+        self.quant_type = settings["quant_type"]
+        self.blocksize = int(settings["blocksize"])
+        device = self.weight.device if self.weight.device.type != "meta" else packed.device
+        self._set_state(
+            packed.to(device), absmax.to(device), None if nested is None else nested.to(device), offset, dtype
+        )
+        self._load_bias(state_dict, prefix, missing_keys, error_msgs)
+        if strict:
+            known = {
+                weight_key,
+                prefix + "bias",
+                *state_keys,
+                *(prefix + "weight." + s for s in _STATE_SUFFIXES),
+            }
+            unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in known)
+
+    def _load_bias(self, state_dict, prefix, missing_keys, error_msgs) -> None:
+        if self.bias is None:
+            return
+        key = prefix + "bias"
+        if key not in state_dict:
+            missing_keys.append(key)
+            return
+        value = state_dict[key]
+        if tuple(value.shape) != (self.out_features,):
+            error_msgs.append(f"size mismatch for {key}: {tuple(value.shape)} vs {(self.out_features,)}")
+            return
+        device = self.bias.device if self.bias.device.type != "meta" else value.device
+        self.bias = nn.Parameter(
+            value.detach().to(device=device, dtype=value.dtype).clone(), requires_grad=self.bias.requires_grad
+        )
+
+
+def _double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """bitsandbytes' nested absmax: offset = mean, then 8-bit blocks of 256 with the signed dynamic map."""
+    threads = int(torch.get_num_threads())
+    codes, nested, offset = _core.quant.double_quantize(
+        absmax.detach().cpu().contiguous().numpy(), 256, None, threads
+    )
+    device = absmax.device
+    return torch.from_numpy(codes).to(device), torch.from_numpy(nested).to(device), float(offset)
+
+
+def _read_bnb_state(sub: dict, shape: tuple[int, int]):
+    """(packed, absmax, nested_absmax or None, offset, original dtype) from bitsandbytes'
+    entries for ``weight`` (keys relative to the layer), checked like QuantizedTensor does."""
+    cpu = {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in sub.items()}
+    qt = QuantizedTensor.from_bnb_state_dict(cpu, prefix="weight")
+    if tuple(qt.shape) != tuple(shape):
+        raise ValueError(f"the checkpoint holds shape {list(qt.shape)}, the layer is {list(shape)}")
+    device = sub["weight"].device
+    packed = torch.from_numpy(np.ascontiguousarray(qt.packed).reshape(-1, 1).copy()).to(device)
+    absmax = torch.from_numpy(np.ascontiguousarray(qt.absmax).copy()).to(device)
+    nested = None
+    if qt.double_quant:
+        nested = torch.from_numpy(np.ascontiguousarray(qt.nested_absmax).copy()).to(device)
+    return packed, absmax, nested, float(qt.nested_offset or 0.0), getattr(torch, qt.dtype)

@@ -1,0 +1,639 @@
+"""halo's 4-bit operations as torch operators (``torch.ops.halo.*``).
+
+Registered with ``torch.library`` so they keep the device and dtype of their
+inputs, have fake (meta) kernels for ``torch.compile`` and the meta device, and
+carry autograd formulas:
+
+- ``halo::quantize_4bit(w, quant_type, blocksize) -> (packed, absmax)``
+- ``halo::dequantize_4bit(packed, absmax, nested_absmax, nested_offset, shape, quant_type, blocksize, dtype)``
+- ``halo::matmul_4bit(x, packed, absmax, nested_absmax, nested_offset, out_features, quant_type, blocksize,
+  bias) -> x W^T + bias`` (gradients for x and bias; the 4-bit weight is frozen)
+- ``halo::lora_linear(x, x_lora, <4-bit weight>, bias, lora_A, lora_B, scaling)`` ->
+  ``x W^T + bias + scaling * (x_lora A^T) B^T``: the base 4-bit matmul and the adapter in one
+  op; ``x_lora`` is the (dropped-out) adapter input, usually ``dropout(x)`` drawn from torch's RNG.
+
+The weight is bitsandbytes' layout: ``packed`` uint8 ``[(n + 1) // 2, 1]``; ``absmax``
+float32 per block, or with double quantization uint8 codes of the signed dynamic
+map plus ``nested_absmax`` (float32 per 256 blocks) and ``nested_offset``.
+
+CPU tensors run halo's C++ kernels (tensors cross as NumPy views, no copy). CUDA
+tensors stay on the GPU: the kernels take device pointers (src/cuda/device_ops.cu and
+the matmul's CUDA entry) and a build without CUDA raises instead of moving data to the CPU.
+The matmuls run halo's fused 4-bit GEMM/GEMV (halo.matmul_4bit's kernels): the weight is
+decoded inside the kernel, never as a whole.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import _core
+from .formats import BNB4_BLOCKSIZES, BNB4_TYPES
+
+__all__ = ["dequantize_4bit", "lora_linear", "matmul_4bit", "quantize_4bit"]
+
+NESTED_BLOCKSIZE = 256
+_FLOAT_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+# -- argument checks (shared by every op; they run in the fake kernels too) ----------------------
+
+
+def _check_format(fn: str, quant_type: str, blocksize: int) -> None:
+    if quant_type not in BNB4_TYPES:
+        raise ValueError(f"[{fn}] quant_type must be one of {', '.join(BNB4_TYPES)}, got {quant_type!r}")
+    if blocksize not in BNB4_BLOCKSIZES:
+        raise ValueError(f"[{fn}] blocksize must be a power of two in 32..4096, got {blocksize!r}")
+
+
+def _check_float(fn: str, name: str, t: Tensor) -> None:
+    if t.dtype not in _FLOAT_NAMES:
+        raise TypeError(f"[{fn}] {name} must be float32, float16 or bfloat16, got {t.dtype}")
+
+
+def _check_weight(
+    fn: str,
+    packed: Tensor,
+    absmax: Tensor,
+    nested_absmax: Tensor | None,
+    numel: int,
+    quant_type: str,
+    blocksize: int,
+) -> None:
+    _check_format(fn, quant_type, blocksize)
+    if numel <= 0:
+        raise ValueError(f"[{fn}] the weight holds no elements")
+    if packed.dtype != torch.uint8 or packed.numel() != (numel + 1) // 2:
+        raise ValueError(
+            f"[{fn}] packed must be uint8 with {(numel + 1) // 2} bytes, got {packed.dtype} with {packed.numel()}"
+        )
+    blocks = -(-numel // blocksize)
+    if absmax.numel() != blocks:
+        raise ValueError(f"[{fn}] absmax holds {absmax.numel()} values, expected {blocks}")
+    if nested_absmax is None:
+        if absmax.dtype != torch.float32:
+            raise TypeError(f"[{fn}] absmax must be float32 without nested statistics, got {absmax.dtype}")
+    else:
+        if absmax.dtype != torch.uint8:
+            raise TypeError(f"[{fn}] absmax must be uint8 codes with nested statistics, got {absmax.dtype}")
+        nested_blocks = -(-blocks // NESTED_BLOCKSIZE)
+        if nested_absmax.dtype != torch.float32 or nested_absmax.numel() != nested_blocks:
+            raise ValueError(
+                f"[{fn}] nested_absmax must be float32[{nested_blocks}], "
+                f"got {nested_absmax.dtype}[{nested_absmax.numel()}]"
+            )
+    for name, t in (("packed", packed), ("absmax", absmax), ("nested_absmax", nested_absmax)):
+        if t is not None and t.device != packed.device:
+            raise ValueError(f"[{fn}] {name} is on {t.device}, packed on {packed.device}")
+
+
+def _same_device(fn: str, x: Tensor, packed: Tensor) -> None:
+    if x.device != packed.device:
+        raise ValueError(
+            f"[{fn}] x is on {x.device} but the 4-bit weight on {packed.device}; move one of them"
+        )
+
+
+# -- CPU helpers: torch <-> NumPy views and a reusable dequantization buffer ---------------------
+
+
+def _numpy_bits(t: Tensor) -> np.ndarray:
+    """A flat NumPy view of a contiguous CPU tensor (bfloat16 as its uint16 bits)."""
+    flat = t.reshape(-1)
+    if flat.dtype == torch.bfloat16:
+        return flat.view(torch.int16).numpy().view(np.uint16)
+    return flat.numpy()
+
+
+def _absmax_cpu(absmax: Tensor, nested_absmax: Tensor | None, nested_offset: float) -> np.ndarray:
+    if nested_absmax is None:
+        return absmax.contiguous().numpy()
+    return _core.quant.double_dequantize(
+        absmax.contiguous().numpy(),
+        nested_absmax.contiguous().numpy(),
+        float(nested_offset),
+        NESTED_BLOCKSIZE,
+    )
+
+
+def _dequantize_cpu(
+    packed: Tensor,
+    absmax: Tensor,
+    nested_absmax: Tensor | None,
+    nested_offset: float,
+    numel: int,
+    quant_type: str,
+    blocksize: int,
+    out: Tensor,
+) -> Tensor:
+    _core.quant.dequantize_4bit(
+        packed.contiguous().numpy().reshape(-1),
+        np.ascontiguousarray(_absmax_cpu(absmax, nested_absmax, nested_offset), dtype=np.float32),
+        numel,
+        quant_type,
+        blocksize,
+        _FLOAT_NAMES[out.dtype],
+        "auto",
+        _numpy_bits(out),
+    )
+    return out
+
+
+# -- CUDA helpers: device pointers, the current stream, no host round trip -----------------------
+
+
+def _stream(t: Tensor) -> int:
+    return int(torch.cuda.current_stream(t.device).cuda_stream)
+
+
+def _absmax_cuda(absmax: Tensor, nested_absmax: Tensor | None, nested_offset: float) -> Tensor:
+    if nested_absmax is None:
+        return absmax.contiguous()
+    code = torch.from_numpy(_core.quant.dynamic_map()).to(absmax.device)
+    scale = nested_absmax.repeat_interleave(NESTED_BLOCKSIZE)[: absmax.numel()]
+    return code[absmax.long()] * scale + float(nested_offset)  # two roundings, as bitsandbytes
+
+
+def _dequantize_cuda(packed, absmax, nested_absmax, nested_offset, numel, quant_type, blocksize, out):
+    scales = _absmax_cuda(absmax, nested_absmax, nested_offset)
+    packed = packed.contiguous()
+    _core.cuda.dequantize_4bit(
+        packed.data_ptr(),
+        scales.data_ptr(),
+        numel,
+        quant_type,
+        blocksize,
+        out.data_ptr(),
+        _FLOAT_NAMES[out.dtype],
+        _stream(out),
+    )
+    return out
+
+
+def _dequantize_into(
+    packed, absmax, nested_absmax, nested_offset, numel, quant_type, blocksize, out
+) -> Tensor:
+    if packed.device.type == "cpu":
+        return _dequantize_cpu(
+            packed, absmax, nested_absmax, nested_offset, numel, quant_type, blocksize, out
+        )
+    if packed.device.type == "cuda":
+        return _dequantize_cuda(
+            packed, absmax, nested_absmax, nested_offset, numel, quant_type, blocksize, out
+        )
+    raise ValueError(f"[halo.ops] no halo kernel for device {packed.device}")
+
+
+def _fused_matmul(
+    x2d: Tensor,
+    weight_args: tuple,
+    out_features: int,
+    in_features: int,
+    bias: Tensor | None,
+    transposed: bool,
+) -> Tensor:
+    """halo's fused 4-bit matmul (halo/quant/matmul4.hpp: codes decoded inside the GEMM, never
+    the whole W): y = x W^T (+ bias), or x W when ``transposed``, in x's dtype."""
+    packed, absmax, nested_absmax, nested_offset, quant_type, blocksize = weight_args
+    rows = x2d.shape[0]
+    y = torch.empty(rows, in_features if transposed else out_features, dtype=x2d.dtype, device=x2d.device)
+    if x2d.device.type == "cuda":
+        scales = _absmax_cuda(absmax, nested_absmax, nested_offset)
+        bias_t = None if bias is None else bias.to(x2d.dtype).contiguous()
+        _core.quant.matmul_4bit_device(
+            x2d.data_ptr(),
+            _FLOAT_NAMES[x2d.dtype],
+            rows,
+            packed.contiguous().data_ptr(),
+            scales.data_ptr(),
+            quant_type,
+            blocksize,
+            out_features,
+            in_features,
+            0 if bias_t is None else bias_t.data_ptr(),
+            y.data_ptr(),
+            transposed,
+            _stream(x2d),
+        )
+        return y
+    scales = np.ascontiguousarray(_absmax_cpu(absmax, nested_absmax, nested_offset), dtype=np.float32)
+    bias_np = None if bias is None else _numpy_bits(bias.detach().to(x2d.dtype).contiguous())
+    _core.quant.matmul_4bit(
+        _numpy_bits(x2d.detach()),
+        _FLOAT_NAMES[x2d.dtype],
+        rows,
+        packed.contiguous().numpy().reshape(-1),
+        scales,
+        quant_type,
+        blocksize,
+        out_features,
+        in_features,
+        bias_np,
+        transposed,
+        "auto",
+        _numpy_bits(y),
+    )
+    return y
+
+
+def _base_matmul(x2d: Tensor, weight_args: tuple, out_features: int, bias: Tensor | None) -> Tensor:
+    """x W^T (+ bias) for rows x2d [m, in] in x's dtype: the one place the 4-bit matmul is chosen."""
+    with torch.autocast(x2d.device.type, enabled=False):
+        return _fused_matmul(
+            x2d.contiguous(), weight_args, out_features, x2d.shape[1], bias, transposed=False
+        )
+
+
+def _grad_input(grad2d: Tensor, weight_args: tuple, out_features: int, in_features: int) -> Tensor:
+    """grad_y W for grad rows [m, out]: the input gradient of the frozen 4-bit base."""
+    with torch.autocast(grad2d.device.type, enabled=False):
+        return _fused_matmul(
+            grad2d.contiguous(), weight_args, out_features, in_features, None, transposed=True
+        )
+
+
+# -- halo::quantize_4bit ---------------------------------------------------------------------------
+
+
+@torch.library.custom_op("halo::quantize_4bit", mutates_args=())
+def _quantize_4bit_op(w: Tensor, quant_type: str, blocksize: int) -> tuple[Tensor, Tensor]:
+    fn = "halo::quantize_4bit"
+    _check_format(fn, quant_type, blocksize)
+    _check_float(fn, "w", w)
+    n = w.numel()
+    if n == 0:
+        raise ValueError(f"[{fn}] the tensor is empty (shape {tuple(w.shape)})")
+    w = w.contiguous()
+    if w.device.type == "cuda":
+        packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=w.device)
+        absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=w.device)
+        _core.cuda.quantize_4bit(
+            w.data_ptr(),
+            _FLOAT_NAMES[w.dtype],
+            n,
+            quant_type,
+            blocksize,
+            packed.data_ptr(),
+            absmax.data_ptr(),
+            _stream(w),
+        )
+        return packed, absmax
+    if w.device.type != "cpu":
+        raise ValueError(f"[{fn}] no halo kernel for device {w.device}")
+    packed, absmax = _core.quant.quantize_4bit(
+        _numpy_bits(w), _FLOAT_NAMES[w.dtype], quant_type, blocksize, "auto"
+    )
+    return torch.from_numpy(packed).reshape(-1, 1), torch.from_numpy(absmax)
+
+
+@_quantize_4bit_op.register_fake
+def _(w, quant_type, blocksize):
+    _check_format("halo::quantize_4bit", quant_type, blocksize)
+    n = w.numel()
+    return (
+        w.new_empty(((n + 1) // 2, 1), dtype=torch.uint8),
+        w.new_empty((-(-n // blocksize),), dtype=torch.float32),
+    )
+
+
+# -- halo::dequantize_4bit -------------------------------------------------------------------------
+
+
+@torch.library.custom_op("halo::dequantize_4bit", mutates_args=())
+def _dequantize_4bit_op(
+    packed: Tensor,
+    absmax: Tensor,
+    nested_absmax: Tensor | None,
+    nested_offset: float,
+    shape: list[int],
+    quant_type: str,
+    blocksize: int,
+    dtype: torch.dtype,
+) -> Tensor:
+    fn = "halo::dequantize_4bit"
+    numel = int(np.prod(shape)) if len(shape) else 1
+    _check_weight(fn, packed, absmax, nested_absmax, numel, quant_type, blocksize)
+    if dtype not in _FLOAT_NAMES:
+        raise TypeError(f"[{fn}] dtype must be float32, float16 or bfloat16, got {dtype}")
+    out = torch.empty(numel, dtype=dtype, device=packed.device)
+    _dequantize_into(packed, absmax, nested_absmax, nested_offset, numel, quant_type, blocksize, out)
+    return out.view(list(shape))
+
+
+@_dequantize_4bit_op.register_fake
+def _(packed, absmax, nested_absmax, nested_offset, shape, quant_type, blocksize, dtype):
+    _check_format("halo::dequantize_4bit", quant_type, blocksize)
+    return packed.new_empty(list(shape), dtype=dtype)
+
+
+# -- halo::matmul_4bit -----------------------------------------------------------------------------
+
+
+@torch.library.custom_op("halo::matmul_4bit", mutates_args=())
+def _matmul_4bit_op(
+    x: Tensor,
+    packed: Tensor,
+    absmax: Tensor,
+    nested_absmax: Tensor | None,
+    nested_offset: float,
+    out_features: int,
+    quant_type: str,
+    blocksize: int,
+    bias: Tensor | None,
+) -> Tensor:
+    fn = "halo::matmul_4bit"
+    _check_float(fn, "x", x)
+    in_features = x.shape[-1]
+    _check_weight(fn, packed, absmax, nested_absmax, out_features * in_features, quant_type, blocksize)
+    _same_device(fn, x, packed)
+    x2d = x.reshape(-1, in_features)
+    y = _base_matmul(
+        x2d, (packed, absmax, nested_absmax, nested_offset, quant_type, blocksize), out_features, bias
+    )
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+@_matmul_4bit_op.register_fake
+def _(x, packed, absmax, nested_absmax, nested_offset, out_features, quant_type, blocksize, bias):
+    _check_format("halo::matmul_4bit", quant_type, blocksize)
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+@torch.library.custom_op("halo::matmul_4bit_grad", mutates_args=())
+def _matmul_4bit_grad_op(
+    grad: Tensor,
+    packed: Tensor,
+    absmax: Tensor,
+    nested_absmax: Tensor | None,
+    nested_offset: float,
+    in_features: int,
+    quant_type: str,
+    blocksize: int,
+) -> Tensor:
+    """grad W for grad [..., out]: the input gradient of the frozen 4-bit base (an op of its
+    own so that backward graphs trace through it with a fake kernel)."""
+    fn = "halo::matmul_4bit_grad"
+    _check_float(fn, "grad", grad)
+    out_features = grad.shape[-1]
+    _check_weight(fn, packed, absmax, nested_absmax, out_features * in_features, quant_type, blocksize)
+    args = (packed, absmax, nested_absmax, nested_offset, quant_type, blocksize)
+    grad2d = grad.reshape(-1, out_features).contiguous()
+    return _grad_input(grad2d, args, out_features, in_features).reshape(*grad.shape[:-1], in_features)
+
+
+@_matmul_4bit_grad_op.register_fake
+def _(grad, packed, absmax, nested_absmax, nested_offset, in_features, quant_type, blocksize):
+    return grad.new_empty((*grad.shape[:-1], in_features))
+
+
+def _matmul_setup(ctx, inputs, output):
+    x, packed, absmax, nested_absmax, nested_offset, out_features, quant_type, blocksize, bias = inputs
+    ctx.save_for_backward(packed, absmax, nested_absmax)
+    ctx.meta = (nested_offset, out_features, x.shape[-1], quant_type, blocksize, bias is not None)
+
+
+def _matmul_backward(ctx, grad):
+    packed, absmax, nested_absmax = ctx.saved_tensors
+    nested_offset, out_features, in_features, quant_type, blocksize, has_bias = ctx.meta
+    grad_x = grad_bias = None
+    grad2d = grad.reshape(-1, out_features)
+    if ctx.needs_input_grad[0]:
+        grad_x = torch.ops.halo.matmul_4bit_grad(
+            grad, packed, absmax, nested_absmax, nested_offset, in_features, quant_type, blocksize
+        )
+    if has_bias and ctx.needs_input_grad[8]:
+        grad_bias = grad2d.sum(0)
+    return grad_x, None, None, None, None, None, None, None, grad_bias
+
+
+_matmul_4bit_op.register_autograd(_matmul_backward, setup_context=_matmul_setup)
+
+
+# -- halo::lora_linear (fused base + adapter) ------------------------------------------------------
+
+
+@torch.library.custom_op("halo::lora_linear", mutates_args=())
+def _lora_linear_op(
+    x: Tensor,
+    x_lora: Tensor,
+    packed: Tensor,
+    absmax: Tensor,
+    nested_absmax: Tensor | None,
+    nested_offset: float,
+    out_features: int,
+    quant_type: str,
+    blocksize: int,
+    bias: Tensor | None,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+) -> Tensor:
+    fn = "halo::lora_linear"
+    _check_float(fn, "x", x)
+    in_features = x.shape[-1]
+    _check_weight(fn, packed, absmax, nested_absmax, out_features * in_features, quant_type, blocksize)
+    _check_lora(fn, x, x_lora, lora_A, lora_B, out_features, in_features)
+    _same_device(fn, x, packed)
+    x2d = x.reshape(-1, in_features)
+    args = (packed, absmax, nested_absmax, nested_offset, quant_type, blocksize)
+    y = _base_matmul(x2d, args, out_features, bias)
+    with torch.autocast(x.device.type, enabled=False):
+        hidden = torch.mm(x_lora.reshape(-1, in_features).to(lora_A.dtype), lora_A.t())
+        # y += scaling * hidden B^T, in the adapter's dtype, as PEFT adds it
+        delta = torch.mm(hidden, lora_B.t())
+        if scaling != 1.0:
+            delta.mul_(scaling)
+        y = y.add_(delta.to(y.dtype)) if y.dtype == delta.dtype else (y + delta).to(y.dtype)
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+def _check_lora(fn, x, x_lora, lora_A, lora_B, out_features, in_features):
+    if x_lora.shape != x.shape:
+        raise ValueError(f"[{fn}] x_lora has shape {tuple(x_lora.shape)}, x {tuple(x.shape)}")
+    if lora_A.dim() != 2 or lora_A.shape[1] != in_features:
+        raise ValueError(f"[{fn}] lora_A has shape {tuple(lora_A.shape)}, expected [r, {in_features}]")
+    if lora_B.dim() != 2 or tuple(lora_B.shape) != (out_features, lora_A.shape[0]):
+        raise ValueError(
+            f"[{fn}] lora_B has shape {tuple(lora_B.shape)}, expected [{out_features}, {lora_A.shape[0]}]"
+        )
+    for name, t in (("x_lora", x_lora), ("lora_A", lora_A), ("lora_B", lora_B)):
+        _check_float(fn, name, t)
+        if t.device != x.device:
+            raise ValueError(f"[{fn}] {name} is on {t.device}, x on {x.device}")
+
+
+@_lora_linear_op.register_fake
+def _(
+    x,
+    x_lora,
+    packed,
+    absmax,
+    nested_absmax,
+    nested_offset,
+    out_features,
+    quant_type,
+    blocksize,
+    bias,
+    lora_A,
+    lora_B,
+    scaling,
+):
+    _check_format("halo::lora_linear", quant_type, blocksize)
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+def _lora_setup(ctx, inputs, output):
+    (
+        x,
+        x_lora,
+        packed,
+        absmax,
+        nested_absmax,
+        nested_offset,
+        out_features,
+        quant_type,
+        blocksize,
+        bias,
+        lora_A,
+        lora_B,
+        scaling,
+    ) = inputs
+    ctx.save_for_backward(x_lora, packed, absmax, nested_absmax, lora_A, lora_B)
+    ctx.meta = (
+        nested_offset,
+        out_features,
+        x.shape[-1],
+        quant_type,
+        blocksize,
+        bias is not None,
+        float(scaling),
+        x.dtype,
+        x_lora.dtype,
+    )
+
+
+def _lora_backward(ctx, grad):
+    x_lora, packed, absmax, nested_absmax, lora_A, lora_B = ctx.saved_tensors
+    nested_offset, out_features, in_features, quant_type, blocksize, has_bias, scaling, x_dtype, xl_dtype = (
+        ctx.meta
+    )
+    need = ctx.needs_input_grad
+    grad2d = grad.reshape(-1, out_features)
+    lead = grad.shape[:-1]
+    grad_x = grad_x_lora = grad_bias = grad_a = grad_b = None
+    if need[0]:
+        grad_x = torch.ops.halo.matmul_4bit_grad(
+            grad.to(x_dtype), packed, absmax, nested_absmax, nested_offset, in_features, quant_type, blocksize
+        )
+    if has_bias and need[9]:
+        grad_bias = grad2d.sum(0)
+    if need[1] or need[10] or need[11]:
+        with torch.autocast(grad.device.type, enabled=False):
+            g = grad2d.to(lora_A.dtype)
+            if scaling != 1.0:
+                g = g * scaling
+            xl = x_lora.reshape(-1, in_features).to(lora_A.dtype)
+            grad_hidden = torch.mm(g, lora_B)  # [m, r]
+            if need[11]:
+                grad_b = torch.mm(g.t(), torch.mm(xl, lora_A.t()))
+            if need[10]:
+                grad_a = torch.mm(grad_hidden.t(), xl)
+            if need[1]:
+                grad_x_lora = torch.mm(grad_hidden, lora_A).to(xl_dtype).reshape(*lead, in_features)
+    return grad_x, grad_x_lora, None, None, None, None, None, None, None, grad_bias, grad_a, grad_b, None
+
+
+_lora_linear_op.register_autograd(_lora_backward, setup_context=_lora_setup)
+
+
+# -- Python entry points -----------------------------------------------------------------------------
+
+
+def quantize_4bit(w: Tensor, quant_type: str = "nf4", blocksize: int = 64) -> tuple[Tensor, Tensor]:
+    """``(packed, absmax)`` of a float tensor on its own device (bitsandbytes' layout)."""
+    if not isinstance(w, Tensor):
+        raise TypeError(f"[halo.ops.quantize_4bit] w must be a torch tensor, got {type(w).__name__}")
+    return torch.ops.halo.quantize_4bit(w, quant_type, int(blocksize))
+
+
+def dequantize_4bit(
+    packed: Tensor,
+    absmax: Tensor,
+    shape: list[int],
+    quant_type: str = "nf4",
+    blocksize: int = 64,
+    dtype: torch.dtype = torch.float32,
+    nested_absmax: Tensor | None = None,
+    nested_offset: float = 0.0,
+) -> Tensor:
+    """The float tensor of ``shape`` a 4-bit weight holds, on the weight's device."""
+    return torch.ops.halo.dequantize_4bit(
+        packed,
+        absmax,
+        nested_absmax,
+        float(nested_offset),
+        [int(s) for s in shape],
+        quant_type,
+        int(blocksize),
+        dtype,
+    )
+
+
+def matmul_4bit(
+    x: Tensor,
+    packed: Tensor,
+    absmax: Tensor,
+    out_features: int,
+    quant_type: str = "nf4",
+    blocksize: int = 64,
+    bias: Tensor | None = None,
+    nested_absmax: Tensor | None = None,
+    nested_offset: float = 0.0,
+) -> Tensor:
+    """``x W^T (+ bias)`` for a 4-bit ``W`` of shape ``[out_features, x.shape[-1]]``."""
+    return torch.ops.halo.matmul_4bit(
+        x,
+        packed,
+        absmax,
+        nested_absmax,
+        float(nested_offset),
+        int(out_features),
+        quant_type,
+        int(blocksize),
+        bias,
+    )
+
+
+def lora_linear(
+    x: Tensor,
+    packed: Tensor,
+    absmax: Tensor,
+    out_features: int,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    quant_type: str = "nf4",
+    blocksize: int = 64,
+    bias: Tensor | None = None,
+    nested_absmax: Tensor | None = None,
+    nested_offset: float = 0.0,
+    x_lora: Tensor | None = None,
+) -> Tensor:
+    """``x W^T (+ bias) + scaling * (x_lora A^T) B^T`` (``x_lora`` defaults to ``x``)."""
+    return torch.ops.halo.lora_linear(
+        x,
+        x if x_lora is None else x_lora,
+        packed,
+        absmax,
+        nested_absmax,
+        float(nested_offset),
+        int(out_features),
+        quant_type,
+        int(blocksize),
+        bias,
+        lora_A,
+        lora_B,
+        float(scaling),
+    )

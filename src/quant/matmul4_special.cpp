@@ -1,0 +1,257 @@
+// The AVX-512 rung's bfloat16 paths (AVX512-BF16 GEMV, AMX GEMMs): CPU and OS
+// checks, thresholds and the work split around the per-ISA pieces. Plain C++.
+//
+// HALO_DISABLE_AMX=1 / HALO_DISABLE_AVX512_BF16=1 (read on every call) turn a path
+// off, so tests and benchmarks can compare it with the plain AVX-512 kernels.
+#include "src/quant/matmul4_special.hpp"
+
+#include "src/quant/matmul4_buffers.hpp"
+
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "halo/backend/backend.hpp"
+#include "halo/core/convert.hpp"
+#include "halo/core/parallel.hpp"
+
+namespace halo::kernels {
+namespace {
+
+// Rows of x from which the forward product runs on AMX instead of the decode GEMV
+// (measured on 4096 x 4096: the GEMV wins up to 4 rows, AMX from 5 or 8 on).
+constexpr int64_t kAmxForwardRows = 5;
+constexpr int64_t kGemvRows = 16;
+
+bool disabled(const char* variable) {
+  const char* value = std::getenv(variable);
+  return value != nullptr && *value != '\0' && std::strcmp(value, "0") != 0;
+}
+
+uint64_t xcr0() {
+  uint32_t eax = 0, edx = 0;
+  __asm__ volatile("xgetbv" : "=a"(eax), "=d"(edx) : "c"(0));
+  return (uint64_t(edx) << 32) | eax;
+}
+
+// Linux hands out the AMX register file only on request (arch_prctl, kernel >= 5.16).
+bool request_amx_permission() {
+#if defined(__linux__) && defined(SYS_arch_prctl)
+  constexpr int kArchReqXcompPerm = 0x1023;
+  constexpr int kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
+}
+
+int64_t round_up(int64_t value, int64_t step) { return (value + step - 1) / step * step; }
+
+void store_bf16_row(float value, uint16_t* out) { *out = float_to_bf16(value); }
+
+// ---- AVX512-BF16 decode GEMV -----------------------------------------------------------------------
+
+void bf16_gemv_forward(const uint16_t* x, int64_t rows, const Matmul4Weight& w, const uint16_t* bias, uint16_t* y) {
+  AlignedVector<uint16_t> panel(size_t(rows * w.in));
+  AlignedVector<float> y32(size_t(rows * w.out));
+  bf16::gemv_pack(x, rows, w.in, panel.data());
+  // An even share of rows per thread, at least 2^17 weights each: smaller products run
+  // on the calling thread, as waking a pool thread costs more.
+  const int64_t tasks = std::clamp<int64_t>(w.out * w.in >> 17, 1, num_threads());
+  const int64_t grain = ((w.out + tasks - 1) / tasks + 3) / 4 * 4;
+  parallel_for(w.out, grain, [&](int64_t o0, int64_t o1) { bf16::gemv(w, panel.data(), rows, o0, o1, y32.data(), w.out); });
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t o = 0; o < w.out; ++o) {
+      float value = y32[size_t(r * w.out + o)];
+      if (bias != nullptr) value += bf16_to_float(bias[o]);
+      store_bf16_row(value, y + r * w.out + o);
+    }
+}
+
+// ---- AMX forward: yᵀ = W xᵀ ------------------------------------------------------------------------
+
+// Position q of k-step s in the order the weight panels use (see amx::chunk_element).
+int64_t step_element(int64_t s, int64_t q, bool chunk_order) {
+  return chunk_order ? (s / 2) * 64 + amx::chunk_element(int(s % 2), int(q)) : s * 32 + q;
+}
+
+// Blocking of both AMX products: kBlockSteps k-steps (512 of the inner dimension) of a
+// block of 128 weight rows or columns (128 KiB of bfloat16 tiles, L2) are decoded once and
+// used by every 32-row block of x; each block of x (2 x 16 KiB of tiles per k-block, L1)
+// is used by all 4 weight panels of the block before the next one is loaded.
+constexpr int64_t kBlockSteps = 16;
+constexpr int64_t kBlockRows = 128;
+
+// x [rows, in] -> b tiles: pairs[((m / 16) * steps * 16 + s * 16 + p) * 16 + m % 16] holds
+// (x[m, k], x[m, k']) for the elements k, k' at positions 2p, 2p + 1 of k-step s.
+AlignedVector<uint32_t> pair_tiles(const uint16_t* x, int64_t rows, int64_t in, int64_t steps, bool chunk_order) {
+  const int64_t blocks = round_up(rows, 16) / 16;
+  AlignedVector<uint32_t> pairs(size_t(blocks * steps * 256), 0u);
+  parallel_for(blocks * steps, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t block = t / steps, s = t % steps;
+      for (int64_t p = 0; p < 16; ++p) {
+        const int64_t k = step_element(s, 2 * p, chunk_order), k2 = step_element(s, 2 * p + 1, chunk_order);
+        for (int64_t i = 0; i < 16 && block * 16 + i < rows; ++i) {
+          const uint16_t* row = x + (block * 16 + i) * in;
+          const uint32_t low = k < in ? row[k] : 0u, high = k2 < in ? row[k2] : 0u;
+          pairs[size_t((t * 16 + p) * 16 + i)] = low | (high << 16);
+        }
+      }
+    }
+  });
+  return pairs;
+}
+
+bool chunk_order_fits(const Matmul4Weight& w, int64_t k_extent) { return k_extent % 64 == 0 && w.blocksize >= 64 && w.in % 64 == 0; }
+
+void amx_forward(const uint16_t* x, int64_t rows, const Matmul4Weight& w, const uint16_t* bias, uint16_t* y) {
+  const int64_t depth = round_up(w.in, 32), steps = depth / 32, blocks = round_up(rows, 16) / 16;
+  const int64_t ld = blocks * 16;
+  const bool chunk_order = chunk_order_fits(w, w.in);
+  const AlignedVector<uint32_t> pairs = pair_tiles(x, rows, w.in, steps, chunk_order);
+  parallel_for(w.out, 32, [&](int64_t n_begin, int64_t n_end) {
+    AlignedVector<uint16_t> panel(size_t(kBlockRows / 32 * kBlockSteps * 1024));
+    AlignedVector<float> c(size_t(kBlockRows * ld));  // kBlockRows / 16 x blocks tiles of 16 x 16
+    amx::configure();
+    for (int64_t n0 = n_begin; n0 < n_end; n0 += kBlockRows) {
+      const int64_t n1 = std::min(n_end, n0 + kBlockRows), panels = (n1 - n0 + 31) / 32;
+      for (int64_t s0 = 0; s0 < steps; s0 += kBlockSteps) {
+        const int64_t count = std::min(kBlockSteps, steps - s0);
+        for (int64_t p = 0; p < panels; ++p)
+          amx::decode_rows(w, n0 + 32 * p, std::min(n1, n0 + 32 * p + 32), s0, count, chunk_order,
+                           panel.data() + p * kBlockSteps * 1024);
+        for (int64_t b0 = 0; b0 < blocks; b0 += 2) {
+          const int b_tiles = blocks - b0 >= 2 ? 2 : 1;
+          for (int64_t p = 0; p < panels; ++p)
+            amx::tile_product(panel.data() + p * kBlockSteps * 1024, 1024, 512, 2,
+                              pairs.data() + (b0 * steps + s0) * 256, 256, steps * 256, b_tiles, count,
+                              c.data() + (2 * p * blocks + b0) * 256, 16, blocks * 256, 256, s0 > 0);
+        }
+      }
+      // c holds 16 x 16 tiles: tile (n / 16, m / 16) of the block, element (n % 16, m % 16).
+      for (int64_t m = 0; m < rows; ++m)
+        for (int64_t n = n0; n < n1; ++n) {
+          const int64_t i = n - n0;
+          float value = c[size_t(((i / 16) * blocks + m / 16) * 256 + (i % 16) * 16 + m % 16)];
+          if (bias != nullptr) value += bf16_to_float(bias[n]);
+          store_bf16_row(value, y + m * w.out + n);
+        }
+    }
+    amx::release();
+  });
+}
+
+// ---- AMX transposed: y = x W --------------------------------------------------------------------------
+
+void amx_transposed(const uint16_t* x, int64_t rows, const Matmul4Weight& w, uint16_t* y) {
+  const int64_t depth = round_up(w.out, 32), steps = depth / 32, blocks = round_up(rows, 16) / 16;
+  // x as a tiles: a[((m / 16) * steps + o / 32) * 512 + (m % 16) * 32 + o % 32], zero padded.
+  AlignedVector<uint16_t> a(size_t(blocks * steps * 512), 0);
+  parallel_for(rows, 16, [&](int64_t m_begin, int64_t m_end) {
+    for (int64_t m = m_begin; m < m_end; ++m)
+      for (int64_t s = 0; s < steps; ++s) {
+        const int64_t count = std::min<int64_t>(32, w.out - 32 * s);
+        std::memcpy(a.data() + ((m / 16) * steps + s) * 512 + (m % 16) * 32, x + m * w.out + 32 * s, size_t(count) * 2);
+      }
+  });
+  const bool chunk_order = chunk_order_fits(w, w.in);
+  const int64_t strip = 64, strips = kBlockRows / strip;  // columns of W per decoded strip, strips per block
+  const int64_t ld = kBlockRows, strip_words = 4 * kBlockSteps * 256, tiles_per_row = kBlockRows / 16;
+  parallel_for(w.in, strip, [&](int64_t k_begin, int64_t k_end) {
+    AlignedVector<uint32_t> panel(size_t(strips * strip_words));
+    AlignedVector<float> c(size_t(blocks * 16 * ld));
+    amx::configure();
+    for (int64_t k0 = k_begin; k0 < k_end; k0 += kBlockRows) {
+      const int64_t used = std::min(strips, (std::min(k_end, k0 + kBlockRows) - k0 + strip - 1) / strip);
+      for (int64_t s0 = 0; s0 < steps; s0 += kBlockSteps) {
+        const int64_t count = std::min(kBlockSteps, steps - s0);
+        for (int64_t t = 0; t < used; ++t)
+          amx::decode_pairs(w, k0 + strip * t, 32 * s0, count, chunk_order, panel.data() + t * strip_words);
+        for (int64_t b0 = 0; b0 < blocks; b0 += 2) {
+          const int a_tiles = blocks - b0 >= 2 ? 2 : 1;
+          for (int64_t t = 0; t < used; ++t)
+            for (int64_t h = 0; h < 2 && k0 + strip * t + 32 * h < w.in; ++h)
+              amx::tile_product(a.data() + (b0 * steps + s0) * 512, 512, steps * 512, a_tiles,
+                                panel.data() + t * strip_words + 2 * h * count * 256, 256, count * 256, 2, count,
+                                c.data() + (b0 * tiles_per_row + (strip * t + 32 * h) / 16) * 256, 16,
+                                tiles_per_row * 256, 256, s0 > 0);
+        }
+      }
+      for (int64_t m = 0; m < rows; ++m)
+        for (int64_t j = 0; j < strip * used; ++j) {
+          const int64_t base = k0 + j / strip * strip, q = j % strip;
+          const int64_t k = chunk_order ? base + amx::chunk_element(int(q / 32), int(q % 32)) : base + q;
+          if (k < std::min(k_end, w.in))
+            store_bf16_row(c[size_t(((m / 16) * tiles_per_row + j / 16) * 256 + (m % 16) * 16 + j % 16)],
+                           y + m * w.in + k);
+        }
+    }
+    amx::release();
+  });
+}
+
+bool bf16_gemv_fits(int64_t rows, int64_t in, int64_t blocksize) {
+  return rows <= kGemvRows && in % 64 == 0 && blocksize >= 64;
+}
+
+}  // namespace
+
+bool cpu_has_avx512_bf16() {
+  static const bool has = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!backend_available(Backend::avx512) || !__get_cpuid_count(7, 1, &a, &b, &c, &d)) return false;
+    return (a & (1u << 5)) != 0;
+  }();
+  return has;
+}
+
+bool cpu_has_amx_bf16() {
+  static const bool has = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!backend_available(Backend::avx512) || !__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    const bool tile = (d & (1u << 24)) != 0, bf16 = (d & (1u << 22)) != 0;
+    if (!tile || !bf16 || !cpu_has_avx512_bf16()) return false;  // the panels are converted with AVX512-BF16
+    const uint64_t tile_state = (uint64_t(1) << 17) | (uint64_t(1) << 18);
+    if ((xcr0() & tile_state) != tile_state) return false;
+    return request_amx_permission();
+  }();
+  return has;
+}
+
+const char* special_variant(Format dtype, int64_t rows, int64_t in, int64_t /*out*/, int64_t blocksize,
+                            bool transposed) {
+  if (dtype != Format::bf16) return nullptr;
+  const bool amx = cpu_has_amx_bf16() && !disabled("HALO_DISABLE_AMX");
+  const bool dot = cpu_has_avx512_bf16() && !disabled("HALO_DISABLE_AVX512_BF16");
+  if (transposed) return amx ? "avx512-amx" : nullptr;
+  if (amx && rows >= kAmxForwardRows) return "avx512-amx";
+  if (dot && bf16_gemv_fits(rows, in, blocksize)) return "avx512-bf16";
+  return nullptr;
+}
+
+bool special_forward(const void* x, Format dtype, int64_t rows, const Matmul4Weight& w, const void* bias, void* y) {
+  const char* variant = special_variant(dtype, rows, w.in, w.out, w.blocksize, false);
+  if (variant == nullptr) return false;
+  const auto* x16 = static_cast<const uint16_t*>(x);
+  const auto* bias16 = static_cast<const uint16_t*>(bias);
+  auto* y16 = static_cast<uint16_t*>(y);
+  if (std::strcmp(variant, "avx512-amx") == 0)
+    amx_forward(x16, rows, w, bias16, y16);
+  else
+    bf16_gemv_forward(x16, rows, w, bias16, y16);
+  return true;
+}
+
+bool special_transposed(const void* x, Format dtype, int64_t rows, const Matmul4Weight& w, void* y) {
+  if (special_variant(dtype, rows, w.in, w.out, w.blocksize, true) == nullptr) return false;
+  amx_transposed(static_cast<const uint16_t*>(x), rows, w, static_cast<uint16_t*>(y));
+  return true;
+}
+
+}  // namespace halo::kernels

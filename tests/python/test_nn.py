@@ -1,0 +1,251 @@
+"""halo.nn.Linear4bit and the torch.ops.halo operators: bitsandbytes' state dict both
+ways, forward/backward against float references from the dequantized weight, fake
+(meta) kernels and torch.compile, clear errors, and CUDA tensors staying on the GPU."""
+
+from __future__ import annotations
+
+import halo
+import halo.nn as hnn
+import pytest
+import torch
+from halo import _core, ops
+
+bnb = pytest.importorskip("bitsandbytes")
+
+SHAPES = [(33, 70), (64, 64), (7, 129)]
+
+
+def bnb_layer(linear: torch.nn.Linear, quant_type: str, double_quant: bool):
+    layer = bnb.nn.Linear4bit(
+        linear.in_features,
+        linear.out_features,
+        bias=linear.bias is not None,
+        quant_type=quant_type,
+        compress_statistics=double_quant,
+    )
+    layer.load_state_dict(linear.state_dict())
+    return layer.to("cpu")  # bitsandbytes quantizes on the move
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_state_dict_matches_bitsandbytes_byte_for_byte(shape, quant_type, double_quant):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(shape[1], shape[0], bias=shape[0] % 2 == 1)
+    ours = hnn.Linear4bit.from_linear(linear, quant_type=quant_type, double_quant=double_quant).state_dict()
+    theirs = bnb_layer(linear, quant_type, double_quant).state_dict()
+    assert list(ours) == list(theirs)
+    for key in theirs:
+        assert ours[key].dtype == theirs[key].dtype, key
+        assert ours[key].shape == theirs[key].shape, key
+        assert torch.equal(ours[key], theirs[key]), key
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_bitsandbytes_checkpoint_loads_into_halo_and_back(quant_type):
+    torch.manual_seed(1)
+    linear = torch.nn.Linear(70, 33)
+    theirs = bnb_layer(linear, quant_type, True)
+    state = theirs.state_dict()
+    ours = hnn.Linear4bit(70, 33, quant_type="nf4")  # settings come from the checkpoint
+    ours.load_state_dict(state)
+    assert ours.quant_type == quant_type
+    x = torch.randn(4, 70)
+    w = bnb.functional.dequantize_4bit(theirs.weight.data, theirs.weight.quant_state)
+    torch.testing.assert_close(ours.dequantize(torch.float32), w, rtol=0, atol=0)
+    torch.testing.assert_close(ours(x), x @ w.t() + linear.bias, rtol=1e-5, atol=1e-5)
+    # halo -> bitsandbytes: the prequantized path transformers uses
+    back = ours.state_dict()
+    stats = {k.removeprefix("weight."): v for k, v in back.items() if k.startswith("weight.")}
+    param = bnb.nn.Params4bit.from_prequantized(data=back["weight"], quantized_stats=stats, device="cpu")
+    torch.testing.assert_close(
+        bnb.functional.dequantize_4bit(param.data, param.quant_state), w, rtol=0, atol=0
+    )
+
+
+def test_float_state_dict_quantizes_on_load_and_strict_keys_are_checked():
+    torch.manual_seed(2)
+    linear = torch.nn.Linear(64, 32)
+    layer = hnn.Linear4bit(64, 32)
+    layer.load_state_dict(linear.state_dict())
+    assert layer.is_quantized and layer.weight.dtype == torch.uint8
+    state = layer.state_dict()
+    state["weight.unexpected"] = torch.zeros(1)
+    with pytest.raises(RuntimeError, match="weight.unexpected"):
+        hnn.Linear4bit(64, 32).load_state_dict(state)
+
+
+def test_forward_equals_float_linear_on_the_dequantized_weight():
+    torch.manual_seed(3)
+    linear = torch.nn.Linear(70, 33)
+    layer = hnn.Linear4bit.from_linear(linear)
+    w = layer.dequantize(torch.float32)
+    x = torch.randn(2, 5, 70)
+    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, w, linear.bias), rtol=1e-5, atol=1e-5)
+    bf16 = hnn.Linear4bit.from_linear(linear, compute_dtype=torch.bfloat16)
+    y = bf16(x)
+    assert y.dtype == torch.float32  # back in the input's dtype, as bitsandbytes
+    ref = torch.nn.functional.linear(x.bfloat16(), w.bfloat16(), linear.bias.bfloat16()).float()
+    torch.testing.assert_close(y, ref, rtol=2e-2, atol=2e-2)
+
+
+def test_lora_linear_gradients_match_a_float64_reference():
+    torch.manual_seed(4)
+    out_f, in_f, r, scaling = 33, 70, 5, 1.7
+    layer = hnn.Linear4bit.from_linear(torch.nn.Linear(in_f, out_f))
+    w64 = layer.dequantize(torch.float32).double()
+    bias = torch.randn(out_f, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(r, in_f, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(out_f, r, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(3, 4, in_f, dtype=torch.float64, requires_grad=True)
+    keep = (torch.rand(3, 4, in_f) > 0.3).double() / 0.7  # a fixed dropout mask on the adapter input
+    grad_out = torch.randn(3, 4, out_f, dtype=torch.float64)
+
+    def reference():
+        return x @ w64.t() + bias + scaling * ((x * keep) @ a.t()) @ b.t()
+
+    def ours():
+        packed, absmax, nested, offset, quant_type, blocksize = layer.weight_args()
+        return torch.ops.halo.lora_linear(
+            x.float(),
+            (x * keep).float(),
+            packed,
+            absmax,
+            nested,
+            offset,
+            out_f,
+            quant_type,
+            blocksize,
+            bias.float(),
+            a.float(),
+            b.float(),
+            scaling,
+        )
+
+    grads = []
+    for fn in (reference, ours):
+        for t in (x, a, b, bias):
+            t.grad = None
+        y = fn()
+        y.backward(grad_out.to(y.dtype))
+        grads.append([y.detach().double()] + [t.grad.clone() for t in (x, a, b, bias)])
+    for name, ref, got in zip(["y", "x", "A", "B", "bias"], *grads):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item(), msg=name)
+
+
+def test_ops_pass_torch_library_opcheck_and_meta():
+    torch.manual_seed(5)
+    layer = hnn.Linear4bit.from_linear(torch.nn.Linear(64, 48))
+    packed, absmax, nested, offset, quant_type, blocksize = layer.weight_args()
+    x = torch.randn(3, 64, requires_grad=True)
+    bias = torch.randn(48, requires_grad=True)
+    a = torch.randn(4, 64, requires_grad=True)
+    b = torch.randn(48, 4, requires_grad=True)
+    torch.library.opcheck(
+        torch.ops.halo.matmul_4bit.default,
+        (x, packed, absmax, nested, offset, 48, quant_type, blocksize, bias),
+    )
+    torch.library.opcheck(
+        torch.ops.halo.lora_linear.default,
+        (
+            x,
+            x.detach().clone().requires_grad_(),
+            packed,
+            absmax,
+            nested,
+            offset,
+            48,
+            quant_type,
+            blocksize,
+            bias,
+            a,
+            b,
+            2.0,
+        ),
+    )
+    torch.library.opcheck(torch.ops.halo.quantize_4bit.default, (torch.randn(10, 7), "fp4", 32))
+    torch.library.opcheck(
+        torch.ops.halo.dequantize_4bit.default,
+        (packed, absmax, nested, offset, [48, 64], quant_type, blocksize, torch.bfloat16),
+    )
+    meta = torch.ops.halo.matmul_4bit(
+        x.to("meta"),
+        packed.to("meta"),
+        absmax.to("meta"),
+        nested.to("meta"),
+        offset,
+        48,
+        quant_type,
+        blocksize,
+        None,
+    )
+    assert meta.device.type == "meta" and meta.shape == (3, 48)
+
+
+def test_linear4bit_under_torch_compile_matches_eager():
+    torch.manual_seed(6)
+    layer = hnn.Linear4bit.from_linear(torch.nn.Linear(64, 32))
+    x = torch.randn(5, 64, requires_grad=True)
+    eager = layer(x)
+    eager.sum().backward()
+    grad = x.grad.clone()
+    x.grad = None
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)(x)
+    compiled.sum().backward()
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(x.grad, grad)
+
+
+def test_torch_op_quantize_equals_halo_quantize_4bit():
+    torch.manual_seed(7)
+    w = torch.randn(33, 70, dtype=torch.bfloat16)
+    packed, absmax = ops.quantize_4bit(w, "nf4", 64)
+    qt = halo.quantize_4bit(w, "nf4", 64)
+    assert torch.equal(packed, torch.from_numpy(qt.packed)) and torch.equal(
+        absmax, torch.from_numpy(qt.absmax)
+    )
+    back = ops.dequantize_4bit(packed, absmax, (33, 70), "nf4", 64, torch.bfloat16)
+    assert back.dtype == torch.bfloat16 and torch.equal(back, halo.dequantize_4bit(qt))
+
+
+def test_bad_arguments_give_clear_errors():
+    layer = hnn.Linear4bit.from_linear(torch.nn.Linear(64, 32))
+    packed, absmax, nested, offset, quant_type, blocksize = layer.weight_args()
+    with pytest.raises(ValueError, match=r"\[Linear4bit\] quant_type must be 'nf4' or 'fp4', got 'int4'"):
+        hnn.Linear4bit(8, 8, quant_type="int4")
+    with pytest.raises(ValueError, match="blocksize"):
+        hnn.Linear4bit(8, 8, blocksize=48)
+    with pytest.raises(TypeError, match="compute_dtype"):
+        hnn.Linear4bit(8, 8, compute_dtype=torch.int8)
+    with pytest.raises(TypeError, match=r"Linear4bit.forward\] x must be a float tensor"):
+        layer(torch.ones(2, 64, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"expected \[\.\.\., 64\]"):
+        layer(torch.randn(2, 63))
+    with pytest.raises(RuntimeError, match="not quantized yet"):
+        hnn.Linear4bit(8, 8)(torch.randn(1, 8))
+    with pytest.raises(ValueError, match=r"halo::matmul_4bit\] absmax holds"):
+        torch.ops.halo.matmul_4bit(
+            torch.randn(2, 64), packed, absmax[:-1], nested, offset, 32, quant_type, blocksize, None
+        )
+    with pytest.raises(ValueError, match="quant_type must be one of"):
+        ops.quantize_4bit(torch.randn(8, 8), "nf3")
+    with pytest.raises(TypeError, match=r"hnn|expected an nn.Linear"):
+        hnn.Linear4bit.from_linear(torch.nn.Conv1d(3, 3, 1))
+
+
+def test_cuda_tensors_never_take_a_silent_trip_to_the_cpu():
+    if torch.cuda.is_available() and _core.cuda.compiled():
+        w = torch.randn(33, 70, device="cuda")
+        packed, absmax = ops.quantize_4bit(w, "nf4", 64)
+        assert packed.device.type == "cuda" and absmax.device.type == "cuda"
+        ref_packed, ref_absmax = ops.quantize_4bit(w.cpu(), "nf4", 64)
+        assert torch.equal(packed.cpu(), ref_packed) and torch.equal(absmax.cpu(), ref_absmax)
+        y = ops.matmul_4bit(torch.randn(4, 70, device="cuda"), packed, absmax, 33)
+        assert y.device.type == "cuda"
+        return
+    # No GPU here: the device-pointer entry points exist and refuse clearly instead of copying.
+    assert not _core.cuda.compiled()
+    with pytest.raises(RuntimeError, match="built without CUDA"):
+        _core.cuda.dequantize_4bit(0, 0, 64, "nf4", 64, 0, "float32", 0)
+    pytest.skip("no CUDA device (or halo built without CUDA): the GPU path was checked only for its refusal")
