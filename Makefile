@@ -75,7 +75,7 @@ test-example: cpp
 	cmake --build build/example
 	./build/example/halo_example
 
-test-py: install-py
+test-py: install-py model
 	$(PY) -m pytest tests/python
 
 test: test-cpp test-asan test-example test-py
