@@ -57,15 +57,6 @@ BufferView byte_view(const std::string& function, const std::string& what, const
   return BufferView{info.ptr, int64_t(info.size), std::move(info)};
 }
 
-BufferView contiguous_view(const std::string& function, const std::string& what, const py::buffer& buffer,
-                           int64_t expected_itemsize) {
-  BufferView view = byte_view(function, what, buffer);
-  require<TypeMismatch>(view.info.itemsize == expected_itemsize, function, what, " must have ", expected_itemsize,
-                        "-byte elements, got ", view.info.itemsize, "-byte elements (format '", view.info.format,
-                        "')");
-  return view;
-}
-
 py::array new_array(Format format, int64_t count) {
   const FormatTraits& t = traits(format);
   require(t.block_elems == 1, "new_array", "format ", t.name, " is not an element format");

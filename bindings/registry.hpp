@@ -39,11 +39,6 @@ BufferView typed_view(const std::string& function, const std::string& what, cons
 // A C-contiguous buffer of any element type in native byte order (raw bytes are wanted).
 BufferView byte_view(const std::string& function, const std::string& what, const py::buffer& buffer);
 
-// Item-size check only (native byte order still required). Prefer typed_view; kept while
-// areas move over to it.
-BufferView contiguous_view(const std::string& function, const std::string& what, const py::buffer& buffer,
-                           int64_t expected_itemsize);
-
 // A new 1-D NumPy array for `count` elements of an element format (bfloat16 comes back as uint16 bits).
 py::array new_array(Format format, int64_t count);
 

@@ -65,7 +65,9 @@ def convert(gguf: Path, out: Path) -> None:
         model.save_pretrained(temp, safe_serialization=True)
         tokenizer.save_pretrained(temp)
         (temp / "SOURCE.json").write_text(
-            json.dumps({"package": PACKAGE, "gguf": GGUF_NAME, "note": "dequantized from Q4_1 by transformers"})
+            json.dumps(
+                {"package": PACKAGE, "gguf": GGUF_NAME, "note": "dequantized from Q4_1 by transformers"}
+            )
             + "\n"
         )
         if out.exists():

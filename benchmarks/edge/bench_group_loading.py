@@ -5,8 +5,8 @@ decode token: latency, bytes read from disk (this process's /proc/self/io read_b
 loader thread and page faults included), groups missing at their deadline, next-token
 agreement and perplexity against the all-resident run (same 4-bit weights, nothing missing).
 
-Modes (halo.edge_store): predict (loader + semantic predictor, missing groups compensated by
-the predictor's estimate), static (loader with static importance only), demand (no loader:
+Modes (halo.edge_store): predict (loader + semantic predictor; a missing group is compensated
+with zero by default, --compensation predictor uses the plan's estimate instead), static (loader with static importance only), demand (no loader:
 a missing group is read synchronously; the load-on-demand baseline), mmap (the whole file
 mapped, the kernel pages it in, page cache capped at the budget by dropping the least
 recently used groups: the llama.cpp --mmap baseline); resident is the reference.

@@ -20,10 +20,10 @@ import torch
 
 warnings.filterwarnings("ignore")
 logging.disable(logging.WARNING)
-import bitsandbytes as bnb
-import halo
-from halo.torch import lora_linear
-from peft import LoraConfig, get_peft_model
+import bitsandbytes as bnb  # noqa: E402 - after the warning filters: its import warns
+import halo  # noqa: E402
+from halo.torch import lora_linear  # noqa: E402
+from peft import LoraConfig, get_peft_model  # noqa: E402
 
 # (out, in, tokens): a 4096 x 4096 projection at three batch x sequence sizes, and the two
 # SmolLM2-135M projection shapes (hidden 576, FFN 1536) at one sequence of 128 tokens.

@@ -33,7 +33,7 @@ import torch
 
 warnings.filterwarnings("ignore")
 logging.disable(logging.WARNING)
-import halo
+import halo  # noqa: E402 - after the warning filters
 
 try:
     import bitsandbytes as bnb

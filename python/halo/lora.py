@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -101,9 +101,11 @@ def _torch():
 
 
 def _shape(fn: str, value: Any) -> tuple[int, ...]:
-    if isinstance(value, QuantizedTensor) or isinstance(value, np.ndarray) or is_torch_tensor(value):
+    if isinstance(value, (QuantizedTensor, np.ndarray)) or is_torch_tensor(value):
         return tuple(value.shape)
-    raise TypeError(f"[{fn}] W must be a NumPy array, a torch tensor or a QuantizedTensor, got {type(value).__name__}")
+    raise TypeError(
+        f"[{fn}] W must be a NumPy array, a torch tensor or a QuantizedTensor, got {type(value).__name__}"
+    )
 
 
 def _check_adapter_shapes(
@@ -251,7 +253,7 @@ class _Base:
     buffer: np.ndarray
     dtype: str  # float32 | float16 | bfloat16 | float64 | nf4 | fp4
     shape: tuple[int, int]
-    absmax: Optional[np.ndarray]
+    absmax: np.ndarray | None
     blocksize: int
 
 
@@ -347,7 +349,7 @@ def lora_backward(
     with_bias: bool = False,
     fan_in_fan_out: bool = False,
     backend: str = "auto",
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
     """Gradients ``(grad_x, grad_A, grad_B, grad_bias or None)`` of :func:`lora_forward`
     (none for the frozen base); the dropout mask is recomputed from ``seed``."""
     fn = "lora_backward"

@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("halo merge: interrupted; the output folder was left as it was", file=sys.stderr)
         return 130
-    except Exception as exc:  # noqa: BLE001 - e.g. transformers failing on an odd config: still one line
+    except Exception as exc:
         print(f"halo merge: error: {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
         return 1
     if not args.quiet:

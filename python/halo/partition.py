@@ -247,7 +247,10 @@ class Predictor:
             loss = torch.mean((l2(torch.relu(l1(xt))) - yt) ** 2)
             loss.backward()
             opt.step()
-        det = lambda t: t.detach().numpy().astype(np.float64)
+
+        def det(t):
+            return t.detach().numpy().astype(np.float64)
+
         return cls(det(l1.weight).T, det(l1.bias), det(l2.weight).T, det(l2.bias), mean, scale)
 
     def predict(self, inputs: np.ndarray) -> np.ndarray:

@@ -68,7 +68,7 @@ class AdapterConfig:
             return ValueError(f"[read_adapter] {source}: {field_name} {what}, got {value!r}")
 
         if not isinstance(d, dict):
-            raise ValueError(f"[read_adapter] {source}: expected a JSON object")  # noqa: TRY004 - bad file content, not a caller's type
+            raise ValueError(f"[read_adapter] {source}: expected a JSON object")
         peft_type = d.get("peft_type", "LORA")
         if peft_type != "LORA":
             raise bad("peft_type", "is not supported (only LORA)", peft_type)
@@ -193,7 +193,7 @@ def _load_tensors(folder: Path) -> dict[str, tuple[str, np.ndarray]]:
 
         try:
             sd = torch.load(pkl, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any unpickling refusal becomes one clear message
+        except Exception as exc:
             raise ValueError(
                 f"[{fn}] {pkl} could not be read safely with torch.load(weights_only=True) ({exc.__class__.__name__}); "
                 "convert it to safetensors in a trusted environment, e.g. "
@@ -204,7 +204,7 @@ def _load_tensors(folder: Path) -> dict[str, tuple[str, np.ndarray]]:
         out = {}
         for k, v in sd.items():
             if not isinstance(v, torch.Tensor):
-                raise ValueError(f"[{fn}] {pkl}: entry {k!r} is not a tensor")  # noqa: TRY004 - bad file content, not a caller's type
+                raise ValueError(f"[{fn}] {pkl}: entry {k!r} is not a tensor")
             dt, arr = hio.to_numpy_bits(fn, k, v)
             out[k] = (dt, arr)
         return out

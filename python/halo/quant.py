@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any
 
 import numpy as np
 
@@ -28,12 +29,18 @@ NESTED_BLOCKSIZE = 256
 
 def _check_quant_type(function: str, quant_type: Any) -> str:
     if not isinstance(quant_type, str) or quant_type not in QUANT_TYPES:
-        raise ValueError(f"[{function}] quant_type must be one of {', '.join(QUANT_TYPES)}, got {quant_type!r}")
+        raise ValueError(
+            f"[{function}] quant_type must be one of {', '.join(QUANT_TYPES)}, got {quant_type!r}"
+        )
     return quant_type
 
 
 def _check_blocksize(function: str, blocksize: Any) -> int:
-    if isinstance(blocksize, bool) or not isinstance(blocksize, (int, np.integer)) or int(blocksize) not in BLOCKSIZES:
+    if (
+        isinstance(blocksize, bool)
+        or not isinstance(blocksize, (int, np.integer))
+        or int(blocksize) not in BLOCKSIZES
+    ):
         raise ValueError(
             f"[{function}] blocksize must be a power of two in {BLOCKSIZES[0]}..{BLOCKSIZES[-1]}, got {blocksize!r}"
         )
@@ -63,8 +70,8 @@ class QuantizedTensor:
     blocksize: int
     quant_type: str
     double_quant: bool = False
-    nested_absmax: Optional[np.ndarray] = None
-    nested_offset: Optional[float] = None
+    nested_absmax: np.ndarray | None = None
+    nested_offset: float | None = None
     nested_blocksize: int = NESTED_BLOCKSIZE
     kind: str = field(default="numpy", repr=False)
 
@@ -125,7 +132,7 @@ class QuantizedTensor:
         cache[str(device)] = ((packed, absmax), tensors)
         return tensors
 
-    def dequantize(self, dtype: Optional[str] = None, backend: str = "auto") -> Any:
+    def dequantize(self, dtype: str | None = None, backend: str = "auto") -> Any:
         return dequantize_4bit(self, dtype=dtype, backend=backend)
 
     # -- bitsandbytes state dict -------------------------------------------------------------------
@@ -160,7 +167,7 @@ class QuantizedTensor:
         return out
 
     @classmethod
-    def from_bnb_state_dict(cls, state_dict: Mapping[str, Any], prefix: str = "weight") -> "QuantizedTensor":
+    def from_bnb_state_dict(cls, state_dict: Mapping[str, Any], prefix: str = "weight") -> QuantizedTensor:
         """Reads the entries ``to_bnb_state_dict`` (or bitsandbytes) wrote for ``prefix``."""
         fn = "QuantizedTensor.from_bnb_state_dict"
         state_keys = [k for k in state_dict if k.startswith(f"{prefix}.quant_state.bitsandbytes__")]
@@ -305,7 +312,9 @@ def quantize_4bit(
     if flat.data.size == 0:
         raise ValueError(f"[{fn}] the tensor is empty (shape {flat.shape})")
     packed, absmax = _core.quant.quantize_4bit(flat.data, flat.dtype, quant_type, blocksize, backend)
-    qt = QuantizedTensor(packed.reshape(-1, 1), absmax, flat.shape, flat.dtype, blocksize, quant_type, kind=flat.kind)
+    qt = QuantizedTensor(
+        packed.reshape(-1, 1), absmax, flat.shape, flat.dtype, blocksize, quant_type, kind=flat.kind
+    )
     if double_quant:
         codes, nested_absmax, offset = _core.quant.double_quantize(
             absmax, NESTED_BLOCKSIZE, None, _mean_threads()
@@ -318,7 +327,7 @@ def quantize_4bit(
 
 
 def dequantize_4bit(
-    qt: QuantizedTensor, dtype: Optional[str] = None, backend: str = "auto", out: Any = None
+    qt: QuantizedTensor, dtype: str | None = None, backend: str = "auto", out: Any = None
 ) -> Any:
     """Dequantizes to ``dtype`` (default: the original dtype), returning the kind of
     array the quantizer was given (NumPy array or torch tensor).
@@ -340,7 +349,12 @@ def dequantize_4bit(
         _core.quant.dequantize_4bit(
             np.ascontiguousarray(qt.packed).reshape(-1),
             np.ascontiguousarray(qt.block_absmax(), dtype=np.float32),
-            qt.numel, qt.quant_type, qt.blocksize, dtype, backend, target,
+            qt.numel,
+            qt.quant_type,
+            qt.blocksize,
+            dtype,
+            backend,
+            target,
         )
         return out
     flat = _core.quant.dequantize_4bit(

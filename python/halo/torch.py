@@ -16,7 +16,7 @@ tensors).
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -174,10 +174,10 @@ def lora_linear(
     B: torch.Tensor,
     scaling: float,
     dropout: float = 0.0,
-    bias: Optional[torch.Tensor] = None,
+    bias: torch.Tensor | None = None,
     training: bool = True,
     fan_in_fan_out: bool = False,
-    seed: Optional[int] = None,
+    seed: int | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """``x W^T (+ bias) + scaling * dropout(x) A^T B^T`` with gradients for x, A, B

@@ -16,7 +16,7 @@ from halo.torch import lora_linear
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, get_peft_model  # noqa: E402 - after the importorskip guards
 
 warnings.filterwarnings("ignore", category=UserWarning)
 

@@ -132,7 +132,7 @@ def test_merge_nf4_loads_in_transformers(work):
 
 
 def _cli(*args, env=None, timeout=None):
-    return subprocess.run(  # noqa: PLW1510 - the exit code is the point
+    return subprocess.run(
         [sys.executable, "-m", "halo.cli", "merge", *args],
         capture_output=True,
         text=True,
@@ -297,7 +297,7 @@ sys.exit(main(["merge", *sys.argv[2:]]))
 
 
 def _merge_with_signal(signum, base, adapter, out, *extra):
-    return subprocess.run(  # noqa: PLW1510 - the exit code is the point
+    return subprocess.run(
         [
             sys.executable,
             "-c",
@@ -475,7 +475,7 @@ REAL_MODEL = Path(__file__).resolve().parents[2] / "build" / "models" / "smollm2
 def real_model():
     if not (REAL_MODEL / "model.safetensors").is_file():
         script = Path(__file__).resolve().parents[2] / "scripts" / "make_model.py"
-        res = subprocess.run(  # noqa: PLW1510 - the exit code is checked below
+        res = subprocess.run(
             [sys.executable, str(script), "--out", str(REAL_MODEL)], capture_output=True, text=True
         )
         if res.returncode != 0:

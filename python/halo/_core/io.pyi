@@ -21,7 +21,11 @@ class SafetensorsFile:
 
 class SafetensorsWriter:
     def __init__(
-        self, path: str, specs: list[tuple[str, str, list[int]]], metadata: dict[str, str], durable: bool = True
+        self,
+        path: str,
+        specs: list[tuple[str, str, list[int]]],
+        metadata: dict[str, str],
+        durable: bool = True,
     ) -> None: ...
     def write(self, name: str, data: Any) -> None: ...
     def finish(self) -> None: ...

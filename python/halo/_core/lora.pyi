@@ -1,4 +1,3 @@
-
 import numpy as np
 import numpy.typing as npt
 
@@ -37,7 +36,10 @@ def backward(
     blocksize: int = 64,
     backend: str = "auto",
 ) -> tuple[
-    npt.NDArray[np.floating], npt.NDArray[np.floating], npt.NDArray[np.floating], npt.NDArray[np.floating] | None
+    npt.NDArray[np.floating],
+    npt.NDArray[np.floating],
+    npt.NDArray[np.floating],
+    npt.NDArray[np.floating] | None,
 ]: ...
 def dropout_mask(seed: int, count: int, p: float) -> npt.NDArray[np.float32]: ...
 def merge(

@@ -181,7 +181,7 @@ TEST_CASE("the resident bytes never exceed the budget, and eviction follows impo
   REQUIRE(store.stats().resident_bytes <= 3 * group);
 }
 
-TEST_CASE("a smaller budget evicts down to it; pinned groups bound how small it may get") {
+TEST_CASE("a smaller budget evicts down to it: pinned groups bound how small it may get") {
   const std::string path = temp_path("set_budget.halogrp");
   write_store(path, 1, 4, 64, 128);
   GroupStore probe(path, options(UINT64_MAX));
@@ -266,7 +266,7 @@ TEST_CASE("pinned groups stay resident") {
   REQUIRE_THROWS_AS(store.pin({{0, 0, 0}, {0, 0, 1}}), InvalidArgument);  // three groups do not fit two
 }
 
-TEST_CASE("a corrupt group is reported and missing; the others still load") {
+TEST_CASE("a corrupt group is reported and missing, the others still load") {
   const std::string path = temp_path("corrupt.halogrp");
   write_store(path, 2, 2, 32, 64);
   uint64_t offset = 0;
@@ -287,7 +287,7 @@ TEST_CASE("a corrupt group is reported and missing; the others still load") {
   REQUIRE(store.load_now(store.groups()[4].key));
 }
 
-TEST_CASE("a truncated store keeps its intact groups; a damaged header or index fails to open") {
+TEST_CASE("a truncated store keeps its intact groups, a damaged header or index fails to open") {
   const std::string path = temp_path("truncated.halogrp");
   write_store(path, 2, 2, 32, 64);
   uint64_t cut = 0, index_at = 0;

@@ -15,7 +15,7 @@
 
 using namespace halo::hwq;
 
-TEST_CASE("structural delay grows with rows, span and sign; corners scale it", "[hwq]") {
+TEST_CASE("structural delay grows with rows, span and sign, corners scale it", "[hwq]") {
   CHECK(active_rows(7) == 3);
   CHECK(active_rows(-8) == 1);
   CHECK(bit_span(5) == 3);
