@@ -171,6 +171,36 @@ def finetune_demo(steps: int, work: Path) -> int:
     merged_model = AutoModelForCausalLM.from_pretrained(merged)
     after = answer(merged_model, tokenizer, question)
     print(f"Q: {question}\n  before: {before!r}\n  after:  {after!r}")
+    return gguf_demo(recipe["model"], adapter, work, tokenizer, question)
+
+
+def gguf_demo(model_dir: str, adapter: Path, work: Path, tokenizer, question: str) -> int:
+    """The last step of the recipe: base model + adapter straight to a Q4_K_M GGUF (no merged
+    float copy on disk), then one answer from it: through llama.cpp when llama-cpp-python is
+    installed, otherwise from the file read back with halo.import_gguf."""
+    from transformers import AutoModelForCausalLM
+
+    import halo
+    from halo.qlora import answer
+
+    gguf_path = work / "qlora-q4_k_m.gguf"
+    summary = halo.export_gguf(
+        model_dir, gguf_path, type="q4_k_m", adapter=adapter, progress=False, force=True
+    )
+    print(f"exported base + adapter to {gguf_path} with halo.export_gguf ({summary})")
+    try:
+        from halo import gguf_run
+
+        text = gguf_run.generate(gguf_path, question, max_tokens=24, chat=True)
+        print(f"  llama.cpp answers: {text!r}")
+    except ImportError:
+        imported = work / "qlora-q4_k_m-hf"
+        halo.import_gguf(gguf_path, imported, force=True, progress=False)
+        reread = AutoModelForCausalLM.from_pretrained(imported)
+        print(
+            "  llama-cpp-python is not installed (optional: pip install llama-cpp-python==0.3.36, a ~30 min build);"
+            f" the Q4_K_M file read back with halo.import_gguf answers: {answer(reread, tokenizer, question)!r}"
+        )
     return 0
 
 
