@@ -22,6 +22,16 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+MODEL = ROOT / "build" / "models" / "smollm2-135m"  # examples/qlora.yaml's model
+CHILD_TIMEOUT_S = 3 * 3600  # one training run; far above a normal one, so only a hang reaches it
+
+
+def prepare_model() -> None:
+    """Makes the model folder (`make model`) when it is missing."""
+    if not (MODEL / "config.json").is_file():
+        subprocess.run(
+            [sys.executable, str(ROOT / "scripts" / "make_model.py"), "--out", str(MODEL)], check=True
+        )
 
 
 def child(system: str, seq: int, steps: int) -> None:
@@ -59,13 +69,18 @@ def child(system: str, seq: int, steps: int) -> None:
 
 def run_child(system: str, seq: int, steps: int) -> dict:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    out = subprocess.run(
-        [sys.executable, __file__, "--child", system, "--seq", str(seq), "--steps", str(steps)],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=False,
-    )
+    cmd = [sys.executable, __file__, "--child", system, "--seq", str(seq), "--steps", str(steps)]
+    try:
+        out = subprocess.run(
+            cmd, capture_output=True, text=True, env=env, check=False, timeout=CHILD_TIMEOUT_S
+        )
+    except subprocess.TimeoutExpired as exc:
+        tail = (exc.stderr or b"")[-3000:]
+        tail = tail.decode(errors="replace") if isinstance(tail, bytes) else tail
+        raise RuntimeError(
+            f"{system} run (seq {seq}, {steps} steps) did not finish within {CHILD_TIMEOUT_S} s and was "
+            f"killed:\n{tail}"
+        ) from None
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
     if out.returncode != 0 or not lines:
         raise RuntimeError(f"{system} run failed:\n{out.stderr[-3000:]}")
@@ -108,6 +123,7 @@ def main() -> int:
     except ImportError:
         print("bench_qlora_hf: the baseline needs bitsandbytes (pip install bitsandbytes)", file=sys.stderr)
         return 2
+    prepare_model()
     results = []
     for seq in args.seq:
         runs = []

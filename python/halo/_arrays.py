@@ -36,7 +36,8 @@ def is_torch_tensor(value: Any) -> bool:
 
 
 def flatten_float(function: str, value: Any) -> Flat:
-    """Validates a float tensor and returns a contiguous flat view of it."""
+    """Validates a float tensor (a NumPy array or a CPU torch tensor) and returns a contiguous
+    flat view of it; a tensor on another device is refused, never copied to the CPU."""
     if is_torch_tensor(value):
         torch = _torch()
         tensor = value.detach()
@@ -45,7 +46,13 @@ def flatten_float(function: str, value: Any) -> Flat:
                 f"[{function}] expected a dense tensor, got layout {tensor.layout}; call .to_dense() first"
             )
         if tensor.device.type != "cpu":
-            tensor = tensor.cpu()
+            # These are halo's CPU kernels: a silent .cpu() would hide a device-to-host copy
+            # (and hand back a CPU result for a device input).
+            raise ValueError(
+                f"[{function}] the tensor is on {tensor.device}, not the CPU: this function runs "
+                "halo's CPU kernels; use the torch operators in halo.ops (torch.ops.halo.*) for "
+                "device tensors, or pass .cpu() explicitly"
+            )
         names = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
         if tensor.dtype not in names:
             raise TypeError(

@@ -79,7 +79,12 @@ def _check_seed(fn: str, seed: Any) -> int:
 def _as_numpy(fn: str, name: str, value: Any, dtype: type) -> np.ndarray:
     """A C-contiguous NumPy copy/view of a float array or tensor in ``dtype``."""
     if is_torch_tensor(value):
-        tensor = value.detach().cpu()
+        tensor = value.detach()
+        if tensor.device.type != "cpu":  # CPU kernels: no silent device-to-host copy
+            raise ValueError(
+                f"[{fn}] {name} is on {tensor.device}, not the CPU: this function runs halo's CPU "
+                "kernels; use halo.ops (torch.ops.halo.*) for device tensors, or pass .cpu() explicitly"
+            )
         if not tensor.is_floating_point():
             raise TypeError(f"[{fn}] {name} must be a float tensor, got {tensor.dtype}")
         if tensor.dtype not in (_torch().float32, _torch().float64):

@@ -270,6 +270,67 @@ def test_loader_keeps_the_groups_the_predictor_ranks_highest(tiny, tiny_store, o
     store.close()
 
 
+def test_pinning_takes_the_most_important_per_byte_and_survives_a_smaller_budget(tiny, tiny_store):
+    """Issue 15: under a budget the store pins, in what the budget leaves beside the loaders'
+    window, the groups with the highest importance per byte (docs/partition.md); the C++ store
+    keeps them resident when the budget shrinks and refuses a budget below them."""
+    spec = read_spec(tiny)
+    groups = _groups(tiny)
+    defs = [g for layer in groups for part in layer for g in part]
+    sizes = es.GroupStore(tiny_store, spec, groups, prefetch=False).sizes
+    ffn0, attn1 = groups[0][FFN], groups[1][ATTN]
+    big, small = sizes[ffn0[0].key], sizes[attn1[0].key]
+    assert big == 2 * small  # 48 neurons take two pages, a key/value head's group one
+    window = max(sum(sizes[g.key] for g in part) for layer in groups for part in layer)
+    # By hand: importance per byte ranks attn1[0] (60 / 1 page) over ffn0[0] (100 / 2 pages)
+    # over ffn0[1] (90 / 2 pages); a room of two big groups takes the first two, then one more
+    # page for the best of the rest (importance 0.5 per page: ffn0[3], the short last group).
+    # Ranking by importance alone would pin ffn0[0] and ffn0[1] instead.
+    shares = {g.key: 0.1 for g in defs}
+    shares |= {ffn0[0].key: 100.0, attn1[0].key: 60.0, ffn0[1].key: 90.0, ffn0[3].key: 0.5}
+    room = 2 * big
+    store = es.GroupStore(
+        tiny_store, spec, groups, budget=window + room, shares=shares, window_exchanges=1, prefetch=False
+    )
+    store.hold(defs)
+    assert sizes[ffn0[3].key] == small
+    assert set(store.pinned) == {attn1[0].key, ffn0[0].key, ffn0[3].key}
+    assert store.stats()["pinned_bytes"] == sum(sizes[k] for k in store.pinned) == 2 * big
+    assert set(store.pinned) <= set(store.resident())
+
+    # Seeded importances, checked against what greedy-by-density means (not its code): every
+    # pinned group fits beside the denser pinned ones; every group left out would not.
+    rng = np.random.default_rng(5)
+    for _ in range(4):
+        shares = {g.key: float(v) for g, v in zip(defs, rng.uniform(0.01, 1.0, len(defs)))}
+        room = int(rng.integers(1, 6)) * small
+        trial = es.GroupStore(
+            tiny_store, spec, groups, budget=window + room, shares=shares, window_exchanges=1, prefetch=False
+        )
+        trial.hold(defs)
+        pinned = set(trial.pinned)
+        assert sum(sizes[k] for k in pinned) <= room
+        density = {k: shares[k] / sizes[k] for k in shares}
+        for g in defs:
+            denser = sum(sizes[k] for k in pinned if (-density[k], k) < (-density[g.key], g.key))
+            assert (g.key in pinned) == (denser + sizes[g.key] <= room), (g.key, pinned)
+        trial.close()
+
+    # A smaller budget evicts the unpinned groups and keeps the pinned ones; below the pinned
+    # bytes it is refused.
+    loose = [g.key for g in defs if g.key not in store.pinned][:3]
+    for key in loose:
+        assert store.load_now(key)
+        store.release([key])
+    assert set(loose) <= set(store.resident())
+    store._store.set_budget(2 * big)
+    assert set(store.resident()) == set(store.pinned)
+    with pytest.raises(ValueError, match="pinned"):
+        store._store.set_budget(2 * big - small)
+    assert set(store.resident()) == set(store.pinned)
+    store.close()
+
+
 # ----------------------------------------------------------------------------------------------
 # Memory: the budget as the process's resident set size sees it
 

@@ -201,12 +201,44 @@ def test_merge_into_the_4bit_layer_requantizes_the_float_merge():
     assert torch.equal(layer.weight_absmax, torch.from_numpy(expected.absmax))
 
 
-def test_prepare_model_for_kbit_training_and_generation(tiny_dir):
-    model = AutoModelForCausalLM.from_pretrained(tiny_dir, quantization_config=halo.hf.HaloConfig())
-    ids = torch.randint(0, 128, (1, 6))
+def test_prepare_model_for_kbit_training_and_generation(tmp_path):
+    # Weights large enough that attention and MLP steer the next token (at the default 0.02
+    # init the tied embedding alone decides it, and broken 4-bit layers would go unnoticed).
+    torch.manual_seed(7)
+    float_model = LlamaForCausalLM(tiny_config())
     with torch.no_grad():
-        generated = model.generate(ids, max_new_tokens=5, do_sample=False)
-    assert generated.shape == (1, 11)
+        for param in float_model.parameters():
+            if param.dim() == 2:
+                param.normal_(0.0, 0.3)
+    float_model.save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(
+        tmp_path, quantization_config=halo.hf.HaloConfig(compute_dtype=torch.float32)
+    )
+    # The independent reference: transformers' float model holding the dequantized weights
+    # (halo.dequantize_4bit of each layer's bitsandbytes state, the function checked
+    # bit-exact against bitsandbytes in test_quant), run by torch's own nn.Linear.
+    reference = LlamaForCausalLM.from_pretrained(tmp_path)
+    skeleton = copy.deepcopy(reference)  # the float model with its projections zeroed
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, hnn.Linear4bit)}
+    assert len(layers) == 2 * 7
+    for name, layer in layers.items():
+        state = {k: v for k, v in layer.state_dict().items() if k != "bias"}
+        qt = halo.QuantizedTensor.from_bnb_state_dict(state, "weight")
+        weight = torch.as_tensor(halo.dequantize_4bit(qt, "float32"))
+        reference.get_submodule(name).weight.data.copy_(weight.reshape(layer.out_features, layer.in_features))
+        skeleton.get_submodule(name).weight.data.zero_()
+    ids = torch.randint(0, 128, (2, 6))
+    greedy = dict(max_new_tokens=8, do_sample=False, return_dict_in_generate=True, output_scores=True)
+    with torch.no_grad():
+        generated = model.generate(ids, **greedy)
+        expected = reference.generate(ids, **greedy)
+        without_layers = skeleton.generate(ids, **greedy)
+    assert generated.sequences.shape == (2, 14)
+    assert torch.equal(generated.sequences, expected.sequences), (generated.sequences, expected.sequences)
+    # The scores too: identical tokens alone would let a small error in one layer through.
+    for ours, theirs in zip(generated.scores, expected.scores, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    assert not torch.equal(expected.sequences[:, 6:], without_layers.sequences[:, 6:])  # the layers matter
     model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.uint8
     config = halo.hf.register_lora(
@@ -239,22 +271,23 @@ def test_bad_configs_give_clear_errors():
         peft.get_peft_model(model, dora)
 
 
-@pytest.mark.skipif(not (MODEL_DIR / "model.safetensors").exists(), reason="run `make model` first")
 def test_smollm2_short_finetune_loss_falls():
     """The real-model check: 30 steps of QLoRA on SmolLM2-135M, sequence <= 24."""
+    from gguf_fixtures import smol_folder
     from halo.optim import AdamW8bit
 
+    model_dir = smol_folder()  # `make model`, made now if missing (skips only if it cannot be)
     start = time.perf_counter()
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(
-        MODEL_DIR, quantization_config=halo.hf.HaloConfig(compute_dtype=torch.float32)
+        model_dir, quantization_config=halo.hf.HaloConfig(compute_dtype=torch.float32)
     )
     model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     config = halo.hf.register_lora(
         peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
     )
     model = peft.get_peft_model(model, config)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(MODEL_DIR)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     text = "The halo library quantizes weights to four bits and trains small adapters on top of them."
     ids = tokenizer(text, return_tensors="pt").input_ids[:, :24]
     opt = AdamW8bit([p for p in model.parameters() if p.requires_grad], lr=2e-3, min_8bit_size=1)

@@ -249,6 +249,29 @@ def test_bad_input_raises_clear_errors(call, error, fragment):
     assert "[" in str(info.value)
 
 
+def test_device_tensors_are_refused_not_moved_to_the_cpu():
+    """halo.quantize_4bit & co. run CPU kernels: a tensor on another device gets a clear error
+    naming the function and the device (pointing to halo.ops), never a silent .cpu() copy.
+    The meta device stands for any non-CPU device on a machine without a GPU (a silent
+    .cpu() of a meta tensor fails with torch's own error, not this one)."""
+    from halo import hwq, lora
+
+    w = torch.ones(8, 64, device="meta")
+    qt = halo.quantize_4bit(np.ones((8, 64), np.float32))
+    a, b = np.ones((2, 64), np.float32), np.ones((8, 2), np.float32)
+    calls = [
+        ("quantize_4bit", lambda: halo.quantize_4bit(w)),
+        ("matmul_4bit", lambda: halo.matmul_4bit(torch.ones(2, 64, device="meta"), qt)),
+        ("matmul_4bit: bias", lambda: halo.matmul_4bit(torch.ones(2, 64), qt, torch.ones(8, device="meta"))),
+        ("merge", lambda: lora.merge(w, a, b, 1.0)),
+        ("merge", lambda: lora.merge(torch.ones(8, 64), torch.ones(2, 64, device="meta"), b, 1.0)),
+        ("rtn_quantize", lambda: hwq.rtn_quantize(w)),
+    ]
+    for name, call in calls:
+        with pytest.raises(ValueError, match=rf"^\[{name}\] .*on meta, not the CPU.*halo\.ops"):
+            call()
+
+
 def _state():
     return halo.quantize_4bit(
         np.random.default_rng(1).standard_normal(128).astype(np.float32)
