@@ -14,7 +14,7 @@ use: importing halo does not import torch.
 """
 
 from . import gguf, hf, io, lora, partition, sched
-from .backend import backends, built_with_cuda, resolve_backend
+from .backend import backends, built_with_cuda, kernels, resolve_backend
 from .gguf_export import export_gguf
 from .gguf_import import import_gguf
 from .hwq import HaloQuantized, HardwareModel, halo_quantize, rtn_quantize
@@ -48,6 +48,7 @@ __all__ = [
     "hf",
     "import_gguf",
     "io",
+    "kernels",
     "lora",
     "matmul_4bit",
     "matmul_4bit_transposed",

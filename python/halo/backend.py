@@ -13,6 +13,13 @@ def backends() -> list[str]:
     return list(_core.backend.backends())
 
 
+def kernels() -> dict[str, list[str]]:
+    """Every registered kernel table: ``{op: [backends it has a kernel for]}``, e.g.
+    ``{'matmul_4bit': ['scalar', 'avx2', 'avx512', 'cuda'], ...}``. It lists the kernel tables'
+    entries, not what this machine can run: see :func:`backends` for that."""
+    return {op: list(names) for op, names in _core.backend.kernels().items()}
+
+
 def resolve_backend(backend: str = "auto") -> str:
     """The concrete backend a call with ``backend=`` runs on; raises if it is unavailable."""
     check_backend("resolve_backend", backend)

@@ -19,6 +19,8 @@ import numpy as np
 
 from halo._core import io as _io
 
+from .formats import FORMATS
+
 __all__ = [
     "SafetensorsFile",
     "bf16_bits_to_float32",
@@ -32,31 +34,21 @@ __all__ = [
 SafetensorsFile = _io.SafetensorsFile
 SafetensorsWriter = _io.SafetensorsWriter
 
+
+def _numpy_dtype(name: str) -> np.dtype | None:
+    try:
+        return np.dtype(name)
+    except TypeError:  # bfloat16 and the float8 formats have no NumPy dtype
+        return None
+
+
+# safetensors dtype names come from the format table (halo.formats), not a list of our own.
+_ELEMENT_FORMATS = [f for f in FORMATS.values() if f.safetensors and f.block_elems == 1]
 _NUMPY_TO_ST = {
-    np.dtype("float64"): "F64",
-    np.dtype("float32"): "F32",
-    np.dtype("float16"): "F16",
-    np.dtype("int64"): "I64",
-    np.dtype("int32"): "I32",
-    np.dtype("int16"): "I16",
-    np.dtype("int8"): "I8",
-    np.dtype("uint8"): "U8",
-    np.dtype("bool"): "BOOL",
+    dt: f.safetensors for f in _ELEMENT_FORMATS if f.numpy and (dt := _numpy_dtype(f.numpy)) is not None
 }
-_TORCH_TO_ST = {
-    "torch.float64": "F64",
-    "torch.float32": "F32",
-    "torch.float16": "F16",
-    "torch.bfloat16": "BF16",
-    "torch.int64": "I64",
-    "torch.int32": "I32",
-    "torch.int16": "I16",
-    "torch.int8": "I8",
-    "torch.uint8": "U8",
-    "torch.bool": "BOOL",
-    "torch.float8_e4m3fn": "F8_E4M3",
-    "torch.float8_e5m2": "F8_E5M2",
-}
+_TORCH_TO_ST = {f"torch.{f.torch}": f.safetensors for f in _ELEMENT_FORMATS if f.torch}
+_ST_TO_TORCH = {f.safetensors: f.torch for f in _ELEMENT_FORMATS if f.torch}
 
 
 def open_safetensors(path: str | os.PathLike, copy: bool = False) -> SafetensorsFile:
@@ -86,13 +78,13 @@ def _torch_from_numpy(arr: np.ndarray, st_dtype: str):
     import torch
 
     t = torch.from_numpy(np.array(arr, copy=True))
-    if st_dtype == "BF16":
-        return t.view(torch.int16).view(torch.bfloat16) if t.dtype == torch.uint16 else t.view(torch.bfloat16)
-    if st_dtype.startswith("F8_E4M3"):
-        return t.view(torch.float8_e4m3fn)
-    if st_dtype.startswith("F8_E5M2"):
-        return t.view(torch.float8_e5m2)
-    return t
+    want = getattr(torch, _ST_TO_TORCH[st_dtype])
+    if t.dtype == want:
+        return t
+    # NumPy has no such dtype (bfloat16, float8): the view holds the bits as an integer type.
+    if t.dtype == torch.uint16:
+        t = t.view(torch.int16)
+    return t.view(want)
 
 
 def load_safetensors(path: str | os.PathLike, framework: str = "numpy") -> dict[str, Any]:

@@ -26,21 +26,22 @@ from torch import nn
 
 from . import _core
 from . import ops as _ops  # registers torch.ops.halo.*
+from .formats import BNB4_BLOCKSIZES, BNB4_TYPES
 from .quant import QuantizedTensor
 
 __all__ = ["Linear4bit"]
 
-_QUANT_TYPES = ("nf4", "fp4")
-_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 _STATE_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 def _check_settings(fn: str, quant_type: Any, blocksize: Any, compute_dtype: Any) -> None:
-    if quant_type not in _QUANT_TYPES:
-        raise ValueError(f"[{fn}] quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
-    if isinstance(blocksize, bool) or blocksize not in _BLOCKSIZES:
-        raise ValueError(f"[{fn}] blocksize must be a power of two in 32..4096, got {blocksize!r}")
+    if quant_type not in BNB4_TYPES:
+        expected = " or ".join(repr(t) for t in BNB4_TYPES)
+        raise ValueError(f"[{fn}] quant_type must be {expected}, got {quant_type!r}")
+    if isinstance(blocksize, bool) or blocksize not in BNB4_BLOCKSIZES:
+        low, high = BNB4_BLOCKSIZES[0], BNB4_BLOCKSIZES[-1]
+        raise ValueError(f"[{fn}] blocksize must be a power of two in {low}..{high}, got {blocksize!r}")
     if compute_dtype is not None and compute_dtype not in _DTYPE_NAMES:
         raise TypeError(
             f"[{fn}] compute_dtype must be None, torch.float32, torch.float16 or torch.bfloat16, "

@@ -60,3 +60,12 @@ def test_unavailable_backend_raises_a_clear_error():
         pytest.skip("a CUDA device is present")
     with pytest.raises(RuntimeError, match="cuda"):
         halo.quantize_4bit(np.ones(64, np.float32), backend="cuda")
+
+
+def test_kernels_lists_each_op_and_its_backends():
+    kernels = halo.kernels()
+    assert kernels == halo._core.backend.kernels()
+    for op in ("matmul_4bit", "matmul_4bit_transposed", "quantize_4bit", "dequantize_4bit"):
+        assert "scalar" in kernels[op], op
+        assert set(kernels[op]) <= {"scalar", "avx2", "avx512", "cuda"}, op
+    assert "kernels" in halo.__all__

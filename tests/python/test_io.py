@@ -34,6 +34,10 @@ def _tensors():
         "scalar": torch.tensor(3.5),
         "empty": torch.zeros(0, 4),
         "f8": torch.randn(6, generator=g).to(torch.float8_e4m3fn),
+        # Every float8 row of halo.formats, the fnuz variants included (read back as themselves).
+        "f8_e5m2": torch.randn(5, generator=g).to(torch.float8_e5m2),
+        "f8_e4m3fnuz": torch.randn(4, generator=g).to(torch.float8_e4m3fnuz),
+        "f8_e5m2fnuz": torch.randn(3, generator=g).to(torch.float8_e5m2fnuz),
     }
 
 

@@ -455,6 +455,24 @@ def test_bad_inputs_raise_clear_errors():
         lora_scaling(16, 0)
 
 
+def test_lora_backward_rejects_lists_naming_the_argument():
+    rng = np.random.default_rng(7)
+    weight = rng.standard_normal((8, 16)).astype(np.float32)
+    lora_a = rng.standard_normal((4, 16)).astype(np.float32)
+    lora_b = rng.standard_normal((8, 4)).astype(np.float32)
+    x = rng.standard_normal((3, 16)).astype(np.float32)
+    grad_y = rng.standard_normal((3, 8)).astype(np.float32)
+    backward = halo.lora.lora_backward
+    with pytest.raises(TypeError, match=r"\[lora_backward\] grad_y must be a NumPy array like x, got list"):
+        backward(grad_y.tolist(), x, weight, lora_a, lora_b, 1.0)
+    with pytest.raises(TypeError, match=r"\[lora_backward\] x must be a NumPy array, got list"):
+        backward(grad_y, x.tolist(), weight, lora_a, lora_b, 1.0)
+    # The same arguments as arrays are accepted, so the errors above come from the list alone.
+    grad_x, grad_a, grad_b, grad_bias = backward(grad_y, x, weight, lora_a, lora_b, 1.0)
+    assert grad_x.shape == x.shape and grad_a.shape == lora_a.shape and grad_b.shape == lora_b.shape
+    assert grad_bias is None
+
+
 def test_half_precision_inputs_compute_in_float32():
     torch.manual_seed(51)
     weight = torch.randn(12, 20).to(torch.bfloat16)

@@ -8,7 +8,7 @@ import halo
 import halo.nn as hnn
 import pytest
 import torch
-from halo import _core, ops
+from halo import _core, formats, ops
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -242,6 +242,20 @@ def test_bad_arguments_give_clear_errors():
         ops.quantize_4bit(torch.randn(8, 8), "nf3")
     with pytest.raises(TypeError, match=r"hnn|expected an nn.Linear"):
         hnn.Linear4bit.from_linear(torch.nn.Conv1d(3, 3, 1))
+
+
+def test_settings_follow_the_format_table():
+    # Linear4bit takes exactly the 4-bit types and block sizes halo.formats lists.
+    for quant_type in formats.BNB4_TYPES:
+        for blocksize in formats.BNB4_BLOCKSIZES:
+            layer = hnn.Linear4bit(8, 8, quant_type=quant_type, blocksize=blocksize)
+            assert (layer.quant_type, layer.blocksize) == (quant_type, blocksize)
+    low, high = formats.BNB4_BLOCKSIZES[0], formats.BNB4_BLOCKSIZES[-1]
+    for bad in (low // 2, high * 2, low + 1):
+        with pytest.raises(
+            ValueError, match=rf"blocksize must be a power of two in {low}\.\.{high}, got {bad}$"
+        ):
+            hnn.Linear4bit(8, 8, blocksize=bad)
 
 
 def test_cuda_tensors_never_take_a_silent_trip_to_the_cpu():
