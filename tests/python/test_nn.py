@@ -268,8 +268,11 @@ def test_cuda_tensors_never_take_a_silent_trip_to_the_cpu():
         y = ops.matmul_4bit(torch.randn(4, 70, device="cuda"), packed, absmax, 33)
         assert y.device.type == "cuda"
         return
-    # No GPU here: the device-pointer entry points exist and refuse clearly instead of copying.
-    assert not _core.cuda.compiled()
-    with pytest.raises(RuntimeError, match="built without CUDA"):
+    if "cuda" in halo.backends():
+        pytest.skip("a CUDA device works but this torch has no CUDA: no device tensors to test with")
+    # No usable GPU: the device-pointer entry points exist and refuse clearly instead of copying,
+    # whether halo was built without nvcc or with it (then the CUDA runtime's own reason is named).
+    expected = r"\[cuda::dequantize_4bit_device\]" if _core.cuda.compiled() else "built without CUDA"
+    with pytest.raises(RuntimeError, match=expected):
         _core.cuda.dequantize_4bit(0, 0, 64, "nf4", 64, 0, "float32", 0)
     pytest.skip("no CUDA device (or halo built without CUDA): the GPU path was checked only for its refusal")
