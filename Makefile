@@ -43,8 +43,11 @@ cpp: setup
 	cmake --build $(BUILD) -j $(JOBS)
 	cmake --install $(BUILD) >/dev/null
 
+# -O1 -g1 (line tables): the usual level for ASan; the heaviest kernel files build in half the
+# time they take at -O2 -g.
 asan: setup
-	cmake -S . -B $(ASAN) -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DHALO_SANITIZE=ON -DHALO_CUDA=OFF >/dev/null
+	cmake -S . -B $(ASAN) -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo "-DCMAKE_CXX_FLAGS_RELWITHDEBINFO=-O1 -g1 -DNDEBUG" \
+	  -DHALO_SANITIZE=ON -DHALO_CUDA=OFF >/dev/null
 	cmake --build $(ASAN) -j $(JOBS)
 
 # The Python package (compiled module halo._core) into .venv.
