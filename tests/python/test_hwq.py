@@ -919,3 +919,31 @@ def test_json_round_trip_property(delays4, delays8, clocks, books, switch):
 def test_arbitrary_text_is_rejected_cleanly(text):
     with pytest.raises(ValueError):
         halo.HardwareModel.from_json(text)
+
+
+def test_fisher_is_the_mean_squared_gradient_of_an_analytic_loss():
+    """Fisher sensitivity against gradients written out by hand: for L = sum((x W^T - t)^2),
+    dL/dW = 2 (x W^T - t)^T x, squared and averaged over the batches (float64 NumPy)."""
+    import torch
+
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 4, bias=False))
+    batches = [{"x": torch.randn(5, 6), "t": torch.randn(5, 4)} for _ in range(3)]
+
+    def loss_fn(m, batch):
+        return ((m(batch["x"]) - batch["t"]) ** 2).sum()
+
+    got = halo.hf.compute_sensitivity(model, batches, "fisher", loss_fn=loss_fn, skip=())
+    w = model[0].weight.detach().double().numpy()
+    want = np.zeros_like(w)
+    for batch in batches:
+        x, t = batch["x"].double().numpy(), batch["t"].double().numpy()
+        want += (2 * (x @ w.T - t).T @ x) ** 2
+    want /= len(batches)
+    assert list(got) == ["0"]
+    np.testing.assert_allclose(got["0"], want, rtol=1e-4, atol=1e-7)
+    # Without a loss the error names the function that was called.
+    with pytest.raises(ValueError, match=r"^\[compute_sensitivity\] sensitivity='fisher' needs"):
+        halo.hf.compute_sensitivity(model, [torch.randn(2, 6)], "fisher", skip=())
+    with pytest.raises(ValueError, match=r"^\[halo_quantize_model\] sensitivity='fisher' needs"):
+        halo.hf.halo_quantize_model(model, [torch.randn(2, 6)], sensitivity="fisher", skip=())
