@@ -169,12 +169,20 @@ class _Session:
                     self.input(m)
 
 
-def _serve_session(transport: Any, peer: int, log: TextIO, streaming: Any = None) -> int | None:
-    """Serves one root until it leaves; returns the peer of a newer root that connected
-    meanwhile (it takes over: a root that vanished must not block the worker), else None."""
+def _serve_session(
+    transport: Any, peer: int, log: TextIO, streaming: Any = None, other: Any = None
+) -> tuple[Any, int] | None:
+    """Serves one root until it leaves; returns (transport, peer) of a newer root that connected
+    meanwhile, over either protocol (it takes over: a root that vanished, or whose goodbye was
+    lost on a lossy link, must not block the worker until its transport times it out), else None."""
     session = _Session(transport, peer, log, streaming)
     while True:
-        event = transport.poll(0.5)
+        if other is not None:
+            knock = other.poll(0)
+            if knock is not None and knock[0] == "connect":
+                transport.disconnect(peer, True)
+                return other, knock[1]
+        event = transport.poll(0.5 if other is None else 0.05)
         if event is None:
             if not transport.connected(peer):
                 return None
@@ -182,7 +190,7 @@ def _serve_session(transport: Any, peer: int, log: TextIO, streaming: Any = None
         kind, who, data, _ = event
         if kind == "connect" and who != peer:
             transport.disconnect(peer, True)
-            return who
+            return transport, who
         if kind == "disconnect":
             if who == peer:
                 return None
@@ -246,10 +254,12 @@ class Worker:
         while sessions is None or served < sessions:
             for transport in (self.enet, self.tcp):
                 event = transport.poll(0.02)
-                peer = event[1] if event is not None and event[0] == "connect" else None
-                while peer is not None:
-                    print(f"halo edge worker: root connected over {transport.protocol}", file=self.log)
-                    peer = _serve_session(transport, peer, self.log, self.streaming)
+                current = (transport, event[1]) if event is not None and event[0] == "connect" else None
+                while current is not None:
+                    on, peer = current
+                    other = self.tcp if on is self.enet else self.enet
+                    print(f"halo edge worker: root connected over {on.protocol}", file=self.log)
+                    current = _serve_session(on, peer, self.log, self.streaming, other)
                     print("halo edge worker: session ended", file=self.log)
                     served += 1
                     idle_since = time.monotonic()
