@@ -274,8 +274,12 @@ def test_force_refuses_an_output_that_overlaps_an_input(small, tmp_path, where, 
 
 
 _SIGNAL_SCRIPT = """
-import os, sys
+import os, signal, sys
 import halo.merge
+
+# A shell that starts jobs in the background without job control makes them ignore SIGINT, and
+# Python then keeps it ignored: put back the default (KeyboardInterrupt) that an interactive user has.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from halo.cli import main
 
 merge = sys.modules["halo.merge"]  # the attribute halo.merge is the function
