@@ -18,7 +18,11 @@
 // a failure too). `mutate` may keep structure intact (see target_safetensors.cpp).
 #pragma once
 
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include <cstdint>
+#include <filesystem>
 #include <functional>
 #include <random>
 #include <stdexcept>
@@ -66,5 +70,31 @@ std::vector<Target>& targets();
 
 // True when `text` is valid UTF-8 (error messages must be, for Python to show them).
 bool valid_utf8(const std::string& text);
+
+// One memory file reused for every input of a target: /proc/self/fd/N is a path to a
+// regular file with no disk I/O; `folder` is a private scratch folder removed at exit.
+struct Scratch {
+  int fd = -1;
+  std::string path;
+  std::filesystem::path folder;
+  explicit Scratch(const std::string& target) {
+    fd = ::memfd_create(("halo-fuzz-" + target).c_str(), MFD_CLOEXEC);
+    if (fd < 0) throw std::runtime_error("memfd_create failed");
+    path = "/proc/self/fd/" + std::to_string(fd);
+    folder = std::filesystem::temp_directory_path() / ("halo-fuzz-" + target + "-" + std::to_string(::getpid()));
+    std::filesystem::create_directories(folder);
+  }
+  ~Scratch() {
+    ::close(fd);
+    std::error_code ignored;
+    std::filesystem::remove_all(folder, ignored);
+  }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  void store(const Bytes& bytes) const {
+    if (::ftruncate(fd, 0) != 0 || ::pwrite(fd, bytes.data(), bytes.size(), 0) != ssize_t(bytes.size()))
+      throw std::runtime_error("writing the memory file failed");
+  }
+};
 
 }  // namespace halo::fuzz

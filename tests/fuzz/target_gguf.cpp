@@ -23,30 +23,10 @@ using halo::fuzz::Bytes;
 using halo::fuzz::Failure;
 using namespace halo::gguf;
 
-struct Scratch {
-  int fd = -1;
-  std::string path;
-  std::filesystem::path folder;
-  Scratch() {
-    fd = ::memfd_create("halo-fuzz-gguf", MFD_CLOEXEC);
-    if (fd < 0) throw std::runtime_error("memfd_create failed");
-    path = "/proc/self/fd/" + std::to_string(fd);
-    folder = std::filesystem::temp_directory_path() / ("halo-fuzz-gguf-" + std::to_string(::getpid()));
-    std::filesystem::create_directories(folder);
-  }
-  ~Scratch() {
-    ::close(fd);
-    std::error_code ignored;
-    std::filesystem::remove_all(folder, ignored);
-  }
-  void store(const Bytes& bytes) const {
-    if (::ftruncate(fd, 0) != 0 || ::pwrite(fd, bytes.data(), bytes.size(), 0) != ssize_t(bytes.size()))
-      throw std::runtime_error("writing the memory file failed");
-  }
-};
+using halo::fuzz::Scratch;
 
 const Scratch& scratch() {
-  static const Scratch s;
+  static const Scratch s("gguf");
   return s;
 }
 

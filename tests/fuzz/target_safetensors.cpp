@@ -67,29 +67,7 @@ Bytes mutate(const Bytes& input, halo::fuzz::Mutator& m, const std::vector<Bytes
   return out;
 }
 
-// One memory file reused for every input: /proc/self/fd/N is a path to a regular file
-// with no disk I/O.
-struct Scratch {
-  int fd = -1;
-  std::string path;
-  std::filesystem::path folder;
-  Scratch() {
-    fd = ::memfd_create("halo-fuzz-safetensors", MFD_CLOEXEC);
-    if (fd < 0) throw std::runtime_error("memfd_create failed");
-    path = "/proc/self/fd/" + std::to_string(fd);
-    folder = std::filesystem::temp_directory_path() / ("halo-fuzz-" + std::to_string(::getpid()));
-    std::filesystem::create_directories(folder);
-  }
-  ~Scratch() {
-    ::close(fd);
-    std::error_code ignored;
-    std::filesystem::remove_all(folder, ignored);
-  }
-  void store(const Bytes& bytes) const {
-    if (::ftruncate(fd, 0) != 0 || ::pwrite(fd, bytes.data(), bytes.size(), 0) != ssize_t(bytes.size()))
-      throw std::runtime_error("writing the memory file failed");
-  }
-};
+using halo::fuzz::Scratch;
 
 // Checks an accepted file against its raw bytes, independently of the reader's own checks.
 void check_accepted(const SafetensorsFile& f, const Bytes& input, const Scratch& scratch) {
@@ -131,7 +109,7 @@ void check_accepted(const SafetensorsFile& f, const Bytes& input, const Scratch&
 }
 
 bool run_one(const Bytes& input) {
-  static const Scratch scratch;
+  static const Scratch scratch("safetensors");
   scratch.store(input);
   bool accepted[2] = {false, false};
   for (int copy = 0; copy < 2; ++copy) {
