@@ -55,19 +55,29 @@ void from_float_bf16(const float* in, void* blocks, int64_t n) {
 
 // ---------------------------------------------------------------- quantize
 
+namespace {
+
+// The value of largest magnitude in one 32-element block, the first one on ties (Q4_0, Q5_0).
+float largest_magnitude(const float* x) {
+  float amax = 0.0f, max = 0.0f;
+  for (int j = 0; j < kQK; ++j) {
+    if (amax < std::fabs(x[j])) {
+      amax = std::fabs(x[j]);
+      max = x[j];
+    }
+  }
+  return max;
+}
+
+}  // namespace
+
 // Q4_0: d = (the value of largest magnitude, first one on ties) / -8,
 // q = min(15, trunc(x / d + 8.5)); element j low nibble, j + 16 high nibble.
 void from_float_q4_0(const float* in, void* out, int64_t n) {
   auto* y = static_cast<Q4_0*>(out);
   for (int64_t b = 0; b < n / kQK; ++b) {
     const float* x = in + b * kQK;
-    float amax = 0.0f, max = 0.0f;
-    for (int j = 0; j < kQK; ++j) {
-      if (amax < std::fabs(x[j])) {
-        amax = std::fabs(x[j]);
-        max = x[j];
-      }
-    }
+    const float max = largest_magnitude(x);
     const float d = max / -8;
     const float id = d != 0.0f ? 1.0f / d : 0.0f;
     y[b].d = fp32_to_fp16(d);
@@ -106,13 +116,7 @@ void from_float_q5_0(const float* in, void* out, int64_t n) {
   auto* y = static_cast<Q5_0*>(out);
   for (int64_t b = 0; b < n / kQK; ++b) {
     const float* x = in + b * kQK;
-    float amax = 0.0f, max = 0.0f;
-    for (int j = 0; j < kQK; ++j) {
-      if (amax < std::fabs(x[j])) {
-        amax = std::fabs(x[j]);
-        max = x[j];
-      }
-    }
+    const float max = largest_magnitude(x);
     const float d = max / -16;
     const float id = d != 0.0f ? 1.0f / d : 0.0f;
     y[b].d = fp32_to_fp16(d);
