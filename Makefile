@@ -9,11 +9,19 @@ PY        := $(VENV)/bin/python
 PIP       := $(VENV)/bin/pip
 JOBS      ?= $(shell nproc)
 APT_PKGS  := libeigen3-dev libxsimd-dev catch2 nlohmann-json3-dev cmake ninja-build g++ python3-venv \
-             libenet-dev libxxhash-dev nftables iproute2 ethtool
+             libenet-dev libxxhash-dev nftables iproute2 ethtool ccache
 BUILD     := build/cpp
 ASAN      := build/asan
 PREFIX    := build/install
 STAMP     := $(VENV)/.halo-deps
+
+# Every C++/CUDA compile (the Release and ASan trees, and the wheel's build through scikit-build-core)
+# goes through ccache: CMake reads these variables when a build tree is first configured. Paths are
+# hashed relative to the checkout, so another clone or worktree on the machine reuses the objects.
+export CMAKE_CXX_COMPILER_LAUNCHER  ?= ccache
+export CMAKE_CUDA_COMPILER_LAUNCHER ?= ccache
+export CCACHE_BASEDIR               ?= $(CURDIR)
+export CCACHE_NOHASHDIR             ?= 1
 
 .PHONY: all setup apt venv build cpp asan install-py model demo test test-cpp test-asan test-example test-py bench fuzz clean
 
