@@ -1,0 +1,145 @@
+"""A few QLoRA steps on a tiny 4-bit LLaMA, run alone or under ``torchrun`` (gloo), for
+tests/python/test_distributed.py.
+
+Every run sees the same global batch per step (4 sequences drawn from a seeded generator);
+under N processes rank r trains on its contiguous quarter/half of it, so DDP's averaged
+gradients equal the single-process gradient of the whole batch. Rank 0 writes a JSON with the
+global loss per step and the LoRA weights after the last step, and optionally a checkpoint
+(LoRA weights + optimizer state + step) after ``--save-at`` steps; ``--resume`` starts from one.
+
+    torchrun --nproc_per_node 2 tests/python/dist_train.py --out r.json [--optim adamw8bit]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import tiny_models  # noqa: E402
+
+GLOBAL_BATCH = 4
+SEQ = 16
+
+
+def batch(step: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1000 + step)
+    return torch.randint(0, 96, (GLOBAL_BATCH, SEQ), generator=generator)
+
+
+def build(optim: str):
+    import peft
+
+    import halo
+    from halo.hf import quantize_model, register_lora
+
+    model = tiny_models.llama(seed=0)
+    quantize_model(model, compute_dtype=torch.float32)
+    torch.manual_seed(1)  # the same random LoRA init on every rank (B != 0: both factors train)
+    config = register_lora(
+        peft.LoraConfig(
+            r=4, lora_alpha=8, lora_dropout=0.0, target_modules=tiny_models.LLAMA_TARGETS, init_lora_weights=False
+        )
+    )
+    model = peft.get_peft_model(model, config)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if optim == "adamw":
+        optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.01)
+    else:
+        # min_8bit_size 64: the tiny model's LoRA factors (256 elements) take the 8-bit path.
+        optimizer = halo.optim.AdamW8bit(params, lr=1e-2, weight_decay=0.01, min_8bit_size=64)
+    return model, optimizer
+
+
+def lora_state(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--optim", choices=["adamw", "adamw8bit"], default="adamw")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--save-at", type=int, default=0)
+    parser.add_argument("--checkpoint", default="")
+    parser.add_argument("--resume", default="")
+    args = parser.parse_args()
+
+    distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
+    if distributed:
+        dist.init_process_group("gloo")
+    rank = dist.get_rank() if distributed else 0
+    world = dist.get_world_size() if distributed else 1
+    if GLOBAL_BATCH % world:
+        raise SystemExit(f"[dist_train] world size {world} must divide the global batch {GLOBAL_BATCH}")
+    torch.set_num_threads(1)
+
+    model, optimizer = build(args.optim)
+    initial = lora_state(model)
+    start = 0
+    if args.resume:
+        saved = torch.load(args.resume, weights_only=False)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.requires_grad:
+                    p.copy_(saved["lora"][name])
+        optimizer.load_state_dict(saved["optimizer"])
+        start = saved["step"]
+    trained = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
+
+    losses = []
+    share = GLOBAL_BATCH // world
+    for step in range(start, args.steps):
+        ids = batch(step)[rank * share : (rank + 1) * share]
+        optimizer.zero_grad(set_to_none=True)
+        loss = trained(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        global_loss = loss.detach().clone()
+        if distributed:
+            dist.all_reduce(global_loss)
+            global_loss /= world
+        losses.append(float(global_loss))
+        if args.save_at and step + 1 == args.save_at and rank == 0:
+            torch.save(
+                {"lora": lora_state(model), "optimizer": optimizer.state_dict(), "step": step + 1},
+                args.checkpoint,
+            )
+
+    # Every rank must hold the same LoRA weights and optimizer state after the run.
+    weights = lora_state(model)
+    if distributed:
+        for name, value in weights.items():
+            gathered = [torch.empty_like(value) for _ in range(world)]
+            dist.all_gather(gathered, value)
+            if not all(torch.equal(g, gathered[0]) for g in gathered):
+                raise SystemExit(f"[dist_train] rank weights differ after training: {name}")
+        for state in optimizer.state.values():
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.numel() > 0:
+                    gathered = [torch.empty_like(value) for _ in range(world)]
+                    dist.all_gather(gathered, value.contiguous())
+                    if not all(torch.equal(g, gathered[0]) for g in gathered):
+                        raise SystemExit(f"[dist_train] optimizer state '{key}' differs between ranks")
+    if rank == 0:
+        result = {
+            "world": world,
+            "losses": losses,
+            "lora": {name: value.flatten().tolist() for name, value in weights.items()},
+            "initial": {name: value.flatten().tolist() for name, value in initial.items()},
+        }
+        Path(args.out).write_text(json.dumps(result))
+    if distributed:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
