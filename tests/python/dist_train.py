@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import tiny_models  # noqa: E402
+import tiny_models
 
 GLOBAL_BATCH = 4
 SEQ = 16
@@ -35,9 +35,8 @@ def batch(step: int) -> torch.Tensor:
 
 
 def build(optim: str):
-    import peft
-
     import halo
+    import peft
     from halo.hf import quantize_model, register_lora
 
     model = tiny_models.llama(seed=0)
@@ -45,7 +44,11 @@ def build(optim: str):
     torch.manual_seed(1)  # the same random LoRA init on every rank (B != 0: both factors train)
     config = register_lora(
         peft.LoraConfig(
-            r=4, lora_alpha=8, lora_dropout=0.0, target_modules=tiny_models.LLAMA_TARGETS, init_lora_weights=False
+            r=4,
+            lora_alpha=8,
+            lora_dropout=0.0,
+            target_modules=tiny_models.LLAMA_TARGETS,
+            init_lora_weights=False,
         )
     )
     model = peft.get_peft_model(model, config)

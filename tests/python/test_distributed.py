@@ -61,7 +61,9 @@ def _train(tmp_path: Path, name: str, nproc: int, *args: str) -> dict:
     launcher = _torchrun(nproc) if nproc > 1 else [sys.executable]
     argv = [*launcher, str(SCRIPT), "--out", str(out), *args]
     result = subprocess.run(argv, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
-    assert result.returncode == 0, f"{' '.join(argv)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    assert result.returncode == 0, (
+        f"{' '.join(argv)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    )
     return json.loads(out.read_text())
 
 
@@ -85,7 +87,9 @@ def ddp_adamw8bit(tmp_path_factory):
     """Two ranks with AdamW8bit, saving a checkpoint after step 3 of 5: (result, checkpoint)."""
     folder = tmp_path_factory.mktemp("ddp8")
     checkpoint = folder / "step3.pt"
-    result = _train(folder, "ddp8", 2, "--optim", "adamw8bit", "--save-at", "3", "--checkpoint", str(checkpoint))
+    result = _train(
+        folder, "ddp8", 2, "--optim", "adamw8bit", "--save-at", "3", "--checkpoint", str(checkpoint)
+    )
     return result, checkpoint
 
 
@@ -151,7 +155,9 @@ def test_two_hosts_in_namespaces_equal_the_one_host_run(tmp_path, single_adamw):
                 str(out),
             ]
             env = dict(_env(), GLOO_SOCKET_IFNAME=dev)
-            procs.append(bed.popen(ns, argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+            procs.append(
+                bed.popen(ns, argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            )
         logs = []
         for p in procs:
             try:
