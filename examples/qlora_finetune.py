@@ -3,6 +3,7 @@ LoRA r=16 on every projection, gradient checkpointing, paged 8-bit AdamW, cosine
 with halo in place of bitsandbytes, then a streaming merge with `halo merge`.
 
     python examples/qlora_finetune.py --config examples/qlora.yaml [--max-steps N]
+    accelerate launch --num_processes 2 examples/qlora_finetune.py ...   # or torchrun: DDP on CPUs/GPUs
 
 What changes against a bitsandbytes script is two lines: ``quantization_config=
 halo.hf.HaloConfig.from_bnb(bnb_settings)`` (or ``HaloConfig(...)``) and
@@ -18,6 +19,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _main_process() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"after:  {question} -> {answer(model, tokenizer, question)!r}")
 
+    if not _main_process():
+        return 0  # under DDP every rank holds the same adapter: rank 0 saves and merges it
     merge = recipe.get("merge", {})
     adapter = ROOT / merge.get("adapter", "build/qlora/adapter")
     model.save_pretrained(adapter)
