@@ -172,6 +172,7 @@ TEST_CASE("the unreliable replay window: fresh counters once, the newest 1024 co
   auto accepts = [&](size_t k) { return server.receive(frames[k], out) == SecureLink::Result::message; };
   REQUIRE(accepts(1099));  // newest first: counters 0..1098 are now behind it
   REQUIRE_FALSE(accepts(1099));
+  REQUIRE_FALSE(accepts(74));  // 1025 behind the newest, its slot's newer counter (1098) never came
   REQUIRE_FALSE(accepts(75));  // 1024 behind the newest: too old to tell
   REQUIRE(accepts(76));        // 1023 behind: the window's last slot
   REQUIRE_FALSE(accepts(76));
@@ -260,12 +261,31 @@ TEST_CASE("garbage before the handshake only counts failures; a pre-auth flood c
     auto hello = noise(44, 2);
     hello[0] = 40, hello[1] = hello[2] = hello[3] = 0;
     fds.push_back(tcp_send(server.port(), hello));  // a plausible length, garbage inside
+    {  // a well-formed HELLO, then a PROOF that proves nothing: closed, never a peer
+      std::vector<uint8_t> hello_frame = {40, 0, 0, 0, 'H', 'L', 'K', '1', 1, 0, 0, 0};
+      const auto nonce = noise(32, 3);
+      hello_frame.insert(hello_frame.end(), nonce.begin(), nonce.end());
+      const int fd = tcp_send(server.port(), hello_frame);
+      uint8_t challenge[76];
+      size_t got = 0;
+      while (got < sizeof challenge) {
+        const ssize_t n = recv(fd, challenge + got, sizeof challenge - got, 0);
+        REQUIRE(n > 0);
+        got += size_t(n);
+      }
+      std::vector<uint8_t> proof = {40, 0, 0, 0, 'H', 'L', 'K', '1', 3, 0, 0, 0};
+      proof.insert(proof.end(), challenge + 44, challenge + 76);  // the server's own proof, reflected
+      REQUIRE(::send(fd, proof.data(), proof.size(), MSG_NOSIGNAL) == ssize_t(proof.size()));
+      uint8_t b;
+      REQUIRE(recv(fd, &b, 1, 0) == 0);  // closed
+      close(fd);
+    }
     for (int i = 0; i < 40; ++i) fds.push_back(tcp_send(server.port(), {}));  // silent: hold slots
     auto client = Transport::create(Protocol::tcp, "", 0, 2, with_key(key));
     const int32_t peer = client->connect("127.0.0.1", server.port(), 5.0);
     REQUIRE(echoes(*client, peer, "served"));
     REQUIRE(server.connects == 1);
-    REQUIRE(server.t->auth_failures() >= 3);
+    REQUIRE(server.t->auth_failures() >= 4);
     for (int fd : fds) close(fd);
   }
   SECTION("enet") {
