@@ -88,9 +88,10 @@ class Program {
           std::vector<uint8_t> frame = take(byte());
           const bool before = server.established();
           const Result r = server.receive(frame, out);
-          // No key, no valid frame: nothing the attacker writes is ever a message.
+          // No key, no valid frame: nothing the attacker writes is ever a message or a proof.
           if (r == Result::message) throw Failure(before ? "a forged frame was accepted"
                                                          : "a message was accepted before the handshake");
+          if (r == Result::established) throw Failure("a proof without the key was accepted");
           break;
         }
         case 1: {  // the honest handshake, when neither side started
@@ -194,6 +195,9 @@ std::vector<Bytes> seeds() {
       ops({1, 3, 2, 0, 6, 144, 5, 4, 0, 7}),
       // an attacker's HELLO before the honest one
       ops({0, 40, 'H', 'L', 'K', '1', 1, 0, 0, 0}) + Bytes(32, 'n') + ops({1}),
+      // an attacker's HELLO and a PROOF it cannot make
+      ops({0, 40, 'H', 'L', 'K', '1', 1, 0, 0, 0}) + Bytes(32, 'n') + ops({0, 40, 'H', 'L', 'K', '1', 3, 0, 0, 0}) +
+          Bytes(32, 'p') + ops({0, 26, 0x53, 0, 0, 0, 0, 0, 0, 0, 0, 0}) + Bytes(16, 't'),
   };
 }
 

@@ -244,15 +244,25 @@ TEST_CASE("over enet, a held-back datagram is accepted once; replayed, too old o
   REQUIRE(worker.inbox(4, 0.2).size() == 3);
   REQUIRE(worker.failures() == 3);
 
-  // Tampered: one byte of the sealed payload (the datagram's last byte, in the tag) flipped.
+  // Tampered: "d" is held back; copies with one ciphertext byte or one tag byte flipped
+  // are refused, and do not use up its counter: the genuine one still counts.
+  proxy.hold(true);
   send(*root, peer, "d", Delivery::unreliable);
-  REQUIRE(worker.inbox(4).size() == 4);
-  auto tampered = proxy.seen().back();
-  tampered.back() ^= 0x01;
-  proxy.replay(tampered);
+  turn(*root, 0.05);
+  proxy.hold(false);
+  const auto d = proxy.held().back();
+  auto in_text = d, in_tag = d;
+  in_text[d.size() - 17] ^= 0x20;  // "d" -> "D" if it were not checked
+  in_tag.back() ^= 0x01;
+  proxy.replay(in_text);
+  proxy.replay(in_tag);
   turn(*root, 0.2);
-  REQUIRE(worker.inbox(5, 0.2).size() == 4);
-  REQUIRE(worker.failures() == 4);
+  REQUIRE(worker.inbox(4, 0.2).size() == 3);
+  REQUIRE(worker.failures() == 5);
+  proxy.replay(d);
+  inbox = worker.inbox(4);
+  REQUIRE(inbox.size() == 4);
+  REQUIRE(inbox.back() == "d");
 
   // Too old: 1100 later messages move the window past "e" before it arrives.
   proxy.hold(true);
@@ -276,7 +286,7 @@ TEST_CASE("over enet, a held-back datagram is accepted once; replayed, too old o
   turn(*root, 0.2);
   inbox = worker.inbox(arrived + 1, 0.3);
   REQUIRE(count(inbox, "e") == 0);
-  REQUIRE(worker.failures() == 5);
+  REQUIRE(worker.failures() == 6);
 
   // The legitimate root is still served.
   send(*root, peer, "still here", Delivery::control);
