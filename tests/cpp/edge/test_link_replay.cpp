@@ -216,7 +216,7 @@ size_t count(const std::vector<std::string>& v, const std::string& s) { return s
 
 }  // namespace
 
-TEST_CASE("over enet, a held-back datagram is accepted once; replayed, too old or tampered ones are refused") {
+TEST_CASE("over enet a held-back datagram is accepted once, replayed, too old or tampered ones are refused") {
   TransportOptions o;
   o.key = keygen();
   Worker worker(o);

@@ -236,7 +236,7 @@ std::vector<uint8_t> noise(size_t n, uint32_t seed) {
 
 }  // namespace
 
-TEST_CASE("oversized and garbage datagrams to the enet port do not stop it; its peer keeps talking") {
+TEST_CASE("oversized and garbage datagrams to the enet port do not stop it, its peer keeps talking") {
   for (bool secure : {true, false}) {
     INFO((secure ? "keyed" : "plaintext"));
     const TransportOptions options = secure ? with_key(keygen()) : TransportOptions{};
@@ -255,7 +255,7 @@ TEST_CASE("oversized and garbage datagrams to the enet port do not stop it; its 
   }
 }
 
-TEST_CASE("garbage before the handshake only counts failures; a pre-auth flood cannot lock a keyed server") {
+TEST_CASE("garbage before the handshake only counts failures, a pre-auth flood cannot lock a keyed server") {
   const auto key = keygen();
   SECTION("tcp") {
     EchoServer server(Protocol::tcp, with_key(key), 2);
