@@ -7,8 +7,10 @@ one partial (a group term cut to one ENet datagram).
 * round trip: a message there and back (two seals, two opens when keyed), per message;
 * one way: bursts of 50 messages (ENet unreliable, TCP) drained on the other side, messages/s.
 Keyed and plaintext pairs run interleaved (A, B, A, B, ...); min / median over the rounds and
-the keyed/plaintext ratio of the medians. Loopback has no wire time, so the added latency here
-is the whole cost of sealing plus the frame's 26 bytes, an upper bound of its share on a link.
+the keyed/plaintext ratio of the medians, in wall time and in this process's CPU time (both
+ends run here; CPU time is less disturbed by other jobs on a shared machine). Loopback has no
+wire time, so the added latency here is the whole cost of sealing plus the frame's 26 bytes,
+an upper bound of its share on a real link.
 """
 
 from __future__ import annotations
@@ -16,15 +18,13 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 import sys
 import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from timing import interleaved  # noqa: E402
-
-from halo._core import edge  # noqa: E402
+from halo._core import edge
 
 SIZE = 1300  # bytes: a partial message filling one keyed ENet datagram (datagram_payload 1334)
 ROUND_TRIPS = 200
@@ -90,44 +90,61 @@ def one_way(server, client, speer, cpeer, delivery):
     return run
 
 
+def measure(cases: dict, rounds: int) -> dict[str, tuple[list[float], list[float]]]:
+    """Runs the cases round-robin after one warm-up round: per case (wall, cpu) seconds."""
+    for fn in cases.values():
+        fn()
+    out: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in cases}
+    for _ in range(rounds):
+        for name, fn in cases.items():
+            w0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            out[name][0].append(time.perf_counter() - w0)
+            out[name][1].append(time.process_time() - c0)
+    return out
+
+
+def row(protocol: str, what: str, plain: list[float], keyed: list[float], scale: float, rate: bool) -> None:
+    def fmt(v: list[float]) -> str:
+        lo, med = min(v), statistics.median(v)
+        return f"{scale / lo:8.0f}/{scale / med:<8.0f}" if rate else f"{lo * scale:8.1f}/{med * scale:<8.1f}"
+
+    ratio = statistics.median(keyed) / statistics.median(plain)
+    print(f"{protocol:5} {what:32} {fmt(plain)} {fmt(keyed)} {1 / ratio if rate else ratio:8.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--rounds", type=int, default=30)
     args = parser.parse_args()
     flags = ""
     if Path("/proc/cpuinfo").exists():
         words = Path("/proc/cpuinfo").read_text().split("flags")[1].split("\n")[0].split()
         flags = " ".join(f for f in ("avx2", "avx512f", "aes", "sha_ni") if f in words)
-    print(f"{platform.processor() or platform.machine()}; cpu flags: {flags}; load {os.getloadavg()[0]:.1f}")
-    print(f"message {SIZE} bytes; round trip: {ROUND_TRIPS} per sample; one way: {BURSTS} x {BURST} per sample")
+    print(f"{platform.machine()}, {os.cpu_count()} cpus, flags: {flags}; load {os.getloadavg()[0]:.1f}")
+    print(f"message {SIZE} bytes; round trip: {ROUND_TRIPS} per sample; one way: {BURSTS} x {BURST} per sample; "
+          f"{args.rounds} interleaved rounds")
     key = edge.keygen()
-    print(f"{'protocol':8} {'measure':22} {'plaintext min/med':>18} {'keyed min/med':>18} {'keyed/plain (median)':>20}")
+    print(f"{'':5} {'':32} {'plaintext min/med':>17} {'keyed min/med':>17} {'keyed/plain (med)':>8}")
     for protocol, delivery in (("enet", "unreliable"), ("tcp", "control")):
         plain, keyed = pair(protocol, None), pair(protocol, key)
-        t = interleaved(
+        t = measure(
             {
                 "rtt plain": round_trips(*plain, delivery),
                 "rtt keyed": round_trips(*keyed, delivery),
                 "way plain": one_way(*plain, delivery),
                 "way keyed": one_way(*keyed, delivery),
             },
-            repeats=args.rounds,
+            args.rounds,
         )
-        us = 1e6 / ROUND_TRIPS
-        p, k = t["rtt plain"], t["rtt keyed"]
-        print(
-            f"{protocol:8} {'round trip, us/message':22} {p.min * us:8.1f}/{p.median * us:<8.1f} "
-            f"{k.min * us:8.1f}/{k.median * us:<8.1f} {k.median / p.median:20.3f}"
-        )
-        n = BURSTS * BURST
-        p, k = t["way plain"], t["way keyed"]
-        print(
-            f"{protocol:8} {'one way, messages/s':22} {n / p.min:8.0f}/{n / p.median:<8.0f} "
-            f"{n / k.min:8.0f}/{n / k.median:<8.0f} {p.median / k.median:20.3f}"
-        )
-        added = (t["rtt keyed"].median - t["rtt plain"].median) / ROUND_TRIPS / 2 * 1e6
-        print(f"{protocol:8} added per message (one seal + one open, median): {added:.1f} us")
-    print(f"load after: {os.getloadavg()[0]:.1f} (shared machine: other jobs ran meanwhile)")
+        us, n = 1e6 / ROUND_TRIPS, BURSTS * BURST
+        for i, kind in ((0, "wall"), (1, "cpu")):
+            row(protocol, f"round trip, us/message ({kind})", t["rtt plain"][i], t["rtt keyed"][i], us, False)
+            row(protocol, f"one way, messages/s ({kind})", t["way plain"][i], t["way keyed"][i], n, True)
+        for i, kind in ((0, "wall"), (1, "cpu")):
+            added = (statistics.median(t["rtt keyed"][i]) - statistics.median(t["rtt plain"][i])) / ROUND_TRIPS / 2
+            print(f"{protocol:5} added per message, one seal + one open ({kind}, medians): {added * 1e6:.1f} us")
+    print(f"load after: {os.getloadavg()[0]:.1f} (a shared machine: other jobs ran meanwhile)")
 
 
 if __name__ == "__main__":
