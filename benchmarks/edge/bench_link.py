@@ -19,7 +19,6 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import threading
 import time
 from pathlib import Path
@@ -122,8 +121,10 @@ def main() -> None:
         words = Path("/proc/cpuinfo").read_text().split("flags")[1].split("\n")[0].split()
         flags = " ".join(f for f in ("avx2", "avx512f", "aes", "sha_ni") if f in words)
     print(f"{platform.machine()}, {os.cpu_count()} cpus, flags: {flags}; load {os.getloadavg()[0]:.1f}")
-    print(f"message {SIZE} bytes; round trip: {ROUND_TRIPS} per sample; one way: {BURSTS} x {BURST} per sample; "
-          f"{args.rounds} interleaved rounds")
+    print(
+        f"message {SIZE} bytes; round trip: {ROUND_TRIPS} per sample; one way: {BURSTS} x {BURST} per sample; "
+        f"{args.rounds} interleaved rounds"
+    )
     key = edge.keygen()
     print(f"{'':5} {'':32} {'plaintext min/med':>17} {'keyed min/med':>17} {'keyed/plain (med)':>8}")
     for protocol, delivery in (("enet", "unreliable"), ("tcp", "control")):
@@ -142,8 +143,14 @@ def main() -> None:
             row(protocol, f"round trip, us/message ({kind})", t["rtt plain"][i], t["rtt keyed"][i], us, False)
             row(protocol, f"one way, messages/s ({kind})", t["way plain"][i], t["way keyed"][i], n, True)
         for i, kind in ((0, "wall"), (1, "cpu")):
-            added = (statistics.median(t["rtt keyed"][i]) - statistics.median(t["rtt plain"][i])) / ROUND_TRIPS / 2
-            print(f"{protocol:5} added per message, one seal + one open ({kind}, medians): {added * 1e6:.1f} us")
+            added = (
+                (statistics.median(t["rtt keyed"][i]) - statistics.median(t["rtt plain"][i]))
+                / ROUND_TRIPS
+                / 2
+            )
+            print(
+                f"{protocol:5} added per message, one seal + one open ({kind}, medians): {added * 1e6:.1f} us"
+            )
     print(f"load after: {os.getloadavg()[0]:.1f} (a shared machine: other jobs ran meanwhile)")
 
 
