@@ -243,7 +243,8 @@ class EnetTransport final : public Transport {
   }
 
   bool send_raw(ENetPeer* p, std::span<const uint8_t> data, Delivery delivery) {
-    const enet_uint32 flags = delivery == Delivery::unreliable ? ENET_PACKET_FLAG_UNSEQUENCED : ENET_PACKET_FLAG_RELIABLE;
+    const enet_uint32 flags =
+        delivery == Delivery::unreliable ? ENET_PACKET_FLAG_UNSEQUENCED : ENET_PACKET_FLAG_RELIABLE;
     ENetPacket* packet = enet_packet_create(data.data(), data.size(), flags);
     if (packet == nullptr) throw std::runtime_error("[edge.send] out of memory");
     if (enet_peer_send(p, enet_uint8(delivery), packet) < 0) {

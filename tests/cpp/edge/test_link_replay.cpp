@@ -10,9 +10,9 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <catch2/catch.hpp>
 #include <cstring>
-#include <algorithm>
 #include <atomic>
 #include <mutex>
 #include <optional>
@@ -212,7 +212,9 @@ void turn(Transport& t, double seconds) {
   while (now() < end) t.poll(0.002);
 }
 
-size_t count(const std::vector<std::string>& v, const std::string& s) { return size_t(std::count(v.begin(), v.end(), s)); }
+size_t count(const std::vector<std::string>& v, const std::string& s) {
+  return size_t(std::count(v.begin(), v.end(), s));
+}
 
 }  // namespace
 
