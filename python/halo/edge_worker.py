@@ -167,7 +167,7 @@ class _Session:
             raise Refused(f"unknown field {_show(sorted(unknown)[0])} in 'load' (no paths cross the wire)")
         served = self.worker.models.get(msg.get("fingerprint"))
         if served is None:
-            raise Refused(f"this worker does not serve the model {_show(msg.get('fingerprint'))}")
+            raise Refused("this worker does not serve a model of that fingerprint")
         spec = served.spec
         group_size = _int(msg, "group_size", 1, spec.inter)
         heads_per_group = _int(msg, "heads_per_group", 1, spec.heads)
