@@ -363,6 +363,27 @@ def test_nested_and_huge_json_before_and_after_hello(model, worker, plan, key, b
     _still_serves(model, worker, plan, key, baseline)
 
 
+def test_control_json_is_bounded_before_it_is_parsed(monkeypatch):
+    from halo import edge_link
+
+    assert edge_link.parse_control(b'{"a": "[[[[[[[[[[[[{{{{{{{{{\\"]]]]", "b": [[1]]}', 100) == {
+        "a": '[[[[[[[[[[[[{{{{{{{{{"]]]]',
+        "b": [[1]],
+    }
+    assert edge_link.json_depth(b'{"a": [[[{"b": "]]]"}]]]}') == 5
+    parsed = []
+    monkeypatch.setattr(edge_link.json, "loads", lambda data: parsed.append(data))
+    for text, word in (
+        (b"[" * 9 + b"]" * 9, "nested deeper than 8"),
+        (b'{"a": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", "nested deeper than 8"),
+        (b"[" * 9, "nested deeper than 8"),
+        (b'{"a": "' + b"x" * 200 + b'"}', "exceeds 100"),
+    ):
+        with pytest.raises(ValueError, match=word):
+            edge_link.parse_control(text, 100 if b"x" in text else 1 << 20)
+    assert not parsed  # refused without reaching the parser
+
+
 # ----------------------------------------------------------------------------------------------
 # Paths and models over the wire
 
