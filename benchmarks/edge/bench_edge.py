@@ -110,12 +110,7 @@ def start_workers(bed, model) -> list[str]:
         bed.popen(
             bed.worker(i),
             [
-                *WORKER_CLI,
-                "--listen",
-                bed.worker_address(
-                    i,
-                    PORT,
-                ),
+                *(*WORKER_CLI, "--listen", bed.worker_address(i, PORT)),
                 *("--model", str(model), "--key-file", str(key_file())),
             ],
             env=env,
