@@ -800,5 +800,7 @@ def run(
             delivered=root.stats.delivered_fraction(),
             replans=root.stats.replans,
             dropped={root._name(w): why for w, why in root.stats.dead.items()},
+            rejected=root.stats.rejected,
+            malformed=root.stats.malformed,
         )
     return result

@@ -445,6 +445,7 @@ class Worker:
         """Serves ``sessions`` roots (None: forever); returns after ``idle_timeout`` s without one."""
         served = 0
         idle_since = time.monotonic()
+        failures, told = self.auth_failures, time.monotonic()
         while sessions is None or served < sessions:
             session = self.session
             if session is None:
@@ -460,6 +461,11 @@ class Worker:
             for key in [k for k, deadline in self.pending.items() if deadline < now]:
                 del self.pending[key]
                 self._close(*key, None)
+            if now - told > 10.0 and self.auth_failures != failures:
+                self._say(
+                    f"{self.auth_failures - failures} failed handshakes or refused frames in {now - told:.0f} s"
+                )
+                failures, told = self.auth_failures, now
             session = self.session
             if session is not None and not session.t.connected(session.peer):
                 self._end(None, "the root is gone")
