@@ -32,6 +32,8 @@ from halo._core import edge as core
 from halo.cli import main as halo_main
 from halo.edge_link import read_key, write_key
 from halo.edge_model import ATTN, FFN
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -382,6 +384,35 @@ def test_control_json_is_bounded_before_it_is_parsed(monkeypatch):
         with pytest.raises(ValueError, match=word):
             edge_link.parse_control(text, 100 if b"x" in text else 1 << 20)
     assert not parsed  # refused without reaching the parser
+
+
+def _depth(value) -> int:
+    if isinstance(value, dict):
+        return 1 + max((_depth(v) for v in value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max((_depth(v) for v in value), default=0)
+    return 0
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=40,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.text(max_size=8), _json, max_size=4))
+def test_control_json_depth_is_counted_exactly(body):
+    from halo import edge_link
+
+    text = json.dumps(body).encode()
+    assert edge_link.json_depth(text) == _depth(body)
+    if _depth(body) <= edge_link.JSON_DEPTH:
+        assert edge_link.parse_control(text, len(text)) == body
+    else:
+        with pytest.raises(ValueError, match="nested deeper"):
+            edge_link.parse_control(text, len(text))
 
 
 # ----------------------------------------------------------------------------------------------
