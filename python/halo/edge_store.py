@@ -461,7 +461,9 @@ class GroupStore:
         self._store.release(list(keys))
 
     def stats(self) -> dict[str, Any]:
-        return self._store.stats()
+        """Counters (loads, reads, peak resident bytes...); after close(), those at close."""
+        closed = getattr(self, "_closed_stats", None)
+        return dict(closed) if closed is not None else self._store.stats()
 
     def errors(self) -> list[tuple[Key, str]]:
         return [(tuple(k), why) for k, why in self._store.errors()]
@@ -479,6 +481,8 @@ class GroupStore:
         return self._store.tensor_bytes(key, name)
 
     def close(self) -> None:
+        if getattr(self, "_closed_stats", None) is None:
+            self._closed_stats = self._store.stats()
         self._store.close()
 
     def __enter__(self) -> Self:

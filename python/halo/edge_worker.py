@@ -118,6 +118,12 @@ class _Session:
         self.t.send(self.peer, _control(message), "control")
         self.t.flush()
 
+    def close(self) -> None:
+        """Frees the session's groups (a group store's loader threads and file too)."""
+        store, self.store, self.compute = self.store, None, None
+        if store is not None and hasattr(store, "close"):
+            store.close()
+
     def handle(self, data: bytes) -> bool:
         """One message from the root; False when the root said goodbye. Raises Refused."""
         try:
@@ -177,6 +183,7 @@ class _Session:
             raise Refused(f"'weights' must be one of {', '.join(WEIGHT_FORMATS)}, got {_show(weights)}")
         delivery = _delivery(msg.get("delivery", {}))
         groups = layout(spec, group_size, heads_per_group)
+        self.close()  # a second load replaces the first: one store per session
         if self.worker.streaming is not None:
             wait_all = delivery["other"] != "unreliable"
             self.store, self.compute = self.worker.streaming.open(
@@ -374,6 +381,7 @@ class Worker:
         if session is None:
             return
         self._close(session.t, session.peer, reason)
+        session.close()
         self._say(f"session ended ({log})")
 
     def _event(self, transport: Any, event: Any) -> int:
