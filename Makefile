@@ -9,7 +9,7 @@ PY        := $(VENV)/bin/python
 PIP       := $(VENV)/bin/pip
 JOBS      ?= $(shell nproc)
 APT_PKGS  := libeigen3-dev libxsimd-dev catch2 nlohmann-json3-dev cmake ninja-build g++ python3-venv \
-             libenet-dev libxxhash-dev nftables iproute2 ethtool ccache
+             libenet-dev libsodium-dev libxxhash-dev nftables iproute2 ethtool ccache
 BUILD     := build/cpp
 ASAN      := build/asan
 PREFIX    := build/install

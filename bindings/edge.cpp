@@ -1,10 +1,12 @@
 // halo._core.edge: the edge runtime's transports (ENet / TCP), wire messages
 // and the root's deadline-bounded gather. python/halo/edge_*.py drive them.
 #include <cmath>
+#include <optional>
 #include <stdexcept>
 
 #include "bindings/registry.hpp"
 #include "halo/edge/exchange.hpp"
+#include "halo/edge/link.hpp"
 #include "halo/edge/transport.hpp"
 #include "halo/edge/wire.hpp"
 
@@ -79,13 +81,14 @@ py::dict decode(const py::bytes& message) {
   out["group"] = h.group;
   out["row0"] = h.row0;
   if (h.kind == Kind::control) {
-    out["json"] = py::bytes(view.data() + kHeaderBytes, view.size() - kHeaderBytes);
+    const auto json = control_json(m);
+    out["json"] = py::bytes(reinterpret_cast<const char*>(json.data()), json.size());
     return out;
   }
   if (h.kind == Kind::input) {
-    py::array_t<uint16_t> critical(h.count);
-    for (size_t i = 0; i < h.count; ++i)
-      critical.mutable_data()[i] = uint16_t(m[kHeaderBytes + 2 * i] | (m[kHeaderBytes + 2 * i + 1] << 8));
+    const std::vector<uint16_t> ids = critical_ids(h, m);
+    py::array_t<uint16_t> critical(py::ssize_t(ids.size()));
+    std::copy(ids.begin(), ids.end(), critical.mutable_data());
     out["critical"] = critical;
   }
   py::array_t<float> rows({py::ssize_t(h.rows), py::ssize_t(h.cols)});
@@ -100,25 +103,45 @@ void bind(py::module_& m) {
   m.def(
       "make_control",
       [](const py::bytes& json, int version) {
+        require(version >= 0 && version <= 65535, "edge.make_control", "version must be in [0, 65535], got ",
+                version);
         const std::string_view v = json;
-        auto msg = make_control({reinterpret_cast<const uint8_t*>(v.data()), v.size()});
-        msg[4] = uint8_t(version);  // another version only to test how peers refuse it
-        msg[5] = uint8_t(version >> 8);
+        const auto msg = make_control({reinterpret_cast<const uint8_t*>(v.data()), v.size()}, uint16_t(version));
         return py::bytes(reinterpret_cast<const char*>(msg.data()), msg.size());
       },
       py::arg("json"), py::arg("version") = kWireVersion);
   m.def("decode", &decode, py::arg("message"));
+  m.def(
+      "keygen",
+      [] {
+        const std::vector<uint8_t> key = keygen();
+        return py::bytes(reinterpret_cast<const char*>(key.data()), key.size());
+      },
+      "32 random bytes from libsodium: a key for Transport(..., key=...).");
 
   py::class_<Transport>(m, "Transport")
-      .def(py::init([](const std::string& protocol, const std::string& host, int port, int max_peers) {
+      .def(py::init([](const std::string& protocol, const std::string& host, int port, int max_peers,
+                       const std::optional<py::bytes>& key, int64_t max_message_bytes) {
              require(port >= 0 && port <= 65535, "edge.Transport", "port must be in [0, 65535], got ", port);
-             return Transport::create(parse_protocol(protocol), host, uint16_t(port), max_peers);
+             require(max_message_bytes > 0, "edge.Transport", "max_message_bytes must be > 0, got ",
+                     max_message_bytes);
+             TransportOptions options;
+             if (key) {
+               const std::string_view k = *key;
+               options.key.assign(k.begin(), k.end());
+               require(options.key.size() == kKeyBytes, "edge.Transport", "key must be ", kKeyBytes,
+                       " bytes, got ", options.key.size());
+             }
+             options.max_message_bytes = size_t(max_message_bytes);
+             return Transport::create(parse_protocol(protocol), host, uint16_t(port), max_peers, options);
            }),
-           py::arg("protocol"), py::arg("host") = "", py::arg("port") = 0, py::arg("max_peers") = 8)
+           py::arg("protocol"), py::arg("host") = "", py::arg("port") = 0, py::arg("max_peers") = 8,
+           py::arg("key") = py::none(), py::arg("max_message_bytes") = int64_t(64) << 20)
       .def_property_readonly("protocol",
                              [](const Transport& t) { return t.protocol() == Protocol::enet ? "enet" : "tcp"; })
       .def_property_readonly("port", &Transport::port)
       .def_property_readonly("datagram_payload", &Transport::datagram_payload)
+      .def_property_readonly("auth_failures", &Transport::auth_failures)
       .def(
           "connect",
           [](Transport& t, const std::string& host, int port, double timeout) {

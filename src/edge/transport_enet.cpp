@@ -1,6 +1,11 @@
 // ENet transport: three channels (control, reliable partials, unreliable
 // partials); unreliable messages go unsequenced so a late one is still used.
+// With a key, a peer ENet connected is in handshake (no `connect` event, only the
+// fixed-size handshake frames read) until it proved the key or kHandshakeTimeout
+// passed; kPendingHandshakes extra ENet slots hold such peers so that a flood of
+// them cannot take the slots of authenticated ones.
 #include <enet/enet.h>
+#include <linux/filter.h>
 #include <poll.h>
 #include <sys/socket.h>
 
@@ -10,9 +15,11 @@
 #include <cstring>
 #include <deque>
 #include <mutex>
+#include <memory>
 #include <stdexcept>
 
 #include "halo/core/error.hpp"
+#include "halo/edge/link.hpp"
 #include "src/edge/transports.hpp"
 
 namespace halo::edge {
@@ -54,25 +61,56 @@ void grow_buffers(ENetSocket socket) {
     setsockopt(socket, SOL_SOCKET, SO_SNDBUF, &bytes, sizeof bytes);
 }
 
+// ENet reads datagrams into a ENET_PROTOCOL_MAXIMUM_MTU buffer and fails the whole
+// enet_host_service call (printing to stderr) on a longer one: drop those in the
+// kernel. The filter sees the UDP header and the payload. service() also survives
+// the failure, should one get through.
+void drop_oversized_datagrams(ENetSocket socket) {
+  sock_filter code[] = {
+      {BPF_LD | BPF_W | BPF_LEN, 0, 0, 0},
+      {BPF_JMP | BPF_JGT | BPF_K, 1, 0, ENET_PROTOCOL_MAXIMUM_MTU + 8},
+      {BPF_RET | BPF_K, 0, 0, 0xFFFFFFFF},
+      {BPF_RET | BPF_K, 0, 0, 0},
+  };
+  sock_fprog program{sizeof code / sizeof code[0], code};
+  setsockopt(socket, SOL_SOCKET, SO_ATTACH_FILTER, &program, sizeof program);
+}
+
+// What the transport knows of an ENet peer slot beyond ENet.
+struct Slot {
+  std::unique_ptr<SecureLink> link;  // with a key
+  double deadline = 0;               // of the handshake
+  bool outgoing = false;             // connect() is waiting for it
+  bool visible = false;              // the user saw its `connect`
+  bool refused = false;              // its handshake failed (connect() says so)
+};
+
 class EnetTransport final : public Transport {
  public:
-  EnetTransport(const std::string& bind_host, uint16_t port, int32_t max_peers) {
+  EnetTransport(const std::string& bind_host, uint16_t port, int32_t max_peers, const TransportOptions& options)
+      : max_peers_(max_peers), options_(options) {
     init_enet();
     require(max_peers > 0 && max_peers <= 4095, "edge.Transport", "max_peers must be in [1, 4095], got ", max_peers);
+    const size_t slots = std::min<size_t>(4095, size_t(max_peers) + (secure() ? kPendingHandshakes : 0));
     if (bind_host.empty()) {
-      host_ = enet_host_create(nullptr, size_t(max_peers), kChannels, 0, 0);
+      host_ = enet_host_create(nullptr, slots, kChannels, 0, 0);
     } else {
       ENetAddress address{};
       require(enet_address_set_host_ip(&address, bind_host.c_str()) == 0, "edge.Transport",
               "listen address must be a numeric IPv4 address, got '", bind_host, "'");
       address.port = port;
-      host_ = enet_host_create(&address, size_t(max_peers), kChannels, 0, 0);
+      host_ = enet_host_create(&address, slots, kChannels, 0, 0);
       if (host_ == nullptr)
         throw std::runtime_error("[edge.Transport] cannot listen on udp " + bind_host + ":" + std::to_string(port) +
                                  " (address in use or not on this host)");
     }
     if (host_ == nullptr) throw std::runtime_error("[edge.Transport] enet_host_create failed");
+    // ENet refuses a fragmented message announcing more than this before buffering it.
+    host_->maximumPacketSize = options.max_message_bytes + (secure() ? kSealOverhead : 0);
+    host_->maximumWaitingData = std::max<size_t>(host_->maximumPacketSize, ENET_HOST_DEFAULT_MAXIMUM_WAITING_DATA);
     grow_buffers(host_->socket);
+    drop_oversized_datagrams(host_->socket);
+    slots_.resize(host_->peerCount);
     ENetAddress bound{};
     if (enet_socket_get_address(host_->socket, &bound) == 0) port_ = bound.port;
   }
@@ -87,6 +125,7 @@ class EnetTransport final : public Transport {
 
   Protocol protocol() const override { return Protocol::enet; }
   uint16_t port() const override { return port_; }
+  uint64_t auth_failures() const override { return auth_failures_; }
 
   int32_t connect(const std::string& host, uint16_t port, double timeout_s) override {
     const std::string where = "udp " + host + ":" + std::to_string(port);
@@ -97,31 +136,41 @@ class EnetTransport final : public Transport {
     ENetPeer* peer = enet_host_connect(host_, &address, kChannels, 0);
     if (peer == nullptr) throw std::runtime_error("[edge.connect] no free peer slot for " + where);
     const int32_t id = int32_t(peer - host_->peers);
+    slots_[id] = Slot{};
+    slots_[id].outgoing = true;
     const double deadline = now() + std::max(0.0, timeout_s);
     while (true) {
       Event e = service(deadline);
       if (e.type == Event::Type::none) {
         enet_peer_reset(peer);
+        slots_[id] = Slot{};
         throw std::runtime_error("[edge.connect] no answer from " + where + " within " + fmt(timeout_s) + " s");
       }
-      if (e.peer == id && e.type == Event::Type::connect) return id;
-      if (e.peer == id && e.type == Event::Type::disconnect)
-        throw std::runtime_error("[edge.connect] " + where + " refused the connection");
+      if (e.peer == id && e.type == Event::Type::connect) {
+        slots_[id].outgoing = false;
+        return id;
+      }
+      if (e.peer == id && e.type == Event::Type::disconnect) {
+        const bool refused = slots_[id].refused;
+        slots_[id] = Slot{};
+        throw std::runtime_error("[edge.connect] " + where +
+                                 (refused ? " failed the key handshake (wrong key?)"
+                                          : " refused the connection (wrong key, or no free slot)"));
+      }
       pending_.push_back(std::move(e));
     }
   }
 
   bool send(int32_t peer, std::span<const uint8_t> data, Delivery delivery) override {
     ENetPeer* p = lookup(peer);
-    if (p == nullptr || p->state != ENET_PEER_STATE_CONNECTED) return false;
-    const enet_uint32 flags = delivery == Delivery::unreliable ? ENET_PACKET_FLAG_UNSEQUENCED : ENET_PACKET_FLAG_RELIABLE;
-    ENetPacket* packet = enet_packet_create(data.data(), data.size(), flags);
-    if (packet == nullptr) throw std::runtime_error("[edge.send] out of memory");
-    if (enet_peer_send(p, enet_uint8(delivery), packet) < 0) {
-      enet_packet_destroy(packet);
-      return false;
+    if (p == nullptr || p->state != ENET_PEER_STATE_CONNECTED || !slots_[peer].visible) return false;
+    require(data.size() <= options_.max_message_bytes, "edge.send", "message of ", data.size(),
+            " bytes exceeds max_message_bytes ", options_.max_message_bytes);
+    if (slots_[peer].link) {
+      slots_[peer].link->seal(delivery, data, sealed_);
+      data = sealed_;
     }
-    return true;
+    return send_raw(p, data, delivery);
   }
 
   void flush() override { enet_host_flush(host_); }
@@ -138,6 +187,7 @@ class EnetTransport final : public Transport {
   void disconnect(int32_t peer, bool immediately) override {
     ENetPeer* p = lookup(peer);
     if (p == nullptr || p->state == ENET_PEER_STATE_DISCONNECTED) return;
+    slots_[peer] = Slot{};
     if (immediately) {
       enet_peer_disconnect_now(p, 0);
     } else {
@@ -148,7 +198,7 @@ class EnetTransport final : public Transport {
 
   bool connected(int32_t peer) const override {
     const ENetPeer* p = lookup(peer);
-    return p != nullptr && p->state == ENET_PEER_STATE_CONNECTED;
+    return p != nullptr && p->state == ENET_PEER_STATE_CONNECTED && slots_[peer].visible;
   }
 
   PeerStats stats(int32_t peer) const override {
@@ -162,9 +212,10 @@ class EnetTransport final : public Transport {
     return s;
   }
 
-  size_t datagram_payload() const override { return host_->mtu - 40; }
+  size_t datagram_payload() const override { return host_->mtu - 40 - (secure() ? kSealOverhead : 0); }
 
  private:
+  bool secure() const { return !options_.key.empty(); }
   static std::string fmt(double v) {
     char b[32];
     std::snprintf(b, sizeof b, "%.1f", v);
@@ -175,36 +226,154 @@ class EnetTransport final : public Transport {
     return &host_->peers[peer];
   }
 
+  bool send_raw(ENetPeer* p, std::span<const uint8_t> data, Delivery delivery) {
+    const enet_uint32 flags = delivery == Delivery::unreliable ? ENET_PACKET_FLAG_UNSEQUENCED : ENET_PACKET_FLAG_RELIABLE;
+    ENetPacket* packet = enet_packet_create(data.data(), data.size(), flags);
+    if (packet == nullptr) throw std::runtime_error("[edge.send] out of memory");
+    if (enet_peer_send(p, enet_uint8(delivery), packet) < 0) {
+      enet_packet_destroy(packet);
+      return false;
+    }
+    return true;
+  }
+
+  // Ends a peer that has not become visible (a failed or late handshake): no event.
+  void drop(int32_t id) {
+    ++auth_failures_;
+    const bool outgoing = slots_[id].outgoing;
+    slots_[id] = Slot{};
+    slots_[id].outgoing = outgoing;
+    slots_[id].refused = true;
+    enet_peer_disconnect_now(&host_->peers[id], 0);
+  }
+
+  void expire_handshakes(double t) {
+    if (!secure() || t < next_expiry_check_) return;
+    next_expiry_check_ = t + 0.05;
+    for (size_t i = 0; i < slots_.size(); ++i)
+      if (slots_[i].link && !slots_[i].visible && !slots_[i].outgoing && t >= slots_[i].deadline) drop(int32_t(i));
+  }
+
+  // Keeps a slot free for the next peer: with kPendingHandshakes - 1 handshakes in
+  // progress the oldest is dropped, so a flood of silent peers cannot lock the server.
+  void make_room(int32_t newest) {
+    int32_t pending = 0, oldest = -1;
+    for (size_t i = 0; i < slots_.size(); ++i) {
+      const Slot& s = slots_[i];
+      if (!s.link || s.visible || s.outgoing || int32_t(i) == newest) continue;
+      ++pending;
+      if (oldest < 0 || s.deadline < slots_[oldest].deadline) oldest = int32_t(i);
+    }
+    if (pending >= kPendingHandshakes - 1) drop(oldest);
+  }
+
+  int32_t visible_peers() const {
+    int32_t n = 0;
+    for (const Slot& s : slots_) n += s.visible;
+    return n;
+  }
+
+  // A frame from a peer with a key: the event it makes for the user, if any.
+  bool receive_sealed(int32_t id, std::span<const uint8_t> frame, Event& e) {
+    Slot& slot = slots_[id];
+    if (!slot.link) return false;  // not connected as far as we know: ignore
+    const SecureLink::Result r = slot.link->receive(frame, reply_);
+    switch (r) {
+      case SecureLink::Result::refused:
+        if (slot.link->established()) {
+          ++auth_failures_;  // a forged or replayed datagram: drop it, keep the peer
+          return false;
+        }
+        drop(id);
+        if (!slot.outgoing) return false;
+        e.type = Event::Type::disconnect;  // connect() reports it
+        return true;
+      case SecureLink::Result::handshake:
+        send_raw(&host_->peers[id], reply_, Delivery::control);
+        enet_host_flush(host_);
+        return false;
+      case SecureLink::Result::established:
+        if (!slot.outgoing && visible_peers() >= max_peers_) {  // full: no READY, the client's connect() fails
+          slots_[id] = Slot{};
+          enet_peer_disconnect_now(&host_->peers[id], 0);
+          return false;
+        }
+        if (!reply_.empty()) send_raw(&host_->peers[id], reply_, Delivery::control);
+        enet_host_flush(host_);
+        slot.visible = true;
+        e.type = Event::Type::connect;
+        return true;
+      case SecureLink::Result::message:
+        e.type = Event::Type::message;
+        e.data = std::move(reply_);
+        reply_ = {};
+        return true;
+    }
+    return false;
+  }
+
   // Runs ENet until it yields an event or `deadline` passes. ENet's resend
   // timers only advance inside enet_host_service, so the wait is cut into
   // slices of at most 1 ms; the socket wait itself has microsecond resolution.
+  // A failed enet_host_service (an error on the socket, a malformed datagram) is
+  // not the process's problem: the next call carries on.
   Event service(double deadline) {
     while (true) {
       ENetEvent ev;
       const int r = enet_host_service(host_, &ev, 0);
-      if (r < 0) throw std::runtime_error(std::string("[edge.poll] enet_host_service failed: ") + std::strerror(errno));
       if (r > 0) {
         Event e;
         e.time = now();
         e.peer = int32_t(ev.peer - host_->peers);
+        Slot& slot = slots_[e.peer];
         switch (ev.type) {
           case ENET_EVENT_TYPE_CONNECT:
             configure_peer(ev.peer);
-            e.type = Event::Type::connect;
-            return e;
-          case ENET_EVENT_TYPE_DISCONNECT:
+            if (!slot.outgoing) slot = Slot{};
+            if (!secure()) {
+              slot.visible = true;
+              e.type = Event::Type::connect;
+              return e;
+            }
+            slot.link = std::make_unique<SecureLink>(
+                options_.key, slot.outgoing ? SecureLink::Role::client : SecureLink::Role::server);
+            slot.deadline = e.time + kHandshakeTimeout;
+            if (!slot.outgoing) make_room(e.peer);
+            if (slot.outgoing) {
+              send_raw(ev.peer, slot.link->hello(), Delivery::control);
+              enet_host_flush(host_);
+            }
+            continue;
+          case ENET_EVENT_TYPE_DISCONNECT: {
+            const bool report = slot.visible || slot.outgoing;
+            const bool refused = slot.refused;
+            if (slot.link && !slot.visible && !slot.outgoing) ++auth_failures_;  // gone before proving the key
+            slots_[e.peer] = Slot{};
+            slots_[e.peer].refused = refused;
+            if (!report) continue;
             e.type = Event::Type::disconnect;
             return e;
-          case ENET_EVENT_TYPE_RECEIVE:
-            e.type = Event::Type::message;
-            e.data.assign(ev.packet->data, ev.packet->data + ev.packet->dataLength);
+          }
+          case ENET_EVENT_TYPE_RECEIVE: {
+            const std::span<const uint8_t> data(ev.packet->data, ev.packet->dataLength);
+            bool deliver = false;
+            if (!secure()) {
+              deliver = slot.visible;
+              e.type = Event::Type::message;
+              if (deliver) e.data.assign(data.begin(), data.end());
+            } else {
+              deliver = receive_sealed(e.peer, data, e);
+            }
             enet_packet_destroy(ev.packet);
-            return e;
+            if (deliver) return e;
+            continue;
+          }
           default:
             continue;
         }
       }
       const double t = now();
+      expire_handshakes(t);
       if (t >= deadline) return Event{};
       const double wait = std::min(deadline - t, 1e-3);
       timespec ts{0, long(wait * 1e9)};
@@ -215,13 +384,20 @@ class EnetTransport final : public Transport {
 
   ENetHost* host_ = nullptr;
   uint16_t port_ = 0;
+  int32_t max_peers_;
+  TransportOptions options_;
+  uint64_t auth_failures_ = 0;
+  double next_expiry_check_ = 0;
+  std::vector<Slot> slots_;
+  std::vector<uint8_t> sealed_, reply_;
   std::deque<Event> pending_;
 };
 
 }  // namespace
 
-std::unique_ptr<Transport> make_enet_transport(const std::string& bind_host, uint16_t port, int32_t max_peers) {
-  return std::make_unique<EnetTransport>(bind_host, port, max_peers);
+std::unique_ptr<Transport> make_enet_transport(const std::string& bind_host, uint16_t port, int32_t max_peers,
+                                               const TransportOptions& options) {
+  return std::make_unique<EnetTransport>(bind_host, port, max_peers, options);
 }
 
 }  // namespace halo::edge

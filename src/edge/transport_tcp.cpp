@@ -1,6 +1,9 @@
 // TCP transport: the baseline's wait-for-all links, as distributed-llama and
 // llama.cpp's RPC use them (TCP_NODELAY, the kernel's loss recovery). Frames
-// are a 4-byte little-endian length and the message.
+// are a 4-byte little-endian length and the message (sealed: the AEAD frame).
+// With a key, an accepted connection stays in `handshakes_` (no peer id, frames of
+// at most kHandshakeMaxBytes) until it proved the key; any refused frame closes it,
+// since a stream that carried one forged byte cannot be trusted to resynchronise.
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <netdb.h>
@@ -14,16 +17,17 @@
 #include <cerrno>
 #include <cstring>
 #include <deque>
+#include <memory>
 #include <stdexcept>
 
 #include "halo/core/error.hpp"
+#include "halo/edge/link.hpp"
 #include "src/edge/transports.hpp"
 
 namespace halo::edge {
 
 namespace {
 
-constexpr size_t kMaxFrame = size_t(1) << 28;
 constexpr size_t kMaxQueued = size_t(1) << 28;  // unsent bytes before a peer counts as gone
 
 std::string errno_text() { return std::strerror(errno); }
@@ -33,6 +37,11 @@ void set_nonblocking(int fd) { fcntl(fd, F_SETFL, fcntl(fd, F_GETFL, 0) | O_NONB
 void set_nodelay(int fd) {
   const int one = 1;
   setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+}
+
+timespec to_timespec(double seconds) {
+  const double s = std::max(0.0, seconds);
+  return timespec{time_t(s), long((s - double(time_t(s))) * 1e9)};
 }
 
 sockaddr_in resolve(const std::string& host, uint16_t port, const char* fn) {
@@ -52,12 +61,19 @@ struct Conn {
   int fd = -1;
   std::vector<uint8_t> in, out;
   size_t out_sent = 0;
+  std::unique_ptr<SecureLink> link;  // null: insecure
+  double deadline = 0;               // of the handshake
 };
+
+enum class Io { ok, closed };
+enum class Frames { done, stopped, bad };
 
 class TcpTransport final : public Transport {
  public:
-  TcpTransport(const std::string& bind_host, uint16_t port, int32_t max_peers) : max_peers_(max_peers) {
+  TcpTransport(const std::string& bind_host, uint16_t port, int32_t max_peers, const TransportOptions& options)
+      : max_peers_(max_peers), options_(options) {
     require(max_peers > 0 && max_peers <= 4095, "edge.Transport", "max_peers must be in [1, 4095], got ", max_peers);
+    max_frame_ = options.max_message_bytes + (secure() ? kSealOverhead : 0);
     if (bind_host.empty()) return;
     sockaddr_in address{};
     address.sin_family = AF_INET;
@@ -82,11 +98,14 @@ class TcpTransport final : public Transport {
   ~TcpTransport() override {
     for (Conn& c : peers_)
       if (c.fd >= 0) close(c.fd);
+    for (Conn& c : handshakes_)
+      if (c.fd >= 0) close(c.fd);
     if (listen_fd_ >= 0) close(listen_fd_);
   }
 
   Protocol protocol() const override { return Protocol::tcp; }
   uint16_t port() const override { return port_; }
+  uint64_t auth_failures() const override { return auth_failures_; }
 
   int32_t connect(const std::string& host, uint16_t port, double timeout_s) override {
     const std::string where = "tcp " + host + ":" + std::to_string(port);
@@ -101,16 +120,15 @@ class TcpTransport final : public Transport {
       throw std::runtime_error("[edge.connect] " + where + ": " + why);
     }
     const double deadline = now() + std::max(0.0, timeout_s);
+    const std::string late = "[edge.connect] no answer from " + where + " within " + std::to_string(timeout_s) + " s";
     while (true) {
       pollfd p{fd, POLLOUT, 0};
-      const double left = std::max(0.0, deadline - now());
-      timespec ts{time_t(left), long((left - double(time_t(left))) * 1e9)};
+      const timespec ts = to_timespec(deadline - now());
       const int r = ppoll(&p, 1, &ts, nullptr);
       if (r < 0 && errno == EINTR) continue;
       if (r <= 0) {
         close(fd);
-        throw std::runtime_error("[edge.connect] no answer from " + where + " within " + std::to_string(timeout_s) +
-                                 " s");
+        throw std::runtime_error(late);
       }
       int err = 0;
       socklen_t len = sizeof err;
@@ -119,20 +137,32 @@ class TcpTransport final : public Transport {
         close(fd);
         throw std::runtime_error("[edge.connect] " + where + ": " + std::strerror(err));
       }
-      const int32_t id = add(fd);
-      if (id < 0) throw std::runtime_error("[edge.connect] no free peer slot for " + where);
-      return id;
+      break;
     }
+    Conn c;
+    c.fd = fd;
+    if (secure()) {
+      c.link = std::make_unique<SecureLink>(options_.key, SecureLink::Role::client, "edge.connect");
+      queue_frame(c, c.link->hello());
+      handshake_as_client(c, deadline, where, late);
+    }
+    const int32_t id = add(std::move(c));
+    if (id < 0) throw std::runtime_error("[edge.connect] no free peer slot for " + where);
+    if (!peers_[id].in.empty()) parse(id);  // messages that came right behind the handshake
+    return id;
   }
 
-  bool send(int32_t peer, std::span<const uint8_t> data, Delivery) override {
+  bool send(int32_t peer, std::span<const uint8_t> data, Delivery delivery) override {
     Conn* c = lookup(peer);
     if (c == nullptr) return false;
-    require(data.size() <= kMaxFrame, "edge.send", "message of ", data.size(), " bytes exceeds ", kMaxFrame);
-    const uint32_t n = uint32_t(data.size());
-    const uint8_t length[4] = {uint8_t(n), uint8_t(n >> 8), uint8_t(n >> 16), uint8_t(n >> 24)};
-    c->out.insert(c->out.end(), length, length + 4);
-    c->out.insert(c->out.end(), data.begin(), data.end());
+    require(data.size() <= options_.max_message_bytes, "edge.send", "message of ", data.size(),
+            " bytes exceeds max_message_bytes ", options_.max_message_bytes);
+    if (c->link) {
+      c->link->seal(delivery, data, sealed_);
+      queue_frame(*c, sealed_);
+    } else {
+      queue_frame(*c, data);
+    }
     write_some(peer);
     return lookup(peer) != nullptr;
   }
@@ -145,6 +175,7 @@ class TcpTransport final : public Transport {
   Event poll(double timeout_s) override {
     const double deadline = now() + std::max(0.0, timeout_s);
     while (pending_.empty()) {
+      // owner: >= 0 a peer, -1 the listening socket, <= -2 handshake -2 - k.
       std::vector<pollfd> fds;
       std::vector<int32_t> owner;
       if (listen_fd_ >= 0) fds.push_back({listen_fd_, POLLIN, 0}), owner.push_back(-1);
@@ -154,19 +185,27 @@ class TcpTransport final : public Transport {
         fds.push_back({peers_[i].fd, events, 0});
         owner.push_back(int32_t(i));
       }
-      const double left = std::max(0.0, deadline - now());
-      timespec ts{time_t(left), long((left - double(time_t(left))) * 1e9)};
+      double wake = deadline;
+      for (size_t k = 0; k < handshakes_.size(); ++k) {
+        fds.push_back({handshakes_[k].fd, POLLIN, 0});
+        owner.push_back(-2 - int32_t(k));
+        wake = std::min(wake, handshakes_[k].deadline);
+      }
+      const timespec ts = to_timespec(wake - now());
       const int r = ppoll(fds.data(), fds.size(), &ts, nullptr);
       if (r < 0 && errno != EINTR) throw std::runtime_error("[edge.poll] ppoll: " + errno_text());
       for (size_t k = 0; r > 0 && k < fds.size(); ++k) {
         if (fds[k].revents == 0) continue;
-        if (owner[k] < 0) {
+        if (owner[k] == -1) {
           accept_all();
-          continue;
+        } else if (owner[k] <= -2) {
+          serve_handshake(handshakes_[size_t(-2 - owner[k])]);
+        } else {
+          if (fds[k].revents & POLLOUT) write_some(owner[k]);
+          if (fds[k].revents & (POLLIN | POLLHUP | POLLERR)) read_some(owner[k]);
         }
-        if (fds[k].revents & POLLOUT) write_some(owner[k]);
-        if (fds[k].revents & (POLLIN | POLLHUP | POLLERR)) read_some(owner[k]);
       }
+      end_handshakes();
       if (pending_.empty() && now() >= deadline) return Event{};
     }
     Event e = std::move(pending_.front());
@@ -178,10 +217,8 @@ class TcpTransport final : public Transport {
     Conn* c = lookup(peer);
     if (c == nullptr) return;
     if (!immediately) write_some(peer);
-    close(c->fd);
-    c->fd = -1;
-    c->in.clear();
-    c->out.clear();
+    if (c->fd >= 0) close(c->fd);
+    *c = Conn{};
   }
 
   bool connected(int32_t peer) const override { return lookup(peer) != nullptr; }
@@ -200,38 +237,53 @@ class TcpTransport final : public Transport {
     return s;
   }
 
-  size_t datagram_payload() const override { return kMaxFrame; }
+  size_t datagram_payload() const override { return options_.max_message_bytes; }
 
  private:
+  bool secure() const { return !options_.key.empty(); }
+
   Conn* lookup(int32_t peer) {
     if (peer < 0 || size_t(peer) >= peers_.size() || peers_[peer].fd < 0) return nullptr;
     return &peers_[peer];
   }
   const Conn* lookup(int32_t peer) const { return const_cast<TcpTransport*>(this)->lookup(peer); }
 
-  int32_t add(int fd) {
+  static void queue_frame(Conn& c, std::span<const uint8_t> frame) {
+    const uint32_t n = uint32_t(frame.size());
+    const uint8_t length[4] = {uint8_t(n), uint8_t(n >> 8), uint8_t(n >> 16), uint8_t(n >> 24)};
+    c.out.insert(c.out.end(), length, length + 4);
+    c.out.insert(c.out.end(), frame.begin(), frame.end());
+  }
+
+  // A peer id for an open (and, with a key, authenticated) connection; -1 (and closed) when full.
+  int32_t add(Conn c) {
     int32_t open = 0;
-    for (const Conn& c : peers_) open += c.fd >= 0;
+    for (const Conn& p : peers_) open += p.fd >= 0;
     if (open >= max_peers_) {
-      close(fd);
+      close(c.fd);
       return -1;
     }
-    peers_.push_back(Conn{fd, {}, {}, 0});
-    return int32_t(peers_.size() - 1);
+    peers_.push_back(std::move(c));
+    const int32_t id = int32_t(peers_.size() - 1);
+    if (peers_.back().out.size() > 0) write_some(id);
+    return lookup(id) ? id : -1;
+  }
+
+  void push(Event::Type type, int32_t peer, std::vector<uint8_t> data = {}) {
+    Event e;
+    e.type = type;
+    e.peer = peer;
+    e.data = std::move(data);
+    e.time = now();
+    pending_.push_back(std::move(e));
   }
 
   void lost(int32_t peer) {
     Conn& c = peers_[peer];
     if (c.fd < 0) return;
     close(c.fd);
-    c.fd = -1;
-    c.in.clear();
-    c.out.clear();
-    Event e;
-    e.type = Event::Type::disconnect;
-    e.peer = peer;
-    e.time = now();
-    pending_.push_back(std::move(e));
+    c = Conn{};
+    push(Event::Type::disconnect, peer);
   }
 
   void accept_all() {
@@ -239,19 +291,33 @@ class TcpTransport final : public Transport {
       const int fd = accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
       if (fd < 0) return;
       set_nodelay(fd);
-      const int32_t id = add(fd);
-      if (id < 0) continue;
-      Event e;
-      e.type = Event::Type::connect;
-      e.peer = id;
-      e.time = now();
-      pending_.push_back(std::move(e));
+      if (!secure()) {
+        Conn c;
+        c.fd = fd;
+        const int32_t id = add(std::move(c));
+        if (id >= 0) push(Event::Type::connect, id);
+        continue;
+      }
+      if (handshakes_.size() >= size_t(kPendingHandshakes)) {
+        // A flood: the oldest handshake makes room, so silent connections cannot lock the
+        // server; an honest client finishes within a round trip and is rarely the oldest.
+        auto oldest = std::min_element(handshakes_.begin(), handshakes_.end(),
+                                       [](const Conn& a, const Conn& b) { return a.deadline < b.deadline; });
+        close(oldest->fd);
+        handshakes_.erase(oldest);
+        ++auth_failures_;
+      }
+      Conn c;
+      c.fd = fd;
+      c.link = std::make_unique<SecureLink>(options_.key, SecureLink::Role::server);
+      c.deadline = now() + kHandshakeTimeout;
+      handshakes_.push_back(std::move(c));
     }
   }
 
-  void write_some(int32_t peer) {
-    Conn& c = peers_[peer];
-    while (c.fd >= 0 && c.out_sent < c.out.size()) {
+  // Non-blocking send of what is queued; false when the connection failed.
+  static bool write_conn(Conn& c) {
+    while (c.out_sent < c.out.size()) {
       const ssize_t n = ::send(c.fd, c.out.data() + c.out_sent, c.out.size() - c.out_sent, MSG_NOSIGNAL);
       if (n > 0) {
         c.out_sent += size_t(n);
@@ -259,69 +325,191 @@ class TcpTransport final : public Transport {
       }
       if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
       if (n < 0 && errno == EINTR) continue;
-      lost(peer);
-      return;
+      return false;
     }
     if (c.out_sent == c.out.size()) {
       c.out.clear();
       c.out_sent = 0;
-    } else if (c.out.size() - c.out_sent > kMaxQueued) {
+    }
+    return c.out.size() - c.out_sent <= kMaxQueued;
+  }
+
+  void write_some(int32_t peer) {
+    if (!write_conn(peers_[peer])) lost(peer);
+  }
+
+  // Reads what is there (at most one frame limit ahead of the parser) and hands
+  // complete frames to on_frame; returns closed on EOF, an error or a bad frame.
+  template <typename OnFrames>
+  Io read_conn(Conn& c, OnFrames&& on_frames) {
+    uint8_t buffer[65536];
+    while (true) {
+      const ssize_t n = recv(c.fd, buffer, sizeof buffer, 0);
+      if (n > 0) {
+        c.in.insert(c.in.end(), buffer, buffer + n);
+        const Frames f = on_frames();
+        if (f == Frames::bad) return Io::closed;
+        if (f == Frames::stopped) return Io::ok;
+        continue;
+      }
+      if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return Io::ok;
+      if (n < 0 && errno == EINTR) continue;
+      return Io::closed;  // orderly close or error
+    }
+  }
+
+  // Splits complete frames off c.in into f(frame) -> bool (false: stop after it, keep
+  // the rest). A length over the limit (the handshake's before authentication) is bad.
+  template <typename F>
+  Frames split(Conn& c, F&& f) {
+    size_t at = 0;
+    Frames result = Frames::done;
+    while (c.in.size() - at >= 4) {
+      const uint8_t* p = c.in.data() + at;
+      const size_t n = size_t(p[0]) | size_t(p[1]) << 8 | size_t(p[2]) << 16 | size_t(p[3]) << 24;
+      const size_t limit = c.link && !c.link->established() ? kHandshakeMaxBytes : max_frame_;
+      if (n > limit) {
+        ++auth_failures_;
+        return Frames::bad;
+      }
+      if (c.in.size() - at - 4 < n) break;
+      at += 4 + n;
+      if (!f(std::span<const uint8_t>(p + 4, n))) {
+        result = Frames::stopped;
+        break;
+      }
+    }
+    c.in.erase(c.in.begin(), c.in.begin() + std::ptrdiff_t(at));
+    return result;
+  }
+
+  // Feeds a frame to c's link; false when it was refused (then c must be closed).
+  bool step(Conn& c, std::span<const uint8_t> frame, std::vector<uint8_t>& message, SecureLink::Result& r) {
+    r = c.link->receive(frame, message);
+    if (r == SecureLink::Result::refused) {
+      ++auth_failures_;
+      return false;
+    }
+    if (r != SecureLink::Result::message && !message.empty()) queue_frame(c, message);
+    return true;
+  }
+
+  void handshake_as_client(Conn& c, double deadline, const std::string& where, const std::string& late) {
+    bool refused = false;
+    auto on_frames = [&] {
+      return split(c, [&](std::span<const uint8_t> frame) {
+        std::vector<uint8_t> reply;
+        SecureLink::Result r;
+        refused = !step(c, frame, reply, r);
+        return !refused && !c.link->established();
+      });
+    };
+    auto fail = [&](const std::string& why) {
+      close(c.fd);
+      throw std::runtime_error(why);
+    };
+    const std::string closed =
+        "[edge.connect] " + where + " closed the connection during the key handshake (wrong key, or no free slot)";
+    while (!c.link->established()) {
+      if (!write_conn(c)) fail(closed);
+      pollfd p{c.fd, short(POLLIN | (c.out.size() > c.out_sent ? POLLOUT : 0)), 0};
+      const timespec ts = to_timespec(deadline - now());
+      const int r = ppoll(&p, 1, &ts, nullptr);
+      if (r < 0 && errno == EINTR) continue;
+      if (r == 0) fail(late);
+      if (r < 0) fail("[edge.connect] " + where + ": " + errno_text());
+      if ((p.revents & (POLLIN | POLLHUP | POLLERR)) == 0) continue;
+      const Io io = read_conn(c, on_frames);
+      if (refused) fail("[edge.connect] " + where + " failed the key handshake (wrong key?)");
+      if (io == Io::closed && !c.link->established()) fail(closed);
+    }
+    if (!write_conn(c)) fail("[edge.connect] " + where + " closed the connection after the key handshake");
+  }
+
+  // One handshake's turn: its frames, its replies; once it proved the key it becomes a peer.
+  void serve_handshake(Conn& c) {
+    bool done = false, refused = false;
+    const Io io = read_conn(c, [&] {
+      return split(c, [&](std::span<const uint8_t> frame) {
+        std::vector<uint8_t> reply;
+        SecureLink::Result r;
+        refused = !step(c, frame, reply, r);
+        done = !refused && c.link->established();
+        return !refused && !done;
+      });
+    });
+    if (refused || (io == Io::closed && !done) || !write_conn(c)) {
+      if (!refused) ++auth_failures_;  // gone before proving the key: a failed handshake too
+      close(c.fd);
+      c.fd = -1;
+      return;
+    }
+    if (!done) return;
+    const int32_t id = add(std::move(c));
+    c.fd = -1;
+    if (id < 0) return;
+    push(Event::Type::connect, id);
+    if (!peers_[id].in.empty()) parse(id);
+  }
+
+  // Drops handshakes that ended or ran past their deadline.
+  void end_handshakes() {
+    const double t = now();
+    for (Conn& c : handshakes_)
+      if (c.fd >= 0 && t >= c.deadline) {
+        close(c.fd);
+        c.fd = -1;
+        ++auth_failures_;
+      }
+    std::erase_if(handshakes_, [](const Conn& c) { return c.fd < 0; });
+  }
+
+  void read_some(int32_t peer) {
+    if (read_conn(peers_[peer], [&] { return parse(peer) ? Frames::done : Frames::bad; }) == Io::closed) {
+      if (peers_[peer].fd >= 0) parse(peer);
       lost(peer);
     }
   }
 
-  void read_some(int32_t peer) {
+  // Complete frames of an established peer -> message events; false when one was bad.
+  bool parse(int32_t peer) {
     Conn& c = peers_[peer];
-    uint8_t buffer[65536];
-    while (c.fd >= 0) {
-      const ssize_t n = recv(c.fd, buffer, sizeof buffer, 0);
-      if (n > 0) {
-        c.in.insert(c.in.end(), buffer, buffer + n);
-        continue;
+    bool refused = false;
+    const Frames f = split(c, [&](std::span<const uint8_t> frame) {
+      if (!c.link) {
+        push(Event::Type::message, peer, std::vector<uint8_t>(frame.begin(), frame.end()));
+        return true;
       }
-      if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
-      if (n < 0 && errno == EINTR) continue;
-      parse(peer);
-      lost(peer);  // orderly close or error
-      return;
+      std::vector<uint8_t> message;
+      SecureLink::Result r;
+      if (!step(c, frame, message, r)) return !(refused = true);
+      push(Event::Type::message, peer, std::move(message));
+      return true;
+    });
+    if (f == Frames::bad || refused) {
+      lost(peer);
+      return false;
     }
-    parse(peer);
-  }
-
-  void parse(int32_t peer) {
-    Conn& c = peers_[peer];
-    size_t at = 0;
-    while (c.in.size() - at >= 4) {
-      const uint8_t* p = c.in.data() + at;
-      const size_t n = size_t(p[0]) | size_t(p[1]) << 8 | size_t(p[2]) << 16 | size_t(p[3]) << 24;
-      if (n > kMaxFrame) {
-        c.in.clear();
-        lost(peer);  // not our protocol
-        return;
-      }
-      if (c.in.size() - at - 4 < n) break;
-      Event e;
-      e.type = Event::Type::message;
-      e.peer = peer;
-      e.data.assign(p + 4, p + 4 + n);
-      e.time = now();
-      pending_.push_back(std::move(e));
-      at += 4 + n;
-    }
-    c.in.erase(c.in.begin(), c.in.begin() + std::ptrdiff_t(at));
+    return true;
   }
 
   int listen_fd_ = -1;
   uint16_t port_ = 0;
   int32_t max_peers_;
+  TransportOptions options_;
+  size_t max_frame_ = 0;
+  uint64_t auth_failures_ = 0;
   std::vector<Conn> peers_;
+  std::vector<Conn> handshakes_;  // accepted, not yet authenticated (at most kPendingHandshakes)
+  std::vector<uint8_t> sealed_;
   std::deque<Event> pending_;
 };
 
 }  // namespace
 
-std::unique_ptr<Transport> make_tcp_transport(const std::string& bind_host, uint16_t port, int32_t max_peers) {
-  return std::make_unique<TcpTransport>(bind_host, port, max_peers);
+std::unique_ptr<Transport> make_tcp_transport(const std::string& bind_host, uint16_t port, int32_t max_peers,
+                                              const TransportOptions& options) {
+  return std::make_unique<TcpTransport>(bind_host, port, max_peers, options);
 }
 
 }  // namespace halo::edge

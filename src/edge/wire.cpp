@@ -83,8 +83,9 @@ Header decode_header(std::span<const uint8_t> m, const char* fn) {
   return h;
 }
 
-std::vector<uint8_t> make_control(std::span<const uint8_t> json) {
+std::vector<uint8_t> make_control(std::span<const uint8_t> json, uint16_t version) {
   Header h;
+  h.version = version;
   h.kind = Kind::control;
   h.count = uint32_t(json.size());
   std::vector<uint8_t> out(kHeaderBytes + json.size());
@@ -111,6 +112,14 @@ std::vector<uint8_t> make_partial(Header h, const float* rows) {
   encode_rows(h, rows, out.data() + kHeaderBytes);
   return out;
 }
+
+std::vector<uint16_t> critical_ids(const Header& h, std::span<const uint8_t> m) {
+  std::vector<uint16_t> ids(h.kind == Kind::input ? h.count : 0);
+  for (size_t i = 0; i < ids.size(); ++i) ids[i] = get16(m.data() + kHeaderBytes + 2 * i);
+  return ids;
+}
+
+std::span<const uint8_t> control_json(std::span<const uint8_t> m) { return m.subspan(kHeaderBytes); }
 
 void payload_to_float(const Header& h, std::span<const uint8_t> m, float* out) {
   const uint8_t* p = m.data() + payload_offset(h);

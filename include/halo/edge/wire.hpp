@@ -50,10 +50,16 @@ Header decode_header(std::span<const uint8_t> message, const char* function = "e
 // Bytes of a whole message of this header (header + payload).
 size_t message_bytes(const Header& header);
 
-std::vector<uint8_t> make_control(std::span<const uint8_t> json);
+// `version` other than kWireVersion only to test how peers refuse a mismatch.
+std::vector<uint8_t> make_control(std::span<const uint8_t> json, uint16_t version = kWireVersion);
 // rows x cols float32 -> an input message (values rounded to float16).
 std::vector<uint8_t> make_input(Header header, std::span<const uint16_t> critical, const float* rows);
 std::vector<uint8_t> make_partial(Header header, const float* rows);
+
+// The critical group ids of an input message (header from decode_header).
+std::vector<uint16_t> critical_ids(const Header& header, std::span<const uint8_t> message);
+// The JSON text of a control message.
+std::span<const uint8_t> control_json(std::span<const uint8_t> message);
 
 // float16 payload of a message -> float32 (rows x cols values).
 void payload_to_float(const Header& header, std::span<const uint8_t> message, float* out);
