@@ -60,15 +60,6 @@ def is_loopback(host: str) -> bool:
 # The pre-shared key
 
 
-_SEALING = hasattr(_edge, "keygen")
-
-
-def _new_key() -> bytes:
-    if not _SEALING:  # TEMPORARY until the sealing transport (h22sec) is merged
-        return os.urandom(KEY_BYTES)
-    return _edge.keygen()
-
-
 def write_key(path: str | os.PathLike) -> Path:
     """``halo edge keygen --out FILE``: a new random key as 64 hex digits, mode 0600, never
     over an existing file (written beside it, then linked into place: all or nothing)."""
@@ -82,7 +73,7 @@ def write_key(path: str | os.PathLike) -> Path:
         raise EdgeError(f"{path}: cannot write ({exc.strerror})") from None
     try:
         with os.fdopen(fd, "w") as f:
-            f.write(_new_key().hex() + "\n")
+            f.write(_edge.keygen().hex() + "\n")
             f.flush()
             os.fsync(f.fileno())
         try:
@@ -208,10 +199,6 @@ def make_transport(protocol: str, host: str, port: int, peers: int, key: bytes |
     """A transport with the session's key (None: plaintext) and frame limit; one-line errors
     for a busy port or an address this host does not have."""
     try:
-        if not _SEALING:  # TEMPORARY until the sealing transport (h22sec) is merged
-            if key is not None:
-                raise EdgeError("this build of halo has no link security (a key needs libsodium)")
-            return _edge.Transport(protocol, host, port, peers)
         return _edge.Transport(protocol, host, port, peers, key=key, max_message_bytes=frame)
     except (RuntimeError, OSError, ValueError) as exc:
         where = f"{host or '0.0.0.0'}:{port}"

@@ -42,8 +42,6 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "net"))
 import testbed  # noqa: E402 - lives beside the tests, not in the package
 
-SEALED = hasattr(core, "keygen")  # the transport seals links with a pre-shared key
-needs_sealing = pytest.mark.skipif(not SEALED, reason="this build's transport has no link security")
 IDS = [5, 17, 3, 99]
 MAX_POSITIONS = 64
 
@@ -59,8 +57,6 @@ def _env() -> dict[str, str]:
 
 
 def _transport(protocol: str, host: str = "", port: int = 0, key: bytes | None = None, peers: int = 2):
-    if not SEALED:
-        return core.Transport(protocol, host, port, peers)
     return core.Transport(protocol, host, port, peers, key=key)
 
 
@@ -108,15 +104,15 @@ def key_file(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def key(key_file) -> bytes | None:
-    return read_key(key_file) if SEALED else None
+def key(key_file) -> bytes:
+    return read_key(key_file)
 
 
 class WorkerProcess:
     """``halo edge worker`` in a process of its own (so a crash is seen as one), its log kept."""
 
     def __init__(self, model: Path, key_file: Path, *args: str) -> None:
-        secure = ["--key-file", str(key_file)] if SEALED else ["--insecure"]
+        secure = ["--key-file", str(key_file)]
         self.proc = subprocess.Popen(
             [
                 *(sys.executable, "-m", "halo.cli", "edge", "worker", "--listen", "127.0.0.1:0"),
@@ -318,12 +314,12 @@ def test_an_empty_connection_is_no_session(model, key_file, plan, key):
         with socket.create_connection((w.host, w.port), timeout=5) as s:
             s.sendall(b"\x00" * 1000)
             time.sleep(0.3)
-        if SEALED:  # a peer with the wrong key saying hello
-            with contextlib.suppress(ConnectionError, RuntimeError):
-                peer = Peer(w, os.urandom(32))
-                peer.control({"type": "hello", "version": core.WIRE_VERSION})
-                time.sleep(0.3)
-                peer.close()
+        with contextlib.suppress(ConnectionError):  # the wrong key: refused in the handshake
+            Peer(w, os.urandom(32))
+        peer = Peer(w, None)  # no key: a plaintext hello to a sealed worker
+        peer.control({"type": "hello", "version": core.WIRE_VERSION})
+        time.sleep(0.3)
+        peer.close()
         time.sleep(0.3)
         assert w.alive(), "\n".join(w.log)
         got = _legit_run(model, w.address, plan, key, "tcp")
@@ -589,17 +585,15 @@ def test_unauthenticated_connections_cannot_take_the_worker_over(model, worker, 
             time.sleep(0.2)
         intruders = []
         for protocol in ("tcp", "enet"):
-            t = core.Transport(protocol, "", 0, 2)  # no key
-            with contextlib.suppress(ConnectionError, RuntimeError):
+            t = core.Transport(protocol, "", 0, 2)  # no key: a plaintext hello to a sealed worker
+            with contextlib.suppress(ConnectionError):
                 p = t.connect(worker.host, worker.port, 2.0)
                 intruders.append((t, p))
-                if SEALED:  # a plaintext hello to a sealed worker
-                    t.send(p, core.make_control(b'{"type": "hello", "version": 1}'), "control")
-                    t.flush()
-        if SEALED:
-            t = core.Transport("tcp", "", 0, 2, key=os.urandom(32))
-            with contextlib.suppress(ConnectionError, RuntimeError):
-                intruders.append((t, t.connect(worker.host, worker.port, 2.0)))
+                t.send(p, core.make_control(b'{"type": "hello", "version": 1}'), "control")
+                t.flush()
+            t = core.Transport(protocol, "", 0, 2, key=os.urandom(32))  # the wrong key
+            with pytest.raises(ConnectionError, match="key handshake"):
+                t.connect(worker.host, worker.port, 2.0)
         time.sleep(0.5)
         second = root.forward([int(first[-1].argmax())], len(IDS))
         assert not root.stats.dead
@@ -653,7 +647,6 @@ class Tap:
         self.inside.close()
 
 
-@needs_sealing
 def test_replayed_and_forged_datagrams_from_the_roots_address_change_nothing(
     model, worker, plan, key, baseline
 ):
@@ -787,6 +780,11 @@ def test_score_refuses_non_finite_values(model):
 # Keys and one-line CLI errors
 
 
+def test_a_sealed_worker_refuses_a_plaintext_root(model, worker, plan):
+    with pytest.raises(edge.EdgeError, match="(did not answer|closed the connection).*'hello'"):
+        edge.Root(str(model), [worker.address], plan, policy="tcp", connect_timeout=2, log=None).connect()
+
+
 def _cli(capsys, *argv: str) -> tuple[int, list[str]]:
     code = halo_main(["edge", *argv])
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
@@ -812,6 +810,8 @@ def test_worker_and_run_cli_errors_are_one_line(model, tmp_path, capsys, monkeyp
     loose = tmp_path / "loose.key"
     loose.write_text(good.read_text())
     loose.chmod(0o644)
+    fifo = tmp_path / "fifo.key"
+    os.mkfifo(fifo, 0o600)  # would block a plain open() for reading
     busy = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     busy.bind(("127.0.0.1", 0))
     busy.listen(1)
@@ -828,7 +828,7 @@ def test_worker_and_run_cli_errors_are_one_line(model, tmp_path, capsys, monkeyp
         ([*worker, "--listen", "0.0.0.0:7000", "--insecure"], "refused on a non-loopback"),
         ([*worker, "--listen", "127.0.0.1:0", "--key-file", str(loose)], "readable by others"),
         ([*worker, "--listen", "127.0.0.1:0", "--key-file", str(tmp_path / "none")], "No such file"),
-        ([*worker, "--listen", "127.0.0.1:0", "--key-file", "/dev/null"], "not a regular file"),
+        ([*worker, "--listen", "127.0.0.1:0", "--key-file", str(fifo)], "not a regular file"),
         ([*worker, "--listen", "127.0.0.1:0", "--key-file", str(good), "--insecure"], "contradict"),
         ([*worker[:1], "--model", str(tmp_path), "--listen", "127.0.0.1:0", "--insecure"], "no config.json"),
         ([*worker, "--listen", "127.0.0.1:0", "--insecure", "--plan", "p.json"], "--memory-budget"),
@@ -886,7 +886,6 @@ def test_the_environment_names_the_key_file(model, tmp_path, monkeypatch):
 _NO_NETNS = testbed.available()
 
 
-@needs_sealing
 @pytest.mark.skipif(_NO_NETNS is not None, reason=f"network namespaces unavailable: {_NO_NETNS}")
 def test_a_sealed_worker_in_its_namespace_serves_only_the_keyed_root(model, key_file, key, plan):
     with testbed.Testbed([testbed.Link(rate_mbit=None)]) as bed:
