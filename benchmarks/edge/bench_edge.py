@@ -213,8 +213,9 @@ def run_encoder(bed, model, addresses, plan, policy, sentences, cap_s):
 ECHO = r"""
 import sys
 from halo._core import edge
-t = edge.Transport(sys.argv[1], "0.0.0.0", int(sys.argv[2]), 2)
-print("ready", flush=True)
+key = bytes.fromhex(sys.argv[4]) if len(sys.argv) > 4 else None
+t = edge.Transport(sys.argv[1], sys.argv[3] if len(sys.argv) > 3 else "0.0.0.0", int(sys.argv[2]), 2, key=key)
+print("ready", t.port, flush=True)
 while True:
     e = t.poll(1.0)
     if e is not None and e[0] == "message":
@@ -457,6 +458,7 @@ def sealing_cost(rounds: int, tokens: int) -> int:
         for p in procs:
             p.kill()
             p.wait(10)
+    round_trips = sealed_round_trips()
     cpu = [line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")]
     print(
         f"\n{cpu[0].split(':', 1)[1].strip() if cpu else 'cpu ?'}, {os.cpu_count()} cpus, "
@@ -474,9 +476,56 @@ def sealing_cost(rounds: int, tokens: int) -> int:
             print(
                 f"| {policy} | {kind} | {len(t)} | {min(t) * 1e3:.1f} | {pct(t, 50) * 1e3:.1f} | {ratio:.3f} |"
             )
+    print("\nround trips of one message on loopback (echo process), median us:")
+    print("| transport | bytes | plaintext | sealed | sealed - plaintext |")
+    print("|---|---|---|---|---|")
+    for (proto, size), t in round_trips.items():
+        plain, sealed = (statistics.median(t[k]) * 1e6 for k in ("plaintext", "sealed"))
+        print(f"| {proto} | {size} | {plain:.1f} | {sealed:.1f} | {sealed - plain:+.1f} |")
+        result[f"rtt_{proto}_{size}"] = {"plaintext_us": plain, "sealed_us": sealed}
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "sealing.json").write_text(json.dumps(result, indent=1))
     return 0
+
+
+def sealed_round_trips(blocks: int = 8, per_block: int = 200) -> dict:
+    """Round trips of a decode partial (1184 bytes) and a 16-row SmolLM2 input (18 kB) to an
+    echo process, sealed and plaintext alternating block by block: the per-message cost."""
+    from halo._core import edge
+
+    key = link_key()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out: dict[tuple[str, int], dict[str, list[float]]] = {}
+    for proto in ("tcp", "enet"):
+        echoes, clients = [], {}
+        try:
+            for kind, k in (("plaintext", None), ("sealed", key)):
+                argv = [sys.executable, "-c", ECHO, proto, "0", "127.0.0.1"] + ([k.hex()] if k else [])
+                echo = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=env)
+                echoes.append(echo)
+                port = int(echo.stdout.readline().split()[1])
+                t = edge.Transport(proto, "", 0, 2, key=k)
+                clients[kind] = (t, t.connect("127.0.0.1", port, 10.0))
+            for size in (1184, 18432):
+                payload = bytes(size)
+                times = out.setdefault((proto, size), {"plaintext": [], "sealed": []})
+                for block in range(blocks):
+                    for kind in ("plaintext", "sealed") if block % 2 == 0 else ("sealed", "plaintext"):
+                        t, peer = clients[kind]
+                        for _ in range(per_block):
+                            t0 = time.monotonic()
+                            t.send(peer, payload, "reliable")
+                            t.flush()
+                            while True:
+                                e = t.poll(5.0)
+                                if e is None or e[0] == "message":
+                                    break
+                            times[kind].append(time.monotonic() - t0)
+        finally:
+            for echo in echoes:
+                echo.kill()
+                echo.wait(10)
+    return out
 
 
 def main() -> int:
