@@ -851,7 +851,8 @@ def test_worker_and_run_cli_errors_are_one_line(model, tmp_path, capsys, monkeyp
     busy.bind(("127.0.0.1", 0))
     busy.listen(1)
     port = busy.getsockname()[1]
-    worker = ["worker", "--model", str(model)]
+    # --idle-timeout: a worker that wrongly starts stops after 1 s (and the case fails), no hang
+    worker = ["worker", "--idle-timeout", "1", "--model", str(model)]
     cases = [
         ([*worker, "--listen", "localhost:7000", "--insecure"], "not a numeric IPv4 address"),
         ([*worker, "--listen", "[::1]:7000", "--insecure"], "IPv6"),
@@ -865,7 +866,7 @@ def test_worker_and_run_cli_errors_are_one_line(model, tmp_path, capsys, monkeyp
         ([*worker, "--listen", "127.0.0.1:0", "--key-file", str(tmp_path / "none")], "No such file"),
         ([*worker, "--listen", "127.0.0.1:0", "--key-file", str(fifo)], "not a regular file"),
         ([*worker, "--listen", "127.0.0.1:0", "--key-file", str(good), "--insecure"], "contradict"),
-        ([*worker[:1], "--model", str(tmp_path), "--listen", "127.0.0.1:0", "--insecure"], "no config.json"),
+        ([*worker[:3], "--model", str(tmp_path), "--listen", "127.0.0.1:0", "--insecure"], "no config.json"),
         ([*worker, "--listen", "127.0.0.1:0", "--insecure", "--plan", "p.json"], "--memory-budget"),
     ]
     (tmp_path / "plan.json").write_text("{}")
