@@ -76,7 +76,7 @@ void drop_oversized_datagrams(ENetSocket socket) {
   setsockopt(socket, SOL_SOCKET, SO_ATTACH_FILTER, &program, sizeof program);
 }
 
-// What the transport knows of an ENet peer slot beyond ENet.
+// What the transport knows of an ENet peer slot beyond ENet (ENetPeer::data points here).
 struct Slot {
   std::unique_ptr<SecureLink> link;  // with a key
   double deadline = 0;               // of the handshake
@@ -84,6 +84,19 @@ struct Slot {
   bool visible = false;              // the user saw its `connect`
   bool refused = false;              // its handshake failed (connect() says so)
 };
+
+// A peer still in its handshake sends nothing but handshake frames (at most 72 bytes
+// plus ENet's headers and acknowledgements); anything longer is dropped before ENet
+// reads it, so an unauthenticated peer cannot make ENet buffer a large fragmented
+// message. Only ever drops, so a forged peer id can at worst delay a handshake.
+constexpr size_t kPreAuthDatagram = 256;
+int ENET_CALLBACK drop_preauth_bulk(ENetHost* host, ENetEvent*) {
+  if (host->receivedDataLength <= kPreAuthDatagram || host->receivedDataLength < 2) return 0;
+  const size_t id = size_t(host->receivedData[0] << 8 | host->receivedData[1]) & ENET_PROTOCOL_MAXIMUM_PEER_ID;
+  if (id >= host->peerCount) return 0;  // a connect request, or not for a peer of ours: ENet decides
+  const Slot* slot = static_cast<const Slot*>(host->peers[id].data);
+  return slot != nullptr && !slot->visible ? 1 : 0;  // with a key, visible = authenticated
+}
 
 class EnetTransport final : public Transport {
  public:
@@ -110,7 +123,9 @@ class EnetTransport final : public Transport {
     host_->maximumWaitingData = std::max<size_t>(host_->maximumPacketSize, ENET_HOST_DEFAULT_MAXIMUM_WAITING_DATA);
     grow_buffers(host_->socket);
     drop_oversized_datagrams(host_->socket);
-    slots_.resize(host_->peerCount);
+    slots_.resize(host_->peerCount);  // never resized again: peers point into it
+    for (size_t i = 0; i < slots_.size(); ++i) host_->peers[i].data = &slots_[i];
+    if (secure()) host_->intercept = drop_preauth_bulk;
     ENetAddress bound{};
     if (enet_socket_get_address(host_->socket, &bound) == 0) port_ = bound.port;
   }
@@ -138,6 +153,7 @@ class EnetTransport final : public Transport {
     const int32_t id = int32_t(peer - host_->peers);
     slots_[id] = Slot{};
     slots_[id].outgoing = true;
+    peer->data = &slots_[id];
     const double deadline = now() + std::max(0.0, timeout_s);
     while (true) {
       Event e = service(deadline);
@@ -329,6 +345,7 @@ class EnetTransport final : public Transport {
         switch (ev.type) {
           case ENET_EVENT_TYPE_CONNECT:
             configure_peer(ev.peer);
+            ev.peer->data = &slot;
             if (!slot.outgoing) slot = Slot{};
             if (!secure()) {
               slot.visible = true;

@@ -199,7 +199,8 @@ class TcpTransport final : public Transport {
         if (owner[k] == -1) {
           accept_all();
         } else if (owner[k] <= -2) {
-          serve_handshake(handshakes_[size_t(-2 - owner[k])]);
+          Conn& h = handshakes_[size_t(-2 - owner[k])];
+          if (h.fd >= 0) serve_handshake(h);
         } else {
           if (fds[k].revents & POLLOUT) write_some(owner[k]);
           if (fds[k].revents & (POLLIN | POLLHUP | POLLERR)) read_some(owner[k]);
@@ -298,13 +299,19 @@ class TcpTransport final : public Transport {
         if (id >= 0) push(Event::Type::connect, id);
         continue;
       }
-      if (handshakes_.size() >= size_t(kPendingHandshakes)) {
-        // A flood: the oldest handshake makes room, so silent connections cannot lock the
-        // server; an honest client finishes within a round trip and is rarely the oldest.
-        auto oldest = std::min_element(handshakes_.begin(), handshakes_.end(),
-                                       [](const Conn& a, const Conn& b) { return a.deadline < b.deadline; });
+      // A flood: the oldest handshake makes room, so silent connections cannot lock the
+      // server; an honest client finishes within a round trip and is rarely the oldest.
+      // (Closed, not erased: poll() still indexes handshakes_; end_handshakes() compacts.)
+      Conn* oldest = nullptr;
+      size_t open = 0;
+      for (Conn& h : handshakes_) {
+        if (h.fd < 0) continue;
+        ++open;
+        if (oldest == nullptr || h.deadline < oldest->deadline) oldest = &h;
+      }
+      if (open >= size_t(kPendingHandshakes)) {
         close(oldest->fd);
-        handshakes_.erase(oldest);
+        oldest->fd = -1;
         ++auth_failures_;
       }
       Conn c;

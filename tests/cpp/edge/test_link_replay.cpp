@@ -244,15 +244,25 @@ TEST_CASE("over enet, a held-back datagram is accepted once; replayed, too old o
   REQUIRE(worker.inbox(4, 0.2).size() == 3);
   REQUIRE(worker.failures() == 3);
 
-  // Tampered: one byte of the sealed payload (the datagram's last byte, in the tag) flipped.
+  // Tampered: "d" is held back; copies with one ciphertext byte or one tag byte flipped
+  // are refused, and do not use up its counter: the genuine one still counts.
+  proxy.hold(true);
   send(*root, peer, "d", Delivery::unreliable);
-  REQUIRE(worker.inbox(4).size() == 4);
-  auto tampered = proxy.seen().back();
-  tampered.back() ^= 0x01;
-  proxy.replay(tampered);
+  turn(*root, 0.05);
+  proxy.hold(false);
+  const auto d = proxy.held().back();
+  auto in_text = d, in_tag = d;
+  in_text[d.size() - 17] ^= 0x20;  // "d" -> "D" if it were not checked
+  in_tag.back() ^= 0x01;
+  proxy.replay(in_text);
+  proxy.replay(in_tag);
   turn(*root, 0.2);
-  REQUIRE(worker.inbox(5, 0.2).size() == 4);
-  REQUIRE(worker.failures() == 4);
+  REQUIRE(worker.inbox(4, 0.2).size() == 3);
+  REQUIRE(worker.failures() == 5);
+  proxy.replay(d);
+  inbox = worker.inbox(4);
+  REQUIRE(inbox.size() == 4);
+  REQUIRE(inbox.back() == "d");
 
   // Too old: 1100 later messages move the window past "e" before it arrives.
   proxy.hold(true);
@@ -260,19 +270,25 @@ TEST_CASE("over enet, a held-back datagram is accepted once; replayed, too old o
   turn(*root, 0.05);
   proxy.hold(false);
   const auto e = proxy.held().back();
+  // The one 1024 after "e" (same window slot) is lost, so only the age can refuse "e".
   for (int i = 0; i < 1100; ++i) {
+    if (i == 1023) proxy.hold(true);
     send(*root, peer, "x", Delivery::unreliable);
-    if (i % 50 == 0) turn(*root, 0.01);  // paced: the loopback socket must not drop them
+    if (i == 1023) turn(*root, 0.02), proxy.hold(false);
+    if (i % 20 == 0) turn(*root, 0.005);  // paced: the loopback socket must not drop them
   }
-  inbox = worker.inbox(4 + 1100, 5.0);
-  REQUIRE(count(inbox, "x") == 1100);
+  // Unreliable: a loaded machine may lose a few, which only leaves more holes in the window.
+  inbox = worker.inbox(4 + 1099, 5.0);
+  const size_t arrived = inbox.size();
+  REQUIRE(count(inbox, "x") > 1030);
+  REQUIRE(proxy.seen().size() >= 4 + 1 + 1100);  // the newest counter passed the proxy
   proxy.replay(e);  // its original ENet group is long gone from ENet's window as well
   turn(*root, 0.2);
-  inbox = worker.inbox(4 + 1101, 0.2);
+  inbox = worker.inbox(arrived + 1, 0.3);
   REQUIRE(count(inbox, "e") == 0);
-  REQUIRE(worker.failures() == 5);
+  REQUIRE(worker.failures() == 6);
 
   // The legitimate root is still served.
   send(*root, peer, "still here", Delivery::control);
-  REQUIRE(count(worker.inbox(4 + 1101), "still here") == 1);
+  REQUIRE(count(worker.inbox(arrived + 1), "still here") == 1);
 }
