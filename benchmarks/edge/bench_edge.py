@@ -15,6 +15,10 @@ agreement and perplexity against the lossless run (the same runtime, TCP, no los
 policies of one configuration run interleaved in rounds; latencies are min / p50 / p99 of the
 forwards. Results go to build/edge_bench/results.json, the plot to docs/edge_latency.png.
 Link recovery times (for the simulator, benchmarks/sched) go to build/edge_bench/recovery.json.
+Workers and roots use the pre-shared key build/edge_bench/edge.key (made on first use).
+
+    python benchmarks/edge/bench_edge.py --sealing  # the cost of sealing: decode with the key
+                                                    # against --insecure, on loopback (a few min)
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import testbed  # noqa: E402 - the test bed lives beside the tests
 SMOL = REPO / "build" / "models" / "smollm2-135m"
 OUT = REPO / "build" / "edge_bench"
 PORT = 7000
+WORKER_CLI = [sys.executable, "-m", "halo.cli", "edge", "worker"]
 WORKERS = 4
 RTO_TUNED_MS = 5.0
 
@@ -83,12 +88,31 @@ def set_loss(bed, family: str, p: float) -> None:
         bed.set_loss(i, link.plr, link.burst if link.relayed else None)
 
 
-def start_workers(bed) -> list[str]:
+def key_file() -> Path:
+    from halo.edge_link import write_key
+
+    path = OUT / "edge.key"
+    if not path.exists():
+        OUT.mkdir(parents=True, exist_ok=True)
+        write_key(path)
+    return path
+
+
+def link_key() -> bytes:
+    from halo.edge_link import read_key
+
+    return read_key(key_file())
+
+
+def start_workers(bed, model) -> list[str]:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     procs = [
         bed.popen(
             bed.worker(i),
-            [sys.executable, "-m", "halo.cli", "edge", "worker", "--listen", bed.worker_address(i, PORT)],
+            [
+                *(*WORKER_CLI, "--listen", bed.worker_address(i, PORT)),
+                *("--model", str(model), "--key-file", str(key_file())),
+            ],
             env=env,
             stderr=subprocess.PIPE,
             text=True,
@@ -125,7 +149,13 @@ def run_causal(bed, model, addresses, plan, policy, ids, prefill, tokens, cap_s,
     with (
         bed.inside(bed.root),
         edge.Root(
-            str(model), addresses, plan, policy=transport_policy, connect_timeout=20, **options
+            str(model),
+            addresses,
+            plan,
+            policy=transport_policy,
+            connect_timeout=20,
+            key=link_key(),
+            **options,
         ) as root,
     ):
         t_end = time.monotonic() + cap_s
@@ -161,7 +191,9 @@ def run_encoder(bed, model, addresses, plan, policy, sentences, cap_s):
     out = {"forward_s": [], "embeddings": []}
     with (
         bed.inside(bed.root),
-        edge.Root(str(model), addresses, plan, policy=transport_policy, connect_timeout=20) as root,
+        edge.Root(
+            str(model), addresses, plan, policy=transport_policy, connect_timeout=20, key=link_key()
+        ) as root,
     ):
         t_end = time.monotonic() + cap_s
         for ids in sentences:
@@ -181,8 +213,9 @@ def run_encoder(bed, model, addresses, plan, policy, sentences, cap_s):
 ECHO = r"""
 import sys
 from halo._core import edge
-t = edge.Transport(sys.argv[1], "0.0.0.0", int(sys.argv[2]), 2)
-print("ready", flush=True)
+key = bytes.fromhex(sys.argv[4]) if len(sys.argv) > 4 else None
+t = edge.Transport(sys.argv[1], sys.argv[3] if len(sys.argv) > 3 else "0.0.0.0", int(sys.argv[2]), 2, key=key)
+print("ready", t.port, flush=True)
 while True:
     e = t.poll(1.0)
     if e is not None and e[0] == "message":
@@ -357,11 +390,153 @@ def plot(rows, path):
     print(f"plot: {path}")
 
 
+# ----------------------------------------------------------------------------------------------
+# The cost of sealing
+
+
+def sealing_cost(rounds: int, tokens: int) -> int:
+    """Decode latency with sealed links (pre-shared key) against plaintext (--insecure): two
+    SmolLM2 workers of each kind on loopback (the link adds no loss or delay, so the difference
+    is the sealing's CPU cost), HALO (ENet) and TCP, the two kinds interleaved round by round."""
+    from halo import edge
+    from halo.edge_plan import docstring_text, tokenize
+
+    if not SMOL.exists():
+        print(f"bench_edge: skipped, {SMOL} missing (make model)")
+        return 0
+    import torch
+
+    torch.set_num_threads(1)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("HALO_EDGE_KEY_FILE", None)
+    kinds = {"sealed": ["--key-file", str(key_file())], "plaintext": ["--insecure"]}
+    procs, addresses = [], {}
+    try:
+        for kind, flags in kinds.items():
+            addresses[kind] = []
+            for _ in range(2):
+                p = subprocess.Popen(
+                    [
+                        *WORKER_CLI,
+                        "--listen",
+                        "127.0.0.1:0",
+                        *("--model", str(SMOL), *flags),
+                    ],
+                    stderr=subprocess.PIPE,
+                    text=True,
+                    env=env,
+                )
+                procs.append(p)
+                line = p.stderr.readline()
+                if "listening on" not in line:
+                    raise RuntimeError(f"worker did not start: {line}")
+                addresses[kind].append(line.split("listening on ")[1].split()[0])
+                threading.Thread(target=p.stderr.read, daemon=True).start()
+        plan = edge.make_plan(SMOL, 2, calibration_tokens=0)
+        ids = tokenize(SMOL, docstring_text("n", "z", max_words=200))
+        prefill = 16
+        keys = {"sealed": link_key(), "plaintext": None}
+        decode: dict[tuple[str, str], list[float]] = {}
+        for rnd in range(rounds):
+            for policy in ("halo", "tcp"):
+                for kind in ("sealed", "plaintext") if rnd % 2 == 0 else ("plaintext", "sealed"):
+                    with edge.Root(
+                        str(SMOL), addresses[kind], plan, policy=policy, key=keys[kind], connect_timeout=30
+                    ) as root:
+                        root.forward(ids[:prefill], 0)
+                        times = []
+                        for pos in range(prefill, prefill + tokens):
+                            t0 = time.monotonic()
+                            root.forward([ids[pos]], pos)
+                            times.append(time.monotonic() - t0)
+                        assert not root.stats.dead
+                    decode.setdefault((policy, kind), []).extend(times)
+                    print(
+                        f"  round {rnd} {policy:4s} {kind:9s}: p50 {pct(times, 50) * 1e3:.1f} ms", flush=True
+                    )
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(10)
+    round_trips = sealed_round_trips()
+    cpu = [line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")]
+    print(
+        f"\n{cpu[0].split(':', 1)[1].strip() if cpu else 'cpu ?'}, {os.cpu_count()} cpus, "
+        f"load average {os.getloadavg()[0]:.2f} at the end"
+    )
+    print("| policy | links | decode tokens | min ms | p50 ms | sealed / plaintext p50 |")
+    print("|---|---|---|---|---|---|")
+    result = {}
+    for policy in ("halo", "tcp"):
+        plain = pct(decode[(policy, "plaintext")], 50)
+        for kind in ("plaintext", "sealed"):
+            t = decode[(policy, kind)]
+            ratio = pct(t, 50) / plain
+            result[f"{policy}_{kind}"] = {"min_ms": min(t) * 1e3, "p50_ms": pct(t, 50) * 1e3, "ratio": ratio}
+            print(
+                f"| {policy} | {kind} | {len(t)} | {min(t) * 1e3:.1f} | {pct(t, 50) * 1e3:.1f} | {ratio:.3f} |"
+            )
+    print("\nround trips of one message on loopback (echo process), median us:")
+    print("| transport | bytes | plaintext | sealed | sealed - plaintext |")
+    print("|---|---|---|---|---|")
+    for (proto, size), t in round_trips.items():
+        plain, sealed = (statistics.median(t[k]) * 1e6 for k in ("plaintext", "sealed"))
+        print(f"| {proto} | {size} | {plain:.1f} | {sealed:.1f} | {sealed - plain:+.1f} |")
+        result[f"rtt_{proto}_{size}"] = {"plaintext_us": plain, "sealed_us": sealed}
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "sealing.json").write_text(json.dumps(result, indent=1))
+    return 0
+
+
+def sealed_round_trips(blocks: int = 8, per_block: int = 200) -> dict:
+    """Round trips of a decode partial (1184 bytes) and a 16-row SmolLM2 input (18 kB) to an
+    echo process, sealed and plaintext alternating block by block: the per-message cost."""
+    from halo._core import edge
+
+    key = link_key()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out: dict[tuple[str, int], dict[str, list[float]]] = {}
+    for proto in ("tcp", "enet"):
+        echoes, clients = [], {}
+        try:
+            for kind, k in (("plaintext", None), ("sealed", key)):
+                argv = [sys.executable, "-c", ECHO, proto, "0", "127.0.0.1"] + ([k.hex()] if k else [])
+                echo = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=env)
+                echoes.append(echo)
+                port = int(echo.stdout.readline().split()[1])
+                t = edge.Transport(proto, "", 0, 2, key=k)
+                clients[kind] = (t, t.connect("127.0.0.1", port, 10.0))
+            for size in (1184, 18432):
+                payload = bytes(size)
+                times = out.setdefault((proto, size), {"plaintext": [], "sealed": []})
+                for block in range(blocks):
+                    for kind in ("plaintext", "sealed") if block % 2 == 0 else ("sealed", "plaintext"):
+                        t, peer = clients[kind]
+                        for _ in range(per_block):
+                            t0 = time.monotonic()
+                            t.send(peer, payload, "reliable")
+                            t.flush()
+                            while True:
+                                e = t.poll(5.0)
+                                if e is None or e[0] == "message":
+                                    break
+                            times[kind].append(time.monotonic() - t0)
+        finally:
+            for echo in echoes:
+                echo.kill()
+                echo.wait(10)
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="uniform links at 5 %% loss only")
     parser.add_argument("--tokens", type=int, default=None)
+    parser.add_argument("--sealing", action="store_true", help="only the cost of sealing, on loopback")
+    parser.add_argument("--rounds", type=int, default=4, help="--sealing: interleaved rounds")
     args = parser.parse_args()
+    if args.sealing:
+        return sealing_cost(args.rounds, args.tokens or 24)
     why = testbed.available()
     if why is not None:
         print(f"bench_edge: skipped, network namespaces unavailable: {why}")
@@ -395,7 +570,7 @@ def main() -> int:
     reference = None
     for family in families:
         with testbed.Testbed(links_for(family, 0.0), seed=7) as bed:
-            addresses = start_workers(bed)
+            addresses = start_workers(bed, SMOL)
             if reference is None:
                 # The lossless run: the same runtime, TCP, no loss.
                 plan0 = edge.with_placement(base_plan, spec, "balance", devices_for(family, 0.0))
@@ -499,7 +674,7 @@ def main() -> int:
         tok(s, truncation=True, max_length=48)["input_ids"] for s in sentences if len(s.split()) >= 6
     ][:24]
     with testbed.Testbed(links_for("uniform", 0.0), seed=9) as bed:
-        addresses = start_workers(bed)
+        addresses = start_workers(bed, mini)
         mini_ref = None
         for p in [0.05] if args.quick else [0.0, 0.05, 0.10]:
             set_loss(bed, "uniform", p)

@@ -8,15 +8,17 @@ compensates what is missing; ``tcp`` and ``reliable-udp`` are the wait-for-all b
 
     >>> from halo import edge
     >>> plan = edge.make_plan("build/models/smollm2-135m", 4, out="plan.json")   # doctest: +SKIP
-    >>> # on each worker host:  halo edge worker --listen 10.0.0.2:7000
+    >>> # on each worker host:  halo edge worker --listen 10.0.0.2:7000 --model DIR --key-file edge.key
     >>> out = edge.run("build/models/smollm2-135m", ["10.0.0.2:7000", ...], "plan.json",
-    ...                policy="halo", tokens=16, prompt="The capital of France is")  # doctest: +SKIP
+    ...                policy="halo", tokens=16, prompt="The capital of France is",
+    ...                key=edge.read_key("edge.key"))  # doctest: +SKIP
 
 See docs/edge.md for the protocol, the test bed and measured figures.
 """
 
 from __future__ import annotations
 
+from .edge_link import read_key, write_key
 from .edge_model import EdgeError, read_spec
 from .edge_plan import Plan, docstring_text, load_plan, make_plan, with_placement
 from .edge_root import COMPENSATIONS, POLICIES, Local, Root, RunOptions, Stats, run
@@ -35,8 +37,10 @@ __all__ = [
     "docstring_text",
     "load_plan",
     "make_plan",
+    "read_key",
     "read_spec",
     "run",
     "serve",
     "with_placement",
+    "write_key",
 ]

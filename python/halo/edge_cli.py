@@ -12,8 +12,20 @@ def register(subparsers) -> None:
     edge = subparsers.add_parser("edge", help="tensor-parallel inference over lossy links (HALO)")
     sub = edge.add_subparsers(dest="edge_command", metavar="EDGE_COMMAND")
 
+    k = sub.add_parser("keygen", help="write a new pre-shared key for workers and roots (mode 0600)")
+    k.add_argument("--out", required=True, metavar="FILE", help="key file to create (never overwritten)")
+    k.set_defaults(handler=_keygen)
+
     w = sub.add_parser("worker", help="serve roots on ADDR:PORT (ENet/UDP and TCP)")
     w.add_argument("--listen", required=True, metavar="ADDR:PORT", help="numeric IPv4 address and port")
+    w.add_argument(
+        "--model",
+        required=True,
+        action="append",
+        metavar="DIR",
+        help="a model folder to serve (repeat for several); roots name it by its fingerprint",
+    )
+    _key_arguments(w)
     w.add_argument("--sessions", type=int, default=None, help="exit after serving this many roots")
     w.add_argument("--idle-timeout", type=float, default=None, help="exit after this many idle seconds")
     w.add_argument(
@@ -23,6 +35,14 @@ def register(subparsers) -> None:
         help="keep the groups on local disk (4-bit) and at most SIZE of them in memory (512MiB, 25%%)",
     )
     w.add_argument("--store-dir", default=None, help="where group stores are built (default ~/.cache/halo)")
+    w.add_argument(
+        "--plan",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="with --memory-budget: an edge plan of a served model (importance, predictors; its "
+        "group layout is one the worker builds a store for); repeat for several",
+    )
     w.set_defaults(handler=_worker)
 
     p = sub.add_parser("plan", help="place neuron groups on workers and fit the predictors")
@@ -54,6 +74,7 @@ def register(subparsers) -> None:
     )
     r.add_argument("--connect-timeout", type=float, default=5.0)
     r.add_argument("--json", metavar="FILE", help="also write the result (timings, delivery) as JSON")
+    _key_arguments(r)
     r.set_defaults(handler=_run)
     from .edge_store_cli import register as register_store
 
@@ -61,9 +82,25 @@ def register(subparsers) -> None:
     edge.set_defaults(handler=lambda args: _usage(edge))
 
 
+def _key_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--key-file",
+        default=None,
+        metavar="FILE",
+        help="pre-shared key (halo edge keygen; mode 0600); default $HALO_EDGE_KEY_FILE",
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plaintext links without a key: loopback addresses only (experiments)",
+    )
+
+
 def _usage(parser: argparse.ArgumentParser) -> int:
     parser.print_usage(sys.stderr)
-    print("halo edge: error: a command is required (worker, plan, run, local or store)", file=sys.stderr)
+    print(
+        "halo edge: error: a command is required (keygen, worker, plan, run, local or store)", file=sys.stderr
+    )
     return 2
 
 
@@ -78,18 +115,44 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
+def _keygen(args: argparse.Namespace) -> int:
+    from .edge_link import write_key
+    from .edge_model import EdgeError
+
+    try:
+        path = write_key(args.out)
+    except EdgeError as exc:
+        return _fail("keygen", exc)
+    print(
+        f"halo edge keygen: wrote {path} (mode 0600; copy it to the root and every worker)", file=sys.stderr
+    )
+    return 0
+
+
 def _worker(args: argparse.Namespace) -> int:
+    from .edge_link import choose_key, parse_address
     from .edge_model import EdgeError
     from .edge_worker import serve
 
     _one_thread()
     try:
+        host, _ = parse_address(args.listen, "listen address")
+        key = choose_key(args.key_file, args.insecure, [host])
+        if args.plan and args.memory_budget is None:
+            raise EdgeError("--plan is for workers with --memory-budget")
         streaming = None
         if args.memory_budget is not None:
             from .edge_store import WorkerStreaming
 
-            streaming = WorkerStreaming(args.memory_budget, args.store_dir, log=sys.stderr)
-        serve(args.listen, sessions=args.sessions, idle_timeout=args.idle_timeout, streaming=streaming)
+            streaming = WorkerStreaming(args.memory_budget, args.store_dir, log=sys.stderr, plans=args.plan)
+        serve(
+            args.listen,
+            args.model,
+            key=key,
+            sessions=args.sessions,
+            idle_timeout=args.idle_timeout,
+            streaming=streaming,
+        )
     except EdgeError as exc:
         return _fail("worker", exc)
     except KeyboardInterrupt:
@@ -129,6 +192,7 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from .edge_link import choose_key, parse_address
     from .edge_model import EdgeError
     from .edge_root import run
 
@@ -142,7 +206,11 @@ def _run(args: argparse.Namespace) -> int:
         if not os.path.exists(args.plan):
             raise EdgeError(f"{args.plan}: no such plan file")
         workers = [w for w in args.workers.split(",") if w.strip()]
-        result = run(args.model, workers, args.plan, args.policy, args.tokens, args.prompt, **options)
+        hosts = [parse_address(w, "worker address")[0] for w in workers]
+        key = choose_key(args.key_file, args.insecure, hosts)
+        result = run(
+            args.model, workers, args.plan, args.policy, args.tokens, args.prompt, key=key, **options
+        )
     except EdgeError as exc:
         return _fail("run", exc)
     except KeyboardInterrupt:

@@ -25,6 +25,7 @@ import numpy as np
 
 from . import sched
 from ._core import edge as _edge
+from .edge_link import check_key, frame_limit, json_limit, make_transport, parse_address, parse_control
 from .edge_model import (
     ATTN,
     FFN,
@@ -38,10 +39,11 @@ from .edge_model import (
     read_spec,
 )
 from .edge_plan import PartPredictor, Plan, assign_groups, check_plan_shape, load_plan, load_predictors
-from .edge_worker import REPLAY, parse_address
+from .edge_worker import REPLAY
 
 POLICIES = ("halo", "tcp", "reliable-udp")
 COMPENSATIONS = ("zero", "previous", "predictor")
+BAD_TERM_EXCHANGES = 3  # a worker whose terms are non-finite in this many exchanges is dropped
 
 
 @dataclass
@@ -111,6 +113,8 @@ class Stats:
     dead: dict[int, str] = field(default_factory=dict)  # worker -> why it was dropped
     stale: int = 0
     duplicates: int = 0
+    malformed: int = 0  # partials that did not fit their exchange (shape, group, owner): lost
+    rejected: int = 0  # group rows with non-finite values: counted as lost, compensated
 
     def delivered_fraction(self) -> float:
         expected = sum(e.expected for e in self.exchanges)
@@ -161,7 +165,7 @@ class _Runner:
         if len(prompt) + tokens > self.spec.max_positions:
             raise EdgeError(f"prompt + tokens exceed the model's {self.spec.max_positions} positions")
         t0 = time.monotonic()
-        logits = self.forward(list(prompt), 0)
+        logits = _finite(self.forward(list(prompt), 0), 0)
         prefill = time.monotonic() - t0
         out, decode = [], []
         nxt = int(torch.argmax(logits[-1]))
@@ -170,7 +174,7 @@ class _Runner:
             if i == tokens - 1:
                 break
             t0 = time.monotonic()
-            logits = self.forward([nxt], len(prompt) + i)
+            logits = _finite(self.forward([nxt], len(prompt) + i), len(prompt) + i)
             decode.append(time.monotonic() - t0)
             nxt = int(torch.argmax(logits[-1]))
         return {"tokens": out, "prefill_s": prefill, "decode_s": decode}
@@ -188,7 +192,7 @@ class _Runner:
         while pos < len(ids) - 1:
             n = prefill if pos == 0 else 1
             t0 = time.monotonic()
-            logits = self.forward(ids[pos : pos + n], pos)
+            logits = _finite(self.forward(ids[pos : pos + n], pos), pos)
             times.append(time.monotonic() - t0)
             logp = torch.log_softmax(logits.double(), dim=-1)
             for r in range(n):
@@ -201,7 +205,16 @@ class _Runner:
     def embed(self, ids: Sequence[int]) -> np.ndarray:
         if self.spec.family != "bert":
             raise EdgeError("embed needs a BERT model")
-        return self.forward(list(ids), 0).numpy()
+        return _finite(self.forward(list(ids), 0), 0).numpy()
+
+
+def _finite(values, pos: int):
+    """Logits or an embedding, refused if any value is NaN or infinite (never passed on silently)."""
+    import torch
+
+    if not bool(torch.isfinite(values).all()):
+        raise EdgeError(f"the forward at position {pos} produced non-finite values")
+    return values
 
 
 class Local(_Runner):
@@ -239,6 +252,7 @@ class Root(_Runner):
         plan: Plan | str,
         options: RunOptions | None = None,
         log: TextIO | None = None,
+        key: bytes | None = None,
         **overrides: Any,
     ) -> None:
         self.options = replace(options or RunOptions(), **overrides).check()
@@ -250,6 +264,7 @@ class Root(_Runner):
             raise EdgeError("no workers given")
         if len(set(self.addresses)) != len(self.addresses):
             raise EdgeError("a worker address is listed twice")
+        self._key = check_key(key, [host for host, _ in self.addresses])
         self.fingerprint = fingerprint(model_dir)
         self.plan = load_plan(plan, self.spec, self.fingerprint) if not isinstance(plan, Plan) else plan
         check_plan_shape(self.plan, self.spec)
@@ -286,6 +301,8 @@ class Root(_Runner):
         self._observed = [0] * W
         self._unheard = [0.0] * W  # seconds of exchanges since each worker was last heard from
         self._missed: dict[tuple[int, int], tuple[int, tuple[float, tuple[int, int]]]] = {}
+        self._bad_terms = [0] * W  # exchanges in which each worker sent non-finite terms
+        self._json_limit = json_limit(self.spec)
         policy = self.options.policy
         self.wait_all = policy != "halo"
         self.hard_timeout = self.options.hard_timeout or (0.5 if policy == "halo" else 10.0)
@@ -350,7 +367,11 @@ class Root(_Runner):
                 continue
             if msg["kind"] != "control":
                 continue  # a late term of an earlier exchange
-            body = json.loads(msg["json"])
+            try:
+                body = parse_control(msg["json"], self._json_limit)
+            except ValueError as exc:
+                failed(w, f"sent a malformed control message ({exc})")
+                continue
             if body.get("type") == "error":
                 failed(w, f"failed: {body.get('message')}")
                 continue
@@ -373,8 +394,13 @@ class Root(_Runner):
 
     def _connect(self) -> Root:
         o = self.options
-        self.transport = _edge.Transport(
-            "tcp" if o.policy == "tcp" else "enet", "", 0, len(self.addresses) + 1
+        self.transport = make_transport(
+            "tcp" if o.policy == "tcp" else "enet",
+            "",
+            0,
+            len(self.addresses) + 1,
+            self._key,
+            frame_limit(self.spec),
         )
         for w, (host, port) in enumerate(self.addresses):
             try:
@@ -391,16 +417,13 @@ class Root(_Runner):
             "reliable-udp": {"critical": "reliable", "other": "reliable", "duplicate": False},
             "tcp": {"critical": "reliable", "other": "reliable", "duplicate": False},
         }[o.policy]
-        load = {
+        load = {  # the model by its fingerprint: workers serve the models they were started with
             "type": "load",
-            "model": str(__import__("pathlib").Path(self.model_dir).resolve()),
             "fingerprint": self.fingerprint,
             "group_size": self.plan.group_size,
             "heads_per_group": self.plan.heads_per_group,
             "delivery": delivery,
             "threads": o.threads,
-            # A worker with a memory budget reads its groups' importance and predictors here.
-            "plan": str(self.plan.path.resolve()) if self.plan.path is not None else None,
             "weights": o.weights,
         }
         for w in everyone:
@@ -606,9 +629,11 @@ class Root(_Runner):
         )
         self.stats.stale += r["stale"]
         self.stats.duplicates += r["duplicates"]
+        self.stats.malformed += r["malformed"]
         received = r["received"].astype(bool)
         by_peer = {self.peer[w]: w for w in workers}
         failed: dict[int, str] = {}
+        self._check_terms(out, received, owners, failed)
         for event in r["other"]:
             if event is None:
                 continue
@@ -621,10 +646,12 @@ class Root(_Runner):
             elif what == "message":
                 try:
                     msg = _edge.decode(data)
-                    if msg["kind"] == "control" and json.loads(msg["json"]).get("type") == "error":
-                        failed[w] = "reported: " + json.loads(msg["json"]).get("message", "")
-                except ValueError:
-                    pass
+                    body = parse_control(msg["json"], self._json_limit) if msg["kind"] == "control" else {}
+                except (ValueError, KeyError):
+                    self.stats.malformed += 1
+                    continue
+                if body.get("type") == "error":
+                    failed[w] = "reported: " + str(body.get("message", ""))[:300]
         # Silent: nothing at all from a worker during silent_timeout seconds of exchanges that
         # waited for it (a lossy worker still gets some packets through; its missing rows
         # are compensated, and the monitor moves groups away from it).
@@ -657,6 +684,20 @@ class Root(_Runner):
                 self._drop(w, why)
             self._replan("worker lost")
         return torch.from_numpy(out.sum(0))
+
+    def _check_terms(self, out, received, owners, failed: dict[int, str]) -> None:
+        """Rows with NaN or infinite values count as lost (zeroed, compensated, counted in
+        ``stats.rejected``); a worker that sends them in BAD_TERM_EXCHANGES exchanges is dropped."""
+        bad = received & ~np.isfinite(out).all(axis=2)
+        if not bad.any():
+            return
+        out[bad] = 0
+        received &= ~bad
+        self.stats.rejected += int(bad.sum())
+        for w in sorted({owners[g] for g in np.flatnonzero(bad.any(axis=1))}):
+            self._bad_terms[w] += 1
+            if self._bad_terms[w] >= BAD_TERM_EXCHANGES and w not in failed:
+                failed[w] = f"sent non-finite terms in {self._bad_terms[w]} exchanges"
 
     def _monitor(self, step: int, t0: float, part: int, rows: int, owners, received, failed, r) -> None:
         """Feeds the monitors: per group delivered or lost, and each worker's latency. A term
@@ -728,13 +769,16 @@ def run(
     tokens: int = 16,
     prompt: str = "",
     log: TextIO | None = sys.stderr,
+    key: bytes | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """``halo edge run``: generate ``tokens`` tokens after ``prompt`` (LLaMA) or embed the
     prompt (BERT) on the workers; returns the text/embedding, timings and delivery figures."""
     from .edge_plan import tokenize
 
-    root = Root(model, workers, plan, policy=policy, log=log, **options)  # checks plan and workers first
+    root = Root(
+        model, workers, plan, policy=policy, log=log, key=key, **options
+    )  # checks plan and workers first
     spec = root.spec
     if tokens < 1:
         raise EdgeError(f"tokens must be >= 1, got {tokens}")
@@ -756,5 +800,7 @@ def run(
             delivered=root.stats.delivered_fraction(),
             replans=root.stats.replans,
             dropped={root._name(w): why for w, why in root.stats.dead.items()},
+            rejected=root.stats.rejected,
+            malformed=root.stats.malformed,
         )
     return result

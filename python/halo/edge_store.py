@@ -461,7 +461,9 @@ class GroupStore:
         self._store.release(list(keys))
 
     def stats(self) -> dict[str, Any]:
-        return self._store.stats()
+        """Counters (loads, reads, peak resident bytes...); after close(), those at close."""
+        closed = getattr(self, "_closed_stats", None)
+        return dict(closed) if closed is not None else self._store.stats()
 
     def errors(self) -> list[tuple[Key, str]]:
         return [(tuple(k), why) for k, why in self._store.errors()]
@@ -479,6 +481,8 @@ class GroupStore:
         return self._store.tensor_bytes(key, name)
 
     def close(self) -> None:
+        if getattr(self, "_closed_stats", None) is None:
+            self._closed_stats = self._store.stats()
         self._store.close()
 
     def __enter__(self) -> Self:
@@ -719,11 +723,13 @@ class StreamedCompute:
 
 
 class WorkerStreaming:
-    """``halo edge worker --memory-budget``: how a worker opens its groups. The store file is
-    built in ``store_dir`` on first use (one per model and group layout); the plan the root
-    names in its load message (a path on this host) gives static importance and predictors.
-    Under wait-for-all delivery (tcp, reliable-udp) a missing group is read at once: the root
-    waits for every term anyway."""
+    """``halo edge worker --memory-budget``: how a worker opens its groups. Group stores live in
+    ``store_dir`` (one per model and group layout): an existing one is used; a missing one is
+    built only for the layout of a plan the worker was started with (``plans``: edge plans or
+    their paths on this host, which also give static importance and predictors), so what a
+    root asks for never makes the worker write an unbounded number of files. Under
+    wait-for-all delivery (tcp, reliable-udp) a missing group is read at once: the root waits
+    for every term anyway."""
 
     def __init__(
         self,
@@ -733,35 +739,62 @@ class WorkerStreaming:
         loader_threads: int = 4,
         log: Any = None,
         read_bandwidth: float = 0.0,
+        plans: Sequence[Any] = (),
     ) -> None:
+        from .edge_plan import Plan, load_plan
+
         self.budget = parse_budget(budget)
         self.store_dir, self.window_exchanges = store_dir, window_exchanges
         self.loader_threads, self.log = loader_threads, log
         self.read_bandwidth = read_bandwidth  # bytes/s: emulates a slower disk (tests); 0: none
+        self.plans = [p if isinstance(p, Plan) else load_plan(p) for p in plans]
         self.last: tuple[GroupStore, StreamedCompute] | None = None  # the latest session's
 
-    def open(self, model: str, spec: Spec, groups, msg: dict[str, Any]) -> tuple[GroupStore, StreamedCompute]:
-        from .edge_plan import load_plan, load_predictors
+    def check_plans(self, models: dict[str, Any]) -> None:
+        """Every plan must be for one of the worker's models ({fingerprint: edge_worker.Served})."""
+        from .edge_plan import check_plan_shape
+
+        for plan in self.plans:
+            served = models.get(plan.fingerprint)
+            if served is None:
+                raise EdgeError(f"{plan.path}: the plan is for a model this worker does not serve")
+            check_plan_shape(plan, served.spec, str(plan.path))
+
+    def open(
+        self, model: str, spec: Spec, groups, model_fingerprint: str, wait_all: bool
+    ) -> tuple[GroupStore, StreamedCompute]:
+        from .edge_plan import load_predictors
 
         first = groups[0]
         group_size = first[FFN][0].stop - first[FFN][0].start if first[FFN] else spec.inter
         hpg = len(first[ATTN][0].heads) if first[ATTN] else 1
-        path = ensure_store(model, group_size, hpg, directory=self.store_dir)
-        fp = str(msg.get("fingerprint"))
+        plan = next(
+            (
+                p
+                for p in self.plans
+                if (p.fingerprint, p.group_size, p.heads_per_group) == (model_fingerprint, group_size, hpg)
+            ),
+            None,
+        )
+        path = default_store_path(model, group_size, hpg, directory=self.store_dir)
+        if not path.exists() and plan is None:
+            from .edge_link import Refused
+
+            raise Refused(
+                f"no group store here for groups of {group_size} neurons and {hpg} heads "
+                "(the worker builds stores only for the layouts of its plans)"
+            )
+        path = ensure_store(model, group_size, hpg, path=path)
         shares, predictors = None, {}
-        plan_path = msg.get("plan")
-        if plan_path and Path(plan_path).exists():
-            plan = load_plan(plan_path, spec, fp)
+        if plan is not None:
             shares = static_shares(plan.importance, groups)
             if plan.predictor_path() is not None:
                 predictors = load_predictors(plan.predictor_path(), spec, groups)
-        elif plan_path and self.log is not None:
-            print(f"halo edge worker: no plan at {plan_path} here: uniform importance", file=self.log)
         store = GroupStore(
             path,
             spec,
             groups,
-            fp,
+            model_fingerprint,
             budget=self.budget,
             shares=shares,
             window_exchanges=self.window_exchanges,
@@ -769,7 +802,6 @@ class WorkerStreaming:
             read_bandwidth=self.read_bandwidth,
             held=(),
         )
-        wait_all = msg.get("delivery", {}).get("other", "unreliable") != "unreliable"
         compute = StreamedCompute(
             spec,
             store,

@@ -84,6 +84,15 @@ def tiny_bert(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def link_key(tmp_path_factory) -> tuple[Path, bytes]:
+    """A pre-shared key for workers outside loopback: (key file, key)."""
+    from halo.edge_link import read_key, write_key
+
+    path = write_key(tmp_path_factory.mktemp("key") / "edge.key")
+    return path, read_key(path)
+
+
 def _hf_llama(path):
     return transformers.AutoModelForCausalLM.from_pretrained(path).eval()
 
@@ -300,14 +309,17 @@ def edge_device(**kw):
 
 
 class Workers:
-    """Worker processes on 127.0.0.1 (their ports picked by the OS), stopped on exit."""
+    """Worker processes of `model` on 127.0.0.1 (their ports picked by the OS), stopped on exit."""
 
-    def __init__(self, count: int, args=()):
+    def __init__(self, count: int, model, args=()):
         self.procs = []
         self.addresses = []
         for _ in range(count):
             p = subprocess.Popen(
-                [sys.executable, "-m", "halo.cli", "edge", "worker", "--listen", "127.0.0.1:0", *args],
+                [
+                    *(sys.executable, "-m", "halo.cli", "edge", "worker", "--listen", "127.0.0.1:0"),
+                    *("--model", str(model), "--insecure", *args),
+                ],
                 stderr=subprocess.PIPE,
                 text=True,
                 env=_python_env(),
@@ -332,16 +344,15 @@ class Workers:
 
 
 class ThreadWorkers:
-    """Workers as threads of this process (no start-up cost); each serves `sessions` roots."""
+    """Workers of `model` as threads of this process (no start-up cost); each serves `sessions`
+    roots, or stops after `idle_timeout` s without one."""
 
-    def __init__(self, count: int, sessions: int):
+    def __init__(self, count: int, sessions: int, model, idle_timeout: float = 60):
         self.log = open(os.devnull, "w")  # noqa: SIM115 - closed in __exit__
-        self.workers = [edge.Worker("127.0.0.1", 0, log=self.log) for _ in range(count)]
+        self.workers = [edge.Worker("127.0.0.1", 0, [str(model)], log=self.log) for _ in range(count)]
         self.addresses = [f"127.0.0.1:{w.port}" for w in self.workers]
-        self.threads = [
-            threading.Thread(target=w.serve, kwargs={"sessions": sessions, "idle_timeout": 60}, daemon=True)
-            for w in self.workers
-        ]
+        wait = {"sessions": sessions, "idle_timeout": idle_timeout}
+        self.threads = [threading.Thread(target=w.serve, kwargs=wait, daemon=True) for w in self.workers]
         for t in self.threads:
             t.start()
 
@@ -359,7 +370,7 @@ def test_every_policy_reproduces_the_local_model_without_loss(tiny_llama):
     ref = edge.Local(str(tiny_llama), group_size=48).generate([5, 17, 3, 99], 6)["tokens"]
     local = edge.Local(str(tiny_llama), group_size=48)
     ref_logits = local.forward([5, 17, 3, 99], 0)
-    with ThreadWorkers(2, sessions=len(edge.POLICIES)) as workers:
+    with ThreadWorkers(2, sessions=len(edge.POLICIES), model=tiny_llama) as workers:
         for policy in edge.POLICIES:
             # A generous deadline for halo: without loss it must then deliver everything even
             # on a busy machine (what it drops under deadline pressure is tested in the bed).
@@ -387,7 +398,7 @@ def test_every_policy_reproduces_the_local_model_without_loss(tiny_llama):
 
 def test_worker_killed_mid_run_root_replans_and_finishes(tiny_llama):
     plan = edge.make_plan(tiny_llama, 3, calibration_tokens=0, group_size=16)
-    with Workers(6) as workers:
+    with Workers(6, tiny_llama) as workers:
         for policy, victim, used in (("halo", 1, [0, 1, 2]), ("tcp", 4, [3, 4, 5])):
             addresses = [workers.addresses[i] for i in used]
             with edge.Root(
@@ -408,7 +419,7 @@ def test_worker_killed_mid_run_root_replans_and_finishes(tiny_llama):
 def test_silent_worker_is_dropped_after_the_hard_deadline(tiny_llama):
     plan = edge.make_plan(tiny_llama, 2, calibration_tokens=0, group_size=16)
     with (
-        Workers(2) as workers,
+        Workers(2, tiny_llama) as workers,
         edge.Root(
             str(tiny_llama), workers.addresses, plan, policy="halo", hard_timeout=0.3, silent_timeout=0.6
         ) as root,
@@ -424,7 +435,8 @@ def test_silent_worker_is_dropped_after_the_hard_deadline(tiny_llama):
 
 
 def test_version_mismatch_is_one_line_both_ways(tiny_llama):
-    with ThreadWorkers(1, sessions=1) as workers:
+    # A peer that never says a valid hello is no session: the worker stops when idle.
+    with ThreadWorkers(1, sessions=1, model=tiny_llama, idle_timeout=2) as workers:
         host, port = workers.addresses[0].rsplit(":", 1)
         t = core.Transport("enet", "", 0, 2)
         peer = t.connect(host, int(port), 3.0)
@@ -488,6 +500,7 @@ def test_cli_errors_are_one_line(tiny_llama, tmp_path):
                 "1",
                 "--policy",
                 "tcp",
+                "--insecure",
                 *args,
             ],
             env=env,
@@ -508,7 +521,7 @@ def test_cli_run_generates_on_workers(tiny_llama, tmp_path):
     cli = [sys.executable, "-m", "halo.cli", "edge"]
     edge.make_plan(tiny_llama, 2, calibration_tokens=32, group_size=32, out=plan)
     assert (tmp_path / "plan.json.predictor.npz").exists()
-    with ThreadWorkers(2, sessions=1) as workers:
+    with ThreadWorkers(2, sessions=1, model=tiny_llama) as workers:
         out = tmp_path / "out.json"
         done = subprocess.run(
             [
@@ -526,6 +539,7 @@ def test_cli_run_generates_on_workers(tiny_llama, tmp_path):
                 "The sky is",
                 "--json",
                 str(out),
+                "--insecure",
             ],
             env=env,
             capture_output=True,
@@ -609,12 +623,23 @@ def test_testbed_tears_down_on_failure():
     assert not set(names) & set(listed)
 
 
-def _bed_workers(bed, count):
-    """Workers in their namespaces; returns their addresses once each listens."""
+def _bed_workers(bed, count, model, key_file):
+    """Workers of `model` in their namespaces; returns their addresses once each listens."""
     procs = [
         bed.popen(
             bed.worker(i),
-            [sys.executable, "-m", "halo.cli", "edge", "worker", "--listen", bed.worker_address(i, 7000)],
+            [
+                *(
+                    sys.executable,
+                    "-m",
+                    "halo.cli",
+                    "edge",
+                    "worker",
+                    "--listen",
+                    bed.worker_address(i, 7000),
+                ),
+                *("--model", str(model), "--key-file", str(key_file)),
+            ],
             env=_python_env(),
             stderr=subprocess.PIPE,
             text=True,
@@ -629,16 +654,18 @@ def _bed_workers(bed, count):
 
 
 @netns
-def test_lossy_and_bursty_links_keep_tokens_coming(tiny_llama):
+def test_lossy_and_bursty_links_keep_tokens_coming(tiny_llama, link_key):
     """30 % loss on one link, bursts on another: HALO keeps producing tokens, the monitor's
     estimate of the 30 % link triggers a re-plan that moves importance off it, and the
     wait-for-all ENet baseline still finishes (every wait has a deadline)."""
     links = [testbed.Link(plr=0.0), testbed.Link(plr=0.30), testbed.Link(plr=0.1, burst=3.0, delay_ms=0.5)]
     plan = edge.make_plan(tiny_llama, 3, calibration_tokens=0, group_size=16, loss_budget=0.02)
     with testbed.Testbed(links, seed=1) as bed:
-        addresses = _bed_workers(bed, 3)
+        addresses = _bed_workers(bed, 3, tiny_llama, link_key[0])
         with bed.inside(bed.root):
-            with edge.Root(str(tiny_llama), addresses, plan, policy="halo", connect_timeout=20.0) as root:
+            with edge.Root(
+                str(tiny_llama), addresses, plan, policy="halo", connect_timeout=20.0, key=link_key[1]
+            ) as root:
                 t0 = time.monotonic()
                 result = root.generate([5, 17, 3, 99], 24)
                 assert len(result["tokens"]) == 24
@@ -657,6 +684,7 @@ def test_lossy_and_bursty_links_keep_tokens_coming(tiny_llama):
                 plan,
                 policy="reliable-udp",
                 hard_timeout=5.0,
+                key=link_key[1],
                 connect_timeout=20.0,
             ) as base:
                 assert (

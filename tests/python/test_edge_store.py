@@ -452,6 +452,9 @@ def test_worker_with_a_memory_budget_serves_the_root_in_less_memory(tmp_path_fac
                 "worker",
                 "--listen",
                 "127.0.0.1:0",
+                "--model",
+                str(model),
+                "--insecure",
                 "--sessions",
                 "1",
                 "--memory-budget",
@@ -485,9 +488,11 @@ def test_worker_leaves_late_groups_to_the_root_and_never_stalls(tiny, tmp_path):
     worker sends what is resident at each deadline (critical groups read at once), the root
     compensates the rest like lost packets, and the run goes on with every worker alive."""
     plan = edge.make_plan(tiny, 1, calibration_tokens=0, group_size=48, out=tmp_path / "plan.json")
-    streaming = es.WorkerStreaming(0.3, tmp_path / "stores", window_exchanges=1, read_bandwidth=1e6)
+    streaming = es.WorkerStreaming(
+        0.3, tmp_path / "stores", window_exchanges=1, read_bandwidth=1e6, plans=[plan]
+    )
     log = open(os.devnull, "w")  # noqa: SIM115 - closed below
-    worker = edge.Worker("127.0.0.1", 0, log=log, streaming=streaming)
+    worker = edge.Worker("127.0.0.1", 0, [str(tiny)], log=log, streaming=streaming)
     thread = threading.Thread(target=worker.serve, kwargs={"sessions": 1, "idle_timeout": 60}, daemon=True)
     thread.start()
     try:
