@@ -17,6 +17,7 @@ def register(sub) -> None:
     s.add_argument("--heads-per-group", type=int, default=None, help="default: one key/value head's queries")
     s.add_argument("--quant", choices=("nf4", "fp4"), default="nf4")
     s.add_argument("--blocksize", type=int, default=64)
+    s.add_argument("--force", action="store_true", help="replace an existing group store (nothing else)")
     s.set_defaults(handler=_store)
 
     loc = sub.add_parser(
@@ -38,7 +39,9 @@ def register(sub) -> None:
     loc.add_argument("--prompt", required=True)
     loc.add_argument("--tokens", type=int, default=16)
     loc.add_argument("--group-size", type=int, default=128, help="without a plan: FFN neurons per group")
-    loc.add_argument("--json", metavar="FILE", help="also write the result (timings, store figures) as JSON")
+    loc.add_argument(
+        "--json", metavar="FILE", help="also write the result as JSON (replaces only a result halo wrote)"
+    )
     loc.set_defaults(handler=_local)
 
 
@@ -47,16 +50,29 @@ def _fail(command: str, exc: BaseException) -> int:
     return 1
 
 
+def _interrupted(command: str, exc: KeyboardInterrupt) -> int:
+    print(f"halo edge {command}: {exc or 'interrupted'}; nothing was written", file=sys.stderr)
+    return 128 + getattr(exc, "signum", 2)
+
+
 def _store(args: argparse.Namespace) -> int:
     from .edge_model import EdgeError
     from .edge_store import build_store
 
     try:
         path = build_store(
-            args.model, args.out, args.group_size, args.heads_per_group, args.quant, args.blocksize
+            args.model,
+            args.out,
+            args.group_size,
+            args.heads_per_group,
+            args.quant,
+            args.blocksize,
+            args.force,
         )
-    except EdgeError as exc:
+    except (EdgeError, ValueError, OSError) as exc:
         return _fail("store", exc)
+    except KeyboardInterrupt as exc:
+        return _interrupted("store", exc)
     print(f"halo edge store: {os.path.getsize(path) / 2**20:.1f} MiB -> {os.fspath(path)}")
     return 0
 
@@ -87,6 +103,14 @@ def _local(args: argparse.Namespace) -> int:
         with StreamedLocal(args.model, store, plan=plan, budget=budget, mode=mode) as runner:
             result = runner.generate(ids, args.tokens)
             stats = runner.stats()
+            damaged = runner.store.errors()
+        if damaged:
+            key, why = damaged[0]
+            more = f" (and {len(damaged) - 1} more groups)" if len(damaged) > 1 else ""
+            raise EdgeError(
+                f"the group store {store} is damaged: group {'.'.join(map(str, key))}: {why}{more}; "
+                "rebuild it with halo edge store --force"
+            )
     except EdgeError as exc:
         return _fail("local", exc)
     except KeyboardInterrupt:
@@ -105,8 +129,32 @@ def _local(args: argparse.Namespace) -> int:
     )
     if args.json:
         result["store"] = stats
-        tmp = f"{args.json}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(result, f)
-        os.replace(tmp, args.json)
+        result[_JSON_MARK] = "halo edge local"
+        try:
+            _write_json(args, store, result)
+        except (ValueError, OSError) as exc:
+            return _fail("local", exc)
+        except KeyboardInterrupt as exc:
+            return _interrupted("local", exc)
     return 0
+
+
+_JSON_MARK = "halo_output"  # the mark that lets a later run replace the result file
+
+
+def _write_json(args: argparse.Namespace, store, result: dict) -> None:
+    from pathlib import Path
+
+    from ._output import output
+
+    def halo_made(path: Path) -> bool:
+        return (
+            path.stat().st_size < 1 << 26
+            and json.loads(path.read_text()).get(_JSON_MARK) == "halo edge local"
+        )
+
+    inputs = [(args.model, "model folder"), (store, "group store")]
+    inputs += [(args.plan, "plan")] if args.plan else []
+    with output("edge local", args.json, inputs, "file", True, halo_made) as out:
+        out.temp.write_text(json.dumps(result))
+        out.commit()

@@ -497,15 +497,22 @@ def test_export_errors_are_clear_and_leave_nothing(tmp_path, monkeypatch):
     out.write_bytes(b"keep me")
     with pytest.raises(ValueError, match="exists \\(use --force"):
         halo.export_gguf(model, out, progress=False)
-    with pytest.raises(ValueError, match="is a folder"):
-        halo.export_gguf(model, tmp_path, progress=False)
-    with pytest.raises(ValueError, match="would overwrite model.safetensors of the input folder"):
+    with pytest.raises(ValueError, match="does not carry halo's output mark"):
+        halo.export_gguf(model, out, progress=False, force=True)
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(ValueError, match="is a folder; halo writes its output only as a regular file"):
+        halo.export_gguf(model, tmp_path / "folder", progress=False)
+    with pytest.raises(ValueError, match="lies inside the model folder"):
         halo.export_gguf(model, model / "model.safetensors", progress=False, force=True)
+    assert out.read_bytes() == b"keep me"
+    out.unlink()
+    halo.export_gguf(model, out, type="q8_0", progress=False)
+    before = out.read_bytes()
     other = fx.tiny_model(tmp_path / "other", n_layer=1, hidden=512)
     adapter, _ = tiny_models.make_adapter(other, "plain", tmp_path / "a")
     with pytest.raises(ValueError, match="does not fit base tensor"):
         halo.export_gguf(model, out, adapter=adapter, progress=False, force=True)
-    assert out.read_bytes() == b"keep me"
+    assert out.read_bytes() == before
     # An interruption half-way leaves the old file and no temp file.
     import halo.gguf_export as ge
 
@@ -521,8 +528,8 @@ def test_export_errors_are_clear_and_leave_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(ge, "_encode", interrupt)
     with pytest.raises(KeyboardInterrupt):
         halo.export_gguf(model, out, progress=False, force=True)
-    assert out.read_bytes() == b"keep me"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "m", "o.gguf", "other"]
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "folder", "m", "o.gguf", "other"]
 
 
 def test_cli_export_and_import_one_line_errors(tmp_path):
