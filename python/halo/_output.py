@@ -163,7 +163,7 @@ class Output:
         if self.kind == "folder":
             (self.temp / _OWNER).unlink(missing_ok=True)
             files = [f for f in _folder_files(self.temp) if f != MARKER]
-            note = {"writer": f"halo {self.command}", "files": files}
+            note = {"writer": "halo " + self.command.replace("_", "-"), "files": files}
             (self.temp / MARKER).write_text(json.dumps(note, indent=1) + "\n", encoding="utf-8")
         elif not self.temp.is_file():
             _fail(self.command, f"internal error: {self.temp} was not written")
@@ -278,7 +278,7 @@ def check(
     else:
         try:
             made = halo_made is not None and halo_made(path)
-        except (OSError, ValueError, RuntimeError, KeyError, TypeError):
+        except Exception:  # unreadable, damaged, not the format: not halo's output
             made = False
         why = None if made else f"{path} does not carry halo's output mark, so halo did not write it"
     if why is not None:

@@ -51,7 +51,7 @@ def _fail(command: str, exc: BaseException) -> int:
 
 
 def _interrupted(command: str, exc: KeyboardInterrupt) -> int:
-    print(f"halo edge {command}: {exc or 'interrupted'}; nothing was written", file=sys.stderr)
+    print(f"halo edge {command}: {str(exc) or 'interrupted'}; --out was left as it was", file=sys.stderr)
     return 128 + getattr(exc, "signum", 2)
 
 

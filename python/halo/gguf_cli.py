@@ -50,7 +50,7 @@ def _run(command: str, call) -> int:
         print(f"halo {command}: error: {_one_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as exc:  # SIGINT, or SIGTERM / SIGHUP as halo._output.Interrupted
-        print(f"halo {command}: {exc or 'interrupted'}; no output was written", file=sys.stderr)
+        print(f"halo {command}: {str(exc) or 'interrupted'}; --out was left as it was", file=sys.stderr)
         return 128 + getattr(exc, "signum", 2)
     except Exception as exc:
         print(f"halo {command}: error: {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)

@@ -215,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, TypeError, OSError, RuntimeError) as error:
         return _fail(str(error).splitlines()[0] if str(error) else type(error).__name__)
     except KeyboardInterrupt as error:
-        print(f"halo hwq: {error or 'interrupted'}; nothing was written", file=sys.stderr)
+        print(f"halo hwq: {str(error) or 'interrupted'}; --out was left as it was", file=sys.stderr)
         return 128 + getattr(error, "signum", 2)
     totals = report.totals()
     print(

@@ -374,7 +374,7 @@ def test_force_swaps_the_output_in_without_a_gap(small, tmp_path, monkeypatch):
     base, adapter, ref = small
     out = tmp_path / "out"
     halo.merge(base, adapter, out, progress=False)
-    (out / "old-output-marker").write_text("old")
+    (out / "generation_config.json").write_text('{"old": true}')  # tells the old output from the new
     states = []
 
     def watch(fn):
@@ -396,7 +396,7 @@ def test_force_swaps_the_output_in_without_a_gap(small, tmp_path, monkeypatch):
     halo.merge(base, adapter, out, progress=False, force=True)
     monkeypatch.undo()
     assert all(complete for _, complete in states), states
-    assert not (out / "old-output-marker").exists()
+    assert "old" not in json.loads((out / "generation_config.json").read_text())
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     _assert_close_f32(T.AutoModelForCausalLM.from_pretrained(out).state_dict(), ref)
 
