@@ -96,7 +96,7 @@ def _input_items(inputs: Iterable[tuple[str | os.PathLike, str]]) -> Iterator[tu
                     yield entry, label
 
 
-def _check_disjoint(command: str, given: Path, path: Path, inputs) -> None:
+def _check_disjoint(command: str, flag: str, given: Path, path: Path, inputs) -> None:
     out_id = _identity(path)
     above_out = set(_ancestors(given)) | set(_ancestors(path))
     for item, what in _input_items(inputs):
@@ -105,11 +105,11 @@ def _check_disjoint(command: str, given: Path, path: Path, inputs) -> None:
             continue
         if item_id in above_out:
             relation = "is" if item_id == out_id else "lies inside"
-            _fail(command, f"--out {given} {relation} the {what} {item}; choose another output")
+            _fail(command, f"{flag} {given} {relation} the {what} {item}; choose another output")
         if out_id is not None and (
             out_id in _ancestors(item) or out_id in _ancestors(Path(os.path.realpath(item)))
         ):
-            _fail(command, f"--out {given} contains the {what} {item}; choose another output")
+            _fail(command, f"{flag} {given} contains the {what} {item}; choose another output")
 
 
 def _folder_files(folder: Path) -> list[str]:
@@ -248,31 +248,33 @@ def check(
     force: bool = False,
     halo_made: Callable[[Path], bool] | None = None,
     fsync: bool = True,
+    flag: str = "--out",
 ) -> Output:
-    """Every rule of the module docstring, checked before anything is written (ValueError)."""
+    """Every rule of the module docstring, checked before anything is written (ValueError
+    naming the command, ``flag`` and the path)."""
     if kind not in ("file", "folder"):
         raise ValueError(f"[{command}] kind must be 'file' or 'folder', got {kind!r}")
     raw = os.fspath(out)
     if not isinstance(raw, str) or not raw or "\0" in raw:
-        _fail(command, f"--out must be a non-empty path, got {raw!r}")
+        _fail(command, f"{flag} must be a non-empty path, got {raw!r}")
     given = Path(os.path.abspath(raw))
     path = Path(os.path.realpath(given))
-    _check_disjoint(command, given, path, inputs)
+    _check_disjoint(command, flag, given, path, inputs)
     try:
         st = path.lstat()
     except FileNotFoundError:
         return Output(command, given, path, kind, fsync)
     except OSError as exc:
-        _fail(command, f"--out {given}: {exc.strerror}")
+        _fail(command, f"{flag} {given}: {exc.strerror}")
     found = _kind_name(st.st_mode)
     if found != ("file" if kind == "file" else "folder"):
         wanted = "a regular file" if kind == "file" else "a folder"
-        _fail(command, f"--out {given} is a {found}; halo writes its output only as {wanted}")
+        _fail(command, f"{flag} {given} is a {found}; halo writes its output only as {wanted}")
     if kind == "folder" and not any(path.iterdir()):
         return Output(command, given, path, kind, fsync)
     if not force:
         what = "exists and is not empty" if kind == "folder" else "exists"
-        _fail(command, f"--out {given} {what} (use --force to replace an output halo wrote)")
+        _fail(command, f"{flag} {given} {what} (use --force to replace an output halo wrote)")
     if kind == "folder":
         why = _not_halos_folder(path)
     else:

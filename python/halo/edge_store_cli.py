@@ -51,7 +51,7 @@ def _fail(command: str, exc: BaseException) -> int:
 
 
 def _interrupted(command: str, exc: KeyboardInterrupt) -> int:
-    print(f"halo edge {command}: {str(exc) or 'interrupted'}; --out was left as it was", file=sys.stderr)
+    print(f"halo edge {command}: {str(exc) or 'interrupted'}; the output was left as it was", file=sys.stderr)
     return 128 + getattr(exc, "signum", 2)
 
 
@@ -99,6 +99,7 @@ def _local(args: argparse.Namespace) -> int:
         group_size = plan.group_size if plan is not None else args.group_size
         hpg = plan.heads_per_group if plan is not None else default_heads_per_group(spec)
         store = ensure_store(args.model, group_size, hpg, path=args.store, directory=args.store_dir)
+        json_out = _json_target(args, store) if args.json else None
         ids = tokenize(args.model, args.prompt)
         with StreamedLocal(args.model, store, plan=plan, budget=budget, mode=mode) as runner:
             result = runner.generate(ids, args.tokens)
@@ -111,7 +112,7 @@ def _local(args: argparse.Namespace) -> int:
                 f"the group store {store} is damaged: group {'.'.join(map(str, key))}: {why}{more}; "
                 "rebuild it with halo edge store --force"
             )
-    except EdgeError as exc:
+    except (EdgeError, ValueError) as exc:
         return _fail("local", exc)
     except KeyboardInterrupt:
         return 130
@@ -127,12 +128,14 @@ def _local(args: argparse.Namespace) -> int:
         f"{stats['bytes_read'] / 2**20:.1f} MiB read, {stats['missing_fraction']:.1%} groups missing",
         file=sys.stderr,
     )
-    if args.json:
+    if json_out is not None:
         result["store"] = stats
         result[_JSON_MARK] = "halo edge local"
         try:
-            _write_json(args, store, result)
-        except (ValueError, OSError) as exc:
+            with json_out.writing():
+                json_out.temp.write_text(json.dumps(result))
+                json_out.commit()
+        except OSError as exc:
             return _fail("local", exc)
         except KeyboardInterrupt as exc:
             return _interrupted("local", exc)
@@ -142,19 +145,16 @@ def _local(args: argparse.Namespace) -> int:
 _JSON_MARK = "halo_output"  # the mark that lets a later run replace the result file
 
 
-def _write_json(args: argparse.Namespace, store, result: dict) -> None:
+def _json_target(args: argparse.Namespace, store):
+    """--json checked before the run: never an input, replaces only a result halo wrote."""
     from pathlib import Path
 
-    from ._output import output
+    from ._output import check
 
     def halo_made(path: Path) -> bool:
-        return (
-            path.stat().st_size < 1 << 26
-            and json.loads(path.read_text()).get(_JSON_MARK) == "halo edge local"
-        )
+        small = path.stat().st_size < 1 << 26
+        return small and json.loads(path.read_text()).get(_JSON_MARK) == "halo edge local"
 
     inputs = [(args.model, "model folder"), (store, "group store")]
     inputs += [(args.plan, "plan")] if args.plan else []
-    with output("edge local", args.json, inputs, "file", True, halo_made) as out:
-        out.temp.write_text(json.dumps(result))
-        out.commit()
+    return check("edge local", args.json, inputs, "file", True, halo_made, flag="--json")

@@ -343,3 +343,55 @@ def test_temps_of_killed_runs_are_removed_by_the_next_run(tiny, tmp_path, comman
         live.kill()
         live.wait()
     assert out.exists()
+
+
+# ------------------------------------------------------------------------ halo edge local
+
+
+def test_edge_local_on_a_damaged_store_fails_in_one_line(tiny, tmp_path):
+    """Before: both damaged stores ran to the end, printed text from a model missing groups, exit 0."""
+    model, _ = tiny
+    store = tmp_path / "g.halogrp"
+    from halo.edge_store import build_store
+
+    assert build_store(model, store, group_size=64) == store
+    data = store.read_bytes()
+    cut = tmp_path / "cut.halogrp"
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    flipped = bytearray(data)
+    for i in range(len(data) // 2, len(data) // 2 + 64):
+        flipped[i] ^= 0xFF
+    flip = tmp_path / "flip.halogrp"
+    flip.write_bytes(bytes(flipped))
+    common = [
+        "edge",
+        "local",
+        "--model",
+        str(model),
+        "--prompt",
+        "hello",
+        "--tokens",
+        "2",
+        "--group-size",
+        "64",
+    ]
+    for bad, why in ((cut, "truncated"), (flip, "checksum mismatch")):
+        r = _cli(*common, "--store", str(bad), "--json", str(tmp_path / "result.json"))
+        line = _one_line_error(r, "edge local", f"the group store {bad} is damaged", why)
+        assert "Traceback" not in r.stderr and r.stdout == "", line
+    assert not (tmp_path / "result.json").exists()
+    # The intact store runs; its --json is never written over an input, and replaces only a result.
+    r = _cli(*common, "--store", str(store), "--json", str(model / "config.json"))
+    _one_line_error(r, "edge local", "lies inside the model folder")
+    r = _cli(*common, "--store", str(store), "--json", str(store))
+    _one_line_error(r, "edge local", "is the group store")
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": 1}')
+    r = _cli(*common, "--store", str(store), "--json", str(notes))
+    _one_line_error(r, "edge local", "does not carry halo's output mark")
+    assert notes.read_text() == '{"mine": 1}'
+    for _ in range(2):
+        r = _cli(*common, "--store", str(store), "--json", str(tmp_path / "result.json"))
+        assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "result.json").read_text())["halo_output"] == "halo edge local"
+    assert store.read_bytes() == data and _temps(tmp_path) == []
