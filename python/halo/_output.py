@@ -149,6 +149,7 @@ class Output:
         self.command, self.given, self.path, self.kind, self.fsync = command, given, path, kind, fsync
         self.temp = _temp_name(path, "tmp", os.getpid())
         self.committed = False
+        self._seen = _state(path)  # what was checked; commit() refuses if it changed since
 
     def _begin(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -170,6 +171,8 @@ class Output:
         if self.fsync:
             fsync_tree(self.temp)
         with blocked():  # a signal now would leave the swap half done: defer it
+            if _state(self.path) != self._seen:
+                _fail(self.command, f"{self.given} changed while halo was writing; it was left as it is")
             old = replace_path(self.temp, self.path, _temp_name(self.path, "old", os.getpid()))
             if self.fsync:
                 fsync_path(self.path.parent)
@@ -193,6 +196,14 @@ class Output:
         with blocked():
             for entry in _own_temps(self.path):
                 remove_path(entry)
+
+
+def _state(path: Path) -> tuple[int, int, int, int] | None:
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino, st.st_mode, st.st_mtime_ns
 
 
 def _temp_name(out: Path, kind: str, pid: int) -> Path:

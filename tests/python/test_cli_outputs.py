@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -95,10 +94,13 @@ def test_edge_store_never_writes_over_the_model(tiny, tmp_path):
     model = _copy(model0, tmp_path / "m")
     before = _snapshot(model)
     for out in (model / "model.safetensors", model / "new.halogrp", model):
-        r = _cli("edge", "store", "--model", str(model), "--out", str(out), "--group-size", "64", "--force")
-        assert r.returncode == 1, r.stderr
-        lines = r.stderr.strip().splitlines()
-        assert len(lines) == 1 and "halo edge store: error:" in lines[0] and str(model) in lines[0], r.stderr
+        for extra in ([], ["--force"]):
+            r = _cli("edge", "store", "--model", str(model), "--out", str(out), "--group-size", "64", *extra)
+            assert r.returncode == 1, r.stderr
+            lines = r.stderr.strip().splitlines()
+            assert len(lines) == 1 and "halo edge store: error:" in lines[0] and str(model) in lines[0], (
+                r.stderr
+            )
     assert _snapshot(model) == before
     # Anything else that exists needs --force, and --force replaces only a group store.
     other = tmp_path / "notes.txt"
@@ -270,7 +272,7 @@ def _signal_mid_write(signum: int, folder: Path, *args: str) -> subprocess.Compl
     )
     try:
         deadline = time.monotonic() + 120
-        while not any(".halo-tmp-" in p.name for p in folder.iterdir()):
+        while not any(p.name != "out" for p in folder.iterdir()):  # a temp output (any name)
             assert child.poll() is None, child.communicate()
             assert time.monotonic() < deadline, "no temp output appeared"
             time.sleep(0.02)
@@ -308,18 +310,17 @@ def test_a_signal_mid_write_leaves_no_temp_and_the_old_output(tiny, tmp_path, co
     work.mkdir()
     out = work / "out"
     argv = _commands(model, gguf, out)[command]
-    assert _cli(*argv).returncode == 0  # a previous output, replaced below with --force
-    before = _snapshot(work)
-    res = _signal_mid_write(signum, work, *argv, "--force")
+    res = _signal_mid_write(signum, work, *argv)
     assert res.returncode == 128 + signum, res.stderr
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "interrupted" in lines[0], res.stderr
-    assert _snapshot(work) == before  # the old output, byte for byte, and no temp
-    # Without an old output: nothing at all is left.
-    (out.unlink() if out.is_file() else shutil.rmtree(out))
-    res = _signal_mid_write(signum, work, *argv)
+    assert list(work.iterdir()) == []  # no output, no temp
+    # With an old output and --force: the old output, byte for byte, and no temp.
+    assert _cli(*argv).returncode == 0
+    before = _snapshot(work)
+    res = _signal_mid_write(signum, work, *argv, "--force")
     assert res.returncode == 128 + signum, res.stderr
-    assert list(work.iterdir()) == []
+    assert _snapshot(work) == before
 
 
 @pytest.mark.parametrize("command", ["export-gguf", "import-gguf", "edge store"])
@@ -338,7 +339,10 @@ def test_temps_of_killed_runs_are_removed_by_the_next_run(tiny, tmp_path, comman
         (work / f".out.halo-tmp-{live.pid}").write_bytes(b"a run still writing")
         r = _cli(*argv)
         assert r.returncode == 0, r.stderr
-        assert _temps(work) == [f".out.halo-tmp-{live.pid}"]  # the dead run's temps are gone
+        assert sorted(os.listdir(work)) == [
+            f".out.halo-tmp-{live.pid}",
+            "out",
+        ]  # the dead run's temps are gone
     finally:
         live.kill()
         live.wait()
@@ -395,3 +399,16 @@ def test_edge_local_on_a_damaged_store_fails_in_one_line(tiny, tmp_path):
         assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "result.json").read_text())["halo_output"] == "halo edge local"
     assert store.read_bytes() == data and _temps(tmp_path) == []
+
+
+def test_a_target_that_changes_during_the_write_is_left_alone(tmp_path):
+    """The checks hold at the swap too: a file that appears at --out while halo writes is kept."""
+    from halo._output import output
+
+    out = tmp_path / "o.txt"
+    guard = output("test", out, [], "file", force=True, halo_made=lambda p: True)
+    with pytest.raises(ValueError, match="changed while halo was writing"), guard as target:
+        target.temp.write_text("new")
+        out.write_text("someone else's")
+        target.commit()
+    assert out.read_text() == "someone else's" and _temps(tmp_path) == []

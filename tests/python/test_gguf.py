@@ -670,7 +670,7 @@ def _rewrite(src_path: Path, dst: Path, meta: dict | None = None, keep=lambda na
     src = hg.read(src_path)
     kvs = [(k, src.types[k], (meta or {}).get(k, v)) for k, v in src.metadata.items()]
     names = [n for n in src.tensors if keep(n)]
-    w = hg.GGUFWriter(dst, kvs, [(n, list(src.tensors[n].dims), src.tensors[n].type) for n in names])
+    w = hg.GGUFWriter(str(dst), kvs, [(n, list(src.tensors[n].dims), src.tensors[n].type) for n in names])
     for n in names:
         w.write(n, src.raw(n))
     w.finish()
@@ -764,7 +764,7 @@ def test_non_utf8_tensor_names_read_back_and_write_back(two_layers, tmp_path):
     name = raw_name.decode("utf-8", "surrogateescape")
     x = np.arange(64, dtype=np.float32).reshape(2, 32)
     path = tmp_path / "odd.gguf"
-    w = hg.GGUFWriter(path, [("general.architecture", "string", "llama")], [(name, [32, 2], "F32")])
+    w = hg.GGUFWriter(str(path), [("general.architecture", "string", "llama")], [(name, [32, 2], "F32")])
     w.write(name, x)
     w.finish()
     assert raw_name in path.read_bytes()
@@ -781,7 +781,7 @@ def test_non_utf8_tensor_names_read_back_and_write_back(two_layers, tmp_path):
     src = hg.read(two_layers[1])
     kvs = [(k, src.types[k], v) for k, v in src.metadata.items()]
     specs = [(n, list(t.dims), t.type) for n, t in src.tensors.items()] + [(name, [32, 2], "F32")]
-    w = hg.GGUFWriter(tmp_path / "model.gguf", kvs, specs)
+    w = hg.GGUFWriter(str(tmp_path / "model.gguf"), kvs, specs)
     for n in src.tensors:
         w.write(n, src.raw(n))
     w.write(name, x)
