@@ -135,7 +135,7 @@ def _local(args: argparse.Namespace) -> int:
             with json_out.writing():
                 json_out.temp.write_text(json.dumps(result))
                 json_out.commit()
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             return _fail("local", exc)
         except KeyboardInterrupt as exc:
             return _interrupted("local", exc)
