@@ -90,7 +90,14 @@ def test_import_force_into_the_folder_holding_the_input_deletes_nothing(tiny, tm
     assert _snapshot(tmp_path) == before
 
 
-def test_edge_store_never_writes_over_the_model(tiny, tmp_path):
+def test_edge_store_never_writes_over_the_model(tiny, tmp_path, capsys):
+    def _cli(*args: str) -> subprocess.CompletedProcess:  # in-process: the subprocesses cost 15 s
+        from halo.cli import main
+
+        code = main(list(args))
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out, err)
+
     model0, _ = tiny
     model = _copy(model0, tmp_path / "m")
     before = _snapshot(model)
@@ -357,12 +364,15 @@ def test_temps_of_killed_runs_are_removed_by_the_next_run(tiny, tmp_path, comman
 # ------------------------------------------------------------------------ halo edge local
 
 
-def test_edge_local_on_a_damaged_store_fails_in_one_line(tiny, tmp_path):
-    """Before: both damaged stores ran to the end, printed text from a model missing groups, exit 0."""
-    model, _ = tiny
-    store = tmp_path / "g.halogrp"
+def test_edge_local_on_a_damaged_store_fails_in_one_line(tiny, tmp_path, capsys):
+    """Before: both damaged stores ran to the end, printed text from a model missing groups, exit 0.
+    (In-process through halo.cli.main: seven runs of a subprocess importing torch cost a minute.)"""
+    import torch
+    from halo.cli import main
     from halo.edge_store import build_store
 
+    model, _ = tiny
+    store = tmp_path / "g.halogrp"
     assert build_store(model, store, group_size=64) == store
     data = store.read_bytes()
     cut = tmp_path / "cut.halogrp"
@@ -384,23 +394,32 @@ def test_edge_local_on_a_damaged_store_fails_in_one_line(tiny, tmp_path):
         "--group-size",
         "64",
     ]
+    threads = torch.get_num_threads()
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        try:
+            code = main([*common, *args])
+        finally:
+            torch.set_num_threads(threads)  # halo edge local sets 1
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out, err)
+
     for bad, why in ((cut, "truncated"), (flip, "checksum mismatch")):
-        r = _cli(*common, "--store", str(bad), "--json", str(tmp_path / "result.json"))
+        r = run("--store", str(bad), "--json", str(tmp_path / "result.json"))
         line = _one_line_error(r, "edge local", f"the group store {bad} is damaged", why)
         assert "Traceback" not in r.stderr and r.stdout == "", line
     assert not (tmp_path / "result.json").exists()
     # The intact store runs; its --json is never written over an input, and replaces only a result.
-    r = _cli(*common, "--store", str(store), "--json", str(model / "config.json"))
-    _one_line_error(r, "edge local", "lies inside the model folder")
-    r = _cli(*common, "--store", str(store), "--json", str(store))
-    _one_line_error(r, "edge local", "is the group store")
+    _one_line_error(
+        run("--store", str(store), "--json", str(model / "config.json")), "edge local", "lies inside"
+    )
+    _one_line_error(run("--store", str(store), "--json", str(store)), "edge local", "is the group store")
     notes = tmp_path / "notes.json"
     notes.write_text('{"mine": 1}')
-    r = _cli(*common, "--store", str(store), "--json", str(notes))
-    _one_line_error(r, "edge local", "does not carry halo's output mark")
+    _one_line_error(run("--store", str(store), "--json", str(notes)), "edge local", "does not carry halo's")
     assert notes.read_text() == '{"mine": 1}'
     for _ in range(2):
-        r = _cli(*common, "--store", str(store), "--json", str(tmp_path / "result.json"))
+        r = run("--store", str(store), "--json", str(tmp_path / "result.json"))
         assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "result.json").read_text())["halo_output"] == "halo edge local"
     assert store.read_bytes() == data and _temps(tmp_path) == []
