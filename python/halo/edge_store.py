@@ -148,10 +148,12 @@ def build_store(
     heads_per_group: int | None = None,
     quant: str = "nf4",
     blocksize: int = 64,
+    force: bool = False,
 ) -> Path:
-    """Writes every neuron group of the model to ``out`` in 4-bit (atomically: a temporary
-    file renamed into place). Returns the path."""
-    from .quant import quantize_4bit
+    """Writes every neuron group of the model to ``out`` in 4-bit (through ``halo._output``'s
+    guard: never over an input, a temporary file renamed into place, ``force`` replaces only
+    an existing group store). Returns the path."""
+    from . import _output
 
     if quant not in ("nf4", "fp4"):
         raise EdgeError(f"quant must be 'nf4' or 'fp4', got {quant!r}")
@@ -170,7 +172,24 @@ def build_store(
     if out.parent and not out.parent.exists():
         raise EdgeError(f"{out.parent}: no such directory for the group store")
     try:
-        writer = _store.Writer(str(out), json.dumps(meta), plan)
+        guard = _output.check("edge store", out, [(model_dir, "model folder")], "file", force, _is_store)
+    except ValueError as exc:
+        raise EdgeError(str(exc)) from None
+    with guard.writing():
+        _write_store(guard.temp, meta, plan, model_dir, spec, groups, quant, blocksize)
+        guard.commit()
+    return out
+
+
+def _is_store(path: Path) -> bool:
+    return json.loads(_peek_meta(path)).get("format") == STORE_FORMAT
+
+
+def _write_store(temp: Path, meta, plan, model_dir, spec: Spec, groups, quant: str, blocksize: int) -> None:
+    from .quant import quantize_4bit
+
+    try:
+        writer = _store.Writer(str(temp), json.dumps(meta), plan)
     except (ValueError, RuntimeError) as exc:
         raise EdgeError(str(exc)) from None
     source = WeightStore(Checkpoint(model_dir), spec)
@@ -192,7 +211,6 @@ def build_store(
     except BaseException:
         writer.abort()
         raise
-    return out
 
 
 def default_store_path(

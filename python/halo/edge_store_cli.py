@@ -17,6 +17,7 @@ def register(sub) -> None:
     s.add_argument("--heads-per-group", type=int, default=None, help="default: one key/value head's queries")
     s.add_argument("--quant", choices=("nf4", "fp4"), default="nf4")
     s.add_argument("--blocksize", type=int, default=64)
+    s.add_argument("--force", action="store_true", help="replace an existing group store (nothing else)")
     s.set_defaults(handler=_store)
 
     loc = sub.add_parser(
@@ -38,7 +39,9 @@ def register(sub) -> None:
     loc.add_argument("--prompt", required=True)
     loc.add_argument("--tokens", type=int, default=16)
     loc.add_argument("--group-size", type=int, default=128, help="without a plan: FFN neurons per group")
-    loc.add_argument("--json", metavar="FILE", help="also write the result (timings, store figures) as JSON")
+    loc.add_argument(
+        "--json", metavar="FILE", help="also write the result as JSON (replaces only a result halo wrote)"
+    )
     loc.set_defaults(handler=_local)
 
 
@@ -47,16 +50,29 @@ def _fail(command: str, exc: BaseException) -> int:
     return 1
 
 
+def _interrupted(command: str, exc: KeyboardInterrupt) -> int:
+    print(f"halo edge {command}: {str(exc) or 'interrupted'}; the output was left as it was", file=sys.stderr)
+    return 128 + getattr(exc, "signum", 2)
+
+
 def _store(args: argparse.Namespace) -> int:
     from .edge_model import EdgeError
     from .edge_store import build_store
 
     try:
         path = build_store(
-            args.model, args.out, args.group_size, args.heads_per_group, args.quant, args.blocksize
+            args.model,
+            args.out,
+            args.group_size,
+            args.heads_per_group,
+            args.quant,
+            args.blocksize,
+            args.force,
         )
-    except EdgeError as exc:
+    except (EdgeError, ValueError, OSError) as exc:
         return _fail("store", exc)
+    except KeyboardInterrupt as exc:
+        return _interrupted("store", exc)
     print(f"halo edge store: {os.path.getsize(path) / 2**20:.1f} MiB -> {os.fspath(path)}")
     return 0
 
@@ -83,11 +99,20 @@ def _local(args: argparse.Namespace) -> int:
         group_size = plan.group_size if plan is not None else args.group_size
         hpg = plan.heads_per_group if plan is not None else default_heads_per_group(spec)
         store = ensure_store(args.model, group_size, hpg, path=args.store, directory=args.store_dir)
+        json_out = _json_target(args, store) if args.json else None
         ids = tokenize(args.model, args.prompt)
         with StreamedLocal(args.model, store, plan=plan, budget=budget, mode=mode) as runner:
             result = runner.generate(ids, args.tokens)
             stats = runner.stats()
-    except EdgeError as exc:
+            damaged = runner.store.errors()
+        if damaged:
+            key, why = damaged[0]
+            more = f" (and {len(damaged) - 1} more groups)" if len(damaged) > 1 else ""
+            raise EdgeError(
+                f"the group store {store} is damaged: group {'.'.join(map(str, key))}: {why}{more}; "
+                "rebuild it with halo edge store --force"
+            )
+    except (EdgeError, ValueError) as exc:
         return _fail("local", exc)
     except KeyboardInterrupt:
         return 130
@@ -103,10 +128,33 @@ def _local(args: argparse.Namespace) -> int:
         f"{stats['bytes_read'] / 2**20:.1f} MiB read, {stats['missing_fraction']:.1%} groups missing",
         file=sys.stderr,
     )
-    if args.json:
+    if json_out is not None:
         result["store"] = stats
-        tmp = f"{args.json}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(result, f)
-        os.replace(tmp, args.json)
+        result[_JSON_MARK] = "halo edge local"
+        try:
+            with json_out.writing():
+                json_out.temp.write_text(json.dumps(result))
+                json_out.commit()
+        except (OSError, ValueError) as exc:
+            return _fail("local", exc)
+        except KeyboardInterrupt as exc:
+            return _interrupted("local", exc)
     return 0
+
+
+_JSON_MARK = "halo_output"  # the mark that lets a later run replace the result file
+
+
+def _json_target(args: argparse.Namespace, store):
+    """--json checked before the run: never an input, replaces only a result halo wrote."""
+    from pathlib import Path
+
+    from ._output import check
+
+    def halo_made(path: Path) -> bool:
+        small = path.stat().st_size < 1 << 26
+        return small and json.loads(path.read_text()).get(_JSON_MARK) == "halo edge local"
+
+    inputs = [(args.model, "model folder"), (store, "group store")]
+    inputs += [(args.plan, "plan")] if args.plan else []
+    return check("edge local", args.json, inputs, "file", True, halo_made, flag="--json")

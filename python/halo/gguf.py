@@ -9,6 +9,10 @@ importance matrix) for Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K,
 Q6_K and Q8_K, and ggml's F16 / BF16 rounding. Model export and import live in
 ``halo.gguf_export`` and ``halo.gguf_import``.
 
+Names: GGUF strings are bytes. A key or tensor name that is not UTF-8 comes back as a
+``str`` with surrogate escapes (``errors="surrogateescape"``), and that same ``str``
+reads the tensor back (``raw``, ``numpy``) and writes it (``GGUFWriter``) unchanged.
+
 Shapes: GGUF stores dimensions innermost first (``dims``); ``shape`` is the
 same tensor the way torch and NumPy write it (``tuple(reversed(dims))``).
 """
@@ -35,7 +39,23 @@ __all__ = [
     "type_info",
 ]
 
-GGUFWriter = _g.GgufWriter
+
+def _name(name: str) -> bytes:
+    """A tensor name as the C++ side takes it: its bytes (surrogate escapes back to raw bytes)."""
+    if not isinstance(name, str):
+        raise TypeError(f"[gguf] a tensor name must be a str, got {type(name).__name__}")
+    return name.encode("utf-8", "surrogateescape")
+
+
+class GGUFWriter(_g.GgufWriter):
+    """Streams tensors into a GGUF v3 file (temp file, then rename); names may hold surrogate escapes."""
+
+    def __init__(self, path: str | os.PathLike, metadata: list, tensors: list, alignment: int = 32):
+        specs = [(_name(n), list(dims), t) for n, dims, t in tensors]
+        super().__init__(os.fspath(path), metadata, specs, alignment)
+
+    def write(self, name: str, data: Any) -> None:
+        super().write(_name(name), data)
 
 
 @dataclass(frozen=True)
@@ -162,7 +182,7 @@ class GGUFFile:
     def raw(self, name: str) -> np.ndarray:
         """The tensor's bytes: a read-only zero-copy uint8 view of the mapping."""
         self._tensor(name)
-        return self._f.tensor_data(name)
+        return self._f.tensor_data(_name(name))
 
     def numpy(self, name: str, backend: str = "auto") -> np.ndarray:
         """The tensor as float32 of its torch-order shape (dequantized when quantized).
@@ -170,13 +190,13 @@ class GGUFFile:
         F32 tensors come back as a zero-copy read-only view; integer tensors as
         their own dtype."""
         t = self._tensor(name)
-        raw = self._f.tensor_data(name)
+        raw = self._f.tensor_data(_name(name))
         ints = {"I8": np.int8, "I16": np.int16, "I32": np.int32, "I64": np.int64, "F64": np.float64}
         if t.type == "F32":
             return raw.view(np.float32).reshape(t.shape)
         if t.type in ints:
             return raw.view(ints[t.type]).reshape(t.shape)
-        return self._f.to_float(name, backend).reshape(t.shape)
+        return self._f.to_float(_name(name), backend).reshape(t.shape)
 
     def release_pages(self) -> None:
         """Drops this process's resident pages of the mapping (keeps RSS near one tensor while streaming)."""

@@ -24,7 +24,7 @@ def register(subparsers) -> None:
         "--pre-tokenizer", default=None, help="llama.cpp pre-tokenizer name when it cannot be detected"
     )
     p.add_argument("--name", default=None, help="general.name (default: the model folder's name)")
-    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.add_argument("--force", action="store_true", help="replace a GGUF file halo wrote (nothing else)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p.set_defaults(handler=run_export)
 
@@ -34,7 +34,7 @@ def register(subparsers) -> None:
     q.add_argument(
         "--dtype", default="float32", choices=("float32", "float16", "bfloat16"), help="weight dtype"
     )
-    q.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    q.add_argument("--force", action="store_true", help="replace an output folder halo wrote (nothing else)")
     q.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     q.set_defaults(handler=run_import)
 
@@ -49,9 +49,9 @@ def _run(command: str, call) -> int:
     except (ValueError, TypeError, OSError, KeyError) as exc:
         print(f"halo {command}: error: {_one_line(exc)}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"halo {command}: interrupted; no output was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # SIGINT, or SIGTERM / SIGHUP as halo._output.Interrupted
+        print(f"halo {command}: {str(exc) or 'interrupted'}; --out was left as it was", file=sys.stderr)
+        return 128 + getattr(exc, "signum", 2)
     except Exception as exc:
         print(f"halo {command}: error: {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
         return 1

@@ -6,8 +6,11 @@ slab of rows at a time, merged with its LoRA delta (halo's merge math, as
 ``halo merge`` applies it), reordered for llama.cpp's RoPE (Q/K rows), and
 quantized with halo's ggml-exact quantizers into the type llama.cpp's own
 ``llama-quantize`` would choose for that tensor (see ``halo.gguf_arch``). No
-merged float copy is written; the output is assembled in a temp file beside the
-target and renamed into place when complete.
+merged float copy is written. Before a byte is written, every tensor's name and shape is
+checked against config.json (``halo.gguf_check``) and the output path against the inputs
+(``halo._output``); the file is assembled in a temp file beside the target and renamed into
+place when complete. The file carries ``halo.output`` = "halo export-gguf", the mark that
+lets ``--force`` replace it later.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from . import _output
 from . import io as hio
 from ._core import gguf as _g
 from .gguf_arch import (
@@ -33,6 +37,7 @@ from .gguf_arch import (
     plan_types,
     weight_sort_key,
 )
+from .gguf_check import OUTPUT_KEY, check_tensors, expected_shapes
 from .gguf_vocab import export_metadata as tokenizer_metadata
 from .merge import _apply_lora, _base_shards, _to_float32
 from .peft_io import LoraModule, read_adapter
@@ -97,17 +102,11 @@ def _read_config(model: Path) -> dict[str, Any]:
     return config
 
 
-def _check_out(out: Path, inputs: list[Path], force: bool) -> None:
-    if out.is_dir():
-        _fail(f"output {out} is a folder; give a file name such as model.gguf")
-    if out.exists() and not force:
-        _fail(f"output {out} exists (use --force to replace it)")
-    resolved = out.resolve()
-    for folder in inputs:
-        if folder.resolve() in resolved.parents:
-            for f in folder.iterdir():
-                if f.resolve() == resolved:
-                    _fail(f"output {out} would overwrite {f.name} of the input folder {folder}")
+def _halo_made(path: Path) -> bool:
+    """The mark --force looks for: a GGUF whose ``halo.output`` names a halo command."""
+    from .gguf import read
+
+    return str(read(path).metadata.get(OUTPUT_KEY, "")).startswith("halo ")
 
 
 def _sources(model: Path, spec: ModelSpec) -> list[_Source]:
@@ -142,6 +141,11 @@ def _sources(model: Path, spec: ModelSpec) -> list[_Source]:
     if (freqs := spec.rope_freqs()) is not None:
         out.append(_Source("", "rope_freqs.weight", None, "F32", freqs.shape, freqs))
     return sorted(out, key=lambda s: weight_sort_key(s.gguf_name))
+
+
+def _qkv_bias(config: dict[str, Any], spec: ModelSpec) -> bool:
+    # Qwen2 always has q/k/v biases; LLaMA / Mistral when config.json says attention_bias.
+    return spec.arch == "qwen2" or bool(config.get("attention_bias", False))
 
 
 def _lora_plan(
@@ -224,12 +228,16 @@ def export_gguf(
         _fail(f"model folder {model_dir} does not exist")
     config = _read_config(model_dir)
     spec = ModelSpec.from_config(config, str(model_dir / "config.json"))
-    _check_out(
-        out_path,
-        [model_dir] + ([Path(adapter)] if adapter is not None and Path(adapter).is_dir() else []),
-        force,
-    )
+    inputs = [(model_dir, "model folder")] + ([(adapter, "adapter folder")] if adapter is not None else [])
+    guard = _output.check("export_gguf", out_path, inputs, "file", force, _halo_made)
     sources = _sources(model_dir, spec)
+    check_tensors(
+        "export_gguf",
+        f"the weights of {model_dir}",
+        f"config.json ({spec.arch}, {spec.n_layer} layers, hidden {spec.n_embd}, vocabulary {spec.vocab_size})",
+        expected_shapes(spec, _qkv_bias(config, spec)),
+        {s.gguf_name: s.shape for s in sources},
+    )
     lora, saved, fan = _lora_plan(adapter, sources) if adapter is not None else ({}, {}, False)
 
     dims = [(s.gguf_name, tuple(reversed(s.shape)) if s.shape else (1,)) for s in sources]
@@ -238,6 +246,7 @@ def export_gguf(
         ("general.architecture", "string", spec.arch),
         ("general.type", "string", "model"),
         ("general.name", "string", name or model_dir.resolve().name),
+        (OUTPUT_KEY, "string", "halo export-gguf"),
     ]
     metadata += spec.metadata()
     metadata += tokenizer_metadata(model_dir, spec.vocab_size, pre_tokenizer)
@@ -247,8 +256,23 @@ def export_gguf(
         ("general.file_type", "uint32", FILE_TYPES[type][0]),
     ]
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    writer = _g.GgufWriter(str(out_path), metadata, [(n, list(d), types[n]) for n, d in dims], 32)
+    with guard.writing():
+        _write(guard.temp, metadata, dims, types, sources, spec, lora, saved, fan, progress)
+        guard.commit()
+    counts = Counter(types.values())
+    return ExportSummary(
+        str(out_path),
+        type,
+        len(sources),
+        len(lora),
+        guard.path.stat().st_size,
+        time.monotonic() - t0,
+        dict(counts),
+    )
+
+
+def _write(temp: Path, metadata, dims, types, sources, spec, lora, saved, fan, progress) -> None:
+    writer = _g.GgufWriter(str(temp), metadata, [(n, list(d), types[n]) for n, d in dims], 32)
     bar = None
     try:
         if progress:
@@ -297,13 +321,3 @@ def export_gguf(
     finally:
         if bar is not None:
             bar.close()
-    counts = Counter(types.values())
-    return ExportSummary(
-        str(out_path),
-        type,
-        len(sources),
-        len(lora),
-        out_path.stat().st_size,
-        time.monotonic() - t0,
-        dict(counts),
-    )

@@ -6,14 +6,16 @@ Tensors are dequantized one at a time with halo's ggml dequantizers (every type
 halo converts: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K,
 Q5_K, Q6_K), the Q/K rows are put back into Hugging Face's rotate-half order,
 and the safetensors file is streamed through halo's writer into a temp folder
-that is renamed into place when complete.
+that is renamed into place when complete. Before a byte is written the GGUF keys
+are checked against the tensors (``halo.gguf_check``: layer count, shapes,
+vocabulary) and the output path against the input (``halo._output``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +23,12 @@ from typing import Any
 
 import numpy as np
 
+from . import _output
 from . import io as hio
 from ._core import io as _core_io
 from .gguf import GGUFFile, read
-from .gguf_arch import hf_tensor_name, permute_rows
+from .gguf_arch import ModelSpec, hf_tensor_name, permute_rows
+from .gguf_check import check_tensors, expected_shapes
 from .gguf_vocab import hf_tokenizer_files
 
 __all__ = ["ImportSummary", "import_gguf"]
@@ -125,6 +129,34 @@ def _config(f: GGUFFile, arch: str, dtype: str) -> dict[str, Any]:
     return config
 
 
+def _check_tensors(f: GGUFFile, path: str | os.PathLike, arch: str, config: dict[str, Any]) -> None:
+    """The GGUF keys against the tensors: layer count, every shape, the vocabulary."""
+    m = f.metadata
+    if m.get(f"{arch}.attention.value_length", config["head_dim"]) != config["head_dim"]:
+        _fail(
+            f"{path}: {arch}.attention.value_length {m[f'{arch}.attention.value_length']} differs from "
+            f"key_length {config['head_dim']} (Hugging Face models have one head size)"
+        )
+    try:
+        spec = ModelSpec.from_config(config, f"{path} metadata")
+    except ValueError as exc:
+        raise ValueError(str(exc).replace("[export_gguf]", "[import_gguf]", 1)) from None
+    tokens = m.get("tokenizer.ggml.tokens")
+    if isinstance(tokens, list) and len(tokens) != spec.vocab_size:
+        _fail(
+            f"{path}: tokenizer.ggml.tokens holds {len(tokens)} tokens, the model's vocabulary is {spec.vocab_size}"
+        )
+    bias = arch == "qwen2" or bool(config.get("attention_bias"))
+    described = (
+        f"the metadata ({arch}, block_count {spec.n_layer}, embedding_length {spec.n_embd}, "
+        f"vocabulary {spec.vocab_size})"
+    )
+    check_tensors(
+        "import_gguf", f"the tensors of {path}", described, expected_shapes(spec, bias),
+        {t.name: t.shape for t in f},
+    )  # fmt: skip
+
+
 def import_gguf(
     path: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -140,13 +172,13 @@ def import_gguf(
     st_dtype = _DTYPES[dtype]
     dtype = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}[st_dtype]
     out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        _fail(f"output folder {out} exists and is not empty (use --force to replace it)")
+    guard = _output.check("import_gguf", out, [(path, "input file")], "folder", force)
     f = read(path)
     arch = f.architecture
     if arch not in _HF_ARCH:
         _fail(f"{path}: architecture {arch!r} is not supported (llama, qwen2)")
     config = _config(f, arch, dtype)
+    _check_tensors(f, path, arch, config)
     n_head, n_head_kv = config["num_attention_heads"], config["num_key_value_heads"]
 
     plan: list[tuple[str, str]] = []  # (gguf name, hf name)
@@ -161,13 +193,10 @@ def import_gguf(
             raise
         tok_files = {}
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.halo-tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     written = 0
     bar = None
-    try:
+    with guard.writing(), contextlib.ExitStack() as bars:
+        tmp = guard.temp
         # Shards of at most _SHARD_BYTES, in file order.
         elem = 4 if st_dtype == "F32" else 2
         shards: list[list[tuple[str, str]]] = [[]]
@@ -188,6 +217,7 @@ def import_gguf(
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(plan), unit="tensor", desc="import-gguf", leave=False)
+            bars.callback(bar.close)
         weight_map: dict[str, str] = {}
         for shard_name, shard in zip(names, shards):
             specs = [(hf, st_dtype, list(f.tensors[g].shape)) for g, hf in shard]
@@ -215,17 +245,5 @@ def import_gguf(
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
         for name, content in tok_files.items():
             (tmp / name).write_text(json.dumps(content, indent=2, ensure_ascii=False), encoding="utf-8")
-        if out.exists():
-            old = out.parent / f".{out.name}.halo-old-{os.getpid()}"
-            os.replace(out, old) if out.is_dir() else out.unlink()
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
+        guard.commit()
     return ImportSummary(str(out), len(plan), written, time.monotonic() - t0, bool(tok_files))

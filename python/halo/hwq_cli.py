@@ -3,13 +3,14 @@
     halo hwq --model DIR --calib FILE --out DIR [--hw table.json] [--grid subset|int4|int8]
              [--mode performance|energy] [--preset performance|balanced|accuracy]
 
-FILE holds one calibration text per line. OUT (which must not exist yet) gets
+FILE holds one calibration text per line. OUT (a new or empty folder; with ``--force``,
+one that halo wrote, see ``halo._output``) gets
 ``quantized.safetensors`` (per layer: int8 codes, scales, CSR part), ``plan.json``
 (per layer: tile shape, execution order, point per tile, switches),
 ``report.json`` / ``report.md`` (per-layer error, bits, estimated speed-up and
 energy), ``hardware_model.json``, the model's ``config.json`` and, with ``--plots``,
-``plots/`` (a tile clock map per layer and error vs speed-up). Everything is
-written to a temporary folder beside OUT and renamed at the end.
+``plots/`` (a tile clock map per layer and error vs speed-up) and ``.halo-output.json``.
+Everything is written to a temporary folder beside OUT and renamed at the end.
 """
 
 from __future__ import annotations
@@ -19,14 +20,16 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("hwq", help="HALO hardware-aware quantization of a model folder")
     parser.add_argument("--model", required=True, help="Hugging Face model folder (config.json + weights)")
     parser.add_argument("--calib", required=True, help="calibration text file, one sample per line")
-    parser.add_argument("--out", required=True, help="output folder (must not exist)")
+    parser.add_argument("--out", required=True, help="output folder (new or empty)")
+    parser.add_argument(
+        "--force", action="store_true", help="replace an output folder halo wrote (nothing else)"
+    )
     parser.add_argument("--hw", help="hardware model JSON (default: the built-in structural model)")
     parser.add_argument(
         "--grid",
@@ -150,8 +153,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         if not os.path.isfile(os.path.join(args.model, "config.json")):
             return _fail(f"--model {args.model!r} is not a model folder (no config.json)")
-        if os.path.exists(args.out):
-            return _fail(f"--out {args.out!r} already exists")
+        from ._output import check
+
+        inputs = [(args.model, "model folder"), (args.calib, "calibration file")]
+        inputs += [(args.hw, "hardware model")] if args.hw else []
+        guard = check("hwq", args.out, inputs, "folder", args.force)
         if args.max_switches < 0 or args.batch_size < 1 or args.max_length < 1:
             return _fail("--max-switches must be >= 0 and --batch-size, --max-length >= 1")
         if min(args.tile) < 1:
@@ -201,18 +207,16 @@ def run(args: argparse.Namespace) -> int:
             preset=args.preset,
             channel_scales=not args.tile_scale,
         )
-        parent = os.path.dirname(os.path.abspath(args.out))
-        temp = tempfile.mkdtemp(dir=parent, prefix=".halo-hwq-")
-        try:
-            _write_outputs(temp, report, hw, args.model)
+        with guard.writing():
+            _write_outputs(str(guard.temp), report, hw, args.model)
             if args.plots:
-                _write_plots(temp, report)
-            os.rename(temp, args.out)
-        except BaseException:
-            shutil.rmtree(temp, ignore_errors=True)
-            raise
+                _write_plots(str(guard.temp), report)
+            guard.commit()
     except (ValueError, TypeError, OSError, RuntimeError) as error:
         return _fail(str(error).splitlines()[0] if str(error) else type(error).__name__)
+    except KeyboardInterrupt as error:
+        print(f"halo hwq: {str(error) or 'interrupted'}; --out was left as it was", file=sys.stderr)
+        return 128 + getattr(error, "signum", 2)
     totals = report.totals()
     print(
         f"halo hwq: {totals['layers']} layers, {totals['average_bits']:.3f} bits, est. speed-up "

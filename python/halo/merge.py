@@ -5,9 +5,10 @@ memory maps (one tensor in memory at a time, plus its merged copy), applies ever
 LoRA delta (rank/alpha patterns, rsLoRA, fan_in_fan_out, DoRA) with
 ``halo.lora.merge``, and streams the result into shards of the same layout.
 The output is assembled in a temporary folder next to ``out_dir``, fsynced, and
-swapped into place only when complete (see ``_output``: an output that overlaps
-an input is refused, SIGTERM/SIGHUP clean up like SIGINT, temp folders of killed
-runs are removed by the next run, and ``--force`` never leaves ``out_dir`` missing).
+swapped into place only when complete (``halo._output``, the guard every writing
+command shares: an output that overlaps an input is refused, ``--force`` replaces only
+a folder halo wrote and never leaves ``out_dir`` missing, SIGTERM/SIGHUP clean up like
+SIGINT, temp folders of killed runs are removed by the next run).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ _DTYPES = {
 _TORCH_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 # Everything in a model folder except weights is copied (config, generation config, tokenizer, ...).
 _SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+_NOT_COPIED = (INDEX_NAME, _output.MARKER)  # written anew
 
 
 @dataclass
@@ -270,23 +272,6 @@ def merge(
     damaged output). ValueError on bad input; ``_output.Interrupted`` on SIGTERM/SIGHUP.
     """
     t0 = time.monotonic()
-    with _output.signals_raise():
-        return _merge(base_dir, adapter_dir, out_dir, dtype, quantize, progress, force, fsync, t0)
-
-
-def _inputs(base: Path, adapter_dir: Path) -> list[tuple[Path, str]]:
-    """Every path the merge reads: both folders and each file in them (symlinks as they are and resolved)."""
-    found = [(base, "base folder"), (adapter_dir, "adapter folder")]
-    for folder, what in ((base, "base file"), (adapter_dir, "adapter file")):
-        if folder.is_dir():
-            for item in folder.iterdir():
-                found.append((item, what))
-                if item.is_symlink():
-                    found.append((item.resolve(), what))
-    return found
-
-
-def _merge(base_dir, adapter_dir, out_dir, dtype, quantize, progress, force, fsync, t0) -> MergeSummary:
     base, out = Path(base_dir), Path(out_dir)
     if dtype is not None and dtype not in _DTYPES:
         _fail(f"dtype must be one of fp32, fp16, bf16, got {dtype!r}")
@@ -298,9 +283,9 @@ def _merge(base_dir, adapter_dir, out_dir, dtype, quantize, progress, force, fsy
     if not base.is_dir():
         _fail(f"base folder {base} does not exist")
     # Before anything else: with --force the old output is deleted, so it must not hold an input.
-    _output.check_disjoint("merge", out, _inputs(base, Path(adapter_dir)))
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        _fail(f"output folder {out} exists and is not empty (use --force to replace it)")
+    guard = _output.check(
+        "merge", out, [(base, "base folder"), (adapter_dir, "adapter folder")], "folder", force, fsync=fsync
+    )
     adapter: Adapter = read_adapter(adapter_dir)
     fan = adapter.config.fan_in_fan_out
     shard_names, weight_map, index_meta = _base_shards(base)
@@ -349,13 +334,10 @@ def _merge(base_dir, adapter_dir, out_dir, dtype, quantize, progress, force, fsy
 
     total_bytes = sum(e - b for f in files.values() for n in f.names() for _, _, b, e in [f.info(n)])
     bar = _Progress(len(where), total_bytes, progress)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _output.remove_stale(out)
-    temp = _output.TempFolder(out)
-    tmp = temp.path
     new_map: dict[str, str] = {}
     written = 0
-    try:
+    with guard.writing():
+        tmp = guard.temp
         for s, f in files.items():
             names = f.names()
             specs: list[tuple[str, str, list[int]]] = []
@@ -416,21 +398,10 @@ def _merge(base_dir, adapter_dir, out_dir, dtype, quantize, progress, force, fsy
                 json.dumps({"metadata": meta, "weight_map": dict(sorted(new_map.items()))}, indent=2)
             )
         for item in base.iterdir():
-            if item.is_file() and not item.name.endswith(_SKIP_SUFFIXES) and item.name != INDEX_NAME:
+            if item.is_file() and not item.name.endswith(_SKIP_SUFFIXES) and item.name not in _NOT_COPIED:
                 shutil.copy2(item, tmp / item.name)
         _update_config(tmp, out_st, quantize)
-        temp.drop_owner_note()
-        if fsync:
-            _output.fsync_tree(tmp)
-        with _output.blocked():  # a signal now would leave the swap half done: defer it
-            old = _output.replace_folder(tmp, out)
-            if fsync:
-                _output.fsync_folder(out.parent)
-        if old is not None:
-            _output.remove_path(old)
-    except BaseException:
-        temp.remove()
-        raise
+        guard.commit()
     return MergeSummary(
         str(out), len(new_map), len(lora_for), len(adapter.saved_tensors), written, time.monotonic() - t0
     )

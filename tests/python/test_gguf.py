@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -497,15 +498,22 @@ def test_export_errors_are_clear_and_leave_nothing(tmp_path, monkeypatch):
     out.write_bytes(b"keep me")
     with pytest.raises(ValueError, match="exists \\(use --force"):
         halo.export_gguf(model, out, progress=False)
-    with pytest.raises(ValueError, match="is a folder"):
-        halo.export_gguf(model, tmp_path, progress=False)
-    with pytest.raises(ValueError, match="would overwrite model.safetensors of the input folder"):
+    with pytest.raises(ValueError, match="does not carry halo's output mark"):
+        halo.export_gguf(model, out, progress=False, force=True)
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(ValueError, match="is a folder; halo writes its output only as a regular file"):
+        halo.export_gguf(model, tmp_path / "folder", progress=False)
+    with pytest.raises(ValueError, match="lies inside the model folder"):
         halo.export_gguf(model, model / "model.safetensors", progress=False, force=True)
+    assert out.read_bytes() == b"keep me"
+    out.unlink()
+    halo.export_gguf(model, out, type="q8_0", progress=False)
+    before = out.read_bytes()
     other = fx.tiny_model(tmp_path / "other", n_layer=1, hidden=512)
     adapter, _ = tiny_models.make_adapter(other, "plain", tmp_path / "a")
     with pytest.raises(ValueError, match="does not fit base tensor"):
         halo.export_gguf(model, out, adapter=adapter, progress=False, force=True)
-    assert out.read_bytes() == b"keep me"
+    assert out.read_bytes() == before
     # An interruption half-way leaves the old file and no temp file.
     import halo.gguf_export as ge
 
@@ -521,8 +529,8 @@ def test_export_errors_are_clear_and_leave_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(ge, "_encode", interrupt)
     with pytest.raises(KeyboardInterrupt):
         halo.export_gguf(model, out, progress=False, force=True)
-    assert out.read_bytes() == b"keep me"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "m", "o.gguf", "other"]
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "folder", "m", "o.gguf", "other"]
 
 
 def test_cli_export_and_import_one_line_errors(tmp_path):
@@ -643,3 +651,152 @@ def test_export_streams_with_memory_near_one_tensor(tmp_path):
     peak_mib = int(r.stdout.split()[-1]) / 1024
     model_mib = (folder / "model.safetensors").stat().st_size / 2**20
     assert peak_mib < 0.5 * model_mib, f"peak RSS {peak_mib:.0f} MiB for a {model_mib:.0f} MiB model"
+
+
+# ------------------------------------------------------------------ metadata against tensors (issue 22)
+
+
+@pytest.fixture(scope="module")
+def two_layers(tmp_path_factory):
+    """A 2-layer LLaMA folder and its f32 export."""
+    root = tmp_path_factory.mktemp("two-layers")
+    model = fx.tiny_model(root / "m", n_layer=2)
+    halo.export_gguf(model, root / "m.gguf", type="f32", progress=False)
+    return model, root / "m.gguf"
+
+
+def _rewrite(src_path: Path, dst: Path, meta: dict | None = None, keep=lambda name: True) -> Path:
+    """`src_path` with some metadata values changed and some tensors left out (bytes unchanged)."""
+    src = hg.read(src_path)
+    kvs = [(k, src.types[k], (meta or {}).get(k, v)) for k, v in src.metadata.items()]
+    names = [n for n in src.tensors if keep(n)]
+    w = hg.GGUFWriter(str(dst), kvs, [(n, list(src.tensors[n].dims), src.tensors[n].type) for n in names])
+    for n in names:
+        w.write(n, src.raw(n))
+    w.finish()
+    return dst
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("block_count 3", "needs tensor 'blk.2.attn_norm.weight', which the tensors of"),
+        ("layer 1 missing", "needs tensor 'blk.1.attn_norm.weight'"),
+        ("block_count 1", "hold 'blk.1.attn_k.weight', which the metadata (llama, block_count 1"),
+        ("embedding_length 128", "hold 'token_embd.weight' of shape [384, 256]"),
+        ("head_count_kv 4", "hold 'blk.0.attn_k.weight' of shape [128, 256], the metadata"),
+        ("feed_forward_length 1024", "hold 'blk.0.ffn_gate.weight' of shape [512, 256]"),
+        ("vocab_size 500", "tokenizer.ggml.tokens holds 384 tokens, the model's vocabulary is 500"),
+        ("300 tokens", "tokenizer.ggml.tokens holds 300 tokens, the model's vocabulary is 384"),
+        ("no output_norm", "needs tensor 'output_norm.weight'"),
+    ],
+)
+def test_import_refuses_metadata_that_disagrees_with_the_tensors(two_layers, tmp_path, case, message):
+    """Before: every case imported (exit 0) and transformers filled what was missing with random weights."""
+    _, gguf = two_layers
+    tokens = hg.read(gguf).metadata["tokenizer.ggml.tokens"]
+    meta, keep = {}, lambda name: True
+    if case == "layer 1 missing":
+        keep = lambda name: not name.startswith("blk.1.")  # noqa: E731
+    elif case == "no output_norm":
+        keep = lambda name: name != "output_norm.weight"  # noqa: E731
+    elif case == "300 tokens":
+        meta["tokenizer.ggml.tokens"] = tokens[:300]
+        meta["tokenizer.ggml.token_type"] = hg.read(gguf).metadata["tokenizer.ggml.token_type"][:300]
+        meta["llama.vocab_size"] = 384
+    else:
+        key, value = case.split()
+        full = {"vocab_size": "llama.vocab_size", "block_count": "llama.block_count"}.get(key)
+        meta[full or f"llama.{'attention.' if key.startswith('head') else ''}{key}"] = int(value)
+    bad = _rewrite(gguf, tmp_path / "bad.gguf", meta, keep)
+    with pytest.raises(ValueError, match=r"\[import_gguf\] .*" + re.escape(message)):
+        halo.import_gguf(bad, tmp_path / "hf", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.gguf"]
+
+
+def _lie_about_q_proj(folder: Path) -> None:
+    """A safetensors header that declares q_proj as [128, 256] (and holds that many bytes)."""
+    from halo import io as hio
+
+    sd = dict(hio.load_safetensors(folder / "model.safetensors"))
+    key = "model.layers.0.self_attn.q_proj.weight"
+    sd[key] = np.ascontiguousarray(sd[key][:128])
+    hio.save_safetensors(folder / "model.safetensors", sd, {"format": "pt"})
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            {"num_hidden_layers": 3},
+            "config.json (llama, 3 layers, hidden 256, vocabulary 384) needs tensor 'blk.2.",
+        ),
+        ({"vocab_size": 500}, "hold 'token_embd.weight' of shape [384, 256], config.json"),
+        ({"intermediate_size": 1024}, "hold 'blk.0.ffn_gate.weight' of shape [512, 256]"),
+        ({"num_key_value_heads": 4}, "hold 'blk.0.attn_k.weight' of shape [128, 256]"),
+        ({"attention_bias": True}, "needs tensor 'blk.0.attn_q.bias'"),
+        ("lying header", "hold 'blk.0.attn_q.weight' of shape [128, 256], config.json"),
+    ],
+)
+def test_export_refuses_config_that_disagrees_with_the_weights(two_layers, tmp_path, change, message):
+    """Before: each case exported a GGUF whose metadata disagreed with its tensors (exit 0)."""
+    model0, _ = two_layers
+    model = tmp_path / "m"
+    model.mkdir()
+    for f in model0.iterdir():
+        (model / f.name).write_bytes(f.read_bytes())
+    if change == "lying header":
+        _lie_about_q_proj(model)
+    else:
+        config = json.loads((model / "config.json").read_text())
+        (model / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(ValueError) as info:
+        halo.export_gguf(model, tmp_path / "o.gguf", type="f32", progress=False)
+    assert str(info.value).startswith("[export_gguf]") and message in str(info.value), str(info.value)
+    assert "nothing was written" in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_non_utf8_tensor_names_read_back_and_write_back(two_layers, tmp_path):
+    """GGUF names are bytes: one that is not UTF-8 is listed with surrogate escapes, and that
+    name reads the tensor back and writes it again, byte for byte (it used to raise TypeError)."""
+    raw_name = b"blk.0.\xff\xfe-odd"
+    name = raw_name.decode("utf-8", "surrogateescape")
+    x = np.arange(64, dtype=np.float32).reshape(2, 32)
+    path = tmp_path / "odd.gguf"
+    w = hg.GGUFWriter(str(path), [("general.architecture", "string", "llama")], [(name, [32, 2], "F32")])
+    w.write(name, x)
+    w.finish()
+    assert raw_name in path.read_bytes()
+    f = hg.read(path)
+    assert list(f.tensors) == [name]
+    assert np.array_equal(f.numpy(name), x)
+    assert np.array_equal(f.raw(name).view(np.float32).reshape(2, 32), x)
+    assert x.tobytes() in path.read_bytes()  # (gguf-py itself cannot read such a name)
+    again = _rewrite(path, tmp_path / "again.gguf")
+    assert again.read_bytes() == path.read_bytes()
+    with pytest.raises(KeyError, match="has no tensor"):
+        f.numpy(raw_name)  # the name is the str gguf lists, not its bytes
+    # import-gguf of a model file holding such a tensor: one line naming it, nothing written.
+    src = hg.read(two_layers[1])
+    kvs = [(k, src.types[k], v) for k, v in src.metadata.items()]
+    specs = [(n, list(t.dims), t.type) for n, t in src.tensors.items()] + [(name, [32, 2], "F32")]
+    w = hg.GGUFWriter(str(tmp_path / "model.gguf"), kvs, specs)
+    for n in src.tensors:
+        w.write(n, src.raw(n))
+    w.write(name, x)
+    w.finish()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    cmd = [
+        sys.executable,
+        "-m",
+        "halo.cli",
+        "import-gguf",
+        str(tmp_path / "model.gguf"),
+        "--out",
+        str(tmp_path / "hf"),
+    ]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert "halo import-gguf: error:" in r.stderr and "blk.0.\\udcff\\udcfe-odd" in r.stderr, r.stderr
+    assert not (tmp_path / "hf").exists()

@@ -804,6 +804,7 @@ def test_cli_writes_outputs_and_rejects_bad_input(tmp_path, capsys, monkeypatch)
         main(["hwq", "--model", MINILM, "--calib", str(calib), "--out", str(out), "--tile", "64", "64"]) == 0
     )
     assert sorted(os.listdir(out)) == [
+        ".halo-output.json",
         "config.json",
         "hardware_model.json",
         "plan.json",

@@ -374,7 +374,7 @@ def test_force_swaps_the_output_in_without_a_gap(small, tmp_path, monkeypatch):
     base, adapter, ref = small
     out = tmp_path / "out"
     halo.merge(base, adapter, out, progress=False)
-    (out / "old-output-marker").write_text("old")
+    (out / "generation_config.json").write_text('{"old": true}')  # tells the old output from the new
     states = []
 
     def watch(fn):
@@ -396,7 +396,7 @@ def test_force_swaps_the_output_in_without_a_gap(small, tmp_path, monkeypatch):
     halo.merge(base, adapter, out, progress=False, force=True)
     monkeypatch.undo()
     assert all(complete for _, complete in states), states
-    assert not (out / "old-output-marker").exists()
+    assert "old" not in json.loads((out / "generation_config.json").read_text())
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     _assert_close_f32(T.AutoModelForCausalLM.from_pretrained(out).state_dict(), ref)
 
@@ -521,3 +521,30 @@ def test_real_model_merge_matches_peft_and_config_checks_pass(real_model, tmp_pa
         ValueError, match="num_hidden_layers = 31, but the checkpoint's tensors hold 30 layers"
     ):
         merge_module._linear_weights(hostile, {"lm_head"}, shapes)
+
+
+def test_force_replaces_only_a_folder_halo_merged(small, tmp_path):
+    """--force used to delete any non-empty --out that held no input (issue 22): now only a folder
+    whose .halo-output.json lists every file in it."""
+    base, adapter, ref = small
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "thesis.tex").write_text("years of work")
+    with pytest.raises(
+        ValueError, match=r"\[merge\] --force replaces only an output halo wrote: .* has no valid"
+    ):
+        halo.merge(base, adapter, out, progress=False, force=True)
+    assert [p.name for p in out.iterdir()] == ["thesis.tex"]
+    (out / "thesis.tex").unlink()
+    halo.merge(base, adapter, out, progress=False)
+    note = json.loads((out / ".halo-output.json").read_text())
+    assert note["writer"] == "halo merge"
+    assert sorted(note["files"]) == sorted(p.name for p in out.iterdir() if p.name != ".halo-output.json")
+    (out / "notes.md").write_text("mine")
+    with pytest.raises(ValueError, match="holds 'notes.md', which halo did not write"):
+        halo.merge(base, adapter, out, progress=False, force=True)
+    assert (out / "notes.md").read_text() == "mine"
+    (out / "notes.md").unlink()
+    halo.merge(base, adapter, out, progress=False, force=True)  # halo's own output is replaced
+    _assert_close_f32(T.AutoModelForCausalLM.from_pretrained(out).state_dict(), ref)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
