@@ -238,7 +238,9 @@ def test_bad_arguments_give_clear_errors():
         torch.ops.halo.matmul_4bit(
             torch.randn(2, 64), packed, absmax[:-1], nested, offset, 32, quant_type, blocksize, None
         )
-    with pytest.raises(ValueError, match="quant_type must be one of"):
+    with pytest.raises(
+        ValueError, match=r"\[halo::quantize_4bit\] quant_type must be 'nf4' or 'fp4', got 'nf3'"
+    ):
         ops.quantize_4bit(torch.randn(8, 8), "nf3")
     with pytest.raises(TypeError, match=r"hnn|expected an nn.Linear"):
         hnn.Linear4bit.from_linear(torch.nn.Conv1d(3, 3, 1))
@@ -276,3 +278,27 @@ def test_cuda_tensors_never_take_a_silent_trip_to_the_cpu():
     with pytest.raises(RuntimeError, match=expected):
         _core.cuda.dequantize_4bit(0, 0, 64, "nf4", 64, 0, "float32", 0)
     pytest.skip("no CUDA device (or halo built without CUDA): the GPU path was checked only for its refusal")
+
+
+def test_load_state_dict_refuses_a_packed_weight_that_is_not_uint8():
+    # A bitsandbytes state dict whose packed weight is int8 (or any dtype but uint8) used to be
+    # read as raw bytes; it must be refused at load, naming the key and the dtype.
+    layer = hnn.Linear4bit.from_linear(torch.nn.Linear(64, 32))
+    state = layer.state_dict()
+    for dtype in (torch.int8, torch.int16, torch.float16):
+        bad = dict(state, weight=state["weight"].to(dtype))
+        target = hnn.Linear4bit(64, 32)
+        with pytest.raises(RuntimeError, match=rf"\] weight: .*must be torch.uint8, got {dtype}"):
+            target.load_state_dict(bad)
+        assert not target.is_quantized
+    # nn.Linear's keys with an integer weight (no quant_state): not a float checkpoint either.
+    target = hnn.Linear4bit(64, 32)
+    with pytest.raises(
+        RuntimeError, match=r"\] weight: a torch.int8 weight without bitsandbytes' quant_state"
+    ):
+        target.load_state_dict({"weight": torch.zeros(32, 64, dtype=torch.int8), "bias": torch.zeros(32)})
+    assert not target.is_quantized
+    # The uint8 original still loads, bit for bit.
+    good = hnn.Linear4bit(64, 32)
+    good.load_state_dict(state)
+    assert torch.equal(good.weight, layer.weight)
