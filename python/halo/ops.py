@@ -47,12 +47,12 @@ FLOAT_NAMES: dict[torch.dtype, str] = {getattr(torch, name): name for name in KE
 _check_format = check_bnb4_format
 
 
-def _check_float(fn: str, name: str, t: Tensor) -> None:
+def check_float(fn: str, name: str, t: Tensor) -> None:
     if t.dtype not in FLOAT_NAMES:
         raise TypeError(f"[{fn}] {name} must be float32, float16 or bfloat16, got {t.dtype}")
 
 
-def _check_weight(
+def check_weight(
     fn: str,
     packed: Tensor,
     absmax: Tensor,
@@ -88,24 +88,20 @@ def _check_weight(
             raise ValueError(f"[{fn}] {name} is on {t.device}, packed on {packed.device}")
 
 
-def _same_device(fn: str, x: Tensor, packed: Tensor) -> None:
+def check_same_device(fn: str, x: Tensor, packed: Tensor) -> None:
     if x.device != packed.device:
         raise ValueError(
             f"[{fn}] x is on {x.device} but the 4-bit weight on {packed.device}; move one of them"
         )
 
 
-# -- the device-independent parts of the kernels (each backend passes its 4-bit matmul) -----------
-#
-# ``matmul(x2d, weight, out_features, in_features, bias, transposed)``: y = x W^T (+ bias), or x W
-# when ``transposed``, for rows x2d in x's dtype; ``weight`` is
-# (packed, absmax, nested_absmax, nested_offset, quant_type, blocksize).
+# -- the checks each kernel runs first (backends/common.py holds the rest of the shared part) -----
 
 
 def check_quantize(fn: str, w: Tensor, quant_type: str, blocksize: int) -> int:
     """Checks quantize_4bit's arguments; returns the element count."""
     _check_format(fn, quant_type, blocksize)
-    _check_float(fn, "w", w)
+    check_float(fn, "w", w)
     if w.numel() == 0:
         raise ValueError(f"[{fn}] the tensor is empty (shape {tuple(w.shape)})")
     return w.numel()
@@ -114,36 +110,13 @@ def check_quantize(fn: str, w: Tensor, quant_type: str, blocksize: int) -> int:
 def check_dequantize(fn, packed, absmax, nested_absmax, shape, quant_type, blocksize, dtype) -> int:
     """Checks dequantize_4bit's arguments; returns the element count."""
     numel = math.prod(shape) if len(shape) else 1
-    _check_weight(fn, packed, absmax, nested_absmax, numel, quant_type, blocksize)
+    check_weight(fn, packed, absmax, nested_absmax, numel, quant_type, blocksize)
     if dtype not in FLOAT_NAMES:
         raise TypeError(f"[{fn}] dtype must be float32, float16 or bfloat16, got {dtype}")
     return numel
 
 
-def _base_matmul(
-    matmul, x2d: Tensor, weight_args: tuple, out_features: int, bias, fan_in_fan_out=False, backend="auto"
-) -> Tensor:
-    """x W^T (+ bias) for rows x2d [m, in] in x's dtype, autocast off; W is stored [out, in], or
-    [in, out] with ``fan_in_fan_out`` (GPT-2's Conv1D), where x W^T is x times the stored matrix."""
-    in_features = x2d.shape[1]
-    with torch.autocast(x2d.device.type, enabled=False):
-        if not fan_in_fan_out:
-            return matmul(x2d.contiguous(), weight_args, out_features, in_features, bias, False, backend)
-        y = matmul(x2d.contiguous(), weight_args, in_features, out_features, None, True, backend)
-        return y if bias is None else y.add_(bias.to(y.dtype))
-
-
-def _grad_input(
-    matmul, grad2d: Tensor, weight_args: tuple, out_features: int, in_features: int, fan_in_fan_out, backend
-) -> Tensor:
-    """grad_y W for grad rows [m, out]: the input gradient of the frozen 4-bit base."""
-    with torch.autocast(grad2d.device.type, enabled=False):
-        if not fan_in_fan_out:
-            return matmul(grad2d.contiguous(), weight_args, out_features, in_features, None, True, backend)
-        return matmul(grad2d.contiguous(), weight_args, in_features, out_features, None, False, backend)
-
-
-def _check_backend(fn: str, backend: str) -> None:
+def check_backend(fn: str, backend: str) -> None:
     from .backend import check_backend
 
     check_backend(fn, backend)
@@ -215,21 +188,6 @@ def _matmul_4bit_op(
     _no_kernel("halo::matmul_4bit", x)
 
 
-def matmul_composite(
-    matmul, x, packed, absmax, nested_absmax, nested_offset, out_features, quant_type, blocksize, bias
-) -> Tensor:
-    """halo::matmul_4bit's kernel around a backend's ``matmul``."""
-    fn = "halo::matmul_4bit"
-    _check_float(fn, "x", x)
-    in_features = x.shape[-1]
-    _check_weight(fn, packed, absmax, nested_absmax, out_features * in_features, quant_type, blocksize)
-    _same_device(fn, x, packed)
-    x2d = x.reshape(-1, in_features)
-    args = (packed, absmax, nested_absmax, nested_offset, quant_type, blocksize)
-    y = _base_matmul(matmul, x2d, args, out_features, bias)
-    return y.reshape(*x.shape[:-1], out_features)
-
-
 @_matmul_4bit_op.register_fake
 def _(x, packed, absmax, nested_absmax, nested_offset, out_features, quant_type, blocksize, bias):
     _check_format("halo::matmul_4bit", quant_type, blocksize)
@@ -252,31 +210,6 @@ def _matmul_4bit_grad_op(
     """grad W for grad [..., out]: the input gradient of the frozen 4-bit base (an op of its
     own so that backward graphs trace through it with a fake kernel)."""
     _no_kernel("halo::matmul_4bit_grad", grad)
-
-
-def matmul_grad_composite(
-    matmul,
-    grad,
-    packed,
-    absmax,
-    nested_absmax,
-    nested_offset,
-    in_features,
-    quant_type,
-    blocksize,
-    fan_in_fan_out=False,
-    backend="auto",
-) -> Tensor:
-    """halo::matmul_4bit_grad's kernel around a backend's ``matmul``."""
-    fn = "halo::matmul_4bit_grad"
-    _check_float(fn, "grad", grad)
-    out_features = grad.shape[-1]
-    _check_weight(fn, packed, absmax, nested_absmax, out_features * in_features, quant_type, blocksize)
-    args = (packed, absmax, nested_absmax, nested_offset, quant_type, blocksize)
-    grad2d = grad.reshape(-1, out_features).contiguous()
-    _check_backend(fn, backend)
-    grad_x = _grad_input(matmul, grad2d, args, out_features, in_features, fan_in_fan_out, backend)
-    return grad_x.reshape(*grad.shape[:-1], in_features)
 
 
 @_matmul_4bit_grad_op.register_fake
@@ -331,47 +264,7 @@ def _lora_linear_op(
     _no_kernel("halo::lora_linear", x)
 
 
-def lora_linear_composite(
-    matmul,
-    x,
-    x_lora,
-    packed,
-    absmax,
-    nested_absmax,
-    nested_offset,
-    out_features,
-    quant_type,
-    blocksize,
-    bias,
-    lora_A,
-    lora_B,
-    scaling,
-    fan_in_fan_out=False,
-    backend="auto",
-) -> Tensor:
-    """halo::lora_linear's kernel around a backend's ``matmul``: the base 4-bit matmul, then
-    the adapter in the adapter's dtype, added as PEFT adds it."""
-    fn = "halo::lora_linear"
-    _check_float(fn, "x", x)
-    in_features = x.shape[-1]
-    _check_weight(fn, packed, absmax, nested_absmax, out_features * in_features, quant_type, blocksize)
-    _check_lora(fn, x, x_lora, lora_A, lora_B, out_features, in_features)
-    _same_device(fn, x, packed)
-    _check_backend(fn, backend)
-    x2d = x.reshape(-1, in_features)
-    args = (packed, absmax, nested_absmax, nested_offset, quant_type, blocksize)
-    y = _base_matmul(matmul, x2d, args, out_features, bias, fan_in_fan_out, backend)
-    with torch.autocast(x.device.type, enabled=False):
-        hidden = torch.mm(x_lora.reshape(-1, in_features).to(lora_A.dtype), lora_A.t())
-        # y += scaling * hidden B^T, in the adapter's dtype, as PEFT adds it
-        delta = torch.mm(hidden, lora_B.t())
-        if scaling != 1.0:
-            delta.mul_(scaling)
-        y = y.add_(delta.to(y.dtype)) if y.dtype == delta.dtype else (y + delta).to(y.dtype)
-    return y.reshape(*x.shape[:-1], out_features)
-
-
-def _check_lora(fn, x, x_lora, lora_A, lora_B, out_features, in_features):
+def check_lora(fn, x, x_lora, lora_A, lora_B, out_features, in_features):
     if x_lora.shape != x.shape:
         raise ValueError(f"[{fn}] x_lora has shape {tuple(x_lora.shape)}, x {tuple(x.shape)}")
     if lora_A.dim() != 2 or lora_A.shape[1] != in_features:
@@ -381,7 +274,7 @@ def _check_lora(fn, x, x_lora, lora_A, lora_B, out_features, in_features):
             f"[{fn}] lora_B has shape {tuple(lora_B.shape)}, expected [{out_features}, {lora_A.shape[0]}]"
         )
     for name, t in (("x_lora", x_lora), ("lora_A", lora_A), ("lora_B", lora_B)):
-        _check_float(fn, name, t)
+        check_float(fn, name, t)
         if t.device != x.device:
             raise ValueError(f"[{fn}] {name} is on {t.device}, x on {x.device}")
 

@@ -302,3 +302,42 @@ def test_load_state_dict_refuses_a_packed_weight_that_is_not_uint8():
     good = hnn.Linear4bit(64, 32)
     good.load_state_dict(state)
     assert torch.equal(good.weight, layer.weight)
+
+
+def test_lora_op_with_fan_in_fan_out_on_every_backend():
+    # W stored [in, out] (GPT-2's Conv1D): the op computes x W + bias + s (x A^T) B^T and its
+    # gradients on each CPU kernel backend, against torch autograd on the dequantized weight.
+    torch.manual_seed(8)
+    stored = torch.randn(64, 48)
+    packed, absmax = ops.quantize_4bit(stored, "nf4", 64)
+    w = ops.dequantize_4bit(packed, absmax, [64, 48], "nf4", 64)
+    x, bias = torch.randn(3, 5, 64), torch.randn(48)
+    a, b = torch.randn(4, 64), torch.randn(48, 4)
+    grad_y = torch.randn(3, 5, 48)
+    leaves = [t.clone().requires_grad_(True) for t in (x, bias, a, b)]
+    ref = leaves[0] @ w + leaves[1] + (leaves[0] @ leaves[2].T @ leaves[3].T) * 0.5
+    ref.backward(grad_y)
+    for backend in halo.backends():
+        ours = [t.clone().requires_grad_(True) for t in (x, bias, a, b)]
+        y = ops.lora_linear(
+            ours[0],
+            packed,
+            absmax,
+            48,
+            ours[2],
+            ours[3],
+            0.5,
+            "nf4",
+            64,
+            ours[1],
+            fan_in_fan_out=True,
+            backend=backend,
+        )
+        y.backward(grad_y)
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4, msg=backend)
+        for got, want in zip(ours, leaves):
+            torch.testing.assert_close(got.grad, want.grad, rtol=1e-5, atol=1e-4, msg=backend)
+    args = (x.requires_grad_(), x.clone().requires_grad_(), packed, absmax, None, 0.0, 48, "nf4", 64, bias)
+    torch.library.opcheck(torch.ops.halo.lora_linear.default, (*args, a, b, 0.5, True, "auto"))
+    with pytest.raises(ValueError, match=r"\[halo::lora_linear\] .*backend"):
+        ops.lora_linear(x, packed, absmax, 48, a, b, 0.5, fan_in_fan_out=True, backend="sse9")

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from ... import _core
 from ... import ops as _ops
+from .. import common
 
 
 def _stream(t: Tensor) -> int:
@@ -93,16 +94,16 @@ def _dequantize_4bit(packed, absmax, nested_absmax, nested_offset, shape, quant_
 
 @torch.library.register_kernel("halo::matmul_4bit", "cuda")
 def _matmul_4bit(x, packed, absmax, nested_absmax, nested_offset, out_features, quant_type, blocksize, bias):
-    return _ops.matmul_composite(
+    return common.matmul_composite(
         _matmul, x, packed, absmax, nested_absmax, nested_offset, out_features, quant_type, blocksize, bias
     )
 
 
 @torch.library.register_kernel("halo::matmul_4bit_grad", "cuda")
 def _matmul_4bit_grad(*args):
-    return _ops.matmul_grad_composite(_matmul, *args)
+    return common.matmul_grad_composite(_matmul, *args)
 
 
 @torch.library.register_kernel("halo::lora_linear", "cuda")
 def _lora_linear(*args):
-    return _ops.lora_linear_composite(_matmul, *args)
+    return common.lora_linear_composite(_matmul, *args)
