@@ -394,13 +394,11 @@ class Linear4bit(nn.Module):
 
 
 def _double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """bitsandbytes' nested absmax: offset = mean, then 8-bit blocks of 256 with the signed dynamic map."""
-    threads = int(torch.get_num_threads())
-    codes, nested, offset = _core.quant.double_quantize(
-        absmax.detach().cpu().contiguous().numpy(), 256, None, threads
+    """bitsandbytes' nested absmax (torch.ops.halo.double_quantize_absmax), its offset as a float."""
+    codes, nested, offset = torch.ops.halo.double_quantize_absmax(
+        absmax.detach(), int(torch.get_num_threads())
     )
-    device = absmax.device
-    return torch.from_numpy(codes).to(device), torch.from_numpy(nested).to(device), float(offset)
+    return codes, nested, float(offset)
 
 
 def _read_bnb_state(sub: dict, shape: tuple[int, int]):

@@ -145,6 +145,35 @@ def _(w, quant_type, blocksize):
     )
 
 
+# -- halo::double_quantize_absmax -------------------------------------------------------------------
+
+
+@torch.library.custom_op("halo::double_quantize_absmax", mutates_args=())
+def _double_quantize_op(absmax: Tensor, threads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """bitsandbytes' nested statistics of float32 ``absmax``: offset = its mean (summed as torch
+    sums with ``threads`` threads), then 8-bit codes of the signed dynamic map in blocks of 256.
+    Returns (codes uint8 like absmax, nested_absmax float32 per block, offset float32 0-d)."""
+    check_absmax("halo::double_quantize_absmax", absmax)
+    _no_kernel("halo::double_quantize_absmax", absmax)
+
+
+def check_absmax(fn: str, absmax: Tensor) -> None:
+    if absmax.dtype != torch.float32 or absmax.dim() != 1 or absmax.numel() == 0:
+        raise ValueError(
+            f"[{fn}] absmax must be a non-empty 1-D float32 tensor, got {absmax.dtype}{list(absmax.shape)}"
+        )
+
+
+@_double_quantize_op.register_fake
+def _(absmax, threads):
+    check_absmax("halo::double_quantize_absmax", absmax)
+    return (
+        absmax.new_empty(absmax.shape, dtype=torch.uint8),
+        absmax.new_empty((-(-absmax.numel() // NESTED_BLOCKSIZE),), dtype=torch.float32),
+        absmax.new_empty((), dtype=torch.float32),
+    )
+
+
 # -- halo::dequantize_4bit -------------------------------------------------------------------------
 
 

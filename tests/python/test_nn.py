@@ -341,3 +341,22 @@ def test_lora_op_with_fan_in_fan_out_on_every_backend():
     torch.library.opcheck(torch.ops.halo.lora_linear.default, (*args, a, b, 0.5, True, "auto"))
     with pytest.raises(ValueError, match=r"\[halo::lora_linear\] .*backend"):
         ops.lora_linear(x, packed, absmax, 48, a, b, 0.5, fan_in_fan_out=True, backend="sse9")
+
+
+def test_double_quantize_op_equals_the_numpy_api_and_passes_opcheck():
+    # Linear4bit's nested statistics come from torch.ops.halo.double_quantize_absmax: the same
+    # codes, blocks and offset as halo.quantize_4bit(double_quant=True) (checked against
+    # bitsandbytes elsewhere).
+    torch.manual_seed(9)
+    w = torch.randn(70, 300)
+    qt = halo.quantize_4bit(w, "nf4", 64, double_quant=True)
+    _, absmax = ops.quantize_4bit(w, "nf4", 64)
+    codes, nested, offset = torch.ops.halo.double_quantize_absmax(absmax, torch.get_num_threads())
+    assert torch.equal(codes, torch.from_numpy(qt.absmax))
+    assert torch.equal(nested, torch.from_numpy(qt.nested_absmax))
+    assert float(offset) == qt.nested_offset
+    torch.library.opcheck(torch.ops.halo.double_quantize_absmax.default, (absmax, 2))
+    with pytest.raises(
+        ValueError, match=r"\[halo::double_quantize_absmax\] absmax must be .* got torch.float16"
+    ):
+        torch.ops.halo.double_quantize_absmax(absmax.half(), 1)

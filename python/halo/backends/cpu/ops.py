@@ -104,3 +104,12 @@ def _matmul_4bit_grad(*args):
 @torch.library.register_kernel("halo::lora_linear", "cpu")
 def _lora_linear(*args):
     return common.lora_linear_composite(_matmul, *args)
+
+
+@torch.library.register_kernel("halo::double_quantize_absmax", "cpu")
+def _double_quantize_absmax(absmax: Tensor, threads: int):
+    _ops.check_absmax("halo::double_quantize_absmax", absmax)
+    codes, nested, offset = _core.quant.double_quantize(
+        absmax.detach().contiguous().numpy(), _ops.NESTED_BLOCKSIZE, None, int(threads)
+    )
+    return torch.from_numpy(codes), torch.from_numpy(nested), torch.tensor(offset, dtype=torch.float32)

@@ -107,3 +107,11 @@ def _matmul_4bit_grad(*args):
 @torch.library.register_kernel("halo::lora_linear", "cuda")
 def _lora_linear(*args):
     return common.lora_linear_composite(_matmul, *args)
+
+
+@torch.library.register_kernel("halo::double_quantize_absmax", "cuda")
+def _double_quantize_absmax(absmax: Tensor, threads: int):
+    # The statistics are one float per block: computed on the host by the CPU kernel (the same
+    # summation order as the CPU path), the results moved back to the device.
+    codes, nested, offset = torch.ops.halo.double_quantize_absmax(absmax.cpu(), threads)
+    return codes.to(absmax.device), nested.to(absmax.device), offset.to(absmax.device)
