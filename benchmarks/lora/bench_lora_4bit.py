@@ -1,7 +1,9 @@
 """One QLoRA training step of a layer (forward + backward, r = 16, dropout 0.05) on a 4-bit
-NF4 double-quant base on the CPU: halo.torch.lora_linear against bitsandbytes Linear4bit
-wrapped by PEFT (train mode, what QLoRA training runs), same weights, adapter and input,
-measured in one run, interleaved (PEFT, halo, PEFT, halo, ...), min and median of the repeats.
+NF4 double-quant base on the CPU: PEFT's LoRA layer on halo (halo.hf.LoraLinear4bit over
+halo.nn.Linear4bit, i.e. torch.ops.halo.lora_linear, the op a model loaded with HaloConfig
+trains through) against PEFT's LoRA layer on bitsandbytes' Linear4bit (train mode, what
+QLoRA training runs), same weights, adapter and input, measured in one run, interleaved
+(PEFT, halo, PEFT, halo, ...), min and median of the repeats.
 Gradients: x, lora_A, lora_B (the base is frozen). The compute dtype is x's dtype
 (bitsandbytes' compute_dtype); the adapter stays float32, as PEFT keeps it.
 
@@ -22,7 +24,8 @@ warnings.filterwarnings("ignore")
 logging.disable(logging.WARNING)
 import bitsandbytes as bnb  # noqa: E402 - after the warning filters: its import warns
 import halo  # noqa: E402
-from halo.torch import lora_linear  # noqa: E402
+import halo.hf  # noqa: E402
+import halo.nn  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 
 # (out, in, tokens): a 4096 x 4096 projection at three batch x sequence sizes, and the two
@@ -56,11 +59,18 @@ def run_case(out_features, in_features, tokens, dtype, rank, reps):
     )
     layer = get_peft_model(_OneLayer(base), config).base_model.model.proj
     layer.train()  # eval() would make bitsandbytes repack W for its inference kernel
-    qt = halo.QuantizedTensor.from_bnb_state_dict(base.state_dict(), "weight")
-    lora_a, lora_b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-    scaling = layer.scaling["default"]
-    a_halo = lora_a.detach().clone().requires_grad_(True)
-    b_halo = lora_b.detach().clone().requires_grad_(True)
+    # halo: the same bytes in halo.nn.Linear4bit, PEFT's LoRA on it, the same adapter
+    ours_base = halo.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=dtype)
+    ours_base.load_state_dict(base.state_dict())
+    ours_config = halo.hf.register_lora(
+        LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.05, target_modules=["proj"])
+    )
+    ours = get_peft_model(_OneLayer(ours_base), ours_config).base_model.model.proj
+    assert type(ours).__name__ == "LoraLinear4bit"
+    with torch.no_grad():
+        ours.lora_A["default"].weight.copy_(layer.lora_A["default"].weight)
+        ours.lora_B["default"].weight.copy_(layer.lora_B["default"].weight)
+    ours.train()
     x = torch.randn(tokens, in_features).to(dtype)
     grad_y = torch.randn(tokens, out_features).to(dtype)
 
@@ -71,16 +81,18 @@ def run_case(out_features, in_features, tokens, dtype, rank, reps):
 
     def run_halo():
         xr = x.clone().requires_grad_(True)
-        a_halo.grad = b_halo.grad = None
-        lora_linear(xr, qt, a_halo, b_halo, scaling, dropout=0.05, seed=1).backward(grad_y)
+        ours.zero_grad(set_to_none=True)
+        ours(xr).backward(grad_y)
 
-    # Same numbers without dropout (the two dropouts draw different masks).
-    dropout = layer.lora_dropout["default"]
-    dropout.p = 0.0
+    # Same numbers without dropout (the two layers draw different masks); train mode kept,
+    # as eval() would make bitsandbytes repack W.
+    for module in (layer, ours):
+        module.lora_dropout["default"].p = 0.0
     with torch.no_grad():
         y_peft = layer(x).float()
-    dropout.p = 0.05
-    y_halo = lora_linear(x, qt, lora_a.detach(), lora_b.detach(), scaling, training=False).float()
+        y_halo = ours(x).float()
+    for module in (layer, ours):
+        module.lora_dropout["default"].p = 0.05
     err = float((y_halo - y_peft).abs().max() / y_peft.abs().max())
 
     times = {"peft": [], "halo": []}

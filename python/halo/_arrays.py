@@ -53,7 +53,8 @@ def flatten_float(function: str, value: Any) -> Flat:
                 "halo's CPU kernels; use the torch operators in halo.ops (torch.ops.halo.*) for "
                 "device tensors, or pass .cpu() explicitly"
             )
-        names = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+        from .ops import FLOAT_NAMES as names
+
         if tensor.dtype not in names:
             raise TypeError(
                 f"[{function}] expected a float32, float16 or bfloat16 tensor, got {tensor.dtype}"

@@ -81,3 +81,20 @@ def by_name(name: str) -> FormatInfo:
         return FORMATS[name]
     except (KeyError, TypeError):
         raise ValueError(f"[formats] unknown format {name!r}; expected one of {', '.join(FORMATS)}") from None
+
+
+def check_bnb4_format(fn: str, quant_type: Any, blocksize: Any) -> tuple[str, int]:
+    """The one check of a bitsandbytes 4-bit (quant_type, blocksize) pair, for every front end
+    (NumPy, torch ops, ``Linear4bit``, ``HaloConfig``); returns them, blocksize as an int.
+    ValueError names ``fn`` and the bad value."""
+    if not isinstance(quant_type, str) or quant_type not in BNB4_TYPES:
+        expected = " or ".join(repr(t) for t in BNB4_TYPES)
+        raise ValueError(f"[{fn}] quant_type must be {expected}, got {quant_type!r}")
+    if (
+        isinstance(blocksize, bool)
+        or not hasattr(blocksize, "__index__")
+        or int(blocksize) not in BNB4_BLOCKSIZES
+    ):
+        low, high = BNB4_BLOCKSIZES[0], BNB4_BLOCKSIZES[-1]
+        raise ValueError(f"[{fn}] blocksize must be a power of two in {low}..{high}, got {blocksize!r}")
+    return quant_type, int(blocksize)

@@ -22,11 +22,12 @@ import torch
 from torch import nn
 
 from .nn import Linear4bit, _check_settings
+from .ops import FLOAT_NAMES
 
 __all__ = ["HaloConfig", "load_bnb_checkpoint", "quantize_model"]
 
 QUANT_METHOD = "halo_4bit"
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPES = {name: dtype for dtype, name in FLOAT_NAMES.items()}
 
 
 def _dtype_of(value: Any) -> torch.dtype | None:

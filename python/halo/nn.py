@@ -26,22 +26,17 @@ from torch import nn
 
 from . import _core
 from . import ops as _ops  # registers torch.ops.halo.*
-from .formats import BNB4_BLOCKSIZES, BNB4_TYPES
+from .formats import check_bnb4_format
 from .quant import QuantizedTensor
 
 __all__ = ["Linear4bit"]
 
 _STATE_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
-_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+_DTYPE_NAMES = _ops.FLOAT_NAMES
 
 
 def _check_settings(fn: str, quant_type: Any, blocksize: Any, compute_dtype: Any) -> None:
-    if quant_type not in BNB4_TYPES:
-        expected = " or ".join(repr(t) for t in BNB4_TYPES)
-        raise ValueError(f"[{fn}] quant_type must be {expected}, got {quant_type!r}")
-    if isinstance(blocksize, bool) or blocksize not in BNB4_BLOCKSIZES:
-        low, high = BNB4_BLOCKSIZES[0], BNB4_BLOCKSIZES[-1]
-        raise ValueError(f"[{fn}] blocksize must be a power of two in {low}..{high}, got {blocksize!r}")
+    check_bnb4_format(fn, quant_type, blocksize)
     if compute_dtype is not None and compute_dtype not in _DTYPE_NAMES:
         raise TypeError(
             f"[{fn}] compute_dtype must be None, torch.float32, torch.float16 or torch.bfloat16, "
@@ -331,6 +326,13 @@ class Linear4bit(nn.Module):
         weight_key = prefix + "weight"
         if not state_keys:
             # A float checkpoint (nn.Linear's keys): load it and quantize.
+            if weight_key in state_dict and not state_dict[weight_key].is_floating_point():
+                error_msgs.append(
+                    f"[Linear4bit] {weight_key}: a {state_dict[weight_key].dtype} weight without "
+                    "bitsandbytes' quant_state entries; expected a float weight or a uint8 packed one "
+                    f"with {weight_key}.quant_state.bitsandbytes__<nf4|fp4>"
+                )
+                return
             if weight_key in state_dict and state_dict[weight_key].is_floating_point():
                 w = state_dict[weight_key]
                 if tuple(w.shape) != (self.out_features, self.in_features):
@@ -392,18 +394,19 @@ class Linear4bit(nn.Module):
 
 
 def _double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """bitsandbytes' nested absmax: offset = mean, then 8-bit blocks of 256 with the signed dynamic map."""
-    threads = int(torch.get_num_threads())
-    codes, nested, offset = _core.quant.double_quantize(
-        absmax.detach().cpu().contiguous().numpy(), 256, None, threads
+    """bitsandbytes' nested absmax (torch.ops.halo.double_quantize_absmax), its offset as a float."""
+    codes, nested, offset = torch.ops.halo.double_quantize_absmax(
+        absmax.detach(), int(torch.get_num_threads())
     )
-    device = absmax.device
-    return torch.from_numpy(codes).to(device), torch.from_numpy(nested).to(device), float(offset)
+    return codes, nested, float(offset)
 
 
 def _read_bnb_state(sub: dict, shape: tuple[int, int]):
     """(packed, absmax, nested_absmax or None, offset, original dtype) from bitsandbytes'
     entries for ``weight`` (keys relative to the layer), checked like QuantizedTensor does."""
+    packed_dtype = sub["weight"].dtype
+    if packed_dtype != torch.uint8:  # bitsandbytes' quant_storage; other dtypes would be read as bytes
+        raise ValueError(f"the packed 4-bit weight must be torch.uint8, got {packed_dtype}")
     cpu = {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in sub.items()}
     qt = QuantizedTensor.from_bnb_state_dict(cpu, prefix="weight")
     if tuple(qt.shape) != tuple(shape):

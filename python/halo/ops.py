@@ -16,44 +16,43 @@ The weight is bitsandbytes' layout: ``packed`` uint8 ``[(n + 1) // 2, 1]``; ``ab
 float32 per block, or with double quantization uint8 codes of the signed dynamic
 map plus ``nested_absmax`` (float32 per 256 blocks) and ``nested_offset``.
 
-CPU tensors run halo's C++ kernels (tensors cross as NumPy views, no copy). CUDA
-tensors stay on the GPU: the kernels take device pointers (src/cuda/device_ops.cu and
-the matmul's CUDA entry) and a build without CUDA raises instead of moving data to the CPU.
-The matmuls run halo's fused 4-bit GEMM/GEMV (halo.matmul_4bit's kernels): the weight is
-decoded inside the kernel, never as a whole.
+This module is the one place the operators are defined (schema, argument checks, fake
+kernels, autograd). Their kernels are registered per device with
+``torch.library.register_kernel``, as bitsandbytes does: ``halo/backends/cpu/ops.py`` (halo's
+C++ kernels over NumPy views, no copy) and ``halo/backends/cuda/ops.py`` (device pointers,
+the current stream, no host round trip; a build without CUDA raises instead of moving data
+to the CPU). A tensor on any other device gets a clear error. The matmuls run halo's fused
+4-bit GEMM/GEMV: the weight is decoded inside the kernel, never as a whole.
 """
 
 from __future__ import annotations
 
-import numpy as np
+import math
+
 import torch
 from torch import Tensor
 
-from . import _core
-from .formats import BNB4_BLOCKSIZES, BNB4_TYPES
+from .formats import KERNEL_FLOATS, check_bnb4_format
 
-__all__ = ["dequantize_4bit", "lora_linear", "matmul_4bit", "quantize_4bit"]
+__all__ = ["FLOAT_NAMES", "dequantize_4bit", "lora_linear", "matmul_4bit", "quantize_4bit"]
 
 NESTED_BLOCKSIZE = 256
-_FLOAT_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+# The torch float dtypes halo's kernels take, by the name the C++ side uses (the one such map).
+FLOAT_NAMES: dict[torch.dtype, str] = {getattr(torch, name): name for name in KERNEL_FLOATS}
 
 
 # -- argument checks (shared by every op; they run in the fake kernels too) ----------------------
 
 
-def _check_format(fn: str, quant_type: str, blocksize: int) -> None:
-    if quant_type not in BNB4_TYPES:
-        raise ValueError(f"[{fn}] quant_type must be one of {', '.join(BNB4_TYPES)}, got {quant_type!r}")
-    if blocksize not in BNB4_BLOCKSIZES:
-        raise ValueError(f"[{fn}] blocksize must be a power of two in 32..4096, got {blocksize!r}")
+_check_format = check_bnb4_format
 
 
-def _check_float(fn: str, name: str, t: Tensor) -> None:
-    if t.dtype not in _FLOAT_NAMES:
+def check_float(fn: str, name: str, t: Tensor) -> None:
+    if t.dtype not in FLOAT_NAMES:
         raise TypeError(f"[{fn}] {name} must be float32, float16 or bfloat16, got {t.dtype}")
 
 
-def _check_weight(
+def check_weight(
     fn: str,
     packed: Tensor,
     absmax: Tensor,
@@ -89,169 +88,42 @@ def _check_weight(
             raise ValueError(f"[{fn}] {name} is on {t.device}, packed on {packed.device}")
 
 
-def _same_device(fn: str, x: Tensor, packed: Tensor) -> None:
+def check_same_device(fn: str, x: Tensor, packed: Tensor) -> None:
     if x.device != packed.device:
         raise ValueError(
             f"[{fn}] x is on {x.device} but the 4-bit weight on {packed.device}; move one of them"
         )
 
 
-# -- CPU helpers: torch <-> NumPy views and a reusable dequantization buffer ---------------------
+# -- the checks each kernel runs first (backends/common.py holds the rest of the shared part) -----
 
 
-def _numpy_bits(t: Tensor) -> np.ndarray:
-    """A flat NumPy view of a contiguous CPU tensor (bfloat16 as its uint16 bits)."""
-    flat = t.reshape(-1)
-    if flat.dtype == torch.bfloat16:
-        return flat.view(torch.int16).numpy().view(np.uint16)
-    return flat.numpy()
+def check_quantize(fn: str, w: Tensor, quant_type: str, blocksize: int) -> int:
+    """Checks quantize_4bit's arguments; returns the element count."""
+    _check_format(fn, quant_type, blocksize)
+    check_float(fn, "w", w)
+    if w.numel() == 0:
+        raise ValueError(f"[{fn}] the tensor is empty (shape {tuple(w.shape)})")
+    return w.numel()
 
 
-def _absmax_cpu(absmax: Tensor, nested_absmax: Tensor | None, nested_offset: float) -> np.ndarray:
-    if nested_absmax is None:
-        return absmax.contiguous().numpy()
-    return _core.quant.double_dequantize(
-        absmax.contiguous().numpy(),
-        nested_absmax.contiguous().numpy(),
-        float(nested_offset),
-        NESTED_BLOCKSIZE,
-    )
+def check_dequantize(fn, packed, absmax, nested_absmax, shape, quant_type, blocksize, dtype) -> int:
+    """Checks dequantize_4bit's arguments; returns the element count."""
+    numel = math.prod(shape) if len(shape) else 1
+    check_weight(fn, packed, absmax, nested_absmax, numel, quant_type, blocksize)
+    if dtype not in FLOAT_NAMES:
+        raise TypeError(f"[{fn}] dtype must be float32, float16 or bfloat16, got {dtype}")
+    return numel
 
 
-def _dequantize_cpu(
-    packed: Tensor,
-    absmax: Tensor,
-    nested_absmax: Tensor | None,
-    nested_offset: float,
-    numel: int,
-    quant_type: str,
-    blocksize: int,
-    out: Tensor,
-) -> Tensor:
-    _core.quant.dequantize_4bit(
-        packed.contiguous().numpy().reshape(-1),
-        np.ascontiguousarray(_absmax_cpu(absmax, nested_absmax, nested_offset), dtype=np.float32),
-        numel,
-        quant_type,
-        blocksize,
-        _FLOAT_NAMES[out.dtype],
-        "auto",
-        _numpy_bits(out),
-    )
-    return out
+def check_backend(fn: str, backend: str) -> None:
+    from .backend import check_backend
+
+    check_backend(fn, backend)
 
 
-# -- CUDA helpers: device pointers, the current stream, no host round trip -----------------------
-
-
-def _stream(t: Tensor) -> int:
-    return int(torch.cuda.current_stream(t.device).cuda_stream)
-
-
-def _absmax_cuda(absmax: Tensor, nested_absmax: Tensor | None, nested_offset: float) -> Tensor:
-    if nested_absmax is None:
-        return absmax.contiguous()
-    code = torch.from_numpy(_core.quant.dynamic_map()).to(absmax.device)
-    scale = nested_absmax.repeat_interleave(NESTED_BLOCKSIZE)[: absmax.numel()]
-    return code[absmax.long()] * scale + float(nested_offset)  # two roundings, as bitsandbytes
-
-
-def _dequantize_cuda(packed, absmax, nested_absmax, nested_offset, numel, quant_type, blocksize, out):
-    scales = _absmax_cuda(absmax, nested_absmax, nested_offset)
-    packed = packed.contiguous()
-    _core.cuda.dequantize_4bit(
-        packed.data_ptr(),
-        scales.data_ptr(),
-        numel,
-        quant_type,
-        blocksize,
-        out.data_ptr(),
-        _FLOAT_NAMES[out.dtype],
-        _stream(out),
-    )
-    return out
-
-
-def _dequantize_into(
-    packed, absmax, nested_absmax, nested_offset, numel, quant_type, blocksize, out
-) -> Tensor:
-    if packed.device.type == "cpu":
-        return _dequantize_cpu(
-            packed, absmax, nested_absmax, nested_offset, numel, quant_type, blocksize, out
-        )
-    if packed.device.type == "cuda":
-        return _dequantize_cuda(
-            packed, absmax, nested_absmax, nested_offset, numel, quant_type, blocksize, out
-        )
-    raise ValueError(f"[halo.ops] no halo kernel for device {packed.device}")
-
-
-def _fused_matmul(
-    x2d: Tensor,
-    weight_args: tuple,
-    out_features: int,
-    in_features: int,
-    bias: Tensor | None,
-    transposed: bool,
-) -> Tensor:
-    """halo's fused 4-bit matmul (halo/quant/matmul4.hpp: codes decoded inside the GEMM, never
-    the whole W): y = x W^T (+ bias), or x W when ``transposed``, in x's dtype."""
-    packed, absmax, nested_absmax, nested_offset, quant_type, blocksize = weight_args
-    rows = x2d.shape[0]
-    y = torch.empty(rows, in_features if transposed else out_features, dtype=x2d.dtype, device=x2d.device)
-    if x2d.device.type == "cuda":
-        scales = _absmax_cuda(absmax, nested_absmax, nested_offset)
-        bias_t = None if bias is None else bias.to(x2d.dtype).contiguous()
-        _core.quant.matmul_4bit_device(
-            x2d.data_ptr(),
-            _FLOAT_NAMES[x2d.dtype],
-            rows,
-            packed.contiguous().data_ptr(),
-            scales.data_ptr(),
-            quant_type,
-            blocksize,
-            out_features,
-            in_features,
-            0 if bias_t is None else bias_t.data_ptr(),
-            y.data_ptr(),
-            transposed,
-            _stream(x2d),
-        )
-        return y
-    scales = np.ascontiguousarray(_absmax_cpu(absmax, nested_absmax, nested_offset), dtype=np.float32)
-    bias_np = None if bias is None else _numpy_bits(bias.detach().to(x2d.dtype).contiguous())
-    _core.quant.matmul_4bit(
-        _numpy_bits(x2d.detach()),
-        _FLOAT_NAMES[x2d.dtype],
-        rows,
-        packed.contiguous().numpy().reshape(-1),
-        scales,
-        quant_type,
-        blocksize,
-        out_features,
-        in_features,
-        bias_np,
-        transposed,
-        "auto",
-        _numpy_bits(y),
-    )
-    return y
-
-
-def _base_matmul(x2d: Tensor, weight_args: tuple, out_features: int, bias: Tensor | None) -> Tensor:
-    """x W^T (+ bias) for rows x2d [m, in] in x's dtype: the one place the 4-bit matmul is chosen."""
-    with torch.autocast(x2d.device.type, enabled=False):
-        return _fused_matmul(
-            x2d.contiguous(), weight_args, out_features, x2d.shape[1], bias, transposed=False
-        )
-
-
-def _grad_input(grad2d: Tensor, weight_args: tuple, out_features: int, in_features: int) -> Tensor:
-    """grad_y W for grad rows [m, out]: the input gradient of the frozen 4-bit base."""
-    with torch.autocast(grad2d.device.type, enabled=False):
-        return _fused_matmul(
-            grad2d.contiguous(), weight_args, out_features, in_features, None, transposed=True
-        )
+def _no_kernel(fn: str, t: Tensor):
+    raise ValueError(f"[{fn}] no halo kernel for device {t.device} (halo has cpu and cuda kernels)")
 
 
 # -- halo::quantize_4bit ---------------------------------------------------------------------------
@@ -259,33 +131,8 @@ def _grad_input(grad2d: Tensor, weight_args: tuple, out_features: int, in_featur
 
 @torch.library.custom_op("halo::quantize_4bit", mutates_args=())
 def _quantize_4bit_op(w: Tensor, quant_type: str, blocksize: int) -> tuple[Tensor, Tensor]:
-    fn = "halo::quantize_4bit"
-    _check_format(fn, quant_type, blocksize)
-    _check_float(fn, "w", w)
-    n = w.numel()
-    if n == 0:
-        raise ValueError(f"[{fn}] the tensor is empty (shape {tuple(w.shape)})")
-    w = w.contiguous()
-    if w.device.type == "cuda":
-        packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=w.device)
-        absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=w.device)
-        _core.cuda.quantize_4bit(
-            w.data_ptr(),
-            _FLOAT_NAMES[w.dtype],
-            n,
-            quant_type,
-            blocksize,
-            packed.data_ptr(),
-            absmax.data_ptr(),
-            _stream(w),
-        )
-        return packed, absmax
-    if w.device.type != "cpu":
-        raise ValueError(f"[{fn}] no halo kernel for device {w.device}")
-    packed, absmax = _core.quant.quantize_4bit(
-        _numpy_bits(w), _FLOAT_NAMES[w.dtype], quant_type, blocksize, "auto"
-    )
-    return torch.from_numpy(packed).reshape(-1, 1), torch.from_numpy(absmax)
+    check_quantize("halo::quantize_4bit", w, quant_type, blocksize)
+    _no_kernel("halo::quantize_4bit", w)
 
 
 @_quantize_4bit_op.register_fake
@@ -295,6 +142,35 @@ def _(w, quant_type, blocksize):
     return (
         w.new_empty(((n + 1) // 2, 1), dtype=torch.uint8),
         w.new_empty((-(-n // blocksize),), dtype=torch.float32),
+    )
+
+
+# -- halo::double_quantize_absmax -------------------------------------------------------------------
+
+
+@torch.library.custom_op("halo::double_quantize_absmax", mutates_args=())
+def _double_quantize_op(absmax: Tensor, threads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """bitsandbytes' nested statistics of float32 ``absmax``: offset = its mean (summed as torch
+    sums with ``threads`` threads), then 8-bit codes of the signed dynamic map in blocks of 256.
+    Returns (codes uint8 like absmax, nested_absmax float32 per block, offset float32 0-d)."""
+    check_absmax("halo::double_quantize_absmax", absmax)
+    _no_kernel("halo::double_quantize_absmax", absmax)
+
+
+def check_absmax(fn: str, absmax: Tensor) -> None:
+    if absmax.dtype != torch.float32 or absmax.dim() != 1 or absmax.numel() == 0:
+        raise ValueError(
+            f"[{fn}] absmax must be a non-empty 1-D float32 tensor, got {absmax.dtype}{list(absmax.shape)}"
+        )
+
+
+@_double_quantize_op.register_fake
+def _(absmax, threads):
+    check_absmax("halo::double_quantize_absmax", absmax)
+    return (
+        absmax.new_empty(absmax.shape, dtype=torch.uint8),
+        absmax.new_empty((-(-absmax.numel() // NESTED_BLOCKSIZE),), dtype=torch.float32),
+        absmax.new_empty((), dtype=torch.float32),
     )
 
 
@@ -313,13 +189,8 @@ def _dequantize_4bit_op(
     dtype: torch.dtype,
 ) -> Tensor:
     fn = "halo::dequantize_4bit"
-    numel = int(np.prod(shape)) if len(shape) else 1
-    _check_weight(fn, packed, absmax, nested_absmax, numel, quant_type, blocksize)
-    if dtype not in _FLOAT_NAMES:
-        raise TypeError(f"[{fn}] dtype must be float32, float16 or bfloat16, got {dtype}")
-    out = torch.empty(numel, dtype=dtype, device=packed.device)
-    _dequantize_into(packed, absmax, nested_absmax, nested_offset, numel, quant_type, blocksize, out)
-    return out.view(list(shape))
+    check_dequantize(fn, packed, absmax, nested_absmax, shape, quant_type, blocksize, dtype)
+    _no_kernel(fn, packed)
 
 
 @_dequantize_4bit_op.register_fake
@@ -343,16 +214,7 @@ def _matmul_4bit_op(
     blocksize: int,
     bias: Tensor | None,
 ) -> Tensor:
-    fn = "halo::matmul_4bit"
-    _check_float(fn, "x", x)
-    in_features = x.shape[-1]
-    _check_weight(fn, packed, absmax, nested_absmax, out_features * in_features, quant_type, blocksize)
-    _same_device(fn, x, packed)
-    x2d = x.reshape(-1, in_features)
-    y = _base_matmul(
-        x2d, (packed, absmax, nested_absmax, nested_offset, quant_type, blocksize), out_features, bias
-    )
-    return y.reshape(*x.shape[:-1], out_features)
+    _no_kernel("halo::matmul_4bit", x)
 
 
 @_matmul_4bit_op.register_fake
@@ -371,20 +233,16 @@ def _matmul_4bit_grad_op(
     in_features: int,
     quant_type: str,
     blocksize: int,
+    fan_in_fan_out: bool = False,
+    backend: str = "auto",
 ) -> Tensor:
     """grad W for grad [..., out]: the input gradient of the frozen 4-bit base (an op of its
     own so that backward graphs trace through it with a fake kernel)."""
-    fn = "halo::matmul_4bit_grad"
-    _check_float(fn, "grad", grad)
-    out_features = grad.shape[-1]
-    _check_weight(fn, packed, absmax, nested_absmax, out_features * in_features, quant_type, blocksize)
-    args = (packed, absmax, nested_absmax, nested_offset, quant_type, blocksize)
-    grad2d = grad.reshape(-1, out_features).contiguous()
-    return _grad_input(grad2d, args, out_features, in_features).reshape(*grad.shape[:-1], in_features)
+    _no_kernel("halo::matmul_4bit_grad", grad)
 
 
 @_matmul_4bit_grad_op.register_fake
-def _(grad, packed, absmax, nested_absmax, nested_offset, in_features, quant_type, blocksize):
+def _(grad, packed, absmax, nested_absmax, nested_offset, in_features, quant_type, blocksize, *_):
     return grad.new_empty((*grad.shape[:-1], in_features))
 
 
@@ -429,27 +287,13 @@ def _lora_linear_op(
     lora_A: Tensor,
     lora_B: Tensor,
     scaling: float,
+    fan_in_fan_out: bool = False,
+    backend: str = "auto",
 ) -> Tensor:
-    fn = "halo::lora_linear"
-    _check_float(fn, "x", x)
-    in_features = x.shape[-1]
-    _check_weight(fn, packed, absmax, nested_absmax, out_features * in_features, quant_type, blocksize)
-    _check_lora(fn, x, x_lora, lora_A, lora_B, out_features, in_features)
-    _same_device(fn, x, packed)
-    x2d = x.reshape(-1, in_features)
-    args = (packed, absmax, nested_absmax, nested_offset, quant_type, blocksize)
-    y = _base_matmul(x2d, args, out_features, bias)
-    with torch.autocast(x.device.type, enabled=False):
-        hidden = torch.mm(x_lora.reshape(-1, in_features).to(lora_A.dtype), lora_A.t())
-        # y += scaling * hidden B^T, in the adapter's dtype, as PEFT adds it
-        delta = torch.mm(hidden, lora_B.t())
-        if scaling != 1.0:
-            delta.mul_(scaling)
-        y = y.add_(delta.to(y.dtype)) if y.dtype == delta.dtype else (y + delta).to(y.dtype)
-    return y.reshape(*x.shape[:-1], out_features)
+    _no_kernel("halo::lora_linear", x)
 
 
-def _check_lora(fn, x, x_lora, lora_A, lora_B, out_features, in_features):
+def check_lora(fn, x, x_lora, lora_A, lora_B, out_features, in_features):
     if x_lora.shape != x.shape:
         raise ValueError(f"[{fn}] x_lora has shape {tuple(x_lora.shape)}, x {tuple(x.shape)}")
     if lora_A.dim() != 2 or lora_A.shape[1] != in_features:
@@ -459,7 +303,7 @@ def _check_lora(fn, x, x_lora, lora_A, lora_B, out_features, in_features):
             f"[{fn}] lora_B has shape {tuple(lora_B.shape)}, expected [{out_features}, {lora_A.shape[0]}]"
         )
     for name, t in (("x_lora", x_lora), ("lora_A", lora_A), ("lora_B", lora_B)):
-        _check_float(fn, name, t)
+        check_float(fn, name, t)
         if t.device != x.device:
             raise ValueError(f"[{fn}] {name} is on {t.device}, x on {x.device}")
 
@@ -479,6 +323,8 @@ def _(
     lora_A,
     lora_B,
     scaling,
+    fan_in_fan_out=False,
+    backend="auto",
 ):
     _check_format("halo::lora_linear", quant_type, blocksize)
     return x.new_empty((*x.shape[:-1], out_features))
@@ -499,7 +345,10 @@ def _lora_setup(ctx, inputs, output):
         lora_A,
         lora_B,
         scaling,
+        *options,
     ) = inputs
+    fan_in_fan_out = options[0] if len(options) > 0 else False
+    backend = options[1] if len(options) > 1 else "auto"
     ctx.save_for_backward(x_lora, packed, absmax, nested_absmax, lora_A, lora_B)
     ctx.meta = (
         nested_offset,
@@ -511,21 +360,41 @@ def _lora_setup(ctx, inputs, output):
         float(scaling),
         x.dtype,
         x_lora.dtype,
+        bool(fan_in_fan_out),
+        backend,
     )
 
 
 def _lora_backward(ctx, grad):
     x_lora, packed, absmax, nested_absmax, lora_A, lora_B = ctx.saved_tensors
-    nested_offset, out_features, in_features, quant_type, blocksize, has_bias, scaling, x_dtype, xl_dtype = (
-        ctx.meta
-    )
+    (
+        nested_offset,
+        out_features,
+        in_features,
+        quant_type,
+        blocksize,
+        has_bias,
+        scaling,
+        x_dtype,
+        xl_dtype,
+    ) = ctx.meta[:9]
+    fan_in_fan_out, backend = ctx.meta[9:]
     need = ctx.needs_input_grad
     grad2d = grad.reshape(-1, out_features)
     lead = grad.shape[:-1]
     grad_x = grad_x_lora = grad_bias = grad_a = grad_b = None
     if need[0]:
         grad_x = torch.ops.halo.matmul_4bit_grad(
-            grad.to(x_dtype), packed, absmax, nested_absmax, nested_offset, in_features, quant_type, blocksize
+            grad.to(x_dtype),
+            packed,
+            absmax,
+            nested_absmax,
+            nested_offset,
+            in_features,
+            quant_type,
+            blocksize,
+            fan_in_fan_out,
+            backend,
         )
     if has_bias and need[9]:
         grad_bias = grad2d.sum(0)
@@ -542,7 +411,8 @@ def _lora_backward(ctx, grad):
                 grad_a = torch.mm(grad_hidden.t(), xl)
             if need[1]:
                 grad_x_lora = torch.mm(grad_hidden, lora_A).to(xl_dtype).reshape(*lead, in_features)
-    return grad_x, grad_x_lora, None, None, None, None, None, None, None, grad_bias, grad_a, grad_b, None
+    nones = (None,) * 7
+    return grad_x, grad_x_lora, *nones, grad_bias, grad_a, grad_b, None, None, None
 
 
 _lora_linear_op.register_autograd(_lora_backward, setup_context=_lora_setup)
@@ -620,8 +490,12 @@ def lora_linear(
     nested_absmax: Tensor | None = None,
     nested_offset: float = 0.0,
     x_lora: Tensor | None = None,
+    fan_in_fan_out: bool = False,
+    backend: str = "auto",
 ) -> Tensor:
-    """``x W^T (+ bias) + scaling * (x_lora A^T) B^T`` (``x_lora`` defaults to ``x``)."""
+    """``x W^T (+ bias) + scaling * (x_lora A^T) B^T`` (``x_lora`` defaults to ``x``); ``W`` is
+    stored ``[out, in]``, or ``[in, out]`` with ``fan_in_fan_out``; ``backend`` picks the CPU
+    kernels (``halo.backends()``)."""
     return torch.ops.halo.lora_linear(
         x,
         x if x_lora is None else x_lora,
@@ -636,4 +510,11 @@ def lora_linear(
         lora_A,
         lora_B,
         float(scaling),
+        bool(fan_in_fan_out),
+        backend,
     )
+
+
+# The per-device kernels register themselves on import (after the operators above exist).
+from .backends.cpu import ops as _cpu_ops  # noqa: E402,F401
+from .backends.cuda import ops as _cuda_ops  # noqa: E402,F401

@@ -24,11 +24,12 @@ import torch
 
 from . import _core
 from .backend import check_backend
+from .ops import FLOAT_NAMES
 
 __all__ = ["AdamW8bit", "PagedAdamW8bit"]
 
 BLOCKSIZE = 256
-_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+_DTYPE_NAMES = FLOAT_NAMES
 
 
 def _numpy_view(t: torch.Tensor):

@@ -170,7 +170,13 @@ class LoraLinear4bit(nn.Module, LoraLayer):
 
 def register_lora(config: LoraConfig) -> LoraConfig:
     """Maps :class:`halo.nn.Linear4bit` to :class:`LoraLinear4bit` in ``config`` (PEFT's
-    ``_register_custom_module``); returns the config. Not saved in ``adapter_config.json``."""
+    ``_register_custom_module``); returns the config. Not saved in ``adapter_config.json``.
+
+    PEFT (0.22) picks the LoRA layer for a layer type it does not know only from this mapping
+    on the LoraConfig; nothing it reads from the model can choose it. So a config passed to
+    ``get_peft_model`` -- or, for ``PeftModel.from_pretrained(base, path, config=...)``, the
+    one read with ``LoraConfig.from_pretrained(path)`` -- goes through this call first.
+    Calling it twice is harmless."""
     if not isinstance(config, LoraConfig):
         raise TypeError(f"[register_lora] expected a peft.LoraConfig, got {type(config).__name__}")
     config._register_custom_module({Linear4bit: LoraLinear4bit})

@@ -23,28 +23,17 @@ from ._arrays import FLOAT_DTYPES, flatten_float, float_dtype_name, is_torch_ten
 from .backend import check_backend
 from .formats import BNB4_BLOCKSIZES as BLOCKSIZES
 from .formats import BNB4_TYPES as QUANT_TYPES
+from .formats import check_bnb4_format
 
 NESTED_BLOCKSIZE = 256
 
 
 def _check_quant_type(function: str, quant_type: Any) -> str:
-    if not isinstance(quant_type, str) or quant_type not in QUANT_TYPES:
-        raise ValueError(
-            f"[{function}] quant_type must be one of {', '.join(QUANT_TYPES)}, got {quant_type!r}"
-        )
-    return quant_type
+    return check_bnb4_format(function, quant_type, BLOCKSIZES[0])[0]
 
 
 def _check_blocksize(function: str, blocksize: Any) -> int:
-    if (
-        isinstance(blocksize, bool)
-        or not isinstance(blocksize, (int, np.integer))
-        or int(blocksize) not in BLOCKSIZES
-    ):
-        raise ValueError(
-            f"[{function}] blocksize must be a power of two in {BLOCKSIZES[0]}..{BLOCKSIZES[-1]}, got {blocksize!r}"
-        )
-    return int(blocksize)
+    return check_bnb4_format(function, QUANT_TYPES[0], blocksize)[1]
 
 
 def _mean_threads() -> int:
@@ -488,7 +477,8 @@ def _matmul_cuda(fn, x, qt, bias, out, backend, transposed, x_cols, y_cols):
 
     if backend not in ("auto", "cuda"):
         raise ValueError(f"[{fn}] x is on {x.device}: backend must be 'auto' or 'cuda', got {backend!r}")
-    names = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+    from .ops import FLOAT_NAMES as names
+
     if x.dtype not in names:
         raise TypeError(f"[{fn}] expected a float32, float16 or bfloat16 tensor, got {x.dtype}")
     if x.dim() == 0 or x.shape[-1] != x_cols:

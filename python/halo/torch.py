@@ -1,17 +1,13 @@
-"""PyTorch autograd glue for halo's LoRA kernels.
+"""PyTorch autograd glue for halo's LoRA kernels: ``lora_linear``.
 
-``lora_linear`` is a ``torch.autograd.Function`` whose forward and backward run
-halo's C++ kernels (tensors cross as NumPy views, no copy for contiguous CPU
-tensors).
-
-- A 4-bit base (:class:`halo.QuantizedTensor`) with float32, float16 or bfloat16
-  x: the base products ``x W^T`` and ``grad_y W`` run on :func:`halo.matmul_4bit`
-  / :func:`halo.matmul_4bit_transposed` in x's dtype (AMX tiles for bfloat16 where
-  the CPU has them); the rank-r LoRA products run in torch in the adapter's dtype,
-  as PEFT does (x is cast to ``lora_A``'s dtype, the sum is cast back to x's).
-- A float base, or float64 x (so ``torch.autograd.gradcheck`` exercises the same
-  kernels): the whole layer runs in halo's C++ LoRA kernels, float16/bfloat16
-  inputs computed in float32 and cast back.
+- A 4-bit base (:class:`halo.QuantizedTensor`) with float32, float16 or bfloat16 x: a thin
+  wrapper over ``torch.ops.halo.lora_linear`` (:mod:`halo.ops`, the op PEFT's LoRA layer on
+  halo runs): the base products ``x W^T`` and ``grad_y W`` on halo's fused 4-bit kernels in
+  x's dtype, the rank-r products in torch in the adapter's dtype, as PEFT does; dropout is
+  halo's seeded mask on the adapter input.
+- A float base, or float64 x (so ``torch.autograd.gradcheck`` exercises the same kernels):
+  the whole layer runs in halo's C++ LoRA kernels (src/lora), float16/bfloat16 inputs
+  computed in float32 and cast back.
 """
 
 from __future__ import annotations
@@ -21,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import _core
+from . import _core, ops
 from .backend import check_backend
 from .lora import (
     _as_rows,
@@ -31,7 +27,7 @@ from .lora import (
     _check_seed,
     _describe_base,
 )
-from .quant import QuantizedTensor, matmul_4bit, matmul_4bit_transposed
+from .quant import QuantizedTensor
 
 __all__ = ["lora_linear"]
 
@@ -112,59 +108,32 @@ def _dropout_scale(seed: int, shape: tuple[int, int], p: float) -> torch.Tensor:
     return torch.from_numpy(_core.lora.dropout_mask(seed, shape[0] * shape[1], p)).reshape(shape)
 
 
-class _Lora4bit(torch.autograd.Function):
-    """The layer over a 4-bit base, for float32 / float16 / bfloat16 x (see the module doc).
-    Few torch operations per call: the LoRA term goes in with one addmm."""
-
-    @staticmethod
-    def forward(ctx, x, lora_a, lora_b, bias, qt, settings):  # type: ignore[override]
-        out_features, in_features, fan_in_fan_out, scaling, dropout, seed, backend = settings
-        rows = x.detach().reshape(-1, in_features)
-        if fan_in_fan_out:  # W stored [in, out]: x W^T is x times the stored matrix
-            base = matmul_4bit_transposed(rows, qt, backend=backend)
-            if bias is not None:
-                base = base + bias.detach().to(base.dtype)
-        else:
-            base = matmul_4bit(rows, qt, bias=None if bias is None else bias.detach(), backend=backend)
-        compute = lora_a.dtype
-        dropped = rows.to(compute)
-        mask = None
-        if dropout > 0.0:
-            mask = _dropout_scale(seed, tuple(rows.shape), dropout).to(compute)
-            dropped = dropped * mask
-        t = dropped @ lora_a.detach().t()
-        y = torch.addmm(base.to(compute), t, lora_b.detach().t(), alpha=scaling).to(x.dtype)
-        ctx.save_for_backward(dropped, t, lora_a, lora_b, mask)
-        ctx.qt = qt
-        ctx.settings = settings
-        ctx.has_bias = bias is not None
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.x_shape = x.shape
-        ctx.x_dtype = x.dtype
-        return y.reshape(*x.shape[:-1], out_features)
-
-    @staticmethod
-    def backward(ctx, grad_y):  # type: ignore[override]
-        dropped, t, lora_a, lora_b, mask = ctx.saved_tensors
-        out_features, _, fan_in_fan_out, scaling, _, _, backend = ctx.settings
-        g = grad_y.reshape(-1, out_features)
-        gc = g.to(lora_a.dtype)
-        dt = torch.mm(gc, lora_b).mul_(scaling)  # gradient of t, [rows, r]
-        grad_a = dt.t() @ dropped if ctx.needs_input_grad[1] else None
-        grad_b = torch.mm(gc.t(), t).mul_(scaling) if ctx.needs_input_grad[2] else None
-        grad_bias = None
-        if ctx.has_bias and ctx.needs_input_grad[3]:
-            grad_bias = g.sum(0).to(ctx.bias_dtype)
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            gx = g.to(ctx.x_dtype).contiguous()
-            base = (matmul_4bit if fan_in_fan_out else matmul_4bit_transposed)(gx, ctx.qt, backend=backend)
-            if mask is None:
-                grad_x = torch.addmm(base.to(lora_a.dtype), dt, lora_a)
-            else:
-                grad_x = torch.mm(dt, lora_a).mul_(mask).add_(base)
-            grad_x = grad_x.to(ctx.x_dtype).reshape(ctx.x_shape)
-        return grad_x, grad_a, grad_b, grad_bias, None, None
+def _lora_4bit(x, qt: QuantizedTensor, lora_a, lora_b, bias, settings):
+    """The layer over a 4-bit base for float32 / float16 / bfloat16 x: ``torch.ops.halo.lora_linear``
+    (the op PEFT's LoRA layer on halo runs), its adapter input ``x`` masked by halo's dropout."""
+    out_features, in_features, fan_in_fan_out, scaling, dropout, seed, backend = settings
+    x_lora = x.to(lora_a.dtype)
+    if dropout > 0.0:
+        rows = x.numel() // in_features
+        x_lora = x_lora * _dropout_scale(seed, (rows, in_features), dropout).to(lora_a.dtype).reshape(x.shape)
+    nested = None if not qt.double_quant else torch.from_numpy(np.ascontiguousarray(qt.nested_absmax))
+    return ops.lora_linear(
+        x,
+        torch.from_numpy(np.ascontiguousarray(qt.packed)).reshape(-1, 1),
+        torch.from_numpy(np.ascontiguousarray(qt.absmax)),
+        out_features,
+        lora_a,
+        lora_b,
+        scaling,
+        qt.quant_type,
+        qt.blocksize,
+        bias,
+        nested,
+        float(qt.nested_offset or 0.0),
+        x_lora,
+        fan_in_fan_out,
+        backend,
+    )
 
 
 def lora_linear(
@@ -221,5 +190,5 @@ def lora_linear(
     seed = _check_seed(fn, seed)
     settings = (out_features, in_features, bool(fan_in_fan_out), scaling, p, seed, backend)
     if four_bit:
-        return _Lora4bit.apply(x, A, B, bias, base, settings)
+        return _lora_4bit(x, base, A, B, bias, settings)
     return _LoraLinear.apply(x, A, B, bias, info, settings)

@@ -4,17 +4,17 @@ small byte-level BPE tokenizer trained on a fixed text (no hub, a few MB)."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import real_models
 import torch
 import transformers as T
 
 ROOT = Path(__file__).resolve().parents[2]
-SMOL = ROOT / "build" / "models" / "smollm2-135m"
+SMOL = real_models.SMOLLM2
 
 TEXT = [
     "The quick brown fox jumps over the lazy dog. 12345 67890 3.14159",
@@ -133,9 +133,5 @@ def smol_gguf() -> Path:
 
 
 def smol_folder() -> Path:
-    """build/models/smollm2-135m (`make model`), made now if missing."""
-    if not (SMOL / "model.safetensors").is_file():
-        r = subprocess.run([sys.executable, str(ROOT / "scripts" / "make_model.py"), "--out", str(SMOL)])
-        if r.returncode != 0:
-            pytest.skip("build/models/smollm2-135m could not be made (scripts/make_model.py failed)")
-    return SMOL
+    """build/models/smollm2-135m (`make model`), made now if missing (real_models' one helper)."""
+    return real_models.smollm2_folder()

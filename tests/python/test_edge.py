@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import real_models
 from halo import edge
 from halo._core import edge as core
 from halo.edge_model import FFN
@@ -26,9 +27,10 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 REPO = Path(__file__).resolve().parents[2]
-SMOL = REPO / "build" / "models" / "smollm2-135m"
 sys.path.insert(0, str(REPO / "tests" / "net"))
 import testbed  # noqa: E402 - lives beside the tests, not in the package
+
+SMOL = real_models.SMOLLM2
 
 
 def _python_env() -> dict[str, str]:
@@ -69,22 +71,6 @@ def tiny_llama(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory) -> Path:
-    torch.manual_seed(1)
-    config = transformers.BertConfig(
-        vocab_size=300,
-        hidden_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=6,
-        intermediate_size=96,
-        max_position_embeddings=64,
-    )
-    path = tmp_path_factory.mktemp("tiny_bert")
-    transformers.BertModel(config).eval().save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def link_key(tmp_path_factory) -> tuple[Path, bytes]:
     """A pre-shared key for workers outside loopback: (key file, key)."""
     from halo.edge_link import read_key, write_key
@@ -118,7 +104,8 @@ def test_llama_split_matches_transformers_with_cache(tiny_llama):
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
-def test_bert_split_matches_transformers(tiny_bert):
+def test_bert_split_matches_transformers(tiny_bert_dir):
+    tiny_bert = tiny_bert_dir
     ids = [2, 50, 7, 99, 3]
     with torch.no_grad():
         hidden = (

@@ -18,6 +18,7 @@ from pathlib import Path
 import halo
 import numpy as np
 import pytest
+import real_models
 from halo import edge
 from halo import edge_store as es
 from halo._core import edge_store as core
@@ -29,7 +30,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 REPO = Path(__file__).resolve().parents[2]
-SMOL = REPO / "build" / "models" / "smollm2-135m"
+SMOL = real_models.SMOLLM2
 
 
 def _env() -> dict[str, str]:

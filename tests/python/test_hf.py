@@ -23,7 +23,6 @@ import halo.nn as hnn  # noqa: E402
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-MODEL_DIR = ROOT / "build" / "models" / "smollm2-135m"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -271,12 +270,11 @@ def test_bad_configs_give_clear_errors():
         peft.get_peft_model(model, dora)
 
 
-def test_smollm2_short_finetune_loss_falls():
+def test_smollm2_short_finetune_loss_falls(smollm2_dir):
     """The real-model check: 30 steps of QLoRA on SmolLM2-135M, sequence <= 24."""
-    from gguf_fixtures import smol_folder
     from halo.optim import AdamW8bit
 
-    model_dir = smol_folder()  # `make model`, made now if missing (skips only if it cannot be)
+    model_dir = smollm2_dir  # `make model`, made now if missing (skips only if it cannot be)
     start = time.perf_counter()
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(

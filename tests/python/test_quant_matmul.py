@@ -7,8 +7,6 @@ Tolerance: |y - ref| <= 2e-5 * sum|x w| + half an ulp of the output dtype at |re
 from __future__ import annotations
 
 import logging
-import subprocess
-import sys
 from pathlib import Path
 
 import halo
@@ -223,14 +221,8 @@ def test_matches_bitsandbytes_linear4bit(dtype, rows):
     assert (got - expected).abs().max().item() <= (1e-5 if dtype == torch.float32 else 2**-7) * scale
 
 
-def test_real_model_projection():
-    path = ROOT / "build" / "models" / "smollm2-135m" / "model.safetensors"
-    if not path.exists():
-        made = subprocess.run(
-            [sys.executable, str(ROOT / "scripts" / "make_model.py")], check=False, capture_output=True
-        )
-        if made.returncode != 0 or not path.exists():
-            pytest.skip(f"SmolLM2-135M could not be made (make model): {made.stderr.decode()[-200:]}")
+def test_real_model_projection(smollm2_dir):
+    path = smollm2_dir / "model.safetensors"
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:

@@ -33,6 +33,25 @@ def llama(seed: int = 0, **overrides):
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(**fields)).eval()
 
 
+def qwen2(seed: int = 0, **overrides):
+    """A 2-layer Qwen2 (biases on q/k/v, hidden 64, 4 heads / 2 KV heads) in eval mode."""
+    import transformers
+
+    torch.manual_seed(seed)
+    fields = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 96,
+        "max_position_embeddings": 64,
+        "tie_word_embeddings": False,
+    }
+    fields.update(overrides)
+    return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**fields)).eval()
+
+
 def gpt2(seed: int = 0, **overrides):
     """A 2-layer GPT-2 (Conv1D projections, fan_in_fan_out) in eval mode."""
     import transformers

@@ -1,0 +1,118 @@
+"""The device-independent half of halo's torch kernels: argument checks, shapes, autocast and
+the adapter products, around a backend's 4-bit ``matmul``.
+
+``matmul(x2d, weight, out_features, in_features, bias, transposed, backend)``: y = x W^T (+ bias),
+or x W when ``transposed``, for rows x2d in x's dtype; ``weight`` is
+(packed, absmax, nested_absmax, nested_offset, quant_type, blocksize). backends/cpu/ops.py and
+backends/cuda/ops.py pass theirs; the operators themselves are defined in :mod:`halo.ops`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..ops import check_backend, check_float, check_lora, check_same_device, check_weight
+
+
+def _base_matmul(
+    matmul, x2d: Tensor, weight_args: tuple, out_features: int, bias, fan_in_fan_out=False, backend="auto"
+) -> Tensor:
+    """x W^T (+ bias) for rows x2d [m, in] in x's dtype, autocast off; W is stored [out, in], or
+    [in, out] with ``fan_in_fan_out`` (GPT-2's Conv1D), where x W^T is x times the stored matrix."""
+    in_features = x2d.shape[1]
+    with torch.autocast(x2d.device.type, enabled=False):
+        if not fan_in_fan_out:
+            return matmul(x2d.contiguous(), weight_args, out_features, in_features, bias, False, backend)
+        y = matmul(x2d.contiguous(), weight_args, in_features, out_features, None, True, backend)
+        return y if bias is None else y.add_(bias.to(y.dtype))
+
+
+def _grad_input(
+    matmul, grad2d: Tensor, weight_args: tuple, out_features: int, in_features: int, fan_in_fan_out, backend
+) -> Tensor:
+    """grad_y W for grad rows [m, out]: the input gradient of the frozen 4-bit base."""
+    with torch.autocast(grad2d.device.type, enabled=False):
+        if not fan_in_fan_out:
+            return matmul(grad2d.contiguous(), weight_args, out_features, in_features, None, True, backend)
+        return matmul(grad2d.contiguous(), weight_args, in_features, out_features, None, False, backend)
+
+
+def matmul_composite(
+    matmul, x, packed, absmax, nested_absmax, nested_offset, out_features, quant_type, blocksize, bias
+) -> Tensor:
+    """halo::matmul_4bit's kernel around a backend's ``matmul``."""
+    fn = "halo::matmul_4bit"
+    check_float(fn, "x", x)
+    in_features = x.shape[-1]
+    check_weight(fn, packed, absmax, nested_absmax, out_features * in_features, quant_type, blocksize)
+    check_same_device(fn, x, packed)
+    x2d = x.reshape(-1, in_features)
+    args = (packed, absmax, nested_absmax, nested_offset, quant_type, blocksize)
+    y = _base_matmul(matmul, x2d, args, out_features, bias)
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+def matmul_grad_composite(
+    matmul,
+    grad,
+    packed,
+    absmax,
+    nested_absmax,
+    nested_offset,
+    in_features,
+    quant_type,
+    blocksize,
+    fan_in_fan_out=False,
+    backend="auto",
+) -> Tensor:
+    """halo::matmul_4bit_grad's kernel around a backend's ``matmul``."""
+    fn = "halo::matmul_4bit_grad"
+    check_float(fn, "grad", grad)
+    out_features = grad.shape[-1]
+    check_weight(fn, packed, absmax, nested_absmax, out_features * in_features, quant_type, blocksize)
+    args = (packed, absmax, nested_absmax, nested_offset, quant_type, blocksize)
+    grad2d = grad.reshape(-1, out_features).contiguous()
+    check_backend(fn, backend)
+    grad_x = _grad_input(matmul, grad2d, args, out_features, in_features, fan_in_fan_out, backend)
+    return grad_x.reshape(*grad.shape[:-1], in_features)
+
+
+def lora_linear_composite(
+    matmul,
+    x,
+    x_lora,
+    packed,
+    absmax,
+    nested_absmax,
+    nested_offset,
+    out_features,
+    quant_type,
+    blocksize,
+    bias,
+    lora_A,
+    lora_B,
+    scaling,
+    fan_in_fan_out=False,
+    backend="auto",
+) -> Tensor:
+    """halo::lora_linear's kernel around a backend's ``matmul``: the base 4-bit matmul, then
+    the adapter in the adapter's dtype, added as PEFT adds it."""
+    fn = "halo::lora_linear"
+    check_float(fn, "x", x)
+    in_features = x.shape[-1]
+    check_weight(fn, packed, absmax, nested_absmax, out_features * in_features, quant_type, blocksize)
+    check_lora(fn, x, x_lora, lora_A, lora_B, out_features, in_features)
+    check_same_device(fn, x, packed)
+    check_backend(fn, backend)
+    x2d = x.reshape(-1, in_features)
+    args = (packed, absmax, nested_absmax, nested_offset, quant_type, blocksize)
+    y = _base_matmul(matmul, x2d, args, out_features, bias, fan_in_fan_out, backend)
+    with torch.autocast(x.device.type, enabled=False):
+        hidden = torch.mm(x_lora.reshape(-1, in_features).to(lora_A.dtype), lora_A.t())
+        # y += scaling * hidden B^T, in the adapter's dtype, as PEFT adds it
+        delta = torch.mm(hidden, lora_B.t())
+        if scaling != 1.0:
+            delta.mul_(scaling)
+        y = y.add_(delta.to(y.dtype)) if y.dtype == delta.dtype else (y + delta).to(y.dtype)
+    return y.reshape(*x.shape[:-1], out_features)

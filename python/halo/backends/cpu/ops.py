@@ -1,0 +1,115 @@
+"""CPU kernels of ``torch.ops.halo.*`` (the operators are defined in :mod:`halo.ops`).
+
+Tensors cross to halo's C++ kernels as NumPy views (no copy for contiguous tensors);
+bfloat16 crosses as its uint16 bits. The matmuls run halo's fused 4-bit GEMM/GEMV
+(halo/quant/matmul4.hpp: the codes are decoded inside the kernel, never as a whole W).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ... import _core
+from ... import ops as _ops
+from .. import common
+
+
+def numpy_bits(t: Tensor) -> np.ndarray:
+    """A flat NumPy view of a contiguous CPU tensor (bfloat16 as its uint16 bits)."""
+    flat = t.reshape(-1)
+    if flat.dtype == torch.bfloat16:
+        return flat.view(torch.int16).numpy().view(np.uint16)
+    return flat.numpy()
+
+
+def _scales(absmax: Tensor, nested_absmax: Tensor | None, nested_offset: float) -> np.ndarray:
+    if nested_absmax is None:
+        values = absmax.contiguous().numpy()
+    else:
+        values = _core.quant.double_dequantize(
+            absmax.contiguous().numpy(),
+            nested_absmax.contiguous().numpy(),
+            float(nested_offset),
+            _ops.NESTED_BLOCKSIZE,
+        )
+    return np.ascontiguousarray(values, dtype=np.float32)
+
+
+def _matmul(x2d: Tensor, weight: tuple, out_features: int, in_features: int, bias, transposed, backend):
+    """y = x W^T (+ bias), or x W when ``transposed``, in x's dtype, on ``backend``'s kernels."""
+    packed, absmax, nested_absmax, nested_offset, quant_type, blocksize = weight
+    rows = x2d.shape[0]
+    y = torch.empty(rows, in_features if transposed else out_features, dtype=x2d.dtype)
+    bias_np = None if bias is None else numpy_bits(bias.detach().to(x2d.dtype).contiguous())
+    _core.quant.matmul_4bit(
+        numpy_bits(x2d.detach()),
+        _ops.FLOAT_NAMES[x2d.dtype],
+        rows,
+        packed.contiguous().numpy().reshape(-1),
+        _scales(absmax, nested_absmax, nested_offset),
+        quant_type,
+        blocksize,
+        out_features,
+        in_features,
+        bias_np,
+        transposed,
+        backend,
+        numpy_bits(y),
+    )
+    return y
+
+
+@torch.library.register_kernel("halo::quantize_4bit", "cpu")
+def _quantize_4bit(w: Tensor, quant_type: str, blocksize: int):
+    _ops.check_quantize("halo::quantize_4bit", w, quant_type, blocksize)
+    packed, absmax = _core.quant.quantize_4bit(
+        numpy_bits(w.contiguous()), _ops.FLOAT_NAMES[w.dtype], quant_type, blocksize, "auto"
+    )
+    return torch.from_numpy(packed).reshape(-1, 1), torch.from_numpy(absmax)
+
+
+@torch.library.register_kernel("halo::dequantize_4bit", "cpu")
+def _dequantize_4bit(packed, absmax, nested_absmax, nested_offset, shape, quant_type, blocksize, dtype):
+    numel = _ops.check_dequantize(
+        "halo::dequantize_4bit", packed, absmax, nested_absmax, shape, quant_type, blocksize, dtype
+    )
+    out = torch.empty(numel, dtype=dtype)
+    _core.quant.dequantize_4bit(
+        packed.contiguous().numpy().reshape(-1),
+        _scales(absmax, nested_absmax, nested_offset),
+        numel,
+        quant_type,
+        blocksize,
+        _ops.FLOAT_NAMES[dtype],
+        "auto",
+        numpy_bits(out),
+    )
+    return out.view(list(shape))
+
+
+@torch.library.register_kernel("halo::matmul_4bit", "cpu")
+def _matmul_4bit(x, packed, absmax, nested_absmax, nested_offset, out_features, quant_type, blocksize, bias):
+    return common.matmul_composite(
+        _matmul, x, packed, absmax, nested_absmax, nested_offset, out_features, quant_type, blocksize, bias
+    )
+
+
+@torch.library.register_kernel("halo::matmul_4bit_grad", "cpu")
+def _matmul_4bit_grad(*args):
+    return common.matmul_grad_composite(_matmul, *args)
+
+
+@torch.library.register_kernel("halo::lora_linear", "cpu")
+def _lora_linear(*args):
+    return common.lora_linear_composite(_matmul, *args)
+
+
+@torch.library.register_kernel("halo::double_quantize_absmax", "cpu")
+def _double_quantize_absmax(absmax: Tensor, threads: int):
+    _ops.check_absmax("halo::double_quantize_absmax", absmax)
+    codes, nested, offset = _core.quant.double_quantize(
+        absmax.detach().contiguous().numpy(), _ops.NESTED_BLOCKSIZE, None, int(threads)
+    )
+    return torch.from_numpy(codes), torch.from_numpy(nested), torch.tensor(offset, dtype=torch.float32)
