@@ -93,8 +93,9 @@ void f8_row_to_float(const void* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = decode_f8<ExponentBits, Fnuz>(in[i]);
 }
 
-// Block formats whose areas provide codecs add them here (GGUF rows: src/gguf).
-std::array<RowCodec, kFormats.size()> make_codecs() {
+// Element rows are converted here; block rows come from the list their area keeps in the
+// table's order (GGUF: gguf::kBlockCodecs, checked position by position in gguf/quants.hpp).
+constexpr std::array<RowCodec, kFormats.size()> make_codecs() {
   std::array<RowCodec, kFormats.size()> out{};
   auto set = [&](Format f, RowToFloat to, RowFromFloat from) { out[size_t(f)] = RowCodec{to, from}; };
   set(Format::f64, plain_to_float<double>, plain_from_float<double>);
@@ -111,19 +112,28 @@ std::array<RowCodec, kFormats.size()> make_codecs() {
   set(Format::f8_e5m2, f8_row_to_float<5, false>, nullptr);
   set(Format::f8_e4m3fnuz, f8_row_to_float<4, true>, nullptr);
   set(Format::f8_e5m2fnuz, f8_row_to_float<5, true>, nullptr);
-  set(Format::q4_0, gguf::to_float_q4_0, gguf::from_float_q4_0);
-  set(Format::q4_1, gguf::to_float_q4_1, gguf::from_float_q4_1);
-  set(Format::q5_0, gguf::to_float_q5_0, gguf::from_float_q5_0);
-  set(Format::q5_1, gguf::to_float_q5_1, gguf::from_float_q5_1);
-  set(Format::q8_0, gguf::to_float_q8_0, gguf::from_float_q8_0);
-  set(Format::q2_k, gguf::to_float_q2_k, gguf::from_float_q2_k);
-  set(Format::q3_k, gguf::to_float_q3_k, gguf::from_float_q3_k);
-  set(Format::q4_k, gguf::to_float_q4_k, gguf::from_float_q4_k);
-  set(Format::q5_k, gguf::to_float_q5_k, gguf::from_float_q5_k);
-  set(Format::q6_k, gguf::to_float_q6_k, gguf::from_float_q6_k);
-  set(Format::q8_k, gguf::to_float_q8_k, gguf::from_float_q8_k);
+  for (const gguf::BlockCodec& c : gguf::kBlockCodecs) set(c.format, c.to_float, c.from_float);
   return out;
 }
+constexpr std::array<RowCodec, kFormats.size()> kCodecs = make_codecs();
+
+// Every row is checked against the table: each format except bnb4 (codes and absmax apart)
+// reads as float32; float64, the kernel floats and the GGUF blocks are also written from it.
+template <size_t I>
+constexpr bool codec_row_matches() {
+  constexpr FormatTraits t = kFormats[I];
+  static_assert((kCodecs[I].to_float != nullptr) == (t.kind != FormatKind::bnb4),
+                "make_codecs(): row I of kFormats needs a to_float conversion (and bnb4 rows none)");
+  constexpr bool writes = t.kind == FormatKind::ggml_block || is_kernel_float(t.format) || t.format == Format::f64;
+  static_assert((kCodecs[I].from_float != nullptr) == writes,
+                "make_codecs(): row I of kFormats has a from_float conversion exactly when it is written");
+  return true;
+}
+template <size_t... I>
+constexpr bool check_codec_rows(std::index_sequence<I...>) {
+  return (codec_row_matches<I>() && ...);
+}
+static_assert(check_codec_rows(std::make_index_sequence<kFormats.size()>()));
 
 void check_row(std::string_view function, Format format, int64_t n, bool available, const char* direction) {
   const FormatTraits& t = traits(format);
@@ -172,10 +182,7 @@ const Codebook4& codebook4(Format format) {
   }
 }
 
-const RowCodec& row_codec(Format format) {
-  static const std::array<RowCodec, kFormats.size()> codecs = make_codecs();
-  return codecs[size_t(format)];
-}
+const RowCodec& row_codec(Format format) { return kCodecs[size_t(format)]; }
 
 void to_float(Format format, const void* src, float* dst, int64_t n) {
   const RowCodec& codec = row_codec(format);
