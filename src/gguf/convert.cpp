@@ -111,7 +111,10 @@ using Table = KernelTable<kernels::QuantizeKernel>;
 
 const std::array<std::string, kQuantizableCount> kOpNames = [] {
   std::array<std::string, kQuantizableCount> out;
-  for (size_t i = 0; i < kQuantizableCount; ++i) out[i] = "gguf.quantize_" + std::string(format_name(kQuantizable[i]));
+  for (size_t i = 0; i < kQuantizableCount; ++i) {  // the GGUF type name in lower case: "gguf.quantize_q4_k"
+    out[i] = "gguf.quantize_" + std::string(traits(kQuantizable[i]).gguf);
+    for (char& c : out[i]) c = char(std::tolower(static_cast<unsigned char>(c)));
+  }
   return out;
 }();
 
