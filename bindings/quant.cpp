@@ -36,7 +36,8 @@ py::object matmul(const py::buffer& x, const std::string& dtype_name, int64_t ro
   if (out) target = typed_view(fn, "out", *out, dtype, /*writable=*/true);
   check_matmul_4bit_buffers(fn, rows, w, transposed, input.count, bias_view ? bias_view->count : -1,
                             target ? target->count : -1);
-  py::object result = out ? *out : py::object(cached_array(dtype, rows * (transposed ? in_features : out_features)));
+  py::object result =
+      out ? py::object(*out) : py::object(cached_array(dtype, rows * (transposed ? in_features : out_features)));
   void* y_ptr = target ? target->data : py::array(result).mutable_data();
   const void* bias_ptr = bias_view ? bias_view->data : nullptr;
   {

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib
+import json
 import os
 import re
 import shlex
@@ -126,8 +127,62 @@ def _import_lines(code: str) -> str:
     return "\n".join(ast.unparse(n) for n in ast.walk(tree) if isinstance(n, ast.Import | ast.ImportFrom))
 
 
+# Blocks run in children forked from one interpreter that has imported numpy, torch and halo
+# once (a fresh interpreter per block costs seconds each): every block still starts from a
+# clean state, in its own process and folder, killed after 180 s.
+_RUNNER = r"""
+import json, os, signal, sys, traceback
+import numpy, torch, halo
+try:  # the doc examples that build a tiny model use these; load them once
+    from transformers import LlamaConfig, LlamaForCausalLM
+except ImportError:
+    pass
+for line in sys.stdin:
+    req = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            signal.alarm(180)
+            os.chdir(req["cwd"])
+            log = os.open(req["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            os.dup2(log, 1)
+            os.dup2(log, 2)
+            sys.argv = [req["script"]]
+            exec(compile(open(req["script"]).read(), req["script"], "exec"), {"__name__": "__main__"})
+            sys.stdout.flush()
+            os._exit(0)
+        except SystemExit as exc:
+            os._exit(exc.code if isinstance(exc.code, int) else 1)
+        except BaseException:
+            traceback.print_exc()
+            sys.stderr.flush()
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    print(json.dumps(os.waitstatus_to_exitcode(status)), flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def python_runner():
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _RUNNER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+
+    def run(script: Path, cwd: Path) -> tuple[int, str]:
+        log = cwd / "block.log"
+        proc.stdin.write(json.dumps({"script": str(script), "cwd": str(cwd), "log": str(log)}) + "\n")
+        proc.stdin.flush()
+        answer = proc.stdout.readline()
+        assert answer, "the block runner died"
+        return int(json.loads(answer)), log.read_text() if log.exists() else ""
+
+    yield run
+    proc.stdin.close()
+    proc.wait(timeout=60)
+
+
 @pytest.mark.parametrize("block", PYTHON, ids=_ids(PYTHON))
-def test_python_block(block: Block, tmp_path: Path):
+def test_python_block(block: Block, tmp_path: Path, python_runner):
     try:
         compile(block.code, block.where, "exec")
     except SyntaxError as exc:
@@ -136,8 +191,8 @@ def test_python_block(block: Block, tmp_path: Path):
     body = block.code if block.mode == "run" else _import_lines(block.code)
     script = tmp_path / "block.py"
     script.write_text(block.setup + "\n" + body + "\n")
-    run = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=180)
-    assert run.returncode == 0, f"{block.where} ({block.mode}) failed:\n{run.stderr[-3000:]}"
+    code, log = python_runner(script, tmp_path)
+    assert code == 0, f"{block.where} ({block.mode}) failed (exit {code}):\n{log[-3000:]}"
 
 
 # ---- sh ----------------------------------------------------------------------------------------------
@@ -292,7 +347,7 @@ def test_cpp_block(block: Block, cpp_build, tmp_path: Path):
         assert run.returncode == 0, f"{block.where}: exited {run.returncode}:\n{run.stderr[-3000:]}"
 
 
-def test_the_conventions_catch_a_wrong_block(tmp_path: Path):
+def test_the_conventions_catch_a_wrong_block(tmp_path: Path, python_runner):
     """The checks fail on a wrong block, naming where it is (the parser itself is not trusted)."""
     doc = tmp_path / "x.md"
     doc.write_text("intro\n\n```python\nimport halo\nhalo.no_such_function()\n```\n\n```\nuntagged\n```\n")
@@ -305,7 +360,7 @@ def test_the_conventions_catch_a_wrong_block(tmp_path: Path):
         DOCS = saved
     assert [(b.line, b.lang) for b in found] == [(3, "python"), (8, "")]
     with pytest.raises(AssertionError, match=r"x\.md:3 \(run\) failed"):
-        test_python_block(found[0], tmp_path)
+        test_python_block(found[0], tmp_path, python_runner)
     bad = Block(doc, 12, "sh", "halo merge --base DIR --no-such-flag 1")
     with pytest.raises(pytest.fail.Exception, match=r"x\.md:12: `halo merge"):
         test_shell_block_commands_parse(bad)
