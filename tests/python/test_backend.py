@@ -73,7 +73,9 @@ def test_kernels_lists_each_op_and_its_backends():
         # every entry is a rung, or a variant on top of one that names its CPU feature
         for variant, backend, feature, _why in details[op]:
             assert backend in rungs and variant in kernels[op], (op, variant)
-            assert (variant == backend and feature == "") or (variant.startswith(backend + "-") and feature), variant
+            assert (variant == backend and feature == "") or (
+                variant.startswith(backend + "-") and feature
+            ), variant
     # the AMX / AVX512-BF16 matmuls and the CUDA device-pointer kernels are registry entries
     assert {"avx512-bf16", "avx512-amx"} <= set(kernels["matmul_4bit"])
     assert kernels["quantize_4bit_device"] == ["cuda"]

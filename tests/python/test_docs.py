@@ -317,22 +317,42 @@ def cpp_build(tmp_path_factory):
             lists.append(f"target_link_libraries(block{i} PRIVATE halo::halo)")
             targets[f"block{i}"] = block
     for cmake in CMAKE:
-        assert any(c is cmake for c in paired.values()), f"{cmake.where}: a cmake block must precede a cpp block"
+        assert any(c is cmake for c in paired.values()), (
+            f"{cmake.where}: a cmake block must precede a cpp block"
+        )
     (src / "CMakeLists.txt").write_text("\n".join(lists) + "\n")
     build = src / "build"
     env = dict(os.environ)
     env.pop("CMAKE_CXX_COMPILER_LAUNCHER", None)  # one-off objects: no point filling the cache
     configure = subprocess.run(
-        ["cmake", "-S", str(src), "-B", str(build), "-G", "Ninja", f"-DCMAKE_PREFIX_PATH={INSTALL}",
-         "-DCMAKE_BUILD_TYPE=Release"],
-        capture_output=True, text=True, timeout=600, env=env,
+        [
+            "cmake",
+            "-S",
+            str(src),
+            "-B",
+            str(build),
+            "-G",
+            "Ninja",
+            f"-DCMAKE_PREFIX_PATH={INSTALL}",
+            "-DCMAKE_BUILD_TYPE=Release",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
     )
     where = ", ".join(b.where for b in CMAKE)
-    assert configure.returncode == 0, f"configuring the cpp blocks (cmake blocks: {where}) failed:\n{configure.stderr}"
+    assert configure.returncode == 0, (
+        f"configuring the cpp blocks (cmake blocks: {where}) failed:\n{configure.stderr}"
+    )
     results = {}
     for target, block in targets.items():
         built = subprocess.run(
-            ["cmake", "--build", str(build), "--target", target], capture_output=True, text=True, timeout=900, env=env
+            ["cmake", "--build", str(build), "--target", target],
+            capture_output=True,
+            text=True,
+            timeout=900,
+            env=env,
         )
         results[block.where] = (built.returncode, built.stdout[-4000:] + built.stderr[-2000:], build / target)
     return results
@@ -365,4 +385,13 @@ def test_the_conventions_catch_a_wrong_block(tmp_path: Path, python_runner):
     with pytest.raises(pytest.fail.Exception, match=r"x\.md:12: `halo merge"):
         test_shell_block_commands_parse(bad)
     assert _synopsis_args("halo x --dtype fp32|fp16 [--tile R C] --workers a:1,b:2,...") == [
-        "halo", "x", "--dtype", "fp32", "--tile", "1", "1", "--workers", "a:1,b:2"]
+        "halo",
+        "x",
+        "--dtype",
+        "fp32",
+        "--tile",
+        "1",
+        "1",
+        "--workers",
+        "a:1,b:2",
+    ]
