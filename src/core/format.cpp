@@ -3,6 +3,7 @@
 #include "halo/core/format.hpp"
 
 #include <cmath>
+#include <cstddef>
 #include <algorithm>
 #include <cstring>
 #include <string>
@@ -95,9 +96,20 @@ void f8_row_to_float(const void* src, float* dst, int64_t n) {
 
 // Element rows are converted here; block rows come from the list their area keeps in the
 // table's order (GGUF: gguf::kBlockCodecs, checked position by position in gguf/quants.hpp).
-constexpr std::array<RowCodec, kFormats.size()> make_codecs() {
-  std::array<RowCodec, kFormats.size()> out{};
-  auto set = [&](Format f, RowToFloat to, RowFromFloat from) { out[size_t(f)] = RowCodec{to, from}; };
+// Which directions a row has is recorded from the argument types (a function or nullptr): GCC
+// cannot compare a function's address with null in a constant expression under -fsanitize.
+struct CodecRow {
+  RowCodec codec;
+  bool to = false, from = false;
+};
+struct Codecs {
+  std::array<CodecRow, kFormats.size()> rows{};
+  constexpr void set(Format f, RowToFloat to, RowFromFloat from) { rows[size_t(f)] = {{to, from}, true, true}; }
+  constexpr void set(Format f, RowToFloat to, std::nullptr_t) { rows[size_t(f)] = {{to, nullptr}, true, false}; }
+};
+constexpr std::array<CodecRow, kFormats.size()> make_codecs() {
+  Codecs out;
+  auto set = [&](Format f, RowToFloat to, auto from) { out.set(f, to, from); };
   set(Format::f64, plain_to_float<double>, plain_from_float<double>);
   set(Format::f32, plain_to_float<float>, plain_from_float<float>);
   set(Format::f16, f16_row_to_float, f16_row_from_float);
@@ -113,19 +125,19 @@ constexpr std::array<RowCodec, kFormats.size()> make_codecs() {
   set(Format::f8_e4m3fnuz, f8_row_to_float<4, true>, nullptr);
   set(Format::f8_e5m2fnuz, f8_row_to_float<5, true>, nullptr);
   for (const gguf::BlockCodec& c : gguf::kBlockCodecs) set(c.format, c.to_float, c.from_float);
-  return out;
+  return out.rows;
 }
-constexpr std::array<RowCodec, kFormats.size()> kCodecs = make_codecs();
+constexpr std::array<CodecRow, kFormats.size()> kCodecs = make_codecs();
 
 // Every row is checked against the table: each format except bnb4 (codes and absmax apart)
 // reads as float32; float64, the kernel floats and the GGUF blocks are also written from it.
 template <size_t I>
 constexpr bool codec_row_matches() {
   constexpr FormatTraits t = kFormats[I];
-  static_assert((kCodecs[I].to_float != nullptr) == (t.kind != FormatKind::bnb4),
+  static_assert(kCodecs[I].to == (t.kind != FormatKind::bnb4),
                 "make_codecs(): row I of kFormats needs a to_float conversion (and bnb4 rows none)");
   constexpr bool writes = t.kind == FormatKind::ggml_block || is_kernel_float(t.format) || t.format == Format::f64;
-  static_assert((kCodecs[I].from_float != nullptr) == writes,
+  static_assert(kCodecs[I].from == writes,
                 "make_codecs(): row I of kFormats has a from_float conversion exactly when it is written");
   return true;
 }
@@ -182,7 +194,7 @@ const Codebook4& codebook4(Format format) {
   }
 }
 
-const RowCodec& row_codec(Format format) { return kCodecs[size_t(format)]; }
+const RowCodec& row_codec(Format format) { return kCodecs[size_t(format)].codec; }
 
 void to_float(Format format, const void* src, float* dst, int64_t n) {
   const RowCodec& codec = row_codec(format);
