@@ -12,7 +12,9 @@ Convention (also for blocks added later):
 - ``sh``: every command starting with ``halo`` (a line; one ending in ``\\`` or followed by
   indented lines continues there) is parsed by the ``halo`` command's argument parser
   (placeholders in capitals such as ``DIR`` or ``N`` stand for ``1``; ``[--opt]`` is included;
-  ``a|b`` takes ``a``; ``...`` is dropped); every ``make TARGET`` names a target of the Makefile.
+  ``a|b`` takes ``a``; ``...`` is dropped); every ``make TARGET`` names a target of the Makefile;
+  any other command (``torchrun``, ``accelerate launch``, ...) may only name repository files
+  (``examples/x.py``) that exist.
 - ``text``: prose, output or formulas; not run.
 - An HTML comment right above a fence adjusts it::
 
@@ -239,6 +241,10 @@ def _synopsis_args(command: str) -> list[str]:
     return args
 
 
+# A word naming a file of the repository: relative, with a folder and an extension (not an address).
+_REPO_PATH = re.compile(r"(?![\d.]+(:\d+)?$)[\w.-]+(/[\w.-]+)+\.\w+")
+
+
 def _make_targets() -> set[str]:
     text = (ROOT / "Makefile").read_text()
     return set(re.findall(r"^([A-Za-z][\w-]*):", text, re.M))
@@ -261,7 +267,10 @@ def test_shell_block_commands_parse(block: Block):
             except (argparse.ArgumentError, SystemExit) as exc:
                 pytest.fail(f"{block.where}: `{command.strip()}` does not parse (as {args}): {exc}")
         else:
-            pytest.fail(f"{block.where}: sh blocks hold `halo` or `make` commands, got {words[0]!r}")
+            missing = [w for w in words if _REPO_PATH.fullmatch(w) and not (ROOT / w).exists()]
+            assert not missing, (
+                f"{block.where}: `{command.strip()}` names files the repository lacks: {missing}"
+            )
 
 
 # ---- cpp and cmake -----------------------------------------------------------------------------------
@@ -384,6 +393,10 @@ def test_the_conventions_catch_a_wrong_block(tmp_path: Path, python_runner):
     bad = Block(doc, 12, "sh", "halo merge --base DIR --no-such-flag 1")
     with pytest.raises(pytest.fail.Exception, match=r"x\.md:12: `halo merge"):
         test_shell_block_commands_parse(bad)
+    with pytest.raises(AssertionError, match=r"x\.md:14: .*lacks: \['examples/no_such\.py'\]"):
+        test_shell_block_commands_parse(
+            Block(doc, 14, "sh", "torchrun --nproc_per_node 2 examples/no_such.py")
+        )
     assert _synopsis_args("halo x --dtype fp32|fp16 [--tile R C] --workers a:1,b:2,...") == [
         "halo",
         "x",
