@@ -18,6 +18,10 @@ STAMP     := $(VENV)/.halo-deps
 # Every C++/CUDA compile (the Release and ASan trees, and the wheel's build through scikit-build-core)
 # goes through ccache: CMake reads these variables when a build tree is first configured. Paths are
 # hashed relative to the checkout, so another clone or worktree on the machine reuses the objects.
+# One compiler name for every tree: scikit-build-core sets CXX from Python's sysconfig (g++)
+# when it is unset, and ccache hashes the compiler's name, so a tree configured with CMake's
+# default (c++) would miss every object the wheel's build compiles with the same flags.
+export CXX                          ?= g++
 export CMAKE_CXX_COMPILER_LAUNCHER  ?= ccache
 export CMAKE_CUDA_COMPILER_LAUNCHER ?= ccache
 export CCACHE_BASEDIR               ?= $(CURDIR)

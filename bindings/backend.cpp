@@ -22,11 +22,23 @@ void bind(py::module_& m) {
     py::dict out;
     for (const KernelInventoryEntry& entry : kernel_inventory()) {
       std::vector<std::string> names;
-      for (Backend b : entry.backends) names.emplace_back(backend_name(b));
+      for (const KernelVariantInfo& v : entry.variants) names.push_back(v.variant);
       out[py::str(entry.op)] = names;
     }
     return out;
-  }, "Every registered kernel table: operation -> backends it has an implementation for.");
+  }, "Every registered kernel table: operation -> its entries (a backend rung such as 'avx512', or a variant "
+     "on top of one such as 'avx512-amx'), in ladder order.");
+  m.def("kernel_variants", [] {
+    py::dict out;
+    for (const KernelInventoryEntry& entry : kernel_inventory()) {
+      py::list rows;
+      for (const KernelVariantInfo& v : entry.variants)
+        rows.append(py::make_tuple(v.variant, std::string(backend_name(v.backend)),
+                                   std::string(cpu_feature_name(v.feature)), entry.unavailable_reason(v)));
+      out[py::str(entry.op)] = rows;
+    }
+    return out;
+  }, "operation -> [(variant, backend, cpu feature or '', why it cannot run here or '')].");
 }
 
 Registrar registrar("backend", bind);

@@ -1,9 +1,11 @@
 // halo._core.cuda: kernels on device pointers (torch CUDA tensors' data_ptr())
-// and the caller's CUDA stream, so CUDA tensors never leave the GPU. A build
-// without nvcc raises BackendUnavailable from every entry.
+// and the caller's CUDA stream, so CUDA tensors never leave the GPU. The library's
+// *_device entry points check the arguments and go through the kernel registry, which
+// raises BackendUnavailable naming the operation where CUDA is not available.
 #include "bindings/registry.hpp"
+#include "halo/backend/backend.hpp"
+#include "halo/optim/adamw8bit.hpp"
 #include "halo/quant/quant4.hpp"
-#include "src/cuda/cuda_api.hpp"
 
 namespace halo::bindings {
 namespace {
@@ -14,7 +16,7 @@ T* pointer(uintptr_t address) {
 }
 
 void bind(py::module_& m) {
-  m.def("compiled", &cuda::compiled);
+  m.def("compiled", &built_with_cuda);
   m.def(
       "quantize_4bit",
       [](uintptr_t input, const std::string& dtype, int64_t n, const std::string& quant_type, int64_t blocksize,
@@ -22,11 +24,9 @@ void bind(py::module_& m) {
         const char* fn = "cuda.quantize_4bit";
         const Format input_dtype = parse_kernel_float(fn, dtype);
         const Format type = parse_bnb4(fn, quant_type);
-        require(n > 0, fn, "the tensor is empty");
-        check_bnb4(fn, type, blocksize);
         py::gil_scoped_release release;
-        cuda::quantize_4bit_device(pointer<const void>(input), input_dtype, n, type, blocksize,
-                                   pointer<uint8_t>(packed), pointer<float>(absmax), stream);
+        quantize_4bit_device(pointer<const void>(input), input_dtype, n, type, blocksize, pointer<uint8_t>(packed),
+                             pointer<float>(absmax), stream);
       },
       py::arg("input"), py::arg("dtype"), py::arg("n"), py::arg("quant_type"), py::arg("blocksize"),
       py::arg("packed"), py::arg("absmax"), py::arg("stream"));
@@ -37,11 +37,9 @@ void bind(py::module_& m) {
         const char* fn = "cuda.dequantize_4bit";
         const Format out_dtype = parse_kernel_float(fn, dtype);
         const Format type = parse_bnb4(fn, quant_type);
-        require(n > 0, fn, "element count must be positive, got ", n);
-        check_bnb4(fn, type, blocksize);
         py::gil_scoped_release release;
-        cuda::dequantize_4bit_device(pointer<const uint8_t>(packed), pointer<const float>(absmax), n, type,
-                                     blocksize, pointer<void>(output), out_dtype, stream);
+        dequantize_4bit_device(pointer<const uint8_t>(packed), pointer<const float>(absmax), n, type, blocksize,
+                               pointer<void>(output), out_dtype, stream);
       },
       py::arg("packed"), py::arg("absmax"), py::arg("n"), py::arg("quant_type"), py::arg("blocksize"),
       py::arg("output"), py::arg("dtype"), py::arg("stream"));
@@ -50,21 +48,11 @@ void bind(py::module_& m) {
       [](uintptr_t param, uintptr_t grad, const std::string& dtype, int64_t n, uintptr_t state1, uintptr_t state2,
          uintptr_t absmax1, uintptr_t absmax2, float lr, float beta1, float beta2, float eps, float weight_decay,
          int64_t step, float gnorm_scale, uintptr_t stream) {
-        const char* fn = "cuda.adamw8bit_step";
-        AdamW8bitSettings s;
-        s.lr = lr;
-        s.beta1 = beta1;
-        s.beta2 = beta2;
-        s.eps = eps;
-        s.weight_decay = weight_decay;
-        s.step = step;
-        s.gnorm_scale = gnorm_scale;
-        const Format param_dtype = parse_kernel_float(fn, dtype);
-        check_adamw8bit(fn, param_dtype, n, s);
+        const AdamW8bitSettings s{lr, beta1, beta2, eps, weight_decay, step, gnorm_scale};
+        const Format param_dtype = parse_kernel_float("cuda.adamw8bit_step", dtype);
         py::gil_scoped_release release;
-        cuda::adamw8bit_step_device(pointer<void>(param), pointer<const void>(grad), param_dtype, n,
-                                    pointer<uint8_t>(state1), pointer<uint8_t>(state2), pointer<float>(absmax1),
-                                    pointer<float>(absmax2), s, stream);
+        adamw8bit_step_device(pointer<void>(param), pointer<const void>(grad), param_dtype, n, pointer<uint8_t>(state1),
+                              pointer<uint8_t>(state2), pointer<float>(absmax1), pointer<float>(absmax2), s, stream);
       },
       py::arg("param"), py::arg("grad"), py::arg("dtype"), py::arg("n"), py::arg("state1"), py::arg("state2"),
       py::arg("absmax1"), py::arg("absmax2"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),

@@ -1,6 +1,7 @@
 // halo._core.edge_store: the group store of the edge runtime (files of 4-bit neuron-group
 // weights and the memory-budgeted resident set a worker computes from). python/halo/edge_store.py
-// drives it.
+// drives it. Argument translation only: keys, formats and modes are parsed by the library
+// (halo/edge/group_store.hpp), arrays are taken only as the exact dtype (typed_view: no casts).
 #include <memory>
 
 #include "bindings/registry.hpp"
@@ -11,16 +12,12 @@ namespace {
 
 using namespace halo::edge;
 
-using FloatArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
-using ByteArray = py::array_t<uint8_t, py::array::c_style | py::array::forcecast>;
+using FloatArray = py::array_t<float, py::array::c_style>;
 
 GroupKey key_from(const char* fn, const py::handle& obj) {
   try {
     const auto t = obj.cast<std::tuple<int64_t, int64_t, int64_t>>();
-    const int64_t l = std::get<0>(t), p = std::get<1>(t), i = std::get<2>(t);
-    require(l >= 0 && l <= 65535 && p >= 0 && p <= 255 && i >= 0 && i <= 65535, fn, "group key (", l, ", ", p, ", ",
-            i, ") out of range");
-    return GroupKey{int32_t(l), int32_t(p), int32_t(i)};
+    return group_key(fn, std::get<0>(t), std::get<1>(t), std::get<2>(t));
   } catch (const py::cast_error&) {
     fail<TypeMismatch>(fn, "a group key must be a (layer, part, index) tuple of ints, got ",
                        std::string(py::str(py::repr(obj))));
@@ -33,16 +30,15 @@ std::vector<GroupKey> keys_from(const char* fn, const py::iterable& keys) {
   return out;
 }
 
-py::tuple key_tuple(GroupKey k) { return py::make_tuple(k.layer, k.part, k.index); }
-
-Format parse_format(const char* fn, const std::string& name) {
-  if (name == "nf4") return Format::nf4;
-  if (name == "fp4") return Format::fp4;
-  if (name == "f32") return Format::f32;
-  fail(fn, "tensor format must be 'nf4', 'fp4' or 'f32', got '", name, "'");
+// An argument that must be an array of `format` (C-contiguous, native order): no conversion.
+BufferView array_arg(const char* fn, const char* what, const py::handle& obj, Format format) {
+  if (!PyObject_CheckBuffer(obj.ptr()))
+    fail<TypeMismatch>(fn, what, " must be a C-contiguous ", format_name(format), " array, got ",
+                       std::string(py::str(py::type::of(obj).attr("__name__"))));
+  return typed_view(fn, what, py::reinterpret_borrow<py::buffer>(obj), format);
 }
 
-std::string store_format_name(Format f) { return f == Format::f32 ? "f32" : std::string(format_name(f)); }
+py::tuple key_tuple(GroupKey k) { return py::make_tuple(k.layer, k.part, k.index); }
 
 // Python keeps the writer and the store behind a handle it can close deterministically.
 struct Writer {
@@ -66,7 +62,7 @@ Writer make_writer(const std::string& path, const std::string& meta, const py::l
     GroupSpec spec{key_from(fn, pair[0]), {}};
     for (const auto& t : pair[1].cast<py::list>()) {
       const auto fields = t.cast<std::tuple<std::string, std::string, int64_t, int64_t, int64_t>>();
-      spec.tensors.push_back(TensorSpec{std::get<0>(fields), parse_format(fn, std::get<1>(fields)), std::get<2>(fields),
+      spec.tensors.push_back(TensorSpec{std::get<0>(fields), parse_store_format(fn, std::get<1>(fields)), std::get<2>(fields),
                                         std::get<3>(fields), std::get<4>(fields)});
     }
     specs.push_back(std::move(spec));
@@ -77,29 +73,23 @@ Writer make_writer(const std::string& path, const std::string& meta, const py::l
 void write_group(Writer& w, const py::handle& key, const py::list& tensors) {
   const char* fn = "edge_store.Writer.write_group";
   require(bool(w.writer), fn, "the writer is finished");
-  // Arrays are kept alive (and converted to contiguous float32 / uint8) until the write.
-  std::vector<py::array> keep;
+  // The buffers (held by `tensors`) must be C-contiguous uint8 / float32: nothing is converted.
   std::vector<TensorData> data;
   for (const auto& t : tensors) {
     const auto fields = t.cast<py::tuple>();
     require(fields.size() == 3, fn, "tensor data is (packed, absmax, values) with None for the unused ones");
     TensorData d;
     if (!fields[0].is_none()) {
-      ByteArray packed = ByteArray::ensure(fields[0]);
-      FloatArray absmax = FloatArray::ensure(fields[1]);
-      require(bool(packed) && bool(absmax), fn, "packed must be uint8 and absmax float32 arrays");
-      d.packed = packed.data();
-      d.packed_bytes = int64_t(packed.size());
-      d.absmax = absmax.data();
-      d.absmax_count = int64_t(absmax.size());
-      keep.push_back(packed);
-      keep.push_back(absmax);
+      const BufferView packed = array_arg(fn, "packed", fields[0], Format::u8);
+      const BufferView absmax = array_arg(fn, "absmax", fields[1], Format::f32);
+      d.packed = static_cast<const uint8_t*>(packed.data);
+      d.packed_bytes = packed.count;
+      d.absmax = static_cast<const float*>(absmax.data);
+      d.absmax_count = absmax.count;
     } else {
-      FloatArray values = FloatArray::ensure(fields[2]);
-      require(bool(values), fn, "values must be a float32 array");
-      d.values = values.data();
-      d.values_count = int64_t(values.size());
-      keep.push_back(values);
+      const BufferView values = array_arg(fn, "values", fields[2], Format::f32);
+      d.values = static_cast<const float*>(values.data);
+      d.values_count = values.count;
     }
     data.push_back(d);
   }
@@ -128,7 +118,7 @@ py::list group_list(const GroupStore& store) {
   for (const auto& g : store.groups()) {
     py::list tensors;
     for (const auto& t : g.tensors)
-      tensors.append(py::make_tuple(t.name, store_format_name(t.format), t.blocksize, t.rows, t.cols, t.offset, t.bytes));
+      tensors.append(py::make_tuple(t.name, std::string(store_format_name(t.format)), t.blocksize, t.rows, t.cols, t.offset, t.bytes));
     out.append(py::make_tuple(key_tuple(g.key), g.offset, g.bytes, store.group_pages_bytes(g.key), tensors));
   }
   return out;
@@ -159,9 +149,7 @@ void bind(py::module_& m) {
                        bool prefetch, bool drop_page_cache, const std::string& backend,
                        int loader_threads, double read_bandwidth) {
              StoreOptions o;
-             require(mode == "resident" || mode == "mmap", "edge_store.Store", "mode must be 'resident' or 'mmap', got '",
-                     mode, "'");
-             o.mode = mode == "mmap" ? StoreOptions::Mode::mmap : StoreOptions::Mode::resident;
+             o.mode = StoreOptions::parse_mode("edge_store.Store", mode);
              if (budget) o.budget_bytes = *budget;
              o.prefetch = prefetch;
              o.drop_page_cache = drop_page_cache;
@@ -228,14 +216,13 @@ void bind(py::module_& m) {
            [](const Store& s, const py::handle& key, const std::string& name, const py::handle& x) {
              const char* fn = "edge_store.linear";
              const GroupKey k = key_from(fn, key);
-             FloatArray xs = FloatArray::ensure(x);
-             require(bool(xs), fn, "x must be convertible to a float32 array");
-             require(xs.ndim() == 2, fn, "x must be 2-D [rows, in], got ", xs.ndim(), "-D");
+             const BufferView xs = array_arg(fn, "x", x, Format::f32);
+             require(xs.info.ndim == 2, fn, "x must be 2-D [rows, in], got ", xs.info.ndim, "-D");
              const TensorEntry& t = s.get().tensor(k, name);
-             FloatArray y({xs.shape(0), py::ssize_t(t.rows)});
-             const float* xp = xs.data();
+             const int64_t rows = xs.info.shape[0], in = xs.info.shape[1];
+             FloatArray y({py::ssize_t(rows), py::ssize_t(t.rows)});
+             const auto* xp = static_cast<const float*>(xs.data);
              float* yp = y.mutable_data();
-             const int64_t rows = xs.shape(0), in = xs.shape(1);
              {
                py::gil_scoped_release release;
                s.get().linear(k, name, xp, rows, in, yp);

@@ -10,30 +10,16 @@
 namespace halo::bindings {
 namespace {
 
-// ---- matmul_4bit: argument translation only (behaviour in src/quant/matmul4.cpp) ----
+// ---- matmul_4bit: argument translation only (checks and behaviour in src/quant/matmul4.cpp) ----
 
 Quant4Matrix matrix_view(const char* fn, const py::buffer& packed, const py::buffer& absmax,
                          const std::string& quant_type, int64_t blocksize, int64_t out_features, int64_t in_features) {
-  Quant4Matrix w;
-  w.type = parse_bnb4(fn, quant_type);
-  check_bnb4(fn, w.type, blocksize);
-  require(out_features > 0 && in_features > 0, fn, "weight shape must be positive, got [", out_features, ", ",
-          in_features, "]");
-  require(out_features <= (int64_t(1) << 40) / in_features, fn, "weight shape [", out_features, ", ", in_features,
-          "] is too large");
-  const int64_t n = out_features * in_features;
+  const Format type = parse_bnb4(fn, quant_type);
   const BufferView codes = typed_view(fn, "packed", packed, Format::u8);
   const BufferView scales = typed_view(fn, "absmax", absmax, Format::f32);
-  require(codes.count == packed_size(n), fn, "packed holds ", codes.count, " bytes, expected ", packed_size(n),
-          " for a [", out_features, ", ", in_features, "] weight");
-  require(scales.count == num_blocks(n, blocksize), fn, "absmax holds ", scales.count, " values, expected ",
-          num_blocks(n, blocksize));
-  w.packed = static_cast<const uint8_t*>(codes.data);
-  w.absmax = static_cast<const float*>(scales.data);
-  w.blocksize = blocksize;
-  w.out_features = out_features;
-  w.in_features = in_features;
-  return w;
+  return quant4_matrix(fn, static_cast<const uint8_t*>(codes.data), codes.count,
+                       static_cast<const float*>(scales.data), scales.count, type, blocksize, out_features,
+                       in_features);
 }
 
 py::object matmul(const py::buffer& x, const std::string& dtype_name, int64_t rows, const py::buffer& packed,
@@ -44,31 +30,16 @@ py::object matmul(const py::buffer& x, const std::string& dtype_name, int64_t ro
   const Format dtype = parse_kernel_float(fn, dtype_name);
   const Backend chosen = parse_backend(backend);
   const Quant4Matrix w = matrix_view(fn, packed, absmax, quant_type, blocksize, out_features, in_features);
-  require(rows >= 0, fn, "rows must be non-negative, got ", rows);
-  const int64_t x_cols = transposed ? out_features : in_features;
-  const int64_t y_cols = transposed ? in_features : out_features;
   const BufferView input = typed_view(fn, "x", x, dtype);
-  require(input.count == rows * x_cols, fn, "x holds ", input.count, " elements, expected ", rows, " x ", x_cols);
-  const void* bias_ptr = nullptr;
-  if (bias) {
-    require(!transposed, fn, "bias is not supported by the transposed product");
-    const BufferView bias_view = typed_view(fn, "bias", *bias, dtype);
-    require(bias_view.count == y_cols, fn, "bias holds ", bias_view.count, " elements, expected ", y_cols);
-    bias_ptr = bias_view.data;
-  }
-  py::object result;
-  void* y_ptr = nullptr;
-  if (out) {
-    const BufferView target = typed_view(fn, "out", *out, dtype, /*writable=*/true);
-    require(target.count == rows * y_cols, fn, "out holds ", target.count, " elements, expected ", rows, " x ",
-            y_cols);
-    y_ptr = target.data;
-    result = *out;
-  } else {
-    py::array fresh = cached_array(dtype, rows * y_cols);
-    y_ptr = fresh.mutable_data();
-    result = fresh;
-  }
+  std::optional<BufferView> bias_view, target;
+  if (bias) bias_view = typed_view(fn, "bias", *bias, dtype);
+  if (out) target = typed_view(fn, "out", *out, dtype, /*writable=*/true);
+  check_matmul_4bit_buffers(fn, rows, w, transposed, input.count, bias_view ? bias_view->count : -1,
+                            target ? target->count : -1);
+  py::object result =
+      out ? py::object(*out) : py::object(cached_array(dtype, rows * (transposed ? in_features : out_features)));
+  void* y_ptr = target ? target->data : py::array(result).mutable_data();
+  const void* bias_ptr = bias_view ? bias_view->data : nullptr;
   {
     py::gil_scoped_release release;
     if (transposed)
@@ -95,10 +66,9 @@ void bind(py::module_& m) {
         const BufferView view = typed_view(fn, "input", input, dtype);
         const Format type = parse_bnb4(fn, quant_type);
         const Backend chosen = parse_backend(backend);
-        require(view.count > 0, fn, "the tensor is empty");
-        check_bnb4(fn, type, blocksize);
-        py::array_t<uint8_t> packed(packed_size(view.count));
-        py::array_t<float> absmax(num_blocks(view.count, blocksize));
+        const Quant4Sizes sizes = quant4_sizes(fn, view.count, type, blocksize);
+        py::array_t<uint8_t> packed(sizes.packed_bytes);
+        py::array_t<float> absmax(sizes.absmax_count);
         uint8_t* packed_ptr = packed.mutable_data();
         float* absmax_ptr = absmax.mutable_data();
         {
@@ -120,12 +90,7 @@ void bind(py::module_& m) {
         const Backend chosen = parse_backend(backend);
         const BufferView codes = typed_view(fn, "packed", packed, Format::u8);
         const BufferView scales = typed_view(fn, "absmax", absmax, Format::f32);
-        require(n > 0, fn, "element count must be positive, got ", n);
-        check_bnb4(fn, type, blocksize);
-        require(codes.count == packed_size(n), fn, "packed holds ", codes.count, " bytes, expected ",
-                packed_size(n), " for ", n, " elements");
-        require(scales.count == num_blocks(n, blocksize), fn, "absmax holds ", scales.count, " values, expected ",
-                num_blocks(n, blocksize), " for ", n, " elements in blocks of ", blocksize);
+        check_quant4_buffers(fn, n, type, blocksize, codes.count, scales.count);
         py::object result;
         void* out_ptr = nullptr;
         if (out) {
@@ -154,7 +119,6 @@ void bind(py::module_& m) {
       [](const py::buffer& absmax, int64_t nested_blocksize, std::optional<float> offset, int mean_threads) {
         const char* fn = "double_quantize";
         const BufferView view = typed_view(fn, "absmax", absmax, Format::f32);
-        require(mean_threads >= 1, fn, "mean_threads must be >= 1, got ", mean_threads);
         NestedAbsmax nested;
         {
           py::gil_scoped_release release;
@@ -174,9 +138,6 @@ void bind(py::module_& m) {
         const char* fn = "double_dequantize";
         const BufferView code_view = typed_view(fn, "codes", codes, Format::u8);
         const BufferView scale_view = typed_view(fn, "nested_absmax", nested_absmax, Format::f32);
-        require(nested_blocksize > 0, fn, "nested_blocksize must be positive, got ", nested_blocksize);
-        require(scale_view.count == num_blocks(code_view.count, nested_blocksize), fn, "nested_absmax holds ",
-                scale_view.count, " values, expected ", num_blocks(code_view.count, nested_blocksize));
         NestedAbsmax nested;
         const auto* code_ptr = static_cast<const uint8_t*>(code_view.data);
         const auto* scale_ptr = static_cast<const float*>(scale_view.data);

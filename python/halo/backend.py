@@ -14,9 +14,11 @@ def backends() -> list[str]:
 
 
 def kernels() -> dict[str, list[str]]:
-    """Every registered kernel table: ``{op: [backends it has a kernel for]}``, e.g.
-    ``{'matmul_4bit': ['scalar', 'avx2', 'avx512', 'cuda'], ...}``. It lists the kernel tables'
-    entries, not what this machine can run: see :func:`backends` for that."""
+    """Every registered kernel table: ``{op: [its entries]}``, each a backend rung or a variant on
+    top of one that needs a CPU feature, e.g. ``{'matmul_4bit': ['scalar', 'avx2', 'avx512',
+    'avx512-bf16', 'avx512-amx', 'cuda'], ...}``. It lists the tables' entries, not what this
+    machine can run: ``halo._core.backend.kernel_variants()`` adds each entry's rung, feature and
+    why it cannot run here; :func:`backends` lists the rungs this machine runs."""
     return {op: list(names) for op, names in _core.backend.kernels().items()}
 
 

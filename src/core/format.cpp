@@ -3,6 +3,7 @@
 #include "halo/core/format.hpp"
 
 #include <cmath>
+#include <cstddef>
 #include <algorithm>
 #include <cstring>
 #include <string>
@@ -93,10 +94,22 @@ void f8_row_to_float(const void* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = decode_f8<ExponentBits, Fnuz>(in[i]);
 }
 
-// Block formats whose areas provide codecs add them here (GGUF rows: src/gguf).
-std::array<RowCodec, kFormats.size()> make_codecs() {
-  std::array<RowCodec, kFormats.size()> out{};
-  auto set = [&](Format f, RowToFloat to, RowFromFloat from) { out[size_t(f)] = RowCodec{to, from}; };
+// Element rows are converted here; block rows come from the list their area keeps in the
+// table's order (GGUF: gguf::kBlockCodecs, checked position by position in gguf/quants.hpp).
+// Which directions a row has is recorded from the argument types (a function or nullptr): GCC
+// cannot compare a function's address with null in a constant expression under -fsanitize.
+struct CodecRow {
+  RowCodec codec;
+  bool to = false, from = false;
+};
+struct Codecs {
+  std::array<CodecRow, kFormats.size()> rows{};
+  constexpr void set(Format f, RowToFloat to, RowFromFloat from) { rows[size_t(f)] = {{to, from}, true, true}; }
+  constexpr void set(Format f, RowToFloat to, std::nullptr_t) { rows[size_t(f)] = {{to, nullptr}, true, false}; }
+};
+constexpr std::array<CodecRow, kFormats.size()> make_codecs() {
+  Codecs out;
+  auto set = [&](Format f, RowToFloat to, auto from) { out.set(f, to, from); };
   set(Format::f64, plain_to_float<double>, plain_from_float<double>);
   set(Format::f32, plain_to_float<float>, plain_from_float<float>);
   set(Format::f16, f16_row_to_float, f16_row_from_float);
@@ -111,19 +124,28 @@ std::array<RowCodec, kFormats.size()> make_codecs() {
   set(Format::f8_e5m2, f8_row_to_float<5, false>, nullptr);
   set(Format::f8_e4m3fnuz, f8_row_to_float<4, true>, nullptr);
   set(Format::f8_e5m2fnuz, f8_row_to_float<5, true>, nullptr);
-  set(Format::q4_0, gguf::to_float_q4_0, gguf::from_float_q4_0);
-  set(Format::q4_1, gguf::to_float_q4_1, gguf::from_float_q4_1);
-  set(Format::q5_0, gguf::to_float_q5_0, gguf::from_float_q5_0);
-  set(Format::q5_1, gguf::to_float_q5_1, gguf::from_float_q5_1);
-  set(Format::q8_0, gguf::to_float_q8_0, gguf::from_float_q8_0);
-  set(Format::q2_k, gguf::to_float_q2_k, gguf::from_float_q2_k);
-  set(Format::q3_k, gguf::to_float_q3_k, gguf::from_float_q3_k);
-  set(Format::q4_k, gguf::to_float_q4_k, gguf::from_float_q4_k);
-  set(Format::q5_k, gguf::to_float_q5_k, gguf::from_float_q5_k);
-  set(Format::q6_k, gguf::to_float_q6_k, gguf::from_float_q6_k);
-  set(Format::q8_k, gguf::to_float_q8_k, gguf::from_float_q8_k);
-  return out;
+  for (const gguf::BlockCodec& c : gguf::kBlockCodecs) set(c.format, c.to_float, c.from_float);
+  return out.rows;
 }
+constexpr std::array<CodecRow, kFormats.size()> kCodecs = make_codecs();
+
+// Every row is checked against the table: each format except bnb4 (codes and absmax apart)
+// reads as float32; float64, the kernel floats and the GGUF blocks are also written from it.
+template <size_t I>
+constexpr bool codec_row_matches() {
+  constexpr FormatTraits t = kFormats[I];
+  static_assert(kCodecs[I].to == (t.kind != FormatKind::bnb4),
+                "make_codecs(): row I of kFormats needs a to_float conversion (and bnb4 rows none)");
+  constexpr bool writes = t.kind == FormatKind::ggml_block || is_kernel_float(t.format) || t.format == Format::f64;
+  static_assert(kCodecs[I].from == writes,
+                "make_codecs(): row I of kFormats has a from_float conversion exactly when it is written");
+  return true;
+}
+template <size_t... I>
+constexpr bool check_codec_rows(std::index_sequence<I...>) {
+  return (codec_row_matches<I>() && ...);
+}
+static_assert(check_codec_rows(std::make_index_sequence<kFormats.size()>()));
 
 void check_row(std::string_view function, Format format, int64_t n, bool available, const char* direction) {
   const FormatTraits& t = traits(format);
@@ -172,10 +194,7 @@ const Codebook4& codebook4(Format format) {
   }
 }
 
-const RowCodec& row_codec(Format format) {
-  static const std::array<RowCodec, kFormats.size()> codecs = make_codecs();
-  return codecs[size_t(format)];
-}
+const RowCodec& row_codec(Format format) { return kCodecs[size_t(format)].codec; }
 
 void to_float(Format format, const void* src, float* dst, int64_t n) {
   const RowCodec& codec = row_codec(format);

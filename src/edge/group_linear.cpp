@@ -21,7 +21,9 @@ float dot_scalar(const float* a, const float* b, int64_t n) {
 
 using Dot = float (*)(const float*, const float*, int64_t);
 
-const KernelTable<Dot> kDot{"edge_linear4_dot", dot_scalar, kernels::dot_avx2, kernels::dot_avx512, nullptr};
+const KernelTable<Dot> kDot{"edge_linear4_dot",
+                            {rung(Backend::scalar, dot_scalar), rung(Backend::avx2, kernels::dot_avx2),
+                             rung(Backend::avx512, kernels::dot_avx512)}};
 const KernelRegistration kRegDot(kDot);
 
 }  // namespace

@@ -48,9 +48,6 @@ uint64_t get64(const uint8_t* p) {
   return v;
 }
 
-// The store's three tensor formats, spelled as halo's format table spells them.
-std::string store_format_name(Format f) { return f == Format::f32 ? "f32" : std::string(format_name(f)); }
-
 bool is_4bit(Format f) { return is_bnb4(f); }
 
 std::string hex64(uint64_t v) {
@@ -90,6 +87,26 @@ void check_spec(const TensorSpec& t, const GroupKey& key) {
 
 }  // namespace
 
+GroupKey group_key(std::string_view function, int64_t layer, int64_t part, int64_t index) {
+  require(layer >= 0 && layer <= 65535 && part >= 0 && part <= 255 && index >= 0 && index <= 65535, function,
+          "group key (", layer, ", ", part, ", ", index, ") out of range");
+  return GroupKey{int32_t(layer), int32_t(part), int32_t(index)};
+}
+
+Format parse_store_format(std::string_view function, std::string_view name) {
+  if (name == "f32") return Format::f32;
+  if (const auto f = format_from_name(name); f && is_bnb4(*f)) return *f;
+  fail(function, "tensor format must be 'nf4', 'fp4' or 'f32', got '", name, "'");
+}
+
+std::string_view store_format_name(Format format) { return format == Format::f32 ? "f32" : format_name(format); }
+
+StoreOptions::Mode StoreOptions::parse_mode(std::string_view function, std::string_view name) {
+  if (name == "resident") return Mode::resident;
+  if (name == "mmap") return Mode::mmap;
+  fail(function, "mode must be 'resident' or 'mmap', got '", name, "'");
+}
+
 uint64_t TensorEntry::absmax_offset() const { return align_up(uint64_t(packed_size(numel())), 4); }
 
 const TensorEntry* GroupEntry::find(const std::string& name) const {
@@ -125,7 +142,7 @@ struct GroupStoreWriter::State {
     for (const auto& g : groups) {
       json tensors = json::array();
       for (const auto& t : g.tensors) {
-        json e = {{"name", t.name},   {"format", store_format_name(t.format)}, {"blocksize", t.blocksize},
+        json e = {{"name", t.name},   {"format", std::string(store_format_name(t.format))}, {"blocksize", t.blocksize},
                   {"shape", {t.rows, t.cols}}, {"offset", t.offset}, {"bytes", t.bytes}};
         tensors.push_back(std::move(e));
       }
@@ -395,15 +412,11 @@ StoreIndex read_index(int fd, const std::string& path) {
       te.name = name.get<std::string>();
       if (!names.insert(te.name).second) c.bad(tw, "name '" + te.name + "' appears twice");
       const json& format = c.field(t, "format", tw);
-      const std::string f = format.is_string() ? format.get<std::string>() : "";
-      if (f == "nf4")
-        te.format = Format::nf4;
-      else if (f == "fp4")
-        te.format = Format::fp4;
-      else if (f == "f32")
-        te.format = Format::f32;
-      else
+      try {
+        te.format = parse_store_format("GroupStore", format.is_string() ? format.get<std::string>() : "");
+      } catch (const InvalidArgument&) {
         c.bad(tw, "'format' must be 'nf4', 'fp4' or 'f32', got " + format.dump());
+      }
       te.blocksize = int64_t(c.uint(t, "blocksize", tw, 4096));
       if (is_4bit(te.format) && !valid_bnb4_blocksize(te.blocksize))
         c.bad(tw, "blocksize " + std::to_string(te.blocksize) + " is not a power of two in 32..4096");

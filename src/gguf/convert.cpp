@@ -8,6 +8,7 @@
 #include <cstring>
 #include <iterator>
 #include <string>
+#include <utility>
 
 #include "halo/backend/dispatch.hpp"
 #include "halo/core/error.hpp"
@@ -32,51 +33,107 @@ constexpr TypeLayout kOtherLayouts[] = {
     {GgmlType::q1_0, "Q1_0", 128, 18},       {GgmlType::q2_0, "Q2_0", 64, 18},
 };
 
+// A type halo only reads must not also be a row of the format table.
+constexpr bool other_layouts_are_not_rows() {
+  for (const TypeLayout& layout : kOtherLayouts)
+    if (format_from_ggml_type(int(layout.type))) return false;
+  return true;
+}
+static_assert(other_layouts_are_not_rows(), "kOtherLayouts lists a type that is a row of kFormats");
+
 std::optional<Format> table_format(GgmlType type) { return format_from_ggml_type(int(type)); }
 
-// Quantizing rows: every convertible type has a kernel table whose scalar entry is the
-// reference row (F16 and BF16 with ggml's rounding, which spells NaN differently from the
-// format table's torch-exact rows; block types the format table's GGUF rows), and SIMD
-// entries where they pay (the K-quant scale searches dominate an export).
-template <RowFromFloat Row, int64_t Block>
-void scalar_blocks(const float* in, void* out, int64_t blocks) {
-  Row(in, out, blocks * Block);
-}
-
+// Quantizing rows: every row of the format table with a GGUF type and a writer gets a
+// kernel table ("gguf.quantize_<name>") whose scalar entry is the reference row (element
+// rows as ggml writes them: F16 and BF16 with ggml's rounding, which spells NaN differently
+// from the format table's torch-exact rows; block rows the table's codecs), and SIMD entries
+// where they pay (the K-quant scale searches dominate an export).
 void copy_f32(const float* in, void* out, int64_t n) { std::memcpy(out, in, size_t(n) * 4); }
 void copy_f64(const float* in, void* out, int64_t n) {
   auto* dst = static_cast<double*>(out);
   for (int64_t i = 0; i < n; ++i) dst[i] = double(in[i]);
 }
 
-using Table = KernelTable<kernels::QuantizeKernel>;
-const Table kTables[] = {
-    {"gguf.quantize_f64", scalar_blocks<copy_f64, 1>},
-    {"gguf.quantize_f32", scalar_blocks<copy_f32, 1>},
-    {"gguf.quantize_f16", scalar_blocks<from_float_f16, 1>},
-    {"gguf.quantize_bf16", scalar_blocks<from_float_bf16, 1>},
-    {"gguf.quantize_q4_0", scalar_blocks<from_float_q4_0, 32>, kernels::quantize_q4_0_avx2,
-     kernels::quantize_q4_0_avx512},
-    {"gguf.quantize_q4_1", scalar_blocks<from_float_q4_1, 32>},
-    {"gguf.quantize_q5_0", scalar_blocks<from_float_q5_0, 32>, kernels::quantize_q5_0_avx2,
-     kernels::quantize_q5_0_avx512},
-    {"gguf.quantize_q5_1", scalar_blocks<from_float_q5_1, 32>},
-    {"gguf.quantize_q8_0", scalar_blocks<from_float_q8_0, 32>, kernels::quantize_q8_0_avx2,
-     kernels::quantize_q8_0_avx512},
-    {"gguf.quantize_q2_k", scalar_blocks<from_float_q2_k, 256>},
-    {"gguf.quantize_q3_k", scalar_blocks<from_float_q3_k, 256>},
-    {"gguf.quantize_q4_k", scalar_blocks<from_float_q4_k, 256>, kernels::quantize_q4_k_avx2,
-     kernels::quantize_q4_k_avx512},
-    {"gguf.quantize_q5_k", scalar_blocks<from_float_q5_k, 256>, kernels::quantize_q5_k_avx2,
-     kernels::quantize_q5_k_avx512},
-    {"gguf.quantize_q6_k", scalar_blocks<from_float_q6_k, 256>, kernels::quantize_q6_k_avx2,
-     kernels::quantize_q6_k_avx512},
-    {"gguf.quantize_q8_k", scalar_blocks<from_float_q8_k, 256>},
+constexpr RowFromFloat gguf_writer(Format format) {
+  switch (format) {
+    case Format::f64: return copy_f64;
+    case Format::f32: return copy_f32;
+    case Format::f16: return from_float_f16;
+    case Format::bf16: return from_float_bf16;
+    default: break;
+  }
+  for (const BlockCodec& c : kBlockCodecs)
+    if (c.format == format) return c.from_float;
+  return nullptr;
+}
+
+struct SimdQuantizers {
+  Format format;
+  kernels::QuantizeKernel avx2, avx512;
 };
-constexpr GgmlType kTableTypes[] = {GgmlType::f64,  GgmlType::f32,  GgmlType::f16,  GgmlType::bf16, GgmlType::q4_0,
-                                    GgmlType::q4_1, GgmlType::q5_0, GgmlType::q5_1, GgmlType::q8_0, GgmlType::q2_k,
-                                    GgmlType::q3_k, GgmlType::q4_k, GgmlType::q5_k, GgmlType::q6_k, GgmlType::q8_k};
-static_assert(std::size(kTables) == std::size(kTableTypes));
+constexpr SimdQuantizers kSimdQuantizers[] = {
+    {Format::q4_0, kernels::quantize_q4_0_avx2, kernels::quantize_q4_0_avx512},
+    {Format::q5_0, kernels::quantize_q5_0_avx2, kernels::quantize_q5_0_avx512},
+    {Format::q8_0, kernels::quantize_q8_0_avx2, kernels::quantize_q8_0_avx512},
+    {Format::q4_k, kernels::quantize_q4_k_avx2, kernels::quantize_q4_k_avx512},
+    {Format::q5_k, kernels::quantize_q5_k_avx2, kernels::quantize_q5_k_avx512},
+    {Format::q6_k, kernels::quantize_q6_k_avx2, kernels::quantize_q6_k_avx512},
+};
+constexpr SimdQuantizers simd_quantizers(Format format) {
+  for (const SimdQuantizers& s : kSimdQuantizers)
+    if (s.format == format) return s;
+  return {format, nullptr, nullptr};
+}
+
+// Whether gguf_writer has a writer for the row (said without comparing function addresses,
+// which GCC cannot do in a constant expression under -fsanitize).
+constexpr bool has_gguf_writer(Format format) {
+  if (format == Format::f64 || format == Format::f32 || format == Format::f16 || format == Format::bf16) return true;
+  for (const BlockCodec& c : kBlockCodecs)
+    if (c.format == format) return true;
+  return false;
+}
+constexpr bool quantizable(const FormatTraits& t) { return t.ggml_type >= 0 && has_gguf_writer(t.format); }
+constexpr size_t kQuantizableCount = [] {
+  size_t n = 0;
+  for (const FormatTraits& t : kFormats) n += quantizable(t);
+  return n;
+}();
+// The quantizable rows in the table's order: the index of a kernel table below.
+constexpr std::array<Format, kQuantizableCount> kQuantizable = [] {
+  std::array<Format, kQuantizableCount> out{};
+  size_t i = 0;
+  for (const FormatTraits& t : kFormats)
+    if (quantizable(t)) out[i++] = t.format;
+  return out;
+}();
+
+template <size_t I>
+void quantize_scalar(const float* in, void* out, int64_t blocks) {
+  constexpr Format format = kQuantizable[I];
+  constexpr RowFromFloat row = gguf_writer(format);
+  row(in, out, blocks * traits(format).block_elems);
+}
+
+using Table = KernelTable<kernels::QuantizeKernel>;
+
+const std::array<std::string, kQuantizableCount> kOpNames = [] {
+  std::array<std::string, kQuantizableCount> out;
+  for (size_t i = 0; i < kQuantizableCount; ++i) {  // the GGUF type name in lower case: "gguf.quantize_q4_k"
+    out[i] = "gguf.quantize_" + std::string(traits(kQuantizable[i]).gguf);
+    for (char& c : out[i]) c = char(std::tolower(static_cast<unsigned char>(c)));
+  }
+  return out;
+}();
+
+template <size_t... I>
+std::array<Table, kQuantizableCount> make_tables(std::index_sequence<I...>) {
+  return {Table{kOpNames[I],
+                {rung(Backend::scalar, quantize_scalar<I>),
+                 rung(Backend::avx2, simd_quantizers(kQuantizable[I]).avx2),
+                 rung(Backend::avx512, simd_quantizers(kQuantizable[I]).avx512)}}...};
+}
+const std::array<Table, kQuantizableCount> kTables = make_tables(std::make_index_sequence<kQuantizableCount>());
 
 struct Registrations {
   Registrations() {
@@ -85,8 +142,9 @@ struct Registrations {
 } const kRegistrations;
 
 const Table* quantize_table(GgmlType type) {
-  for (size_t i = 0; i < std::size(kTableTypes); ++i)
-    if (kTableTypes[i] == type) return &kTables[i];
+  const auto format = table_format(type);
+  for (size_t i = 0; format && i < kQuantizableCount; ++i)
+    if (kQuantizable[i] == *format) return &kTables[i];
   return nullptr;
 }
 

@@ -18,8 +18,10 @@ double segment_error_scalar(const float* x, const float* s, int64_t count, const
 
 namespace {
 
-const KernelTable<SegmentErrorFn> kSegmentError{"hwq_segment_error", segment_error_scalar, segment_error_avx2,
-                                                segment_error_avx512, nullptr};
+const KernelTable<SegmentErrorFn> kSegmentError{"hwq_segment_error",
+                                                {rung(Backend::scalar, segment_error_scalar),
+                                                 rung(Backend::avx2, segment_error_avx2),
+                                                 rung(Backend::avx512, segment_error_avx512)}};
 const KernelRegistration kRegSegmentError(kSegmentError);
 
 }  // namespace

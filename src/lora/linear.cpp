@@ -183,8 +183,10 @@ class TileLoader {
 
 // The float GEMM shared with the 4-bit matmul (one template per ISA, src/quant/matmul4_simd.hpp).
 using TileGemm = halo::kernels::Gemm;
-const KernelTable<TileGemm> kTileGemm{"lora_tile_gemm", halo::kernels::gemm_scalar, halo::kernels::gemm_avx2,
-                                      halo::kernels::gemm_avx512, nullptr};
+const KernelTable<TileGemm> kTileGemm{"lora_tile_gemm",
+                                      {rung(Backend::scalar, halo::kernels::gemm_scalar),
+                                       rung(Backend::avx2, halo::kernels::gemm_avx2),
+                                       rung(Backend::avx512, halo::kernels::gemm_avx512)}};
 const KernelRegistration kRegTileGemm(kTileGemm);
 
 // The backend picks both the 4-bit tile dequantizer and, for float activations,

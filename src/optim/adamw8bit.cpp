@@ -102,9 +102,17 @@ const Midpoints& midpoints() {
 
 using StepKernel = void (*)(const kernels::AdamW8bitJob&, int64_t, int64_t);
 
-const KernelTable<StepKernel> kAdamW8bit{"adamw8bit_step", kernels::adamw8bit_scalar, kernels::adamw8bit_avx2,
-                                         kernels::adamw8bit_avx512, nullptr};
+const KernelTable<StepKernel> kAdamW8bit{"adamw8bit_step",
+                                         {rung(Backend::scalar, kernels::adamw8bit_scalar),
+                                          rung(Backend::avx2, kernels::adamw8bit_avx2),
+                                          rung(Backend::avx512, kernels::adamw8bit_avx512)}};
 const KernelRegistration kRegAdamW8bit(kAdamW8bit);
+
+using DeviceStep = void (*)(void*, const void*, Format, int64_t, uint8_t*, uint8_t*, float*, float*,
+                            const AdamW8bitSettings&, uintptr_t);
+const KernelTable<DeviceStep> kAdamW8bitDevice{"adamw8bit_step_device",
+                                               {rung(Backend::cuda, cuda::adamw8bit_step_device)}};
+const KernelRegistration kRegAdamW8bitDevice(kAdamW8bitDevice);
 
 // About 64 Ki elements per chunk: a thread's share is worth its start-up.
 constexpr int64_t kBlocksPerChunk = 256;
@@ -158,6 +166,12 @@ void adamw8bit_step(void* param, const void* grad, Format dtype, int64_t n, uint
                                   s.gnorm_scale};
   const int64_t blocks = (n + kOptimizerBlocksize - 1) / kOptimizerBlocksize;
   parallel_for(blocks, kBlocksPerChunk, [&](int64_t first, int64_t last) { chosen.kernel(job, first, last); });
+}
+
+void adamw8bit_step_device(void* param, const void* grad, Format dtype, int64_t n, uint8_t* state1, uint8_t* state2,
+                           float* absmax1, float* absmax2, const AdamW8bitSettings& s, uintptr_t stream) {
+  check_adamw8bit("adamw8bit_step_device", dtype, n, s);
+  dispatch(kAdamW8bitDevice, Backend::cuda).kernel(param, grad, dtype, n, state1, state2, absmax1, absmax2, s, stream);
 }
 
 }  // namespace halo

@@ -82,6 +82,7 @@ NestedAbsmax double_quantize(const float* absmax, int64_t count, int64_t nested_
                              std::optional<float> offset, int mean_threads) {
   require(count > 0, "double_quantize", "no absmax values (count = ", count, ")");
   require(nested_blocksize > 0, "double_quantize", "nested blocksize must be positive, got ", nested_blocksize);
+  require(offset || mean_threads >= 1, "double_quantize", "mean_threads must be >= 1, got ", mean_threads);
   NestedAbsmax out;
   out.blocksize = nested_blocksize;
   out.offset = offset ? *offset : torch_mean_f32(absmax, count, mean_threads);
@@ -96,6 +97,9 @@ NestedAbsmax double_quantize(const float* absmax, int64_t count, int64_t nested_
 
 void double_dequantize(const NestedAbsmax& nested, float* absmax_out) {
   const int64_t count = int64_t(nested.codes.size());
+  require(nested.blocksize > 0, "double_dequantize", "nested_blocksize must be positive, got ", nested.blocksize);
+  require(int64_t(nested.absmax.size()) == num_blocks(count, nested.blocksize), "double_dequantize",
+          "nested_absmax holds ", nested.absmax.size(), " values, expected ", num_blocks(count, nested.blocksize));
   dequantize_blockwise_8bit(nested.codes.data(), nested.absmax.data(), count, nested.blocksize,
                             kDynamicMapSigned.data(), absmax_out);
   for (int64_t i = 0; i < count; ++i) absmax_out[i] = absmax_out[i] + nested.offset;

@@ -168,11 +168,31 @@ void forward_cpu(const Matmul4Ops& ops, const Job& job) {
 }
 
 void forward_avx2(const Job& job) { forward_cpu(kernels::kMatmul4Avx2, job); }
+void forward_avx512(const Job& job) { forward_cpu(kernels::kMatmul4Avx512, job); }
 
-void forward_avx512(const Job& job) {
-  if (kernels::special_forward(job.x, job.dtype, job.rows, job.w, job.bias, job.y)) return;
-  forward_cpu(kernels::kMatmul4Avx512, job);
+// The AVX-512 variants take bfloat16 x of the shapes where they pay and leave the rest to
+// the entry below them. `forward_path` is the one place that decides, for the entries and
+// for matmul_4bit_variant.
+enum class Path { plain, bf16_gemv, amx };
+
+Path forward_path(std::string_view variant, Format dtype, int64_t rows, int64_t in, int64_t blocksize) {
+  const bool amx = variant == "avx512-amx" && kernels::amx_forward_fits(dtype, rows);
+  if (amx) return Path::amx;
+  // Below AMX's rows, the AMX entry runs the AVX512-BF16 GEMV where that variant may run.
+  const bool dot = variant == "avx512-bf16" ||
+                   (variant == "avx512-amx" && cpu_feature_unavailable_reason(CpuFeature::avx512_bf16).empty());
+  return dot && kernels::bf16_gemv_fits(dtype, rows, in, blocksize) ? Path::bf16_gemv : Path::plain;
 }
+
+void forward_on(std::string_view variant, const Job& job) {
+  switch (forward_path(variant, job.dtype, job.rows, job.w.in, job.w.blocksize)) {
+    case Path::amx: return kernels::run_amx_forward(job.x, job.rows, job.w, job.bias, job.y);
+    case Path::bf16_gemv: return kernels::run_bf16_gemv(job.x, job.rows, job.w, job.bias, job.y);
+    case Path::plain: return forward_avx512(job);
+  }
+}
+void forward_avx512_bf16(const Job& job) { forward_on("avx512-bf16", job); }
+void forward_avx512_amx(const Job& job) { forward_on("avx512-amx", job); }
 
 void forward_cuda(const Job& job) {
   cuda::matmul_4bit(job.x, job.dtype, job.rows, job.w.packed, job.w.absmax, job.type, job.w.blocksize, job.w.out,
@@ -216,9 +236,10 @@ void transposed_cpu(const Matmul4Ops& ops, const Job& job) {
 }
 
 void transposed_avx2(const Job& job) { transposed_cpu(kernels::kMatmul4Avx2, job); }
-void transposed_avx512(const Job& job) {
-  if (kernels::special_transposed(job.x, job.dtype, job.rows, job.w, job.y)) return;
-  transposed_cpu(kernels::kMatmul4Avx512, job);
+void transposed_avx512(const Job& job) { transposed_cpu(kernels::kMatmul4Avx512, job); }
+void transposed_avx512_amx(const Job& job) {
+  if (job.dtype == Format::bf16) return kernels::run_amx_transposed(job.x, job.rows, job.w, job.y);
+  transposed_avx512(job);
 }
 
 void transposed_cuda(const Job& job) {
@@ -226,12 +247,30 @@ void transposed_cuda(const Job& job) {
                     job.w.in, nullptr, job.y, /*transposed=*/true);
 }
 
+// With x, w, bias and y in the current CUDA device's memory, enqueued on `stream`.
+void device_cuda(const Job& job, bool transposed, void* stream) {
+  cuda::matmul_4bit_device(job.x, job.dtype, job.rows, job.w.packed, job.w.absmax, job.type, job.w.blocksize,
+                           job.w.out, job.w.in, job.bias, job.y, transposed, stream);
+}
+
 using Matmul4Fn = void (*)(const Job&);
-const KernelTable<Matmul4Fn> kMatmul4{"matmul_4bit", forward_scalar, forward_avx2, forward_avx512, forward_cuda};
-const KernelTable<Matmul4Fn> kMatmul4T{"matmul_4bit_transposed", transposed_scalar, transposed_avx2,
-                                       transposed_avx512, transposed_cuda};
+const KernelTable<Matmul4Fn> kMatmul4{
+    "matmul_4bit",
+    {rung(Backend::scalar, forward_scalar), rung(Backend::avx2, forward_avx2), rung(Backend::avx512, forward_avx512),
+     variant("avx512-bf16", Backend::avx512, CpuFeature::avx512_bf16, forward_avx512_bf16),
+     variant("avx512-amx", Backend::avx512, CpuFeature::amx_bf16, forward_avx512_amx),
+     rung(Backend::cuda, forward_cuda)}};
+const KernelTable<Matmul4Fn> kMatmul4T{
+    "matmul_4bit_transposed",
+    {rung(Backend::scalar, transposed_scalar), rung(Backend::avx2, transposed_avx2),
+     rung(Backend::avx512, transposed_avx512),
+     variant("avx512-amx", Backend::avx512, CpuFeature::amx_bf16, transposed_avx512_amx),
+     rung(Backend::cuda, transposed_cuda)}};
+using DeviceFn = void (*)(const Job&, bool, void*);
+const KernelTable<DeviceFn> kMatmul4Device{"matmul_4bit_device", {rung(Backend::cuda, device_cuda)}};
 const KernelRegistration kRegMatmul4(kMatmul4);
 const KernelRegistration kRegMatmul4T(kMatmul4T);
+const KernelRegistration kRegMatmul4Device(kMatmul4Device);
 
 bool overlaps(const void* a, int64_t a_bytes, const void* b, int64_t b_bytes) {
   const auto* pa = static_cast<const char*>(a);
@@ -283,6 +322,38 @@ Quant4Matrix quant4_matrix(const Quantized4& tensor, std::vector<float>& absmax_
   return w;
 }
 
+Quant4Matrix quant4_matrix(std::string_view fn, const uint8_t* packed, int64_t packed_bytes, const float* absmax,
+                           int64_t absmax_count, Format type, int64_t blocksize, int64_t out_features,
+                           int64_t in_features) {
+  check_bnb4(fn, type, blocksize);
+  require(out_features > 0 && in_features > 0, fn, "weight shape must be positive, got [", out_features, ", ",
+          in_features, "]");
+  require(out_features <= (int64_t(1) << 40) / in_features, fn, "weight shape [", out_features, ", ", in_features,
+          "] is too large");
+  const int64_t n = out_features * in_features;
+  require(packed_bytes == packed_size(n), fn, "packed holds ", packed_bytes, " bytes, expected ", packed_size(n),
+          " for a [", out_features, ", ", in_features, "] weight");
+  require(absmax_count == num_blocks(n, blocksize), fn, "absmax holds ", absmax_count, " values, expected ",
+          num_blocks(n, blocksize));
+  return Quant4Matrix{packed, absmax, type, blocksize, out_features, in_features};
+}
+
+void check_matmul_4bit_buffers(std::string_view fn, int64_t rows, const Quant4Matrix& w, bool transposed,
+                               int64_t x_count, int64_t bias_count, int64_t y_count) {
+  require(rows >= 0, fn, "rows must be non-negative, got ", rows);
+  const int64_t x_cols = transposed ? w.out_features : w.in_features;
+  const int64_t y_cols = transposed ? w.in_features : w.out_features;
+  require(rows <= (int64_t(1) << 40) / std::max<int64_t>(1, std::max(x_cols, y_cols)), fn, "rows = ", rows,
+          " is too large");
+  require(x_count == rows * x_cols, fn, "x holds ", x_count, " elements, expected ", rows, " x ", x_cols);
+  if (bias_count >= 0) {
+    require(!transposed, fn, "bias is not supported by the transposed product");
+    require(bias_count == y_cols, fn, "bias holds ", bias_count, " elements, expected ", y_cols);
+  }
+  if (y_count >= 0)
+    require(y_count == rows * y_cols, fn, "out holds ", y_count, " elements, expected ", rows, " x ", y_cols);
+}
+
 void matmul_4bit(const void* x, Format dtype, int64_t rows, const Quant4Matrix& w, const void* bias, void* y,
                  Backend backend) {
   const Job job = make_job("matmul_4bit", x, dtype, rows, w, bias, y, /*transposed=*/false);
@@ -304,22 +375,23 @@ void matmul_4bit_device(const void* x, Format dtype, int64_t rows, const Quant4M
   const char* fn = "matmul_4bit_device";
   const Job job = make_job(fn, x, dtype, rows, w, transposed ? nullptr : bias, y, transposed);
   require(!transposed || bias == nullptr, fn, "bias is not supported by the transposed product");
+  const auto chosen = dispatch(kMatmul4Device, Backend::cuda);
   if (rows == 0) return;
-  cuda::matmul_4bit_device(job.x, job.dtype, job.rows, job.w.packed, job.w.absmax, job.type, job.w.blocksize,
-                           job.w.out, job.w.in, job.bias, job.y, transposed, stream);
+  chosen.kernel(job, transposed, stream);
 }
 
 const char* matmul_4bit_variant(Format dtype, int64_t rows, const Quant4Matrix& w, bool transposed,
                                 Backend backend) {
-  const Backend chosen = transposed ? dispatch(kMatmul4T, backend).backend : dispatch(kMatmul4, backend).backend;
-  switch (chosen) {
-    case Backend::scalar: return "scalar";
-    case Backend::avx2: return "avx2";
-    case Backend::cuda: return "cuda";
-    default: break;
+  const std::string_view entry = transposed ? dispatch(kMatmul4T, backend).variant : dispatch(kMatmul4, backend).variant;
+  if (entry == "avx512-amx" && transposed) return dtype == Format::bf16 ? "avx512-amx" : "avx512";
+  if (entry == "avx512-amx" || entry == "avx512-bf16") {
+    switch (forward_path(entry, dtype, rows, w.in_features, w.blocksize)) {
+      case Path::amx: return "avx512-amx";
+      case Path::bf16_gemv: return "avx512-bf16";
+      case Path::plain: return "avx512";
+    }
   }
-  const char* special = kernels::special_variant(dtype, rows, w.in_features, w.out_features, w.blocksize, transposed);
-  return special != nullptr ? special : "avx512";
+  return entry.data();  // the table's variant names are string literals
 }
 
 }  // namespace halo

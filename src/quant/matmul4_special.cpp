@@ -1,22 +1,15 @@
-// The AVX-512 rung's bfloat16 paths (AVX512-BF16 GEMV, AMX GEMMs): CPU and OS
-// checks, thresholds and the work split around the per-ISA pieces. Plain C++.
-//
-// HALO_DISABLE_AMX=1 / HALO_DISABLE_AVX512_BF16=1 (read on every call) turn a path
-// off, so tests and benchmarks can compare it with the plain AVX-512 kernels.
+// The AVX-512 rung's bfloat16 paths (AVX512-BF16 GEMV, AMX GEMMs): thresholds and the
+// work split around the per-ISA pieces. Plain C++. Whether the CPU has the instructions
+// is the registry's question (CpuFeature in halo/backend/dispatch.hpp).
 #include "src/quant/matmul4_special.hpp"
 
 #include "src/quant/matmul4_buffers.hpp"
-
-#include <cpuid.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
 
-#include "halo/backend/backend.hpp"
 #include "halo/core/convert.hpp"
 #include "halo/core/parallel.hpp"
 
@@ -27,28 +20,6 @@ namespace {
 // (measured on 4096 x 4096: the GEMV wins up to 4 rows, AMX from 5 or 8 on).
 constexpr int64_t kAmxForwardRows = 5;
 constexpr int64_t kGemvRows = 16;
-
-bool disabled(const char* variable) {
-  const char* value = std::getenv(variable);
-  return value != nullptr && *value != '\0' && std::strcmp(value, "0") != 0;
-}
-
-uint64_t xcr0() {
-  uint32_t eax = 0, edx = 0;
-  __asm__ volatile("xgetbv" : "=a"(eax), "=d"(edx) : "c"(0));
-  return (uint64_t(edx) << 32) | eax;
-}
-
-// Linux hands out the AMX register file only on request (arch_prctl, kernel >= 5.16).
-bool request_amx_permission() {
-#if defined(__linux__) && defined(SYS_arch_prctl)
-  constexpr int kArchReqXcompPerm = 0x1023;
-  constexpr int kXfeatureXtiledata = 18;
-  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
-#else
-  return false;
-#endif
-}
 
 int64_t round_up(int64_t value, int64_t step) { return (value + step - 1) / step * step; }
 
@@ -196,62 +167,25 @@ void amx_transposed(const uint16_t* x, int64_t rows, const Matmul4Weight& w, uin
   });
 }
 
-bool bf16_gemv_fits(int64_t rows, int64_t in, int64_t blocksize) {
-  return rows <= kGemvRows && in % 64 == 0 && blocksize >= 64;
-}
-
 }  // namespace
 
-bool cpu_has_avx512_bf16() {
-  static const bool has = [] {
-    unsigned a = 0, b = 0, c = 0, d = 0;
-    if (!backend_available(Backend::avx512) || !__get_cpuid_count(7, 1, &a, &b, &c, &d)) return false;
-    return (a & (1u << 5)) != 0;
-  }();
-  return has;
+bool bf16_gemv_fits(Format dtype, int64_t rows, int64_t in, int64_t blocksize) {
+  return dtype == Format::bf16 && rows <= kGemvRows && in % 64 == 0 && blocksize >= 64;
 }
 
-bool cpu_has_amx_bf16() {
-  static const bool has = [] {
-    unsigned a = 0, b = 0, c = 0, d = 0;
-    if (!backend_available(Backend::avx512) || !__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
-    const bool tile = (d & (1u << 24)) != 0, bf16 = (d & (1u << 22)) != 0;
-    if (!tile || !bf16 || !cpu_has_avx512_bf16()) return false;  // the panels are converted with AVX512-BF16
-    const uint64_t tile_state = (uint64_t(1) << 17) | (uint64_t(1) << 18);
-    if ((xcr0() & tile_state) != tile_state) return false;
-    return request_amx_permission();
-  }();
-  return has;
+bool amx_forward_fits(Format dtype, int64_t rows) { return dtype == Format::bf16 && rows >= kAmxForwardRows; }
+
+void run_bf16_gemv(const void* x, int64_t rows, const Matmul4Weight& w, const void* bias, void* y) {
+  bf16_gemv_forward(static_cast<const uint16_t*>(x), rows, w, static_cast<const uint16_t*>(bias),
+                    static_cast<uint16_t*>(y));
 }
 
-const char* special_variant(Format dtype, int64_t rows, int64_t in, int64_t /*out*/, int64_t blocksize,
-                            bool transposed) {
-  if (dtype != Format::bf16) return nullptr;
-  const bool amx = cpu_has_amx_bf16() && !disabled("HALO_DISABLE_AMX");
-  const bool dot = cpu_has_avx512_bf16() && !disabled("HALO_DISABLE_AVX512_BF16");
-  if (transposed) return amx ? "avx512-amx" : nullptr;
-  if (amx && rows >= kAmxForwardRows) return "avx512-amx";
-  if (dot && bf16_gemv_fits(rows, in, blocksize)) return "avx512-bf16";
-  return nullptr;
+void run_amx_forward(const void* x, int64_t rows, const Matmul4Weight& w, const void* bias, void* y) {
+  amx_forward(static_cast<const uint16_t*>(x), rows, w, static_cast<const uint16_t*>(bias), static_cast<uint16_t*>(y));
 }
 
-bool special_forward(const void* x, Format dtype, int64_t rows, const Matmul4Weight& w, const void* bias, void* y) {
-  const char* variant = special_variant(dtype, rows, w.in, w.out, w.blocksize, false);
-  if (variant == nullptr) return false;
-  const auto* x16 = static_cast<const uint16_t*>(x);
-  const auto* bias16 = static_cast<const uint16_t*>(bias);
-  auto* y16 = static_cast<uint16_t*>(y);
-  if (std::strcmp(variant, "avx512-amx") == 0)
-    amx_forward(x16, rows, w, bias16, y16);
-  else
-    bf16_gemv_forward(x16, rows, w, bias16, y16);
-  return true;
-}
-
-bool special_transposed(const void* x, Format dtype, int64_t rows, const Matmul4Weight& w, void* y) {
-  if (special_variant(dtype, rows, w.in, w.out, w.blocksize, true) == nullptr) return false;
+void run_amx_transposed(const void* x, int64_t rows, const Matmul4Weight& w, void* y) {
   amx_transposed(static_cast<const uint16_t*>(x), rows, w, static_cast<uint16_t*>(y));
-  return true;
 }
 
 }  // namespace halo::kernels

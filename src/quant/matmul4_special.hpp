@@ -1,8 +1,7 @@
-// The AVX-512 rung's extra paths for bfloat16 x, used only where the CPU has the
-// instructions (checked once at run time, plain code): AVX512-BF16 dot products
-// for the decode GEMV and AMX tiles for the GEMMs. matmul4.cpp calls these first
-// from its avx512 entries; `false` / nullptr means "not taken here, run the plain
-// AVX-512 kernels".
+// The AVX-512 rung's extra paths for bfloat16 x: AVX512-BF16 dot products for the
+// decode GEMV and AMX tiles for the GEMMs. matmul4.cpp makes them the registry
+// entries "avx512-bf16" and "avx512-amx" (CpuFeature conditions), which run these for
+// the shapes that fit and the plain AVX-512 kernels otherwise.
 #pragma once
 
 #include <cstdint>
@@ -12,14 +11,14 @@
 
 namespace halo::kernels {
 
-// Whether this CPU (and OS) can run the AVX512-BF16 / AMX-BF16 kernels.
-bool cpu_has_avx512_bf16();
-bool cpu_has_amx_bf16();
+// The shapes each path takes (bfloat16 x only); anything else runs the plain AVX-512 kernels.
+bool bf16_gemv_fits(Format dtype, int64_t rows, int64_t in, int64_t blocksize);
+bool amx_forward_fits(Format dtype, int64_t rows);
 
-bool special_forward(const void* x, Format dtype, int64_t rows, const Matmul4Weight& w, const void* bias, void* y);
-bool special_transposed(const void* x, Format dtype, int64_t rows, const Matmul4Weight& w, void* y);
-// "avx512-bf16" / "avx512-amx" when special_* would take the call, else nullptr.
-const char* special_variant(Format dtype, int64_t rows, int64_t in, int64_t out, int64_t blocksize, bool transposed);
+// x, bias, y bfloat16. The CPU must have AVX512-BF16 (and AMX-BF16 for the AMX paths).
+void run_bf16_gemv(const void* x, int64_t rows, const Matmul4Weight& w, const void* bias, void* y);
+void run_amx_forward(const void* x, int64_t rows, const Matmul4Weight& w, const void* bias, void* y);
+void run_amx_transposed(const void* x, int64_t rows, const Matmul4Weight& w, void* y);
 
 // Per-ISA pieces (matmul4_avx512bf16.cpp, matmul4_amx.cpp). Raw pointers only.
 namespace bf16 {

@@ -17,7 +17,7 @@ namespace {
 // About 256 KiB of float input per chunk: big enough to amortize a thread.
 constexpr int64_t kElementsPerChunk = 1 << 16;
 
-void check_common(const char* function, int64_t n, Format type, int64_t blocksize) {
+void check_common(std::string_view function, int64_t n, Format type, int64_t blocksize) {
   require(n > 0, function, "the tensor is empty (n = ", n, ")");
   check_bnb4(function, type, blocksize);
 }
@@ -51,16 +51,32 @@ void dequantize_on_cpu(const uint8_t* packed, const float* absmax, int64_t n, Fo
   });
 }
 
-const KernelTable<QuantizeOp> kQuantize4{"quantize_4bit", quantize_on_cpu<kernels::quantize4_scalar>,
-                                         quantize_on_cpu<kernels::quantize4_avx2>,
-                                         quantize_on_cpu<kernels::quantize4_avx512>, cuda::quantize_4bit};
-const KernelTable<DequantizeOp> kDequantize4{"dequantize_4bit", dequantize_on_cpu<kernels::dequantize4_scalar>,
-                                             dequantize_on_cpu<kernels::dequantize4_avx2>,
-                                             dequantize_on_cpu<kernels::dequantize4_avx512>, cuda::dequantize_4bit};
+const KernelTable<QuantizeOp> kQuantize4{"quantize_4bit",
+                                         {rung(Backend::scalar, quantize_on_cpu<kernels::quantize4_scalar>),
+                                          rung(Backend::avx2, quantize_on_cpu<kernels::quantize4_avx2>),
+                                          rung(Backend::avx512, quantize_on_cpu<kernels::quantize4_avx512>),
+                                          rung(Backend::cuda, cuda::quantize_4bit)}};
+const KernelTable<DequantizeOp> kDequantize4{"dequantize_4bit",
+                                             {rung(Backend::scalar, dequantize_on_cpu<kernels::dequantize4_scalar>),
+                                              rung(Backend::avx2, dequantize_on_cpu<kernels::dequantize4_avx2>),
+                                              rung(Backend::avx512, dequantize_on_cpu<kernels::dequantize4_avx512>),
+                                              rung(Backend::cuda, cuda::dequantize_4bit)}};
 
 using RangeKernel = void (*)(const kernels::Dequant4Job&, int64_t, int64_t, void*);
-const KernelTable<RangeKernel> kDequantize4Range{"dequantize_4bit_range", kernels::dequantize4_scalar,
-                                                 kernels::dequantize4_avx2, kernels::dequantize4_avx512, nullptr};
+const KernelTable<RangeKernel> kDequantize4Range{"dequantize_4bit_range",
+                                                 {rung(Backend::scalar, kernels::dequantize4_scalar),
+                                                  rung(Backend::avx2, kernels::dequantize4_avx2),
+                                                  rung(Backend::avx512, kernels::dequantize4_avx512)}};
+
+// Device pointers in and out (torch CUDA tensors), queued on the caller's stream.
+using QuantizeDeviceOp = void (*)(const void*, Format, int64_t, Format, int64_t, uint8_t*, float*, uintptr_t);
+using DequantizeDeviceOp = void (*)(const uint8_t*, const float*, int64_t, Format, int64_t, void*, Format, uintptr_t);
+const KernelTable<QuantizeDeviceOp> kQuantize4Device{"quantize_4bit_device",
+                                                     {rung(Backend::cuda, cuda::quantize_4bit_device)}};
+const KernelTable<DequantizeDeviceOp> kDequantize4Device{"dequantize_4bit_device",
+                                                         {rung(Backend::cuda, cuda::dequantize_4bit_device)}};
+const KernelRegistration kRegQuantize4Device(kQuantize4Device);
+const KernelRegistration kRegDequantize4Device(kDequantize4Device);
 
 const KernelRegistration kRegQuantize4(kQuantize4);
 const KernelRegistration kRegDequantize4(kDequantize4);
@@ -80,6 +96,37 @@ void dequantize_4bit(const uint8_t* packed, const float* absmax, int64_t n, Form
   check_common("dequantize_4bit", n, type, blocksize);
   check_input("dequantize_4bit", dtype);
   dispatch(kDequantize4, backend).kernel(packed, absmax, n, type, blocksize, output, dtype);
+}
+
+Quant4Sizes quant4_sizes(std::string_view function, int64_t n, Format type, int64_t blocksize) {
+  check_common(function, n, type, blocksize);
+  return {packed_size(n), num_blocks(n, blocksize)};
+}
+
+Quant4Sizes check_quant4_buffers(std::string_view function, int64_t n, Format type, int64_t blocksize,
+                                 int64_t packed_bytes, int64_t absmax_count) {
+  const Quant4Sizes want = quant4_sizes(function, n, type, blocksize);
+  require(packed_bytes == want.packed_bytes, function, "packed holds ", packed_bytes, " bytes, expected ",
+          want.packed_bytes, " for ", n, " elements");
+  require(absmax_count == want.absmax_count, function, "absmax holds ", absmax_count, " values, expected ",
+          want.absmax_count, " for ", n, " elements in blocks of ", blocksize);
+  return want;
+}
+
+void quantize_4bit_device(const void* input, Format dtype, int64_t n, Format type, int64_t blocksize,
+                          uint8_t* packed, float* absmax, uintptr_t stream) {
+  const char* fn = "quantize_4bit_device";
+  check_common(fn, n, type, blocksize);
+  check_input(fn, dtype);
+  dispatch(kQuantize4Device, Backend::cuda).kernel(input, dtype, n, type, blocksize, packed, absmax, stream);
+}
+
+void dequantize_4bit_device(const uint8_t* packed, const float* absmax, int64_t n, Format type, int64_t blocksize,
+                            void* output, Format dtype, uintptr_t stream) {
+  const char* fn = "dequantize_4bit_device";
+  check_common(fn, n, type, blocksize);
+  check_input(fn, dtype);
+  dispatch(kDequantize4Device, Backend::cuda).kernel(packed, absmax, n, type, blocksize, output, dtype, stream);
 }
 
 void dequantize_4bit_range(const uint8_t* packed, const float* absmax, Format type, int64_t blocksize,

@@ -65,7 +65,20 @@ def test_unavailable_backend_raises_a_clear_error():
 def test_kernels_lists_each_op_and_its_backends():
     kernels = halo.kernels()
     assert kernels == halo._core.backend.kernels()
+    rungs = {"scalar", "avx2", "avx512", "cuda"}
+    details = halo._core.backend.kernel_variants()
+    assert set(details) == set(kernels)
     for op in ("matmul_4bit", "matmul_4bit_transposed", "quantize_4bit", "dequantize_4bit"):
         assert "scalar" in kernels[op], op
-        assert set(kernels[op]) <= {"scalar", "avx2", "avx512", "cuda"}, op
+        # every entry is a rung, or a variant on top of one that names its CPU feature
+        for variant, backend, feature, _why in details[op]:
+            assert backend in rungs and variant in kernels[op], (op, variant)
+            assert (variant == backend and feature == "") or (
+                variant.startswith(backend + "-") and feature
+            ), variant
+    # the AMX / AVX512-BF16 matmuls and the CUDA device-pointer kernels are registry entries
+    assert {"avx512-bf16", "avx512-amx"} <= set(kernels["matmul_4bit"])
+    assert kernels["quantize_4bit_device"] == ["cuda"]
+    available = {v for v, _b, _f, why in details["matmul_4bit"] if not why}
+    assert set(halo.backends()) - {"cuda"} <= available
     assert "kernels" in halo.__all__

@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <optional>
 #include <string_view>
+#include <utility>
 
 #include "halo/core/codebooks.hpp"
 
@@ -88,6 +89,33 @@ inline constexpr std::array<FormatTraits, 27> kFormats = {{
 }};
 
 constexpr const FormatTraits& traits(Format format) { return kFormats[static_cast<size_t>(format)]; }
+
+// Row i of kFormats is Format i: checked row by row (the error names the first bad row).
+namespace detail {
+template <size_t I>
+constexpr bool format_row_matches() {
+  static_assert(kFormats[I].format == static_cast<Format>(I), "kFormats[I] must be the row of Format value I");
+  return true;
+}
+template <size_t... I>
+constexpr bool check_format_rows(std::index_sequence<I...>) {
+  return (format_row_matches<I>() && ...);
+}
+}  // namespace detail
+static_assert(detail::check_format_rows(std::make_index_sequence<kFormats.size()>()));
+
+// Rows of one kind, in table order: for the per-area lists that follow the table (the GGUF
+// block codecs) to check themselves against it position by position.
+constexpr size_t count_formats_of_kind(FormatKind kind) {
+  size_t n = 0;
+  for (const FormatTraits& t : kFormats) n += t.kind == kind;
+  return n;
+}
+constexpr Format nth_format_of_kind(FormatKind kind, size_t index) {
+  for (const FormatTraits& t : kFormats)
+    if (t.kind == kind && index-- == 0) return t.format;
+  throw "nth_format_of_kind: fewer rows of this kind";  // not a constant expression: a compile error
+}
 constexpr std::string_view format_name(Format format) { return traits(format).name; }
 
 constexpr bool is_float(Format format) { return traits(format).kind == FormatKind::floating; }

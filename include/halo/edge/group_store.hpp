@@ -36,6 +36,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -56,6 +57,15 @@ struct GroupKey {
   friend bool operator==(const GroupKey&, const GroupKey&) = default;
   friend auto operator<=>(const GroupKey&, const GroupKey&) = default;
 };
+
+// A group key from caller integers: InvalidArgument naming `function` and the key unless
+// 0 <= layer <= 65535, 0 <= part <= 255 and 0 <= index <= 65535 (the ranges a store file holds).
+GroupKey group_key(std::string_view function, int64_t layer, int64_t part, int64_t index);
+
+// The store's tensor formats as its index spells them: "nf4" and "fp4" (the format table's
+// names) and "f32" (biases). InvalidArgument naming `function` and the value otherwise.
+Format parse_store_format(std::string_view function, std::string_view name);
+std::string_view store_format_name(Format format);
 
 // A tensor of a group is stored as Format::nf4 or Format::fp4 (bitsandbytes 4-bit blocks) or
 // Format::f32 (biases).
@@ -127,6 +137,8 @@ class GroupStoreWriter {
 
 struct StoreOptions {
   enum class Mode { resident, mmap };
+  // "resident" or "mmap"; InvalidArgument naming `function` and the value otherwise.
+  static Mode parse_mode(std::string_view function, std::string_view name);
   Mode mode = Mode::resident;
   uint64_t budget_bytes = UINT64_MAX;  // resident groups, page-rounded
   bool prefetch = true;                // run the loader threads

@@ -18,17 +18,30 @@
 #include <string_view>
 
 #include "halo/backend/backend.hpp"
+#include "halo/core/format.hpp"
 
 namespace halo::gguf {
 
-// ggml_type ids as stored in GGUF tensor infos.
+// The ggml type id of a format table row (a compile error for a row GGUF has no type for).
+constexpr uint32_t ggml_id(Format format) {
+  if (traits(format).ggml_type < 0) throw "ggml_id: this format has no GGUF type";
+  return uint32_t(traits(format).ggml_type);
+}
+
+// ggml_type ids as stored in GGUF tensor infos: the format table's GGUF rows take their id
+// from the table; the types halo only reads (not rows of the table) are listed here.
 enum class GgmlType : uint32_t {
-  f32 = 0, f16 = 1, q4_0 = 2, q4_1 = 3, q5_0 = 6, q5_1 = 7, q8_0 = 8, q8_1 = 9,
-  q2_k = 10, q3_k = 11, q4_k = 12, q5_k = 13, q6_k = 14, q8_k = 15,
-  iq2_xxs = 16, iq2_xs = 17, iq3_xxs = 18, iq1_s = 19, iq4_nl = 20, iq3_s = 21, iq2_s = 22, iq4_xs = 23,
-  i8 = 24, i16 = 25, i32 = 26, i64 = 27, f64 = 28, iq1_m = 29, bf16 = 30,
-  tq1_0 = 34, tq2_0 = 35, mxfp4 = 39, nvfp4 = 40, q1_0 = 41, q2_0 = 42,
+  f64 = ggml_id(Format::f64), f32 = ggml_id(Format::f32), f16 = ggml_id(Format::f16),
+  bf16 = ggml_id(Format::bf16), i64 = ggml_id(Format::i64), i32 = ggml_id(Format::i32),
+  i16 = ggml_id(Format::i16), i8 = ggml_id(Format::i8),
+  q4_0 = ggml_id(Format::q4_0), q4_1 = ggml_id(Format::q4_1), q5_0 = ggml_id(Format::q5_0),
+  q5_1 = ggml_id(Format::q5_1), q8_0 = ggml_id(Format::q8_0), q2_k = ggml_id(Format::q2_k),
+  q3_k = ggml_id(Format::q3_k), q4_k = ggml_id(Format::q4_k), q5_k = ggml_id(Format::q5_k),
+  q6_k = ggml_id(Format::q6_k), q8_k = ggml_id(Format::q8_k),
+  q8_1 = 9, iq2_xxs = 16, iq2_xs = 17, iq3_xxs = 18, iq1_s = 19, iq4_nl = 20, iq3_s = 21, iq2_s = 22,
+  iq4_xs = 23, iq1_m = 29, tq1_0 = 34, tq2_0 = 35, mxfp4 = 39, nvfp4 = 40, q1_0 = 41, q2_0 = 42,
 };
+constexpr GgmlType ggml_type_of(Format format) { return GgmlType(ggml_id(format)); }
 
 struct TypeLayout {
   GgmlType type;

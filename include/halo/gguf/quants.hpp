@@ -11,6 +11,10 @@
 #pragma once
 
 #include <cstdint>
+#include <iterator>
+#include <utility>
+
+#include "halo/core/format.hpp"
 
 namespace halo::gguf {
 
@@ -51,5 +55,39 @@ void to_float_f16(const void* blocks, float* out, int64_t n);
 void from_float_f16(const float* in, void* blocks, int64_t n);
 void to_float_bf16(const void* blocks, float* out, int64_t n);
 void from_float_bf16(const float* in, void* blocks, int64_t n);
+
+// The format table's GGUF block rows with their scalar codecs, in the table's order: the
+// one list make_codecs() (src/core/format.cpp) and the quantize tables
+// (src/gguf/convert.cpp) read. A static_assert per position (check_block_codec_rows below)
+// stops the build when entry i is not the i-th ggml_block row of kFormats.
+struct BlockCodec {
+  Format format;
+  RowToFloat to_float;
+  RowFromFloat from_float;
+};
+inline constexpr BlockCodec kBlockCodecs[] = {
+    {Format::q4_0, to_float_q4_0, from_float_q4_0}, {Format::q4_1, to_float_q4_1, from_float_q4_1},
+    {Format::q5_0, to_float_q5_0, from_float_q5_0}, {Format::q5_1, to_float_q5_1, from_float_q5_1},
+    {Format::q8_0, to_float_q8_0, from_float_q8_0}, {Format::q2_k, to_float_q2_k, from_float_q2_k},
+    {Format::q3_k, to_float_q3_k, from_float_q3_k}, {Format::q4_k, to_float_q4_k, from_float_q4_k},
+    {Format::q5_k, to_float_q5_k, from_float_q5_k}, {Format::q6_k, to_float_q6_k, from_float_q6_k},
+    {Format::q8_k, to_float_q8_k, from_float_q8_k},
+};
+
+namespace detail {
+template <size_t I>
+constexpr bool block_codec_row_matches() {
+  static_assert(kBlockCodecs[I].format == nth_format_of_kind(FormatKind::ggml_block, I),
+                "kBlockCodecs[I] must be the I-th ggml_block row of kFormats (include/halo/core/format.hpp)");
+  return true;
+}
+template <size_t... I>
+constexpr bool check_block_codec_rows(std::index_sequence<I...>) {
+  return (block_codec_row_matches<I>() && ...);
+}
+}  // namespace detail
+static_assert(std::size(kBlockCodecs) == count_formats_of_kind(FormatKind::ggml_block),
+              "kBlockCodecs needs one entry per ggml_block row of kFormats");
+static_assert(detail::check_block_codec_rows(std::make_index_sequence<std::size(kBlockCodecs)>()));
 
 }  // namespace halo::gguf

@@ -39,7 +39,12 @@ void adamw8bit_step(void* param, const void* grad, Format dtype, int64_t n, uint
                     float* absmax1, float* absmax2, const AdamW8bitSettings& settings,
                     Backend backend = Backend::automatic);
 
-// Validation shared with the bindings and the CUDA entry (throws InvalidArgument naming `function`).
+// The same on the current CUDA device: every pointer in its memory, queued on `stream`
+// (a cudaStream_t as an integer) without synchronizing. BackendUnavailable without CUDA.
+void adamw8bit_step_device(void* param, const void* grad, Format dtype, int64_t n, uint8_t* state1, uint8_t* state2,
+                           float* absmax1, float* absmax2, const AdamW8bitSettings& settings, uintptr_t stream);
+
+// Validation shared by both entries (throws InvalidArgument naming `function`).
 void check_adamw8bit(const char* function, Format dtype, int64_t n, const AdamW8bitSettings& settings);
 
 }  // namespace halo

@@ -22,6 +22,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string_view>
 #include <vector>
 
 #include "halo/backend/backend.hpp"
@@ -43,6 +44,18 @@ struct Quant4Matrix {
 // A view of a 2-D Quantized4. Nested (double-quantized) absmax is decoded into
 // `absmax_storage`, which must outlive the view; plain absmax is used in place.
 Quant4Matrix quant4_matrix(const Quantized4& tensor, std::vector<float>& absmax_storage);
+
+// A view of caller memory holding a flat 4-bit weight [out_features, in_features]:
+// InvalidArgument naming `function` unless the type, block size and shape are valid and
+// packed / absmax hold exactly packed_size(out * in) bytes / num_blocks(out * in) floats.
+Quant4Matrix quant4_matrix(std::string_view function, const uint8_t* packed, int64_t packed_bytes,
+                           const float* absmax, int64_t absmax_count, Format type, int64_t blocksize,
+                           int64_t out_features, int64_t in_features);
+// InvalidArgument naming `function` unless x holds rows x (in, or out when transposed)
+// elements, bias (when bias_count >= 0; not with transposed) the output width and y
+// (when y_count >= 0) rows x the output width.
+void check_matmul_4bit_buffers(std::string_view function, int64_t rows, const Quant4Matrix& w, bool transposed,
+                               int64_t x_count, int64_t bias_count, int64_t y_count);
 
 // y [rows, out] = x [rows, in] · Wᵀ + bias. `bias` (out values of `dtype`) may be null.
 // rows may be 0. y must not overlap x or bias.

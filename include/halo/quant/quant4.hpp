@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <string_view>
 #include <vector>
 
 #include "halo/backend/backend.hpp"
@@ -21,6 +22,17 @@ namespace halo {
 constexpr int64_t num_blocks(int64_t n, int64_t blocksize) { return (n + blocksize - 1) / blocksize; }
 constexpr int64_t packed_size(int64_t n) { return (n + 1) / 2; }
 
+// What a 4-bit tensor of n elements takes; InvalidArgument naming `function` unless n > 0 and
+// type / blocksize are a bitsandbytes 4-bit format and block size.
+struct Quant4Sizes {
+  int64_t packed_bytes;
+  int64_t absmax_count;
+};
+Quant4Sizes quant4_sizes(std::string_view function, int64_t n, Format type, int64_t blocksize);
+// The same, and InvalidArgument unless the caller's buffers hold exactly that much.
+Quant4Sizes check_quant4_buffers(std::string_view function, int64_t n, Format type, int64_t blocksize,
+                                 int64_t packed_bytes, int64_t absmax_count);
+
 // packed: packed_size(n) bytes; absmax: num_blocks(n, blocksize) floats.
 void quantize_4bit(const void* input, Format dtype, int64_t n, Format type, int64_t blocksize,
                    uint8_t* packed, float* absmax, Backend backend = Backend::automatic);
@@ -28,6 +40,14 @@ void quantize_4bit(const void* input, Format dtype, int64_t n, Format type, int6
 // output: n elements of `dtype`.
 void dequantize_4bit(const uint8_t* packed, const float* absmax, int64_t n, Format type, int64_t blocksize,
                      void* output, Format dtype, Backend backend = Backend::automatic);
+
+// The same on the current CUDA device: every pointer in its memory (torch CUDA tensors),
+// queued on `stream` (a cudaStream_t as an integer; 0 = the legacy default stream) without
+// synchronizing. Arguments are checked as above; BackendUnavailable without CUDA.
+void quantize_4bit_device(const void* input, Format dtype, int64_t n, Format type, int64_t blocksize,
+                          uint8_t* packed, float* absmax, uintptr_t stream);
+void dequantize_4bit_device(const uint8_t* packed, const float* absmax, int64_t n, Format type, int64_t blocksize,
+                            void* output, Format dtype, uintptr_t stream);
 
 // Elements [begin, end) of the flattened tensor as float32 into output[0, end-begin):
 // for consumers that dequantize tile by tile (the 4-bit LoRA GEMM).

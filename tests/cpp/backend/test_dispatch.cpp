@@ -17,7 +17,7 @@ using Kernel = int (*)();
 }  // namespace
 
 TEST_CASE("an explicit backend gets exactly its kernel or an error naming the op", "[dispatch]") {
-  const KernelTable<Kernel> only_scalar{"test_op", scalar_kernel, nullptr, nullptr, nullptr};
+  const KernelTable<Kernel> only_scalar{"test_op", {rung(Backend::scalar, &scalar_kernel)}};
   CHECK(dispatch(only_scalar, Backend::scalar).kernel() == 1);
   for (Backend b : available_backends()) {
     if (b == Backend::scalar) continue;
@@ -28,8 +28,9 @@ TEST_CASE("an explicit backend gets exactly its kernel or an error naming the op
 
 TEST_CASE("automatic takes the best rung with a kernel at or below the machine's", "[dispatch]") {
   unsetenv("HALO_BACKEND");
-  const KernelTable<Kernel> full{"full", scalar_kernel, avx2_kernel, avx512_kernel, nullptr};
-  const KernelTable<Kernel> no_avx512{"partial", scalar_kernel, avx2_kernel, nullptr, nullptr};
+  const KernelTable<Kernel> full{
+      "full", {rung(Backend::scalar, &scalar_kernel), rung(Backend::avx2, &avx2_kernel), rung(Backend::avx512, &avx512_kernel)}};
+  const KernelTable<Kernel> no_avx512{"partial", {rung(Backend::scalar, &scalar_kernel), rung(Backend::avx2, &avx2_kernel)}};
   const Backend best = resolve(Backend::automatic);
   const auto chosen = dispatch(full, Backend::automatic);
   CHECK(chosen.backend == best);

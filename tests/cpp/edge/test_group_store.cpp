@@ -366,3 +366,21 @@ TEST_CASE("mmap mode maps every group and caps the touched bytes at the budget")
   REQUIRE(store.resident().size() <= 3);
   REQUIRE(store.stats().peak_resident_bytes <= 3 * group);
 }
+
+TEST_CASE("store formats, modes and keys are parsed by the library with errors naming the caller", "[edge_store]") {
+  using namespace halo;
+  CHECK(edge::parse_store_format("caller", "nf4") == Format::nf4);
+  CHECK(edge::parse_store_format("caller", "fp4") == Format::fp4);
+  CHECK(edge::parse_store_format("caller", "f32") == Format::f32);
+  for (const char* bad : {"float32", "q4_0", "NF4", ""})
+    CHECK_THROWS_WITH(edge::parse_store_format("caller", bad),
+                      Catch::Contains("[caller]") && Catch::Contains(std::string("'") + bad + "'"));
+  for (Format f : {Format::nf4, Format::fp4, Format::f32})
+    CHECK(edge::parse_store_format("caller", edge::store_format_name(f)) == f);
+  CHECK(edge::StoreOptions::parse_mode("caller", "mmap") == edge::StoreOptions::Mode::mmap);
+  CHECK_THROWS_WITH(edge::StoreOptions::parse_mode("caller", "disk"), Catch::Contains("[caller]") && Catch::Contains("disk"));
+  CHECK(edge::group_key("caller", 65535, 255, 65535) == edge::GroupKey{65535, 255, 65535});
+  CHECK_THROWS_WITH(edge::group_key("caller", 65536, 0, 0), Catch::Contains("[caller]") && Catch::Contains("65536"));
+  CHECK_THROWS_AS(edge::group_key("caller", 0, -1, 0), InvalidArgument);
+  CHECK_THROWS_AS(edge::group_key("caller", 0, 0, int64_t(1) << 33), InvalidArgument);
+}

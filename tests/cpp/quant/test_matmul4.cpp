@@ -273,8 +273,8 @@ TEST_CASE("matmul_4bit: each AVX-512 variant runs where the CPU has it", "[matmu
   CHECK(seen.count("scalar") == 1);
   // The extras run exactly where the CPU has them: bfloat16 x with 1 row (16 too once AMX is
   // switched off) takes the AVX512-BF16 GEMV; 16 or more rows, or a transposed call, take AMX.
-  CHECK(seen.count("avx512-bf16") == (kernels::cpu_has_avx512_bf16() ? 1u : 0u));
-  CHECK(seen.count("avx512-amx") == (kernels::cpu_has_amx_bf16() ? 1u : 0u));
+  CHECK(seen.count("avx512-bf16") == (cpu_has(CpuFeature::avx512_bf16) ? 1u : 0u));
+  CHECK(seen.count("avx512-amx") == (cpu_has(CpuFeature::amx_bf16) ? 1u : 0u));
 }
 
 TEST_CASE("matmul_4bit: bad arguments raise errors naming the function", "[matmul4]") {
