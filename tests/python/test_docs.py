@@ -13,8 +13,8 @@ Convention (also for blocks added later):
   indented lines continues there) is parsed by the ``halo`` command's argument parser
   (placeholders in capitals such as ``DIR`` or ``N`` stand for ``1``; ``[--opt]`` is included;
   ``a|b`` takes ``a``; ``...`` is dropped); every ``make TARGET`` names a target of the Makefile;
-  any other command (``torchrun``, ``accelerate launch``, ...) may only name repository files
-  (``examples/x.py``) that exist.
+  ``torchrun`` and ``accelerate launch`` lines are parsed by the launcher's own argument parser;
+  any other command may only name repository files (``examples/x.py``) that exist, as must these.
 - ``text``: prose, output or formulas; not run.
 - An HTML comment right above a fence adjusts it::
 
@@ -250,6 +250,19 @@ def _make_targets() -> set[str]:
     return set(re.findall(r"^([A-Za-z][\w-]*):", text, re.M))
 
 
+def _launcher_parser(words: list[str]) -> tuple[argparse.ArgumentParser, list[str]] | None:
+    """torch's and accelerate's launcher parsers, for `torchrun ...` and `accelerate launch ...`."""
+    if words[0] == "torchrun":
+        from torch.distributed.run import get_args_parser
+
+        return get_args_parser(), words[1:]
+    if words[:2] == ["accelerate", "launch"]:
+        from accelerate.commands.launch import launch_command_parser
+
+        return launch_command_parser(), words[2:]
+    return None
+
+
 @pytest.mark.parametrize("block", SHELL, ids=_ids(SHELL))
 def test_shell_block_commands_parse(block: Block):
     parser, targets = _cli_parser(), _make_targets()
@@ -267,6 +280,15 @@ def test_shell_block_commands_parse(block: Block):
             except (argparse.ArgumentError, SystemExit) as exc:
                 pytest.fail(f"{block.where}: `{command.strip()}` does not parse (as {args}): {exc}")
         else:
+            launcher = _launcher_parser(words)
+            if launcher is not None:
+                parser_of, args = launcher
+                try:
+                    parser_of.parse_args(args)
+                except SystemExit as exc:
+                    pytest.fail(
+                        f"{block.where}: `{command.strip()}` does not parse as {words[0]} options: {exc}"
+                    )
             missing = [w for w in words if _REPO_PATH.fullmatch(w) and not (ROOT / w).exists()]
             assert not missing, (
                 f"{block.where}: `{command.strip()}` names files the repository lacks: {missing}"
