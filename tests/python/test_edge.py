@@ -227,6 +227,83 @@ def test_compensation_modes_fill_only_what_is_missing():
     np.testing.assert_array_equal(est[0], truth[0])
 
 
+class LinkedTransport:
+    """Stands in for the root's transport: every worker answers its whole input after a
+    fixed latency of its own (no loss, no sleeping: arrival times are computed). Terms that
+    miss the deadline (and are not critical) come back as late arrivals at the next gather,
+    as the real transport reports them. Records each gather's deadline after the inputs went out."""
+
+    datagram_payload = 1200
+
+    def __init__(self, latency: list[float]):
+        self.latency = latency
+        self.sent: dict[tuple[int, int], float] = {}
+        self.pending: list[tuple[int, int, int, float]] = []
+        self.waits: list[tuple[int, float]] = []  # (rows, deadline - inputs sent)
+
+    def send_input(self, peer, step, pos, layer, part, critical, rows, delivery):
+        self.sent.setdefault((step, peer), time.monotonic())
+        return True
+
+    def gather(self, step, layer, part, out, peer_of_group, critical, deadline, hard, wait_all):
+        groups, rows, _ = out.shape
+        peers = max(peer_of_group) + 1
+        arrival = {p: self.sent[(step, p)] + self.latency[p] for p in set(peer_of_group) if p >= 0}
+        self.waits.append((rows, deadline - min(self.sent[(step, p)] for p in arrival)))
+        received = np.zeros((groups, rows), np.uint8)
+        peer_last, peer_missing = [-1.0] * peers, [0] * peers
+        for g, p in enumerate(peer_of_group):
+            if p < 0:
+                continue
+            if critical[g] or wait_all or arrival[p] <= deadline:
+                received[g] = 1
+                peer_last[p] = arrival[p]
+            else:
+                peer_missing[p] += rows
+                self.pending.append((step, g, p, arrival[p]))
+        late, self.pending = (
+            [a for a in self.pending if a[0] != step],
+            [a for a in self.pending if a[0] == step],
+        )
+        end = "complete" if received.all() else "deadline"
+        return {
+            "end": end,
+            "received": received,
+            "peer_last": peer_last,
+            "peer_missing": peer_missing,
+            "other": [],
+            "stale": len(late),
+            "late": late,
+            "duplicates": 0,
+            "malformed": 0,
+        }
+
+
+def test_deadline_follows_the_slowest_worker(tiny_llama):
+    """With one fast (2 ms) and one slow (40 ms) worker, the deadline the root derives from
+    the monitored latencies lets the slow worker's terms in: it is set by the slowest worker."""
+    plan = edge.make_plan(tiny_llama, 2, calibration_tokens=0, group_size=48)
+    assert all({0, 1} <= set(part) for layer in plan.assignment for part in layer)
+    fast, slow = 0.002, 0.040
+    root = edge.Root(str(tiny_llama), ["127.0.0.1:1", "127.0.0.1:2"], plan, policy="halo", replan=False)
+    root.transport = LinkedTransport([fast, slow])  # "connected": peer ids 0 and 1
+    root.peer = [0, 1]
+    logits = root.forward([5, 17, 3], 0)
+    for pos in range(3, 12):
+        logits = root.forward([int(logits[-1].argmax())], pos)
+    # Once the monitor has three latency samples of every worker (the first decode
+    # exchanges wait the initial deadline), each deadline covers the slow worker's latency.
+    decode = [wait for rows, wait in root.transport.waits if rows == 1]
+    assert len(decode) == 9 * 2 * 2
+    settled = decode[3 * 2 * 2 :]
+    factor, slack = root.options.deadline_factor, root.options.deadline_slack
+    for wait in settled:
+        assert slow * factor <= wait <= slow * factor + slack + 0.01, (wait, fast * factor + slack)
+    assert root.transport.pending == [] and not root.stats.dead
+    decode_exchanges = [e for e in root.stats.exchanges if e.rows == 1][3 * 2 * 2 :]
+    assert all(e.delivered == e.expected for e in decode_exchanges)
+
+
 def test_estimate_shrinkage_drops_unpredictable_groups(tiny_llama):
     from halo import edge_model as em
     from halo.edge_plan import _Calibration, _fit_estimates
