@@ -5,6 +5,7 @@ preparation, generation, and a short fine-tune of the real model (SmolLM2-135M).
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import os
 import subprocess
@@ -119,6 +120,119 @@ print("OK", type(model.model.layers[0].self_attn.q_proj).__name__)
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "OK Linear4bit" in result.stdout
+
+
+def fp4_error_per_block(layer: hnn.Linear4bit, weight: torch.Tensor) -> float:
+    """Largest |dequantized - float| of a layer's weight, in units of its 64-block's absmax."""
+    blocks = weight.detach().reshape(-1, 64)
+    error = (layer.dequantize(torch.float32).reshape(-1, 64) - blocks).abs()
+    return (error / blocks.abs().amax(1, keepdim=True)).max().item()
+
+
+# Half the widest gap of bitsandbytes' fp4 values (2/3 -> 1), plus the nested absmax's
+# 8-bit error. NF4 codes read as fp4 (or fp4 as nf4) land near 1.4 absmax away.
+FP4_BOUND = 1 / 6 + 0.015
+
+
+def test_fp4_checkpoint_saved_by_halo_reloads_as_fp4(tiny_dir, tmp_path):
+    config = halo.hf.HaloConfig(quant_type="fp4", compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, quantization_config=config)
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert saved["quant_type"] == "fp4"
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    float_model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    layers = {n: m for n, m in reloaded.named_modules() if isinstance(m, hnn.Linear4bit)}
+    assert len(layers) == 2 * 7
+    for name, layer in layers.items():
+        assert layer.quant_type == "fp4", name
+        # The independent reference: the float weights, within fp4's (not nf4's) error.
+        assert fp4_error_per_block(layer, float_model.get_submodule(name).weight) < FP4_BOUND, name
+        assert torch.equal(
+            layer.dequantize(torch.float32), model.get_submodule(name).dequantize(torch.float32)
+        )
+    # The state-dict loader too: an nf4 model takes the fp4 state (and its quant_type).
+    nf4 = halo.hf.quantize_model(LlamaForCausalLM(tiny_config()), compute_dtype=torch.float32)
+    nf4.load_state_dict(model.state_dict())
+    assert all(m.quant_type == "fp4" for m in nf4.modules() if isinstance(m, hnn.Linear4bit))
+    ids = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+        torch.testing.assert_close(nf4(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_fp4_bitsandbytes_checkpoint_loads_as_fp4(tmp_path):
+    bnb = pytest.importorskip("bitsandbytes")  # the checkpoint and the reference weights and logits
+    torch.manual_seed(0)
+    tiny = tiny_config()
+    tiny.intermediate_size = 128  # rows a multiple of 64 wide (see the nf4 test above)
+    float_model = LlamaForCausalLM(tiny)
+    float_model.save_pretrained(tmp_path / "float")
+    config = transformers.BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="fp4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=config).save_pretrained(
+        tmp_path / "bnb"
+    )
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "bnb")
+    theirs.train()  # bitsandbytes' plain CPU kernel (see the nf4 test above)
+    ours = halo.hf.load_bnb_checkpoint(tmp_path / "bnb")
+    layers = {n: m for n, m in ours.named_modules() if isinstance(m, hnn.Linear4bit)}
+    assert len(layers) == 2 * 7
+    for name, layer in layers.items():
+        assert layer.quant_type == "fp4", name
+        their_layer = theirs.get_submodule(name)
+        expected = bnb.functional.dequantize_4bit(their_layer.weight.data, their_layer.weight.quant_state)
+        assert torch.equal(layer.dequantize(torch.float32), expected.float()), name
+        assert fp4_error_per_block(layer, float_model.get_submodule(name).weight) < FP4_BOUND, name
+    assert ours.config.quantization_config.quant_type == "fp4"  # what a re-save writes
+    ids = torch.randint(0, 128, (1, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_skip_modules_match_whole_module_names_as_transformers_does(tmp_path):
+    """A pattern skips a module when it matches from the start up to a name boundary, or as
+    a suffix (transformers' rule for llm_int8_skip_modules), never as a bare substring."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=12,  # layers.1 and layers.11
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+        tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    patterns = ["mlp.gate", "model.layers.1", "down_proj"]
+    projections = [f"self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")] + [
+        f"mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")
+    ]
+    # "mlp.gate" is neither a prefix nor a suffix of "...mlp.gate_proj": it skips nothing;
+    # "model.layers.1" skips layer 1 whole, not layer 11; "down_proj" skips it in every layer.
+    expected = {f"model.layers.1.{p}" for p in projections}
+    expected |= {f"model.layers.{i}.mlp.down_proj" for i in range(12)}
+
+    def in_float(model) -> set[str]:
+        return {n for n, m in model.named_modules() if type(m) is torch.nn.Linear} - {"lm_head"}
+
+    loaded = AutoModelForCausalLM.from_pretrained(
+        tmp_path, quantization_config=halo.hf.HaloConfig(skip_modules=patterns)
+    )
+    assert in_float(loaded) == expected
+    assert isinstance(loaded.model.layers[11].mlp.gate_proj, hnn.Linear4bit)
+    quantized = halo.hf.quantize_model(LlamaForCausalLM(config), skip_modules=patterns)
+    assert in_float(quantized) == expected
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        # transformers' own bitsandbytes loader leaves the same projections in float.
+        bnb_config = transformers.BitsAndBytesConfig(load_in_4bit=True, llm_int8_skip_modules=patterns)
+        theirs = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=bnb_config)
+        assert in_float(theirs) == expected
 
 
 def peft_pair(dropout: float):

@@ -4,6 +4,7 @@ resume exactly, use from transformers' Trainer, and clear errors."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 
@@ -84,6 +85,54 @@ def test_bfloat16_parameters_and_small_parameters():
     assert big.dtype == torch.bfloat16 and torch.isfinite(big.float()).all()
     assert opt.state[small]["state1"].dtype == torch.float32  # below min_8bit_size
     assert opt.state[big]["state1"].dtype == torch.uint8
+
+
+def test_small_parameters_step_as_torch_adamw_and_bitsandbytes_32bit():
+    """Below min_8bit_size the moments are float32 and every step is AdamW's: decoupled
+    weight decay, both bias corrections (the second under its square root), step by step
+    against torch.optim.AdamW and bitsandbytes' own 32-bit path."""
+    torch.manual_seed(5)
+    shapes = [(10,), (7, 13), (4095,)]  # all below the default min_8bit_size of 4096
+    start = [torch.randn(shape) for shape in shapes]
+    grads = [[torch.randn(shape) for shape in shapes] for _ in range(6)]
+    settings = dict(lr=0.05, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+
+    def optimizer(make):
+        params = [torch.nn.Parameter(p.clone()) for p in start]
+        return params, make(params)
+
+    runs = {
+        "halo": optimizer(lambda ps: AdamW8bit(ps, **settings)),
+        "torch": optimizer(lambda ps: torch.optim.AdamW(ps, amsgrad=False, **settings)),
+    }
+    bnb = None
+    with contextlib.suppress(ImportError):
+        import bitsandbytes as bnb
+    if bnb is not None:  # AdamW8bit keeps float32 states below its min_8bit_size too
+        runs["bitsandbytes"] = optimizer(lambda ps: bnb.optim.AdamW8bit(ps, min_8bit_size=4096, **settings))
+    for step, step_grads in enumerate(grads):
+        for params, opt in runs.values():
+            for p, g in zip(params, step_grads, strict=True):
+                p.grad = g.clone()
+            opt.step()
+        ours = runs["halo"][0]
+        for name in ("torch", "bitsandbytes"):
+            for i, (got, ref) in enumerate(zip(ours, runs.get(name, (ours,))[0], strict=True)):
+                torch.testing.assert_close(
+                    got,
+                    ref,
+                    rtol=1e-5,
+                    atol=1e-6,
+                    msg=lambda m: f"{name}, step {step + 1}, parameter {i}: {m}",
+                )
+    opt = runs["halo"][1]
+    assert all(opt.state[p]["state1"].dtype == torch.float32 for p in runs["halo"][0])
+    if bnb is not None:
+        assert all(
+            runs["bitsandbytes"][1].state[p]["state1"].dtype == torch.float32 for p in runs["bitsandbytes"][0]
+        )
+    # The parameters moved by more than the tolerance: the comparison above is not vacuous.
+    assert all((p - s).abs().max() > 0.1 for p, s in zip(ours, start, strict=True))
 
 
 def test_state_dict_resumes_exactly():

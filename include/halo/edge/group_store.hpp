@@ -25,10 +25,11 @@
 // is a whole cycle away) and, among those needed at the same exchange, the most important
 // per byte first. They evict unpinned, unused groups needed later than what they bring in:
 // the furthest from their next use first (in the cyclic access of a decoder, the groups just
-// used: recency), then the least important. Importance is what the caller says: the
-// semantic predictor's scores for the next exchanges, static importance for the rest; the
-// most important groups can be pinned. acquire() never waits: a group that is not resident
-// at its exchange is missing (the caller compensates it like a lost packet).
+// used: recency), then the least important per byte, then the least recently used.
+// Importance is what the caller says: the semantic predictor's scores for the next
+// exchanges, static importance for the rest; the most important groups can be pinned.
+// acquire() never waits: a group that is not resident at its exchange is missing (the
+// caller compensates it like a lost packet).
 // Mode::mmap is the baseline that maps the whole file and lets the kernel page it in,
 // with the page cache capped at the budget by dropping least-recently-used groups.
 #pragma once

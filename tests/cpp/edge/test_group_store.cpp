@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -217,6 +218,31 @@ TEST_CASE("eviction prefers the groups furthest from their next use when importa
   REQUIRE(store.load_now({1, 0, 0}));  // evicts (0, 0, 0): a whole cycle away, while (2, 0, 0) is 4 away
   store.release({{1, 0, 0}});
   REQUIRE(store.resident() == std::vector<GroupKey>{{1, 0, 0}, {2, 0, 0}});
+}
+
+TEST_CASE("eviction breaks a tie on next use and importance per byte by least recent use") {
+  const std::string path = temp_path("recency.halogrp");
+  write_store(path, 1, 4, 64, 128);  // groups (0, 0, i): one exchange, the same size, importance 1
+  GroupStore probe(path, options(UINT64_MAX));
+  const uint64_t group = probe.group_pages_bytes({0, 0, 0});
+  for (const bool touch_first_again : {false, true}) {
+    GroupStore store(path, options(2 * group));
+    REQUIRE(store.load_now({0, 0, 0}));
+    store.release({{0, 0, 0}});
+    REQUIRE(store.load_now({0, 0, 1}));
+    store.release({{0, 0, 1}});
+    if (touch_first_again) {  // (0, 0, 0) becomes the most recently used
+      REQUIRE(store.acquire({{0, 0, 0}}) == std::vector<uint8_t>{1});
+      store.release({{0, 0, 0}});
+    }
+    REQUIRE(store.load_now({0, 0, 2}));  // room for one more: the least recently used goes
+    store.release({{0, 0, 2}});
+    const GroupKey kept = touch_first_again ? GroupKey{0, 0, 0} : GroupKey{0, 0, 1};
+    auto expected = std::vector<GroupKey>{kept, {0, 0, 2}};
+    std::sort(expected.begin(), expected.end());
+    REQUIRE(store.resident() == expected);
+    REQUIRE(store.stats().evictions == 1);
+  }
 }
 
 TEST_CASE("the loaders fetch the groups needed soonest, the most important first, within the budget") {

@@ -159,3 +159,79 @@ TEST_CASE("gather keeps what arrived by the deadline and waits for critical grou
     worker.join();
   }
 }
+
+TEST_CASE("a peer that disconnects mid-gather leaves its missing rows not received, the others' kept") {
+  for (Protocol protocol : {Protocol::enet, Protocol::tcp}) {
+    constexpr int rows = 3, cols = 600;
+    // Two workers: `steady` answers its group whole; `quitter` sends the first row of its
+    // group, then closes the connection while the root is still gathering.
+    auto steady = Transport::create(protocol, "127.0.0.1", 0, 2);
+    auto quitter = Transport::create(protocol, "127.0.0.1", 0, 2);
+    std::atomic<bool> stop{false};
+    auto serve = [&](Transport& server, uint16_t group, int32_t answer_rows, bool quit) {
+      int32_t peer = -1;
+      bool answered = false;
+      const double end = now() + 10;
+      while (!stop && now() < end) {
+        Event e = server.poll(0.01);
+        if (e.type == Event::Type::connect) peer = e.peer;
+        if (e.type != Event::Type::message || answered) continue;
+        const Header in = decode_header(e.data);
+        std::vector<float> values(rows * cols);
+        for (int r = 0; r < rows; ++r)
+          for (int c = 0; c < cols; ++c) values[r * cols + c] = float(group) + float(r) / 8.0f;
+        Header h;
+        h.step = in.step;
+        h.group = group;
+        h.cols = cols;
+        send_partial(server, peer, h, values.data(), answer_rows, Delivery::reliable, false);
+        if (quit) server.disconnect(peer, false);  // after what is queued went out
+        answered = true;
+      }
+    };
+    struct Joined {  // a failed REQUIRE below still stops and joins the workers
+      std::atomic<bool>& stop;
+      std::thread a, b;
+      ~Joined() {
+        stop = true;
+        a.join();
+        b.join();
+      }
+    } workers{stop, std::thread([&] { serve(*steady, 0, rows, false); }),
+              std::thread([&] { serve(*quitter, 1, 1, true); })};
+    auto root = Transport::create(protocol, "", 0, 2);
+    const int32_t pa = root->connect("127.0.0.1", steady->port(), 3.0);
+    const int32_t pb = root->connect("127.0.0.1", quitter->port(), 3.0);
+    Header h;
+    h.step = 7;
+    h.rows = 1;
+    h.cols = 1;
+    const float x = 0;
+    REQUIRE(send_input(*root, pa, h, {}, &x, Delivery::control));
+    REQUIRE(send_input(*root, pb, h, {}, &x, Delivery::control));
+    GatherSpec spec;
+    spec.step = 7;
+    spec.rows = rows;
+    spec.cols = cols;
+    spec.peer_of_group = {pa, pb};
+    spec.critical = {1, 1};  // both critical: only the disconnect can end the wait early
+    spec.deadline = now() + 5.0;
+    spec.hard_deadline = now() + 5.0;
+    spec.wait_all = true;
+    std::vector<float> out(2 * rows * cols, -1.0f);
+    const double t0 = now();
+    const GatherResult r = gather(*root, spec, out.data());
+    CAPTURE(protocol == Protocol::enet ? "enet" : "tcp");
+    REQUIRE(r.end == GatherResult::End::complete);  // nothing left to wait for
+    REQUIRE(now() - t0 < 4.0);
+    REQUIRE(r.received == std::vector<uint8_t>{1, 1, 1, 1, 0, 0});
+    for (int row = 0; row < rows; ++row) REQUIRE(out[size_t(row) * cols + 5] == float(row) / 8.0f);
+    REQUIRE(out[size_t(rows) * cols + 5] == 1.0f);
+    for (int row = 1; row < rows; ++row) REQUIRE(out[size_t(rows + row) * cols + 5] == -1.0f);
+    REQUIRE(r.peer_missing[size_t(pa)] == 0);
+    REQUIRE(r.peer_missing[size_t(pb)] == rows - 1);
+    bool saw_disconnect = false;
+    for (const Event& e : r.other) saw_disconnect |= e.type == Event::Type::disconnect && e.peer == pb;
+    REQUIRE(saw_disconnect);
+  }
+}
