@@ -742,7 +742,9 @@ def test_lossy_and_bursty_links_keep_tokens_coming(tiny_llama, link_key):
         def connect(**options):
             # Handshakes over clean links: what is under test is decoding over lossy ones (on a
             # 30 % link ENet's backoff alone can hold a hello past any fixed connect timeout).
-            root = edge.Root(str(tiny_llama), addresses, plan, connect_timeout=20.0, key=link_key[1], **options)
+            root = edge.Root(
+                str(tiny_llama), addresses, plan, connect_timeout=20.0, key=link_key[1], **options
+            )
             clean_links(True)
             try:
                 root.connect()
