@@ -34,8 +34,7 @@ def batch(step: int) -> torch.Tensor:
     return torch.randint(0, 96, (GLOBAL_BATCH, SEQ), generator=generator)
 
 
-def build(optim: str):
-    import halo
+def build():
     import peft
     from halo.hf import quantize_model, register_lora
 
@@ -53,17 +52,47 @@ def build(optim: str):
     )
     model = peft.get_peft_model(model, config)
     model.train()
+    return model
+
+
+def make_optimizer(model, optim: str):
+    import halo
+
     params = [p for p in model.parameters() if p.requires_grad]
     if optim == "adamw":
         optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.01)
     else:
         # min_8bit_size 64: the tiny model's LoRA factors (256 elements) take the 8-bit path.
         optimizer = halo.optim.AdamW8bit(params, lr=1e-2, weight_decay=0.01, min_8bit_size=64)
-    return model, optimizer
+    return optimizer
 
 
 def lora_state(model) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    """The trainable (LoRA) weights, whole: FSDP's shards are gathered."""
+    from torch.distributed.tensor import DTensor
+
+    def whole(p):
+        return p.full_tensor() if isinstance(p, DTensor) else p
+
+    return {name: whole(p.detach()).clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _packed_share(model) -> float:
+    """The share of the packed 4-bit weight bytes this rank holds (FSDP: about 1 / ranks)."""
+    from torch.distributed.tensor import DTensor
+
+    packed = [p for p in model.parameters() if p.dtype == torch.uint8]
+    local = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in packed)
+    return local / sum(p.numel() for p in packed)
+
+
+def shard(model) -> None:
+    """FSDP2: every decoder layer, then the rest, sharded over the ranks (4-bit weights included)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.base_model.model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
 
 
 def main() -> None:
@@ -74,6 +103,7 @@ def main() -> None:
     parser.add_argument("--save-at", type=int, default=0)
     parser.add_argument("--checkpoint", default="")
     parser.add_argument("--resume", default="")
+    parser.add_argument("--fsdp", action="store_true", help="FSDP2 fully_shard instead of DDP")
     args = parser.parse_args()
 
     distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
@@ -85,7 +115,9 @@ def main() -> None:
         raise SystemExit(f"[dist_train] world size {world} must divide the global batch {GLOBAL_BATCH}")
     torch.set_num_threads(1)
 
-    model, optimizer = build(args.optim)
+    if args.fsdp and (args.resume or args.save_at):
+        raise SystemExit("[dist_train] --fsdp runs do not save or resume")
+    model = build()
     initial = lora_state(model)
     start = 0
     if args.resume:
@@ -94,9 +126,16 @@ def main() -> None:
             for name, p in model.named_parameters():
                 if p.requires_grad:
                     p.copy_(saved["lora"][name])
-        optimizer.load_state_dict(saved["optimizer"])
         start = saved["step"]
-    trained = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
+    if distributed and args.fsdp:
+        shard(model)  # the optimizer below then holds the sharded parameters
+        trained = model
+    else:
+        trained = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
+    optimizer = make_optimizer(model, args.optim)
+    packed_share = _packed_share(model)
+    if args.resume:
+        optimizer.load_state_dict(saved["optimizer"])
 
     losses = []
     share = GLOBAL_BATCH // world
@@ -125,7 +164,7 @@ def main() -> None:
             dist.all_gather(gathered, value)
             if not all(torch.equal(g, gathered[0]) for g in gathered):
                 raise SystemExit(f"[dist_train] rank weights differ after training: {name}")
-        for state in optimizer.state.values():
+        for state in [] if args.fsdp else optimizer.state.values():  # FSDP: each rank its shard
             for key, value in state.items():
                 if isinstance(value, torch.Tensor) and value.numel() > 0:
                     gathered = [torch.empty_like(value) for _ in range(world)]
@@ -135,6 +174,7 @@ def main() -> None:
     if rank == 0:
         result = {
             "world": world,
+            "packed_share": packed_share,
             "losses": losses,
             "lora": {name: value.flatten().tolist() for name, value in weights.items()},
             "initial": {name: value.flatten().tolist() for name, value in initial.items()},

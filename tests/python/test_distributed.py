@@ -102,6 +102,17 @@ def test_ddp_two_processes_equal_one_process_on_the_whole_batch(tmp_path, single
     assert _relative(single_adamw, single_adamw, key="initial") > 1e-2
 
 
+def test_fsdp2_shards_the_4bit_weights_and_equals_one_process(tmp_path, single_adamw):
+    """fully_shard on every decoder layer: the packed 4-bit weights are split over the ranks, and
+    the losses and LoRA weights still equal one process on the whole batch."""
+    fsdp = _train(tmp_path, "fsdp", 2, "--fsdp")
+    assert fsdp["world"] == 2
+    assert fsdp["packed_share"] <= 0.55, "the 4-bit weights were not sharded"
+    assert single_adamw["packed_share"] == 1.0
+    np.testing.assert_allclose(fsdp["losses"], single_adamw["losses"], rtol=1e-5)
+    assert _relative(single_adamw, fsdp) <= 1e-5
+
+
 def test_ddp_with_adamw8bit_matches_one_process_adamw8bit(tmp_path, ddp_adamw8bit):
     single = _train(tmp_path, "single8", 1, "--optim", "adamw8bit")
     ddp, _ = ddp_adamw8bit

@@ -90,6 +90,26 @@ def test_forward_equals_float_linear_on_the_dequantized_weight():
     torch.testing.assert_close(y, ref, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ops_leave_every_tensor_storage_resizable(dtype):
+    """FSDP2 frees a gathered parameter by resizing its storage to 0 after the forward; a kernel
+    that crossed to C++ through Tensor.numpy() pins the storage and that fails."""
+    torch.manual_seed(4)
+    layer = hnn.Linear4bit.from_linear(torch.nn.Linear(64, 48)).to(dtype)
+    # Storage that torch allocated, as FSDP's gathered parameters are (from_numpy's is never resizable).
+    layer.weight.data = layer.weight.data.clone()
+    layer.weight_absmax = layer.weight_absmax.clone()
+    layer.weight_nested_absmax = layer.weight_nested_absmax.clone()
+    x = torch.randn(3, 64, dtype=dtype, requires_grad=True)
+    tensors = {"packed weight": layer.weight, "absmax": layer.weight_absmax, "x": x}
+    tensors["nested absmax"] = layer.weight_nested_absmax
+    assert all(t.untyped_storage().resizable() for t in tensors.values())
+    layer(x).sum().backward()
+    tensors["grad"] = x.grad
+    for name, tensor in tensors.items():
+        assert tensor.untyped_storage().resizable(), f"{name} storage was pinned by the CPU kernel"
+
+
 # bfloat16 keeps 8 significant bits (unit roundoff 2**-9 ~ 0.2%) and the output, x's gradient
 # and the 4-bit matmuls are rounded to it a few times on the way: measured errors are at most
 # 0.35% of the largest value, so bfloat16 is held to 1% (float32 to 1e-4), rtol and atol alike.

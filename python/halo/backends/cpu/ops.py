@@ -1,6 +1,6 @@
 """CPU kernels of ``torch.ops.halo.*`` (the operators are defined in :mod:`halo.ops`).
 
-Tensors cross to halo's C++ kernels as NumPy views (no copy for contiguous tensors);
+Tensors cross to halo's C++ kernels as NumPy views taken through DLPack (no copy for contiguous tensors);
 bfloat16 crosses as its uint16 bits. The matmuls run halo's fused 4-bit GEMM/GEMV
 (halo/quant/matmul4.hpp: the codes are decoded inside the kernel, never as a whole W).
 """
@@ -16,21 +16,28 @@ from ... import ops as _ops
 from .. import common
 
 
+def _numpy(t: Tensor) -> np.ndarray:
+    """A NumPy view of a CPU tensor through DLPack: no copy and, unlike ``Tensor.numpy()``, the
+    tensor's storage stays resizable (FSDP2 frees a gathered parameter by resizing its storage
+    to 0, which fails on storage that ``numpy()`` has pinned)."""
+    return np.from_dlpack(t)
+
+
 def numpy_bits(t: Tensor) -> np.ndarray:
     """A flat NumPy view of a contiguous CPU tensor (bfloat16 as its uint16 bits)."""
     flat = t.reshape(-1)
     if flat.dtype == torch.bfloat16:
-        return flat.view(torch.int16).numpy().view(np.uint16)
-    return flat.numpy()
+        return _numpy(flat.view(torch.int16)).view(np.uint16)
+    return _numpy(flat)
 
 
 def _scales(absmax: Tensor, nested_absmax: Tensor | None, nested_offset: float) -> np.ndarray:
     if nested_absmax is None:
-        values = absmax.contiguous().numpy()
+        values = _numpy(absmax.contiguous())
     else:
         values = _core.quant.double_dequantize(
-            absmax.contiguous().numpy(),
-            nested_absmax.contiguous().numpy(),
+            _numpy(absmax.contiguous()),
+            _numpy(nested_absmax.contiguous()),
             float(nested_offset),
             _ops.NESTED_BLOCKSIZE,
         )
@@ -47,7 +54,7 @@ def _matmul(x2d: Tensor, weight: tuple, out_features: int, in_features: int, bia
         numpy_bits(x2d.detach()),
         _ops.FLOAT_NAMES[x2d.dtype],
         rows,
-        packed.contiguous().numpy().reshape(-1),
+        _numpy(packed.contiguous()).reshape(-1),
         _scales(absmax, nested_absmax, nested_offset),
         quant_type,
         blocksize,
@@ -77,7 +84,7 @@ def _dequantize_4bit(packed, absmax, nested_absmax, nested_offset, shape, quant_
     )
     out = torch.empty(numel, dtype=dtype)
     _core.quant.dequantize_4bit(
-        packed.contiguous().numpy().reshape(-1),
+        _numpy(packed.contiguous()).reshape(-1),
         _scales(absmax, nested_absmax, nested_offset),
         numel,
         quant_type,
@@ -110,6 +117,6 @@ def _lora_linear(*args):
 def _double_quantize_absmax(absmax: Tensor, threads: int):
     _ops.check_absmax("halo::double_quantize_absmax", absmax)
     codes, nested, offset = _core.quant.double_quantize(
-        absmax.detach().contiguous().numpy(), _ops.NESTED_BLOCKSIZE, None, int(threads)
+        _numpy(absmax.detach().contiguous()), _ops.NESTED_BLOCKSIZE, None, int(threads)
     )
     return torch.from_numpy(codes), torch.from_numpy(nested), torch.tensor(offset, dtype=torch.float32)
