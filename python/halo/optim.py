@@ -28,6 +28,11 @@ from .ops import FLOAT_NAMES
 
 __all__ = ["AdamW8bit", "PagedAdamW8bit"]
 
+try:
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # torch built without torch.distributed
+    _DTensor = None
+
 BLOCKSIZE = 256
 _DTYPE_NAMES = FLOAT_NAMES
 
@@ -80,8 +85,9 @@ class AdamW8bit(torch.optim.Optimizer):
                 for key in ("absmax1", "absmax2"):
                     state[key] = state[key].to(torch.float32)
 
-    def _init_state(self, p: torch.Tensor) -> dict:
-        state = self.state[p]
+    def _init_state(self, param: torch.Tensor, p: torch.Tensor) -> dict:
+        """The state of `param`, sized for `p`: the parameter itself or its local shard."""
+        state = self.state[param]
         state["step"] = 0
         if p.numel() >= self.min_8bit_size:
             blocks = -(-p.numel() // BLOCKSIZE)
@@ -111,7 +117,11 @@ class AdamW8bit(torch.optim.Optimizer):
                     raise RuntimeError(f"[{fn}] sparse gradients are not supported")
                 if p.dtype not in _DTYPE_NAMES:
                     raise TypeError(f"[{fn}] parameters must be float32, float16 or bfloat16, got {p.dtype}")
-                state = self.state[p] if len(self.state[p]) else self._init_state(p)
+                # FSDP2 parameters are DTensors: each rank updates (and keeps state for) its shard.
+                local, grad = _local(p), _local(p.grad)
+                if local.numel() == 0:
+                    continue
+                state = self.state[p] if len(self.state[p]) else self._init_state(p, local)
                 state["step"] += 1
                 args = (
                     float(group["lr"]),
@@ -122,15 +132,15 @@ class AdamW8bit(torch.optim.Optimizer):
                     int(state["step"]),
                 )
                 if state["state1"].dtype == torch.uint8:
-                    self._step_8bit(p, state, args)
+                    self._step_8bit(local, grad, state, args)
                 else:
-                    _step_32bit(p, state, args)
+                    _step_32bit(local, grad, state, args)
         return loss
 
-    def _step_8bit(self, p: torch.Tensor, state: dict, args: tuple) -> None:
+    def _step_8bit(self, p: torch.Tensor, grad: torch.Tensor, state: dict, args: tuple) -> None:
         lr, beta1, beta2, eps, weight_decay, step = args
         target = p if p.is_contiguous() else p.contiguous()
-        grad = p.grad.to(p.dtype).contiguous()
+        grad = grad.to(p.dtype).contiguous()
         name = _DTYPE_NAMES[p.dtype]
         if p.device.type == "cpu":
             _core.optim.adamw8bit_step(
@@ -175,11 +185,16 @@ class AdamW8bit(torch.optim.Optimizer):
             p.copy_(target)
 
 
-def _step_32bit(p: torch.Tensor, state: dict, args: tuple) -> None:
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor (FSDP2's sharded parameters and gradients); t itself otherwise."""
+    return t.to_local() if _DTensor is not None and isinstance(t, _DTensor) else t
+
+
+def _step_32bit(p: torch.Tensor, grad: torch.Tensor, state: dict, args: tuple) -> None:
     """float32 moments for small parameters (as bitsandbytes' min_8bit_size), same formula."""
     lr, beta1, beta2, eps, weight_decay, step = args
     m, v = state["state1"], state["state2"]
-    g = p.grad.float()
+    g = grad.float()
     m.mul_(beta1).add_(g, alpha=1.0 - beta1)
     v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
     correction1 = 1.0 - beta1**step

@@ -42,9 +42,11 @@ def build():
     quantize_model(model, compute_dtype=torch.float32)
     torch.manual_seed(1)  # the same random LoRA init on every rank (B != 0: both factors train)
     config = register_lora(
+        # r = 16: every LoRA factor splits over 2 ranks into shards of whole 256-element blocks,
+        # so AdamW8bit's blockwise states under FSDP are those of one process.
         peft.LoraConfig(
-            r=4,
-            lora_alpha=8,
+            r=16,
+            lora_alpha=32,
             lora_dropout=0.0,
             target_modules=tiny_models.LLAMA_TARGETS,
             init_lora_weights=False,
@@ -62,7 +64,7 @@ def make_optimizer(model, optim: str):
     if optim == "adamw":
         optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.01)
     else:
-        # min_8bit_size 64: the tiny model's LoRA factors (256 elements) take the 8-bit path.
+        # min_8bit_size 64: the tiny model's LoRA factors (512-2048 elements) take the 8-bit path.
         optimizer = halo.optim.AdamW8bit(params, lr=1e-2, weight_decay=0.01, min_8bit_size=64)
     return optimizer
 
