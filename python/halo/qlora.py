@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -182,7 +183,10 @@ def train(model: Any, dataset: Any, recipe: dict, system: str = "halo", **overri
     settings.setdefault("save_strategy", "no")
     settings["use_cpu"] = not torch.cuda.is_available()
     if settings.get("gradient_checkpointing"):
-        settings.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": True})
+        # Reentrant checkpointing re-runs a layer's backward hooks, which DDP counts as a parameter
+        # made ready twice ("marked ready twice"): several processes take the non-reentrant form.
+        distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        settings.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": not distributed})
     optimizers = (None, None)
     if system == "halo" and settings.get("optim") in OPTIMIZERS_8BIT:
         from halo.optim import PagedAdamW8bit
