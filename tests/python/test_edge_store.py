@@ -260,13 +260,20 @@ def test_loader_keeps_the_groups_the_predictor_ranks_highest(tiny, tiny_store, o
     compute._schedule(0, ATTN, attn_input)
     store.advance(0, ATTN)
     assert store.wait_idle(10)
+    ffn_keys = {g.key for g in ffn}
+
+    def resident_ffn() -> set:
+        # Budget the short last group leaves over may hold a (smaller) attention group fetched
+        # ahead, depending on the loader's timing; what the predictor decides is which FFN groups.
+        return set(store.resident()) & ffn_keys
+
     top = {ffn[i].key for i in np.argsort(order)[-2:]}
-    assert set(store.resident()) == top
+    assert resident_ffn() == top
     # Now the predictor changes its mind: the loaders swap in the new top two.
     compute.predictors = {(0, FFN): _RankedPredictor(order[::-1])}
     compute._schedule(0, ATTN, attn_input)
     assert store.wait_idle(10)
-    assert set(store.resident()) == {ffn[i].key for i in np.argsort(order[::-1])[-2:]}
+    assert resident_ffn() == {ffn[i].key for i in np.argsort(order[::-1])[-2:]}
     assert store.stats()["peak_resident_bytes"] <= budget
     store.close()
 
