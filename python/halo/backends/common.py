@@ -116,3 +116,18 @@ def lora_linear_composite(
             delta.mul_(scaling)
         y = y.add_(delta.to(y.dtype)) if y.dtype == delta.dtype else (y + delta).to(y.dtype)
     return y.reshape(*x.shape[:-1], out_features)
+
+
+def register_matmul_kernels(device: str, matmul) -> None:
+    """Registers the operators built around a backend's ``matmul`` (halo::matmul_4bit,
+    halo::matmul_4bit_grad, halo::lora_linear) as ``device``'s kernels."""
+    for name, composite in (
+        ("halo::matmul_4bit", matmul_composite),
+        ("halo::matmul_4bit_grad", matmul_grad_composite),
+        ("halo::lora_linear", lora_linear_composite),
+    ):
+
+        def kernel(*args, _composite=composite):
+            return _composite(matmul, *args)
+
+        torch.library.register_kernel(name, device)(kernel)

@@ -92,21 +92,7 @@ def _dequantize_4bit(packed, absmax, nested_absmax, nested_offset, shape, quant_
     return out.view(list(shape))
 
 
-@torch.library.register_kernel("halo::matmul_4bit", "cuda")
-def _matmul_4bit(x, packed, absmax, nested_absmax, nested_offset, out_features, quant_type, blocksize, bias):
-    return common.matmul_composite(
-        _matmul, x, packed, absmax, nested_absmax, nested_offset, out_features, quant_type, blocksize, bias
-    )
-
-
-@torch.library.register_kernel("halo::matmul_4bit_grad", "cuda")
-def _matmul_4bit_grad(*args):
-    return common.matmul_grad_composite(_matmul, *args)
-
-
-@torch.library.register_kernel("halo::lora_linear", "cuda")
-def _lora_linear(*args):
-    return common.lora_linear_composite(_matmul, *args)
+common.register_matmul_kernels("cuda", _matmul)
 
 
 @torch.library.register_kernel("halo::double_quantize_absmax", "cuda")
