@@ -224,6 +224,18 @@ while True:
 """
 
 
+def round_trip(t, peer: int, payload: bytes) -> float:
+    """Seconds from sending `payload` reliably to the echo's message (or poll's 5 s timeout)."""
+    t0 = time.monotonic()
+    t.send(peer, payload, "reliable")
+    t.flush()
+    while True:
+        e = t.poll(5.0)
+        if e is None or e[0] == "message":
+            break
+    return time.monotonic() - t0
+
+
 def probe_recovery(bed, p: float, count: int = 400) -> dict:
     """Round trips of a 1184-byte message (one decode partial) over TCP (default and tuned
     RTO) and reliable ENet at loss p and at 0: the mean extra time per lost packet is the
@@ -248,15 +260,9 @@ def probe_recovery(bed, p: float, count: int = 400) -> dict:
                     times = []
                     payload = bytes(1184)
                     for k in range(count + 50):
-                        t0 = time.monotonic()
-                        t.send(peer, payload, "reliable")
-                        t.flush()
-                        while True:
-                            e = t.poll(5.0)
-                            if e is None or e[0] == "message":
-                                break
+                        took = round_trip(t, peer, payload)
                         if k >= 50:  # after the round-trip estimates settled
-                            times.append(time.monotonic() - t0)
+                            times.append(took)
                     t.disconnect(peer, True)
                     del t
                 stats[loss] = times
@@ -513,14 +519,7 @@ def sealed_round_trips(blocks: int = 8, per_block: int = 200) -> dict:
                     for kind in ("plaintext", "sealed") if block % 2 == 0 else ("sealed", "plaintext"):
                         t, peer = clients[kind]
                         for _ in range(per_block):
-                            t0 = time.monotonic()
-                            t.send(peer, payload, "reliable")
-                            t.flush()
-                            while True:
-                                e = t.poll(5.0)
-                                if e is None or e[0] == "message":
-                                    break
-                            times[kind].append(time.monotonic() - t0)
+                            times[kind].append(round_trip(t, peer, payload))
         finally:
             for echo in echoes:
                 echo.kill()
