@@ -278,7 +278,7 @@ def check(
     except OSError as exc:
         _fail(command, f"{flag} {given}: {exc.strerror}")
     found = _kind_name(st.st_mode)
-    if found != ("file" if kind == "file" else "folder"):
+    if found != kind:  # kind is "file" or "folder", as _kind_name names them
         wanted = "a regular file" if kind == "file" else "a folder"
         _fail(command, f"{flag} {given} is a {found}; halo writes its output only as {wanted}")
     if kind == "folder" and not any(path.iterdir()):
