@@ -250,6 +250,7 @@ void bind(py::module_& m) {
             std::copy(r.received.begin(), r.received.end(), received.mutable_data());
             d["received"] = received;
             d["peer_last"] = r.peer_last;
+            d["peer_heard"] = r.peer_heard;
             d["peer_missing"] = r.peer_missing;
             py::list other;
             for (Event& e : r.other) other.append(event_tuple(e));

@@ -21,12 +21,12 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / "build" / "models" / "smollm2-135m"
 CHILD_TIMEOUT_S = 3 * 3600
-RESULT = "bench_distributed result: "  # the Trainer prints dicts of its own on stdout
 
 
 def cpu_flags() -> str:
@@ -38,7 +38,9 @@ def cpu_flags() -> str:
     return " ".join(sorted(f for f in flags if f.startswith(("avx", "amx", "fma"))))
 
 
-def child(seq: int, steps: int) -> None:
+def child(seq: int, steps: int, results: Path) -> None:
+    """Trains, then writes this rank's figures to RESULTS/rank{N}.json (not stdout: torchrun's
+    ranks share it, and their lines can interleave)."""
     import torch
     from halo.qlora import load_model, load_recipe, make_dataset, train
 
@@ -61,18 +63,21 @@ def child(seq: int, steps: int) -> None:
         save_strategy="no",
         report_to=[],
     )
-    print(
-        RESULT
-        + json.dumps(
-            {
-                "rank": rank,
-                "world": int(os.environ.get("WORLD_SIZE", "1")),
-                "step_seconds": run.step_seconds,
-                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            }
-        ),
-        flush=True,
-    )
+    figures = {
+        "rank": rank,
+        "world": int(os.environ.get("WORLD_SIZE", "1")),
+        "step_seconds": run.step_seconds,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    part = results / f"rank{rank}.json.part"
+    part.write_text(json.dumps(figures))
+    part.replace(results / f"rank{rank}.json")
+
+
+def read_results(results: Path) -> list[dict]:
+    """The figures every rank of a --child run wrote to RESULTS, by rank."""
+    ranks = [json.loads(f.read_text()) for f in sorted(results.glob("rank*.json"))]
+    return sorted(ranks, key=lambda r: r["rank"])
 
 
 def _free_port() -> int:
@@ -86,17 +91,20 @@ def run(procs: int, seq: int, steps: int) -> list[dict]:
     threads = max(1, cores // procs)
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(threads), HALO_NUM_THREADS=str(threads))
     env.pop("WORLD_SIZE", None)
-    tail = [__file__, "--child", "--seq", str(seq), "--steps", str(steps)]
-    if procs == 1:
-        cmd = [sys.executable, *tail]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs)]
-        cmd += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *tail]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False, timeout=CHILD_TIMEOUT_S)
-    ranks = [json.loads(line[len(RESULT) :]) for line in out.stdout.splitlines() if line.startswith(RESULT)]
+    with tempfile.TemporaryDirectory(prefix="bench_distributed.") as results:
+        tail = [__file__, "--child", "--seq", str(seq), "--steps", str(steps), "--results", results]
+        if procs == 1:
+            cmd = [sys.executable, *tail]
+        else:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs)]
+            cmd += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *tail]
+        out = subprocess.run(
+            cmd, capture_output=True, text=True, env=env, check=False, timeout=CHILD_TIMEOUT_S
+        )
+        ranks = read_results(Path(results))
     if out.returncode != 0 or len(ranks) != procs:
         raise RuntimeError(f"{procs}-process run failed:\n{out.stderr[-3000:]}")
-    return sorted(ranks, key=lambda r: r["rank"])
+    return ranks
 
 
 def main() -> int:
@@ -106,9 +114,12 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--results", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.seq, args.steps)
+        if args.results is None or not args.results.is_dir():
+            parser.error(f"--child needs --results FOLDER, an existing folder (got {args.results})")
+        child(args.seq, args.steps, args.results)
         return 0
     if not (MODEL / "config.json").is_file():
         subprocess.run(

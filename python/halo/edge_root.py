@@ -658,7 +658,7 @@ class Root(_Runner):
         end = time.monotonic()
         heard = {by_peer[peer] for _, _, peer, _ in r["late"] if peer in by_peer}
         heard |= {
-            w for w in workers if self.peer[w] < len(r["peer_last"]) and r["peer_last"][self.peer[w]] > 0
+            w for w in workers if self.peer[w] < len(r["peer_heard"]) and r["peer_heard"][self.peer[w]] > 0
         }
         for w in workers:
             self._unheard[w] = 0.0 if w in heard else self._unheard[w] + (end - t0)

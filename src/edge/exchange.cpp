@@ -51,6 +51,7 @@ GatherResult gather(Transport& transport, const GatherSpec& spec, float* out) {
   GatherResult r;
   r.received.assign(groups * spec.rows, 0);
   r.peer_last.assign(size_t(max_peer + 1), -1.0);
+  r.peer_heard.assign(size_t(max_peer + 1), -1.0);
   r.peer_missing.assign(size_t(max_peer + 1), 0);
   int64_t left_all = 0, left_critical = 0;
   for (size_t g = 0; g < groups; ++g) {
@@ -108,6 +109,8 @@ GatherResult gather(Transport& transport, const GatherSpec& spec, float* out) {
       r.other.push_back(std::move(e));
       continue;
     }
+    // Any partial, late, duplicated or current, shows the peer is alive and computing.
+    if (e.peer >= 0 && e.peer <= max_peer) r.peer_heard[e.peer] = e.time;
     if (h.step != spec.step || h.layer != spec.layer || h.part != spec.part) {
       ++r.stale;
       if (h.row0 == 0 && !(h.flags & kFlagDuplicate) && r.late.size() < 4096)

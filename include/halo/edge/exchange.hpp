@@ -51,6 +51,7 @@ struct GatherResult {
   enum class End { complete, deadline, hard_deadline } end = End::complete;
   std::vector<uint8_t> received;      // groups x rows
   std::vector<double> peer_last;      // per peer id: arrival of its last awaited row (-1: none)
+  std::vector<double> peer_heard;     // per peer id: arrival of its last partial of any step (-1: none)
   std::vector<int32_t> peer_missing;  // per peer id: awaited rows that did not come
   std::vector<Event> other;           // control messages, connects and disconnects seen meanwhile
   int64_t stale = 0;                  // partials of other exchanges (dropped)
