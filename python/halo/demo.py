@@ -9,9 +9,7 @@ its weights). ``python -m halo.demo [--model FILE.safetensors] [--out FILE]``.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,6 +28,24 @@ def default_model() -> Path:
 
 def is_linear(name: str, array: np.ndarray) -> bool:
     return array.ndim == 2 and name.endswith(".weight") and "embeddings" not in name
+
+
+_MARK = "bitsandbytes nf4 (halo)"  # the safetensors metadata "quantization" of the demo's output
+
+
+def _output(out: Path, model: Path):
+    """--out through the output guard (halo._output): never the model file (or a folder holding
+    it), never a device or FIFO; an existing file is replaced only when it is the demo's own
+    output (its metadata carries _MARK), as `make demo` reruns write the same file."""
+    from ._output import check
+
+    def halo_made(path: Path) -> bool:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "np") as f:
+            return (f.metadata() or {}).get("quantization") == _MARK
+
+    return check("demo", out, [(model, "model file")], "file", True, halo_made)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     if not model.is_file():
         print(f"halo.demo: no such file: {model}", file=sys.stderr)
         return 2
+    try:
+        out = _output(args.out, model)
+    except ValueError as exc:
+        print(f"halo.demo: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
 
     weights = load_numpy(str(model))
     linear = {k: v.astype(np.float32) for k, v in weights.items() if is_linear(k, v)}
@@ -67,15 +88,16 @@ def main(argv: list[str] | None = None) -> int:
         state.update(qt.to_bnb_state_dict(prefix=name))
     elapsed = time.perf_counter() - start
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=args.out.parent, suffix=".tmp")
-    os.close(fd)
     try:
-        save_file(state, tmp, metadata={"format": "pt", "quantization": "bitsandbytes nf4 (halo)"})
-        os.replace(tmp, args.out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        with out.writing():
+            save_file(state, str(out.temp), metadata={"format": "pt", "quantization": _MARK})
+            out.commit()
+    except (OSError, ValueError) as exc:
+        print(f"halo.demo: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as exc:
+        print(f"halo.demo: {str(exc) or 'interrupted'}; {args.out} was left as it was", file=sys.stderr)
+        return 128 + getattr(exc, "signum", 2)
 
     loaded = load_file(str(args.out))
     header = f"{'layer':<52} {'shape':>11} {'fp32 KiB':>9} {'nf4 KiB':>8} {'ratio':>6} {'max|err|':>9} {'rel.frob':>9}"

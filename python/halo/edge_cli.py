@@ -109,6 +109,11 @@ def _fail(command: str, exc: BaseException) -> int:
     return 1
 
 
+def _interrupted(command: str, exc: KeyboardInterrupt) -> int:
+    print(f"halo edge {command}: {str(exc) or 'interrupted'}; the output was left as it was", file=sys.stderr)
+    return 128 + getattr(exc, "signum", 2)
+
+
 def _one_thread() -> None:
     import torch
 
@@ -184,9 +189,12 @@ def _plan(args: argparse.Namespace) -> int:
             calibration_tokens=args.calibration_tokens,
             critical_fraction=args.critical_fraction,
             out=args.out,
+            inputs=[(args.devices, "devices file")] if args.devices is not None else (),
         )
-    except EdgeError as exc:
+    except (EdgeError, ValueError, OSError) as exc:
         return _fail("plan", exc)
+    except KeyboardInterrupt as exc:
+        return _interrupted("plan", exc)
     print(f"halo edge plan: {plan.workers} workers, {plan.placement} placement -> {os.fspath(args.out)}")
     return 0
 
@@ -208,10 +216,11 @@ def _run(args: argparse.Namespace) -> int:
         workers = [w for w in args.workers.split(",") if w.strip()]
         hosts = [parse_address(w, "worker address")[0] for w in workers]
         key = choose_key(args.key_file, args.insecure, hosts)
+        json_out = _json_target(args) if args.json else None
         result = run(
             args.model, workers, args.plan, args.policy, args.tokens, args.prompt, key=key, **options
         )
-    except EdgeError as exc:
+    except (EdgeError, ValueError) as exc:
         return _fail("run", exc)
     except KeyboardInterrupt:
         return 130
@@ -232,9 +241,42 @@ def _run(args: argparse.Namespace) -> int:
             f"delivered {result['delivered']:.1%}",
             file=sys.stderr,
         )
-    if args.json:
-        tmp = f"{args.json}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(result, f)
-        os.replace(tmp, args.json)
+    if json_out is not None:
+        result[_JSON_MARK] = "halo edge run"
+        try:
+            with json_out.writing():
+                json_out.temp.write_text(json.dumps(result))
+                json_out.commit()
+        except (OSError, ValueError) as exc:
+            return _fail("run", exc)
+        except KeyboardInterrupt as exc:
+            return _interrupted("run", exc)
     return 0
+
+
+_JSON_MARK = "halo_output"  # the mark that lets a later run replace the result file
+
+
+def _json_target(args: argparse.Namespace):
+    """--json checked before the run (halo._output): never the model, the plan, its predictor
+    or the key file, and it replaces only a result halo edge run wrote."""
+    from pathlib import Path
+
+    from ._output import check
+
+    def halo_made(path: Path) -> bool:
+        small = path.stat().st_size < 1 << 26
+        return small and json.loads(path.read_text()).get(_JSON_MARK) == "halo edge run"
+
+    inputs = [(args.model, "model folder"), (args.plan, "plan")]
+    try:  # the plan's predictor file, named in the plan (read here only for its name)
+        with open(args.plan, encoding="utf-8") as f:
+            predictor = json.loads(f.read(1 << 28)).get("predictor")
+        if isinstance(predictor, str) and predictor:
+            inputs.append((Path(args.plan).with_name(predictor), "plan's predictor file"))
+    except (OSError, ValueError, AttributeError):
+        pass  # run() reports a bad plan
+    key_file = args.key_file or os.environ.get("HALO_EDGE_KEY_FILE")
+    if key_file:
+        inputs.append((key_file, "key file"))
+    return check("edge run", args.json, inputs, "file", True, halo_made, flag="--json")

@@ -16,6 +16,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -292,14 +293,21 @@ def _fit_estimates(cal: _Calibration, key: tuple[int, int]) -> np.ndarray:
     return (full * alpha[:, None, None]).astype(np.float16)
 
 
-def save_predictors(path: Path, predictors: dict[tuple[int, int], PartPredictor]) -> None:
+def _write_predictors(path: Path, predictors: dict[tuple[int, int], PartPredictor]) -> None:
     arrays = {}
     for (layer, part), p in predictors.items():
         for name, value in asdict(p).items():
             arrays[f"{layer}.{part}.{name}"] = np.asarray(value)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    with open(path, "wb") as f:  # a file object: np.savez would add ".npz" to a temp name
+        np.savez(f, **arrays)
+
+
+def save_predictors(path: Path, predictors: dict[tuple[int, int], PartPredictor]) -> None:
+    """Writes `predictors` to `path` through the output guard (halo._output): never over an
+    input, replaces only a predictor file halo wrote."""
+    with _check_output(path, (), "predictor file", _is_predictor_file).writing() as out:
+        _write_predictors(out.temp, predictors)
+        out.commit()
 
 
 def load_predictors(path: Path, spec: Spec, groups) -> dict[tuple[int, int], PartPredictor]:
@@ -325,6 +333,34 @@ def load_predictors(path: Path, spec: Spec, groups) -> dict[tuple[int, int], Par
                     )
                 out[(layer, part)] = p
     return out
+
+
+_OUTPUT_LIMIT = 1 << 28  # bytes of an existing plan read to tell whether halo wrote it
+
+
+def _is_plan_file(path: Path) -> bool:
+    if path.stat().st_size > _OUTPUT_LIMIT:
+        return False
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    return isinstance(raw, dict) and raw.get("format") == PLAN_FORMAT
+
+
+def _is_predictor_file(path: Path) -> bool:
+    """A .npz holding nothing but predictor arrays (LAYER.PART.FIELD.npy): what make_plan writes."""
+    import zipfile
+
+    fields = "|".join(PartPredictor.__dataclass_fields__)
+    pattern = re.compile(rf"\d+\.[01]\.(?:{fields})\.npy")
+    with zipfile.ZipFile(path) as z:
+        names = z.namelist()
+    return bool(names) and all(pattern.fullmatch(n) for n in names)
+
+
+def _check_output(path, inputs, flag: str, halo_made):
+    """The output guard for a plan file or its predictor (halo edge plan: one-line ValueError)."""
+    from ._output import check
+
+    return check("edge plan", path, inputs, "file", True, halo_made, flag=flag)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -367,13 +403,14 @@ class Plan:
             "importance": self.importance,
         }
 
-    def save(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(self.to_json(), indent=1))
-        os.replace(tmp, path)
-        self.path = path
-        return path
+    def save(self, path: str | os.PathLike, inputs: Sequence[tuple[str | os.PathLike, str]] = ()) -> Path:
+        """Writes the plan through the output guard (halo._output): never over or inside one
+        of `inputs` ((path, what) pairs), replaces only a plan halo wrote (no --force needed)."""
+        with _check_output(path, inputs, "--out", _is_plan_file).writing() as out:
+            out.temp.write_text(json.dumps(self.to_json(), indent=1))
+            out.commit()
+        self.path = Path(path)
+        return self.path
 
     def predictor_path(self) -> Path | None:
         if self.predictor is None:
@@ -518,12 +555,17 @@ def make_plan(
     predictor_steps: int = 500,
     out: str | os.PathLike | None = None,
     seed: int = 0,
+    inputs: Sequence[tuple[str | os.PathLike, str]] = (),
 ) -> Plan:
     """Builds (and with ``out`` writes) a plan for ``devices`` (or that many identical workers).
 
     With ``calibration_tokens > 0`` the groups' importance is measured on that many tokens of
     calibration prose (standard-library docstrings a-m) and predictors are fitted and saved
-    beside the plan; with 0 the importance is static (weight norms) and there is no predictor."""
+    beside the plan (``OUT.predictor.npz``); with 0 the importance is static (weight norms) and
+    there is no predictor. Both files go through the output guard (halo._output), checked
+    before any work: never over or inside the model folder or one of ``inputs`` ((path, what)
+    pairs, e.g. the CLI's --devices file), and they replace only a plan and a predictor file
+    halo wrote; both are written to temp files and renamed in together."""
     import torch
 
     if placement not in PLACEMENTS:
@@ -541,10 +583,17 @@ def make_plan(
     hpg = default_heads_per_group(spec) if heads_per_group is None else heads_per_group
     groups = layout(spec, group_size, hpg)
     checkpoint = Checkpoint(model_dir)
-    predictor_name = None
+    predictor_name = predictor_out = plan_out = None
+    if calibration_tokens > 0 and out is None:
+        raise EdgeError("calibration writes predictor weights beside the plan: give out=")
+    if out is not None:
+        inputs = [(model_dir, "model folder"), *inputs]
+        plan_out = _check_output(out, inputs, "--out", _is_plan_file)
+        if calibration_tokens > 0:
+            predictor_name = Path(out).name + ".predictor.npz"
+            predictor_path = Path(out).with_name(predictor_name)
+            predictor_out = _check_output(predictor_path, inputs, "predictor file", _is_predictor_file)
     if calibration_tokens > 0:
-        if out is None:
-            raise EdgeError("calibration writes predictor weights beside the plan: give out=")
         ids = tokenize(model_dir, docstring_text("a", "m", max_words=2 * calibration_tokens + 200))
         ids = ids[:calibration_tokens]
         cluster = LocalCluster(checkpoint, spec, groups)
@@ -560,9 +609,6 @@ def make_plan(
             for layer in range(spec.layers)
         ]
         predictors = _fit_predictors(cal, predictor_steps, seed)
-        path = Path(out)
-        predictor_name = path.name + ".predictor.npz"
-        save_predictors(path.with_name(predictor_name), predictors)
     else:
         importance = _static_importance(checkpoint, spec, groups)
     assignment = assign_groups(spec, groups, importance, devices, placement, loss_budget)
@@ -580,9 +626,27 @@ def make_plan(
         critical_fraction=float(critical_fraction),
         predictor=predictor_name,
     )
-    if out is not None:
-        plan.save(out)
+    if plan_out is not None:
+        _write_plan(plan, plan_out, predictor_out, predictors if predictor_out is not None else None)
     return plan
+
+
+def _write_plan(plan: Plan, plan_out, predictor_out, predictors) -> None:
+    """Both temp files written, then renamed in with signals deferred between the two renames
+    (a plan never sits beside another run's predictor)."""
+    from contextlib import ExitStack
+
+    from ._atomic import blocked
+
+    with ExitStack() as stack:
+        outputs = [stack.enter_context(o.writing()) for o in (predictor_out, plan_out) if o is not None]
+        if predictor_out is not None:
+            _write_predictors(predictor_out.temp, predictors)
+        plan_out.temp.write_text(json.dumps(plan.to_json(), indent=1))
+        with blocked():
+            for o in outputs:
+                o.commit()
+    plan.path = plan_out.given
 
 
 def with_placement(

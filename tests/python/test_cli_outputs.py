@@ -17,6 +17,7 @@ from pathlib import Path
 
 import gguf_fixtures as fx
 import halo
+import numpy as np
 import pytest
 
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
@@ -436,3 +437,140 @@ def test_a_target_that_changes_during_the_write_is_left_alone(tmp_path):
         out.write_text("someone else's")
         target.commit()
     assert out.read_text() == "someone else's" and _temps(tmp_path) == []
+
+
+# ------------------------------------------------- halo edge plan, edge run --json, demo --out
+
+
+def _in_process(capsys, *args: str) -> subprocess.CompletedProcess:
+    from halo.cli import main
+
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)
+
+
+def test_edge_plan_never_writes_over_an_input(tiny, tmp_path, capsys):
+    """Before: `halo edge plan --out MODEL/config.json` replaced the model's config with a plan
+    (and --out the --devices file replaced it), any file was overwritten without a word."""
+    model = _copy(tiny[0], tmp_path / "m")
+    devices = tmp_path / "devices.json"
+    devices.write_text(json.dumps([{"speed": 1e9, "bandwidth": 1e7}, {"speed": 2e9, "bandwidth": 1e7}]))
+    before = _snapshot(tmp_path)
+    plan = ["edge", "plan", "--model", str(model), "--calibration-tokens", "0", "--group-size", "128"]
+    for who in (["--workers", "2"], ["--devices", str(devices)]):
+        for out, message in (
+            (model / "config.json", "lies inside the model folder"),
+            (model / "plan.json", "lies inside the model folder"),
+            (tmp_path, "contains the model folder"),
+        ):
+            _one_line_error(_in_process(capsys, *plan, *who, "--out", str(out)), "edge plan", message)
+    r = _in_process(capsys, *plan, "--devices", str(devices), "--out", str(devices))
+    _one_line_error(r, "edge plan", "is the devices file")
+    assert _snapshot(tmp_path) == before
+    # A file halo did not write is kept; a plan halo wrote is replaced (a results file: no --force).
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": 1}')
+    r = _in_process(capsys, *plan, "--workers", "2", "--out", str(notes))
+    _one_line_error(r, "edge plan", "does not carry halo's output mark")
+    assert notes.read_text() == '{"mine": 1}'
+    out = tmp_path / "plan.json"
+    for workers in ("2", "3"):
+        r = _in_process(capsys, *plan, "--workers", workers, "--out", str(out))
+        assert r.returncode == 0, r.stderr
+        assert len(json.loads(out.read_text())["devices"]) == int(workers)
+    # The predictor file beside the plan is guarded too, before any calibration work.
+    mine = tmp_path / "p.json.predictor.npz"
+    mine.write_bytes(b"my own archive")
+    r = _in_process(
+        capsys, "edge", "plan", "--model", str(model), "--workers", "2", "--out", str(tmp_path / "p.json")
+    )
+    _one_line_error(r, "edge plan", "p.json.predictor.npz", "does not carry halo's output mark")
+    assert mine.read_bytes() == b"my own archive" and not (tmp_path / "p.json").exists()
+    os.mkfifo(tmp_path / "fifo2")
+    r = _in_process(capsys, *plan, "--workers", "2", "--out", str(tmp_path / "fifo2"))
+    _one_line_error(r, "edge plan", "is a FIFO")
+    assert _temps(tmp_path) == []
+
+
+def test_edge_plan_predictor_files_halo_wrote_are_recognised(tmp_path):
+    from halo.edge_plan import PartPredictor, _is_predictor_file, save_predictors
+
+    fields = {name: np.zeros(2, np.float32) for name in PartPredictor.__dataclass_fields__}
+    path = tmp_path / "p.npz"
+    save_predictors(path, {(0, 0): PartPredictor(**fields), (0, 1): PartPredictor(**fields)})
+    assert _is_predictor_file(path)
+    save_predictors(path, {(1, 0): PartPredictor(**fields)})  # replaces its own
+    np.savez(tmp_path / "other.npz", weights=np.zeros(3))
+    assert not _is_predictor_file(tmp_path / "other.npz")
+    with pytest.raises(ValueError, match="does not carry halo's output mark"):
+        save_predictors(tmp_path / "other.npz", {(0, 0): PartPredictor(**fields)})
+
+
+def test_edge_run_json_never_writes_over_an_input(tiny, tmp_path, capsys):
+    """--json is checked before any worker is contacted. Before: written (temp + rename) over
+    whatever it named: the plan, the key file, a file of the model."""
+    from halo.edge_link import write_key
+    from halo.edge_plan import make_plan
+
+    model = _copy(tiny[0], tmp_path / "m")
+    plan = tmp_path / "plan.json"
+    make_plan(model, 1, calibration_tokens=0, out=plan)
+    key = tmp_path / "edge.key"
+    write_key(key)
+    os.mkfifo(tmp_path / "fifo")
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": 1}')
+    before = _snapshot(tmp_path)
+    run = ["edge", "run", "--model", str(model), "--workers", "127.0.0.1:9", "--plan", str(plan)]
+    run += ["--prompt", "hi", "--connect-timeout", "0.5"]
+    for security in (["--insecure"], ["--key-file", str(key)]):
+        for out, message in (
+            (plan, "is the plan"),
+            (model / "config.json", "lies inside the model folder"),
+            (tmp_path, "contains the model folder"),
+            (tmp_path / "fifo", "is a FIFO"),
+            (notes, "does not carry halo's output mark"),
+        ):
+            r = _in_process(capsys, *run, *security, "--json", str(out))
+            _one_line_error(r, "edge run", str(out), message)
+    r = _in_process(capsys, *run, "--key-file", str(key), "--json", str(key))
+    _one_line_error(r, "edge run", "is the key file")
+    assert _snapshot(tmp_path) == before and _temps(tmp_path) == []
+
+
+def _demo(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "halo.demo", "--finetune-steps", "0", *args],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
+
+
+def test_demo_out_never_replaces_its_input(tmp_path):
+    """Before: `python -m halo.demo --model M --out M` replaced the model with its NF4 copy."""
+    from safetensors.numpy import load_file, save_file
+
+    model = tmp_path / "model.safetensors"
+    rng = np.random.default_rng(0)
+    save_file({"layer.0.dense.weight": rng.standard_normal((64, 64)).astype(np.float32)}, str(model))
+    notes = tmp_path / "notes.safetensors"
+    notes.write_bytes(b"mine")
+    before = _snapshot(tmp_path)
+    for out, message in (
+        (model, "is the model file"),
+        (tmp_path, "contains the model file"),
+        (notes, "does not carry halo's output mark"),
+    ):
+        r = _demo("--model", str(model), "--out", str(out))
+        assert r.returncode == 2, r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("halo.demo: error:") and message in lines[0], r.stderr
+    assert _snapshot(tmp_path) == before
+    out = tmp_path / "out" / "nf4.safetensors"
+    for _ in range(2):  # its own output is replaced (make demo reruns), through a temp file
+        r = _demo("--model", str(model), "--out", str(out))
+        assert r.returncode == 0, r.stderr
+    assert "layer.0.dense.weight" in load_file(str(out)) and _temps(out.parent) == []

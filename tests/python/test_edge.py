@@ -588,6 +588,7 @@ def test_cli_run_generates_on_workers(tiny_llama, tmp_path):
     assert (tmp_path / "plan.json.predictor.npz").exists()
     with ThreadWorkers(2, sessions=1, model=tiny_llama) as workers:
         out = tmp_path / "out.json"
+        out.write_text(json.dumps({"halo_output": "halo edge run"}))  # an earlier result: replaced
         done = subprocess.run(
             [
                 *cli,
@@ -613,6 +614,7 @@ def test_cli_run_generates_on_workers(tiny_llama, tmp_path):
         )
     assert done.returncode == 0, done.stderr
     result = json.loads(out.read_text())
+    assert result["halo_output"] == "halo edge run"
     local = edge.Local(str(tiny_llama), group_size=32)
     from halo.edge_plan import tokenize
 
