@@ -118,10 +118,12 @@ void bind(py::module_& m) {
         return py::bytes(reinterpret_cast<const char*>(key.data()), key.size());
       },
       "32 random bytes from libsodium: a key for Transport(..., key=...).");
+  m.def("aes256gcm_available", &aes256gcm_available,
+        "Whether sealed links can use AES-256-GCM here (AES-NI and PCLMUL); else ChaCha20-Poly1305.");
 
   py::class_<Transport>(m, "Transport")
       .def(py::init([](const std::string& protocol, const std::string& host, int port, int max_peers,
-                       const std::optional<py::bytes>& key, int64_t max_message_bytes) {
+                       const std::optional<py::bytes>& key, int64_t max_message_bytes, bool aes) {
              require(port >= 0 && port <= 65535, "edge.Transport", "port must be in [0, 65535], got ", port);
              require(max_message_bytes > 0, "edge.Transport", "max_message_bytes must be > 0, got ",
                      max_message_bytes);
@@ -133,10 +135,11 @@ void bind(py::module_& m) {
                        " bytes, got ", options.key.size());
              }
              options.max_message_bytes = size_t(max_message_bytes);
+             options.aes = aes;
              return Transport::create(parse_protocol(protocol), host, uint16_t(port), max_peers, options);
            }),
            py::arg("protocol"), py::arg("host") = "", py::arg("port") = 0, py::arg("max_peers") = 8,
-           py::arg("key") = py::none(), py::arg("max_message_bytes") = int64_t(64) << 20)
+           py::arg("key") = py::none(), py::arg("max_message_bytes") = int64_t(64) << 20, py::arg("aes") = true)
       .def_property_readonly("protocol",
                              [](const Transport& t) { return t.protocol() == Protocol::enet ? "enet" : "tcp"; })
       .def_property_readonly("port", &Transport::port)

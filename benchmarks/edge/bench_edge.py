@@ -214,7 +214,10 @@ ECHO = r"""
 import sys
 from halo._core import edge
 key = bytes.fromhex(sys.argv[4]) if len(sys.argv) > 4 else None
-t = edge.Transport(sys.argv[1], sys.argv[3] if len(sys.argv) > 3 else "0.0.0.0", int(sys.argv[2]), 2, key=key)
+aes = sys.argv[5] != "chacha" if len(sys.argv) > 5 else True
+t = edge.Transport(
+    sys.argv[1], sys.argv[3] if len(sys.argv) > 3 else "0.0.0.0", int(sys.argv[2]), 2, key=key, aes=aes
+)
 print("ready", t.port, flush=True)
 while True:
     e = t.poll(1.0)
@@ -482,41 +485,53 @@ def sealing_cost(rounds: int, tokens: int) -> int:
             print(
                 f"| {policy} | {kind} | {len(t)} | {min(t) * 1e3:.1f} | {pct(t, 50) * 1e3:.1f} | {ratio:.3f} |"
             )
-    print("\nround trips of one message on loopback (echo process), median us:")
-    print("| transport | bytes | plaintext | sealed | sealed - plaintext |")
-    print("|---|---|---|---|---|")
-    for (proto, size), t in round_trips.items():
-        plain, sealed = (statistics.median(t[k]) * 1e6 for k in ("plaintext", "sealed"))
-        print(f"| {proto} | {size} | {plain:.1f} | {sealed:.1f} | {sealed - plain:+.1f} |")
-        result[f"rtt_{proto}_{size}"] = {"plaintext_us": plain, "sealed_us": sealed}
+    print_round_trips(round_trips, result)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "sealing.json").write_text(json.dumps(result, indent=1))
     return 0
 
 
+def print_round_trips(round_trips: dict, result: dict) -> None:
+    from halo._core import edge
+
+    suite = "AES-256-GCM" if edge.aes256gcm_available() else "ChaCha20-Poly1305"
+    print(f"\nround trips of one message on loopback (echo process), median us; sealed: {suite}:")
+    print("| transport | bytes | plaintext | sealed | sealed - plaintext | ChaCha20-Poly1305 | its - plaintext |")
+    print("|---|---|---|---|---|---|---|")
+    for (proto, size), t in round_trips.items():
+        plain, sealed, chacha = (statistics.median(t[k]) * 1e6 for k in ("plaintext", "sealed", "chacha"))
+        print(
+            f"| {proto} | {size} | {plain:.1f} | {sealed:.1f} | {sealed - plain:+.1f} | {chacha:.1f} "
+            f"| {chacha - plain:+.1f} |"
+        )
+        result[f"rtt_{proto}_{size}"] = {"plaintext_us": plain, "sealed_us": sealed, "chacha_us": chacha}
+
+
 def sealed_round_trips(blocks: int = 8, per_block: int = 200) -> dict:
     """Round trips of a decode partial (1184 bytes) and a 16-row SmolLM2 input (18 kB) to an
-    echo process, sealed and plaintext alternating block by block: the per-message cost."""
+    echo process, plaintext, sealed (the suite both ends choose: AES-256-GCM where the CPU has
+    AES-NI) and sealed with ChaCha20-Poly1305, alternating block by block: the per-message cost."""
     from halo._core import edge
 
     key = link_key()
     env = dict(os.environ, OMP_NUM_THREADS="1")
     out: dict[tuple[str, int], dict[str, list[float]]] = {}
+    kinds = ("plaintext", "sealed", "chacha")
     for proto in ("tcp", "enet"):
         echoes, clients = [], {}
         try:
-            for kind, k in (("plaintext", None), ("sealed", key)):
-                argv = [sys.executable, "-c", ECHO, proto, "0", "127.0.0.1"] + ([k.hex()] if k else [])
+            for kind, k in (("plaintext", None), ("sealed", key), ("chacha", key)):
+                argv = [sys.executable, "-c", ECHO, proto, "0", "127.0.0.1"] + ([k.hex(), kind] if k else [])
                 echo = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=env)
                 echoes.append(echo)
                 port = int(echo.stdout.readline().split()[1])
-                t = edge.Transport(proto, "", 0, 2, key=k)
+                t = edge.Transport(proto, "", 0, 2, key=k, aes=kind != "chacha")
                 clients[kind] = (t, t.connect("127.0.0.1", port, 10.0))
             for size in (1184, 18432):
                 payload = bytes(size)
-                times = out.setdefault((proto, size), {"plaintext": [], "sealed": []})
+                times = out.setdefault((proto, size), {kind: [] for kind in kinds})
                 for block in range(blocks):
-                    for kind in ("plaintext", "sealed") if block % 2 == 0 else ("sealed", "plaintext"):
+                    for kind in kinds if block % 2 == 0 else kinds[::-1]:
                         t, peer = clients[kind]
                         for _ in range(per_block):
                             times[kind].append(round_trip(t, peer, payload))
@@ -532,8 +547,16 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="uniform links at 5 %% loss only")
     parser.add_argument("--tokens", type=int, default=None)
     parser.add_argument("--sealing", action="store_true", help="only the cost of sealing, on loopback")
+    parser.add_argument(
+        "--round-trips", action="store_true", help="only the per-message round trips of --sealing (no model)"
+    )
     parser.add_argument("--rounds", type=int, default=4, help="--sealing: interleaved rounds")
     args = parser.parse_args()
+    if args.round_trips:
+        result: dict = {}
+        print_round_trips(sealed_round_trips(), result)
+        print(f"load average {os.getloadavg()[0]:.2f} at the end (a shared machine)")
+        return 0
     if args.sealing:
         return sealing_cost(args.rounds, args.tokens or 24)
     why = testbed.available()

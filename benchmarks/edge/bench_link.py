@@ -5,9 +5,11 @@ one partial (a group term cut to one ENet datagram).
     python benchmarks/edge/bench_link.py [--rounds 15]
 
 * round trip: a message there and back (two seals, two opens when keyed), per message;
+* keyed with each cipher suite the links can agree on: ChaCha20-Poly1305 (``aes=False``) and,
+  where the CPU has AES-NI, AES-256-GCM (what two such ends choose);
 * one way: bursts of 50 messages (ENet unreliable, TCP) drained on the other side, messages/s.
-Keyed and plaintext pairs run interleaved (A, B, A, B, ...); min / median over the rounds and
-the keyed/plaintext ratio of the medians, in wall time and in this process's CPU time (both
+Plaintext and keyed pairs run interleaved (A, B, C, A, B, C, ...); min / median over the rounds
+and the keyed/plaintext ratio of the medians, in wall time and in this process's CPU time (both
 ends run here; CPU time is less disturbed by other jobs on a shared machine). Loopback has no
 wire time, so the added latency here is the whole cost of sealing plus the frame's 26 bytes,
 an upper bound of its share on a real link.
@@ -39,9 +41,9 @@ def wait_message(t: edge.Transport, timeout: float = 2.0) -> tuple[int, bytes]:
     raise RuntimeError("bench_link: a message did not arrive within 2 s")
 
 
-def pair(protocol: str, key: bytes | None) -> tuple[edge.Transport, edge.Transport, int, int]:
-    server = edge.Transport(protocol, "127.0.0.1", 0, 2, key=key)
-    client = edge.Transport(protocol, "", 0, 2, key=key)
+def pair(protocol: str, key: bytes | None, aes: bool = True) -> tuple[edge.Transport, edge.Transport, int, int]:
+    server = edge.Transport(protocol, "127.0.0.1", 0, 2, key=key, aes=aes)
+    client = edge.Transport(protocol, "", 0, 2, key=key, aes=aes)
     seen: list[int] = []
 
     def accept() -> None:  # the server must answer while connect() waits
@@ -103,13 +105,21 @@ def measure(cases: dict, rounds: int) -> dict[str, tuple[list[float], list[float
     return out
 
 
-def row(protocol: str, what: str, plain: list[float], keyed: list[float], scale: float, rate: bool) -> None:
+def row(protocol: str, what: str, times: dict[str, list[float]], scale: float, rate: bool) -> None:
     def fmt(v: list[float]) -> str:
         lo, med = min(v), statistics.median(v)
         return f"{scale / lo:8.0f}/{scale / med:<8.0f}" if rate else f"{lo * scale:8.1f}/{med * scale:<8.1f}"
 
-    ratio = statistics.median(keyed) / statistics.median(plain)
-    print(f"{protocol:5} {what:32} {fmt(plain)} {fmt(keyed)} {1 / ratio if rate else ratio:8.3f}")
+    plain = statistics.median(times["plain"])
+    cells = []
+    for kind in KINDS:
+        if kind in times:
+            ratio = statistics.median(times[kind]) / plain
+            cells.append(f"{fmt(times[kind])} {1 / ratio if rate else ratio:6.3f}")
+    print(f"{protocol:5} {what:30} " + "  ".join(cells))
+
+
+KINDS = ("plain", "chacha", "aes")  # plaintext; sealed with ChaCha20-Poly1305; with AES-256-GCM
 
 
 def main() -> None:
@@ -119,38 +129,39 @@ def main() -> None:
     flags = ""
     if Path("/proc/cpuinfo").exists():
         words = Path("/proc/cpuinfo").read_text().split("flags")[1].split("\n")[0].split()
-        flags = " ".join(f for f in ("avx2", "avx512f", "aes", "sha_ni") if f in words)
+        flags = " ".join(f for f in ("avx2", "avx512f", "aes", "pclmulqdq", "vaes", "sha_ni") if f in words)
     print(f"{platform.machine()}, {os.cpu_count()} cpus, flags: {flags}; load {os.getloadavg()[0]:.1f}")
     print(
         f"message {SIZE} bytes; round trip: {ROUND_TRIPS} per sample; one way: {BURSTS} x {BURST} per sample; "
         f"{args.rounds} interleaved rounds"
     )
     key = edge.keygen()
-    print(f"{'':5} {'':32} {'plaintext min/med':>17} {'keyed min/med':>17} {'keyed/plain (med)':>8}")
+    kinds = ("plain", "chacha", "aes") if edge.aes256gcm_available() else ("plain", "chacha")
+    print(f"{'':36} " + "  ".join(f"{k + ' min/med':>17} {'/plain':>6}" for k in kinds))
     for protocol, delivery in (("enet", "unreliable"), ("tcp", "control")):
-        plain, keyed = pair(protocol, None), pair(protocol, key)
-        t = measure(
-            {
-                "rtt plain": round_trips(*plain, delivery),
-                "rtt keyed": round_trips(*keyed, delivery),
-                "way plain": one_way(*plain, delivery),
-                "way keyed": one_way(*keyed, delivery),
-            },
-            args.rounds,
-        )
+        pairs = {"plain": pair(protocol, None), "chacha": pair(protocol, key, aes=False)}
+        if "aes" in kinds:
+            pairs["aes"] = pair(protocol, key, aes=True)
+        cases = {}
+        for kind, p in pairs.items():
+            cases[f"rtt {kind}"] = round_trips(*p, delivery)
+        for kind, p in pairs.items():
+            cases[f"way {kind}"] = one_way(*p, delivery)
+        t = measure(cases, args.rounds)
         us, n = 1e6 / ROUND_TRIPS, BURSTS * BURST
-        for i, kind in ((0, "wall"), (1, "cpu")):
-            row(protocol, f"round trip, us/message ({kind})", t["rtt plain"][i], t["rtt keyed"][i], us, False)
-            row(protocol, f"one way, messages/s ({kind})", t["way plain"][i], t["way keyed"][i], n, True)
-        for i, kind in ((0, "wall"), (1, "cpu")):
-            added = (
-                (statistics.median(t["rtt keyed"][i]) - statistics.median(t["rtt plain"][i]))
-                / ROUND_TRIPS
-                / 2
-            )
-            print(
-                f"{protocol:5} added per message, one seal + one open ({kind}, medians): {added * 1e6:.1f} us"
-            )
+        for i, clock in ((0, "wall"), (1, "cpu")):
+            rtt = {k: t[f"rtt {k}"][i] for k in pairs}
+            way = {k: t[f"way {k}"][i] for k in pairs}
+            row(protocol, f"round trip, us/message ({clock})", rtt, us, False)
+            row(protocol, f"one way, messages/s ({clock})", way, n, True)
+        for i, clock in ((0, "wall"), (1, "cpu")):
+            plain = statistics.median(t["rtt plain"][i])
+            added = [
+                f"{k} {(statistics.median(t[f'rtt {k}'][i]) - plain) / ROUND_TRIPS / 2 * 1e6:.1f} us"
+                for k in pairs
+                if k != "plain"
+            ]
+            print(f"{protocol:5} added per message, one seal + one open ({clock}, medians): {', '.join(added)}")
     print(f"load after: {os.getloadavg()[0]:.1f} (a shared machine: other jobs ran meanwhile)")
 
 

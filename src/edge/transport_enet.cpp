@@ -354,7 +354,8 @@ class EnetTransport final : public Transport {
               return e;
             }
             slot.link = std::make_unique<SecureLink>(
-                options_.key, slot.outgoing ? SecureLink::Role::client : SecureLink::Role::server);
+                options_.key, slot.outgoing ? SecureLink::Role::client : SecureLink::Role::server, "edge.Transport",
+                options_.aes);
             slot.deadline = e.time + kHandshakeTimeout;
             if (!slot.outgoing) make_room(e.peer);
             if (slot.outgoing) {

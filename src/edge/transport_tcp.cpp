@@ -142,7 +142,7 @@ class TcpTransport final : public Transport {
     Conn c;
     c.fd = fd;
     if (secure()) {
-      c.link = std::make_unique<SecureLink>(options_.key, SecureLink::Role::client, "edge.connect");
+      c.link = std::make_unique<SecureLink>(options_.key, SecureLink::Role::client, "edge.connect", options_.aes);
       queue_frame(c, c.link->hello());
       handshake_as_client(c, deadline, where, late);
     }
@@ -316,7 +316,7 @@ class TcpTransport final : public Transport {
       }
       Conn c;
       c.fd = fd;
-      c.link = std::make_unique<SecureLink>(options_.key, SecureLink::Role::server);
+      c.link = std::make_unique<SecureLink>(options_.key, SecureLink::Role::server, "edge.Transport", options_.aes);
       c.deadline = now() + kHandshakeTimeout;
       handshakes_.push_back(std::move(c));
     }

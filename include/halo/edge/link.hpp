@@ -6,8 +6,13 @@
 //              server -> client  READY  (an empty sealed control frame: the server accepted us)
 //   Both nonces are fresh random, so a recorded handshake proves nothing later; the role label
 //   keeps one side's proof from serving as the other's. MAC = keyed BLAKE2b-256.
-//   Session keys, one per direction: BLAKE2b_K("c2s" | "s2c", Nc, Ns).
-//   sealed     [0x53][channel][counter, 8 bytes LE][ChaCha20-Poly1305-IETF ciphertext + tag];
+//   Session keys, one per direction: BLAKE2b_K("c2s" | "s2c", Nc, Ns, suite).
+//   Cipher suite: HELLO's byte 5 is the client's offer (bit 0: AES-256-GCM, which libsodium
+//   runs only with AES-NI and PCLMUL), CHALLENGE's byte 5 the server's choice (1: AES-256-GCM,
+//   when both have it, about twice as fast here; 0: ChaCha20-Poly1305, everywhere else). Both
+//   bytes are under both proofs and the session keys, so a changed offer or choice fails the
+//   handshake. (A client that offers nothing, as before the suites, gets ChaCha20-Poly1305.)
+//   sealed     [0x53][channel][counter, 8 bytes LE][AEAD ciphertext + 16-byte tag];
 //              nonce = channel, 3 zero bytes, counter; the first 10 bytes are associated data.
 //              Each direction and channel counts from 0. Reliable channels (control,
 //              reliable) arrive in order: a counter below the next expected one is a replay.
@@ -34,6 +39,8 @@ inline constexpr uint64_t kReplayWindow = 1024;
 
 // 32 random bytes from libsodium's generator.
 std::vector<uint8_t> keygen();
+// Whether this CPU runs libsodium's AES-256-GCM (AES-NI and PCLMUL), the faster suite.
+bool aes256gcm_available();
 
 class SecureLink {
  public:
@@ -46,8 +53,12 @@ class SecureLink {
     message,      // `out` is an authentic message
   };
 
-  // Throws InvalidArgument naming `function` unless key has kKeyBytes bytes.
-  SecureLink(std::span<const uint8_t> key, Role role, const char* function = "edge.Transport");
+  enum class Suite : uint8_t { chacha20poly1305 = 0, aes256gcm = 1 };
+
+  // Throws InvalidArgument naming `function` unless key has kKeyBytes bytes. offer_aes false:
+  // this end neither offers nor accepts AES-256-GCM (tests; machines without AES-NI never do).
+  SecureLink(std::span<const uint8_t> key, Role role, const char* function = "edge.Transport",
+             bool offer_aes = true);
   ~SecureLink();
   SecureLink(const SecureLink&) = delete;
   SecureLink& operator=(const SecureLink&) = delete;
@@ -56,6 +67,8 @@ class SecureLink {
   std::vector<uint8_t> hello();
   Result receive(std::span<const uint8_t> frame, std::vector<uint8_t>& out);
   bool established() const { return state_ == State::established; }
+  // The cipher of the sealed frames (meaningful once the CHALLENGE was sent or received).
+  Suite suite() const { return suite_; }
   // Seals one message for `channel` (appends to `frame` after clearing it). Requires established().
   void seal(Delivery channel, std::span<const uint8_t> message, std::vector<uint8_t>& frame);
 
@@ -73,12 +86,18 @@ class SecureLink {
   bool open(std::span<const uint8_t> frame, std::vector<uint8_t>& out, uint8_t& channel);
 
   Role role_;
+  bool aes_ = false;  // this end may use AES-256-GCM
+  uint8_t offer_ = 0;  // the client's offer, as sent or received
+  Suite suite_ = Suite::chacha20poly1305;
   State state_ = State::start;
   std::array<uint8_t, kKeyBytes> key_{};
   std::array<uint8_t, 32> nonce_client_{}, nonce_server_{};
   std::array<uint8_t, kKeyBytes> send_key_{}, receive_key_{};
   std::array<uint64_t, 3> send_counter_{};
   std::array<Window, 3> windows_{};
+  // AES-256-GCM key schedules of send_key_ and receive_key_ (beforenm), made once per session.
+  // (libsodium's crypto_aead_aes256gcm_state, kept opaque here: link.cpp checks size and alignment.)
+  alignas(16) std::array<uint8_t, 512> send_state_{}, receive_state_{};
 };
 
 }  // namespace halo::edge

@@ -50,6 +50,8 @@ double now();
 struct TransportOptions {
   std::vector<uint8_t> key;              // 32 bytes; empty: insecure (plaintext links)
   size_t max_message_bytes = 64u << 20;  // larger messages are refused before allocating
+  bool aes = true;  // with a key: offer and accept AES-256-GCM where the CPU runs it (link.hpp);
+                    // false: ChaCha20-Poly1305 only (benchmarks, tests)
 };
 
 class Transport {

@@ -11,12 +11,16 @@
 #include <string>
 #include <thread>
 
+#include <sodium.h>
+
 #include "halo/edge/link.hpp"
 #include "halo/edge/transport.hpp"
 
 using namespace halo::edge;
 
 namespace {
+
+bool crypto_available_for_test() { return sodium_init() >= 0 && crypto_aead_aes256gcm_is_available() != 0; }
 
 std::span<const uint8_t> bytes(const std::string& s) { return {reinterpret_cast<const uint8_t*>(s.data()), s.size()}; }
 
@@ -194,6 +198,62 @@ TEST_CASE("the unreliable replay window: fresh counters once, the newest 1024 co
   client.seal(Delivery::control, bytes("c"), c);
   c[1] = uint8_t(Delivery::unreliable);
   REQUIRE(server.receive(c, out) == SecureLink::Result::refused);
+}
+
+namespace {
+
+// Runs the handshake between two links; false when a step did not give what it should.
+bool shake(SecureLink& client, SecureLink& server, bool flip_offer = false, bool flip_choice = false) {
+  std::vector<uint8_t> a, b, hello = client.hello();
+  if (flip_offer) hello[5] ^= 1;
+  if (server.receive(hello, a) != SecureLink::Result::handshake) return false;
+  if (flip_choice) a[5] ^= 1;
+  if (client.receive(a, b) != SecureLink::Result::handshake) return false;
+  if (server.receive(b, a) != SecureLink::Result::established) return false;
+  return client.receive(a, b) == SecureLink::Result::established;
+}
+
+}  // namespace
+
+TEST_CASE("the cipher suite: AES-256-GCM when both ends offer it, ChaCha20-Poly1305 otherwise, bound by the proofs") {
+  using Suite = SecureLink::Suite;
+  const auto key = keygen();
+  const bool aes = crypto_available_for_test();
+  for (bool client_aes : {true, false}) {
+    for (bool server_aes : {true, false}) {
+      INFO("client offers aes " << client_aes << ", server accepts aes " << server_aes);
+      SecureLink client(key, SecureLink::Role::client, "test", client_aes);
+      SecureLink server(key, SecureLink::Role::server, "test", server_aes);
+      REQUIRE(shake(client, server));
+      const Suite want = aes && client_aes && server_aes ? Suite::aes256gcm : Suite::chacha20poly1305;
+      REQUIRE(client.suite() == want);
+      REQUIRE(server.suite() == want);
+      std::vector<uint8_t> frame, out;
+      for (Delivery d : {Delivery::control, Delivery::reliable, Delivery::unreliable}) {
+        const std::string text(1184, char('a' + int(d)));
+        client.seal(d, bytes(text), frame);
+        REQUIRE(frame.size() == text.size() + kSealOverhead);
+        REQUIRE(server.receive(frame, out) == SecureLink::Result::message);
+        REQUIRE(std::string(out.begin(), out.end()) == text);
+        server.seal(d, bytes(text), frame);
+        frame[frame.size() / 2] ^= 4;  // tampered: refused, whichever cipher
+        REQUIRE(client.receive(frame, out) == SecureLink::Result::refused);
+      }
+    }
+  }
+  // An offer or a choice changed on the way (a downgrade, or an upgrade the client did not
+  // offer) fails the handshake: both bytes are under the proofs.
+  for (bool offer : {false, true}) {
+    SecureLink client(key, SecureLink::Role::client), server(key, SecureLink::Role::server);
+    REQUIRE_FALSE(shake(client, server, offer, !offer));
+    REQUIRE_FALSE(client.established());
+    REQUIRE_FALSE(server.established());
+  }
+  {  // a client that offers nothing (before the suites) gets ChaCha20-Poly1305 from any server
+    SecureLink client(key, SecureLink::Role::client, "test", false), server(key, SecureLink::Role::server);
+    REQUIRE(shake(client, server));
+    REQUIRE(server.suite() == Suite::chacha20poly1305);
+  }
 }
 
 namespace {
