@@ -98,6 +98,25 @@ TEST_CASE("a keyed link carries messages both ways and a plaintext one still wor
   }
 }
 
+TEST_CASE("ends that can and cannot run AES-256-GCM agree on a suite over both transports") {
+  const auto key = keygen();
+  for (Protocol protocol : {Protocol::tcp, Protocol::enet}) {
+    for (auto [server_aes, client_aes] : {std::pair{true, true}, {true, false}, {false, true}, {false, false}}) {
+      INFO(name(protocol) << " server aes " << server_aes << " client aes " << client_aes);
+      TransportOptions server_options = with_key(key), client_options = with_key(key);
+      server_options.aes = server_aes;
+      client_options.aes = client_aes;
+      EchoServer server(protocol, server_options);
+      auto client = Transport::create(protocol, "", 0, 2, client_options);
+      const int32_t peer = client->connect("127.0.0.1", server.port(), 5.0);
+      REQUIRE(echoes(*client, peer, "hello"));
+      REQUIRE(echoes(*client, peer, std::string(30000, 'z')));
+      REQUIRE(client->auth_failures() == 0);
+      REQUIRE(server.t->auth_failures() == 0);
+    }
+  }
+}
+
 TEST_CASE("a wrong key is refused both ways, with a clear error, and the server serves the right key after") {
   const auto key = keygen(), other = keygen();
   REQUIRE(key != other);
