@@ -496,7 +496,9 @@ def print_round_trips(round_trips: dict, result: dict) -> None:
 
     suite = "AES-256-GCM" if edge.aes256gcm_available() else "ChaCha20-Poly1305"
     print(f"\nround trips of one message on loopback (echo process), median us; sealed: {suite}:")
-    print("| transport | bytes | plaintext | sealed | sealed - plaintext | ChaCha20-Poly1305 | its - plaintext |")
+    print(
+        "| transport | bytes | plaintext | sealed | sealed - plaintext | ChaCha20-Poly1305 | its - plaintext |"
+    )
     print("|---|---|---|---|---|---|---|")
     for (proto, size), t in round_trips.items():
         plain, sealed, chacha = (statistics.median(t[k]) * 1e6 for k in ("plaintext", "sealed", "chacha"))

@@ -41,7 +41,9 @@ def wait_message(t: edge.Transport, timeout: float = 2.0) -> tuple[int, bytes]:
     raise RuntimeError("bench_link: a message did not arrive within 2 s")
 
 
-def pair(protocol: str, key: bytes | None, aes: bool = True) -> tuple[edge.Transport, edge.Transport, int, int]:
+def pair(
+    protocol: str, key: bytes | None, aes: bool = True
+) -> tuple[edge.Transport, edge.Transport, int, int]:
     server = edge.Transport(protocol, "127.0.0.1", 0, 2, key=key, aes=aes)
     client = edge.Transport(protocol, "", 0, 2, key=key, aes=aes)
     seen: list[int] = []
@@ -161,7 +163,9 @@ def main() -> None:
                 for k in pairs
                 if k != "plain"
             ]
-            print(f"{protocol:5} added per message, one seal + one open ({clock}, medians): {', '.join(added)}")
+            print(
+                f"{protocol:5} added per message, one seal + one open ({clock}, medians): {', '.join(added)}"
+            )
     print(f"load after: {os.getloadavg()[0]:.1f} (a shared machine: other jobs ran meanwhile)")
 
 

@@ -267,6 +267,7 @@ class LinkedTransport:
             "end": end,
             "received": received,
             "peer_last": peer_last,
+            "peer_heard": list(peer_last),  # the partials of this step are all it heard
             "peer_missing": peer_missing,
             "other": [],
             "stale": len(late),
