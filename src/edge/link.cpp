@@ -210,13 +210,18 @@ void SecureLink::mark(uint8_t channel, uint64_t counter) {
   w.seen[bit / 64] |= uint64_t(1) << (bit % 64);
 }
 
-bool SecureLink::open(std::span<const uint8_t> frame, std::vector<uint8_t>& out, uint8_t& channel) {
-  if (frame.size() < kSealOverhead || frame[0] != kSealed || frame[1] > kUnreliable) return false;
-  channel = frame[1];
+namespace {
+
+uint64_t frame_counter(std::span<const uint8_t> frame) {
   uint64_t counter = 0;
   for (int i = 0; i < 8; ++i) counter |= uint64_t(frame[2 + i]) << (8 * i);
-  // The window is checked before and updated only after the tag: forged frames cannot move it.
-  if (!fresh(channel, counter)) return false;
+  return counter;
+}
+
+}  // namespace
+
+bool SecureLink::decrypt(std::span<const uint8_t> frame, uint8_t channel, uint64_t counter,
+                         std::vector<uint8_t>& out) {
   uint8_t nonce[crypto_aead_chacha20poly1305_ietf_NPUBBYTES];
   make_nonce(channel, counter, nonce);
   out.resize(frame.size() - kSealOverhead);
@@ -229,10 +234,53 @@ bool SecureLink::open(std::span<const uint8_t> frame, std::vector<uint8_t>& out,
                                                   kSealHeader, nonce, gcm(receive_state_))
           : crypto_aead_chacha20poly1305_ietf_decrypt(out.data(), &n, nullptr, sealed, sealed_bytes, frame.data(),
                                                       kSealHeader, nonce, receive_key_.data());
-  if (failed != 0) {
-    out.clear();
-    return false;
+  if (failed != 0) out.clear();
+  return failed == 0;
+}
+
+bool SecureLink::verify_ahead(std::span<const uint8_t> frame) {
+  if (state_ != State::established) return true;  // handshake frames: receive() judges them
+  if (frame.size() < kSealOverhead || frame[0] != kSealed || frame[1] >= kUnreliable) return false;
+  const uint8_t channel = frame[1];
+  const uint64_t counter = frame_counter(frame);
+  Ahead a{channel, counter, {}, {}};
+  std::memcpy(a.tag.data(), frame.data() + frame.size() - kTag, kTag);
+  // Opened even when its counter was delivered already (a resend ENet will drop as a duplicate):
+  // a counter changed on the way must fail here too, not be acknowledged.
+  if (!decrypt(frame, channel, counter, a.plaintext)) return false;
+  if (!fresh(channel, counter)) return true;
+  if (ahead_.size() >= kAheadFrames) ahead_.pop_front();
+  ahead_.push_back(std::move(a));
+  return true;
+}
+
+bool SecureLink::take_ahead(std::span<const uint8_t> frame, uint8_t channel, uint64_t counter,
+                            std::vector<uint8_t>& out) {
+  bool found = false;
+  for (auto it = ahead_.begin(); it != ahead_.end();) {
+    if (it->channel != channel || it->counter > counter) {
+      ++it;
+      continue;
+    }
+    // The same channel, counter and tag (and length): the frame verify_ahead() opened.
+    if (!found && it->counter == counter && it->plaintext.size() + kSealOverhead == frame.size() &&
+        std::memcmp(it->tag.data(), frame.data() + frame.size() - kTag, kTag) == 0) {
+      out = std::move(it->plaintext);
+      found = true;
+    }
+    it = ahead_.erase(it);  // this counter and older ones of the channel are done with
   }
+  return found;
+}
+
+bool SecureLink::open(std::span<const uint8_t> frame, std::vector<uint8_t>& out, uint8_t& channel) {
+  if (frame.size() < kSealOverhead || frame[0] != kSealed || frame[1] > kUnreliable) return false;
+  channel = frame[1];
+  const uint64_t counter = frame_counter(frame);
+  // The window is checked before and updated only after the tag: forged frames cannot move it.
+  if (!fresh(channel, counter)) return false;
+  const bool ahead = channel != kUnreliable && !ahead_.empty() && take_ahead(frame, channel, counter, out);
+  if (!ahead && !decrypt(frame, channel, counter, out)) return false;
   mark(channel, counter);
   return true;
 }

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cmath>
+#include <cstddef>
 #include <cstring>
 #include <deque>
 #include <mutex>
@@ -85,17 +86,68 @@ struct Slot {
   bool refused = false;              // its handshake failed (connect() says so)
 };
 
-// A peer still in its handshake sends nothing but handshake frames (at most 72 bytes
-// plus ENet's headers and acknowledgements); anything longer is dropped before ENet
-// reads it, so an unauthenticated peer cannot make ENet buffer a large fragmented
-// message. Only ever drops, so a forged peer id can at worst delay a handshake.
+// The intercept: ENet hands it each datagram before it parses (and acknowledges) anything in it.
+// - A peer still in its handshake sends nothing but handshake frames (at most 72 bytes plus
+//   ENet's headers and acknowledgements); anything longer is dropped before ENet reads it, so an
+//   unauthenticated peer cannot make ENet buffer a large fragmented message. Only ever drops, so
+//   a forged peer id can at worst delay a handshake.
+// - From an authenticated peer, every reliable packet that fits one datagram (SEND_RELIABLE:
+//   control messages, layer inputs and partials of a decode step) is opened here
+//   (SecureLink::verify_ahead); a datagram with one that is not authentic is dropped whole, so
+//   ENet does not acknowledge it and the sender resends it: a packet altered in flight is
+//   delayed, not lost. (Fragments of larger messages, and ENet's own command headers, are not
+//   covered: those are checked only after ENet acknowledged them, see docs/edge.md.)
 constexpr size_t kPreAuthDatagram = 256;
-int ENET_CALLBACK drop_preauth_bulk(ENetHost* host, ENetEvent*) {
-  if (host->receivedDataLength <= kPreAuthDatagram || host->receivedDataLength < 2) return 0;
-  const size_t id = size_t(host->receivedData[0] << 8 | host->receivedData[1]) & ENET_PROTOCOL_MAXIMUM_PEER_ID;
+thread_local uint64_t* servicing_failures = nullptr;  // auth_failures_ of the transport in enet_host_service
+
+size_t load16(const uint8_t* p) { return size_t(p[0]) << 8 | p[1]; }
+
+// Bytes of packet data after a command of `command`'s fixed size (0: none, or not a send).
+size_t command_data(uint8_t command, const uint8_t* at) {
+  switch (command) {
+    case ENET_PROTOCOL_COMMAND_SEND_RELIABLE:
+      return load16(at + offsetof(ENetProtocolSendReliable, dataLength));
+    case ENET_PROTOCOL_COMMAND_SEND_UNRELIABLE:
+      return load16(at + offsetof(ENetProtocolSendUnreliable, dataLength));
+    case ENET_PROTOCOL_COMMAND_SEND_UNSEQUENCED:
+      return load16(at + offsetof(ENetProtocolSendUnsequenced, dataLength));
+    case ENET_PROTOCOL_COMMAND_SEND_FRAGMENT:
+    case ENET_PROTOCOL_COMMAND_SEND_UNRELIABLE_FRAGMENT:
+      return load16(at + offsetof(ENetProtocolSendFragment, dataLength));
+    default:
+      return 0;
+  }
+}
+
+int ENET_CALLBACK screen_datagram(ENetHost* host, ENetEvent*) {
+  const uint8_t* d = host->receivedData;
+  const size_t n = host->receivedDataLength;
+  if (n < 2) return 0;
+  const size_t field = load16(d);
+  const size_t id = field & ENET_PROTOCOL_MAXIMUM_PEER_ID;
   if (id >= host->peerCount) return 0;  // a connect request, or not for a peer of ours: ENet decides
-  const Slot* slot = static_cast<const Slot*>(host->peers[id].data);
-  return slot != nullptr && !slot->visible ? 1 : 0;  // with a key, visible = authenticated
+  const ENetPeer& peer = host->peers[id];
+  Slot* slot = static_cast<Slot*>(peer.data);
+  if (slot == nullptr) return 0;
+  if (!slot->visible) return n > kPreAuthDatagram ? 1 : 0;  // with a key, visible = authenticated
+  if (!slot->link || !slot->link->established() || (field & ENET_PROTOCOL_HEADER_FLAG_COMPRESSED) ||
+      peer.address.host != host->receivedAddress.host || peer.address.port != host->receivedAddress.port)
+    return 0;  // not an authenticated peer's datagram (ENet ignores it), or one ENet drops itself
+  size_t at = (field & ENET_PROTOCOL_HEADER_FLAG_SENT_TIME) ? sizeof(ENetProtocolHeader) : 2;
+  while (at + sizeof(ENetProtocolCommandHeader) <= n) {
+    const uint8_t command = d[at] & ENET_PROTOCOL_COMMAND_MASK;
+    const size_t size = enet_protocol_command_size(command);
+    if (size == 0 || at + size > n) return 0;  // ENet stops reading here too
+    const size_t data = command_data(command, d + at);
+    if (at + size + data > n) return 0;
+    if (command == ENET_PROTOCOL_COMMAND_SEND_RELIABLE &&
+        !slot->link->verify_ahead(std::span<const uint8_t>(d + at + size, data))) {
+      if (servicing_failures != nullptr) ++*servicing_failures;
+      return 1;  // dropped unacknowledged: the sender resends it
+    }
+    at += size + data;
+  }
+  return 0;
 }
 
 class EnetTransport final : public Transport {
@@ -125,7 +177,7 @@ class EnetTransport final : public Transport {
     drop_oversized_datagrams(host_->socket);
     slots_.resize(host_->peerCount);  // never resized again: peers point into it
     for (size_t i = 0; i < slots_.size(); ++i) host_->peers[i].data = &slots_[i];
-    if (secure()) host_->intercept = drop_preauth_bulk;
+    if (secure()) host_->intercept = screen_datagram;
     ENetAddress bound{};
     if (enet_socket_get_address(host_->socket, &bound) == 0) port_ = bound.port;
   }
@@ -337,7 +389,9 @@ class EnetTransport final : public Transport {
   Event service(double deadline) {
     while (true) {
       ENetEvent ev;
+      servicing_failures = &auth_failures_;
       const int r = enet_host_service(host_, &ev, 0);
+      servicing_failures = nullptr;
       if (r > 0) {
         Event e;
         e.time = now();

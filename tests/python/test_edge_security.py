@@ -701,14 +701,11 @@ def test_replayed_and_forged_datagrams_from_the_roots_address_change_nothing(
     _still_serves(model, worker, plan, key, baseline)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=edge.EdgeError,
-    reason="ENet acknowledges a packet before its seal is checked (src/edge/transport_enet.cpp seals "
-    "packets, not datagrams): one reliable input altered in flight is refused and never resent, so "
-    "the root waits its hard timeout and drops the worker; plaintext takes the altered value",
-)
 def test_a_datagram_altered_in_flight_is_refused_and_resent(model, worker, plan, key, baseline):
+    """The worker's ENet intercept opens the sealed packet before ENet acknowledges its datagram
+    and drops the altered datagram whole, so the root's ENet resends it. (Before: ENet had
+    acknowledged it, the seal refused it, it was never resent and the root dropped the worker.)"""
+
     def attack(tap, captured):
         tap.tamper = 1  # one bit of the next layer input the root sends
 

@@ -25,6 +25,7 @@
 #include <array>
 #include <cstddef>
 #include <cstdint>
+#include <deque>
 #include <span>
 #include <vector>
 
@@ -36,6 +37,7 @@ inline constexpr size_t kKeyBytes = 32;
 inline constexpr size_t kSealOverhead = 10 + 16;  // header + tag
 inline constexpr size_t kHandshakeMaxBytes = 72;  // the largest handshake frame
 inline constexpr uint64_t kReplayWindow = 1024;
+inline constexpr size_t kAheadFrames = 256;  // verified reliable frames kept for receive()
 
 // 32 random bytes from libsodium's generator.
 std::vector<uint8_t> keygen();
@@ -69,6 +71,12 @@ class SecureLink {
   bool established() const { return state_ == State::established; }
   // The cipher of the sealed frames (meaningful once the CHALLENGE was sent or received).
   Suite suite() const { return suite_; }
+  // ENet: checks a frame of a reliable channel (control, reliable) before ENet acknowledges the
+  // datagram that carries it, so that one altered in flight is dropped unacknowledged and resent.
+  // True when it is authentic (or not for this check: before established(), the unreliable
+  // channel); the plaintext is kept (at most kAheadFrames) for receive(), which then skips the
+  // decryption. Window checks stay with receive(), in delivery order.
+  bool verify_ahead(std::span<const uint8_t> frame);
   // Seals one message for `channel` (appends to `frame` after clearing it). Requires established().
   void seal(Delivery channel, std::span<const uint8_t> message, std::vector<uint8_t>& frame);
 
@@ -84,6 +92,14 @@ class SecureLink {
   bool fresh(uint8_t channel, uint64_t counter) const;
   void mark(uint8_t channel, uint64_t counter);
   bool open(std::span<const uint8_t> frame, std::vector<uint8_t>& out, uint8_t& channel);
+  bool decrypt(std::span<const uint8_t> frame, uint8_t channel, uint64_t counter, std::vector<uint8_t>& out);
+  bool take_ahead(std::span<const uint8_t> frame, uint8_t channel, uint64_t counter, std::vector<uint8_t>& out);
+  struct Ahead {  // a reliable frame verify_ahead() opened
+    uint8_t channel;
+    uint64_t counter;
+    std::array<uint8_t, 16> tag;
+    std::vector<uint8_t> plaintext;
+  };
 
   Role role_;
   bool aes_ = false;  // this end may use AES-256-GCM
@@ -98,6 +114,7 @@ class SecureLink {
   // AES-256-GCM key schedules of send_key_ and receive_key_ (beforenm), made once per session.
   // (libsodium's crypto_aead_aes256gcm_state, kept opaque here: link.cpp checks size and alignment.)
   alignas(16) std::array<uint8_t, 512> send_state_{}, receive_state_{};
+  std::deque<Ahead> ahead_;
 };
 
 }  // namespace halo::edge
