@@ -87,6 +87,7 @@ class Program {
         case 0: {  // an attacker's raw frame
           std::vector<uint8_t> frame = take(byte());
           const bool before = server.established();
+          if (server.verify_ahead(frame) == before) throw Failure("verify_ahead misjudged an attacker's frame");
           const Result r = server.receive(frame, out);
           // No key, no valid frame: nothing the attacker writes is ever a message or a proof.
           if (r == Result::message) throw Failure(before ? "a forged frame was accepted"
@@ -122,6 +123,9 @@ class Program {
         case 4: {  // deliver (again, or for the first time: reordered) a frame sent before
           if (sent.empty()) break;
           const size_t k = byte() % sent.size();
+          // ENet's intercept opens reliable frames ahead; delivery then takes the kept plaintext.
+          if (sent[k].channel != uint8_t(Delivery::unreliable) && !server.verify_ahead(sent[k].frame))
+            throw Failure("verify_ahead refused an authentic reliable frame");
           deliver(k);
           delivered[k] = true;
           break;
@@ -131,6 +135,7 @@ class Program {
           Sent s = sent[byte() % sent.size()];
           const size_t bit = (size_t(byte()) << 8 | byte()) % (s.frame.size() * 8);
           s.frame[bit / 8] ^= uint8_t(1 << (bit % 8));
+          if (server.verify_ahead(s.frame)) throw Failure("verify_ahead passed a tampered frame");
           if (server.receive(s.frame, out) != Result::refused) throw Failure("a tampered frame was accepted");
           break;
         }
