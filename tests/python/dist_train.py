@@ -34,12 +34,12 @@ def batch(step: int) -> torch.Tensor:
     return torch.randint(0, 96, (GLOBAL_BATCH, SEQ), generator=generator)
 
 
-def build():
+def build(quant_storage: str = "uint8"):
     import peft
     from halo.hf import quantize_model, register_lora
 
     model = tiny_models.llama(seed=0)
-    quantize_model(model, compute_dtype=torch.float32)
+    quantize_model(model, compute_dtype=torch.float32, quant_storage=getattr(torch, quant_storage))
     torch.manual_seed(1)  # the same random LoRA init on every rank (B != 0: both factors train)
     config = register_lora(
         # r = 16: every LoRA factor splits over 2 ranks into shards of whole 256-element blocks,
@@ -76,14 +76,24 @@ def lora_state(model) -> dict[str, torch.Tensor]:
     def whole(p):
         return p.full_tensor() if isinstance(p, DTensor) else p
 
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if isinstance(model, FullyShardedDataParallel):  # FSDP1: gather the flat parameters first
+        with FullyShardedDataParallel.summon_full_params(model, writeback=False):
+            return {
+                name.replace("_fsdp_wrapped_module.", ""): p.detach().clone()
+                for name, p in model.named_parameters()
+                if p.requires_grad
+            }
     return {name: whole(p.detach()).clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
 def _packed_share(model) -> float:
     """The share of the packed 4-bit weight bytes this rank holds (FSDP: about 1 / ranks)."""
+    from halo.nn import Linear4bit
     from torch.distributed.tensor import DTensor
 
-    packed = [p for p in model.parameters() if p.dtype == torch.uint8]
+    packed = [m.weight for m in model.modules() if isinstance(m, Linear4bit)]
     local = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in packed)
     return local / sum(p.numel() for p in packed)
 
@@ -97,6 +107,37 @@ def shard(model) -> None:
     fully_shard(model)
 
 
+def shard_fsdp1(model):
+    """FSDP1 (FullyShardedDataParallel, as accelerate's FSDP plugin wraps): one flat parameter per
+    decoder layer and one for the rest, each sharded over the ranks, the original parameters kept
+    as views (use_orig_params) so the optimizer holds only the LoRA factors."""
+    import functools
+
+    import halo
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    halo.distributed.check_fsdp1(model)
+    policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={LlamaDecoderLayer})
+    device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
+    return FullyShardedDataParallel(model, auto_wrap_policy=policy, use_orig_params=True, device_id=device)
+
+
+def _packed_share_fsdp1(model) -> float:
+    """Under FSDP1 with use_orig_params, outside forward each original parameter is a view of this
+    rank's part of the flat parameter: the share of the packed bytes held here."""
+    from halo.nn import Linear4bit
+
+    modules = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    whole = sum((m.out_features * m.in_features + 1) // 2 for m in modules)
+    return sum(m.weight.numel() * m.weight.element_size() for m in modules) / whole
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -106,6 +147,21 @@ def main() -> None:
     parser.add_argument("--checkpoint", default="")
     parser.add_argument("--resume", default="")
     parser.add_argument("--fsdp", action="store_true", help="FSDP2 fully_shard instead of DDP")
+    parser.add_argument("--fsdp1", action="store_true", help="FSDP1 FullyShardedDataParallel instead of DDP")
+    parser.add_argument(
+        "--quant-storage", default="uint8", help="the dtype the packed 4-bit bytes are stored as"
+    )
+    parser.add_argument(
+        "--mixed-storage-rank",
+        type=int,
+        default=-1,
+        help="this rank stores its packed bytes as uint8 (a bad set-up)",
+    )
+    parser.add_argument(
+        "--pretend-version",
+        default="",
+        help="RANK:VERSION: that rank reports this halo version (a bad set-up)",
+    )
     args = parser.parse_args()
 
     distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
@@ -117,9 +173,20 @@ def main() -> None:
         raise SystemExit(f"[dist_train] world size {world} must divide the global batch {GLOBAL_BATCH}")
     torch.set_num_threads(1)
 
-    if args.fsdp and (args.resume or args.save_at):
+    if (args.fsdp or args.fsdp1) and (args.resume or args.save_at):
         raise SystemExit("[dist_train] --fsdp runs do not save or resume")
-    model = build()
+    if args.pretend_version:
+        import halo
+
+        pretend_rank, version = args.pretend_version.split(":", 1)
+        if int(pretend_rank) == rank:
+            halo.__version__ = version
+    storage = "uint8" if rank == args.mixed_storage_rank else args.quant_storage
+    model = build(storage)
+    if distributed:
+        import halo
+
+        halo.distributed.check_ranks(model)  # as halo.qlora.train does: one line on every rank
     initial = lora_state(model)
     start = 0
     if args.resume:
@@ -132,10 +199,12 @@ def main() -> None:
     if distributed and args.fsdp:
         shard(model)  # the optimizer below then holds the sharded parameters
         trained = model
+    elif distributed and args.fsdp1:
+        trained = model = shard_fsdp1(model)
     else:
         trained = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
     optimizer = make_optimizer(model, args.optim)
-    packed_share = _packed_share(model)
+    packed_share = _packed_share_fsdp1(model) if distributed and args.fsdp1 else _packed_share(model)
     if args.resume:
         optimizer.load_state_dict(saved["optimizer"])
 
@@ -166,7 +235,7 @@ def main() -> None:
             dist.all_gather(gathered, value)
             if not all(torch.equal(g, gathered[0]) for g in gathered):
                 raise SystemExit(f"[dist_train] rank weights differ after training: {name}")
-        for state in [] if args.fsdp else optimizer.state.values():  # FSDP: each rank its shard
+        for state in [] if args.fsdp or args.fsdp1 else optimizer.state.values():  # FSDP: a shard each
             for key, value in state.items():
                 if isinstance(value, torch.Tensor) and value.numel() > 0:
                     gathered = [torch.empty_like(value) for _ in range(world)]

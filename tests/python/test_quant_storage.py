@@ -149,3 +149,41 @@ def test_from_pretrained_with_quant_storage_saves_and_loads_back(tmp_path):
     assert again.config.quantization_config.quant_storage == torch.bfloat16
     assert again.model.layers[1].mlp.down_proj.weight.dtype == torch.bfloat16
     assert torch.equal(again(ids).logits, expected)
+
+
+def test_check_fsdp1_names_the_layer_and_the_dtypes():
+    from halo.distributed import check_fsdp1, check_ranks, quant_storages
+
+    good = quantize_model(tiny_models.llama(seed=0), compute_dtype=torch.float32, quant_storage=torch.float32)
+    check_fsdp1(good)
+    check_ranks(good)  # no process group: nothing to compare
+    assert set(quant_storages(good).values()) == {torch.float32} and len(quant_storages(good)) == 14
+    plain = quantize_model(tiny_models.llama(seed=0), compute_dtype=torch.float32)
+    with pytest.raises(
+        ValueError, match=r"\[check_fsdp1\] .* 4-bit layer 'model.layers.0.self_attn.q_proj' and 13"
+    ):
+        check_fsdp1(plain)
+    # One layer stored differently from the others (e.g. replaced after loading).
+    mixed = quantize_model(
+        tiny_models.llama(seed=0), compute_dtype=torch.float32, quant_storage=torch.float32
+    )
+    linear = torch.nn.Linear(128, 64, bias=False)
+    mixed.model.layers[1].mlp.down_proj = hnn.Linear4bit.from_linear(linear, quant_storage=torch.bfloat16)
+    with pytest.raises(
+        ValueError,
+        match=r"\[check_fsdp1\] the 4-bit layers store their packed weights in different quant_storage dtypes "
+        r"\('model.layers.0.self_attn.q_proj' float32, 'model.layers.1.mlp.down_proj' bfloat16\)",
+    ):
+        check_fsdp1(mixed)
+    # bfloat16 bytes beside float32 parameters: FSDP1 could not flatten them together either.
+    halves = quantize_model(
+        tiny_models.llama(seed=0), compute_dtype=torch.float32, quant_storage=torch.bfloat16
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"\[check_fsdp1\] the packed 4-bit weights are stored as bfloat16 but parameter "
+        r"'model.embed_tokens.weight' is float32",
+    ):
+        check_fsdp1(halves)
+    with pytest.raises(TypeError, match=r"\[check_fsdp1\] model must be a torch.nn.Module, got str"):
+        check_fsdp1("model")
