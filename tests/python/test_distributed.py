@@ -147,6 +147,38 @@ def test_fsdp1_with_float_quant_storage_equals_one_process(tmp_path, single_adam
     assert _relative(single_adamw, fsdp) <= 1e-5
 
 
+def test_accelerate_launch_with_the_fsdp_plugin_config_equals_one_process(tmp_path, single_adamw):
+    """`accelerate launch --config_file tests/python/accelerate_fsdp.yaml` (the FSDP plugin, FSDP1,
+    transformer-based wrap of LlamaDecoderLayer, use_orig_params) on 2 CPU processes: the ranks
+    are wrapped as the plugin says, the packed 4-bit bytes (quant_storage float32) are sharded,
+    and the run equals one process."""
+    pytest.importorskip("accelerate")
+    out = tmp_path / "accelerate.json"
+    argv = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(HERE / "accelerate_fsdp.yaml"),
+        "--main_process_ip",
+        "127.0.0.1",
+        "--main_process_port",
+        str(_free_port()),
+        str(HERE / "accelerate_train.py"),
+        "--out",
+        str(out),
+        "--quant-storage",
+        "float32",
+    ]
+    result = subprocess.run(argv, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    run = json.loads(out.read_text())
+    assert run["world"] == 2 and run["wrapped"] == "FullyShardedDataParallel"
+    assert 0.3 <= run["packed_share"] <= 0.7
+    np.testing.assert_allclose(run["losses"], single_adamw["losses"], rtol=1e-5)
+    assert _relative(single_adamw, run) <= 1e-5
+
+
 def _last_error(result: subprocess.CompletedProcess) -> str:
     return result.stdout + result.stderr
 
