@@ -418,6 +418,15 @@ class Linear4bit(nn.Module):
             )
             return
         sub = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix + "weight")}
+        if _is_dtensor(sub["weight"]):
+            self._load_shard(sub, prefix, error_msgs)
+            if self.bias is not None:
+                if prefix + "bias" not in state_dict:
+                    missing_keys.append(prefix + "bias")
+                else:
+                    with torch.no_grad():
+                        self.bias.copy_(state_dict[prefix + "bias"])  # in place: FSDP2 keeps its parameter
+            return
         try:
             packed, absmax, nested, offset, dtype = _read_bnb_state(
                 sub, (self.out_features, self.in_features)
@@ -444,6 +453,33 @@ class Linear4bit(nn.Module):
             }
             unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in known)
 
+    @torch.no_grad()
+    def _load_shard(self, sub: dict, prefix: str, error_msgs: list) -> None:
+        """A sharded state dict (FSDP2, torch.distributed.checkpoint) into a layer sharded the same
+        way: each rank copies its part of the packed weight in place; the quantization statistics
+        (whole on every rank) are copied too. The settings must be the layer's."""
+        settings_key = f"weight.quant_state.bitsandbytes__{self.quant_type}"
+        same = (
+            self._quantized
+            and _is_dtensor(self.weight)
+            and settings_key in sub
+            and json.loads(bytes(sub[settings_key].cpu().numpy().tobytes()).decode("utf-8"))
+            == self._quant_state_json()
+            and sub["weight"].dtype == self.weight.dtype
+            and tuple(sub["weight"].shape) == tuple(self.weight.shape)
+            and sub["weight"].placements == self.weight.placements
+        )
+        if not same:
+            error_msgs.append(
+                f"[Linear4bit] {prefix}weight: a sharded 4-bit weight loads only into a layer quantized and "
+                "sharded the same way (settings, quant_storage, shape, placements)"
+            )
+            return
+        self.weight.copy_(sub["weight"])
+        self.weight_absmax.copy_(sub["weight.absmax"])
+        if self.weight_nested_absmax is not None:
+            self.weight_nested_absmax.copy_(sub["weight.nested_absmax"])
+
     def _load_bias(self, state_dict, prefix, missing_keys, error_msgs) -> None:
         if self.bias is None:
             return
@@ -459,6 +495,12 @@ class Linear4bit(nn.Module):
         self.bias = nn.Parameter(
             value.detach().to(device=device, dtype=value.dtype).clone(), requires_grad=self.bias.requires_grad
         )
+
+
+def _is_dtensor(t: Any) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
 
 
 def _double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:

@@ -107,6 +107,45 @@ def shard(model) -> None:
     fully_shard(model)
 
 
+def save_sharded(model, optimizer, step: int, folder: str) -> None:
+    """torch.distributed.checkpoint: each rank writes its shards of the model (the packed 4-bit
+    weights included, with their quantization state) and of the optimizer state. The model's
+    state dict is taken as is: torch's get_state_dict resolves every key as an attribute path,
+    and bitsandbytes' keys (``weight.absmax``) are not."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    state = {
+        "model": model.state_dict(),
+        "optim": get_optimizer_state_dict(model, optimizer),
+        "step": torch.tensor(step),
+    }
+    dcp.save(state, checkpoint_id=folder)
+
+
+def load_sharded(model, optimizer, folder: str) -> int:
+    """The inverse of save_sharded, on any number of ranks (DCP reshards on load); returns the step.
+    The 4-bit base weights are zeroed first, so they must come from the checkpoint."""
+    import torch.distributed.checkpoint as dcp
+    from halo.nn import Linear4bit
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, Linear4bit):
+                layer.weight.zero_()
+                layer.weight_absmax.zero_()
+    state = {
+        "model": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "optim": get_optimizer_state_dict(model, optimizer),
+        "step": torch.tensor(0),
+    }
+    dcp.load(state, checkpoint_id=folder)
+    model.load_state_dict(state["model"])
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=state["optim"])
+    return int(state["step"])
+
+
 def shard_fsdp1(model):
     """FSDP1 (FullyShardedDataParallel, as accelerate's FSDP plugin wraps): one flat parameter per
     decoder layer and one for the rest, each sharded over the ranks, the original parameters kept
@@ -146,6 +185,9 @@ def main() -> None:
     parser.add_argument("--save-at", type=int, default=0)
     parser.add_argument("--checkpoint", default="")
     parser.add_argument("--resume", default="")
+    parser.add_argument(
+        "--sharded", action="store_true", help="save/resume with torch.distributed.checkpoint"
+    )
     parser.add_argument("--fsdp", action="store_true", help="FSDP2 fully_shard instead of DDP")
     parser.add_argument("--fsdp1", action="store_true", help="FSDP1 FullyShardedDataParallel instead of DDP")
     parser.add_argument(
@@ -173,8 +215,10 @@ def main() -> None:
         raise SystemExit(f"[dist_train] world size {world} must divide the global batch {GLOBAL_BATCH}")
     torch.set_num_threads(1)
 
-    if (args.fsdp or args.fsdp1) and (args.resume or args.save_at):
-        raise SystemExit("[dist_train] --fsdp runs do not save or resume")
+    if args.fsdp1 and (args.resume or args.save_at):
+        raise SystemExit("[dist_train] --fsdp1 runs do not save or resume")
+    if args.fsdp and (args.resume or args.save_at) and not args.sharded:
+        raise SystemExit("[dist_train] --fsdp runs save and resume --sharded")
     if args.pretend_version:
         import halo
 
@@ -189,7 +233,7 @@ def main() -> None:
         halo.distributed.check_ranks(model)  # as halo.qlora.train does: one line on every rank
     initial = lora_state(model)
     start = 0
-    if args.resume:
+    if args.resume and not args.sharded:
         saved = torch.load(args.resume, weights_only=False)
         with torch.no_grad():
             for name, p in model.named_parameters():
@@ -205,7 +249,9 @@ def main() -> None:
         trained = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
     optimizer = make_optimizer(model, args.optim)
     packed_share = _packed_share_fsdp1(model) if distributed and args.fsdp1 else _packed_share(model)
-    if args.resume:
+    if args.resume and args.sharded:
+        start = load_sharded(model, optimizer, args.resume)
+    elif args.resume:
         optimizer.load_state_dict(saved["optimizer"])
 
     losses = []
@@ -221,7 +267,9 @@ def main() -> None:
             dist.all_reduce(global_loss)
             global_loss /= world
         losses.append(float(global_loss))
-        if args.save_at and step + 1 == args.save_at and rank == 0:
+        if args.save_at and step + 1 == args.save_at and args.sharded:
+            save_sharded(model, optimizer, step + 1, args.checkpoint)
+        elif args.save_at and step + 1 == args.save_at and rank == 0:
             torch.save(
                 {"lora": lora_state(model), "optimizer": optimizer.state_dict(), "step": step + 1},
                 args.checkpoint,

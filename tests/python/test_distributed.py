@@ -113,15 +113,45 @@ def test_ddp_two_processes_equal_one_process_on_the_whole_batch(tmp_path, single
     assert _relative(single_adamw, single_adamw, key="initial") > 1e-2
 
 
-def test_fsdp2_shards_the_4bit_weights_and_equals_one_process(tmp_path, single_adamw):
+@pytest.fixture(scope="module")
+def fsdp2_adamw(tmp_path_factory):
+    """Two FSDP2 ranks with AdamW, writing a sharded checkpoint (torch.distributed.checkpoint)
+    after step 3 of 5: (result, checkpoint folder)."""
+    folder = tmp_path_factory.mktemp("fsdp2")
+    checkpoint = folder / "step3"
+    result = _train(
+        folder, "fsdp", 2, "--fsdp", "--sharded", "--save-at", "3", "--checkpoint", str(checkpoint)
+    )
+    return result, checkpoint
+
+
+def test_fsdp2_shards_the_4bit_weights_and_equals_one_process(fsdp2_adamw, single_adamw):
     """fully_shard on every decoder layer: the packed 4-bit weights are split over the ranks, and
     the losses and LoRA weights still equal one process on the whole batch."""
-    fsdp = _train(tmp_path, "fsdp", 2, "--fsdp")
+    fsdp, _ = fsdp2_adamw
     assert fsdp["world"] == 2
     assert fsdp["packed_share"] <= 0.55, "the 4-bit weights were not sharded"
     assert single_adamw["packed_share"] == 1.0
     np.testing.assert_allclose(fsdp["losses"], single_adamw["losses"], rtol=1e-5)
     assert _relative(single_adamw, fsdp) <= 1e-5
+
+
+@pytest.mark.parametrize("resume_on", [2, 1])
+def test_fsdp2_sharded_checkpoint_resumes_on_n_as_the_uninterrupted_run(tmp_path, fsdp2_adamw, resume_on):
+    """Each rank wrote its shards of the model (the packed 4-bit weights and their quantization
+    state beside the LoRA factors) and of AdamW's state; the resumed run zeroes its 4-bit weights
+    before loading, so they must come from the checkpoint. On 2 ranks: bitwise; on 1 process
+    (DCP reshards on load): as one process against 2."""
+    whole, checkpoint = fsdp2_adamw
+    assert sorted(p.name for p in checkpoint.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    args = ["--sharded", "--resume", str(checkpoint)]
+    resumed = _train(tmp_path, "resumed", resume_on, *(["--fsdp"] if resume_on == 2 else []), *args)
+    if resume_on == 2:
+        assert resumed["losses"] == whole["losses"][3:]
+        assert _relative(whole, resumed) == 0.0
+    else:
+        np.testing.assert_allclose(resumed["losses"], whole["losses"][3:], rtol=1e-5)
+        assert _relative(whole, resumed) <= 1e-5
 
 
 def test_fsdp2_with_adamw8bit_keeps_sharded_states_and_equals_ddp(tmp_path, ddp_adamw8bit):
