@@ -6,8 +6,8 @@ uint8 parameter ``[(n + 1) // 2, 1]`` (frozen), ``weight_absmax`` /
 ``weight_nested_absmax`` are plain tensors. With ``quant_storage`` a float dtype (as
 bitsandbytes' ``bnb_4bit_quant_storage``) the same bytes are stored viewed as that dtype,
 ``[ceil(bytes / itemsize), 1]``, zero-padded, so that FSDP1 can flatten them with the float
-parameters of a unit; ``layer.packed`` is always the uint8 view the kernels take. Its state dict has exactly the keys, dtypes,
-shapes and bytes of a bitsandbytes ``Linear4bit`` (``weight``, ``bias``,
+parameters of a unit; ``layer.packed`` is always the uint8 view the kernels take. Its state
+dict has exactly the keys, dtypes, shapes and bytes of a bitsandbytes ``Linear4bit`` (``weight``, ``bias``,
 ``weight.absmax``, ``weight.quant_map``, ``weight.nested_absmax``,
 ``weight.nested_quant_map``, ``weight.quant_state.bitsandbytes__nf4``), so
 checkpoints move both ways. ``layer.quantized`` gives the weight as a

@@ -32,7 +32,8 @@ def wrap_as_the_plugin_says(model, device):
     plugin = FullyShardedDataParallelPlugin()
     if plugin.fsdp_version != 1:
         raise SystemExit(
-            f"[accelerate_train] the config asks for FSDP version {plugin.fsdp_version}, this script wraps FSDP1"
+            f"[accelerate_train] the config asks for FSDP version {plugin.fsdp_version}; "
+            "this script wraps FSDP1"
         )
     plugin.set_auto_wrap_policy(model)
     return FullyShardedDataParallel(

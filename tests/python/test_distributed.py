@@ -226,7 +226,8 @@ def _last_error(result: subprocess.CompletedProcess) -> str:
         # Rank 1 loaded without the quant_storage rank 0 uses.
         (
             ["--fsdp1", "--quant-storage", "float32", "--mixed-storage-rank", "1"],
-            r"RuntimeError: \[check_ranks\] rank 1 stores its packed 4-bit weights as uint8, rank 0 as float32",
+            r"RuntimeError: \[check_ranks\] rank 1 stores its packed 4-bit weights as uint8, "
+            r"rank 0 as float32",
         ),
         # Rank 1 runs another halo.
         (

@@ -171,7 +171,8 @@ def test_check_fsdp1_names_the_layer_and_the_dtypes():
     mixed.model.layers[1].mlp.down_proj = hnn.Linear4bit.from_linear(linear, quant_storage=torch.bfloat16)
     with pytest.raises(
         ValueError,
-        match=r"\[check_fsdp1\] the 4-bit layers store their packed weights in different quant_storage dtypes "
+        match=r"\[check_fsdp1\] the 4-bit layers store their packed weights in different "
+        r"quant_storage dtypes "
         r"\('model.layers.0.self_attn.q_proj' float32, 'model.layers.1.mlp.down_proj' bfloat16\)",
     ):
         check_fsdp1(mixed)
