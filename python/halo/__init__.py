@@ -9,8 +9,8 @@ Areas: 4-bit quantization (this namespace), ``halo.lora`` and ``halo.torch`` (ad
 ``halo.halo_quantize`` and ``halo.hf`` (hardware-aware quantizer), ``halo.partition`` and ``halo.sched``
 (neuron groups, PLR-aware balancer, cluster simulator), ``halo.gguf`` / ``halo.export_gguf`` /
 ``halo.import_gguf`` (llama.cpp's GGUF files). ``halo.ops`` (torch operators), ``halo.nn``
-(Linear4bit), ``halo.optim`` (8-bit AdamW) and ``halo.hf.HaloConfig`` need torch and load on first
-use: importing halo does not import torch.
+(Linear4bit), ``halo.optim`` (8-bit AdamW), ``halo.distributed`` (checks of a distributed set-up)
+and ``halo.hf.HaloConfig`` need torch and load on first use: importing halo does not import torch.
 """
 
 from . import gguf, hf, io, lora, partition, sched
@@ -24,7 +24,7 @@ from .quant import QuantizedTensor, dequantize_4bit, matmul_4bit, matmul_4bit_tr
 
 __version__ = "0.1.0"
 
-_TORCH_AREAS = ("nn", "ops", "optim", "qlora")
+_TORCH_AREAS = ("distributed", "nn", "ops", "optim", "qlora")
 
 
 def __getattr__(name: str):

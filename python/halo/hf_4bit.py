@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .nn import Linear4bit, _check_settings
+from .nn import Linear4bit, _check_settings, check_quant_storage
 from .ops import FLOAT_NAMES
 
 __all__ = ["HaloConfig", "load_bnb_checkpoint", "quantize_model"]
@@ -63,12 +63,18 @@ def _replace_linears(
                 config.blocksize,
                 device="meta",
                 dtype=module.weight.dtype,
+                quant_storage=config.quant_storage,
             )
             if pre_quantized:
-                layer.weight = nn.Parameter(layer.weight.data.to(torch.uint8), requires_grad=False)
+                layer.weight = nn.Parameter(layer.weight.data.to(config.quant_storage), requires_grad=False)
         else:
             layer = Linear4bit.from_linear(
-                module, config.quant_type, config.compute_dtype, config.double_quant, config.blocksize
+                module,
+                config.quant_type,
+                config.compute_dtype,
+                config.double_quant,
+                config.blocksize,
+                config.quant_storage,
             )
         layer.requires_grad_(False)
         model.set_submodule(name, layer)
@@ -83,14 +89,16 @@ def quantize_model(
     blocksize: int = 64,
     compute_dtype: torch.dtype | None = torch.bfloat16,
     skip_modules: Sequence[str] = ("lm_head",),
+    quant_storage: Any = torch.uint8,
 ) -> nn.Module:
     """Replaces every ``nn.Linear`` of ``model`` (but those matched by ``skip_modules``, as
     transformers matches them) by a :class:`halo.nn.Linear4bit` holding the same weight in
-    4 bits, one layer at a time (each float weight is freed once packed). Returns ``model``."""
+    4 bits, one layer at a time (each float weight is freed once packed). ``quant_storage``:
+    the dtype the packed bytes are stored as (a float dtype for FSDP1). Returns ``model``."""
     fn = "quantize_model"
     if not isinstance(model, nn.Module):
         raise TypeError(f"[{fn}] model must be a torch.nn.Module, got {type(model).__name__}")
-    config = HaloConfig(quant_type, double_quant, blocksize, compute_dtype, skip_modules)
+    config = HaloConfig(quant_type, double_quant, blocksize, compute_dtype, skip_modules, quant_storage)
     if _replace_linears(model, config, config.skip_modules, on_meta=False) == 0:
         raise ValueError(
             f"[{fn}] the model has no nn.Linear layers outside skip_modules={list(skip_modules)}"
@@ -130,8 +138,11 @@ _HfQuantizer, _QuantizationConfigMixin, _ConversionOps, _register_config, _regis
 @dataclass(init=False, repr=False)
 class HaloConfig(_QuantizationConfigMixin):
     """Quantization config for ``from_pretrained``: NF4/FP4 blockwise 4-bit weights (bitsandbytes'
-    layout), optional double quantization, the dtype the matmuls run in, and the modules left in
-    float (``lm_head`` by default; matched as transformers matches ``llm_int8_skip_modules``)."""
+    layout), optional double quantization, the dtype the matmuls run in, the modules left in
+    float (``lm_head`` by default; matched as transformers matches ``llm_int8_skip_modules``), and
+    ``quant_storage``: the dtype the packed bytes are stored as, uint8 or (as bitsandbytes'
+    ``bnb_4bit_quant_storage``) the float dtype of the other parameters, so that FSDP1 / accelerate's
+    FSDP plugin can flatten them together."""
 
     def __init__(
         self,
@@ -140,10 +151,12 @@ class HaloConfig(_QuantizationConfigMixin):
         blocksize: int = 64,
         compute_dtype: Any = torch.bfloat16,
         skip_modules: Sequence[str] | None = ("lm_head",),
+        quant_storage: Any = torch.uint8,
         **kwargs: Any,
     ) -> None:
         fn = "HaloConfig"
         compute_dtype = _dtype_of(compute_dtype)
+        quant_storage = check_quant_storage(fn, quant_storage)
         _check_settings(fn, quant_type, blocksize, compute_dtype)
         if skip_modules is not None and (
             isinstance(skip_modules, str) or not all(isinstance(s, str) for s in skip_modules)
@@ -158,6 +171,7 @@ class HaloConfig(_QuantizationConfigMixin):
         self.blocksize = int(blocksize)
         self.compute_dtype = compute_dtype
         self.skip_modules = tuple(skip_modules or ())
+        self.quant_storage = quant_storage
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -169,6 +183,7 @@ class HaloConfig(_QuantizationConfigMixin):
             if self.compute_dtype is None
             else str(self.compute_dtype).removeprefix("torch."),
             "skip_modules": list(self.skip_modules),
+            "quant_storage": str(self.quant_storage).removeprefix("torch."),
         }
 
     def __repr__(self) -> str:
@@ -182,11 +197,8 @@ class HaloConfig(_QuantizationConfigMixin):
             raise ValueError(
                 "[HaloConfig.from_bnb] only 4-bit bitsandbytes configs (load_in_4bit=True) map to halo"
             )
-        storage = str(get("bnb_4bit_quant_storage", "uint8") or "uint8").removeprefix("torch.")
-        if storage != "uint8":
-            raise ValueError(
-                f"[HaloConfig.from_bnb] bnb_4bit_quant_storage={storage!r} is not supported (uint8 only)"
-            )
+        storage = get("bnb_4bit_quant_storage", None) or torch.uint8
+        storage = check_quant_storage("HaloConfig.from_bnb", storage)
         skip = get("llm_int8_skip_modules", None)
         return cls(
             quant_type=get("bnb_4bit_quant_type", "fp4"),
@@ -194,6 +206,7 @@ class HaloConfig(_QuantizationConfigMixin):
             blocksize=64,
             compute_dtype=get("bnb_4bit_compute_dtype", torch.float32) or torch.float32,
             skip_modules=None if skip is None else tuple(skip),
+            quant_storage=storage,
         )
 
 

@@ -3,8 +3,11 @@
 The layer holds its 4-bit weight in bitsandbytes' layout as torch tensors (so
 ``.to(device)`` moves it and CUDA stays on the GPU): ``weight`` is the packed
 uint8 parameter ``[(n + 1) // 2, 1]`` (frozen), ``weight_absmax`` /
-``weight_nested_absmax`` are buffers. Its state dict has exactly the keys, dtypes,
-shapes and bytes of a bitsandbytes ``Linear4bit`` (``weight``, ``bias``,
+``weight_nested_absmax`` are plain tensors. With ``quant_storage`` a float dtype (as
+bitsandbytes' ``bnb_4bit_quant_storage``) the same bytes are stored viewed as that dtype,
+``[ceil(bytes / itemsize), 1]``, zero-padded, so that FSDP1 can flatten them with the float
+parameters of a unit; ``layer.packed`` is always the uint8 view the kernels take. Its state
+dict has exactly the keys, dtypes, shapes and bytes of a bitsandbytes ``Linear4bit`` (``weight``, ``bias``,
 ``weight.absmax``, ``weight.quant_map``, ``weight.nested_absmax``,
 ``weight.nested_quant_map``, ``weight.quant_state.bitsandbytes__nf4``), so
 checkpoints move both ways. ``layer.quantized`` gives the weight as a
@@ -33,6 +36,46 @@ __all__ = ["Linear4bit"]
 
 _STATE_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 _DTYPE_NAMES = _ops.FLOAT_NAMES
+QUANT_STORAGES = (torch.uint8, *_DTYPE_NAMES)
+
+
+def check_quant_storage(fn: str, quant_storage: Any) -> torch.dtype:
+    """``quant_storage`` as a torch dtype: uint8 or a float dtype (or its name, as in a JSON config)."""
+    value = quant_storage
+    if isinstance(value, str):
+        value = getattr(torch, value.removeprefix("torch."), value)
+    if value not in QUANT_STORAGES:
+        names = ", ".join(str(d).removeprefix("torch.") for d in QUANT_STORAGES)
+        raise TypeError(f"[{fn}] quant_storage must be one of {names}, got {quant_storage!r}")
+    return value
+
+
+class Params4bit(nn.Parameter):
+    """The packed 4-bit bytes of a :class:`Linear4bit` stored as a float dtype (``quant_storage``).
+
+    Named as bitsandbytes' class on purpose: PEFT's ``prepare_model_for_kbit_training`` casts every
+    float16/bfloat16 parameter to float32 except those of this name, and a numeric cast would
+    destroy the bytes. Operations on it give plain tensors (as on any ``nn.Parameter``)."""
+
+
+def _store_packed(packed: torch.Tensor, quant_storage: torch.dtype) -> nn.Parameter:
+    """The frozen ``weight`` parameter holding ``packed`` (uint8 ``[bytes, 1]``) in ``quant_storage``."""
+    if quant_storage == torch.uint8:
+        return nn.Parameter(packed, requires_grad=False)
+    itemsize = torch.empty((), dtype=quant_storage).element_size()
+    flat = packed.reshape(-1)
+    pad = -flat.numel() % itemsize
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    return Params4bit(flat.contiguous().view(quant_storage).reshape(-1, 1), requires_grad=False)
+
+
+def _as_bytes(weight: torch.Tensor, nbytes: int) -> torch.Tensor:
+    """The first ``nbytes`` bytes of a packed weight stored as any dtype, as uint8 ``[nbytes, 1]``
+    (a view where the weight is contiguous: no copy)."""
+    if weight.dtype == torch.uint8:
+        return weight
+    return weight.detach().contiguous().view(torch.uint8).reshape(-1)[:nbytes].reshape(-1, 1)
 
 
 def _check_settings(fn: str, quant_type: Any, blocksize: Any, compute_dtype: Any) -> None:
@@ -63,10 +106,12 @@ class Linear4bit(nn.Module):
         blocksize: int = 64,
         device: Any = None,
         dtype: torch.dtype | None = None,
+        quant_storage: Any = torch.uint8,
     ) -> None:
         super().__init__()
         fn = "Linear4bit"
         _check_settings(fn, quant_type, blocksize, compute_dtype)
+        self.quant_storage = check_quant_storage(fn, quant_storage)
         for name, value in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"[{fn}] {name} must be a positive integer, got {value!r}")
@@ -98,6 +143,7 @@ class Linear4bit(nn.Module):
         compute_dtype: torch.dtype | None = None,
         double_quant: bool = True,
         blocksize: int = 64,
+        quant_storage: Any = torch.uint8,
     ) -> Linear4bit:
         """A quantized copy of an ``nn.Linear`` (same device; the float weight is not kept)."""
         if not isinstance(linear, nn.Linear):
@@ -112,6 +158,7 @@ class Linear4bit(nn.Module):
             blocksize,
             device="meta",
             dtype=linear.weight.dtype,
+            quant_storage=quant_storage,
         )
         layer.quantize_(linear.weight.detach())
         if linear.bias is not None:
@@ -176,7 +223,7 @@ class Linear4bit(nn.Module):
         return self
 
     def _set_state(self, packed, absmax, nested, offset, original_dtype) -> None:
-        self.weight = nn.Parameter(packed, requires_grad=False)
+        self.weight = _store_packed(packed, self.quant_storage)
         self.weight_absmax = absmax
         self.weight_nested_absmax = nested
         self.weight._is_hf_initialized = True  # tells transformers' loader not to re-initialize it
@@ -187,8 +234,22 @@ class Linear4bit(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # Device moves (.to, .cuda, .cpu) apply to the quantization statistics too; dtype casts
-        # (.half(), .to(torch.bfloat16)) must not touch them (they are float32 / uint8 by format).
-        super()._apply(fn, recurse)
+        # (.half(), .to(torch.bfloat16)) must not touch them (they are float32 / uint8 by format),
+        # nor the packed bytes when quant_storage stores them as a float dtype.
+        weight = self._parameters.get("weight")
+        keep = self._quantized and weight is not None and weight.dtype != torch.uint8
+        if keep:
+            del self._parameters["weight"]
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            if keep:
+                self._parameters["weight"] = weight
+        if keep:
+            moved = fn(weight.detach())
+            if moved.device != weight.device:
+                with torch.no_grad():
+                    weight.data = weight.data.to(moved.device)
         for name in ("weight_absmax", "weight_nested_absmax"):
             tensor = getattr(self, name)
             if tensor is not None:
@@ -201,6 +262,12 @@ class Linear4bit(nn.Module):
         return self._quantized
 
     @property
+    def packed(self) -> torch.Tensor:
+        """The packed 4-bit weight as uint8 ``[(n + 1) // 2, 1]`` whatever ``quant_storage`` is
+        (a view of ``weight``, which under FSDP is the gathered one during forward/backward)."""
+        return _as_bytes(self.weight, (self.out_features * self.in_features + 1) // 2)
+
+    @property
     def quantized(self) -> QuantizedTensor:
         """The weight as a QuantizedTensor over the layer's CPU buffers (no copy)."""
         self._require_quantized("Linear4bit.quantized")
@@ -209,7 +276,7 @@ class Linear4bit(nn.Module):
                 f"[Linear4bit.quantized] the weight is on {self.weight.device}; move the layer to the CPU"
             )
         return QuantizedTensor(
-            self.weight.detach().numpy(),
+            self.packed.detach().numpy(),
             self.weight_absmax.numpy(),
             (self.out_features, self.in_features),
             _DTYPE_NAMES.get(self.original_dtype, "float32"),
@@ -224,7 +291,7 @@ class Linear4bit(nn.Module):
     def weight_args(self) -> tuple:
         """(packed, absmax, nested_absmax, nested_offset, quant_type, blocksize) for torch.ops.halo.*."""
         return (
-            self.weight,
+            self.packed,
             self.weight_absmax,
             self.weight_nested_absmax,
             float(self.nested_offset),
@@ -236,7 +303,7 @@ class Linear4bit(nn.Module):
         """The float weight [out, in] the 4-bit codes hold (default: the original dtype)."""
         self._require_quantized("Linear4bit.dequantize")
         return torch.ops.halo.dequantize_4bit(
-            self.weight,
+            self.packed,
             self.weight_absmax,
             self.weight_nested_absmax,
             float(self.nested_offset),
@@ -268,7 +335,7 @@ class Linear4bit(nn.Module):
         bias = None if self.bias is None else self.bias.to(xc.dtype)
         y = torch.ops.halo.matmul_4bit(
             xc,
-            self.weight,
+            self.packed,
             self.weight_absmax,
             self.weight_nested_absmax,
             float(self.nested_offset),
@@ -284,6 +351,7 @@ class Linear4bit(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"quant_type={self.quant_type}, blocksize={self.blocksize}, double_quant={self.double_quant}, "
             f"compute_dtype={self.compute_dtype}"
+            + ("" if self.quant_storage == torch.uint8 else f", quant_storage={self.quant_storage}")
         )
 
     # -- bitsandbytes state dict -------------------------------------------------------------------------
@@ -350,6 +418,15 @@ class Linear4bit(nn.Module):
             )
             return
         sub = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix + "weight")}
+        if _is_dtensor(sub["weight"]):
+            self._load_shard(sub, prefix, error_msgs)
+            if self.bias is not None:
+                if prefix + "bias" not in state_dict:
+                    missing_keys.append(prefix + "bias")
+                else:
+                    with torch.no_grad():
+                        self.bias.copy_(state_dict[prefix + "bias"])  # in place: FSDP2 keeps its parameter
+            return
         try:
             packed, absmax, nested, offset, dtype = _read_bnb_state(
                 sub, (self.out_features, self.in_features)
@@ -376,6 +453,33 @@ class Linear4bit(nn.Module):
             }
             unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in known)
 
+    @torch.no_grad()
+    def _load_shard(self, sub: dict, prefix: str, error_msgs: list) -> None:
+        """A sharded state dict (FSDP2, torch.distributed.checkpoint) into a layer sharded the same
+        way: each rank copies its part of the packed weight in place; the quantization statistics
+        (whole on every rank) are copied too. The settings must be the layer's."""
+        settings_key = f"weight.quant_state.bitsandbytes__{self.quant_type}"
+        same = (
+            self._quantized
+            and _is_dtensor(self.weight)
+            and settings_key in sub
+            and json.loads(bytes(sub[settings_key].cpu().numpy().tobytes()).decode("utf-8"))
+            == self._quant_state_json()
+            and sub["weight"].dtype == self.weight.dtype
+            and tuple(sub["weight"].shape) == tuple(self.weight.shape)
+            and sub["weight"].placements == self.weight.placements
+        )
+        if not same:
+            error_msgs.append(
+                f"[Linear4bit] {prefix}weight: a sharded 4-bit weight loads only into a layer quantized and "
+                "sharded the same way (settings, quant_storage, shape, placements)"
+            )
+            return
+        self.weight.copy_(sub["weight"])
+        self.weight_absmax.copy_(sub["weight.absmax"])
+        if self.weight_nested_absmax is not None:
+            self.weight_nested_absmax.copy_(sub["weight.nested_absmax"])
+
     def _load_bias(self, state_dict, prefix, missing_keys, error_msgs) -> None:
         if self.bias is None:
             return
@@ -393,6 +497,12 @@ class Linear4bit(nn.Module):
         )
 
 
+def _is_dtensor(t: Any) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
 def _double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
     """bitsandbytes' nested absmax (torch.ops.halo.double_quantize_absmax), its offset as a float."""
     codes, nested, offset = torch.ops.halo.double_quantize_absmax(
@@ -405,9 +515,21 @@ def _read_bnb_state(sub: dict, shape: tuple[int, int]):
     """(packed, absmax, nested_absmax or None, offset, original dtype) from bitsandbytes'
     entries for ``weight`` (keys relative to the layer), checked like QuantizedTensor does."""
     packed_dtype = sub["weight"].dtype
-    if packed_dtype != torch.uint8:  # bitsandbytes' quant_storage; other dtypes would be read as bytes
-        raise ValueError(f"the packed 4-bit weight must be torch.uint8, got {packed_dtype}")
+    if packed_dtype not in QUANT_STORAGES:
+        raise ValueError(
+            f"the packed 4-bit weight must be torch.uint8 or a float quant_storage dtype, got {packed_dtype}"
+        )
     cpu = {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in sub.items()}
+    if packed_dtype != torch.uint8:  # bitsandbytes' quant_storage: the bytes viewed as a float dtype
+        nbytes = (shape[0] * shape[1] + 1) // 2
+        itemsize = cpu["weight"].element_size()
+        expected = -(-nbytes // itemsize)
+        if cpu["weight"].numel() != expected:  # e.g. the uint8 bytes cast numerically to a float
+            raise ValueError(
+                f"a packed 4-bit weight stored as {packed_dtype} must hold {expected} values for a "
+                f"{list(shape)} weight ({nbytes} bytes), got {cpu['weight'].numel()}"
+            )
+        cpu["weight"] = cpu["weight"].contiguous().view(torch.uint8).reshape(-1)[:nbytes].reshape(-1, 1)
     qt = QuantizedTensor.from_bnb_state_dict(cpu, prefix="weight")
     if tuple(qt.shape) != tuple(shape):
         raise ValueError(f"the checkpoint holds shape {list(qt.shape)}, the layer is {list(shape)}")

@@ -97,7 +97,7 @@ class LoraLinear4bit(nn.Module, LoraLayer):
         y = torch.ops.halo.lora_linear(
             xc,
             x_lora,
-            base.weight,
+            base.packed,
             base.weight_absmax,
             base.weight_nested_absmax,
             float(base.nested_offset),

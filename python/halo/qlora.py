@@ -207,6 +207,8 @@ def train(model: Any, dataset: Any, recipe: dict, system: str = "halo", **overri
         )
         optimizers = (opt, sched)
     args = transformers.TrainingArguments(**settings)
+    if system == "halo" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _check_distributed(model, args)
     timer = _Timer()
     trainer = transformers.Trainer(
         model=model,
@@ -222,6 +224,19 @@ def train(model: Any, dataset: Any, recipe: dict, system: str = "halo", **overri
     if any(not math.isfinite(x) for x in timer.losses):
         raise RuntimeError(f"[train] the loss became non-finite: {timer.losses}")
     return Run(timer.losses, timer.times, elapsed)
+
+
+def _check_distributed(model: Any, args: Any) -> None:
+    """One clear line before training when the ranks run different halo versions or store their
+    4-bit weights differently, or when accelerate's FSDP plugin (version 1) is to flatten packed
+    uint8 weights with float parameters."""
+    import halo.distributed
+
+    _ = args.device  # sets up the process group (accelerate's PartialState) if not yet done
+    halo.distributed.check_ranks(model)
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+    if fsdp and os.environ.get("FSDP_VERSION", "1") == "1":
+        halo.distributed.check_fsdp1(model)
 
 
 def answer(model: Any, tokenizer: Any, instruction: str, max_new_tokens: int = 24) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -56,11 +57,16 @@ def _torchrun(nproc: int) -> list[str]:
     ]
 
 
-def _train(tmp_path: Path, name: str, nproc: int, *args: str) -> dict:
+def _launch(tmp_path: Path, name: str, nproc: int, *args: str) -> tuple[subprocess.CompletedProcess, Path]:
     out = tmp_path / f"{name}.json"
     launcher = _torchrun(nproc) if nproc > 1 else [sys.executable]
     argv = [*launcher, str(SCRIPT), "--out", str(out), *args]
-    result = subprocess.run(argv, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    return subprocess.run(argv, env=_env(), capture_output=True, text=True, timeout=TIMEOUT), out
+
+
+def _train(tmp_path: Path, name: str, nproc: int, *args: str) -> dict:
+    result, out = _launch(tmp_path, name, nproc, *args)
+    argv = result.args
     assert result.returncode == 0, (
         f"{' '.join(argv)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     )
@@ -107,15 +113,45 @@ def test_ddp_two_processes_equal_one_process_on_the_whole_batch(tmp_path, single
     assert _relative(single_adamw, single_adamw, key="initial") > 1e-2
 
 
-def test_fsdp2_shards_the_4bit_weights_and_equals_one_process(tmp_path, single_adamw):
+@pytest.fixture(scope="module")
+def fsdp2_adamw(tmp_path_factory):
+    """Two FSDP2 ranks with AdamW, writing a sharded checkpoint (torch.distributed.checkpoint)
+    after step 3 of 5: (result, checkpoint folder)."""
+    folder = tmp_path_factory.mktemp("fsdp2")
+    checkpoint = folder / "step3"
+    result = _train(
+        folder, "fsdp", 2, "--fsdp", "--sharded", "--save-at", "3", "--checkpoint", str(checkpoint)
+    )
+    return result, checkpoint
+
+
+def test_fsdp2_shards_the_4bit_weights_and_equals_one_process(fsdp2_adamw, single_adamw):
     """fully_shard on every decoder layer: the packed 4-bit weights are split over the ranks, and
     the losses and LoRA weights still equal one process on the whole batch."""
-    fsdp = _train(tmp_path, "fsdp", 2, "--fsdp")
+    fsdp, _ = fsdp2_adamw
     assert fsdp["world"] == 2
     assert fsdp["packed_share"] <= 0.55, "the 4-bit weights were not sharded"
     assert single_adamw["packed_share"] == 1.0
     np.testing.assert_allclose(fsdp["losses"], single_adamw["losses"], rtol=1e-5)
     assert _relative(single_adamw, fsdp) <= 1e-5
+
+
+@pytest.mark.parametrize("resume_on", [2, 1])
+def test_fsdp2_sharded_checkpoint_resumes_on_n_as_the_uninterrupted_run(tmp_path, fsdp2_adamw, resume_on):
+    """Each rank wrote its shards of the model (the packed 4-bit weights and their quantization
+    state beside the LoRA factors) and of AdamW's state; the resumed run zeroes its 4-bit weights
+    before loading, so they must come from the checkpoint. On 2 ranks: bitwise; on 1 process
+    (DCP reshards on load): as one process against 2."""
+    whole, checkpoint = fsdp2_adamw
+    assert sorted(p.name for p in checkpoint.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    args = ["--sharded", "--resume", str(checkpoint)]
+    resumed = _train(tmp_path, "resumed", resume_on, *(["--fsdp"] if resume_on == 2 else []), *args)
+    if resume_on == 2:
+        assert resumed["losses"] == whole["losses"][3:]
+        assert _relative(whole, resumed) == 0.0
+    else:
+        np.testing.assert_allclose(resumed["losses"], whole["losses"][3:], rtol=1e-5)
+        assert _relative(whole, resumed) <= 1e-5
 
 
 def test_fsdp2_with_adamw8bit_keeps_sharded_states_and_equals_ddp(tmp_path, ddp_adamw8bit):
@@ -127,6 +163,84 @@ def test_fsdp2_with_adamw8bit_keeps_sharded_states_and_equals_ddp(tmp_path, ddp_
     assert fsdp["packed_share"] <= 0.55
     assert fsdp["losses"] == ddp["losses"]
     assert _relative(ddp, fsdp) == 0.0
+
+
+def test_fsdp1_with_float_quant_storage_equals_one_process(tmp_path, single_adamw):
+    """FSDP1 (FullyShardedDataParallel, use_orig_params, one unit per decoder layer): it flattens a
+    unit into one float32 tensor, so the packed 4-bit bytes are stored as float32
+    (quant_storage); the shards, the losses and the LoRA weights equal one process."""
+    fsdp = _train(tmp_path, "fsdp1", 2, "--fsdp1", "--quant-storage", "float32")
+    # FSDP1 cuts each flat parameter (all of a unit's parameters in a row) in the middle, so a
+    # rank holds about, not exactly, half of the packed bytes.
+    assert 0.3 <= fsdp["packed_share"] <= 0.7, "the 4-bit weights were not sharded"
+    np.testing.assert_allclose(fsdp["losses"], single_adamw["losses"], rtol=1e-5)
+    assert _relative(single_adamw, fsdp) <= 1e-5
+
+
+def test_accelerate_launch_with_the_fsdp_plugin_config_equals_one_process(tmp_path, single_adamw):
+    """`accelerate launch --config_file tests/python/accelerate_fsdp.yaml` (the FSDP plugin, FSDP1,
+    transformer-based wrap of LlamaDecoderLayer, use_orig_params) on 2 CPU processes: the ranks
+    are wrapped as the plugin says, the packed 4-bit bytes (quant_storage float32) are sharded,
+    and the run equals one process."""
+    pytest.importorskip("accelerate")
+    out = tmp_path / "accelerate.json"
+    argv = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(HERE / "accelerate_fsdp.yaml"),
+        "--main_process_ip",
+        "127.0.0.1",
+        "--main_process_port",
+        str(_free_port()),
+        str(HERE / "accelerate_train.py"),
+        "--out",
+        str(out),
+        "--quant-storage",
+        "float32",
+    ]
+    result = subprocess.run(argv, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    run = json.loads(out.read_text())
+    assert run["world"] == 2 and run["wrapped"] == "FullyShardedDataParallel"
+    assert 0.3 <= run["packed_share"] <= 0.7
+    np.testing.assert_allclose(run["losses"], single_adamw["losses"], rtol=1e-5)
+    assert _relative(single_adamw, run) <= 1e-5
+
+
+def _last_error(result: subprocess.CompletedProcess) -> str:
+    return result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        # FSDP1 on packed uint8 bytes beside float parameters: torch would fail in its flattening.
+        (
+            ["--fsdp1"],
+            r"ValueError: \[check_fsdp1\] FSDP1 flattens each unit into one dtype, but 4-bit layer "
+            r"'base_model.model.model.layers.0.self_attn.q_proj.base_layer' and 13 more stores its packed "
+            r"weight as uint8",
+        ),
+        # Rank 1 loaded without the quant_storage rank 0 uses.
+        (
+            ["--fsdp1", "--quant-storage", "float32", "--mixed-storage-rank", "1"],
+            r"RuntimeError: \[check_ranks\] rank 1 stores its packed 4-bit weights as uint8, "
+            r"rank 0 as float32",
+        ),
+        # Rank 1 runs another halo.
+        (
+            ["--pretend-version", "1:0.0.9"],
+            r"RuntimeError: \[check_ranks\] rank 1 runs halo 0.0.9, rank 0 runs halo \d",
+        ),
+    ],
+    ids=["fsdp1-uint8", "storage-differs-across-ranks", "version-differs-across-ranks"],
+)
+def test_bad_distributed_set_ups_stop_with_one_line(tmp_path, args, expected):
+    result, out = _launch(tmp_path, "bad", 2, *args)
+    assert result.returncode != 0 and not out.exists()
+    assert re.search(expected, _last_error(result)), _last_error(result)[-3000:]
 
 
 def test_ddp_with_adamw8bit_matches_one_process_adamw8bit(single_adamw8bit, ddp_adamw8bit):

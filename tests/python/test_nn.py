@@ -306,12 +306,19 @@ def test_load_state_dict_refuses_a_packed_weight_that_is_not_uint8():
     # read as raw bytes; it must be refused at load, naming the key and the dtype.
     layer = hnn.Linear4bit.from_linear(torch.nn.Linear(64, 32))
     state = layer.state_dict()
-    for dtype in (torch.int8, torch.int16, torch.float16):
+    for dtype in (torch.int8, torch.int16):
         bad = dict(state, weight=state["weight"].to(dtype))
         target = hnn.Linear4bit(64, 32)
-        with pytest.raises(RuntimeError, match=rf"\] weight: .*must be torch.uint8, got {dtype}"):
+        with pytest.raises(RuntimeError, match=rf"\] weight: .*must be torch.uint8 .*, got {dtype}"):
             target.load_state_dict(bad)
         assert not target.is_quantized
+    # A float dtype is a quant_storage only with the bytes' count of values: the uint8 bytes cast
+    # numerically to float16 (one value per byte) are refused, naming the count expected.
+    bad = dict(state, weight=state["weight"].to(torch.float16))
+    target = hnn.Linear4bit(64, 32)
+    with pytest.raises(RuntimeError, match=r"\] weight: .*torch.float16 must hold 512 values .* got 1024"):
+        target.load_state_dict(bad)
+    assert not target.is_quantized
     # nn.Linear's keys with an integer weight (no quant_state): not a float checkpoint either.
     target = hnn.Linear4bit(64, 32)
     with pytest.raises(
