@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["InstructionData", "Run", "load_model", "load_recipe", "make_dataset", "train"]
+__all__ = ["InstructionData", "Run", "load_model", "load_recipe", "make_dataset", "resolve_dtypes", "train"]
 
 OPTIMIZERS_8BIT = {"paged_adamw_8bit", "adamw_8bit", "adamw_bnb_8bit", "paged_adamw_bnb_8bit"}
 
@@ -36,6 +36,23 @@ def load_recipe(path: Any) -> dict:
         if section not in recipe:
             raise ValueError(f"[load_recipe] {path} lacks the '{section}' section")
     return recipe
+
+
+def resolve_dtypes(recipe: dict) -> dict:
+    """A copy of ``recipe`` with ``quantization.bnb_4bit_compute_dtype: auto`` and
+    ``training.bf16: auto`` replaced by the choice of :func:`halo.hf.auto_compute_dtype` (bfloat16
+    where the machine computes it natively, float32 elsewhere; one line on stderr says which and
+    why). Explicit values are kept as they are. Both systems ("halo", "bnb") get the same choice."""
+    quant, training = dict(recipe["quantization"]), dict(recipe["training"])
+    if "auto" in (quant.get("bnb_4bit_compute_dtype"), training.get("bf16")):
+        from .hf_4bit import resolve_compute_dtype
+
+        auto = resolve_compute_dtype("auto")
+        if quant.get("bnb_4bit_compute_dtype") == "auto":
+            quant["bnb_4bit_compute_dtype"] = str(auto).removeprefix("torch.")
+        if training.get("bf16") == "auto":
+            training["bf16"] = auto == torch.bfloat16
+    return {**recipe, "quantization": quant, "training": training}
 
 
 def _chat(tokenizer: Any, instruction: str, response: str | None) -> str:
@@ -112,6 +129,7 @@ def load_model(
     import peft
     import transformers
 
+    recipe = resolve_dtypes(recipe)
     model_dir = recipe["model"]
     quant = dict(recipe["quantization"])
     lora = dict(recipe["lora"])
@@ -177,7 +195,7 @@ def train(model: Any, dataset: Any, recipe: dict, system: str = "halo", **overri
     ``optim`` becomes :class:`halo.optim.PagedAdamW8bit` handed to the Trainer."""
     import transformers
 
-    settings = dict(recipe["training"])
+    settings = dict(resolve_dtypes(recipe)["training"])
     settings.update(overrides)
     settings.setdefault("report_to", [])
     settings.setdefault("save_strategy", "no")
