@@ -400,13 +400,17 @@ def _lora_backward(ctx, grad):
         grad_bias = grad2d.sum(0)
     if need[1] or need[10] or need[11]:
         with torch.autocast(grad.device.type, enabled=False):
+            # scaling goes on the [m, r] products, never on the [m, out] gradient
             g = grad2d.to(lora_A.dtype)
-            if scaling != 1.0:
-                g = g * scaling
             xl = x_lora.reshape(-1, in_features).to(lora_A.dtype)
             grad_hidden = torch.mm(g, lora_B)  # [m, r]
+            if scaling != 1.0:
+                grad_hidden.mul_(scaling)
             if need[11]:
-                grad_b = torch.mm(g.t(), torch.mm(xl, lora_A.t()))
+                hidden = torch.mm(xl, lora_A.t())
+                if scaling != 1.0:
+                    hidden.mul_(scaling)
+                grad_b = torch.mm(g.t(), hidden)
             if need[10]:
                 grad_a = torch.mm(grad_hidden.t(), xl)
             if need[1]:

@@ -123,9 +123,11 @@ def _collate(rows: list) -> dict:
 def load_model(
     recipe: dict, system: str = "halo", lora_dropout: float | None = None, seed: int | None = None
 ):
-    """(model with LoRA adapters, tokenizer) for ``system`` "halo" or "bnb" (bitsandbytes + PEFT).
-    ``seed`` re-seeds torch right before the adapters are created, so both systems start from
-    the same LoRA weights (loading consumes the RNG differently)."""
+    """(model with LoRA adapters, tokenizer) for ``system`` "halo", "bnb" (bitsandbytes + PEFT) or
+    "base" (the bound a 4-bit library is measured against: the base left unquantized in the
+    compute dtype, PEFT's own LoRA, the rest of the recipe as it is). ``seed`` re-seeds torch right
+    before the adapters are created, so all systems start from the same LoRA weights (loading
+    consumes the RNG differently)."""
     import peft
     import transformers
 
@@ -142,9 +144,15 @@ def load_model(
         config = halo.hf.HaloConfig.from_bnb(quant)
     elif system == "bnb":
         config = transformers.BitsAndBytesConfig(**quant)
+    elif system == "base":
+        config = None
     else:
-        raise ValueError(f"[load_model] system must be 'halo' or 'bnb', got {system!r}")
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=config)
+        raise ValueError(f"[load_model] system must be 'halo', 'bnb' or 'base', got {system!r}")
+    if config is None:
+        dtype = getattr(torch, str(quant.get("bnb_4bit_compute_dtype") or "float32").removeprefix("torch."))
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=config)
     use_checkpointing = bool(recipe["training"].get("gradient_checkpointing", False))
     model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=use_checkpointing)
     lora_config = peft.LoraConfig(**lora)
@@ -189,10 +197,13 @@ class _Timer:
         return Timer()
 
 
-def train(model: Any, dataset: Any, recipe: dict, system: str = "halo", **overrides: Any) -> Run:
+def train(
+    model: Any, dataset: Any, recipe: dict, system: str = "halo", callbacks: Any = (), **overrides: Any
+) -> Run:
     """Runs transformers' Trainer with the recipe's training section (``overrides`` win) and
     returns the logged losses and the wall time of each step. With ``system="halo"`` an 8-bit
-    ``optim`` becomes :class:`halo.optim.PagedAdamW8bit` handed to the Trainer."""
+    ``optim`` becomes :class:`halo.optim.PagedAdamW8bit` handed to the Trainer; other systems get
+    the Trainer's own (bitsandbytes'). ``callbacks`` are more ``TrainerCallback`` objects."""
     import transformers
 
     settings = dict(resolve_dtypes(recipe)["training"])
@@ -232,7 +243,7 @@ def train(model: Any, dataset: Any, recipe: dict, system: str = "halo", **overri
         train_dataset=dataset,
         data_collator=_collate,
         optimizers=optimizers,
-        callbacks=[timer],
+        callbacks=[timer, *callbacks],
     )
     start = time.perf_counter()
     trainer.train()

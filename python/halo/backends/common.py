@@ -110,11 +110,13 @@ def lora_linear_composite(
     y = _base_matmul(matmul, x2d, args, out_features, bias, fan_in_fan_out, backend)
     with torch.autocast(x.device.type, enabled=False):
         hidden = torch.mm(x_lora.reshape(-1, in_features).to(lora_A.dtype), lora_A.t())
-        # y += scaling * hidden B^T, in the adapter's dtype, as PEFT adds it
-        delta = torch.mm(hidden, lora_B.t())
         if scaling != 1.0:
-            delta.mul_(scaling)
-        y = y.add_(delta.to(y.dtype)) if y.dtype == delta.dtype else (y + delta).to(y.dtype)
+            hidden.mul_(scaling)  # on the [m, r] product, not on the [m, out] one
+        # y += (scaling * hidden) B^T in the adapter's dtype, one addmm (no separate delta)
+        if y.dtype == hidden.dtype:
+            y.addmm_(hidden, lora_B.t())
+        else:
+            y = torch.addmm(y.to(hidden.dtype), hidden, lora_B.t()).to(y.dtype)
     return y.reshape(*x.shape[:-1], out_features)
 
 
