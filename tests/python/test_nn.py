@@ -381,3 +381,33 @@ def test_double_quantize_op_equals_the_numpy_api_and_passes_opcheck():
         ValueError, match=r"\[halo::double_quantize_absmax\] absmax must be .* got torch.float16"
     ):
         torch.ops.halo.double_quantize_absmax(absmax.half(), 1)
+
+
+def test_decoded_scales_follow_every_change_of_the_statistics():
+    """The CPU kernels decode a double-quantized weight's scales once and keep them; an in-place
+    change of the codes or of the nested statistics, or a new tensor, must be decoded afresh:
+    the matmul then equals the float product with the weight dequantized from the new statistics
+    (halo's own NumPy dequantization, not the cached path)."""
+    torch.manual_seed(3)
+    layer = hnn.Linear4bit.from_linear(torch.nn.Linear(128, 64, bias=False), "nf4", None, True, 64)
+    x = torch.randn(5, 128)
+
+    def expected():
+        scales = _core.quant.double_dequantize(
+            layer.weight_absmax.numpy(), layer.weight_nested_absmax.numpy(), float(layer.nested_offset), 256
+        )
+        w = _core.quant.dequantize_4bit(
+            layer.weight.numpy().reshape(-1), scales.astype("float32"), 128 * 64, "nf4", 64, "float32", "auto"
+        )
+        return x @ torch.from_numpy(w.reshape(64, 128)).t()
+
+    torch.testing.assert_close(layer(x), expected())
+    layer(x)  # a second call takes the cached scales
+    with torch.no_grad():
+        layer.weight_absmax.add_(3)  # codes changed in place
+    torch.testing.assert_close(layer(x), expected())
+    with torch.no_grad():
+        layer.weight_nested_absmax.mul_(1.5)  # nested statistics changed in place
+    torch.testing.assert_close(layer(x), expected())
+    layer.weight_nested_absmax = layer.weight_nested_absmax * 0.5  # a new tensor
+    torch.testing.assert_close(layer(x), expected())
