@@ -164,3 +164,34 @@ def test_the_recipe_trains_through_the_trainer(monkeypatch, tiny_chat_llama, tmp
     assert any("lora_B" in n for n in moved) and any("lora_A" in n for n in moved)
     assert len(moved) == len(before)  # every adapter tensor took an optimizer step
     assert all(m.weight.dtype == torch.uint8 for m in layers)
+
+
+def test_the_example_script_trains_saves_and_merges(tiny_chat_llama, tmp_path):
+    """examples/qlora_finetune.py as a user runs it, on examples/qlora.yaml with the model, the
+    step count and the output folders pointed at a tiny LLaMA and tmp_path: it trains, saves a PEFT
+    adapter and merges it with `halo merge` into a model transformers loads."""
+    import yaml
+
+    recipe = load_recipe(RECIPE)
+    recipe["model"] = str(tiny_chat_llama)
+    recipe["data"] = str(ROOT / recipe["data"])
+    recipe["max_seq_length"] = 64
+    recipe["training"].update(output_dir=str(tmp_path / "run"), max_steps=2, logging_steps=1, warmup_steps=1)
+    recipe["merge"].update(adapter=str(tmp_path / "adapter"), out=str(tmp_path / "merged"))
+    config = tmp_path / "qlora.yaml"
+    config.write_text(yaml.safe_dump(recipe))
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "qlora_finetune.py"), "--config", str(config)],
+        env=os.environ,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "trained 2 steps" in result.stdout
+    assert "compute_dtype='auto' -> " in result.stderr  # the one-line notice
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    import transformers
+
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert merged.config.num_hidden_layers == 2
