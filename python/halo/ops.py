@@ -10,7 +10,9 @@ carry autograd formulas:
   bias) -> x W^T + bias`` (gradients for x and bias; the 4-bit weight is frozen)
 - ``halo::lora_linear(x, x_lora, <4-bit weight>, bias, lora_A, lora_B, scaling)`` ->
   ``x W^T + bias + scaling * (x_lora A^T) B^T``: the base 4-bit matmul and the adapter in one
-  op; ``x_lora`` is the (dropped-out) adapter input, usually ``dropout(x)`` drawn from torch's RNG.
+  op; ``x_lora`` is the (dropped-out) adapter input, usually ``dropout(x)`` drawn from torch's RNG;
+  ``out_dtype`` (default x's) is the result's dtype, so a float32 caller computing in bf16 gets
+  float32 back without a bf16 round trip.
 
 The weight is bitsandbytes' layout: ``packed`` uint8 ``[(n + 1) // 2, 1]``; ``absmax``
 float32 per block, or with double quantization uint8 codes of the signed dynamic
@@ -289,6 +291,7 @@ def _lora_linear_op(
     scaling: float,
     fan_in_fan_out: bool = False,
     backend: str = "auto",
+    out_dtype: torch.dtype | None = None,
 ) -> Tensor:
     _no_kernel("halo::lora_linear", x)
 
@@ -325,9 +328,10 @@ def _(
     scaling,
     fan_in_fan_out=False,
     backend="auto",
+    out_dtype=None,
 ):
     _check_format("halo::lora_linear", quant_type, blocksize)
-    return x.new_empty((*x.shape[:-1], out_features))
+    return x.new_empty((*x.shape[:-1], out_features), dtype=out_dtype or x.dtype)
 
 
 def _lora_setup(ctx, inputs, output):
@@ -416,7 +420,7 @@ def _lora_backward(ctx, grad):
             if need[1]:
                 grad_x_lora = torch.mm(grad_hidden, lora_A).to(xl_dtype).reshape(*lead, in_features)
     nones = (None,) * 7
-    return grad_x, grad_x_lora, *nones, grad_bias, grad_a, grad_b, None, None, None
+    return grad_x, grad_x_lora, *nones, grad_bias, grad_a, grad_b, None, None, None, None
 
 
 _lora_linear_op.register_autograd(_lora_backward, setup_context=_lora_setup)
