@@ -198,6 +198,7 @@ class HaloConfig(_QuantizationConfigMixin):
         **kwargs: Any,
     ) -> None:
         fn = "HaloConfig"
+        auto = isinstance(compute_dtype, str) and compute_dtype == "auto"
         compute_dtype = resolve_compute_dtype(compute_dtype)
         _check_settings(fn, quant_type, blocksize, compute_dtype)
         if skip_modules is not None and (
@@ -212,6 +213,9 @@ class HaloConfig(_QuantizationConfigMixin):
         self.double_quant = bool(double_quant)
         self.blocksize = int(blocksize)
         self.compute_dtype = compute_dtype
+        # what "auto" chose here: a saved config keeps "auto" (another machine chooses again)
+        # unless compute_dtype was set to something else since
+        self._auto_choice = compute_dtype if auto else None
         self.skip_modules = tuple(skip_modules or ())
 
     def to_dict(self) -> dict[str, Any]:
@@ -220,7 +224,9 @@ class HaloConfig(_QuantizationConfigMixin):
             "quant_type": self.quant_type,
             "double_quant": self.double_quant,
             "blocksize": self.blocksize,
-            "compute_dtype": None
+            "compute_dtype": "auto"
+            if self._auto_choice is not None and self.compute_dtype == self._auto_choice
+            else None
             if self.compute_dtype is None
             else str(self.compute_dtype).removeprefix("torch."),
             "skip_modules": list(self.skip_modules),

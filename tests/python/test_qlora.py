@@ -195,3 +195,16 @@ def test_the_example_script_trains_saves_and_merges(tiny_chat_llama, tmp_path):
 
     merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert merged.config.num_hidden_layers == 2
+
+
+def test_a_saved_auto_config_chooses_again_where_it_is_loaded(monkeypatch):
+    """HaloConfig(compute_dtype="auto") saves "auto", so the model saved on an AMX machine computes in
+    float32 when loaded on an AVX2-only one; an explicit dtype (or one set later) is saved as it is."""
+    _mock_machine(monkeypatch, ["amx_bf16"])
+    config = hf_4bit.HaloConfig(compute_dtype="auto")
+    assert config.compute_dtype == torch.bfloat16 and config.to_dict()["compute_dtype"] == "auto"
+    _mock_machine(monkeypatch, [])
+    assert hf_4bit.HaloConfig(**config.to_dict()).compute_dtype == torch.float32
+    assert hf_4bit.HaloConfig(compute_dtype="bfloat16").to_dict()["compute_dtype"] == "bfloat16"
+    config.compute_dtype = torch.float16
+    assert config.to_dict()["compute_dtype"] == "float16"
