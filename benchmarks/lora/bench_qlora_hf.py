@@ -1,13 +1,16 @@
-"""QLoRA training on SmolLM2-135M with transformers' Trainer: halo vs bitsandbytes + PEFT.
+"""QLoRA training on SmolLM2-135M with transformers' Trainer: halo vs bitsandbytes + PEFT, and
+the bound both are measured against.
 
-Same model, data, seed and recipe (examples/qlora.yaml: NF4 + double quant, bf16 compute,
-r=16 on all projections, gradient checkpointing, 8-bit paged AdamW, cosine schedule), batch 1,
-LoRA dropout 0 so the loss curves are comparable. Each run is its own process (so its peak
-RSS is its own); runs alternate halo, bnb, bnb, halo, ... and the figures are min / median
-over the repeats: steps/s (first step excluded), peak RSS (ru_maxrss), and the largest gap
-between the two loss curves.
+Same model, data, seed and recipe (examples/qlora.yaml: NF4 + double quant, compute dtype "auto"
+(bf16 on this kind of CPU), r=16 on all projections, gradient checkpointing, 8-bit paged AdamW,
+cosine schedule), batch 1, LoRA dropout 0 so the loss curves are comparable. The bound ("base")
+is the same step with the base left unquantized in the compute dtype and PEFT's own LoRA (the
+Trainer's paged 8-bit AdamW from bitsandbytes): the time a 4-bit library cannot beat by much.
+Each run is its own process (so its peak RSS is its own); the systems run in rotating order
+and the figures are min / median over the repeats: steps/s (first step excluded), peak RSS
+(ru_maxrss), the largest gap between halo's and bitsandbytes' loss curves.
 
-    python benchmarks/lora/bench_qlora_hf.py [--seq 128 512] [--steps 50] [--repeats 2]
+    python benchmarks/lora/bench_qlora_hf.py [--seq 128 512] [--steps 50] [--repeats 2] [--no-bound]
 """
 
 from __future__ import annotations
@@ -88,7 +91,8 @@ def run_child(system: str, seq: int, steps: int) -> dict:
 
 
 def summarize(seq: int, runs: list) -> dict:
-    by = {s: [r for r in runs if r["system"] == s] for s in ("halo", "bnb")}
+    by = {s: [r for r in runs if r["system"] == s] for s in ("halo", "bnb", "base")}
+    by = {s: rs for s, rs in by.items() if rs}
     rates = {s: [len(r["step_seconds"][1:]) / sum(r["step_seconds"][1:]) for r in rs] for s, rs in by.items()}
     rss = {s: [r["peak_rss_mib"] for r in rs] for s, rs in by.items()}
     gaps = [
@@ -104,6 +108,8 @@ def summarize(seq: int, runs: list) -> dict:
         "max_loss_gap": max(gaps),
         "loss_curves": {s: rs[0]["losses"] for s, rs in by.items()},
     }
+    if "base" in rates:
+        result["halo_over_bound_median"] = statistics.median(rates["base"]) / statistics.median(rates["halo"])
     return result
 
 
@@ -113,7 +119,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
-    parser.add_argument("--child", choices=["halo", "bnb"], help=argparse.SUPPRESS)
+    parser.add_argument("--no-bound", action="store_true", help="skip the unquantized-base runs")
+    parser.add_argument("--child", choices=["halo", "bnb", "base"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args.child, args.seq[0], args.steps)
@@ -124,17 +131,22 @@ def main() -> int:
         print("bench_qlora_hf: the baseline needs bitsandbytes (pip install bitsandbytes)", file=sys.stderr)
         return 2
     prepare_model()
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in flags]
+    print(f"{os.cpu_count()} CPUs ({' '.join(wanted)}), load average {os.getloadavg()[0]:.2f}", flush=True)
     results = []
     for seq in args.seq:
         runs = []
         for repeat in range(args.repeats):
-            order = ("halo", "bnb") if repeat % 2 == 0 else ("bnb", "halo")
-            for system in order:
+            systems = ["halo", "bnb"] if args.no_bound else ["halo", "bnb", "base"]
+            shift = repeat % len(systems)
+            for system in systems[shift:] + systems[:shift]:
                 run = run_child(system, seq, args.steps)
                 rate = len(run["step_seconds"][1:]) / max(sum(run["step_seconds"][1:]), 1e-9)
                 print(
                     f"  seq {seq} repeat {repeat} {system:>4}: {rate:.3f} steps/s, peak RSS "
-                    f"{run['peak_rss_mib']:.0f} MiB, loss {run['losses'][0]:.3f} -> {run['losses'][-1]:.3f}",
+                    f"{run['peak_rss_mib']:.0f} MiB, loss {run['losses'][0]:.3f} -> {run['losses'][-1]:.3f}, "
+                    f"load average {os.getloadavg()[0]:.2f}",
                     flush=True,
                 )
                 runs.append(run)
@@ -149,6 +161,13 @@ def main() -> int:
             f"largest loss gap {s['max_loss_gap']:.4f}",
             flush=True,
         )
+        if "base" in s["steps_per_s"]:
+            print(
+                f"seq {seq} bound (unquantized base, PEFT LoRA): {s['steps_per_s']['base']['median']:.3f} steps/s "
+                f"(min {s['steps_per_s']['base']['min']:.3f}); halo's step is {s['halo_over_bound_median']:.2f}x "
+                f"the bound's (median)",
+                flush=True,
+            )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=1))

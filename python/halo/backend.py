@@ -34,5 +34,23 @@ def check_backend(function: str, backend: str) -> str:
     return backend
 
 
+BF16_FEATURES = ("amx_bf16", "avx512_bf16")
+
+
+def native_bf16_features() -> list[str]:
+    """The CPU features with which halo's kernels compute bfloat16 natively on the backend
+    ``"auto"`` runs on (``HALO_BACKEND`` pins it): a subset of ``["amx_bf16", "avx512_bf16"]``,
+    empty on an AVX2-only CPU or when the backend is pinned to avx2 or scalar."""
+    rung = _core.backend.resolve("auto")
+    variants = _core.backend.kernel_variants().get("matmul_4bit", [])
+    return sorted(
+        {
+            feature
+            for _, on, feature, why_not in variants
+            if on == rung and feature in BF16_FEATURES and not why_not
+        }
+    )
+
+
 def built_with_cuda() -> bool:
     return bool(_core.backend.built_with_cuda())

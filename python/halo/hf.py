@@ -306,7 +306,7 @@ def halo_quantize_model(
 # -- Drop-in 4-bit loading (halo.hf_4bit): HaloConfig for from_pretrained, quantize_model,
 # bitsandbytes checkpoints without bitsandbytes. Imported on first use so that importing halo
 # does not import torch or transformers.
-_DROP_IN = ("HaloConfig", "HaloHfQuantizer", "load_bnb_checkpoint", "quantize_model")
+_DROP_IN = ("HaloConfig", "HaloHfQuantizer", "auto_compute_dtype", "load_bnb_checkpoint", "quantize_model")
 _PEFT = ("LoraLinear4bit", "register_lora")
 
 

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,10 +25,60 @@ from torch import nn
 from .nn import Linear4bit, _check_settings, check_quant_storage
 from .ops import FLOAT_NAMES
 
-__all__ = ["HaloConfig", "load_bnb_checkpoint", "quantize_model"]
+__all__ = ["HaloConfig", "auto_compute_dtype", "load_bnb_checkpoint", "quantize_model"]
 
 QUANT_METHOD = "halo_4bit"
 _DTYPES = {name: dtype for dtype, name in FLOAT_NAMES.items()}
+
+
+def auto_compute_dtype(
+    cpu_features: Sequence[str] | None = None, cuda: bool | None = None
+) -> tuple[torch.dtype, str]:
+    """(dtype, why) that ``compute_dtype="auto"`` picks: bfloat16 on a CUDA GPU that computes it
+    or on a CPU whose halo kernels compute it natively (AMX or AVX512-BF16), float32 elsewhere
+    (an AVX2-only CPU emulates bfloat16 in float32 with a conversion at every step, many times
+    slower). ``cpu_features`` (default :func:`halo.backend.native_bf16_features`) and ``cuda``
+    (default: a CUDA device with bfloat16 is present) are the machine's answers, given here to
+    ask about another machine."""
+    if cuda is None:
+        cuda = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if cuda:
+        return torch.bfloat16, "a CUDA GPU with bfloat16"
+    if cpu_features is None:
+        from .backend import native_bf16_features
+
+        cpu_features = native_bf16_features()
+    native = sorted(set(cpu_features) & {"amx_bf16", "avx512_bf16"})
+    if native:
+        return torch.bfloat16, f"this CPU computes bfloat16 natively ({', '.join(native)})"
+    return (
+        torch.float32,
+        "this CPU has no native bfloat16 (no AMX or AVX512-BF16), where bfloat16 is emulated",
+    )
+
+
+_NOTICED: set = set()
+
+
+def _notice_auto(dtype: torch.dtype, why: str) -> None:
+    """One line on stderr, once per process and choice, saying what "auto" chose and why."""
+    line = (
+        f"halo: compute_dtype='auto' -> {str(dtype).removeprefix('torch.')}: {why}; "
+        "pass an explicit dtype to override"
+    )
+    if line not in _NOTICED:
+        _NOTICED.add(line)
+        print(line, file=sys.stderr)
+
+
+def resolve_compute_dtype(value: Any) -> torch.dtype | None:
+    """``value`` as a torch dtype; ``"auto"`` becomes :func:`auto_compute_dtype`'s choice (with
+    its one-line notice). An explicit dtype (or its name) is returned as it is."""
+    if isinstance(value, str) and value == "auto":
+        dtype, why = auto_compute_dtype()
+        _notice_auto(dtype, why)
+        return dtype
+    return _dtype_of(value)
 
 
 def _dtype_of(value: Any) -> torch.dtype | None:
@@ -35,7 +86,9 @@ def _dtype_of(value: Any) -> torch.dtype | None:
         return value
     if isinstance(value, str) and value.removeprefix("torch.") in _DTYPES:
         return _DTYPES[value.removeprefix("torch.")]
-    raise TypeError(f"[HaloConfig] compute_dtype must be a torch float dtype or its name, got {value!r}")
+    raise TypeError(
+        f"[HaloConfig] compute_dtype must be a torch float dtype, its name or 'auto', got {value!r}"
+    )
 
 
 def _should_convert(name: str, skip: Sequence[str]) -> bool:
@@ -138,11 +191,12 @@ _HfQuantizer, _QuantizationConfigMixin, _ConversionOps, _register_config, _regis
 @dataclass(init=False, repr=False)
 class HaloConfig(_QuantizationConfigMixin):
     """Quantization config for ``from_pretrained``: NF4/FP4 blockwise 4-bit weights (bitsandbytes'
-    layout), optional double quantization, the dtype the matmuls run in, the modules left in
-    float (``lm_head`` by default; matched as transformers matches ``llm_int8_skip_modules``), and
-    ``quant_storage``: the dtype the packed bytes are stored as, uint8 or (as bitsandbytes'
-    ``bnb_4bit_quant_storage``) the float dtype of the other parameters, so that FSDP1 / accelerate's
-    FSDP plugin can flatten them together."""
+    layout), optional double quantization, the dtype the matmuls run in (``"auto"``: bfloat16
+    where the machine computes it natively, float32 elsewhere; see :func:`auto_compute_dtype`),
+    the modules left in float (``lm_head`` by default; matched as transformers matches
+    ``llm_int8_skip_modules``), and ``quant_storage``: the dtype the packed bytes are stored as,
+    uint8 or (as bitsandbytes' ``bnb_4bit_quant_storage``) the float dtype of the other
+    parameters, so that FSDP1 / accelerate's FSDP plugin can flatten them together."""
 
     def __init__(
         self,
@@ -155,7 +209,8 @@ class HaloConfig(_QuantizationConfigMixin):
         **kwargs: Any,
     ) -> None:
         fn = "HaloConfig"
-        compute_dtype = _dtype_of(compute_dtype)
+        auto = isinstance(compute_dtype, str) and compute_dtype == "auto"
+        compute_dtype = resolve_compute_dtype(compute_dtype)
         quant_storage = check_quant_storage(fn, quant_storage)
         _check_settings(fn, quant_type, blocksize, compute_dtype)
         if skip_modules is not None and (
@@ -170,6 +225,9 @@ class HaloConfig(_QuantizationConfigMixin):
         self.double_quant = bool(double_quant)
         self.blocksize = int(blocksize)
         self.compute_dtype = compute_dtype
+        # what "auto" chose here: a saved config keeps "auto" (another machine chooses again)
+        # unless compute_dtype was set to something else since
+        self._auto_choice = compute_dtype if auto else None
         self.skip_modules = tuple(skip_modules or ())
         self.quant_storage = quant_storage
 
@@ -179,7 +237,9 @@ class HaloConfig(_QuantizationConfigMixin):
             "quant_type": self.quant_type,
             "double_quant": self.double_quant,
             "blocksize": self.blocksize,
-            "compute_dtype": None
+            "compute_dtype": "auto"
+            if self._auto_choice is not None and self.compute_dtype == self._auto_choice
+            else None
             if self.compute_dtype is None
             else str(self.compute_dtype).removeprefix("torch."),
             "skip_modules": list(self.skip_modules),

@@ -10,7 +10,9 @@ carry autograd formulas:
   bias) -> x W^T + bias`` (gradients for x and bias; the 4-bit weight is frozen)
 - ``halo::lora_linear(x, x_lora, <4-bit weight>, bias, lora_A, lora_B, scaling)`` ->
   ``x W^T + bias + scaling * (x_lora A^T) B^T``: the base 4-bit matmul and the adapter in one
-  op; ``x_lora`` is the (dropped-out) adapter input, usually ``dropout(x)`` drawn from torch's RNG.
+  op; ``x_lora`` is the (dropped-out) adapter input, usually ``dropout(x)`` drawn from torch's RNG;
+  ``out_dtype`` (default x's) is the result's dtype, so a float32 caller computing in bf16 gets
+  float32 back without a bf16 round trip.
 
 The weight is bitsandbytes' layout: ``packed`` uint8 ``[(n + 1) // 2, 1]``; ``absmax``
 float32 per block, or with double quantization uint8 codes of the signed dynamic
@@ -289,6 +291,7 @@ def _lora_linear_op(
     scaling: float,
     fan_in_fan_out: bool = False,
     backend: str = "auto",
+    out_dtype: torch.dtype | None = None,
 ) -> Tensor:
     _no_kernel("halo::lora_linear", x)
 
@@ -325,9 +328,10 @@ def _(
     scaling,
     fan_in_fan_out=False,
     backend="auto",
+    out_dtype=None,
 ):
     _check_format("halo::lora_linear", quant_type, blocksize)
-    return x.new_empty((*x.shape[:-1], out_features))
+    return x.new_empty((*x.shape[:-1], out_features), dtype=out_dtype or x.dtype)
 
 
 def _lora_setup(ctx, inputs, output):
@@ -400,19 +404,23 @@ def _lora_backward(ctx, grad):
         grad_bias = grad2d.sum(0)
     if need[1] or need[10] or need[11]:
         with torch.autocast(grad.device.type, enabled=False):
+            # scaling goes on the [m, r] products, never on the [m, out] gradient
             g = grad2d.to(lora_A.dtype)
-            if scaling != 1.0:
-                g = g * scaling
             xl = x_lora.reshape(-1, in_features).to(lora_A.dtype)
             grad_hidden = torch.mm(g, lora_B)  # [m, r]
+            if scaling != 1.0:
+                grad_hidden.mul_(scaling)
             if need[11]:
-                grad_b = torch.mm(g.t(), torch.mm(xl, lora_A.t()))
+                hidden = torch.mm(xl, lora_A.t())
+                if scaling != 1.0:
+                    hidden.mul_(scaling)
+                grad_b = torch.mm(g.t(), hidden)
             if need[10]:
                 grad_a = torch.mm(grad_hidden.t(), xl)
             if need[1]:
                 grad_x_lora = torch.mm(grad_hidden, lora_A).to(xl_dtype).reshape(*lead, in_features)
     nones = (None,) * 7
-    return grad_x, grad_x_lora, *nones, grad_bias, grad_a, grad_b, None, None, None
+    return grad_x, grad_x_lora, *nones, grad_bias, grad_a, grad_b, None, None, None, None
 
 
 _lora_linear_op.register_autograd(_lora_backward, setup_context=_lora_setup)

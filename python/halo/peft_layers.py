@@ -108,8 +108,9 @@ class LoraLinear4bit(nn.Module, LoraLayer):
             lora_A,
             lora_B,
             float(self.scaling[adapter]),
+            out_dtype=x.dtype,  # back in x's dtype from the op itself: no bf16 round trip
         )
-        return y if y.dtype == x.dtype else y.to(x.dtype)
+        return y
 
     def _unfused_forward(self, x, adapter_names, *args, **kwargs):
         """Several active adapters or per-sample adapter names: base + each adapter, as PEFT."""

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["InstructionData", "Run", "load_model", "load_recipe", "make_dataset", "train"]
+__all__ = ["InstructionData", "Run", "load_model", "load_recipe", "make_dataset", "resolve_dtypes", "train"]
 
 OPTIMIZERS_8BIT = {"paged_adamw_8bit", "adamw_8bit", "adamw_bnb_8bit", "paged_adamw_bnb_8bit"}
 
@@ -36,6 +36,23 @@ def load_recipe(path: Any) -> dict:
         if section not in recipe:
             raise ValueError(f"[load_recipe] {path} lacks the '{section}' section")
     return recipe
+
+
+def resolve_dtypes(recipe: dict) -> dict:
+    """A copy of ``recipe`` with ``quantization.bnb_4bit_compute_dtype: auto`` and
+    ``training.bf16: auto`` replaced by the choice of :func:`halo.hf.auto_compute_dtype` (bfloat16
+    where the machine computes it natively, float32 elsewhere; one line on stderr says which and
+    why). Explicit values are kept as they are. Both systems ("halo", "bnb") get the same choice."""
+    quant, training = dict(recipe["quantization"]), dict(recipe["training"])
+    if "auto" in (quant.get("bnb_4bit_compute_dtype"), training.get("bf16")):
+        from .hf_4bit import resolve_compute_dtype
+
+        auto = resolve_compute_dtype("auto")
+        if quant.get("bnb_4bit_compute_dtype") == "auto":
+            quant["bnb_4bit_compute_dtype"] = str(auto).removeprefix("torch.")
+        if training.get("bf16") == "auto":
+            training["bf16"] = auto == torch.bfloat16
+    return {**recipe, "quantization": quant, "training": training}
 
 
 def _chat(tokenizer: Any, instruction: str, response: str | None) -> str:
@@ -106,12 +123,15 @@ def _collate(rows: list) -> dict:
 def load_model(
     recipe: dict, system: str = "halo", lora_dropout: float | None = None, seed: int | None = None
 ):
-    """(model with LoRA adapters, tokenizer) for ``system`` "halo" or "bnb" (bitsandbytes + PEFT).
-    ``seed`` re-seeds torch right before the adapters are created, so both systems start from
-    the same LoRA weights (loading consumes the RNG differently)."""
+    """(model with LoRA adapters, tokenizer) for ``system`` "halo", "bnb" (bitsandbytes + PEFT) or
+    "base" (the bound a 4-bit library is measured against: the base left unquantized in the
+    compute dtype, PEFT's own LoRA, the rest of the recipe as it is). ``seed`` re-seeds torch right
+    before the adapters are created, so all systems start from the same LoRA weights (loading
+    consumes the RNG differently)."""
     import peft
     import transformers
 
+    recipe = resolve_dtypes(recipe)
     model_dir = recipe["model"]
     quant = dict(recipe["quantization"])
     lora = dict(recipe["lora"])
@@ -124,9 +144,15 @@ def load_model(
         config = halo.hf.HaloConfig.from_bnb(quant)
     elif system == "bnb":
         config = transformers.BitsAndBytesConfig(**quant)
+    elif system == "base":
+        config = None
     else:
-        raise ValueError(f"[load_model] system must be 'halo' or 'bnb', got {system!r}")
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=config)
+        raise ValueError(f"[load_model] system must be 'halo', 'bnb' or 'base', got {system!r}")
+    if config is None:
+        dtype = getattr(torch, str(quant.get("bnb_4bit_compute_dtype") or "float32").removeprefix("torch."))
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=config)
     use_checkpointing = bool(recipe["training"].get("gradient_checkpointing", False))
     model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=use_checkpointing)
     lora_config = peft.LoraConfig(**lora)
@@ -171,13 +197,16 @@ class _Timer:
         return Timer()
 
 
-def train(model: Any, dataset: Any, recipe: dict, system: str = "halo", **overrides: Any) -> Run:
+def train(
+    model: Any, dataset: Any, recipe: dict, system: str = "halo", callbacks: Any = (), **overrides: Any
+) -> Run:
     """Runs transformers' Trainer with the recipe's training section (``overrides`` win) and
     returns the logged losses and the wall time of each step. With ``system="halo"`` an 8-bit
-    ``optim`` becomes :class:`halo.optim.PagedAdamW8bit` handed to the Trainer."""
+    ``optim`` becomes :class:`halo.optim.PagedAdamW8bit` handed to the Trainer; other systems get
+    the Trainer's own (bitsandbytes'). ``callbacks`` are more ``TrainerCallback`` objects."""
     import transformers
 
-    settings = dict(recipe["training"])
+    settings = dict(resolve_dtypes(recipe)["training"])
     settings.update(overrides)
     settings.setdefault("report_to", [])
     settings.setdefault("save_strategy", "no")
@@ -216,7 +245,7 @@ def train(model: Any, dataset: Any, recipe: dict, system: str = "halo", **overri
         train_dataset=dataset,
         data_collator=_collate,
         optimizers=optimizers,
-        callbacks=[timer],
+        callbacks=[timer, *callbacks],
     )
     start = time.perf_counter()
     trainer.train()

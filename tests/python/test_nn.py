@@ -388,3 +388,72 @@ def test_double_quantize_op_equals_the_numpy_api_and_passes_opcheck():
         ValueError, match=r"\[halo::double_quantize_absmax\] absmax must be .* got torch.float16"
     ):
         torch.ops.halo.double_quantize_absmax(absmax.half(), 1)
+
+
+def test_decoded_scales_follow_every_change_of_the_statistics():
+    """The CPU kernels decode a double-quantized weight's scales once and keep them; an in-place
+    change of the codes or of the nested statistics, or a new tensor, must be decoded afresh:
+    the matmul then equals the float product with the weight dequantized from the new statistics
+    (halo's own NumPy dequantization, not the cached path)."""
+    torch.manual_seed(3)
+    layer = hnn.Linear4bit.from_linear(torch.nn.Linear(128, 64, bias=False), "nf4", None, True, 64)
+    x = torch.randn(5, 128)
+
+    def expected():
+        scales = _core.quant.double_dequantize(
+            layer.weight_absmax.numpy(), layer.weight_nested_absmax.numpy(), float(layer.nested_offset), 256
+        )
+        w = _core.quant.dequantize_4bit(
+            layer.weight.numpy().reshape(-1), scales.astype("float32"), 128 * 64, "nf4", 64, "float32", "auto"
+        )
+        return x @ torch.from_numpy(w.reshape(64, 128)).t()
+
+    torch.testing.assert_close(layer(x), expected())
+    layer(x)  # a second call takes the cached scales
+    with torch.no_grad():
+        layer.weight_absmax.add_(3)  # codes changed in place
+    torch.testing.assert_close(layer(x), expected())
+    with torch.no_grad():
+        layer.weight_nested_absmax.mul_(1.5)  # nested statistics changed in place
+    torch.testing.assert_close(layer(x), expected())
+    layer.weight_nested_absmax = layer.weight_nested_absmax * 0.5  # a new tensor
+    torch.testing.assert_close(layer(x), expected())
+
+
+def test_lora_linear_hands_back_the_callers_dtype_without_a_round_trip():
+    """out_dtype=float32 with bf16 compute: the bf16 base product plus the float32 adapter delta,
+    added and returned in float32 (as PEFT adds the delta to the base's float32 output), not
+    rounded to bf16 on the way; the fake kernel and autograd agree (opcheck)."""
+    torch.manual_seed(6)
+    layer = hnn.Linear4bit.from_linear(torch.nn.Linear(128, 96, bias=False))
+    packed, absmax, nested, offset, quant_type, blocksize = layer.weight_args()
+    x = torch.randn(7, 128)
+    a, b = torch.randn(8, 128) * 0.1, torch.randn(96, 8) * 0.1
+    xc = x.bfloat16()
+    args = (xc, x, packed, absmax, nested, offset, 96, quant_type, blocksize, None, a, b, 2.0)
+    y = torch.ops.halo.lora_linear(*args, out_dtype=torch.float32)
+    assert y.dtype == torch.float32
+    base = torch.ops.halo.matmul_4bit(xc, packed, absmax, nested, offset, 96, quant_type, blocksize, None)
+    want = base.float() + (x.double() @ a.double().t() @ b.double().t() * 2.0).float()
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    assert torch.ops.halo.lora_linear(*args).dtype == torch.bfloat16  # the default stays x's dtype
+    grads = [t.requires_grad_() for t in (xc.clone(), x.clone(), a.clone(), b.clone())]
+    torch.library.opcheck(
+        torch.ops.halo.lora_linear.default,
+        (
+            grads[0],
+            grads[1],
+            packed,
+            absmax,
+            nested,
+            offset,
+            96,
+            quant_type,
+            blocksize,
+            None,
+            grads[2],
+            grads[3],
+            2.0,
+        ),
+        {"out_dtype": torch.float32},
+    )

@@ -95,9 +95,11 @@ def lora_linear_composite(
     scaling,
     fan_in_fan_out=False,
     backend="auto",
+    out_dtype=None,
 ) -> Tensor:
     """halo::lora_linear's kernel around a backend's ``matmul``: the base 4-bit matmul, then
-    the adapter in the adapter's dtype, added as PEFT adds it."""
+    the adapter in the adapter's dtype, added as PEFT adds it; the result in ``out_dtype``
+    (default: x's), so a caller that wants its own dtype back gets it without a round trip."""
     fn = "halo::lora_linear"
     check_float(fn, "x", x)
     in_features = x.shape[-1]
@@ -110,11 +112,16 @@ def lora_linear_composite(
     y = _base_matmul(matmul, x2d, args, out_features, bias, fan_in_fan_out, backend)
     with torch.autocast(x.device.type, enabled=False):
         hidden = torch.mm(x_lora.reshape(-1, in_features).to(lora_A.dtype), lora_A.t())
-        # y += scaling * hidden B^T, in the adapter's dtype, as PEFT adds it
-        delta = torch.mm(hidden, lora_B.t())
         if scaling != 1.0:
-            delta.mul_(scaling)
-        y = y.add_(delta.to(y.dtype)) if y.dtype == delta.dtype else (y + delta).to(y.dtype)
+            hidden.mul_(scaling)  # on the [m, r] product, not on the [m, out] one
+        # y += (scaling * hidden) B^T in the adapter's dtype, one addmm (no separate delta)
+        out_dtype = out_dtype or y.dtype
+        if y.dtype == hidden.dtype:
+            y = y.addmm_(hidden, lora_B.t()).to(out_dtype)
+        elif out_dtype == hidden.dtype:
+            y = torch.addmm(y.to(hidden.dtype), hidden, lora_B.t())
+        else:
+            y = torch.addmm(y.to(hidden.dtype), hidden, lora_B.t()).to(out_dtype)
     return y.reshape(*x.shape[:-1], out_features)
 
 

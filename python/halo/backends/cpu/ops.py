@@ -32,16 +32,31 @@ def numpy_bits(t: Tensor) -> np.ndarray:
 
 
 def _scales(absmax: Tensor, nested_absmax: Tensor | None, nested_offset: float) -> np.ndarray:
+    """The float32 per-block scales of a weight. With double quantization they are decoded once
+    and kept on ``absmax`` (the forward, the recomputed forward and the backward of a step all
+    ask for them), keyed by both tensors' storage and version so that any change re-decodes."""
     if nested_absmax is None:
-        values = _numpy(absmax.contiguous())
-    else:
-        values = _core.quant.double_dequantize(
+        return np.ascontiguousarray(_numpy(absmax.contiguous()), dtype=np.float32)
+    try:
+        key = (absmax.data_ptr(), absmax._version, nested_absmax.data_ptr(), nested_absmax._version)
+        key += (float(nested_offset), absmax.numel())
+    except RuntimeError:  # inference tensors keep no version counter: decode every time
+        key = None
+    cached = getattr(absmax, "_halo_scales", None)
+    if key is not None and cached is not None and cached[0] == key:
+        return cached[1]
+    values = np.ascontiguousarray(
+        _core.quant.double_dequantize(
             _numpy(absmax.contiguous()),
             _numpy(nested_absmax.contiguous()),
             float(nested_offset),
             _ops.NESTED_BLOCKSIZE,
-        )
-    return np.ascontiguousarray(values, dtype=np.float32)
+        ),
+        dtype=np.float32,
+    )
+    if key is not None:
+        absmax._halo_scales = (key, values)
+    return values
 
 
 def _matmul(x2d: Tensor, weight: tuple, out_features: int, in_features: int, bias, transposed, backend):
