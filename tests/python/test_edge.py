@@ -204,7 +204,7 @@ def test_compensation_modes_fill_only_what_is_missing():
     np.testing.assert_array_equal(zero[received], truth[received])
     assert not zero[~received].any()
     prev = out.copy()
-    new_last, new_have = compensate("previous", None, x, prev, received, state)
+    new_last, new_have, _ = compensate("previous", None, x, prev, received, state)
     np.testing.assert_array_equal(prev[1, 1], truth[1, 0])  # the row before it arrived
     assert not prev[2].any()  # no earlier value for group 2
     np.testing.assert_array_equal(new_last[0], truth[0, 1])
@@ -267,6 +267,7 @@ class LinkedTransport:
             "end": end,
             "received": received,
             "peer_last": peer_last,
+            "peer_heard": list(peer_last),  # any partial of this exchange shows the peer alive
             "peer_missing": peer_missing,
             "other": [],
             "stale": len(late),
