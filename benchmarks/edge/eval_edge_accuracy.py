@@ -124,7 +124,11 @@ CONFIGS = {
         critical_fraction=0.25, compensation="mean", reliable_attention=True, reliable_prefill=True
     ),
     "+ coverage 0.5": dict(
-        critical_fraction=0.25, compensation="mean", coverage=0.5, reliable_attention=True, reliable_prefill=True
+        critical_fraction=0.25,
+        compensation="mean",
+        coverage=0.5,
+        reliable_attention=True,
+        reliable_prefill=True,
     ),
 }
 
@@ -213,10 +217,12 @@ def main() -> int:
         }
         for lo in range(0, L, L // 5):
             hi = min(lo + L // 5, L)
-            kinds[f"FFN decode, layers {lo}-{hi - 1}"] = (
-                lambda layer, part, pre, lo=lo, hi=hi: part == 1 and not pre and lo <= layer < hi
+            kinds[f"FFN decode, layers {lo}-{hi - 1}"] = lambda layer, part, pre, lo=lo, hi=hi: (
+                part == 1 and not pre and lo <= layer < hi
             )
-        print("| terms that may be lost | ppl vs lossless min / median / max | agreement min / median / max |")
+        print(
+            "| terms that may be lost | ppl vs lossless min / median / max | agreement min / median / max |"
+        )
         print("|---|---|---|")
         for name, drop in kinds.items():
             runs = evaluate(spec, plan, predictors, ids, knobs, args.loss, seeds, drop)
@@ -239,7 +245,9 @@ def main() -> int:
             runs = evaluate(spec, plan, predictors, ids, CONFIGS[name], args.loss, seeds)
             s = [summary(r, ref) for r in runs]
             delivered = statistics.mean(r["delivered"] for r in runs)
-            results["rows"].append({"policy": name, "knobs": CONFIGS[name], "delivered": delivered, "runs": s})
+            results["rows"].append(
+                {"policy": name, "knobs": CONFIGS[name], "delivered": delivered, "runs": s}
+            )
             pr = spread([x["ppl_ratio"] - 1 for x in s])
             ag = spread([x["agreement"] for x in s])
             print(

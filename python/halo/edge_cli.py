@@ -68,7 +68,13 @@ def register(subparsers) -> None:
     r.add_argument("--policy", choices=("halo", "tcp", "reliable-udp"), default="halo")
     r.add_argument("--tokens", type=int, default=16)
     r.add_argument("--prompt", required=True)
-    r.add_argument("--compensation", choices=("zero", "previous", "predictor"), default=None)
+    r.add_argument("--compensation", choices=("zero", "previous", "predictor", "mean"), default=None)
+    r.add_argument(
+        "--coverage",
+        type=float,
+        default=None,
+        help="halo: protect FFN groups until they hold this share of the predicted term mass",
+    )
     r.add_argument(
         "--weights", choices=("float32", "nf4"), default="float32", help="how workers hold weights"
     )
@@ -202,6 +208,8 @@ def _run(args: argparse.Namespace) -> int:
     options = {"connect_timeout": args.connect_timeout, "weights": args.weights}
     if args.compensation is not None:
         options["compensation"] = args.compensation
+    if args.coverage is not None:
+        options["coverage"] = args.coverage
     try:
         if not os.path.exists(args.plan):
             raise EdgeError(f"{args.plan}: no such plan file")

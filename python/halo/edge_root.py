@@ -94,7 +94,9 @@ class RunOptions:
         if self.critical_fraction is not None and not 0 <= self.critical_fraction <= 1:
             raise EdgeError(f"critical_fraction must be in [0, 1], got {self.critical_fraction!r}")
         if not (
-            isinstance(self.coverage, (int, float)) and math.isfinite(self.coverage) and 0 <= self.coverage <= 1
+            isinstance(self.coverage, (int, float))
+            and math.isfinite(self.coverage)
+            and 0 <= self.coverage <= 1
         ):
             raise EdgeError(f"coverage must be in [0, 1], got {self.coverage!r}")
         return self
