@@ -57,8 +57,8 @@ class RunOptions:
     initial_deadline: float = 0.05  # before the monitor has a latency estimate
     critical_fraction: float | None = None  # None: the plan's (the least share of FFN groups protected)
     coverage: float = 0.0  # halo: protect FFN groups until they hold this share of the predicted mass
-    reliable_attention: bool = True  # halo: attention terms are all critical
-    reliable_prefill: bool = True  # halo: every term of a multi-row forward is critical
+    reliable_attention: bool = True  # halo, causal models: attention terms are all critical
+    reliable_prefill: bool = True  # halo, causal models: every term of a multi-row forward is critical
     hard_timeout: float | None = None  # longest wait for one exchange; None: 0.5 s (halo), 10 s (baselines)
     silent_timeout: float | None = None  # drop a worker unheard for this long; None: max(2 s, hard_timeout)
     connect_timeout: float = 5.0
@@ -297,7 +297,9 @@ class Root(_Runner):
             if self.options.critical_fraction is None
             else self.options.critical_fraction
         )
-        halo = policy == "halo"
+        # Reliable attention and prefill terms protect the key/value caches a causal model keeps
+        # (a lost term there stays in every later token); an encoder keeps none: unchanged.
+        halo = policy == "halo" and self.spec.family == "llama"
         self.policy = TermPolicy(
             self.groups,
             self.plan.importance,
