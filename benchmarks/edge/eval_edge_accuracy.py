@@ -10,7 +10,9 @@ object ``edge_root.Root`` uses) and drops, with a seeded generator, what the net
   copy first): when both are lost (p^2) it arrives a retransmission later, past the deadline,
   so that worker's non-critical terms of the exchange are lost too (a prefill's deadline
   scales with its rows and absorbs ENet's few-ms resends of its fragments);
-* critical terms are never lost (they come reliably; they only cost time).
+* critical terms are never lost (they come reliably; they only cost time);
+* with ``duplicate`` (the runtime's ``duplicate_other``) a non-critical row goes twice and is
+  lost only if both copies are (p^2).
 
 Held-out text: standard-library docstrings n-z (the plan calibrates on a-m), teacher-forced:
 a 32-token prefill, then one token per forward, scored against the lossless run (every term
@@ -47,7 +49,7 @@ class Simulated:
     ``drop``: which exchanges may lose terms, a predicate (layer, part, prefill) -> bool (the
     per-kind measurements lose terms of one kind only); every term of the others arrives."""
 
-    def __init__(self, model_dir, plan, policy, loss: float, seed: int, drop=None) -> None:
+    def __init__(self, model_dir, plan, policy, loss: float, seed: int, drop=None, duplicate=False) -> None:
         from halo.edge_model import Checkpoint, LocalCluster, RootModel, layout, read_spec
 
         self.spec = read_spec(model_dir)
@@ -58,6 +60,7 @@ class Simulated:
         self.plan, self.policy, self.loss = plan, policy, loss
         self.rng = np.random.default_rng(seed)
         self.drop = drop
+        self.other_loss = loss**2 if duplicate else loss
         self.expected = self.delivered = 0
         self.ffn = {layer: self._stacked_ffn(ck, layer) for layer in range(self.spec.layers)}
 
@@ -104,7 +107,7 @@ class Simulated:
         count = out.shape[0]
         received = np.ones((count, rows), bool)
         if self.loss > 0 and (self.drop is None or self.drop(layer, part, rows > 1)):
-            received = self.rng.random((count, rows)) >= self.loss
+            received = self.rng.random((count, rows)) >= self.other_loss
             owners = np.asarray(self.plan.assignment[layer][part])
             for w in np.unique(owners):
                 if rows == 1 and self.rng.random() < self.loss**2:
@@ -160,6 +163,20 @@ CONFIGS = {
         reliable_attention=True,
         reliable_prefill=True,
     ),
+    "attention + prefill reliable; non-critical twice": dict(
+        critical_fraction=0.25,
+        compensation="predictor",
+        reliable_attention=True,
+        reliable_prefill=True,
+        duplicate=True,
+    ),
+    "attention + prefill reliable; non-critical twice; running mean": dict(
+        critical_fraction=0.25,
+        compensation="mean",
+        reliable_attention=True,
+        reliable_prefill=True,
+        duplicate=True,
+    ),
 }
 
 
@@ -205,8 +222,11 @@ def load(args):
 
 def evaluate(spec, plan, predictors, ids, knobs, loss, seeds, drop=None):
     runs = []
+    knobs = dict(knobs)
+    duplicate = knobs.pop("duplicate", False)
     for seed in seeds:
-        sim = Simulated(SMOL, plan, policy_for(plan, predictors, spec, **knobs), loss, seed, drop)
+        policy = policy_for(plan, predictors, spec, **knobs)
+        sim = Simulated(SMOL, plan, policy, loss, seed, drop, duplicate)
         r = sim.score(ids)
         r["delivered"] = sim.delivered / max(sim.expected, 1)
         runs.append(r)

@@ -67,6 +67,7 @@ class RunOptions:
     drift_threshold: float = 0.03
     monitor_alpha: float = 0.005  # per group observation: ~240 per worker and token on SmolLM2
     duplicate_critical: bool = True  # halo: an unreliable copy of each critical message first
+    duplicate_other: bool = True  # halo: each non-critical partial sent twice (unreliable)
     threads: int = 1
     weights: str = "float32"  # how workers hold their groups: "float32" or "nf4" (halo's 4-bit kernel)
 
@@ -412,7 +413,12 @@ class Root(_Runner):
             self._send(w, {"type": "hello", "version": _edge.WIRE_VERSION, "policy": o.policy})
         self._await("hello", everyone, o.connect_timeout, fatal=True)
         delivery = {
-            "halo": {"critical": "reliable", "other": "unreliable", "duplicate": o.duplicate_critical},
+            "halo": {
+                "critical": "reliable",
+                "other": "unreliable",
+                "duplicate": o.duplicate_critical,
+                "duplicate_other": o.duplicate_other,
+            },
             "reliable-udp": {"critical": "reliable", "other": "reliable", "duplicate": False},
             "tcp": {"critical": "reliable", "other": "reliable", "duplicate": False},
         }[o.policy]

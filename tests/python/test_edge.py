@@ -358,6 +358,53 @@ def test_halo_sends_attention_and_prefill_terms_reliably(tiny_llama):
     assert tcp.policy.wait_all
 
 
+def test_worker_sends_non_critical_terms_twice_when_asked():
+    """delivery duplicate_other: each non-critical partial goes twice, unreliably (lost only
+    if both copies are); critical ones go once, reliably, with their own duplicate flag."""
+    from types import SimpleNamespace
+
+    from halo.edge_worker import _delivery, _Session
+
+    class Sent:
+        def __init__(self):
+            self.calls = []
+
+        def send_partial(self, peer, step, pos, layer, part, group, rows, delivery, duplicate):
+            self.calls.append((group, delivery, duplicate))
+
+    class Compute:
+        def run(self, groups, h, pos):
+            return [torch.full((h.shape[0], 4), float(g.index)) for g in groups]
+
+    def run(delivery):
+        t = Sent()
+        session = _Session(SimpleNamespace(log=None, streaming=None), t, 0)
+        session.delivery = _delivery(delivery)
+        session.compute = Compute()
+        session.held = {(0, FFN): [SimpleNamespace(index=i) for i in range(3)]}
+        rows = np.zeros((1, 4), np.float32)
+        msg = {"step": 1, "layer": 0, "part": FFN, "pos": 0, "rows": rows, "flags": 0, "critical": [1]}
+        assert session._run(msg)
+        return sorted(t.calls)
+
+    twice = run({"duplicate": True, "duplicate_other": True})
+    assert twice == [
+        (0, "unreliable", False),
+        (0, "unreliable", False),
+        (1, "reliable", True),
+        (2, "unreliable", False),
+        (2, "unreliable", False),
+    ]
+    once = run({"duplicate": True})
+    assert once == [(0, "unreliable", False), (1, "reliable", True), (2, "unreliable", False)]
+    # A wait-for-all policy (every term reliable) is never doubled.
+    assert run({"other": "reliable", "duplicate_other": True}) == [
+        (0, "reliable", False),
+        (1, "reliable", False),
+        (2, "reliable", False),
+    ]
+
+
 def test_critical_set_grows_with_the_predictors_uncertainty():
     """With coverage c the FFN critical set is the smallest holding c of the predicted term
     mass (at least critical_fraction of the groups): a predictor that cannot tell the groups
