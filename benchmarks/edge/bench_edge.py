@@ -184,6 +184,12 @@ def run_causal(bed, model, addresses, plan, policy, ids, prefill, tokens, cap_s,
         out["delivered"] = root.stats.delivered_fraction()
         out["replans"] = len(root.stats.replans)
         out["dropped"] = len(root.stats.dead)
+        out["why_dropped"] = list(root.stats.dead.values())
+        ends: dict[str, int] = {}
+        for e in root.stats.exchanges:
+            key = f"{'prefill' if e.rows > 1 else 'decode'} {e.end}"
+            ends[key] = ends.get(key, 0) + 1
+        out["ends"] = ends  # how the exchanges ended: complete, deadline, hard_deadline
     return out
 
 
@@ -575,6 +581,9 @@ def accuracy(rounds: int, tokens: int, loss: float = 0.05, baseline_cap_s: float
                     flush=True,
                 )
     halo = [summarise_causal(r, reference) for r in runs["halo"]]
+    for s, r in zip(halo, runs["halo"]):
+        s["ends"], s["why_dropped"] = r["ends"], r["why_dropped"]
+        print(f"  halo exchanges ended: {r['ends']}; dropped: {r['why_dropped']}")
     decode = {k: [t for r in v for t in r["decode_s"]] for k, v in runs.items()}
     p50 = {k: pct(v, 50) for k, v in decode.items()}
     cpu = [line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")]
