@@ -140,7 +140,7 @@ def pct(values, q):
 # One run
 
 
-def run_causal(bed, model, addresses, plan, policy, ids, prefill, tokens, cap_s, compensation=None):
+def run_causal(bed, model, addresses, plan, policy, ids, prefill, tokens, cap_s, compensation=None, **extra):
     """Teacher-forced decode of ids[prefill:prefill + tokens] after a prefill; stops at cap_s."""
     from halo import edge
 
@@ -148,6 +148,7 @@ def run_causal(bed, model, addresses, plan, policy, ids, prefill, tokens, cap_s,
     for i in range(WORKERS):
         bed.set_rto_min(i, RTO_TUNED_MS if policy == "tcp-rto" else None)
     options = {"compensation": compensation} if compensation else {}
+    options.update(extra)
     out = {"decode_s": [], "prefill_s": [], "nll": [], "argmax": []}
     import torch
 
@@ -538,6 +539,9 @@ def sealed_round_trips(blocks: int = 8, per_block: int = 200) -> dict:
     return out
 
 
+PROTECT = {"reliable_attention": True, "reliable_prefill": True, "duplicate_other": True}
+
+
 def accuracy(rounds: int, tokens: int, loss: float = 0.05, baseline_cap_s: float = 40.0) -> int:
     """HALO's accuracy on the real network at ``loss`` (uniform links, balanced placement):
     ``rounds`` runs of ``tokens`` teacher-forced positions, each a fresh loss pattern (nftables
@@ -571,7 +575,7 @@ def accuracy(rounds: int, tokens: int, loss: float = 0.05, baseline_cap_s: float
             for policy in order:
                 t0 = time.monotonic()
                 if policy == "halo":
-                    r = run_causal(bed, SMOL, addresses, plan, policy, ids, prefill, tokens, 1800)
+                    r = run_causal(bed, SMOL, addresses, plan, policy, ids, prefill, tokens, 1800, **PROTECT)
                 else:
                     r = run_causal(bed, SMOL, addresses, plan, policy, ids, prefill, tokens, baseline_cap_s)
                 runs[policy].append(r)
@@ -628,6 +632,7 @@ def main() -> int:
     parser.add_argument(
         "--accuracy", action="store_true", help="HALO's accuracy at 5 %% loss, many positions"
     )
+    parser.add_argument("--loss", type=float, default=0.05, help="--accuracy: loss each way")
     args = parser.parse_args()
     if args.sealing:
         return sealing_cost(args.rounds, args.tokens or 24)
@@ -636,7 +641,7 @@ def main() -> int:
         if why is not None or not SMOL.exists():
             print(f"bench_edge: skipped ({why or f'{SMOL} missing'})")
             return 0
-        return accuracy(args.rounds, args.tokens or 256)
+        return accuracy(args.rounds, args.tokens or 256, args.loss)
     why = testbed.available()
     if why is not None:
         print(f"bench_edge: skipped, network namespaces unavailable: {why}")

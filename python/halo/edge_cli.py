@@ -70,6 +70,11 @@ def register(subparsers) -> None:
     r.add_argument("--prompt", required=True)
     r.add_argument("--compensation", choices=("zero", "previous", "predictor", "mean"), default=None)
     r.add_argument(
+        "--protect",
+        action="store_true",
+        help="halo: attention and prefill terms reliable, the other terms sent twice",
+    )
+    r.add_argument(
         "--coverage",
         type=float,
         default=None,
@@ -210,6 +215,8 @@ def _run(args: argparse.Namespace) -> int:
         options["compensation"] = args.compensation
     if args.coverage is not None:
         options["coverage"] = args.coverage
+    if args.protect:
+        options.update(reliable_attention=True, reliable_prefill=True, duplicate_other=True)
     try:
         if not os.path.exists(args.plan):
             raise EdgeError(f"{args.plan}: no such plan file")

@@ -334,10 +334,10 @@ def _flags_of_a_run(tiny_llama, **options):
 
 
 def test_halo_sends_attention_and_prefill_terms_reliably(tiny_llama):
-    """Under halo every attention term and every term of a prefill is critical (sent reliably,
-    waited for); FFN decode exchanges protect only their critical share. Turning the two
-    options off brings back the old top-25 % rule for them."""
-    t = _flags_of_a_run(tiny_llama)
+    """With reliable_attention and reliable_prefill (opt-in) every attention term and every
+    term of a prefill is critical under halo (sent reliably, waited for); FFN decode exchanges
+    protect only their critical share. The defaults keep the top-25 % rule for all."""
+    t = _flags_of_a_run(tiny_llama, reliable_attention=True, reliable_prefill=True)
     attention = [f for layer, part, rows, f in t.flags if part == ATTN]
     prefill = [f for layer, part, rows, f in t.flags if rows > 1]
     ffn_decode = [f for layer, part, rows, f in t.flags if part == FFN and rows == 1]
@@ -346,12 +346,12 @@ def test_halo_sends_attention_and_prefill_terms_reliably(tiny_llama):
     assert all(sum(f) == 1 and len(f) == 4 for f in ffn_decode)  # ceil(0.25 x 4 groups)
     # The workers were asked for every attention group reliably, exchange by exchange.
     assert all(groups == {0, 1} for (step, part), groups in t.asked.items() if part == ATTN)
-    old = _flags_of_a_run(tiny_llama, reliable_attention=False, reliable_prefill=False)
+    old = _flags_of_a_run(tiny_llama)  # the defaults: opt-in
     assert all(sum(f) == 1 for layer, part, rows, f in old.flags)  # 1 of 2 attention, 1 of 4 FFN groups
     baseline = edge.Root(
         str(tiny_llama), ["127.0.0.1:1"], edge.make_plan(tiny_llama, 1, calibration_tokens=0)
     )
-    assert baseline.policy.reliable_attention and baseline.policy.reliable_prefill
+    assert not baseline.policy.reliable_attention and not baseline.policy.reliable_prefill
     tcp = edge.Root(
         str(tiny_llama), ["127.0.0.1:1"], edge.make_plan(tiny_llama, 1, calibration_tokens=0), policy="tcp"
     )
