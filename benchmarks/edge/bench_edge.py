@@ -19,6 +19,11 @@ Workers and roots use the pre-shared key build/edge_bench/edge.key (made on firs
 
     python benchmarks/edge/bench_edge.py --sealing  # the cost of sealing: decode with the key
                                                     # against --insecure, on loopback (a few min)
+    python benchmarks/edge/bench_edge.py --accuracy --rounds 3 --tokens 256
+        # 5 % uniform loss: HALO (balanced) scored on 256 teacher-forced positions per round
+        # against the lossless run (perplexity, agreement: min / median / max over rounds, each
+        # round a fresh loss pattern), with TCP (default and 5 ms RTO) interleaved for the speed
+        # (about 15 min on 2 busy cores)
 """
 
 from __future__ import annotations
@@ -135,7 +140,7 @@ def pct(values, q):
 # One run
 
 
-def run_causal(bed, model, addresses, plan, policy, ids, prefill, tokens, cap_s, compensation=None):
+def run_causal(bed, model, addresses, plan, policy, ids, prefill, tokens, cap_s, compensation=None, **extra):
     """Teacher-forced decode of ids[prefill:prefill + tokens] after a prefill; stops at cap_s."""
     from halo import edge
 
@@ -143,6 +148,7 @@ def run_causal(bed, model, addresses, plan, policy, ids, prefill, tokens, cap_s,
     for i in range(WORKERS):
         bed.set_rto_min(i, RTO_TUNED_MS if policy == "tcp-rto" else None)
     options = {"compensation": compensation} if compensation else {}
+    options.update(extra)
     out = {"decode_s": [], "prefill_s": [], "nll": [], "argmax": []}
     import torch
 
@@ -179,6 +185,12 @@ def run_causal(bed, model, addresses, plan, policy, ids, prefill, tokens, cap_s,
         out["delivered"] = root.stats.delivered_fraction()
         out["replans"] = len(root.stats.replans)
         out["dropped"] = len(root.stats.dead)
+        out["why_dropped"] = list(root.stats.dead.values())
+        ends: dict[str, int] = {}
+        for e in root.stats.exchanges:
+            key = f"{'prefill' if e.rows > 1 else 'decode'} {e.end}"
+            ends[key] = ends.get(key, 0) + 1
+        out["ends"] = ends  # how the exchanges ended: complete, deadline, hard_deadline
     return out
 
 
@@ -544,6 +556,90 @@ def sealed_round_trips(blocks: int = 8, per_block: int = 200) -> dict:
     return out
 
 
+PROTECT = {"reliable_attention": True, "reliable_prefill": True, "duplicate_other": True}
+
+
+def accuracy(rounds: int, tokens: int, loss: float = 0.05, baseline_cap_s: float = 40.0) -> int:
+    """HALO's accuracy on the real network at ``loss`` (uniform links, balanced placement):
+    ``rounds`` runs of ``tokens`` teacher-forced positions, each a fresh loss pattern (nftables
+    draws its own random numbers: the patterns differ but cannot be seeded), against the
+    lossless run; default TCP and TCP with a 5 ms minimum RTO interleaved round by round
+    (capped at ``baseline_cap_s`` each) for the decode latency ratios."""
+    import torch
+
+    torch.set_num_threads(1)
+    from halo import edge
+    from halo.edge_plan import docstring_text, tokenize
+
+    spec = edge.read_spec(SMOL)
+    plan_path = OUT / "smollm2_plan.json"
+    OUT.mkdir(parents=True, exist_ok=True)
+    try:
+        base_plan = edge.load_plan(plan_path, spec)
+    except edge.EdgeError:
+        base_plan = edge.make_plan(SMOL, WORKERS, calibration_tokens=512, out=plan_path)
+    prefill = 32
+    ids = tokenize(SMOL, docstring_text("n", "z", max_words=3 * (tokens + prefill)))[: prefill + tokens + 1]
+    runs: dict[str, list] = {"halo": [], "tcp": [], "tcp-rto": []}
+    with testbed.Testbed(links_for("uniform", 0.0), seed=11) as bed:
+        addresses = start_workers(bed, SMOL)
+        plan = edge.with_placement(base_plan, spec, "balance", devices_for("uniform", loss))
+        reference = run_causal(bed, SMOL, addresses, plan, "tcp", ids, prefill, tokens, 1800)
+        print(f"lossless run: {len(reference['argmax'])} positions", flush=True)
+        set_loss(bed, "uniform", loss)
+        for rnd in range(rounds):
+            order = ("halo", "tcp", "tcp-rto") if rnd % 2 == 0 else ("tcp-rto", "tcp", "halo")
+            for policy in order:
+                t0 = time.monotonic()
+                if policy == "halo":
+                    r = run_causal(bed, SMOL, addresses, plan, policy, ids, prefill, tokens, 1800, **PROTECT)
+                else:
+                    r = run_causal(bed, SMOL, addresses, plan, policy, ids, prefill, tokens, baseline_cap_s)
+                runs[policy].append(r)
+                print(
+                    f"  round {rnd} {policy:8s}: {len(r['decode_s'])} tokens, "
+                    f"p50 {pct(r['decode_s'], 50) * 1e3:.1f} ms ({time.monotonic() - t0:.0f} s)",
+                    flush=True,
+                )
+    halo = [summarise_causal(r, reference) for r in runs["halo"]]
+    for s, r in zip(halo, runs["halo"]):
+        s["ends"], s["why_dropped"] = r["ends"], r["why_dropped"]
+        print(f"  halo exchanges ended: {r['ends']}; dropped: {r['why_dropped']}")
+    decode = {k: [t for r in v for t in r["decode_s"]] for k, v in runs.items()}
+    p50 = {k: pct(v, 50) for k, v in decode.items()}
+    cpu = [line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")]
+    print(
+        f"\n{cpu[0].split(':', 1)[1].strip() if cpu else 'cpu ?'}, {os.cpu_count()} cpus, "
+        f"load average {os.getloadavg()[0]:.2f} at the end; uniform links, {loss:.0%} loss each way"
+    )
+    print("| round | positions | delivered | ppl vs lossless | next-token agreement | decode p50 ms |")
+    print("|---|---|---|---|---|---|")
+    for i, s in enumerate(halo):
+        print(
+            f"| {i} | {min(len(runs['halo'][i]['nll']), len(reference['nll']))} | {s['delivered']:.3f} | "
+            f"{s['ppl_ratio'] - 1:+.1%} | {s['agreement']:.3f} | {s['decode_p50_ms']:.1f} |"
+        )
+    ppl = sorted(s["ppl_ratio"] - 1 for s in halo)
+    agree = sorted(s["agreement"] for s in halo)
+    print(
+        f"ppl vs lossless min / median / max: {ppl[0]:+.1%} / {statistics.median(ppl):+.1%} / {ppl[-1]:+.1%}; "
+        f"agreement {agree[0]:.3f} / {statistics.median(agree):.3f} / {agree[-1]:.3f}"
+    )
+    for k in ("tcp", "tcp-rto"):
+        print(
+            f"decode p50: halo {p50['halo'] * 1e3:.1f} ms ({len(decode['halo'])} tokens), {k} "
+            f"{p50[k] * 1e3:.1f} ms ({len(decode[k])} tokens): {p50[k] / p50['halo']:.2f}x"
+        )
+    result = {
+        "loss": loss,
+        "halo": halo,
+        "decode_p50_ms": {k: v * 1e3 for k, v in p50.items()},
+        "tokens": {k: len(v) for k, v in decode.items()},
+    }
+    (OUT / "accuracy.json").write_text(json.dumps(result, indent=1))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="uniform links at 5 %% loss only")
@@ -552,7 +648,11 @@ def main() -> int:
     parser.add_argument(
         "--round-trips", action="store_true", help="only the per-message round trips of --sealing (no model)"
     )
-    parser.add_argument("--rounds", type=int, default=4, help="--sealing: interleaved rounds")
+    parser.add_argument("--rounds", type=int, default=4, help="--sealing, --accuracy: interleaved rounds")
+    parser.add_argument(
+        "--accuracy", action="store_true", help="HALO's accuracy at 5 %% loss, many positions"
+    )
+    parser.add_argument("--loss", type=float, default=0.05, help="--accuracy: loss each way")
     args = parser.parse_args()
     if args.round_trips:
         result: dict = {}
@@ -561,6 +661,12 @@ def main() -> int:
         return 0
     if args.sealing:
         return sealing_cost(args.rounds, args.tokens or 24)
+    if args.accuracy:
+        why = testbed.available()
+        if why is not None or not SMOL.exists():
+            print(f"bench_edge: skipped ({why or f'{SMOL} missing'})")
+            return 0
+        return accuracy(args.rounds, args.tokens or 256, args.loss)
     why = testbed.available()
     if why is not None:
         print(f"bench_edge: skipped, network namespaces unavailable: {why}")

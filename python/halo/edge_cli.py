@@ -68,7 +68,18 @@ def register(subparsers) -> None:
     r.add_argument("--policy", choices=("halo", "tcp", "reliable-udp"), default="halo")
     r.add_argument("--tokens", type=int, default=16)
     r.add_argument("--prompt", required=True)
-    r.add_argument("--compensation", choices=("zero", "previous", "predictor"), default=None)
+    r.add_argument("--compensation", choices=("zero", "previous", "predictor", "mean"), default=None)
+    r.add_argument(
+        "--protect",
+        action="store_true",
+        help="halo: attention and prefill terms reliable, the other terms sent twice",
+    )
+    r.add_argument(
+        "--coverage",
+        type=float,
+        default=None,
+        help="halo: protect FFN groups until they hold this share of the predicted term mass",
+    )
     r.add_argument(
         "--weights", choices=("float32", "nf4"), default="float32", help="how workers hold weights"
     )
@@ -210,6 +221,10 @@ def _run(args: argparse.Namespace) -> int:
     options = {"connect_timeout": args.connect_timeout, "weights": args.weights}
     if args.compensation is not None:
         options["compensation"] = args.compensation
+    if args.coverage is not None:
+        options["coverage"] = args.coverage
+    if args.protect:
+        options.update(reliable_attention=True, reliable_prefill=True, duplicate_other=True)
     try:
         if not os.path.exists(args.plan):
             raise EdgeError(f"{args.plan}: no such plan file")

@@ -85,18 +85,26 @@ def _int(msg: dict[str, Any], key: str, lo: int, hi: int, default: Any = None) -
 
 
 def _delivery(value: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {"critical": "reliable", "other": "unreliable", "duplicate": False}
+    out: dict[str, Any] = {
+        "critical": "reliable",
+        "other": "unreliable",
+        "duplicate": False,
+        "duplicate_other": False,
+    }
     if not isinstance(value, dict) or set(value) - set(out):
-        raise Refused(f"'delivery' must be an object with critical, other, duplicate, got {_show(value)}")
+        raise Refused(
+            f"'delivery' must be an object with critical, other, duplicate, duplicate_other, got {_show(value)}"
+        )
     for key in ("critical", "other"):
         mode = value.get(key, out[key])
         if mode not in DELIVERIES:
             raise Refused(f"delivery '{key}' must be one of {', '.join(DELIVERIES)}, got {_show(mode)}")
         out[key] = mode
-    duplicate = value.get("duplicate", False)
-    if not isinstance(duplicate, bool):
-        raise Refused(f"delivery 'duplicate' must be true or false, got {_show(duplicate)}")
-    out["duplicate"] = duplicate
+    for key in ("duplicate", "duplicate_other"):
+        flag = value.get(key, False)
+        if not isinstance(flag, bool):
+            raise Refused(f"delivery '{key}' must be true or false, got {_show(flag)}")
+        out[key] = flag
     return out
 
 
@@ -289,6 +297,16 @@ class _Session:
                     if term is None:
                         continue  # not resident at its deadline: the root compensates it, as a lost term
                     crit = g.index in critical
+                    if (
+                        not crit
+                        and self.delivery["duplicate_other"]
+                        and self.delivery["other"] == "unreliable"
+                    ):
+                        # A second, independent chance for a term nobody waits for: lost only
+                        # if both copies are (p^2 on independent loss).
+                        self.t.send_partial(
+                            self.peer, step, pos, layer, part, g.index, term.numpy(), "unreliable", False
+                        )
                     self.t.send_partial(
                         self.peer,
                         step,

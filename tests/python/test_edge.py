@@ -21,7 +21,7 @@ import pytest
 import real_models
 from halo import edge
 from halo._core import edge as core
-from halo.edge_model import FFN
+from halo.edge_model import ATTN, FFN
 from halo.edge_root import compensate
 
 torch = pytest.importorskip("torch")
@@ -204,7 +204,7 @@ def test_compensation_modes_fill_only_what_is_missing():
     np.testing.assert_array_equal(zero[received], truth[received])
     assert not zero[~received].any()
     prev = out.copy()
-    new_last, new_have = compensate("previous", None, x, prev, received, state)
+    new_last, new_have, _ = compensate("previous", None, x, prev, received, state)
     np.testing.assert_array_equal(prev[1, 1], truth[1, 0])  # the row before it arrived
     assert not prev[2].any()  # no earlier value for group 2
     np.testing.assert_array_equal(new_last[0], truth[0, 1])
@@ -300,6 +300,167 @@ def test_deadline_follows_the_slowest_worker(tiny_llama):
     assert root.transport.pending == [] and not root.stats.dead
     decode_exchanges = [e for e in root.stats.exchanges if e.rows == 1][3 * 2 * 2 :]
     assert all(e.delivered == e.expected for e in decode_exchanges)
+
+
+class RecordingTransport(LinkedTransport):
+    """LinkedTransport that keeps, per exchange, (layer, part, rows, critical flags) and the
+    groups each input asked a worker to send reliably."""
+
+    def __init__(self, latency):
+        super().__init__(latency)
+        self.flags: list[tuple[int, int, int, list[int]]] = []
+        self.asked: dict[tuple[int, int], set[int]] = {}
+
+    def send_input(self, peer, step, pos, layer, part, critical, rows, delivery):
+        self.asked.setdefault((step, part), set()).update(int(g) for g in critical)
+        return super().send_input(peer, step, pos, layer, part, critical, rows, delivery)
+
+    def gather(self, step, layer, part, out, peer_of_group, critical, deadline, hard, wait_all):
+        self.flags.append((layer, part, out.shape[1], [int(c) for c in critical]))
+        return super().gather(step, layer, part, out, peer_of_group, critical, deadline, hard, wait_all)
+
+
+def _flags_of_a_run(tiny_llama, **options):
+    plan = edge.make_plan(tiny_llama, 2, calibration_tokens=0, group_size=48)
+    root = edge.Root(
+        str(tiny_llama), ["127.0.0.1:1", "127.0.0.1:2"], plan, policy="halo", replan=False, **options
+    )
+    root.transport = RecordingTransport([0.002, 0.003])
+    root.peer = [0, 1]
+    logits = root.forward([5, 17, 3], 0)
+    for pos in range(3, 6):
+        logits = root.forward([int(logits[-1].argmax())], pos)
+    return root.transport
+
+
+def test_halo_sends_attention_and_prefill_terms_reliably(tiny_llama):
+    """With reliable_attention and reliable_prefill (opt-in) every attention term and every
+    term of a prefill is critical under halo (sent reliably, waited for); FFN decode exchanges
+    protect only their critical share. The defaults keep the top-25 % rule for all."""
+    t = _flags_of_a_run(tiny_llama, reliable_attention=True, reliable_prefill=True)
+    attention = [f for layer, part, rows, f in t.flags if part == ATTN]
+    prefill = [f for layer, part, rows, f in t.flags if rows > 1]
+    ffn_decode = [f for layer, part, rows, f in t.flags if part == FFN and rows == 1]
+    assert len(attention) == 4 * 2 and len(prefill) == 2 * 2 and len(ffn_decode) == 3 * 2
+    assert all(all(f) for f in attention + prefill)
+    assert all(sum(f) == 1 and len(f) == 4 for f in ffn_decode)  # ceil(0.25 x 4 groups)
+    # The workers were asked for every attention group reliably, exchange by exchange.
+    assert all(groups == {0, 1} for (step, part), groups in t.asked.items() if part == ATTN)
+    old = _flags_of_a_run(tiny_llama)  # the defaults: opt-in
+    assert all(sum(f) == 1 for layer, part, rows, f in old.flags)  # 1 of 2 attention, 1 of 4 FFN groups
+    baseline = edge.Root(
+        str(tiny_llama), ["127.0.0.1:1"], edge.make_plan(tiny_llama, 1, calibration_tokens=0)
+    )
+    assert not baseline.policy.reliable_attention and not baseline.policy.reliable_prefill
+    tcp = edge.Root(
+        str(tiny_llama), ["127.0.0.1:1"], edge.make_plan(tiny_llama, 1, calibration_tokens=0), policy="tcp"
+    )
+    assert tcp.policy.wait_all
+
+
+def test_worker_sends_non_critical_terms_twice_when_asked():
+    """delivery duplicate_other: each non-critical partial goes twice, unreliably (lost only
+    if both copies are); critical ones go once, reliably, with their own duplicate flag."""
+    from types import SimpleNamespace
+
+    from halo.edge_worker import _delivery, _Session
+
+    class Sent:
+        def __init__(self):
+            self.calls = []
+
+        def send_partial(self, peer, step, pos, layer, part, group, rows, delivery, duplicate):
+            self.calls.append((group, delivery, duplicate))
+
+    class Compute:
+        def run(self, groups, h, pos):
+            return [torch.full((h.shape[0], 4), float(g.index)) for g in groups]
+
+    def run(delivery):
+        t = Sent()
+        session = _Session(SimpleNamespace(log=None, streaming=None), t, 0)
+        session.delivery = _delivery(delivery)
+        session.compute = Compute()
+        session.held = {(0, FFN): [SimpleNamespace(index=i) for i in range(3)]}
+        rows = np.zeros((1, 4), np.float32)
+        msg = {"step": 1, "layer": 0, "part": FFN, "pos": 0, "rows": rows, "flags": 0, "critical": [1]}
+        assert session._run(msg)
+        return sorted(t.calls)
+
+    twice = run({"duplicate": True, "duplicate_other": True})
+    assert twice == [
+        (0, "unreliable", False),
+        (0, "unreliable", False),
+        (1, "reliable", True),
+        (2, "unreliable", False),
+        (2, "unreliable", False),
+    ]
+    once = run({"duplicate": True})
+    assert once == [(0, "unreliable", False), (1, "reliable", True), (2, "unreliable", False)]
+    # A wait-for-all policy (every term reliable) is never doubled.
+    assert run({"other": "reliable", "duplicate_other": True}) == [
+        (0, "reliable", False),
+        (1, "reliable", False),
+        (2, "reliable", False),
+    ]
+
+
+def test_critical_set_grows_with_the_predictors_uncertainty():
+    """With coverage c the FFN critical set is the smallest holding c of the predicted term
+    mass (at least critical_fraction of the groups): a predictor that cannot tell the groups
+    apart (flat scores) protects more of them than one that sees a few dominate."""
+    from halo.edge_policy import TermPolicy
+
+    class Scores:
+        def __init__(self, values):
+            self.values = np.asarray(values, float)
+
+        def scores(self, h):
+            return np.tile(self.values, (h.shape[0], 1))
+
+    groups = [[[None] * 3, [None] * 12]]
+    importance = [[[1.0] * 3, [1.0] * 12]]
+    x = np.zeros((1, 8), np.float32)
+    peaked = [40.0, 30.0] + [1.0] * 10
+    flat = [1.0] * 12
+    noisy = [1.0 + 0.01 * i for i in range(12)]
+
+    def critical(values, coverage, fraction=0.25):
+        p = TermPolicy(groups, importance, {(0, FFN): Scores(values)}, fraction, "zero", coverage=coverage)
+        return p.critical(0, FFN, x)
+
+    assert critical(peaked, 0.0).sum() == critical(flat, 0.0).sum() == 3  # the fixed 25 %
+    assert critical(peaked, 0.5).sum() == 3  # one group holds half the mass: the 25 % floor
+    assert critical(peaked, 0.9).sum() == 4  # 2 groups hold 87.5 %, two more reach 90 %
+    assert critical(flat, 0.5).sum() == 6
+    assert critical(noisy, 0.9).sum() == 11
+    assert critical(peaked, 0.6, fraction=0.0).tolist() == [1, 1] + [0] * 10  # the two that dominate
+    with pytest.raises(edge.EdgeError, match="coverage"):
+        TermPolicy(groups, importance, {}, 0.25, "zero", coverage=1.5)
+
+
+def test_mean_compensation_fills_with_the_groups_running_mean():
+    from halo.edge_policy import MEAN_DECAY, compensate
+
+    rng = np.random.default_rng(1)
+    values = rng.standard_normal((4, 2, 3, 5)).astype(np.float32)  # exchanges, groups, rows, hidden
+    state = (np.zeros((2, 5), np.float32), np.zeros(2, bool))
+    mean = np.zeros((2, 5))
+    for t in range(4):
+        received = np.ones((2, 3), bool)
+        if t == 3:
+            received[1, 1:] = False  # group 1 loses its last two rows
+        out = values[t].copy()
+        out[~received] = 0
+        state = compensate("mean", None, None, out, received, state)
+        if t < 3:
+            np.testing.assert_array_equal(out, values[t])
+            for g in range(2):
+                for r in range(3):
+                    mean[g] = MEAN_DECAY * mean[g] + (1 - MEAN_DECAY) * values[t, g, r]
+    np.testing.assert_allclose(out[1, 1:], np.stack([mean[1]] * 2), rtol=1e-5)  # the mean before
+    np.testing.assert_array_equal(out[0], values[3, 0])
+    np.testing.assert_allclose(state[2][1], 0.9 * mean[1] + 0.1 * values[3, 1, 0], rtol=1e-5)
 
 
 def test_estimate_shrinkage_drops_unpredictable_groups(tiny_llama):

@@ -493,6 +493,7 @@ def test_hostile_load_fields_are_refused(model, worker, plan, key, baseline):
         b'"delivery": {"critical": "fast"}': "delivery 'critical'",
         b'"delivery": {"other": 7}': "delivery 'other'",
         b'"delivery": {"duplicate": "yes"}': "'duplicate'",
+        b'"delivery": {"duplicate_other": 1}': "'duplicate_other'",
         b'"delivery": []': "'delivery'",
         b'"weights": "fp64"': "'weights'",
     }
