@@ -107,7 +107,7 @@ void forward_gemv(const Matmul4Ops& ops, const Job& job, const float* x32, float
   for (int64_t r0 = 0; r0 < job.rows; r0 += ops.gemv_max_rows) {
     const int64_t rows = std::min<int64_t>(ops.gemv_max_rows, job.rows - r0);
     panel.resize(size_t(rows * in));
-    ops.gemv_pack(x32 + r0 * in, rows, in, panel.data());
+    ops.gemv_pack(x32 + r0 * in, rows, in, panel.data(), job.w.precision);
     parallel_for(out, gemv_grain(out, in),
                  [&](int64_t o0, int64_t o1) { ops.gemv(job.w, panel.data(), rows, o0, o1, y32 + r0 * out, out); });
   }
