@@ -196,9 +196,21 @@ def fmt_ms(values):
     return f"{min(values) * 1e3:8.3f} {statistics.median(values) * 1e3:8.3f}"
 
 
-CPU_FLAGS = (
-    "avx2 fma f16c avx512f avx512bw avx512vl avx512dq avx512_vnni avx512_bf16 avx_vnni amx_tile amx_bf16 amx_int8"
-).split()
+CPU_FLAGS = [
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512dq",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx_vnni",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+]
 
 
 def cpu_summary() -> str:
@@ -219,8 +231,7 @@ def cpu_summary() -> str:
     missing = [f for f in CPU_FLAGS if f not in flags]
     load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
     return (
-        f"CPU {model}, {os.cpu_count()} logical CPUs; load average {load}
-"
+        f"CPU {model}, {os.cpu_count()} logical CPUs; load average {load}\n"
         f"flags: {' '.join(have) or '-'}; absent: {' '.join(missing) or '-'}"
     )
 
