@@ -274,7 +274,7 @@ def main_matmul(args):
                     extra = ""
                     if pool.name.startswith("halo"):
                         copy = min(times["copy"])
-                        extra = f"  ({100 * copy / min(halo_t):.0f} % of the copy bound)"
+                        extra = f"  ({100 * copy / min(t):.0f} % of the copy bound)"
                     print(
                         f"  {pool.name:<11} {fmt_ms(t)} {ratio_min:9.2f} {ratio_med:9.2f} {gbs:7.1f}{extra}"
                     )
