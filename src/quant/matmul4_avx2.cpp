@@ -150,7 +150,12 @@ struct Isa {
       return _mm256_castsi256_ps(Vec % 2 == 0 ? _mm256_slli_epi32(words, 16)
                                               : _mm256_and_si256(words, _mm256_set1_epi32(int(0xffff0000u))));
     } else {
-      return lookup(_mm256_srli_epi32(chunk, 4 * Vec), table);
+      // The blend mask (bit 3 of the nibble in the sign bit) is shifted from the chunk
+      // directly: no wait on the index shift, and none at all for the top nibble.
+      const __m256i index = Vec == 0 ? chunk : _mm256_srli_epi32(chunk, 4 * Vec);
+      const __m256i select = Vec == 7 ? chunk : _mm256_slli_epi32(chunk, 28 - 4 * Vec);
+      return _mm256_blendv_ps(_mm256_permutevar8x32_ps(table.low, index), _mm256_permutevar8x32_ps(table.high, index),
+                              _mm256_castsi256_ps(select));
     }
   }
 
@@ -169,8 +174,8 @@ struct Isa {
 
   // Independent accumulators per row of x and of W: an add waits 4 cycles, so one
   // chain per row would leave the FMA ports idle at 1-2 rows.
-  static constexpr int chains(int rows, int group) { return rows * group <= 4 ? 2 : 1; }
-  static constexpr int group(int rows) { return rows <= 2 ? 2 : 1; }
+  static constexpr int chains(int rows, int group) { return rows * group <= 1 ? 4 : rows * group <= 4 ? 2 : 1; }
+  static constexpr int group(int rows) { return rows <= 1 ? 1 : rows <= 2 ? 2 : 1; }
   static constexpr int kGemvMaxRows = 8;
   static constexpr int kGemmRows = 6;
   static constexpr int kGemmVecs = 2;
