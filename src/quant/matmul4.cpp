@@ -35,9 +35,12 @@ constexpr int64_t kPanelDepth = 256;
 // Transposed product: kStripCols columns of W per panel, kStripDepth rows deep.
 constexpr int64_t kStripCols = 128;
 constexpr int64_t kStripDepth = 256;
-// At least this many weights per thread in the GEMV (about 10 us of work): smaller
-// products run on the calling thread, as waking a pool thread costs more.
-constexpr int64_t kGemvWeightsPerTask = 1 << 17;
+// At least this many weights per thread in the GEMV (30-50 us of work on one core):
+// smaller products (SmolLM2's 576-wide layers) run on the calling thread. Waking a pool
+// thread costs a few microseconds on an idle machine, but between torch operations its
+// core is often still held by torch's OpenMP threads, and then the wake-up costs more
+// than the work (measured: 576 x 576 at 1 row, 0.18 ms with two threads).
+constexpr int64_t kGemvWeightsPerTask = kernels::kGemvWeightsPerTask;
 
 // Rows of W per task: one even share per thread, or fewer tasks when the product is small.
 int64_t gemv_grain(int64_t out, int64_t in) {
