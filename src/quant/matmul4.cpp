@@ -35,11 +35,12 @@ constexpr int64_t kPanelDepth = 256;
 // Transposed product: kStripCols columns of W per panel, kStripDepth rows deep.
 constexpr int64_t kStripCols = 128;
 constexpr int64_t kStripDepth = 256;
-// At least this many weights per thread in the GEMV (30-50 us of work on one core):
-// smaller products (SmolLM2's 576-wide layers) run on the calling thread. Waking a pool
+// At least this many weights per thread in the GEMV (15-25 us of work on one core):
+// smaller products (SmolLM2's 576 x 576 layers) run on the calling thread. Waking a pool
 // thread costs a few microseconds on an idle machine, but between torch operations its
 // core is often still held by torch's OpenMP threads, and then the wake-up costs more
-// than the work (measured: 576 x 576 at 1 row, 0.18 ms with two threads).
+// than the work (576 x 576 at 1 row in bench_matmul4 on a busy 2-core machine: 0.18 ms
+// with two threads, 0.05 ms on the calling thread).
 constexpr int64_t kGemvWeightsPerTask = kernels::kGemvWeightsPerTask;
 
 // Rows of W per task: one even share per thread, or fewer tasks when the product is small.

@@ -50,7 +50,7 @@ struct Matmul4Ops {
 
 // The decode GEMVs split W's rows over threads only with at least this many weights per
 // thread (matmul4.cpp says why).
-inline constexpr int64_t kGemvWeightsPerTask = int64_t(1) << 19;
+inline constexpr int64_t kGemvWeightsPerTask = int64_t(1) << 18;
 
 // Width of the b panels of Matmul4Ops::gemm_panels (a multiple of every ISA's register tile).
 inline constexpr int64_t kGemmPanel = 32;
