@@ -176,6 +176,26 @@ void bind(py::module_& m) {
       py::arg("transposed") = false, py::arg("backend") = "auto",
       "Which kernel family such a matmul_4bit call runs here (e.g. 'avx512-amx').");
   m.def(
+      "matmul_4bit_pointers",
+      [](uintptr_t x, const std::string& dtype_name, int64_t rows, const py::buffer& packed, const py::buffer& absmax,
+         const std::string& quant_type, int64_t blocksize, int64_t out_features, int64_t in_features, uintptr_t y,
+         bool transposed) {
+        const char* fn = transposed ? "matmul_4bit_transposed" : "matmul_4bit";
+        const Format dtype = parse_kernel_float(fn, dtype_name);
+        const Quant4Matrix w = matrix_view(fn, packed, absmax, quant_type, blocksize, out_features, in_features);
+        py::gil_scoped_release release;
+        if (transposed)
+          matmul_4bit_transposed(reinterpret_cast<const void*>(x), dtype, rows, w, reinterpret_cast<void*>(y),
+                                 Backend::automatic);
+        else
+          matmul_4bit(reinterpret_cast<const void*>(x), dtype, rows, w, nullptr, reinterpret_cast<void*>(y),
+                      Backend::automatic);
+      },
+      py::arg("x"), py::arg("dtype"), py::arg("rows"), py::arg("packed"), py::arg("absmax"), py::arg("quant_type"),
+      py::arg("blocksize"), py::arg("out_features"), py::arg("in_features"), py::arg("y"), py::arg("transposed"),
+      "The CPU 4-bit matmul on host pointers (data_ptr() of contiguous CPU tensors the caller has checked: "
+      "rows x [in or out] values of dtype each), backend auto; the codes and absmax are checked here.");
+  m.def(
       "matmul_4bit_device",
       [](uintptr_t x, const std::string& dtype_name, int64_t rows, uintptr_t packed, uintptr_t absmax,
          const std::string& quant_type, int64_t blocksize, int64_t out_features, int64_t in_features, uintptr_t bias,

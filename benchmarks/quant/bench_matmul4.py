@@ -1,6 +1,9 @@
 """4-bit matmul y = x W^T: halo.matmul_4bit against every CPU baseline on this machine,
 measured in one run, interleaved (A, B, C, A, B, C, ...), min and median of several repeats.
 
+halo runs on the best backend here ("halo") and, where that is not already avx2, also
+forced onto the AVX2 kernels ("halo-avx2": what an AVX2-only CPU such as AMD Zen 1-3 runs).
+
 Baselines (same shapes, NF4 blocksize 64 with double quantization for the 4-bit ones):
   copy        a torch copy of the bytes halo reads (codes + float32 absmax): the memory bound
   bnb-eval    bitsandbytes Linear4bit in eval mode (its inference path)
@@ -15,6 +18,7 @@ reads them from DRAM rather than cache. Ratios are baseline time / halo time (> 
 faster), from the minima and from the medians.
 
     python benchmarks/quant/bench_matmul4.py [--quick] [--llama] [--reps N] [--pool MIB]
+        [--shapes 4096x4096,576x576] [--rows 1,8]
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ try:
 except ImportError:
     bnb = None
 
-SHAPES = [(4096, 4096), (11008, 4096), (576, 576), (1536, 576)]
+SHAPES = [(4096, 4096), (11008, 4096), (576, 576), (1536, 576), (576, 1536)]
 ROWS = [1, 8, 128, 512]
 DTYPES = [torch.bfloat16, torch.float32]
 GROUP = 64
@@ -97,6 +101,8 @@ def make_pools(out_features, in_features, dtype, pool_mib, rows):
 
     halo_items = [copy_qt() for _ in range(count)]
     pools.append(Pool("halo", halo_items, lambda x, q: halo.matmul_4bit(x, q)))
+    if halo.resolve_backend() != "avx2" and "avx2" in halo.backends():
+        pools.append(Pool("halo-avx2", halo_items, lambda x, q: halo.matmul_4bit(x, q, backend="avx2")))
 
     source = torch.from_numpy(
         np.concatenate(
@@ -190,13 +196,58 @@ def fmt_ms(values):
     return f"{min(values) * 1e3:8.3f} {statistics.median(values) * 1e3:8.3f}"
 
 
+CPU_FLAGS = [
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512dq",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx_vnni",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+]
+
+
+def cpu_summary() -> str:
+    """The CPU's model and which of the flags the kernels care about it has (Linux)."""
+    model, flags = "unknown CPU", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    have = [f for f in CPU_FLAGS if f in flags]
+    missing = [f for f in CPU_FLAGS if f not in flags]
+    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    return (
+        f"CPU {model}, {os.cpu_count()} logical CPUs; load average {load}\n"
+        f"flags: {' '.join(have) or '-'}; absent: {' '.join(missing) or '-'}"
+    )
+
+
 def main_matmul(args):
     shapes = SHAPES[:1] + SHAPES[2:3] if args.quick else SHAPES
     rows_list = [1, 8, 128] if args.quick else ROWS
+    if args.shapes:
+        shapes = [tuple(int(d) for d in item.split("x")) for item in args.shapes.split(",")]
+    if args.rows:
+        rows_list = [int(r) for r in args.rows.split(",")]
     print(
         f"halo {halo._core.backend.num_threads()} threads, backend {halo.resolve_backend()}; torch {torch.__version__}"
         f" with {torch.get_num_threads()} threads; bitsandbytes {getattr(bnb, '__version__', 'absent')}"
     )
+    print(cpu_summary())
     print("times in ms as 'min median'; ratio = baseline / halo (min, median); > 1 means halo is faster")
     for out_features, in_features in shapes:
         for dtype in DTYPES:
@@ -221,9 +272,9 @@ def main_matmul(args):
                     ratio_med = statistics.median(t) / statistics.median(halo_t)
                     gbs = nbytes / min(t) / 1e9
                     extra = ""
-                    if pool.name == "halo":
+                    if pool.name.startswith("halo"):
                         copy = min(times["copy"])
-                        extra = f"  ({100 * copy / min(halo_t):.0f} % of the copy bound)"
+                        extra = f"  ({100 * copy / min(t):.0f} % of the copy bound)"
                     print(
                         f"  {pool.name:<11} {fmt_ms(t)} {ratio_min:9.2f} {ratio_med:9.2f} {gbs:7.1f}{extra}"
                     )
@@ -358,6 +409,8 @@ def main() -> int:
     parser.add_argument("--llama-only", action="store_true")
     parser.add_argument("--llama-layers", type=int, default=4)
     parser.add_argument("--reps", type=int, default=9)
+    parser.add_argument("--shapes", help="OUTxIN[,OUTxIN...] instead of the default shapes")
+    parser.add_argument("--rows", help="R[,R...] instead of the default row counts")
     parser.add_argument("--pool", type=int, default=400, help="MiB of weight copies per implementation")
     args = parser.parse_args()
     if args.quick:

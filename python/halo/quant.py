@@ -97,10 +97,18 @@ class QuantizedTensor:
 
     def _kernel_arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """(flat packed codes, contiguous float32 absmax) as the kernels take them (cached)."""
-        key = (self.packed, self.absmax, self.nested_absmax, self.nested_offset, self.nested_blocksize)
         cached = self.__dict__.get("_kernel_cache")
-        if cached is not None and _same_key(cached[0], key):
-            return cached[1]
+        if cached is not None:  # the hot path of every matmul: identity checks only
+            k = cached[0]
+            if (
+                k[0] is self.packed
+                and k[1] is self.absmax
+                and k[2] is self.nested_absmax
+                and k[3] == self.nested_offset
+                and k[4] == self.nested_blocksize
+            ):
+                return cached[1]
+        key = (self.packed, self.absmax, self.nested_absmax, self.nested_offset, self.nested_blocksize)
         arrays = (
             np.ascontiguousarray(self.packed).reshape(-1),
             np.ascontiguousarray(self.block_absmax(), dtype=np.float32),
@@ -409,7 +417,59 @@ def matmul_4bit_transposed(x: Any, qt: QuantizedTensor, out: Any = None, backend
     return _matmul("matmul_4bit_transposed", x, qt, None, out, backend, transposed=True)
 
 
+_TORCH_FLOATS: dict[Any, str] = {}
+
+
+def _matmul_torch_cpu(x: Any, qt: QuantizedTensor, transposed: bool) -> Any:
+    """The call a decode loop makes (a contiguous CPU torch tensor, no bias, no out, backend
+    auto) with only the checks it needs: a few microseconds where the general path takes
+    tens, which small layers at one row would pay on every call. Anything else returns None
+    and goes the general way, which checks everything and names what is wrong."""
+    torch = sys.modules.get("torch")
+    if (
+        torch is None or type(x) is not torch.Tensor
+    ):  # subclasses (Parameter, fake tensors) go the general way
+        return None
+    if not _TORCH_FLOATS:
+        _TORCH_FLOATS.update({torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"})
+    entry = _TORCH_FLOATS.get(x.dtype)
+    shape = qt.shape
+    if (
+        entry is None
+        or len(shape) != 2
+        or x.dim() == 0
+        or x.device.type != "cpu"
+        or x.layout != torch.strided
+        or not x.is_contiguous()
+    ):
+        return None
+    out_features, in_features = int(shape[0]), int(shape[1])
+    x_cols, y_cols = (out_features, in_features) if transposed else (in_features, out_features)
+    if x.shape[-1] != x_cols:
+        return None
+    packed, absmax = qt._kernel_arrays()
+    y = torch.empty((*x.shape[:-1], y_cols), dtype=x.dtype)
+    _core.quant.matmul_4bit_pointers(
+        x.data_ptr(),
+        entry,
+        x.numel() // x_cols,
+        packed,
+        absmax,
+        qt.quant_type,
+        qt.blocksize,
+        out_features,
+        in_features,
+        y.data_ptr(),
+        transposed,
+    )
+    return y
+
+
 def _matmul(fn: str, x: Any, qt: Any, bias: Any, out: Any, backend: str, transposed: bool) -> Any:
+    if out is None and bias is None and backend == "auto" and type(qt) is QuantizedTensor:
+        y = _matmul_torch_cpu(x, qt, transposed)
+        if y is not None:
+            return y
     if not isinstance(qt, QuantizedTensor):
         raise TypeError(f"[{fn}] W must be a QuantizedTensor, got {type(qt).__name__}")
     if len(qt.shape) != 2:

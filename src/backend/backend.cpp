@@ -34,7 +34,10 @@ std::string backend_unavailable_reason(Backend backend) {
   switch (backend) {
     case Backend::automatic:
     case Backend::scalar: return "";
-    case Backend::avx2: return cpu.avx2 && __builtin_cpu_supports("f16c") ? "" : "this CPU lacks AVX2/F16C";
+    case Backend::avx2:
+      return cpu.avx2 && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")
+                 ? ""
+                 : "this CPU lacks AVX2/FMA/F16C";
     case Backend::avx512: return cpu.avx512bw && cpu.avx512dq && __builtin_cpu_supports("avx512vl") ? "" : "this CPU lacks AVX-512 (F, BW, DQ, VL)";
     case Backend::cuda: return cuda::unavailable_reason();
   }

@@ -106,7 +106,10 @@ int num_threads() {
     int value = std::atoi(env);
     if (value >= 1) return value;
   }
-  return std::max(1u, std::thread::hardware_concurrency());
+  // Counted once: glibc reads /sys/devices/system/cpu/online on every call (a few
+  // microseconds, several times per small matmul).
+  static const int cores = int(std::max(1u, std::thread::hardware_concurrency()));
+  return cores;
 }
 
 void parallel_for(int64_t count, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {

@@ -35,9 +35,13 @@ constexpr int64_t kPanelDepth = 256;
 // Transposed product: kStripCols columns of W per panel, kStripDepth rows deep.
 constexpr int64_t kStripCols = 128;
 constexpr int64_t kStripDepth = 256;
-// At least this many weights per thread in the GEMV (about 10 us of work): smaller
-// products run on the calling thread, as waking a pool thread costs more.
-constexpr int64_t kGemvWeightsPerTask = 1 << 17;
+// At least this many weights per thread in the GEMV (15-25 us of work on one core):
+// smaller products (SmolLM2's 576 x 576 layers) run on the calling thread. Waking a pool
+// thread costs a few microseconds on an idle machine, but between torch operations its
+// core is often still held by torch's OpenMP threads, and then the wake-up costs more
+// than the work (576 x 576 at 1 row in bench_matmul4 on a busy 2-core machine: 0.18 ms
+// with two threads, 0.05 ms on the calling thread).
+constexpr int64_t kGemvWeightsPerTask = kernels::kGemvWeightsPerTask;
 
 // Rows of W per task: one even share per thread, or fewer tasks when the product is small.
 int64_t gemv_grain(int64_t out, int64_t in) {
@@ -107,7 +111,7 @@ void forward_gemv(const Matmul4Ops& ops, const Job& job, const float* x32, float
   for (int64_t r0 = 0; r0 < job.rows; r0 += ops.gemv_max_rows) {
     const int64_t rows = std::min<int64_t>(ops.gemv_max_rows, job.rows - r0);
     panel.resize(size_t(rows * in));
-    ops.gemv_pack(x32 + r0 * in, rows, in, panel.data());
+    ops.gemv_pack(x32 + r0 * in, rows, in, panel.data(), job.w.precision);
     parallel_for(out, gemv_grain(out, in),
                  [&](int64_t o0, int64_t o1) { ops.gemv(job.w, panel.data(), rows, o0, o1, y32 + r0 * out, out); });
   }

@@ -58,6 +58,12 @@ struct Isa {
   static Table table(const float* code, float absmax) {
     return {round_to<P>(_mm512_mul_ps(_mm512_loadu_ps(code), _mm512_set1_ps(absmax)))};
   }
+  template <Format P>
+  using GemvTable = Table;
+  template <Format P>
+  static Table gemv_table(const float* code, float absmax) {
+    return table<P>(code, absmax);
+  }
   static Table table(const float* code, float absmax, Format precision) {
     if (precision == Format::bf16) return table<Format::bf16>(code, absmax);
     if (precision == Format::f16) return table<Format::f16>(code, absmax);
@@ -67,12 +73,13 @@ struct Isa {
   // Chunk layout: lanes 0-7 read the low nibble, lanes 8-15 the high nibble, of byte
   // 4 * (l % 8) + v; the high nibble holds the even element.
   static constexpr int kChunkVecs = 4;
+  template <Format P>
   static constexpr int lane_element(int v, int l) { return l < 8 ? 8 * l + 2 * v + 1 : 8 * (l - 8) + 2 * v; }
   using Chunk = __m512i;
   static Chunk load_chunk(const uint8_t* bytes) {
     return _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes)));
   }
-  template <int Vec>
+  template <int Vec, Format P>
   static V decode(const Chunk& chunk, const Table& table) {
     const __m512i shift = _mm512_setr_epi32(8 * Vec, 8 * Vec, 8 * Vec, 8 * Vec, 8 * Vec, 8 * Vec, 8 * Vec, 8 * Vec,
                                             8 * Vec + 4, 8 * Vec + 4, 8 * Vec + 4, 8 * Vec + 4, 8 * Vec + 4,
@@ -92,7 +99,7 @@ struct Isa {
   }
 
   // Independent accumulators per row, so few rows do not wait on FMA latency.
-  static constexpr int chains(int rows) { return rows <= 2 ? 4 : rows <= 8 ? 2 : 1; }
+  static constexpr int chains(int rows, int group) { return group > 1 ? 1 : rows <= 2 ? 4 : rows <= 8 ? 2 : 1; }
   static constexpr int group(int rows) { return rows <= 4 ? 4 : rows <= 8 ? 2 : 1; }
   static constexpr int kGemvMaxRows = 8;  // 9..16 rows: two passes (x of 16 rows would stream from L2)
   static constexpr int kGemmRows = 12;

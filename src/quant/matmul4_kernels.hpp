@@ -31,8 +31,9 @@ using Gemm = void (*)(const float* a, int64_t lda, const float* b, int64_t ldb, 
 struct Matmul4Ops {
   // Fused decode GEMV (y = x Wᵀ for a few rows). Usable when in % 64 == 0 and blocksize >= 64.
   int gemv_max_rows;  // rows per pass
-  // x32 [rows, in] float32 -> panel [in/64][rows][64] in the lane order the GEMV decodes nibbles in.
-  void (*gemv_pack)(const float* x32, int64_t rows, int64_t in, float* panel);
+  // x32 [rows, in] float32 -> panel [in/64][rows][64] in the lane order the GEMV decodes nibbles in
+  // (which may depend on the weight precision).
+  void (*gemv_pack)(const float* x32, int64_t rows, int64_t in, float* panel, Format precision);
   // y[r * ldy + o] = sum_k x[r, k] W[o, k] for o in [o_begin, o_end), r < rows.
   void (*gemv)(const Matmul4Weight& w, const float* panel, int64_t rows, int64_t o_begin, int64_t o_end, float* y,
                int64_t ldy);
@@ -46,6 +47,10 @@ struct Matmul4Ops {
   // Register tile of `gemm`: rows of a, columns of b (multiples of these run without tails).
   int gemm_rows, gemm_cols;
 };
+
+// The decode GEMVs split W's rows over threads only with at least this many weights per
+// thread (matmul4.cpp says why).
+inline constexpr int64_t kGemvWeightsPerTask = int64_t(1) << 18;
 
 // Width of the b panels of Matmul4Ops::gemm_panels (a multiple of every ISA's register tile).
 inline constexpr int64_t kGemmPanel = 32;

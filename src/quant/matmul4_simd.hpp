@@ -5,15 +5,15 @@
 // matmul4_avx512.cpp) after it defines `Isa` with:
 //   W, V                          float lanes per vector, the vector type
 //   zero, load, load_n, store_n, set1, fma (a*b + c), add, sum
-//   Table, table<precision>(code, absmax)     one block's 16 weights, rounded to precision
-//   (table(code, absmax, precision) the same with a run-time precision)
-//   kChunkVecs = 64 / W, Chunk, load_chunk(32 bytes), decode<v>(chunk, table)
+//   Table, table(code, absmax, precision)     one block's 16 weights, rounded to precision
+//   GemvTable<P>, gemv_table<P>(code, absmax) the same as the GEMV's decode reads it
+//   kChunkVecs = 64 / W, Chunk, load_chunk(32 bytes), decode<v, P>(chunk, gemv table)
 //                                  vector v of a 64-element chunk, lane l holding
-//                                  element lane_element(v, l) (an order that needs
-//                                  no shuffles; x is permuted to match once per call)
+//                                  element lane_element<P>(v, l) (an order that needs
+//                                  few shuffles; x is permuted to match once per call)
 //   decode32(16 bytes, table, out) 32 elements in natural order (for GEMM panels)
 //   group(rows)                    rows of W decoded together in the GEMV (x loads shared)
-//   chains(rows)                   independent accumulators per row when one W row at a time
+//   chains(rows, group)            independent accumulators per row and W row
 //   kGemvMaxRows, kGemmRows, kGemmVecs
 // Everything here has internal linkage: nothing is shared with plain code.
 #pragma once
@@ -33,44 +33,53 @@ inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 // ---- fused GEMV --------------------------------------------------------------------------------
 
-void gemv_pack(const float* x32, int64_t rows, int64_t in, float* panel) {
+template <Format P>
+void gemv_pack_at(const float* x32, int64_t rows, int64_t in, float* panel) {
   const int64_t chunks = in / 64;
   for (int64_t c = 0; c < chunks; ++c)
     for (int64_t r = 0; r < rows; ++r) {
       const float* src = x32 + r * in + c * 64;
       float* dst = panel + (c * rows + r) * 64;
       for (int v = 0; v < Isa::kChunkVecs; ++v)
-        for (int l = 0; l < kW; ++l) dst[v * kW + l] = src[Isa::lane_element(v, l)];
+        for (int l = 0; l < kW; ++l) dst[v * kW + l] = src[Isa::template lane_element<P>(v, l)];
     }
+}
+
+void gemv_pack(const float* x32, int64_t rows, int64_t in, float* panel, Format precision) {
+  switch (precision) {
+    case Format::bf16: return gemv_pack_at<Format::bf16>(x32, rows, in, panel);
+    case Format::f16: return gemv_pack_at<Format::f16>(x32, rows, in, panel);
+    default: return gemv_pack_at<Format::f32>(x32, rows, in, panel);
+  }
 }
 
 // One k-chunk of G rows of W against R rows of x: each vector of x is loaded once and
 // used for all G weight rows, each decoded weight vector for all R rows of x.
-template <int R, int G, int C, int Vec>
-inline void gemv_step(const typename Isa::Chunk (&chunk)[G], const typename Isa::Table (&table)[G], const float* xp,
-                      V (&acc)[G][R][C]) {
+template <int R, int G, int C, Format P, int Vec>
+inline void gemv_step(const typename Isa::Chunk (&chunk)[G], const typename Isa::template GemvTable<P> (&table)[G],
+                      const float* xp, V (&acc)[G][R][C]) {
   V xv[R];
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) xv[r] = Isa::load(xp + r * 64 + Vec * kW);
 #pragma GCC unroll 4
   for (int g = 0; g < G; ++g) {
-    const V weights = Isa::template decode<Vec>(chunk[g], table[g]);
+    const V weights = Isa::template decode<Vec, P>(chunk[g], table[g]);
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) acc[g][r][Vec % C] = Isa::fma(weights, xv[r], acc[g][r][Vec % C]);
   }
 }
 
-template <int R, int G, int C, int... Vecs>
-inline void gemv_chunk(const typename Isa::Chunk (&chunk)[G], const typename Isa::Table (&table)[G], const float* xp,
-                       V (&acc)[G][R][C], std::integer_sequence<int, Vecs...>) {
-  (gemv_step<R, G, C, Vecs>(chunk, table, xp, acc), ...);
+template <int R, int G, int C, Format P, int... Vecs>
+inline void gemv_chunk(const typename Isa::Chunk (&chunk)[G], const typename Isa::template GemvTable<P> (&table)[G],
+                       const float* xp, V (&acc)[G][R][C], std::integer_sequence<int, Vecs...>) {
+  (gemv_step<R, G, C, P, Vecs>(chunk, table, xp, acc), ...);
 }
 
 // Rows [o, o + G) of W against R rows of x: the weight bytes stream through once, each
 // 64-element chunk decoded in registers; y[r * ldy + o + g] gets the sums.
 template <int R, int G, Format P>
 void gemv_block(const Matmul4Weight& w, const float* panel, int64_t o, float* y, int64_t ldy) {
-  constexpr int C = G == 1 ? Isa::chains(R) : 1;
+  constexpr int C = Isa::chains(R, G);
   const int64_t chunks = w.in / 64;
   const int64_t block_mask = w.blocksize - 1;
   V acc[G][R][C];
@@ -83,20 +92,21 @@ void gemv_block(const Matmul4Weight& w, const float* panel, int64_t o, float* y,
   const uint8_t* bytes = w.packed + o * (w.in / 2);
   const int64_t row_bytes = w.in / 2;
   int64_t flat = o * w.in;
-  typename Isa::Table table[G];
+  typename Isa::template GemvTable<P> table[G];
 #pragma GCC unroll 4
-  for (int g = 0; g < G; ++g) table[g] = Isa::template table<P>(w.code, w.absmax[(flat + g * w.in) >> w.block_shift]);
+  for (int g = 0; g < G; ++g)
+    table[g] = Isa::template gemv_table<P>(w.code, w.absmax[(flat + g * w.in) >> w.block_shift]);
   for (int64_t c = 0; c < chunks; ++c, flat += 64) {
     typename Isa::Chunk chunk[G];
 #pragma GCC unroll 4
     for (int g = 0; g < G; ++g) {
       const int64_t start = flat + g * w.in;
       if (c != 0 && (start & block_mask) == 0)
-        table[g] = Isa::template table<P>(w.code, w.absmax[start >> w.block_shift]);
+        table[g] = Isa::template gemv_table<P>(w.code, w.absmax[start >> w.block_shift]);
       Isa::prefetch(bytes + g * row_bytes + c * 32);
       chunk[g] = Isa::load_chunk(bytes + g * row_bytes + c * 32);
     }
-    gemv_chunk<R, G, C>(chunk, table, panel + c * R * 64, acc, std::make_integer_sequence<int, Isa::kChunkVecs>());
+    gemv_chunk<R, G, C, P>(chunk, table, panel + c * R * 64, acc, std::make_integer_sequence<int, Isa::kChunkVecs>());
   }
 #pragma GCC unroll 4
   for (int g = 0; g < G; ++g)

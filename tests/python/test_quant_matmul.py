@@ -120,6 +120,32 @@ def test_any_leading_shape_and_layout():
     assert halo.matmul_4bit(torch.randn(0, 64), qt).shape == (0, 24)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_torch_fast_path_equals_the_general_path(dtype):
+    """A contiguous CPU tensor with no bias, out or backend takes a shorter route (fewer checks,
+    host pointers); with out= the same call goes the general way. Both must agree bit for bit
+    on every leading shape, on views that start inside their storage, and with grad."""
+    qt = quantized(40, 128, seed=9)
+    gen = torch.Generator().manual_seed(2)
+    big = torch.randn(6, 128, generator=gen).to(dtype)
+    cases = [big[0], big[:1], big[2:5], big.reshape(2, 3, 128), big[:0], big[1:4].clone().requires_grad_()]
+    for x in cases:
+        for transposed, qx in ((False, x), (True, torch.randn(*x.shape[:-1], 40, generator=gen).to(dtype))):
+            op = halo.matmul_4bit_transposed if transposed else halo.matmul_4bit
+            fast = op(qx, qt)
+            general = torch.empty_like(fast)
+            op(qx, qt, out=general)
+            assert fast.shape == general.shape and fast.dtype == dtype and not fast.requires_grad
+            assert torch.equal(
+                fast.view(torch.int16 if dtype != torch.float32 else torch.int32),
+                general.view(torch.int16 if dtype != torch.float32 else torch.int32),
+            )
+            if qx.numel():
+                assert_close(fast, qx.detach(), qt, transposed=transposed)
+    with pytest.raises(ValueError, match="matmul_4bit"):
+        halo.matmul_4bit(torch.randn(2, 127).to(dtype), qt)  # a wrong width still gets the general error
+
+
 def test_numpy_in_numpy_out():
     qt = quantized(24, 64, seed=6, kind="numpy")
     x = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)

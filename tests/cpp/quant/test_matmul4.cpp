@@ -6,6 +6,7 @@
 //
 // Tolerance: |y - ref| <= 2e-5 * sum_k |x_k w_k| + half an ulp of the output dtype
 // at |ref| (float32 summation in any order, then one rounding to the output).
+#include <bit>
 #include <catch2/catch.hpp>
 
 #include <cmath>
@@ -247,6 +248,39 @@ TEST_CASE("matmul_4bit: NaN and Inf in x poison exactly the rows that hold them"
                         std::string("NaN/Inf ") + std::string(format_name(dtype)) + " on " + v.name() + " (" +
                             matmul_4bit_variant(dtype, rows, w.view, transposed, v.backend) + ")");
         }
+      }
+    }
+  }
+}
+
+TEST_CASE("matmul_4bit: NaN and Inf in absmax poison exactly the outputs of their blocks", "[matmul4]") {
+  // The GEMV kernels build each block's weight table on a fast path for finite absmax
+  // (the AVX2 bfloat16 tables skip the NaN check there): a non-finite block must still
+  // give what the dequantized weights give.
+  Weight w = make_weight(19, 256, Format::nf4, 64, false, 13);
+  std::vector<float> absmax(w.view.absmax, w.view.absmax + 19 * 256 / 64);
+  absmax[1] = std::bit_cast<float>(0x7fffffffu);  // row 0: a NaN whose rounding to bfloat16 carries
+  absmax[14] = std::numeric_limits<float>::quiet_NaN();  // row 3
+  absmax[9] = std::numeric_limits<float>::infinity();   // row 2
+  absmax[22] = -std::numeric_limits<float>::infinity();  // row 5
+  w.view.absmax = absmax.data();
+  for (Format dtype : {Format::f32, Format::f16, Format::bf16}) {
+    const std::vector<double> weight = reference_weight(w, dtype);
+    for (int64_t rows : {1, 2, 5, 20}) {
+      std::mt19937 rng(static_cast<uint32_t>(rows));
+      std::normal_distribution<float> normal;
+      std::vector<float> source(static_cast<size_t>(rows * 256));
+      for (float& v : source) v = normal(rng);
+      const Array x = make_array(source, dtype);
+      for (const Variant& v : variants()) {
+        const Environment env(v);
+        std::vector<float> y_f32(static_cast<size_t>(rows * 19));
+        std::vector<uint16_t> y_bits(static_cast<size_t>(rows * 19));
+        void* y = dtype == Format::f32 ? static_cast<void*>(y_f32.data()) : y_bits.data();
+        matmul_4bit(x.data(), dtype, rows, w.view, nullptr, y, v.backend);
+        check_product(x, weight, w.view, false, rows, nullptr, y_bits, y_f32,
+                      std::string("absmax NaN/Inf ") + std::string(format_name(dtype)) + " on " + v.name() + " (" +
+                          matmul_4bit_variant(dtype, rows, w.view, false, v.backend) + ")");
       }
     }
   }
