@@ -6,8 +6,8 @@ with halo in place of bitsandbytes, then a streaming merge with `halo merge`.
     accelerate launch --num_processes 2 examples/qlora_finetune.py ...   # or torchrun: DDP on CPUs/GPUs
 
 What changes against a bitsandbytes script is two lines: ``quantization_config=
-halo.hf.HaloConfig.from_bnb(bnb_settings)`` (or ``HaloConfig(...)``) and
-``halo.hf.register_lora(lora_config)``; the optimizer comes from ``halo.optim``.
+halo.hf.HaloConfig.from_bnb(bnb_settings)`` (or ``HaloConfig(...)``) and the optimizer, from
+``halo.optim``; the plain ``peft.LoraConfig`` stays.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """One QLoRA training step of a layer (forward + backward, r = 16, dropout 0.05) on a 4-bit
-NF4 double-quant base on the CPU: PEFT's LoRA layer on halo (halo.hf.LoraLinear4bit over
-halo.nn.Linear4bit, i.e. torch.ops.halo.lora_linear, the op a model loaded with HaloConfig
-trains through) against PEFT's LoRA layer on bitsandbytes' Linear4bit (train mode, what
+NF4 double-quant base on the CPU: PEFT's LoRA on halo (halo.hf.PeftLinear4bit, the layer a
+model loaded with HaloConfig holds, given an adapter by a plain LoraConfig; its forward is
+torch.ops.halo.lora_linear) against PEFT's LoRA layer on bitsandbytes' Linear4bit (train mode, what
 QLoRA training runs), same weights, adapter and input, measured in one run, interleaved
 (PEFT, halo, PEFT, halo, ...), min and median of the repeats.
 Gradients: x, lora_A, lora_B (the base is frozen). The compute dtype is x's dtype
@@ -26,6 +26,7 @@ import bitsandbytes as bnb  # noqa: E402 - after the warning filters: its import
 import halo  # noqa: E402
 import halo.hf  # noqa: E402
 import halo.nn  # noqa: E402
+import halo.peft_layers  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 
 # (out, in, tokens): a 4096 x 4096 projection at three batch x sequence sizes, and the two
@@ -62,11 +63,10 @@ def run_case(out_features, in_features, tokens, dtype, rank, reps):
     # halo: the same bytes in halo.nn.Linear4bit, PEFT's LoRA on it, the same adapter
     ours_base = halo.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=dtype)
     ours_base.load_state_dict(base.state_dict())
-    ours_config = halo.hf.register_lora(
-        LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.05, target_modules=["proj"])
-    )
-    ours = get_peft_model(_OneLayer(ours_base), ours_config).base_model.model.proj
-    assert type(ours).__name__ == "LoraLinear4bit"
+    ours_model = halo.peft_layers.add_lora_layers(_OneLayer(ours_base))  # as HaloConfig loads a model
+    ours_config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.05, target_modules=["proj"])
+    ours = get_peft_model(ours_model, ours_config).base_model.model.proj
+    assert type(ours).__name__ == "PeftLinear4bit"
     with torch.no_grad():
         ours.lora_A["default"].weight.copy_(layer.lora_A["default"].weight)
         ours.lora_B["default"].weight.copy_(layer.lora_B["default"].weight)

@@ -307,7 +307,7 @@ def halo_quantize_model(
 # bitsandbytes checkpoints without bitsandbytes. Imported on first use so that importing halo
 # does not import torch or transformers.
 _DROP_IN = ("HaloConfig", "HaloHfQuantizer", "auto_compute_dtype", "load_bnb_checkpoint", "quantize_model")
-_PEFT = ("LoraLinear4bit", "register_lora")
+_PEFT = ("LoraLinear4bit", "PeftLinear4bit", "register_lora")
 
 
 def __getattr__(name: str):

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -97,6 +98,17 @@ def _should_convert(name: str, skip: Sequence[str]) -> bool:
     return should_convert_module(name, list(skip))
 
 
+def _lora_ready(model: nn.Module) -> nn.Module:
+    """Where PEFT is installed, every Linear4bit becomes a :class:`halo.peft_layers.PeftLinear4bit`
+    in place (a PEFT LoRA layer with no adapter yet; same names and state-dict keys), so that a
+    plain ``peft.LoraConfig`` gives halo's fused layer, as it gives bitsandbytes' on its model."""
+    if importlib.util.find_spec("peft") is None:
+        return model
+    from .peft_layers import add_lora_layers
+
+    return add_lora_layers(model)
+
+
 def _replace_linears(
     model: nn.Module, config: HaloConfig, skip: Sequence[str], on_meta: bool, pre_quantized: bool = False
 ) -> int:
@@ -156,6 +168,7 @@ def quantize_model(
         raise ValueError(
             f"[{fn}] the model has no nn.Linear layers outside skip_modules={list(skip_modules)}"
         )
+    _lora_ready(model)
     if hasattr(model, "config"):
         model.config.quantization_config = config
         model.is_quantized = True
@@ -358,7 +371,7 @@ class HaloHfQuantizer(_HfQuantizer):
         if missing:
             raise ValueError(f"[HaloConfig] these layers got no weight from the checkpoint: {missing[:5]}")
         model.is_loaded_in_4bit = True
-        return model
+        return _lora_ready(model)
 
     def is_serializable(self) -> bool:
         return True

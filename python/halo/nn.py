@@ -232,19 +232,24 @@ class Linear4bit(nn.Module):
         self.original_dtype = original_dtype
         self._quantized = True
 
+    def _weight_holder(self) -> nn.Module:
+        """The module whose parameters hold ``weight`` (a subclass may keep it in a child)."""
+        return self
+
     def _apply(self, fn, recurse=True):
         # Device moves (.to, .cuda, .cpu) apply to the quantization statistics too; dtype casts
         # (.half(), .to(torch.bfloat16)) must not touch them (they are float32 / uint8 by format),
         # nor the packed bytes when quant_storage stores them as a float dtype.
-        weight = self._parameters.get("weight")
+        holder = self._weight_holder()
+        weight = holder._parameters.get("weight")
         keep = self._quantized and weight is not None and weight.dtype != torch.uint8
         if keep:
-            del self._parameters["weight"]
+            del holder._parameters["weight"]
         try:
             super()._apply(fn, recurse)
         finally:
             if keep:
-                self._parameters["weight"] = weight
+                holder._parameters["weight"] = weight
         if keep:
             moved = fn(weight.detach())
             if moved.device != weight.device:
@@ -451,7 +456,13 @@ class Linear4bit(nn.Module):
                 *state_keys,
                 *(prefix + "weight." + s for s in _STATE_SUFFIXES),
             }
-            unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in known)
+            unexpected_keys.extend(  # a child's keys (a LoRA adapter's) are the child's to load
+                k
+                for k in state_dict
+                if k.startswith(prefix)
+                and k not in known
+                and k[len(prefix) :].split(".", 1)[0] not in self._modules
+            )
 
     @torch.no_grad()
     def _load_shard(self, sub: dict, prefix: str, error_msgs: list) -> None:

@@ -156,10 +156,6 @@ def load_model(
     use_checkpointing = bool(recipe["training"].get("gradient_checkpointing", False))
     model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=use_checkpointing)
     lora_config = peft.LoraConfig(**lora)
-    if system == "halo":
-        import halo.hf
-
-        halo.hf.register_lora(lora_config)
     if seed is not None:
         torch.manual_seed(seed)
     return peft.get_peft_model(model, lora_config), tokenizer

@@ -220,7 +220,7 @@ def _last_error(result: subprocess.CompletedProcess) -> str:
         (
             ["--fsdp1"],
             r"ValueError: \[check_fsdp1\] FSDP1 flattens each unit into one dtype, but 4-bit layer "
-            r"'base_model.model.model.layers.0.self_attn.q_proj.base_layer' and 13 more stores its packed "
+            r"'base_model.model.model.layers.0.self_attn.q_proj' and 13 more stores its packed "
             r"weight as uint8",
         ),
         # Rank 1 loaded without the quant_storage rank 0 uses.

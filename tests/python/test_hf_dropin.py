@@ -4,8 +4,8 @@
 ``prepare_model_for_kbit_training``, ``get_peft_model(LoraConfig)``, train with ``Trainer``,
 save the adapter, reload it with ``PeftModel.from_pretrained`` on a freshly loaded 4-bit
 base, ``merge_and_unload``). Only what a halo user changes is a parameter: the quantization
-config, the optimizer, and (see ``test_a_plain_lora_config_gives_halo_layers``) the one
-``halo.hf.register_lora`` call PEFT 0.22 still needs. The checks are on results: the loss
+config and the optimizer (``lora_config_hook`` is the identity, or the older
+``halo.hf.register_lora``, which must change nothing). The checks are on results: the loss
 falls, the reloaded adapter reproduces the trained model's logits, and the merged layers
 are what bitsandbytes gives for the re-quantized float merge.
 """
@@ -13,6 +13,7 @@ are what bitsandbytes gives for the re-quantized float merge.
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 
@@ -23,7 +24,7 @@ peft = pytest.importorskip("peft")
 import halo.hf  # noqa: E402
 import halo.nn as hnn  # noqa: E402
 from halo.optim import PagedAdamW8bit  # noqa: E402
-from halo.peft_layers import LoraLinear4bit  # noqa: E402
+from halo.peft_layers import LoraLinear4bit, PeftLinear4bit  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -83,7 +84,10 @@ def qlora_script(model_dir, work, quantization_config, make_optimizer, lora_conf
         model_dir, quantization_config=quantization_config, dtype=torch.float32
     )
     saved = lora_config_hook(peft.LoraConfig.from_pretrained(work / "adapter"))
-    reloaded = peft.PeftModel.from_pretrained(base, work / "adapter", config=saved)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        reloaded = peft.PeftModel.from_pretrained(base, work / "adapter", config=saved)
+    assert not [w for w in caught if "adapter keys" in str(w.message)]  # every adapter key loaded
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     return model, reloaded, losses
 
@@ -97,7 +101,16 @@ def halo_optimizer(lr):
 
 
 def _lora_layers(model) -> dict:
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLinear4bit)}
+    """halo's fused LoRA layers that hold an adapter."""
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, (LoraLinear4bit, PeftLinear4bit)) and len(m.lora_A) > 0
+    }
+
+
+def _plain(config):
+    return config
 
 
 def _logits(model, ids):
@@ -106,12 +119,14 @@ def _logits(model, ids):
         return model(input_ids=ids).logits.float()
 
 
-def run_and_check(model_dir, work, steps, seq, lr, min_drop, layers_expected, merge_every=1, reference=True):
+def run_and_check(
+    model_dir, work, steps, seq, lr, min_drop, layers_expected, merge_every=1, reference=True, hook=_plain
+):
     import bitsandbytes as bnb
 
     torch.manual_seed(0)  # the adapters' initial A (Trainer seeds only what follows it)
     model, reloaded, losses = qlora_script(
-        model_dir, work, halo_config(), halo_optimizer(lr), halo.hf.register_lora, steps, seq, lr
+        model_dir, work, halo_config(), halo_optimizer(lr), hook, steps, seq, lr
     )
     # halo's fused layer on every targeted projection, in training and after reloading
     assert len(_lora_layers(model)) == layers_expected
@@ -126,6 +141,11 @@ def run_and_check(model_dir, work, steps, seq, lr, min_drop, layers_expected, me
         3, min(model.config.vocab_size, 4000), (2, seq), generator=torch.Generator().manual_seed(9)
     )
     trained = _logits(model, ids)
+    # the saved adapter holds the adapter only (no base weight), under PEFT's usual names
+    from safetensors.torch import load_file
+
+    saved_keys = list(load_file(work / "adapter" / "adapter_model.safetensors"))
+    assert len(saved_keys) == 2 * layers_expected and all(".lora_" in k for k in saved_keys), saved_keys[:4]
     # the saved adapter on a freshly loaded 4-bit base: the same bytes, the same kernels
     torch.testing.assert_close(_logits(reloaded, ids), trained, rtol=0, atol=0)
     # the adapter did something (so the match above is not base == base)
@@ -146,8 +166,9 @@ def run_and_check(model_dir, work, steps, seq, lr, min_drop, layers_expected, me
     with pytest.warns(UserWarning, match="re-quantizes"):
         merged = reloaded.merge_and_unload()
     for name, (packed, state) in expected.items():
-        layer = merged.get_submodule(name)
-        assert isinstance(layer, hnn.Linear4bit) and not isinstance(layer, LoraLinear4bit)
+        # what stays is the 4-bit layer, without adapters (in a fresh PeftLinear4bit PEFT can extend)
+        layer = merged.get_submodule(name)  # the 4-bit layer, without adapters (PEFT can extend it again)
+        assert isinstance(layer, hnn.Linear4bit) and len(layer.lora_A) == 0 and not layer.merged
         assert torch.equal(layer.weight.reshape(-1), packed.reshape(-1)), name
         assert torch.equal(layer.weight_absmax, state.absmax), name
         torch.testing.assert_close(layer.weight_nested_absmax, state.state2.absmax, rtol=0, atol=0)
@@ -201,16 +222,56 @@ def test_bnb_qlora_script_runs_on_halo_smollm2(smollm2_dir, tmp_path):
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="PEFT 0.22 dispatches a LoRA layer for a new layer type only from the LoraConfig's "
-    "_custom_modules: nothing PEFT reads from the model picks halo's layer, so without "
-    "halo.hf.register_lora(config) get_peft_model refuses Linear4bit",
-)
-def test_a_plain_lora_config_gives_halo_layers(tiny_llama_dir):
+def test_register_lora_changes_nothing_on_a_halo_loaded_model(tiny_llama_dir, tmp_path):
+    """Scripts written for the older three-line drop-in (``register_lora`` on the config) run
+    the same, to the same losses as the plain config."""
+    config = transformers.AutoConfig.from_pretrained(tiny_llama_dir)
+    kwargs = dict(steps=6, seq=16, lr=1e-2, min_drop=0.0, layers_expected=7 * config.num_hidden_layers)
+    plain = run_and_check(tiny_llama_dir, tmp_path / "plain", reference=False, **kwargs)
+    registered = run_and_check(
+        tiny_llama_dir, tmp_path / "registered", reference=False, hook=halo.hf.register_lora, **kwargs
+    )
+    assert plain == registered
+
+
+def test_a_plain_lora_config_gives_halo_layers_with_plain_keys(tiny_llama_dir):
+    """No register_lora: PEFT extends the loaded layers in place (no ``base_layer.`` in the base
+    weights' keys, so the 4-bit checkpoint keys are bitsandbytes' own), and the forward is the
+    fused op's."""
     model = transformers.AutoModelForCausalLM.from_pretrained(
         tiny_llama_dir, quantization_config=halo_config()
     )
+    keys = set(model.state_dict())
     model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=TARGETS, task_type="CAUSAL_LM"))
-    assert len(_lora_layers(model)) == 14
+    layers = _lora_layers(model)
+    assert len(layers) == 14 and all(isinstance(m, PeftLinear4bit) for m in layers.values())
+    base_keys = {k.removeprefix("base_model.model.") for k in model.state_dict() if "lora_" not in k}
+    assert base_keys == keys
+    layer = next(iter(layers.values()))
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        layer(torch.randn(2, layer.in_features))
+    assert "halo::lora_linear" in {event.key for event in prof.key_averages()}
+
+
+def test_a_halo_layer_without_adapters_is_the_plain_layer(tiny_llama_dir):
+    """Before PEFT adds an adapter (and after ``unload``) the layer computes what Linear4bit does,
+    and the loaded model is frozen as PEFT would freeze it."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        tiny_llama_dir, quantization_config=halo_config()
+    )
+    assert not any(p.requires_grad for p in model.parameters())
+    name, layer = next((n, m) for n, m in model.named_modules() if isinstance(m, PeftLinear4bit))
+    x = torch.randn(3, layer.in_features)
+    with torch.no_grad():
+        expected = hnn.Linear4bit.forward(layer, x)
+        torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)
+    config = peft.LoraConfig(r=4, target_modules=TARGETS, init_lora_weights=False)
+    peft_model = peft.get_peft_model(model, config)
+    with torch.no_grad():
+        assert not torch.equal(layer(x), expected)  # the adapter (random B) now adds to it
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_" in n for n in trainable)
+    unloaded = peft_model.unload()
+    assert unloaded.get_submodule(name) is layer and len(layer.lora_A) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)
