@@ -38,6 +38,19 @@ def matmul_4bit(
     backend: str = "auto",
     out: npt.ArrayLike | None = None,
 ) -> npt.NDArray[np.generic]: ...
+def matmul_4bit_pointers(
+    x: int,
+    dtype: str,
+    rows: int,
+    packed: npt.ArrayLike,
+    absmax: npt.ArrayLike,
+    quant_type: str,
+    blocksize: int,
+    out_features: int,
+    in_features: int,
+    y: int,
+    transposed: bool,
+) -> None: ...
 def matmul_4bit_variant(
     dtype: str,
     rows: int,
