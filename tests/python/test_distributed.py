@@ -331,7 +331,6 @@ def _accelerate_recipe(smollm2_dir: Path, tmp_path: Path) -> Path:
     """examples/qlora.yaml pointed at SmolLM2 and tmp_path, 3 steps of 64 tokens, merged in float32
     (so the merged weights can be compared with PEFT's to float rounding)."""
     import yaml
-
     from halo.qlora import load_recipe
 
     root = HERE.parents[1]
