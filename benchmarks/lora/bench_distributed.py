@@ -57,25 +57,38 @@ def _status_mib() -> dict[str, float]:
     return figures
 
 
-def _shard_fsdp2(model) -> None:
-    """FSDP2: fully_shard on every decoder layer, then on the whole PEFT model. The Trainer is then
+def _shard_fsdp2(model, root: bool) -> None:
+    """FSDP2: fully_shard on every decoder layer (every LoRA factor and 4-bit weight lives in one),
+    and with ``root`` on the whole PEFT model as well, which shards the frozen tied embedding too
+    (then gathered whole for every forward and backward). The Trainer is then
     kept from wrapping it in DDP as well: accelerate turns its FSDP plugin on only for GPU-like
     devices and wraps CPU ranks in DDP, which cannot hold the sharded (DTensor) parameters."""
     import accelerate
-    from torch.distributed.fsdp import FSDPModule, fully_shard
+    from torch.distributed.fsdp import fully_shard
 
     for layer in model.base_model.model.model.layers:
         fully_shard(layer)
-    fully_shard(model)
+    if root:
+        fully_shard(model)
     prepare_model = accelerate.Accelerator.prepare_model
 
     def keep_fsdp2(self, module, *args, **kwargs):
-        return module if isinstance(module, FSDPModule) else prepare_model(self, module, *args, **kwargs)
+        if module is not model:
+            return prepare_model(self, module, *args, **kwargs)
+        # What prepare_model does besides wrapping: bf16 autocast around forward (the Trainer's
+        # bf16 is accelerate's mixed precision), and keeping the model for unwrap and save.
+        if self.native_amp:
+            from accelerate.utils import convert_outputs_to_fp32, get_mixed_precision_context_manager
+
+            autocast = get_mixed_precision_context_manager(self.native_amp, self.autocast_handler)
+            module.forward = convert_outputs_to_fp32(autocast(module.forward))
+        self._models.append(module)
+        return module
 
     accelerate.Accelerator.prepare_model = keep_fsdp2
 
 
-def child(seq: int, steps: int, results: Path, fsdp: bool = False) -> None:
+def child(seq: int, steps: int, results: Path, fsdp: str = "") -> None:
     """Trains, then writes this rank's figures to RESULTS/rank{N}.json (not stdout: torchrun's
     ranks share it, and their lines can interleave)."""
     import torch
@@ -91,7 +104,7 @@ def child(seq: int, steps: int, results: Path, fsdp: bool = False) -> None:
 
         if not dist.is_initialized():
             dist.init_process_group("gloo")
-        _shard_fsdp2(model)
+        _shard_fsdp2(model, root=fsdp == "root")
     data = make_dataset(tokenizer, ROOT / recipe["data"], max_length=seq, pad_to=seq)
     rank = int(os.environ.get("RANK", "0"))
     run = train(
@@ -111,6 +124,7 @@ def child(seq: int, steps: int, results: Path, fsdp: bool = False) -> None:
         "rank": rank,
         "world": int(os.environ.get("WORLD_SIZE", "1")),
         "step_seconds": run.step_seconds,
+        "losses": run.losses,
         "fsdp": fsdp,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "loaded": loaded,
@@ -133,14 +147,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(procs: int, seq: int, steps: int, fsdp: bool = False) -> list[dict]:
+def run(procs: int, seq: int, steps: int, fsdp: str = "") -> list[dict]:
     cores = os.cpu_count() or 1
     threads = max(1, cores // procs)
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(threads), HALO_NUM_THREADS=str(threads))
     env.pop("WORLD_SIZE", None)
     with tempfile.TemporaryDirectory(prefix="bench_distributed.") as results:
         tail = [__file__, "--child", "--seq", str(seq), "--steps", str(steps), "--results", results]
-        tail += ["--fsdp"] if fsdp else []
+        tail += ["--fsdp", fsdp] if fsdp else []
         if procs == 1:
             cmd = [sys.executable, *tail]
         else:
@@ -167,8 +181,12 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument(
         "--fsdp",
-        action="store_true",
-        help="compare DDP with FSDP2 (fully_shard per decoder layer), both on --procs processes",
+        nargs="?",
+        const="layers",
+        default="",
+        choices=("layers", "root", "both"),
+        help="compare DDP with FSDP2 on --procs processes: fully_shard per decoder layer (layers, the "
+        "default), also on the whole model (root), or both setups",
     )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--results", type=Path, help=argparse.SUPPRESS)
@@ -187,10 +205,12 @@ def main() -> int:
     print(f"CPU: {os.cpu_count()} cores; flags: {cpu_flags()}", flush=True)
     print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
     n = args.procs
+    names = {"layers": "FSDP2 per layer", "root": "FSDP2 per layer + root"}
     if args.fsdp:
-        setups = [(f"{n} DDP", n, False), (f"{n} FSDP2", n, True)]
+        kinds = ["layers", "root"] if args.fsdp == "both" else [args.fsdp]
+        setups = [(f"{n} DDP", n, ""), *((f"{n} {names[k]}", n, k) for k in kinds)]
     else:
-        setups = [("1 process", 1, False), (f"{n} DDP", n, False)]
+        setups = [("1 process", 1, ""), (f"{n} DDP", n, "")]
     figures: dict[str, dict[str, list[float]]] = {
         name: {"samples": [], "steps": [], "peak": [], "load": [], "anon": []} for name, _, _ in setups
     }
@@ -205,6 +225,7 @@ def main() -> int:
             got["peak"].extend(r["peak_rss_mib"] for r in ranks)
             got["load"].extend(r["loaded"]["peak"] for r in ranks)
             got["anon"].extend(r["end"]["anon"] for r in ranks)
+            got.setdefault("losses", ranks[0]["losses"])
             per_rank = ", ".join(
                 f"{r['peak_rss_mib']:.0f} (after loading {r['loaded']['peak']:.0f}, of it "
                 f"{r['loaded']['file']:.0f} file-backed; anonymous at the end {r['end']['anon']:.0f})"
@@ -223,10 +244,16 @@ def main() -> int:
             f"anonymous at the end {_spread(got['anon'])} MiB",
             flush=True,
         )
-    (a, _, _), (b, _, _) = setups
-    ratio = statistics.median(figures[b]["samples"]) / statistics.median(figures[a]["samples"])
-    peak = statistics.median(figures[b]["peak"]) / statistics.median(figures[a]["peak"])
-    print(f"  {b} against {a}: {ratio:.2f}x samples/s, {peak:.2f}x peak RSS per rank (medians)", flush=True)
+    a = setups[0][0]
+    for b, _, _ in setups[1:]:
+        ratio = statistics.median(figures[b]["samples"]) / statistics.median(figures[a]["samples"])
+        peak = statistics.median(figures[b]["peak"]) / statistics.median(figures[a]["peak"])
+        print(
+            f"  {b} against {a}: {ratio:.2f}x samples/s, {peak:.2f}x peak RSS per rank (medians)", flush=True
+        )
+        if args.fsdp:  # the same global batch and start: the runs must train alike
+            gap = max(abs(x - y) for x, y in zip(figures[a]["losses"], figures[b]["losses"]))
+            print(f"    largest logged-loss difference from {a}: {gap:.2e}", flush=True)
     print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
     return 0
 
