@@ -3,7 +3,11 @@ LoRA r=16 on every projection, gradient checkpointing, paged 8-bit AdamW, cosine
 with halo in place of bitsandbytes, then a streaming merge with `halo merge`.
 
     python examples/qlora_finetune.py --config examples/qlora.yaml [--max-steps N]
-    accelerate launch --num_processes 2 examples/qlora_finetune.py ...   # or torchrun: DDP on CPUs/GPUs
+    accelerate launch --multi_gpu --num_processes 2 examples/qlora_finetune.py ...   # DDP on CPUs/GPUs
+    torchrun --nproc_per_node 2 examples/qlora_finetune.py ...                      # the same
+
+(``--multi_gpu`` is accelerate's torchrun launcher; on CPUs the ranks take gloo. Without it, or a
+config file, ``accelerate launch`` starts one process on a machine without GPUs.)
 
 What changes against a bitsandbytes script is two lines: ``quantization_config=
 halo.hf.HaloConfig.from_bnb(bnb_settings)`` (or ``HaloConfig(...)``) and the optimizer, from

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._pages import release_file_pages
 from .nn import Linear4bit, _check_settings, check_quant_storage
 from .ops import FLOAT_NAMES
 
@@ -285,7 +286,8 @@ class HaloConfig(_QuantizationConfigMixin):
 
 class _HaloQuantize(_ConversionOps):
     """Weight-conversion op for transformers' loader: packs one float weight into the
-    Linear4bit that owns it, right after it is read (the float copy is dropped at once)."""
+    Linear4bit that owns it, right after it is read (the float copy is dropped at once, and the
+    pages of the memory-mapped checkpoint it was read from leave this process's RSS)."""
 
     def __init__(self, quantizer: HaloHfQuantizer) -> None:
         self.hf_quantizer = quantizer
@@ -298,6 +300,7 @@ class _HaloQuantize(_ConversionOps):
             value = value[0] if isinstance(value, list) else value
             module, _ = get_module_from_name(model, param_name)
             module.quantize_(value)
+            release_file_pages(value)
             module._is_hf_initialized = True
             result[param_name] = module.weight
         return result

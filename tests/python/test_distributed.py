@@ -325,3 +325,80 @@ def test_the_qlora_recipe_trains_under_torchrun_on_smollm2(smollm2_dir, tmp_path
     ranks = [json.loads(f.read_text()) for f in sorted(tmp_path.glob("rank*.json"))]
     assert sorted(r["rank"] for r in ranks) == [0, 1]
     assert all(r["world"] == 2 and len(r["step_seconds"]) == 2 for r in ranks)
+
+
+def _accelerate_recipe(smollm2_dir: Path, tmp_path: Path) -> Path:
+    """examples/qlora.yaml pointed at SmolLM2 and tmp_path, 3 steps of 64 tokens, merged in float32
+    (so the merged weights can be compared with PEFT's to float rounding)."""
+    import yaml
+    from halo.qlora import load_recipe
+
+    root = HERE.parents[1]
+    recipe = load_recipe(root / "examples" / "qlora.yaml")
+    recipe["model"] = str(smollm2_dir)
+    recipe["data"] = str(root / recipe["data"])
+    recipe["max_seq_length"] = 64
+    recipe["training"].update(output_dir=str(tmp_path / "run"), max_steps=3, logging_steps=1, warmup_steps=1)
+    recipe["merge"].update(adapter=str(tmp_path / "adapter"), out=str(tmp_path / "merged"), dtype="fp32")
+    config = tmp_path / "qlora.yaml"
+    config.write_text(yaml.safe_dump(recipe))
+    return config
+
+
+def test_accelerate_launch_of_the_example_on_smollm2_saves_an_adapter_peft_loads_and_halo_merges(
+    smollm2_dir, tmp_path
+):
+    """examples/qlora_finetune.py on the example recipe under `accelerate launch --multi_gpu
+    --num_processes 2` (accelerate's torchrun launcher; on CPUs the Trainer takes gloo; without
+    --multi_gpu accelerate starts ONE process on a machine without GPUs) on the real SmolLM2, 1
+    thread per rank: both ranks train, rank 0 saves the adapter and merges it with `halo merge`.
+    The adapter loads with PeftModel.from_pretrained on the float base, and PEFT's merge equals
+    halo's merged checkpoint."""
+    pytest.importorskip("accelerate")
+    import peft
+    import torch
+    import transformers
+
+    config = _accelerate_recipe(smollm2_dir, tmp_path)
+    argv = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_ip",
+        "127.0.0.1",
+        "--main_process_port",
+        str(_free_port()),
+        str(HERE.parents[1] / "examples" / "qlora_finetune.py"),
+        "--config",
+        str(config),
+    ]
+    env = dict(_env(), HALO_NUM_THREADS="1")
+    result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    log = f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    assert result.returncode == 0, log
+    trained = re.findall(r"trained 3 steps in \d+ s; logged losses: (.*)", result.stdout)
+    assert len(trained) == 2, log  # two ranks, the same losses (DDP: the same weights)
+    assert trained[0] == trained[1] and all(float(x) > 0 for x in trained[0].split(", ")), log
+    assert "merged model written to" in result.stdout, log
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    tuned = peft.PeftModel.from_pretrained(base, tmp_path / "adapter")
+    assert tuned.peft_config["default"].r == 16
+    expected = tuned.merge_and_unload().state_dict()
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    got = merged.state_dict()
+    moved = 0
+    for name, weight in expected.items():
+        torch.testing.assert_close(got[name], weight, rtol=0, atol=1e-6, msg=name)
+        moved += not torch.equal(weight, before[name])
+    assert moved == 7 * base.config.num_hidden_layers  # the trained adapter changed every projection
