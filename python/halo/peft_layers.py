@@ -257,23 +257,13 @@ class PeftLinear4bit(Linear4bit, _Lora4bit):
         return layer
 
     def _clear_adapters(self) -> None:
-        """``LoraLayer.__init__``'s state, around this layer's own weights."""
-        self.r, self.lora_alpha, self.scaling = {}, {}, {}
-        self.lora_dropout = nn.ModuleDict({})
-        self.lora_A = nn.ModuleDict({})
-        self.lora_B = nn.ModuleDict({})
-        self.lora_embedding_A = nn.ParameterDict({})
-        self.lora_embedding_B = nn.ParameterDict({})
-        self.lora_magnitude_vector = nn.ModuleDict({})
-        self._disable_adapters = False
+        """PEFT's own fresh LoraLayer state (no adapter) around this layer's weights."""
+        LoraLayer.__init__(self, self._modules["base_layer"])
         self._active_adapter = "default"
-        self.merged_adapters = []
-        self.use_dora, self.use_rslora, self.lora_bias, self.lora_variant = {}, {}, {}, {}
-        self._caches = {}
-        self.ephemeral_gpu_offload = False
-        self.cast_input_dtype_enabled = True
-        self.kwargs = {}
         self.fan_in_fan_out = False
+
+    def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
+        return self.in_features, self.out_features  # PEFT asks for them; it knows no halo layer
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config: LoraConfig, **kwargs: Any):
         self._check_config("PeftLinear4bit", config)
