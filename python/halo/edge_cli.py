@@ -257,19 +257,35 @@ def _run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     if json_out is not None:
-        result[_JSON_MARK] = "halo edge run"
-        try:
-            with json_out.writing():
-                json_out.temp.write_text(json.dumps(result))
-                json_out.commit()
-        except (OSError, ValueError) as exc:
-            return _fail("run", exc)
-        except KeyboardInterrupt as exc:
-            return _interrupted("run", exc)
+        return _write_result(json_out, result, "run")
     return 0
 
 
 _JSON_MARK = "halo_output"  # the mark that lets a later run replace the result file
+
+
+def _made_by(command: str):
+    """Whether a file is a --json result ``halo edge COMMAND`` wrote (which it may replace)."""
+
+    def halo_made(path) -> bool:
+        small = path.stat().st_size < 1 << 26
+        return small and json.loads(path.read_text()).get(_JSON_MARK) == f"halo edge {command}"
+
+    return halo_made
+
+
+def _write_result(json_out, result: dict, command: str) -> int:
+    """Writes ``result`` (marked as ``halo edge COMMAND``'s) through the checked --json target."""
+    result[_JSON_MARK] = f"halo edge {command}"
+    try:
+        with json_out.writing():
+            json_out.temp.write_text(json.dumps(result))
+            json_out.commit()
+    except (OSError, ValueError) as exc:
+        return _fail(command, exc)
+    except KeyboardInterrupt as exc:
+        return _interrupted(command, exc)
+    return 0
 
 
 def _json_target(args: argparse.Namespace):
@@ -278,10 +294,6 @@ def _json_target(args: argparse.Namespace):
     from pathlib import Path
 
     from ._output import check
-
-    def halo_made(path: Path) -> bool:
-        small = path.stat().st_size < 1 << 26
-        return small and json.loads(path.read_text()).get(_JSON_MARK) == "halo edge run"
 
     inputs = [(args.model, "model folder"), (args.plan, "plan")]
     try:  # the plan's predictor file, named in the plan (read here only for its name)
@@ -294,4 +306,4 @@ def _json_target(args: argparse.Namespace):
     key_file = args.key_file or os.environ.get("HALO_EDGE_KEY_FILE")
     if key_file:
         inputs.append((key_file, "key file"))
-    return check("edge run", args.json, inputs, "file", True, halo_made, flag="--json")
+    return check("edge run", args.json, inputs, "file", True, _made_by("run"), flag="--json")

@@ -4,9 +4,10 @@ in one process from its store under a memory budget)."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
+
+from .edge_cli import _fail, _interrupted, _made_by, _write_result
 
 
 def register(sub) -> None:
@@ -43,16 +44,6 @@ def register(sub) -> None:
         "--json", metavar="FILE", help="also write the result as JSON (replaces only a result halo wrote)"
     )
     loc.set_defaults(handler=_local)
-
-
-def _fail(command: str, exc: BaseException) -> int:
-    print(f"halo edge {command}: error: {' '.join(str(exc).split())}", file=sys.stderr)
-    return 1
-
-
-def _interrupted(command: str, exc: KeyboardInterrupt) -> int:
-    print(f"halo edge {command}: {str(exc) or 'interrupted'}; the output was left as it was", file=sys.stderr)
-    return 128 + getattr(exc, "signum", 2)
 
 
 def _store(args: argparse.Namespace) -> int:
@@ -130,31 +121,15 @@ def _local(args: argparse.Namespace) -> int:
     )
     if json_out is not None:
         result["store"] = stats
-        result[_JSON_MARK] = "halo edge local"
-        try:
-            with json_out.writing():
-                json_out.temp.write_text(json.dumps(result))
-                json_out.commit()
-        except (OSError, ValueError) as exc:
-            return _fail("local", exc)
-        except KeyboardInterrupt as exc:
-            return _interrupted("local", exc)
+        return _write_result(json_out, result, "local")
     return 0
-
-
-_JSON_MARK = "halo_output"  # the mark that lets a later run replace the result file
 
 
 def _json_target(args: argparse.Namespace, store):
     """--json checked before the run: never an input, replaces only a result halo wrote."""
-    from pathlib import Path
 
     from ._output import check
 
-    def halo_made(path: Path) -> bool:
-        small = path.stat().st_size < 1 << 26
-        return small and json.loads(path.read_text()).get(_JSON_MARK) == "halo edge local"
-
     inputs = [(args.model, "model folder"), (store, "group store")]
     inputs += [(args.plan, "plan")] if args.plan else []
-    return check("edge local", args.json, inputs, "file", True, halo_made, flag="--json")
+    return check("edge local", args.json, inputs, "file", True, _made_by("local"), flag="--json")
