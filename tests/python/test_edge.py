@@ -21,8 +21,8 @@ import pytest
 import real_models
 from halo import edge
 from halo._core import edge as core
-from halo.edge_model import ATTN, FFN
-from halo.edge_root import compensate
+from halo.edge.model import ATTN, FFN
+from halo.edge.root import compensate
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -74,7 +74,7 @@ def tiny_llama(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def link_key(tmp_path_factory) -> tuple[Path, bytes]:
     """A pre-shared key for workers outside loopback: (key file, key)."""
-    from halo.edge_link import read_key, write_key
+    from halo.edge.link import read_key, write_key
 
     path = write_key(tmp_path_factory.mktemp("key") / "edge.key")
     return path, read_key(path)
@@ -363,7 +363,7 @@ def test_worker_sends_non_critical_terms_twice_when_asked():
     if both copies are); critical ones go once, reliably, with their own duplicate flag."""
     from types import SimpleNamespace
 
-    from halo.edge_worker import _delivery, _Session
+    from halo.edge.worker import _delivery, _Session
 
     class Sent:
         def __init__(self):
@@ -409,7 +409,7 @@ def test_critical_set_grows_with_the_predictors_uncertainty():
     """With coverage c the FFN critical set is the smallest holding c of the predicted term
     mass (at least critical_fraction of the groups): a predictor that cannot tell the groups
     apart (flat scores) protects more of them than one that sees a few dominate."""
-    from halo.edge_policy import TermPolicy
+    from halo.edge.policy import TermPolicy
 
     class Scores:
         def __init__(self, values):
@@ -440,7 +440,7 @@ def test_critical_set_grows_with_the_predictors_uncertainty():
 
 
 def test_mean_compensation_fills_with_the_groups_running_mean():
-    from halo.edge_policy import MEAN_DECAY, compensate
+    from halo.edge.policy import MEAN_DECAY, compensate
 
     rng = np.random.default_rng(1)
     values = rng.standard_normal((4, 2, 3, 5)).astype(np.float32)  # exchanges, groups, rows, hidden
@@ -465,7 +465,7 @@ def test_mean_compensation_fills_with_the_groups_running_mean():
 
 def test_estimate_shrinkage_drops_unpredictable_groups(tiny_llama):
     from halo import edge_model as em
-    from halo.edge_plan import _Calibration, _fit_estimates
+    from halo.edge.plan import _Calibration, _fit_estimates
 
     spec = em.read_spec(tiny_llama)
     ck = em.Checkpoint(tiny_llama)
@@ -778,7 +778,7 @@ def test_cli_run_generates_on_workers(tiny_llama, tmp_path):
     result = json.loads(out.read_text())
     assert result["halo_output"] == "halo edge run"
     local = edge.Local(str(tiny_llama), group_size=32)
-    from halo.edge_plan import tokenize
+    from halo.edge.plan import tokenize
 
     assert result["tokens"] == local.generate(tokenize(tiny_llama, "The sky is"), 4)["tokens"]
     assert "4 tokens" in done.stderr

@@ -30,8 +30,8 @@ import pytest
 from halo import edge
 from halo._core import edge as core
 from halo.cli import main as halo_main
-from halo.edge_link import read_key, write_key
-from halo.edge_model import ATTN, FFN
+from halo.edge.link import read_key, write_key
+from halo.edge.model import ATTN, FFN
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -241,7 +241,7 @@ class Peer:
 
 
 def _fp(model) -> str:
-    from halo.edge_model import fingerprint
+    from halo.edge.model import fingerprint
 
     return fingerprint(model)
 
@@ -902,7 +902,7 @@ def test_worker_and_run_cli_errors_are_one_line(model, tmp_path, capsys, monkeyp
 
 
 def test_the_environment_names_the_key_file(model, tmp_path, monkeypatch):
-    from halo.edge_link import choose_key
+    from halo.edge.link import choose_key
 
     good = write_key(tmp_path / "k")
     monkeypatch.setenv("HALO_EDGE_KEY_FILE", str(good))

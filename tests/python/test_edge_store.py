@@ -1,4 +1,4 @@
-"""halo.edge_store: the 4-bit group store (exact bytes, bitsandbytes-equal values), the model
+"""halo.edge.store: the 4-bit group store (exact bytes, bitsandbytes-equal values), the model
 run from it against transformers, missing groups and their key/value catch-up, eviction by
 predicted importance, the memory budget as the process's RSS sees it (store and worker),
 corrupt and truncated files, the CLI, and one short SmolLM2 check."""
@@ -22,7 +22,7 @@ import real_models
 from halo import edge
 from halo import edge_store as es
 from halo._core import edge_store as core
-from halo.edge_model import ATTN, FFN, Checkpoint, WeightStore, layout, read_spec
+from halo.edge.model import ATTN, FFN, Checkpoint, WeightStore, layout, read_spec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

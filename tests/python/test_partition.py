@@ -1,4 +1,4 @@
-"""halo.partition: groups cover each layer exactly, partial terms sum to the real FFN
+"""halo.sched.partition: groups cover each layer exactly, partial terms sum to the real FFN
 output (vs the transformers module), importance and the low-rank predictor."""
 
 from __future__ import annotations
