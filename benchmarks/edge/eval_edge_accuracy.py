@@ -1,6 +1,6 @@
 """What lost terms cost HALO edge inference in accuracy, measured in one process in seconds.
 
-The simulator runs SmolLM2-135M's groups in this process (``edge_model.LocalCluster``), takes
+The simulator runs SmolLM2-135M's groups in this process (``halo.edge.compute.LocalCluster``), takes
 the critical set and the compensation from the runtime's own ``edge_policy.TermPolicy`` (the
 object ``edge_root.Root`` uses) and drops, with a seeded generator, what the network would:
 
@@ -50,7 +50,8 @@ class Simulated:
     per-kind measurements lose terms of one kind only); every term of the others arrives."""
 
     def __init__(self, model_dir, plan, policy, loss: float, seed: int, drop=None, duplicate=False) -> None:
-        from halo.edge.model import Checkpoint, LocalCluster, RootModel, layout, read_spec
+        from halo.edge.compute import LocalCluster, RootModel
+        from halo.edge.model import Checkpoint, layout, read_spec
 
         self.spec = read_spec(model_dir)
         ck = Checkpoint(model_dir)
@@ -201,7 +202,8 @@ def load(args):
     torch.set_num_threads(1)
     from halo import edge
     from halo.edge.model import layout
-    from halo.edge.plan import docstring_text, load_predictors, tokenize
+    from halo.edge.plan import docstring_text, tokenize
+    from halo.edge.predictor import load_predictors
 
     spec = edge.read_spec(SMOL)
     OUT.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,9 @@ checkpoints move both ways. ``layer.quantized`` gives the weight as a
 Before it is quantized the layer holds a float ``weight`` ``[out, in]`` like
 ``nn.Linear`` (this is how transformers builds it on the meta device before
 loading); assigning a float state dict or calling :meth:`quantize_` packs it.
+
+Long module: one class, ``Linear4bit``, whose loading paths (float weights, bitsandbytes
+state dicts, quant_storage views, FSDP shards) all write the same packed state.
 """
 
 from __future__ import annotations

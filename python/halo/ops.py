@@ -25,6 +25,9 @@ C++ kernels over NumPy views, no copy) and ``halo/backends/cuda/ops.py`` (device
 the current stream, no host round trip; a build without CUDA raises instead of moving data
 to the CPU). A tensor on any other device gets a clear error. The matmuls run halo's fused
 4-bit GEMM/GEMV: the weight is decoded inside the kernel, never as a whole.
+
+Long module: every torch-facing op of halo is defined here once (schema, fake kernel,
+autograd), by design: one place to read what the ops accept.
 """
 
 from __future__ import annotations

@@ -494,7 +494,8 @@ def test_edge_plan_never_writes_over_an_input(tiny, tmp_path, capsys):
 
 
 def test_edge_plan_predictor_files_halo_wrote_are_recognised(tmp_path):
-    from halo.edge.plan import PartPredictor, _is_predictor_file, save_predictors
+    from halo.edge.plan import _is_predictor_file, save_predictors
+    from halo.edge.predictor import PartPredictor
 
     fields = {name: np.zeros(2, np.float32) for name in PartPredictor.__dataclass_fields__}
     path = tmp_path / "p.npz"

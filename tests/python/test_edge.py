@@ -465,19 +465,19 @@ def test_mean_compensation_fills_with_the_groups_running_mean():
 
 def test_estimate_shrinkage_drops_unpredictable_groups(tiny_llama):
     from halo import edge_model as em
-    from halo.edge.plan import _Calibration, _fit_estimates
+    from halo.edge.predictor import Calibration, fit_estimates
 
     spec = em.read_spec(tiny_llama)
     ck = em.Checkpoint(tiny_llama)
     groups = em.layout(spec, 80, 2)
-    cal = _Calibration(spec, groups, ck, rank=4)
+    cal = Calibration(spec, groups, ck, rank=4)
     rng = np.random.default_rng(0)
     w = torch.from_numpy(rng.standard_normal((spec.hidden, spec.hidden)).astype(np.float32) / 8)
     for _ in range(6):
         h = torch.from_numpy(rng.standard_normal((40, spec.hidden)).astype(np.float32))
         # Group 0: a linear function of the input; group 1: noise unrelated to it.
         cal(0, FFN, h, [h @ w, torch.from_numpy(rng.standard_normal((40, spec.hidden)).astype(np.float32))])
-    v = _fit_estimates(cal, (0, FFN)).astype(np.float32)
+    v = fit_estimates(cal, (0, FFN)).astype(np.float32)
     z = np.concatenate([h.numpy() @ cal.basis[(0, FFN)], np.ones((40, 1), np.float32)], 1)
     assert np.linalg.norm(z @ v[1]) < 0.2 * np.linalg.norm(z @ v[0])
     assert np.abs(v[0]).sum() > 0

@@ -22,7 +22,8 @@ import real_models
 from halo import edge
 from halo import edge_store as es
 from halo._core import edge_store as core
-from halo.edge.model import ATTN, FFN, Checkpoint, WeightStore, layout, read_spec
+from halo.edge.compute import WeightStore
+from halo.edge.model import ATTN, FFN, Checkpoint, layout, read_spec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -21,7 +21,9 @@ from __future__ import annotations
 from .link import read_key, write_key
 from .model import EdgeError, read_spec
 from .plan import Plan, docstring_text, load_plan, make_plan, with_placement
-from .root import COMPENSATIONS, POLICIES, Local, Root, RunOptions, Stats, run
+from .policy import COMPENSATIONS
+from .root import Root, run
+from .runner import POLICIES, Local, RunOptions, Stats
 from .worker import Worker, serve
 
 __all__ = [

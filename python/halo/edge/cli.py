@@ -6,6 +6,8 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
+from typing import Any
 
 
 def register(subparsers) -> None:
@@ -125,6 +127,19 @@ def interrupted(command: str, exc: KeyboardInterrupt) -> int:
     return 128 + getattr(exc, "signum", 2)
 
 
+def attempt(command: str, work: Callable[[], Any]) -> tuple[Any, int]:
+    """``work()`` for ``halo edge COMMAND``: (its result, 0), or (None, the exit code) after one
+    line naming what went wrong, or saying that an interrupt left the output as it was."""
+    from .model import EdgeError
+
+    try:
+        return work(), 0
+    except (EdgeError, ValueError, OSError) as exc:
+        return None, fail(command, exc)
+    except KeyboardInterrupt as exc:
+        return None, interrupted(command, exc)
+
+
 def _one_thread() -> None:
     import torch
 
@@ -180,7 +195,7 @@ def _plan(args: argparse.Namespace) -> int:
     from .model import EdgeError
     from .plan import make_plan
 
-    try:
+    def work():
         devices = args.workers
         if args.devices is not None:
             try:
@@ -190,7 +205,7 @@ def _plan(args: argparse.Namespace) -> int:
                 raise EdgeError(f"{args.devices}: {exc}") from None
             if not isinstance(devices, list):
                 raise EdgeError(f"{args.devices}: expected a JSON list of devices")
-        plan = make_plan(
+        return make_plan(
             args.model,
             devices,
             placement=args.placement,
@@ -202,10 +217,10 @@ def _plan(args: argparse.Namespace) -> int:
             out=args.out,
             inputs=[(args.devices, "devices file")] if args.devices is not None else (),
         )
-    except (EdgeError, ValueError, OSError) as exc:
-        return fail("plan", exc)
-    except KeyboardInterrupt as exc:
-        return interrupted("plan", exc)
+
+    plan, code = attempt("plan", work)
+    if code:
+        return code
     print(f"halo edge plan: {plan.workers} workers, {plan.placement} placement -> {os.fspath(args.out)}")
     return 0
 
@@ -277,15 +292,13 @@ def made_by(command: str):
 def write_result(json_out, result: dict, command: str) -> int:
     """Writes ``result`` (marked as ``halo edge COMMAND``'s) through the checked --json target."""
     result[_JSON_MARK] = f"halo edge {command}"
-    try:
+
+    def work():
         with json_out.writing():
             json_out.temp.write_text(json.dumps(result))
             json_out.commit()
-    except (OSError, ValueError) as exc:
-        return fail(command, exc)
-    except KeyboardInterrupt as exc:
-        return interrupted(command, exc)
-    return 0
+
+    return attempt(command, work)[1]
 
 
 def _json_target(args: argparse.Namespace):

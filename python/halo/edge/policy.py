@@ -1,7 +1,7 @@
 """Which terms of an exchange the root protects, and what it puts in place of the lost ones.
 
 One object, ``TermPolicy``, holds the accuracy side of the ``halo`` policy so that the networked
-root (``edge_root.Root``) and the in-process loss simulator (``benchmarks/edge/
+root (``root.Root``) and the in-process loss simulator (``benchmarks/edge/
 eval_edge_accuracy.py``) run the same code:
 
 * ``critical(layer, part, x)``: the groups whose terms come reliably. Attention terms (a few
@@ -21,7 +21,7 @@ import math
 import numpy as np
 
 from .model import ATTN, EdgeError
-from .plan import PartPredictor
+from .predictor import PartPredictor
 
 COMPENSATIONS = ("zero", "previous", "predictor", "mean")
 MEAN_DECAY = 0.9  # "mean": each received term moves the group's running mean by 1 - MEAN_DECAY

@@ -7,7 +7,7 @@ import argparse
 import os
 import sys
 
-from .cli import fail, interrupted, made_by, write_result
+from .cli import attempt, fail, made_by, write_result
 
 
 def register(sub) -> None:
@@ -47,23 +47,12 @@ def register(sub) -> None:
 
 
 def _store(args: argparse.Namespace) -> int:
-    from .model import EdgeError
     from .store import build_store
 
-    try:
-        path = build_store(
-            args.model,
-            args.out,
-            args.group_size,
-            args.heads_per_group,
-            args.quant,
-            args.blocksize,
-            args.force,
-        )
-    except (EdgeError, ValueError, OSError) as exc:
-        return fail("store", exc)
-    except KeyboardInterrupt as exc:
-        return interrupted("store", exc)
+    options = (args.group_size, args.heads_per_group, args.quant, args.blocksize, args.force)
+    path, code = attempt("store", lambda: build_store(args.model, args.out, *options))
+    if code:
+        return code
     print(f"halo edge store: {os.path.getsize(path) / 2**20:.1f} MiB -> {os.fspath(path)}")
     return 0
 

@@ -12,6 +12,9 @@ a message that breaks a rule ends that root's session with a one-line reason, ne
 process. No path crosses the wire: models, plans and group stores are the ones named on the
 worker's command line. A connection counts as a session, and can take the worker over from
 the current root, only once it has said a valid hello.
+
+Long module: a worker session's message handling and the limits that bound every field
+of a message from the network belong side by side.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from .._core import edge as _edge
+from .compute import WEIGHT_FORMATS, GroupCompute, WeightStore
 from .link import (
     Refused,
     check_key,
@@ -35,19 +39,7 @@ from .link import (
     parse_address,
     parse_control,
 )
-from .model import (
-    ATTN,
-    FFN,
-    WEIGHT_FORMATS,
-    Checkpoint,
-    EdgeError,
-    GroupCompute,
-    Spec,
-    WeightStore,
-    fingerprint,
-    layout,
-    read_spec,
-)
+from .model import ATTN, FFN, Checkpoint, EdgeError, Spec, fingerprint, layout, read_spec
 
 REPLAY = 1  # input flag: rebuild key/value caches of the listed groups only
 DELIVERIES = ("control", "reliable", "unreliable")
@@ -329,7 +321,7 @@ class _Session:
 class Worker:
     """Listens on ADDR:PORT for both protocols and serves ``models`` (folders); ``serve()``
     handles roots one after another. ``key``: the 32-byte pre-shared key (None: plaintext,
-    loopback only). ``streaming`` (edge_store.WorkerStreaming): keep the
+    loopback only). ``streaming`` (streaming.WorkerStreaming): keep the
     groups on local disk under a memory budget."""
 
     def __init__(

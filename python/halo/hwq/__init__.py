@@ -3,6 +3,7 @@ Hugging Face model (``hf``), its accuracy evaluation (``eval``), plots (``plots`
 ``halo quantize`` command (``cli``). Mirrors ``include/halo/hwq``.
 """
 
+from .hardware import HardwareModel
 from .hf import LayerReport, ModelReport, compute_sensitivity, halo_quantize_model
 from .quantizer import (
     ASSIGNS,
@@ -13,7 +14,6 @@ from .quantizer import (
     Cost,
     Estimate,
     HaloQuantized,
-    HardwareModel,
     Plan,
     RtnQuantized,
     SparsePart,

@@ -165,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
         if args.bits is not None and args.grid is not None and args.grid != f"int{args.bits}":
             return _fail(f"--bits {args.bits} selects grid int{args.bits} but --grid {args.grid} was given")
         lines = _read_lines(args.calib)
-        from .quantizer import HardwareModel
+        from .hardware import HardwareModel
 
         hw = HardwareModel.load(args.hw) if args.hw else HardwareModel.default()
 

@@ -24,11 +24,11 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .hardware import HardwareModel
 from .quantizer import (
     BASELINES,
     Estimate,
     HaloQuantized,
-    HardwareModel,
     check_tile,
     halo_quantize,
     weighted_error,

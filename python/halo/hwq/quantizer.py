@@ -21,9 +21,6 @@ round-to-nearest baseline.
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +30,7 @@ import numpy as np
 from .. import _core
 from .._arrays import flatten_float, is_torch_tensor
 from ..backend import check_backend
+from .hardware import HardwareModel, check_choice, check_int
 
 _hw = _core.hwq
 
@@ -41,150 +39,6 @@ MODES = ("performance", "energy")
 PRESETS = ("performance", "balanced", "accuracy")
 ASSIGNS = ("sensitivity", "error_gain")
 BASELINES = ("uniform", "w8a8", "fp16")
-
-
-class HardwareModel:
-    """Per-corner multiply delays and per-value MAC energies (4- and 8-bit grids), DVFS points, switch cost,
-    MAC array, sparse engine, memory system and tile shape.
-
-    Parsed and validated once into a C++ object (schema in docs/hwq.md; version-1 files still load);
-    ``load``/``save`` read and write its JSON.
-    """
-
-    def __init__(self, text: str | None = None):
-        if text is None:
-            self._model = _hw.HardwareModel.default()
-        else:
-            self._model = _hw.HardwareModel.from_json(_check_str("HardwareModel", text))
-
-    @classmethod
-    def default(cls) -> HardwareModel:
-        return cls()
-
-    @classmethod
-    def from_json(cls, text: str) -> HardwareModel:
-        return cls(text)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> HardwareModel:
-        if not isinstance(data, dict):
-            raise TypeError(f"[HardwareModel.from_dict] expected a dict, got {type(data).__name__}")
-        return cls(json.dumps(data))
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> HardwareModel:
-        try:
-            with open(path, encoding="utf-8") as handle:
-                text = handle.read()
-        except (OSError, UnicodeDecodeError) as error:
-            reason = getattr(error, "strerror", None) or str(error)
-            raise ValueError(f"[HardwareModel.load] cannot read {str(path)!r}: {reason}") from error
-        return cls(text)
-
-    def to_json(self) -> str:
-        return self._model.to_json()
-
-    def to_dict(self) -> dict:
-        return json.loads(self._model.to_json())
-
-    def save(self, path: str | os.PathLike) -> None:
-        _atomic_write_text(path, self.to_json() + "\n")
-
-    @property
-    def energy_model(self) -> str:
-        """``"activity"`` (per-value MAC energy, V^2, leakage, memory) or ``"power"`` (version-1 fixed power)."""
-        return self._model.energy_model
-
-    @property
-    def operating_points(self) -> list[dict]:
-        return [self._model.point(p) for p in range(self._model.num_points)]
-
-    def delays(self, bits: int = 8, point: int | None = None) -> dict[int, float]:
-        """Delay (ns) of a multiply by each value of the signed ``bits`` grid at ``point`` (default: nominal)."""
-        _check_bits("HardwareModel.delays", bits)
-        if point is None:
-            point = max(self.nominal_point(bits), 0)
-        table = self._model.delays(bits, _check_point("HardwareModel.delays", point))
-        low = -(1 << (bits - 1))
-        return {low + i: float(d) for i, d in enumerate(table)}
-
-    def energies(self, bits: int = 8) -> dict[int, float]:
-        """Energy (pJ) of one MAC by each value of the signed ``bits`` grid at 1 V (scaled by V^2 per point)."""
-        _check_bits("HardwareModel.energies", bits)
-        low = -(1 << (bits - 1))
-        return {low + i: float(e) for i, e in enumerate(self._model.energies(bits))}
-
-    def admitted(self, point: int, bits: int = 8) -> tuple[int, ...]:
-        """Values of the signed ``bits`` grid whose delay at ``point`` fits its clock period."""
-        _check_bits("HardwareModel.admitted", bits)
-        return tuple(self._model.admitted(bits, _check_point("HardwareModel.admitted", point)))
-
-    def nominal_point(self, bits: int = 8) -> int:
-        """Fastest clock admitting the whole grid, lowest voltage there (the baselines' point); -1 if none."""
-        _check_bits("HardwareModel.nominal_point", bits)
-        return int(self._model.nominal_point(bits))
-
-    def ladder(self, mode: str = "performance", bits: int = 8) -> tuple[int, ...]:
-        """The points a run may use, nominal first (``mode`` performance: faster clocks; energy: lower volts)."""
-        _check_bits("HardwareModel.ladder", bits)
-        return tuple(self._model.ladder(_check_choice("HardwareModel.ladder", "mode", mode, MODES), bits))
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, HardwareModel) and self.to_json() == other.to_json()
-
-    def __hash__(self) -> int:
-        return hash(self.to_json())
-
-    def __repr__(self) -> str:
-        points = ", ".join(
-            f"({p['voltage']} V, {p['frequency_ghz']} GHz, book {p['book_size']})"
-            for p in self.operating_points
-        )
-        return f"HardwareModel(points=[{points}], energy_model={self.energy_model!r})"
-
-
-def _check_bits(function: str, bits: Any) -> int:
-    if isinstance(bits, bool) or bits not in (4, 8):
-        raise ValueError(f"[{function}] bits must be 4 or 8, got {bits!r}")
-    return int(bits)
-
-
-def _check_point(function: str, point: Any) -> int:
-    if isinstance(point, bool) or not isinstance(point, (int, np.integer)):
-        raise TypeError(f"[{function}] point must be an int, got {point!r}")
-    return int(point)
-
-
-def _check_str(function: str, value: Any) -> str:
-    if not isinstance(value, str):
-        raise TypeError(f"[{function}] expected JSON text, got {type(value).__name__}")
-    return value
-
-
-def _check_choice(function: str, name: str, value: Any, choices: Sequence[str]) -> str:
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"[{function}] {name} must be one of {', '.join(choices)}, got {value!r}")
-    return value
-
-
-def _check_int(function: str, name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"[{function}] {name} must be an int, got {value!r}")
-    return int(value)
-
-
-def _atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    handle, temp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
-        os.replace(temp, path)
-    except BaseException:
-        if os.path.exists(temp):
-            os.unlink(temp)
-        raise
 
 
 def as_float32_matrix(function: str, value: Any, what: str = "w") -> np.ndarray:
@@ -311,12 +165,12 @@ class Estimate:
     tokens: int
 
     def speedup_vs(self, baseline: str = "uniform") -> float:
-        return self.baselines[_check_choice("Estimate", "baseline", baseline, BASELINES)].latency_ns / (
+        return self.baselines[check_choice("Estimate", "baseline", baseline, BASELINES)].latency_ns / (
             self.halo.latency_ns
         )
 
     def energy_saving_vs(self, baseline: str = "uniform") -> float:
-        base = self.baselines[_check_choice("Estimate", "baseline", baseline, BASELINES)].energy_nj
+        base = self.baselines[check_choice("Estimate", "baseline", baseline, BASELINES)].energy_nj
         return 1.0 - self.halo.energy_nj / base
 
     # The library's historical headline: against the uniform baseline.
@@ -466,7 +320,7 @@ class HaloQuantized:
     def estimate(self, tokens: int | None = None) -> Estimate:
         """Latency/energy/bits of HALO and the uniform, W8A8 and FP16 baselines at the nominal point, for
         ``tokens`` input columns per pass (default: those the plan was made for)."""
-        count = 0 if tokens is None else _check_int("HaloQuantized.estimate", "tokens", tokens)
+        count = 0 if tokens is None else check_int("HaloQuantized.estimate", "tokens", tokens)
         if tokens is not None and count < 1:
             raise ValueError(f"[HaloQuantized.estimate] tokens must be >= 1, got {tokens!r}")
         if count not in self._estimates:
@@ -485,7 +339,7 @@ class HaloQuantized:
 
 def _resolve_grid(function: str, grid: Any, bits: Any) -> str:
     if bits is None:
-        return "subset" if grid is None else _check_choice(function, "grid", grid, GRIDS)
+        return "subset" if grid is None else check_choice(function, "grid", grid, GRIDS)
     by_bits = {4: "int4", 8: "int8"}.get(bits) if not isinstance(bits, bool) else None
     if by_bits is None:
         raise ValueError(f"[{function}] bits must be 4 or 8 (the int4 / int8 grid modes), got {bits!r}")
@@ -554,7 +408,7 @@ def halo_quantize(
         ("tokens", tokens),
         ("book_iterations", book_iterations),
     ):
-        _check_int(fn, name, value)
+        check_int(fn, name, value)
     grid_mode = _resolve_grid(fn, grid, bits)
     if assign is None:
         assign = "error_gain" if tier_fractions is not None else "sensitivity"
@@ -563,16 +417,16 @@ def halo_quantize(
         sens,
         hw._model,
         grid_mode,
-        _check_choice(fn, "mode", mode, MODES),
-        _check_choice(fn, "assign", assign, ASSIGNS),
-        _check_choice(fn, "preset", preset, PRESETS),
+        check_choice(fn, "mode", mode, MODES),
+        check_choice(fn, "assign", assign, ASSIGNS),
+        check_choice(fn, "preset", preset, PRESETS),
         [] if split is None else [float(f) for f in split],
         [] if tier_fractions is None else [float(f) for f in tier_fractions],
         tile_rows,
         tile_cols,
         float(salient_fraction),
         float(outlier_sigma),
-        _check_choice(fn, "sparse_dtype", sparse_dtype, ("float16", "float32")),
+        check_choice(fn, "sparse_dtype", sparse_dtype, ("float16", "float32")),
         int(max_switches),
         bool(channel_scales),
         int(book_iterations),
@@ -613,8 +467,8 @@ def rtn_quantize(w: Any, bits: int = 4, group_size: int = 128) -> RtnQuantized:
     """Round-to-nearest baseline with one fp32 absmax scale per ``group_size`` weights of a row (<= 0: whole row)."""
     fn = "rtn_quantize"
     matrix = as_float32_matrix(fn, w)
-    group_size = _check_int(fn, "group_size", group_size)
-    bits = _check_int(fn, "bits", bits)
+    group_size = check_int(fn, "group_size", group_size)
+    bits = check_int(fn, "bits", bits)
     if not np.isfinite(matrix).all():
         raise ValueError(f"[{fn}] w holds non-finite values")
     codes, scales = _hw.rtn_quantize(matrix, bits, group_size)

@@ -22,6 +22,7 @@ from ..backend import check_backend
 from ..quant import QuantizedTensor
 from .linear import (
     as_rows,
+    base_arguments,
     check_adapter_shapes,
     check_dropout,
     check_scaling,
@@ -39,28 +40,12 @@ def _numpy(tensor: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
 class _LoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, lora_a, lora_b, bias, base_info, settings):  # type: ignore[override]
-        out_features, in_features, fan_in_fan_out, scaling, dropout, seed, backend = settings
+        out_features, in_features = settings[:2]
         compute = torch.float64 if x.dtype == torch.float64 else torch.float32
         rows = as_rows("lora_linear", _numpy(x, compute), in_features)
         a, b = _numpy(lora_a, compute), _numpy(lora_b, compute)
         bias_np = None if bias is None else _numpy(bias, compute).reshape(-1)
-        y = _core.lora.forward(
-            rows,
-            a,
-            b,
-            bias_np,
-            base_info.buffer,
-            base_info.dtype,
-            out_features,
-            in_features,
-            fan_in_fan_out,
-            scaling,
-            dropout,
-            seed,
-            base_info.absmax,
-            base_info.blocksize,
-            backend,
-        )
+        y = _core.lora.forward(rows, a, b, bias_np, *base_arguments(base_info, settings))
         ctx.save_for_backward(x, lora_a, lora_b)
         ctx.base_info = base_info
         ctx.settings = settings
@@ -71,27 +56,14 @@ class _LoraLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):  # type: ignore[override]
         x, lora_a, lora_b = ctx.saved_tensors
-        out_features, in_features, fan_in_fan_out, scaling, dropout, seed, backend = ctx.settings
-        info = ctx.base_info
+        out_features, in_features = ctx.settings[:2]
         compute = torch.float64 if x.dtype == torch.float64 else torch.float32
         want_bias = ctx.has_bias and ctx.needs_input_grad[3]
         dx, da, db, dbias = _core.lora.backward(
             _numpy(grad_y, compute).reshape(-1, out_features),
             as_rows("lora_linear", _numpy(x, compute), in_features),
-            _numpy(lora_a, compute),
-            _numpy(lora_b, compute),
-            want_bias,
-            info.buffer,
-            info.dtype,
-            out_features,
-            in_features,
-            fan_in_fan_out,
-            scaling,
-            dropout,
-            seed,
-            info.absmax,
-            info.blocksize,
-            backend,
+            *(_numpy(lora_a, compute), _numpy(lora_b, compute), want_bias),
+            *base_arguments(ctx.base_info, ctx.settings),
         )
         grad_x = torch.from_numpy(dx).reshape(x.shape).to(x.dtype) if ctx.needs_input_grad[0] else None
         grad_a = torch.from_numpy(da).to(lora_a.dtype) if ctx.needs_input_grad[1] else None

@@ -297,6 +297,17 @@ def as_rows(fn: str, x: np.ndarray, in_features: int) -> np.ndarray:
     return np.ascontiguousarray(x.reshape(-1, in_features))
 
 
+def base_arguments(info: Any, settings: tuple) -> tuple:
+    """The arguments ``_core.lora.forward`` / ``backward`` take after the adapter: the base as the
+    kernel reads it, then ``settings`` = (out_features, in_features, fan_in_fan_out, scaling,
+    dropout, seed, backend)."""
+    out_features, in_features, fan_in_fan_out, scaling, dropout, seed, backend = settings
+    return (
+        *(info.buffer, info.dtype, out_features, in_features, bool(fan_in_fan_out)),
+        *(scaling, dropout, seed, info.absmax, info.blocksize, backend),
+    )
+
+
 def lora_forward(
     x: np.ndarray,
     base: Any,
@@ -322,23 +333,8 @@ def lora_forward(
         bias_array = _as_numpy(fn, "bias", bias, x_dtype).reshape(-1)
         if bias_array.size != out_features:
             raise ValueError(f"[{fn}] bias has {bias_array.size} elements, expected {out_features}")
-    y = _core.lora.forward(
-        rows,
-        a,
-        b,
-        bias_array,
-        info.buffer,
-        info.dtype,
-        out_features,
-        in_features,
-        bool(fan_in_fan_out),
-        scaling,
-        dropout,
-        seed,
-        info.absmax,
-        info.blocksize,
-        backend,
-    )
+    settings = (out_features, in_features, fan_in_fan_out, scaling, dropout, seed, backend)
+    y = _core.lora.forward(rows, a, b, bias_array, *base_arguments(info, settings))
     return y.reshape(*x.shape[:-1], out_features)
 
 
@@ -368,24 +364,8 @@ def lora_backward(
     if grad_y.shape != (*x.shape[:-1], out_features):
         raise ValueError(f"[{fn}] grad_y has shape {grad_y.shape}, expected {(*x.shape[:-1], out_features)}")
     dy = np.ascontiguousarray(grad_y, dtype=x_dtype).reshape(-1, out_features)
-    dx, da, db, dbias = _core.lora.backward(
-        dy,
-        rows,
-        a,
-        b,
-        bool(with_bias),
-        info.buffer,
-        info.dtype,
-        out_features,
-        in_features,
-        bool(fan_in_fan_out),
-        scaling,
-        dropout,
-        seed,
-        info.absmax,
-        info.blocksize,
-        backend,
-    )
+    settings = (out_features, in_features, fan_in_fan_out, scaling, dropout, seed, backend)
+    dx, da, db, dbias = _core.lora.backward(dy, rows, a, b, bool(with_bias), *base_arguments(info, settings))
     return dx.reshape(x.shape), da, db, dbias
 
 

@@ -138,10 +138,10 @@ class AdamW8bit(torch.optim.Optimizer):
         return loss
 
     def _step_8bit(self, p: torch.Tensor, grad: torch.Tensor, state: dict, args: tuple) -> None:
-        lr, beta1, beta2, eps, weight_decay, step = args
         target = p if p.is_contiguous() else p.contiguous()
         grad = grad.to(p.dtype).contiguous()
         name = _DTYPE_NAMES[p.dtype]
+        hyper = (*args, 1.0)  # lr, beta1, beta2, eps, weight_decay, step; 1.0: no gradient scaling
         if p.device.type == "cpu":
             _core.optim.adamw8bit_step(
                 _numpy_view(target.detach()),
@@ -151,13 +151,7 @@ class AdamW8bit(torch.optim.Optimizer):
                 state["state2"].numpy(),
                 state["absmax1"].numpy(),
                 state["absmax2"].numpy(),
-                lr,
-                beta1,
-                beta2,
-                eps,
-                weight_decay,
-                step,
-                1.0,
+                *hyper,
                 self.backend,
             )
         elif p.device.type == "cuda":
@@ -170,13 +164,7 @@ class AdamW8bit(torch.optim.Optimizer):
                 state["state2"].data_ptr(),
                 state["absmax1"].data_ptr(),
                 state["absmax2"].data_ptr(),
-                lr,
-                beta1,
-                beta2,
-                eps,
-                weight_decay,
-                step,
-                1.0,
+                *hyper,
                 int(torch.cuda.current_stream(p.device).cuda_stream),
             )
         else:

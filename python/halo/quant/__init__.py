@@ -4,12 +4,11 @@
 path go through the operators of :mod:`halo.ops`. Mirrors ``include/halo/quant``.
 """
 
+from .matmul import matmul_4bit, matmul_4bit_transposed
 from .tensor import (
     NESTED_BLOCKSIZE,
     QuantizedTensor,
     dequantize_4bit,
-    matmul_4bit,
-    matmul_4bit_transposed,
     quantize_4bit,
 )
 

@@ -95,7 +95,7 @@ class QuantizedTensor:
         self.__dict__["_absmax_cache"] = (key, decoded)
         return decoded
 
-    def _kernel_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+    def kernel_arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """(flat packed codes, contiguous float32 absmax) as the kernels take them (cached)."""
         cached = self.__dict__.get("_kernel_cache")
         if cached is not None:  # the hot path of every matmul: identity checks only
@@ -120,7 +120,7 @@ class QuantizedTensor:
         """The kernel arrays as torch tensors on a CUDA ``device`` (cached per device)."""
         import torch
 
-        packed, absmax = self._kernel_arrays()
+        packed, absmax = self.kernel_arrays()
         cache = self.__dict__.setdefault("_device_cache", {})
         entry = cache.get(str(device))
         if entry is not None and entry[0][0] is packed and entry[0][1] is absmax:
@@ -341,32 +341,17 @@ def dequantize_4bit(
     if out is not None and dtype is None:
         dtype = out.dtype
     dtype = float_dtype_name(fn, dtype if dtype is not None else qt.dtype)
+    packed = np.ascontiguousarray(qt.packed).reshape(-1)
+    absmax = np.ascontiguousarray(qt.block_absmax(), dtype=np.float32)
+    args = (packed, absmax, qt.numel, qt.quant_type, qt.blocksize, dtype, backend)
     if out is not None:
-        target = _writable_flat(fn, out, dtype, qt.numel)
-        _core.quant.dequantize_4bit(
-            np.ascontiguousarray(qt.packed).reshape(-1),
-            np.ascontiguousarray(qt.block_absmax(), dtype=np.float32),
-            qt.numel,
-            qt.quant_type,
-            qt.blocksize,
-            dtype,
-            backend,
-            target,
-        )
+        _core.quant.dequantize_4bit(*args, writable_flat(fn, out, dtype, qt.numel))
         return out
-    flat = _core.quant.dequantize_4bit(
-        np.ascontiguousarray(qt.packed).reshape(-1),
-        np.ascontiguousarray(qt.block_absmax(), dtype=np.float32),
-        qt.numel,
-        qt.quant_type,
-        qt.blocksize,
-        dtype,
-        backend,
-    )
+    flat = _core.quant.dequantize_4bit(*args)
     return restore(flat, dtype, qt.shape, qt.kind)
 
 
-def _writable_flat(function: str, out: Any, dtype: str, numel: int) -> np.ndarray:
+def writable_flat(function: str, out: Any, dtype: str, numel: int) -> np.ndarray:
     if is_torch_tensor(out):
         import torch
 
@@ -392,195 +377,3 @@ def _writable_flat(function: str, out: Any, dtype: str, numel: int) -> np.ndarra
 
 
 # -- matrix products with a 4-bit weight ------------------------------------------------------------
-
-
-def matmul_4bit(x: Any, qt: QuantizedTensor, bias: Any = None, out: Any = None, backend: str = "auto") -> Any:
-    """``y = x @ W.T (+ bias)`` for a 2-D 4-bit ``W`` of shape ``[out, in]``: a Linear
-    layer's forward, computed from the packed codes (never dequantizing W as a whole).
-
-    ``x``: NumPy array or torch tensor (CPU, or CUDA in a build with CUDA), float32,
-    float16 or bfloat16, shape ``[..., in]``, any layout. Returns the same kind and
-    dtype, shape ``[..., out]``. W is taken at x's precision (exactly
-    ``dequantize_4bit(W, x.dtype)``) and products are summed in float32; ``bias``
-    (``[out]``, any float dtype) is converted to x's dtype and added before the one
-    final rounding. ``out``: a C-contiguous array/tensor of x's dtype and the result's
-    element count to write into. Not differentiable: ``halo.lora.autograd`` and the torch ops
-    built on it provide gradients.
-    """
-    return _matmul("matmul_4bit", x, qt, bias, out, backend, transposed=False)
-
-
-def matmul_4bit_transposed(x: Any, qt: QuantizedTensor, out: Any = None, backend: str = "auto") -> Any:
-    """``y = x @ W`` for a 2-D 4-bit ``W`` ``[out, in]`` and ``x`` ``[..., out]``: the
-    input gradient of :func:`matmul_4bit` (``grad_x = grad_y @ W``). Kinds, dtypes and
-    precision as :func:`matmul_4bit`; the result is ``[..., in]``."""
-    return _matmul("matmul_4bit_transposed", x, qt, None, out, backend, transposed=True)
-
-
-_TORCH_FLOATS: dict[Any, str] = {}
-
-
-def _matmul_torch_cpu(x: Any, qt: QuantizedTensor, transposed: bool) -> Any:
-    """The call a decode loop makes (a contiguous CPU torch tensor, no bias, no out, backend
-    auto) with only the checks it needs: a few microseconds where the general path takes
-    tens, which small layers at one row would pay on every call. Anything else returns None
-    and goes the general way, which checks everything and names what is wrong."""
-    torch = sys.modules.get("torch")
-    if (
-        torch is None or type(x) is not torch.Tensor
-    ):  # subclasses (Parameter, fake tensors) go the general way
-        return None
-    if not _TORCH_FLOATS:
-        _TORCH_FLOATS.update({torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"})
-    entry = _TORCH_FLOATS.get(x.dtype)
-    shape = qt.shape
-    if (
-        entry is None
-        or len(shape) != 2
-        or x.dim() == 0
-        or x.device.type != "cpu"
-        or x.layout != torch.strided
-        or not x.is_contiguous()
-    ):
-        return None
-    out_features, in_features = int(shape[0]), int(shape[1])
-    x_cols, y_cols = (out_features, in_features) if transposed else (in_features, out_features)
-    if x.shape[-1] != x_cols:
-        return None
-    packed, absmax = qt._kernel_arrays()
-    y = torch.empty((*x.shape[:-1], y_cols), dtype=x.dtype)
-    _core.quant.matmul_4bit_pointers(
-        x.data_ptr(),
-        entry,
-        x.numel() // x_cols,
-        packed,
-        absmax,
-        qt.quant_type,
-        qt.blocksize,
-        out_features,
-        in_features,
-        y.data_ptr(),
-        transposed,
-    )
-    return y
-
-
-def _matmul(fn: str, x: Any, qt: Any, bias: Any, out: Any, backend: str, transposed: bool) -> Any:
-    if out is None and bias is None and backend == "auto" and type(qt) is QuantizedTensor:
-        y = _matmul_torch_cpu(x, qt, transposed)
-        if y is not None:
-            return y
-    if not isinstance(qt, QuantizedTensor):
-        raise TypeError(f"[{fn}] W must be a QuantizedTensor, got {type(qt).__name__}")
-    if len(qt.shape) != 2:
-        raise ValueError(f"[{fn}] W must be 2-D [out, in], got shape {qt.shape}")
-    check_backend(fn, backend)
-    out_features, in_features = (int(d) for d in qt.shape)
-    x_cols, y_cols = (out_features, in_features) if transposed else (in_features, out_features)
-    if out is not None and not (is_torch_tensor(out) or isinstance(out, np.ndarray)):
-        raise TypeError(f"[{fn}] out must be a NumPy array or a torch tensor, got {type(out).__name__}")
-    if is_torch_tensor(x) and x.device.type == "cuda":
-        return _matmul_cuda(fn, x, qt, bias, out, backend, transposed, x_cols, y_cols)
-    flat = flatten_float(fn, x)
-    if len(flat.shape) == 0 or flat.shape[-1] != x_cols:
-        raise ValueError(
-            f"[{fn}] x has shape {flat.shape}, expected [..., {x_cols}] for W of shape {qt.shape}"
-        )
-    rows = flat.data.size // x_cols
-    bias_data = None if bias is None else _bias_as(fn, bias, flat.dtype, y_cols)
-    packed, absmax = qt._kernel_arrays()
-    target = None if out is None else _writable_flat(fn, out, flat.dtype, rows * y_cols)
-    result = _core.quant.matmul_4bit(
-        flat.data,
-        flat.dtype,
-        rows,
-        packed,
-        absmax,
-        qt.quant_type,
-        qt.blocksize,
-        out_features,
-        in_features,
-        bias_data,
-        transposed,
-        backend,
-        target,
-    )
-    if out is not None:
-        return out
-    return restore(result, flat.dtype, (*flat.shape[:-1], y_cols), flat.kind)
-
-
-def _bias_as(fn: str, bias: Any, dtype: str, count: int) -> np.ndarray:
-    """The bias as a flat array of ``dtype`` (bfloat16 as uint16 bits)."""
-    flat = flatten_float(f"{fn}: bias", bias)
-    if flat.data.size != count:
-        raise ValueError(f"[{fn}] bias has {flat.data.size} elements, expected {count}")
-    if flat.dtype == dtype:
-        return flat.data
-    values = (
-        flat.data.astype(np.float32)
-        if flat.dtype != "bfloat16"
-        else ((flat.data.astype(np.uint32) << 16).view(np.float32))
-    )
-    if dtype == "float32":
-        return values
-    if dtype == "float16":
-        return values.astype(np.float16)
-    bits = values.view(np.uint32)
-    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)  # nearest even, as torch
-    rounded[np.isnan(values)] = 0x7FC0
-    return rounded
-
-
-def _matmul_cuda(fn, x, qt, bias, out, backend, transposed, x_cols, y_cols):
-    import torch
-
-    if backend not in ("auto", "cuda"):
-        raise ValueError(f"[{fn}] x is on {x.device}: backend must be 'auto' or 'cuda', got {backend!r}")
-    from ..ops import FLOAT_NAMES as names
-
-    if x.dtype not in names:
-        raise TypeError(f"[{fn}] expected a float32, float16 or bfloat16 tensor, got {x.dtype}")
-    if x.dim() == 0 or x.shape[-1] != x_cols:
-        raise ValueError(
-            f"[{fn}] x has shape {tuple(x.shape)}, expected [..., {x_cols}] for W of shape {qt.shape}"
-        )
-    x = x.detach().contiguous()
-    rows = x.numel() // x_cols
-    packed, absmax = qt._device_arrays(x.device)
-    if out is None:
-        y = torch.empty(*x.shape[:-1], y_cols, dtype=x.dtype, device=x.device)
-    else:
-        if (
-            not is_torch_tensor(out)
-            or out.device != x.device
-            or not out.is_contiguous()
-            or out.dtype != x.dtype
-        ):
-            raise ValueError(f"[{fn}] out must be a contiguous {x.dtype} tensor on {x.device}")
-        if out.numel() != rows * y_cols:
-            raise ValueError(f"[{fn}] out holds {out.numel()} elements, expected {rows * y_cols}")
-        y = out
-    bias_t = None
-    if bias is not None:
-        bias_t = torch.as_tensor(bias).to(device=x.device, dtype=x.dtype).contiguous().reshape(-1)
-        if bias_t.numel() != y_cols:
-            raise ValueError(f"[{fn}] bias has {bias_t.numel()} elements, expected {y_cols}")
-    stream = torch.cuda.current_stream(x.device).cuda_stream
-    with torch.cuda.device(x.device):
-        _core.quant.matmul_4bit_device(
-            x.data_ptr(),
-            names[x.dtype],
-            rows,
-            packed.data_ptr(),
-            absmax.data_ptr(),
-            qt.quant_type,
-            qt.blocksize,
-            int(qt.shape[0]),
-            int(qt.shape[1]),
-            0 if bias_t is None else bias_t.data_ptr(),
-            y.data_ptr(),
-            transposed,
-            stream,
-        )
-    return y
