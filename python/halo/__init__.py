@@ -98,6 +98,8 @@ class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         pass
 
 
+# ``import halo.merge`` (the module of the flat layout) must not replace the function halo.merge.
+sys.modules.setdefault("halo.merge", sys.modules["halo.lora.merge_checkpoint"])
 if not any(isinstance(f, _MovedModules) for f in sys.meta_path):
     sys.meta_path.append(_MovedModules())
 

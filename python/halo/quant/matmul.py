@@ -14,6 +14,7 @@ import numpy as np
 from .. import _core
 from .._arrays import flatten_float, is_torch_tensor, restore
 from ..backend import check_backend
+from ..formats import KERNEL_FLOATS
 from .tensor import QuantizedTensor, writable_flat
 
 
@@ -54,7 +55,9 @@ def _matmul_torch_cpu(x: Any, qt: QuantizedTensor, transposed: bool) -> Any:
     ):  # subclasses (Parameter, fake tensors) go the general way
         return None
     if not _TORCH_FLOATS:
-        _TORCH_FLOATS.update({torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"})
+        _TORCH_FLOATS.update(
+            {getattr(torch, name): name for name in KERNEL_FLOATS}
+        )  # ops.FLOAT_NAMES, without importing the ops
     entry = _TORCH_FLOATS.get(x.dtype)
     shape = qt.shape
     if (
