@@ -1,8 +1,8 @@
 """What lost terms cost HALO edge inference in accuracy, measured in one process in seconds.
 
 The simulator runs SmolLM2-135M's groups in this process (``halo.edge.compute.LocalCluster``), takes
-the critical set and the compensation from the runtime's own ``edge_policy.TermPolicy`` (the
-object ``edge_root.Root`` uses) and drops, with a seeded generator, what the network would:
+the critical set and the compensation from the runtime's own ``halo.edge.policy.TermPolicy`` (the
+object ``halo.edge.root.Root`` uses) and drops, with a seeded generator, what the network would:
 
 * every datagram of a non-critical term (one row of one group: a 576-wide float16 row fills a
   datagram) independently with probability p (worker -> root);

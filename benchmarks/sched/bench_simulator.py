@@ -50,7 +50,8 @@ def recovery_times() -> tuple[dict[str, float], str]:
 
 def layer_terms():
     """Per token of real text: the layer-3 input and every group's additive term, both parts."""
-    from halo import edge_model as em
+    from halo.edge import compute as ec
+    from halo.edge import model as em
     from halo.edge.plan import docstring_text
     from transformers import AutoTokenizer
 
@@ -58,8 +59,8 @@ def layer_terms():
     spec = em.read_spec(path)
     ck = em.Checkpoint(path)
     groups = em.layout(spec, 32, 2)
-    cluster = em.LocalCluster(ck, spec, groups)
-    root = em.RootModel(ck, spec)
+    cluster = ec.LocalCluster(ck, spec, groups)
+    root = ec.RootModel(ck, spec)
     captured = {0: [], 1: []}
 
     def observe(layer, part, h, terms):

@@ -26,11 +26,10 @@ The flat module names of earlier releases (``halo.edge_root``, ``halo.gguf_expor
 from __future__ import annotations
 
 import importlib
-import importlib.abc
-import importlib.util
 import sys
 
 from . import gguf, hf, io, lora, sched
+from ._moved import MovedModules
 from .backend import backends, built_with_cuda, kernels, resolve_backend
 from .gguf import export_gguf, import_gguf
 from .hwq import HaloQuantized, HardwareModel, halo_quantize, rtn_quantize
@@ -84,24 +83,10 @@ MOVED_MODULES = {
 }
 
 
-class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """``import halo.edge_root`` gives the module ``halo.edge.root`` itself (one module object,
-    so patches and isinstance checks agree whichever name a script uses)."""
-
-    def find_spec(self, name, path=None, target=None):
-        return importlib.util.spec_from_loader(name, self) if name in MOVED_MODULES else None
-
-    def create_module(self, spec):
-        return importlib.import_module(MOVED_MODULES[spec.name])
-
-    def exec_module(self, module):
-        pass
-
-
 # ``import halo.merge`` (the module of the flat layout) must not replace the function halo.merge.
 sys.modules.setdefault("halo.merge", sys.modules["halo.lora.merge_checkpoint"])
-if not any(isinstance(f, _MovedModules) for f in sys.meta_path):
-    sys.meta_path.append(_MovedModules())
+if not any(isinstance(f, MovedModules) for f in sys.meta_path):
+    sys.meta_path.append(MovedModules(MOVED_MODULES))
 
 
 def __getattr__(name: str):

@@ -211,7 +211,7 @@ def gguf_demo(model_dir: str, adapter: Path, work: Path, tokenizer, question: st
     )
     print(f"exported base + adapter to {gguf_path} with halo.export_gguf ({summary})")
     try:
-        from halo import gguf_run
+        from halo.gguf import run as gguf_run
 
         text = gguf_run.generate(gguf_path, question, max_tokens=24, chat=True)
         print(f"  llama.cpp answers: {text!r}")

@@ -121,16 +121,17 @@ def test_nf4_groups_compute_with_the_dequantized_weights(tiny_llama):
     """Workers holding NF4 groups give the terms of the dequantized weights (halo's 4-bit
     kernel against an independent float product), and the whole model stays close."""
     import halo
-    from halo import edge_model as em
+    from halo.edge import compute as ec
+    from halo.edge import model as em
 
     spec = em.read_spec(tiny_llama)
     groups = em.layout(spec, 48, 2)
     ck = em.Checkpoint(tiny_llama)
-    store = em.WeightStore(ck, spec, "nf4")
+    store = ec.WeightStore(ck, spec, "nf4")
     g = groups[1][FFN][1]
     store.hold([g])
     h = torch.randn(3, spec.hidden)
-    term = em.GroupCompute(spec, store).run([g], h, 0)[0]
+    term = ec.GroupCompute(spec, store).run([g], h, 0)[0]
     deq = {
         k: torch.from_numpy(halo.dequantize_4bit(store.get(g.key).mats[k].packed))
         for k in ("gate", "up", "down")
@@ -464,7 +465,7 @@ def test_mean_compensation_fills_with_the_groups_running_mean():
 
 
 def test_estimate_shrinkage_drops_unpredictable_groups(tiny_llama):
-    from halo import edge_model as em
+    from halo.edge import model as em
     from halo.edge.predictor import Calibration, fit_estimates
 
     spec = em.read_spec(tiny_llama)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from halo import partition
+from halo.sched import partition
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .._moved import moved_names
+
 ATTN, FFN = 0, 1
 PART_NAMES = ("attention", "ffn")
 
@@ -253,3 +255,18 @@ def tensor_names(spec: Spec, layer: int) -> dict[str, str]:
         "down": p + "output.dense",
         "ln_ffn": p + "output.LayerNorm",
     }
+
+
+# names that moved to halo.edge.compute when this module was split
+_MOVED = (
+    "GroupWeights",
+    "WEIGHT_FORMATS",
+    "Nf4Matrix",
+    "WeightStore",
+    "KVCache",
+    "rope_tables",
+    "GroupCompute",
+    "RootModel",
+    "LocalCluster",
+)
+__getattr__ = moved_names(__name__, "halo.edge.compute", _MOVED)

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from .. import sched
+from .._moved import moved_names
 from .compute import LocalCluster, RootModel
 from .model import (
     ATTN,
@@ -478,3 +479,8 @@ def with_placement(
     devs = list(devices) if devices is not None else plan.devices
     assignment = assign_groups(spec, groups, plan.importance, devs, placement, plan.loss_budget)
     return Plan(**{**plan.__dict__, "placement": placement, "devices": devs, "assignment": assignment})
+
+
+# names that moved to halo.edge.predictor when this module was split
+_MOVED = ("load_predictors", "fit_estimates")
+__getattr__ = moved_names(__name__, "halo.edge.predictor", _MOVED)

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .._core import edge_store as _store
+from .._moved import moved_names
 from .compute import GroupWeights, WeightStore
 from .model import (
     ATTN,
@@ -523,16 +524,12 @@ def budget_text(size: int | None) -> str:
     return f"{size} B"
 
 
-_STREAMING = ("StreamedCompute", "StreamedLocal", "WorkerStreaming", "input_norms", "static_shares")
-
-
-def __getattr__(name: str):  # names that moved to halo.edge.streaming
-    if name in _STREAMING:
-        from . import streaming
-
-        return getattr(streaming, name)
-    raise AttributeError(f"module 'halo.edge.store' has no attribute {name!r}")
-
+# names that moved to halo.edge.streaming when this module was split
+__getattr__ = moved_names(
+    __name__,
+    "halo.edge.streaming",
+    ("StreamedCompute", "StreamedLocal", "WorkerStreaming", "input_norms", "static_shares"),
+)
 
 __all__ = [
     "MODES",
