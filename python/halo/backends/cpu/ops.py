@@ -59,7 +59,9 @@ def _raw_view(t: Tensor, dtype: type) -> np.ndarray:
     if nbytes == 0:
         return np.empty(0, dtype)
     if t.untyped_storage().nbytes() < t.storage_offset() * t.element_size() + nbytes:  # freed (FSDP2)
-        raise ValueError(f"[halo] a {tuple(t.shape)} {t.dtype} weight tensor has no memory (its storage was freed)")
+        raise ValueError(
+            f"[halo] a {tuple(t.shape)} {t.dtype} weight tensor has no memory (its storage was freed)"
+        )
     return np.frombuffer((ctypes.c_char * nbytes).from_address(t.data_ptr()), dtype=dtype)
 
 
