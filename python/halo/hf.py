@@ -306,7 +306,15 @@ def halo_quantize_model(
 # -- Drop-in 4-bit loading (halo.hf_4bit): HaloConfig for from_pretrained, quantize_model,
 # bitsandbytes checkpoints without bitsandbytes. Imported on first use so that importing halo
 # does not import torch or transformers.
-_DROP_IN = ("HaloConfig", "HaloHfQuantizer", "auto_compute_dtype", "load_bnb_checkpoint", "quantize_model")
+_DROP_IN = (
+    "HaloConfig",
+    "HaloHfQuantizer",
+    "auto_compute_dtype",
+    "empty_model",
+    "load_bnb_checkpoint",
+    "load_on_rank0",
+    "quantize_model",
+)
 _PEFT = ("LoraLinear4bit", "PeftLinear4bit", "register_lora")
 
 
