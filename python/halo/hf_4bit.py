@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 import sys
@@ -441,10 +442,11 @@ def empty_model(path: Any, quantization_config: HaloConfig, model_class: Any = N
     """The model ``model_class.from_pretrained(path, quantization_config=quantization_config)``
     gives, on the meta device, without reading its weights: the same modules, every 4-bit layer
     quantized (its packed weight in ``quant_storage`` and its statistics with their shapes and
-    dtypes, no values), the same tied weights. Only ``config.json`` is read. A rank of a
-    distributed run that receives the values from another builds its model so
-    (:func:`load_on_rank0`, :func:`halo.distributed.broadcast_model`)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    dtypes, no values), the same tied weights. ``path``: the checkpoint folder (only its
+    ``config.json`` is read) or the model's transformers config itself. A rank of a distributed
+    run that receives the values from another builds its model so (:func:`load_on_rank0`,
+    :func:`halo.distributed.broadcast_model`)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
     fn = "empty_model"
     if not isinstance(quantization_config, HaloConfig):
@@ -452,7 +454,11 @@ def empty_model(path: Any, quantization_config: HaloConfig, model_class: Any = N
             f"[{fn}] quantization_config must be a halo.hf.HaloConfig, got {type(quantization_config).__name__}"
         )
     model_class = model_class or AutoModelForCausalLM
-    config = AutoConfig.from_pretrained(path)
+    if isinstance(path, PretrainedConfig):  # a loaded model's: without the quantization it records
+        config = copy.deepcopy(path)
+        config.__dict__.pop("quantization_config", None)
+    else:
+        config = AutoConfig.from_pretrained(path)
     if dtype is None or (isinstance(dtype, str) and dtype == "auto"):
         dtype = getattr(config, "dtype", None) or torch.float32
     dtype = _dtype_of(dtype)
@@ -482,10 +488,12 @@ def load_on_rank0(
     """``from_pretrained(path, quantization_config=...)`` for a distributed run that reads the
     checkpoint once (accelerate's ``cpu_ram_efficient_loading``): rank 0 of ``group`` loads it
     (``kwargs`` go to ``from_pretrained``; ``dtype`` is used on every rank), every other rank
-    builds the model on the meta device (:func:`empty_model`) and receives rank 0's parameters,
-    buffers and 4-bit quantization state bit for bit (:func:`halo.distributed.broadcast_model`),
-    on the CPU. Call it on every rank, before FSDP wraps the model. Starts the default process
-    group from the launcher's variables if none is running; one process loads as usual."""
+    builds the model on the meta device from rank 0's config (:func:`empty_model`; its ``path``
+    is not read: the other machines need no copy of the checkpoint) and receives rank 0's
+    parameters, buffers and 4-bit quantization state bit for bit
+    (:func:`halo.distributed.broadcast_model`), on the CPU. Call it on every rank, before FSDP
+    wraps the model. Starts the default process group from the launcher's variables if none is
+    running; one process loads as usual."""
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
@@ -496,8 +504,12 @@ def load_on_rank0(
         return model_class.from_pretrained(path, quantization_config=quantization_config, **kwargs)
     if not dist.is_initialized():
         dist.init_process_group()
+    src = dist.get_global_rank(group, 0) if group is not None else 0
+    config = [None]
     if dist.get_rank(group) == 0:
         model = model_class.from_pretrained(path, quantization_config=quantization_config, **kwargs)
-    else:
-        model = empty_model(path, quantization_config, model_class, kwargs.get("dtype", "auto"))
-    return broadcast_model(model, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+        config = [model.config]
+    dist.broadcast_object_list(config, src=src, group=group)
+    if dist.get_rank(group) != 0:
+        model = empty_model(config[0], quantization_config, model_class, kwargs.get("dtype", "auto"))
+    return broadcast_model(model, src=src, group=group)

@@ -120,7 +120,9 @@ def main() -> None:
     torch.set_num_threads(1)
     config = HaloConfig(compute_dtype=torch.float32, quant_storage=getattr(torch, args.quant_storage))
     checkpoint = str((Path(args.model) / "model.safetensors").resolve())
-    once = load_on_rank0(args.model, quantization_config=config)
+    # The other ranks are given a folder that does not exist: they must not need the checkpoint.
+    elsewhere = args.model if dist.get_rank() == 0 else str(Path(args.model) / "not-on-this-machine")
+    once = load_on_rank0(elsewhere, quantization_config=config)
     with open("/proc/self/maps") as maps:
         mapped = checkpoint in maps.read()
     every = AutoModelForCausalLM.from_pretrained(args.model, quantization_config=config)
