@@ -10,6 +10,12 @@ A DDP step trains N samples, so samples/s is the comparable rate. Runs alternate
 
     python benchmarks/lora/bench_distributed.py [--procs 2] [--seq 128] [--steps 20] [--repeats 2]
     python benchmarks/lora/bench_distributed.py --fsdp ...   # DDP against FSDP2, both on --procs
+    python benchmarks/lora/bench_distributed.py --fsdp --rank0-loads --mmap-threshold 131072 ...
+
+--rank0-loads adds FSDP2 with the model read by rank 0 only (halo.hf.load_on_rank0); the table
+then also gives the other ranks' peak after loading. --mmap-threshold runs every setup with
+glibc's mmap threshold fixed (MALLOC_MMAP_THRESHOLD_), which takes the allocator's order-dependent
+heap growth out of the peak.
 
 Peak RSS (VmHWM) counts the pages of the memory-mapped checkpoint each rank touched while
 loading; those are page cache the ranks share, so the table also gives the peak right after
