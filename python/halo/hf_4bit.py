@@ -499,6 +499,11 @@ def load_on_rank0(
 
     from .distributed import broadcast_model
 
+    if not isinstance(quantization_config, HaloConfig):  # every rank stops here, none waits for another
+        raise TypeError(
+            "[load_on_rank0] quantization_config must be a halo.hf.HaloConfig, got "
+            f"{type(quantization_config).__name__}"
+        )
     model_class = model_class or AutoModelForCausalLM
     if not dist.is_available() or (not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) <= 1):
         return model_class.from_pretrained(path, quantization_config=quantization_config, **kwargs)
