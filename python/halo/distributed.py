@@ -195,24 +195,12 @@ def broadcast_model(model: nn.Module, src: int = 0, group: Any = None, device: A
         if tensor.is_meta:
             tensor = _materialize(owners, torch.device(device))
         if tensor.is_contiguous():
-            _broadcast_bytes(tensor.detach().reshape(-1).view(torch.uint8), src, group)
+            dist.broadcast(tensor.detach().reshape(-1).view(torch.uint8), src=src, group=group)
         else:
             staged = tensor.detach().contiguous()
-            _broadcast_bytes(staged.reshape(-1).view(torch.uint8), src, group)
+            dist.broadcast(staged.reshape(-1).view(torch.uint8), src=src, group=group)
             tensor.copy_(staged)
     return model
-
-
-_CHUNK = 8 << 20
-
-
-def _broadcast_bytes(flat: torch.Tensor, src: int, group: Any) -> None:
-    """Broadcasts a 1-D uint8 tensor in place, 8 MiB at a time: gloo stages what it sends and
-    receives, and a whole embedding at once would cost every rank a second copy of it."""
-    import torch.distributed as dist
-
-    for start in range(0, flat.numel(), _CHUNK):
-        dist.broadcast(flat[start : start + _CHUNK], src=src, group=group)
 
 
 def _tensor(owner: tuple[nn.Module, str, str]) -> torch.Tensor:
