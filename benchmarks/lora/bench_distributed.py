@@ -10,6 +10,12 @@ A DDP step trains N samples, so samples/s is the comparable rate. Runs alternate
 
     python benchmarks/lora/bench_distributed.py [--procs 2] [--seq 128] [--steps 20] [--repeats 2]
     python benchmarks/lora/bench_distributed.py --fsdp ...   # DDP against FSDP2, both on --procs
+    python benchmarks/lora/bench_distributed.py --fsdp --rank0-loads --mmap-threshold 131072 ...
+
+--rank0-loads adds FSDP2 with the model read by rank 0 only (halo.hf.load_on_rank0); the table
+then also gives the other ranks' peak after loading. --mmap-threshold runs every setup with
+glibc's mmap threshold fixed (MALLOC_MMAP_THRESHOLD_), which takes the allocator's order-dependent
+heap growth out of the peak.
 
 Peak RSS (VmHWM) counts the pages of the memory-mapped checkpoint each rank touched while
 loading; those are page cache the ranks share, so the table also gives the peak right after
@@ -59,17 +65,22 @@ def _status_mib() -> dict[str, float]:
 
 def _shard_fsdp2(model, root: bool) -> None:
     """FSDP2: fully_shard on every decoder layer (every LoRA factor and 4-bit weight lives in one),
-    and with ``root`` on the whole PEFT model as well, which shards the frozen tied embedding too
-    (then gathered whole for every forward and backward). The Trainer is then
-    kept from wrapping it in DDP as well: accelerate turns its FSDP plugin on only for GPU-like
-    devices and wraps CPU ranks in DDP, which cannot hold the sharded (DTensor) parameters."""
+    then on the whole PEFT model. Without ``root`` the model's own unit leaves out the frozen tied
+    embedding (``ignored_params``: replicated on every rank, as under DDP); with it the embedding
+    is sharded too (then gathered whole for every forward and backward). The whole model must be
+    a unit either way: FSDP2 takes the first unit to run forward for the root and keeps a root's
+    parameters gathered from its forward to its backward, so with the layers alone every layer
+    would be a root and each rank would hold all of them gathered at the end of the forward.
+    The Trainer is then kept from wrapping it in DDP as well: accelerate turns its FSDP plugin on
+    only for GPU-like devices and wraps CPU ranks in DDP, which cannot hold the sharded (DTensor)
+    parameters."""
     import accelerate
     from torch.distributed.fsdp import fully_shard
 
     for layer in model.base_model.model.model.layers:
         fully_shard(layer)
-    if root:
-        fully_shard(model)
+    embedding = model.get_input_embeddings().weight
+    fully_shard(model, ignored_params=None if root else {embedding})
     prepare_model = accelerate.Accelerator.prepare_model
 
     def keep_fsdp2(self, module, *args, **kwargs):
@@ -147,11 +158,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(procs: int, seq: int, steps: int, fsdp: str = "") -> list[dict]:
+def run(
+    procs: int, seq: int, steps: int, fsdp: str = "", rank0_loads: bool = False, mmap_threshold: int = 0
+) -> list[dict]:
     cores = os.cpu_count() or 1
     threads = max(1, cores // procs)
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(threads), HALO_NUM_THREADS=str(threads))
     env.pop("WORLD_SIZE", None)
+    env["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "true" if rank0_loads else "false"
+    if mmap_threshold:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
     with tempfile.TemporaryDirectory(prefix="bench_distributed.") as results:
         tail = [__file__, "--child", "--seq", str(seq), "--steps", str(steps), "--results", results]
         tail += ["--fsdp", fsdp] if fsdp else []
@@ -185,8 +201,23 @@ def main() -> int:
         const="layers",
         default="",
         choices=("layers", "root", "both"),
-        help="compare DDP with FSDP2 on --procs processes: fully_shard per decoder layer (layers, the "
-        "default), also on the whole model (root), or both setups",
+        help="compare DDP with FSDP2 on --procs processes: fully_shard per decoder layer and on the "
+        "model without its tied embedding (layers, the default), or with it (root), or both setups",
+    )
+    parser.add_argument(
+        "--rank0-loads",
+        action="store_true",
+        help="with --fsdp, one more setup: FSDP2 per layer where rank 0 reads the checkpoint and the "
+        "other ranks receive the 4-bit model (cpu_ram_efficient_loading, halo.hf.load_on_rank0)",
+    )
+    parser.add_argument(
+        "--mmap-threshold",
+        type=int,
+        default=0,
+        metavar="BYTES",
+        help="run every setup with glibc's MALLOC_MMAP_THRESHOLD_=BYTES (fixed: freed blocks of that "
+        "size or more go back to the system at once) instead of its default, which rises with "
+        "the largest block freed and makes the peak RSS depend on the order of allocations",
     )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--results", type=Path, help=argparse.SUPPRESS)
@@ -196,6 +227,8 @@ def main() -> int:
             parser.error(f"--child needs --results FOLDER, an existing folder (got {args.results})")
         child(args.seq, args.steps, args.results, args.fsdp)
         return 0
+    if args.rank0_loads and not args.fsdp:
+        parser.error("--rank0-loads compares FSDP setups: give --fsdp too")
     if args.procs < 2:
         parser.error(f"--procs must be at least 2, got {args.procs}")
     if not (MODEL / "config.json").is_file():
@@ -204,19 +237,24 @@ def main() -> int:
         )
     print(f"CPU: {os.cpu_count()} cores; flags: {cpu_flags()}", flush=True)
     print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
+    allocator = f"MALLOC_MMAP_THRESHOLD_={args.mmap_threshold}" if args.mmap_threshold else "glibc's default"
+    print(f"allocator: {allocator}", flush=True)
     n = args.procs
-    names = {"layers": "FSDP2 per layer", "root": "FSDP2 per layer + root"}
+    names = {"layers": "FSDP2 per layer", "root": "FSDP2 per layer + embedding"}
     if args.fsdp:
         kinds = ["layers", "root"] if args.fsdp == "both" else [args.fsdp]
-        setups = [(f"{n} DDP", n, ""), *((f"{n} {names[k]}", n, k) for k in kinds)]
+        setups = [(f"{n} DDP", n, "", False), *((f"{n} {names[k]}", n, k, False) for k in kinds)]
+        if args.rank0_loads:
+            setups.append((f"{n} FSDP2 per layer, rank 0 loads", n, "layers", True))
     else:
-        setups = [("1 process", 1, ""), (f"{n} DDP", n, "")]
+        setups = [("1 process", 1, "", False), (f"{n} DDP", n, "", False)]
     figures: dict[str, dict[str, list[float]]] = {
-        name: {"samples": [], "steps": [], "peak": [], "load": [], "anon": []} for name, _, _ in setups
+        name: {"samples": [], "steps": [], "peak": [], "load": [], "anon": [], "load_others": []}
+        for name, *_ in setups
     }
     for repeat in range(args.repeats):
-        for name, procs, fsdp in setups if repeat % 2 == 0 else setups[::-1]:
-            ranks = run(procs, args.seq, args.steps, fsdp)
+        for name, procs, fsdp, rank0_loads in setups if repeat % 2 == 0 else setups[::-1]:
+            ranks = run(procs, args.seq, args.steps, fsdp, rank0_loads, args.mmap_threshold)
             times = ranks[0]["step_seconds"][1:]
             rate = len(times) / max(sum(times), 1e-9)
             got = figures[name]
@@ -224,6 +262,7 @@ def main() -> int:
             got["samples"].append(rate * procs)
             got["peak"].extend(r["peak_rss_mib"] for r in ranks)
             got["load"].extend(r["loaded"]["peak"] for r in ranks)
+            got["load_others"].extend(r["loaded"]["peak"] for r in ranks if r["rank"] != 0)
             got["anon"].extend(r["end"]["anon"] for r in ranks)
             got.setdefault("losses", ranks[0]["losses"])
             per_rank = ", ".join(
@@ -241,11 +280,12 @@ def main() -> int:
         print(
             f"  {name}: samples/s {_spread(got['samples'], '.3f')}, steps/s {_spread(got['steps'], '.3f')}; "
             f"per rank: peak RSS {_spread(got['peak'])} MiB, after loading {_spread(got['load'])} MiB, "
-            f"anonymous at the end {_spread(got['anon'])} MiB",
+            f"anonymous at the end {_spread(got['anon'])} MiB; ranks other than 0 after loading "
+            f"{_spread(got['load_others'])} MiB",
             flush=True,
         )
     a = setups[0][0]
-    for b, _, _ in setups[1:]:
+    for b, *_ in setups[1:]:
         ratio = statistics.median(figures[b]["samples"]) / statistics.median(figures[a]["samples"])
         peak = statistics.median(figures[b]["peak"]) / statistics.median(figures[a]["peak"])
         print(

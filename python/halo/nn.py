@@ -225,6 +225,19 @@ class Linear4bit(nn.Module):
         self._set_state(packed, absmax, nested, offset, w.dtype)
         return self
 
+    def quantize_on_meta(self) -> Linear4bit:
+        """The state :meth:`quantize_` gives, on the meta device: the shapes and dtypes of the packed
+        weight (in ``quant_storage``) and its quantization statistics, no values. For a rank that
+        builds the model without reading its checkpoint and receives the values by broadcast
+        (:func:`halo.hf.load_on_rank0`)."""
+        w = torch.empty(self.out_features, self.in_features, dtype=self.original_dtype, device="meta")
+        packed, absmax = _ops.quantize_4bit(w, self.quant_type, self.blocksize)
+        nested = None
+        if self.double_quant:
+            absmax, nested, _ = torch.ops.halo.double_quantize_absmax(absmax, 1)
+        self._set_state(packed, absmax, nested, 0.0, w.dtype)
+        return self
+
     def _set_state(self, packed, absmax, nested, offset, original_dtype) -> None:
         self.weight = _store_packed(packed, self.quant_storage)
         self.weight_absmax = absmax

@@ -188,3 +188,45 @@ def test_check_fsdp1_names_the_layer_and_the_dtypes():
         check_fsdp1(halves)
     with pytest.raises(TypeError, match=r"\[check_fsdp1\] model must be a torch.nn.Module, got str"):
         check_fsdp1("model")
+
+
+@pytest.mark.parametrize("storage", [torch.uint8, torch.float32, torch.bfloat16])
+def test_empty_model_has_the_layout_from_pretrained_loads_on_the_meta_device(tiny_llama_dir, storage):
+    """halo.hf.empty_model (what the other ranks of load_on_rank0 build): every tensor, the packed
+    bytes in their quant_storage and the quantization statistics included, has the name, shape,
+    dtype and parameter class of the loaded model's, on the meta device, without reading weights."""
+    import transformers
+    from halo.hf import HaloConfig, empty_model
+    from halo.hf.distributed import _model_tensors
+
+    config = HaloConfig(compute_dtype=torch.float32, quant_storage=storage)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=config)
+    empty = empty_model(tiny_llama_dir, config)
+
+    def layout(model):
+        return [
+            (name, type(t).__name__, str(t.dtype), tuple(t.shape), len(owners))
+            for name, owners in _model_tensors(model)
+            for t in [getattr(owners[0][0], owners[0][2])]
+        ]
+
+    assert layout(empty) == layout(loaded) and len(layout(loaded)) > 40
+    assert all(t.is_meta for t in [*empty.parameters(), *empty.buffers()])
+    assert empty.config.quantization_config is config and empty.is_loaded_in_4bit
+    assert sum(isinstance(m, hnn.Linear4bit) and m.is_quantized for m in empty.modules()) == 14
+
+
+def test_loading_once_refuses_bad_arguments_with_one_line(tiny_llama_dir):
+    from halo.hf import empty_model, load_on_rank0
+    from halo.hf.distributed import broadcast_model
+
+    with pytest.raises(TypeError, match=r"\[empty_model\] quantization_config must be a halo.hf.HaloConfig"):
+        empty_model(tiny_llama_dir, {"load_in_4bit": True})
+    with pytest.raises(
+        TypeError, match=r"\[load_on_rank0\] quantization_config must be a halo.hf.HaloConfig"
+    ):
+        load_on_rank0(tiny_llama_dir, quantization_config=None)
+    with pytest.raises(TypeError, match=r"\[broadcast_model\] model must be a torch.nn.Module, got dict"):
+        broadcast_model({})
+    with pytest.raises(RuntimeError, match=r"\[broadcast_model\] needs an initialized torch.distributed"):
+        broadcast_model(torch.nn.Linear(2, 2))

@@ -151,6 +151,8 @@ def load_model(
     if config is None:
         dtype = getattr(torch, str(quant.get("bnb_4bit_compute_dtype") or "float32").removeprefix("torch."))
         model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    elif system == "halo" and _rank0_loads():
+        model = halo.hf.load_on_rank0(model_dir, quantization_config=config)
     else:
         model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=config)
     use_checkpointing = bool(recipe["training"].get("gradient_checkpointing", False))
@@ -159,6 +161,14 @@ def load_model(
     if seed is not None:
         torch.manual_seed(seed)
     return peft.get_peft_model(model, lora_config), tokenizer
+
+
+def _rank0_loads() -> bool:
+    """True on several processes with accelerate's ``cpu_ram_efficient_loading`` (its FSDP plugin
+    option, which accelerate launch hands over as FSDP_CPU_RAM_EFFICIENT_LOADING): rank 0 reads
+    the checkpoint and the other ranks receive the 4-bit model (halo.hf.load_on_rank0)."""
+    flag = os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "false").lower() in ("1", "true", "yes")
+    return flag and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 @dataclass

@@ -6,6 +6,9 @@
   replaces every ``nn.Linear`` (but ``skip_modules``) by :class:`halo.nn.Linear4bit` on the
   meta device and quantizes each weight as it is read: the float model never exists whole.
 - :func:`quantize_model` does the same to a model already in memory, layer by layer.
+- :func:`load_on_rank0` is ``from_pretrained`` for a distributed run (accelerate's
+  ``cpu_ram_efficient_loading``): rank 0 reads the checkpoint, the other ranks build the 4-bit
+  model on the meta device (:func:`empty_model`) and receive its values by broadcast.
 - :func:`load_bnb_checkpoint` loads a folder saved by transformers with a bitsandbytes
   4-bit ``quantization_config`` (same keys and bytes) with halo's layers.
 - A model saved after loading with ``HaloConfig`` writes bitsandbytes' tensor layout and a
@@ -14,7 +17,9 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,7 +32,14 @@ from .._pages import release_file_pages
 from ..nn import Linear4bit, check_quant_storage, check_settings
 from ..ops import FLOAT_NAMES
 
-__all__ = ["HaloConfig", "auto_compute_dtype", "load_bnb_checkpoint", "quantize_model"]
+__all__ = [
+    "HaloConfig",
+    "auto_compute_dtype",
+    "empty_model",
+    "load_bnb_checkpoint",
+    "load_on_rank0",
+    "quantize_model",
+]
 
 QUANT_METHOD = "halo_4bit"
 _DTYPES = {name: dtype for dtype, name in FLOAT_NAMES.items()}
@@ -422,3 +434,85 @@ def load_bnb_checkpoint(path: Any, model_class: Any = None, compute_dtype: Any =
         halo_config.compute_dtype = _dtype_of(compute_dtype)
     config.quantization_config = halo_config.to_dict()
     return model_class.from_pretrained(path, config=config, **kwargs)
+
+
+def empty_model(path: Any, quantization_config: HaloConfig, model_class: Any = None, dtype: Any = "auto"):
+    """The model ``model_class.from_pretrained(path, quantization_config=quantization_config)``
+    gives, on the meta device, without reading its weights: the same modules, every 4-bit layer
+    quantized (its packed weight in ``quant_storage`` and its statistics with their shapes and
+    dtypes, no values), the same tied weights. ``path``: the checkpoint folder (only its
+    ``config.json`` is read) or the model's transformers config itself. A rank of a distributed
+    run that receives the values from another builds its model so (:func:`load_on_rank0`,
+    :func:`halo.hf.distributed.broadcast_model`)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+    fn = "empty_model"
+    if not isinstance(quantization_config, HaloConfig):
+        raise TypeError(
+            f"[{fn}] quantization_config must be a halo.hf.HaloConfig, got {type(quantization_config).__name__}"
+        )
+    model_class = model_class or AutoModelForCausalLM
+    if isinstance(path, PretrainedConfig):  # a loaded model's: without the quantization it records
+        config = copy.deepcopy(path)
+        config.__dict__.pop("quantization_config", None)
+    else:
+        config = AutoConfig.from_pretrained(path)
+    if dtype is None or (isinstance(dtype, str) and dtype == "auto"):
+        dtype = getattr(config, "dtype", None) or torch.float32
+    dtype = _dtype_of(dtype)
+    with torch.device("meta"):
+        model = model_class.from_config(config, dtype=dtype)
+    skip = HaloHfQuantizer.get_modules_to_not_convert(
+        model, list(quantization_config.skip_modules), model._keep_in_fp32_modules, add_default_skips=True
+    )
+    if _replace_linears(model, quantization_config, skip, on_meta=True) == 0:
+        raise ValueError(f"[{fn}] {path} has no nn.Linear layers outside skip_modules={sorted(skip)}")
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.quantize_on_meta()
+    model.tie_weights()
+    model.config.quantization_config = quantization_config
+    model.hf_quantizer = HaloHfQuantizer(quantization_config)
+    model.is_quantized = True
+    model.is_loaded_in_4bit = True
+    model.quantization_method = QUANT_METHOD
+    model.eval()  # as from_pretrained leaves it
+    return _lora_ready(model)
+
+
+def load_on_rank0(
+    path: Any, quantization_config: HaloConfig, model_class: Any = None, group: Any = None, **kwargs: Any
+):
+    """``from_pretrained(path, quantization_config=...)`` for a distributed run that reads the
+    checkpoint once (accelerate's ``cpu_ram_efficient_loading``): rank 0 of ``group`` loads it
+    (``kwargs`` go to ``from_pretrained``; ``dtype`` is used on every rank), every other rank
+    builds the model on the meta device from rank 0's config (:func:`empty_model`; its ``path``
+    is not read: the other machines need no copy of the checkpoint) and receives rank 0's
+    parameters, buffers and 4-bit quantization state bit for bit
+    (:func:`halo.hf.distributed.broadcast_model`), on the CPU. Call it on every rank, before FSDP
+    wraps the model. Starts the default process group from the launcher's variables if none is
+    running; one process loads as usual."""
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+
+    from .distributed import broadcast_model
+
+    if not isinstance(quantization_config, HaloConfig):  # every rank stops here, none waits for another
+        raise TypeError(
+            "[load_on_rank0] quantization_config must be a halo.hf.HaloConfig, got "
+            f"{type(quantization_config).__name__}"
+        )
+    model_class = model_class or AutoModelForCausalLM
+    if not dist.is_available() or (not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) <= 1):
+        return model_class.from_pretrained(path, quantization_config=quantization_config, **kwargs)
+    if not dist.is_initialized():
+        dist.init_process_group()
+    src = dist.get_global_rank(group, 0) if group is not None else 0
+    config = [None]
+    if dist.get_rank(group) == 0:
+        model = model_class.from_pretrained(path, quantization_config=quantization_config, **kwargs)
+        config = [model.config]
+    dist.broadcast_object_list(config, src=src, group=group)
+    if dist.get_rank(group) != 0:
+        model = empty_model(config[0], quantization_config, model_class, kwargs.get("dtype", "auto"))
+    return broadcast_model(model, src=src, group=group)

@@ -1,7 +1,9 @@
 """CPU kernels of ``torch.ops.halo.*`` (the operators are defined in :mod:`halo.ops`).
 
-Tensors cross to halo's C++ kernels as NumPy views taken through DLPack (no copy for contiguous tensors);
-bfloat16 crosses as its uint16 bits. The matmuls run halo's fused 4-bit GEMM/GEMV
+Tensors cross to halo's C++ kernels without copies: the matmuls' activations and results as
+pointers (``data_ptr``, contiguous tensors the op layer has checked), a weight's codes and scales
+as NumPy views kept on the weight between calls (``_cached``), anything else as NumPy views taken
+through DLPack; bfloat16 crosses as its uint16 bits. The matmuls run halo's fused 4-bit GEMM/GEMV
 (halo/quant/matmul4.hpp: the codes are decoded inside the kernel, never as a whole W).
 """
 
