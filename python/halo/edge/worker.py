@@ -111,6 +111,7 @@ class _Session:
         self.groups: list | None = None
         self.held: dict[tuple[int, int], list] = {}
         self.delivery = _delivery({})
+        self.fec = 0  # parity set size of the unreliable terms (0: none), set by the root
         self.done: OrderedDict[int, None] = OrderedDict()
         self.deferred: list[dict[str, Any]] = []
 
@@ -155,6 +156,10 @@ class _Session:
             self.send({"type": "loaded"})
         elif kind == "assign":
             self.assign(msg)
+        elif kind == "fec":
+            if self.delivery["other"] != "unreliable":
+                raise Refused("'fec' needs unreliable non-critical terms (policy halo)")
+            self.fec = _int(msg, "k", 0, _edge.FEC_MAX_K)
         elif kind == "sync":
             sync = _int(msg, "id", 0, 1 << 53)
             held = self.store.keys() if self.store is not None else []
@@ -194,6 +199,7 @@ class _Session:
             self.compute = GroupCompute(spec, self.store)
         self.served, self.groups, self.delivery = served, groups, delivery
         self.held, self.done, self.deferred = {}, OrderedDict(), []
+        self.fec = 0
         torch.set_num_threads(threads)
 
     def assign(self, msg: dict[str, Any]) -> None:
@@ -285,6 +291,7 @@ class _Session:
                         terms = self.compute.run(groups, h, pos, must=critical)
                     else:
                         terms = self.compute.run(groups, h, pos)
+                protected = []  # FEC: the unreliable terms, sent together after the others with their parity
                 for g, term in zip(groups, terms):
                     if term is None:
                         continue  # not resident at its deadline: the root compensates it, as a lost term
@@ -299,6 +306,9 @@ class _Session:
                         self.t.send_partial(
                             self.peer, step, pos, layer, part, g.index, term.numpy(), "unreliable", False
                         )
+                    if self.fec and not crit:
+                        protected.append((g.index, term))
+                        continue
                     self.t.send_partial(
                         self.peer,
                         step,
@@ -310,6 +320,10 @@ class _Session:
                         self.delivery["critical" if crit else "other"],
                         self.delivery["duplicate"] and crit,
                     )
+                if protected:
+                    ids = [i for i, _ in protected]
+                    rows = torch.stack([t for _, t in protected]).numpy()
+                    self.t.send_partials(self.peer, step, pos, layer, part, ids, rows, "unreliable", self.fec)
         except EdgeError:
             return False  # a key/value cache gap: an earlier input of this layer is on its way
         self.done[step] = None
