@@ -75,7 +75,9 @@ int32_t send_partials(Transport& transport, int32_t peer, const Header& header, 
     transport.flush();
     return sent;
   }
-  // Parity sets of equal shape (a group's last rows may be fewer), each sent right after its members.
+  // Parity sets of equal shape (a group's last rows may be fewer), each sent right after its
+  // members. Every message is flushed on its own: ENet would pack small ones into one UDP
+  // datagram, and a set lost in one datagram with its parity cannot be rebuilt.
   std::map<size_t, std::vector<size_t>> by_size;
   for (size_t i = 0; i < messages.size(); ++i) by_size[messages[i].size()].push_back(i);
   uint32_t set = 0;
@@ -86,8 +88,10 @@ int32_t send_partials(Transport& transport, int32_t peer, const Header& header, 
       for (size_t i = s * n / sets; i < (s + 1) * n / sets; ++i) {
         members.emplace_back(messages[index[i]]);
         sent += transport.send(peer, messages[index[i]], delivery) ? 1 : 0;
+        transport.flush();
       }
       if (set <= 65535) transport.send(peer, make_parity(uint16_t(set++), members), Delivery::unreliable);
+      transport.flush();
     }
   }
   transport.flush();

@@ -13,9 +13,14 @@ import time
 
 import numpy as np
 import pytest
+import test_edge
 from halo import _core
 from halo.edge import fec
 from halo.edge.model import EdgeError
+from test_edge import _bed_workers, netns, testbed
+
+tiny_llama = test_edge.tiny_llama  # the fixtures of test_edge.py
+link_key = test_edge.link_key
 
 core = _core.edge
 COLS = 96  # a partial is then a datagram of over 200 bytes, which the relay tells apart
@@ -342,3 +347,152 @@ def test_fec_option_is_checked():
     for bad in (0, 17, -1, "x", True, 2.5, "4.5", None):
         with pytest.raises(EdgeError, match="fec must be"):
             fec.check_fec(bad)
+
+
+# ----------------------------------------------------------------------------------------------
+# The worker's and the root's side
+
+
+def test_worker_sends_its_unreliable_terms_with_parity_when_told():
+    """With a code rate from the root the worker's non-critical terms go through send_partials
+    (with parity), critical ones as before; 'fec' is refused where terms are reliable anyway."""
+    from types import SimpleNamespace
+
+    import torch
+    from halo.edge.worker import FFN, Refused, _delivery, _Session
+
+    class Sent:
+        def __init__(self):
+            self.calls = []
+
+        def send_partial(self, peer, step, pos, layer, part, group, rows, delivery, duplicate):
+            self.calls.append(("one", group, delivery))
+
+        def send_partials(self, peer, step, pos, layer, part, groups, rows, delivery, fec):
+            assert rows.shape == (len(groups), 1, 4)
+            np.testing.assert_array_equal(rows[:, 0, 0], groups)  # each group's own term
+            self.calls.append(("fec", tuple(groups), delivery, fec))
+
+        def send(self, *args):
+            pass
+
+        def flush(self):
+            pass
+
+    class Compute:
+        def run(self, groups, h, pos):
+            return [torch.full((h.shape[0], 4), float(g.index)) for g in groups]
+
+    def session(delivery):
+        s = _Session(SimpleNamespace(log=None, streaming=None), Sent(), 0)
+        s.delivery = _delivery(delivery)
+        s.compute = Compute()
+        s.held = {(0, FFN): [SimpleNamespace(index=i) for i in range(4)]}
+        return s
+
+    msg = {"step": 1, "layer": 0, "part": FFN, "pos": 0, "rows": np.zeros((1, 4), np.float32), "flags": 0}
+    s = session({})
+    assert s.control({"type": "fec", "k": 3})
+    assert s._run({**msg, "critical": [1]})
+    assert s.t.calls == [("one", 1, "reliable"), ("fec", (0, 2, 3), "unreliable", 3)]
+    s.t.calls = []
+    s.control({"type": "fec", "k": 0})  # off again: one message per term, as before
+    assert s._run({**msg, "step": 2, "critical": [1]})
+    assert [c[0] for c in s.t.calls] == ["one"] * 4
+    for bad in (17, -1, 2.5, "4", True):
+        with pytest.raises(Refused):
+            s.control({"type": "fec", "k": bad})
+    with pytest.raises(Refused, match="needs unreliable"):
+        session({"other": "reliable"}).control({"type": "fec", "k": 2})
+
+
+def test_root_tells_workers_their_code_rate(tiny_llama):
+    import json
+
+    from halo import edge
+
+    plan = edge.make_plan(tiny_llama, 2, calibration_tokens=0, group_size=48)
+
+    class Recorder:
+        def __init__(self):
+            self.sent = []
+
+        def send(self, peer, data, delivery):
+            self.sent.append((peer, json.loads(core.decode(data)["json"])))
+
+    def root(**options):
+        r = edge.Root(str(tiny_llama), ["127.0.0.1:1", "127.0.0.1:2"], plan, **options)
+        r.transport, r.peer = Recorder(), [0, 1]
+        return r
+
+    fixed = root(fec=3)
+    fixed._set_code_rates()
+    fixed._set_code_rates()  # unchanged: nothing sent again
+    assert fixed.transport.sent == [(0, {"type": "fec", "k": 3}), (1, {"type": "fec", "k": 3})]
+    auto = root()  # the default: auto
+    auto._set_code_rates()
+    assert auto.transport.sent == []  # no loss measured: off
+    auto.fec_rate.loss = [0.05, 0.0]
+    auto._set_code_rates()
+    assert auto.transport.sent == [(0, {"type": "fec", "k": 4})]
+    auto.fec_rate.loss = [0.0, 0.0]
+    auto._set_code_rates()
+    assert auto.transport.sent[-1] == (0, {"type": "fec", "k": 0})
+    for options in ({"fec": "off"}, {"policy": "tcp", "fec": 2}):
+        r = root(**options)
+        r.fec_rate.loss = [0.1, 0.1]
+        r._set_code_rates()
+        assert r.transport.sent == []
+    with pytest.raises(EdgeError, match="fec must be"):
+        root(fec=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end, on lossy links
+
+
+@netns
+def test_fec_raises_the_delivered_fraction_on_lossy_links(tiny_llama, link_key):
+    """Two workers behind 10 % loss each way: the same generation with parity (k = 2) delivers
+    more of the terms than without (each lost datagram whose set lost nothing else is rebuilt),
+    and auto turns parity on by itself once it has measured the loss."""
+    from halo import edge
+
+    plan = edge.make_plan(tiny_llama, 2, calibration_tokens=0, group_size=16)
+    prompt = [5, 17, 3, 99]
+    links = [testbed.Link(plr=0.0), testbed.Link(plr=0.0)]
+    # Deadlines long enough that a term missing at the deadline was lost, not late.
+    patient = {"initial_deadline": 0.05, "deadline_factor": 6.0, "deadline_slack": 0.02, "replan": False}
+    delivered: dict[str, list[float]] = {"off": [], "2": [], "auto": []}
+    rebuilt: dict[str, int] = {"off": 0, "2": 0, "auto": 0}
+    with testbed.Testbed(links, seed=5) as bed:
+        addresses = _bed_workers(bed, 2, tiny_llama, link_key[0])
+        with bed.inside(bed.root):
+            for rnd in range(2):
+                for fec_mode in ("off", "2", "auto") if rnd == 0 else ("auto", "2", "off"):
+                    for i in range(2):
+                        bed.set_loss(i, 0.0)
+                    with edge.Root(
+                        str(tiny_llama),
+                        addresses,
+                        plan,
+                        connect_timeout=20.0,
+                        key=link_key[1],
+                        fec=fec_mode,
+                        **patient,
+                    ) as root:
+                        for i in range(2):
+                            bed.set_loss(i, 0.10)
+                        root.generate(prompt, 24)
+                        decode = [e for e in root.stats.exchanges if e.rows == 1]
+                        delivered[fec_mode].append(
+                            sum(e.delivered for e in decode) / sum(e.expected for e in decode)
+                        )
+                        rebuilt[fec_mode] += root.stats.rebuilt
+                        assert not root.stats.dead and root.stats.parity_refused == 0
+    print("delivered", delivered, "rebuilt", rebuilt)
+    assert rebuilt["off"] == 0 and rebuilt["2"] > 0 and rebuilt["auto"] > 0
+    # Without parity about 7.5 % of the rows are lost (10 % of the 3 in 4 that are not
+    # critical); with k = 2 about 1.5 %.
+    assert min(delivered["2"]) > max(delivered["off"]) + 0.02
+    assert np.mean(delivered["auto"]) > np.mean(delivered["off"]) + 0.01
