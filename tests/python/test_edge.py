@@ -713,6 +713,7 @@ def test_cli_errors_are_one_line(tiny_llama, tmp_path):
     runs = {
         "unreachable": ["--workers", f"127.0.0.1:{free_port},127.0.0.2:{free_port}", "--plan", str(plan)],
         "no such plan file": ["--workers", "127.0.0.1:9,127.0.0.1:10", "--plan", str(tmp_path / "none.json")],
+        "fec must be": ["--workers", "127.0.0.1:9,127.0.0.1:10", "--plan", str(plan), "--fec", "17"],
     }
     for word, args in runs.items():
         t0 = time.monotonic()

@@ -438,6 +438,10 @@ def test_root_tells_workers_their_code_rate(tiny_llama):
     auto.fec_rate.loss = [0.0, 0.0]
     auto._set_code_rates()
     assert auto.transport.sent[-1] == (0, {"type": "fec", "k": 0})
+    old = root(fec=2)
+    old._fec_max = [0, 16]  # worker 0 said hello without "fec" (from before FEC): never asked
+    old._set_code_rates()
+    assert old.transport.sent == [(1, {"type": "fec", "k": 2})]
     for options in ({"fec": "off"}, {"policy": "tcp", "fec": 2}):
         r = root(**options)
         r.fec_rate.loss = [0.1, 0.1]

@@ -30,7 +30,7 @@ import numpy as np
 from .. import sched
 from .._core import edge as _edge
 from .compute import RootModel
-from .fec import FecRate
+from .fec import FEC_MAX_K, FecRate
 from .link import check_key, frame_limit, json_limit, make_transport, parse_address, parse_control
 from .model import ATTN, FFN, Checkpoint, EdgeError, fingerprint, layout, read_spec
 from .plan import Plan, assign_groups, check_plan_shape, load_plan
@@ -108,6 +108,7 @@ class Root(Runner):
         self.fec = self.options.fec if policy == "halo" else "off"
         self.fec_rate = FecRate(W)
         self._fec_k = [0] * W  # the code rate each worker was last told (0: no parity)
+        self._fec_max = [FEC_MAX_K] * W  # the largest each worker builds (its hello; 0: none)
         self.wait_all = policy != "halo"
         self.hard_timeout = self.options.hard_timeout or (0.5 if policy == "halo" else 10.0)
         self.silent_timeout = self.options.silent_timeout or max(2.0, self.hard_timeout)
@@ -229,7 +230,10 @@ class Root(Runner):
         everyone = range(len(self.addresses))
         for w in everyone:
             self._send(w, {"type": "hello", "version": _edge.WIRE_VERSION, "policy": o.policy})
-        self._await("hello", everyone, o.connect_timeout, fatal=True)
+        hellos = self._await("hello", everyone, o.connect_timeout, fatal=True)
+        # Workers from before FEC do not say "fec" (and would refuse the message): no parity for them.
+        fec_max = [hellos[w].get("fec", 0) for w in everyone]
+        self._fec_max = [m if isinstance(m, int) and not isinstance(m, bool) and m > 0 else 0 for m in fec_max]
         delivery = {
             "halo": {
                 "critical": "reliable",
@@ -572,6 +576,7 @@ class Root(Runner):
             return
         for w in range(len(self.addresses)):
             k = self.fec if isinstance(self.fec, int) else self.fec_rate.k(w)
+            k = min(k, self._fec_max[w])
             if self.alive[w] and k != self._fec_k[w]:
                 self._send(w, {"type": "fec", "k": k})
                 self._fec_k[w] = k

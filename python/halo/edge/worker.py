@@ -48,6 +48,8 @@ MAX_PENDING = 4  # connections waiting to say hello; the oldest is closed for a 
 HELLO_SECONDS = 5.0  # a connection that has not said hello by then is closed
 DEFERRED_MESSAGES = 256
 DEFERRED_BYTES = 32 << 20
+# "fec": the largest parity set this worker builds (a root sends 'fec' only to workers that say so)
+HELLO = {"type": "hello", "version": _edge.WIRE_VERSION, "fec": int(_edge.FEC_MAX_K)}
 LOAD_FIELDS = {"type", "fingerprint", "group_size", "heads_per_group", "threads", "weights", "delivery"}
 
 
@@ -150,7 +152,7 @@ class _Session:
     def control(self, msg: dict[str, Any]) -> bool:
         kind = msg.get("type")
         if kind == "hello":
-            self.send({"type": "hello", "version": _edge.WIRE_VERSION})
+            self.send(HELLO)
         elif kind == "load":
             self.load(msg)
             self.send({"type": "loaded"})
@@ -467,7 +469,7 @@ class Worker:
         self.session = _Session(self, transport, peer)
         self._say(f"root connected over {transport.protocol}")
         try:
-            self.session.send({"type": "hello", "version": _edge.WIRE_VERSION})
+            self.session.send(HELLO)
         except (RuntimeError, OSError, ValueError):
             self._end(None, "the root went away")
             ended += 1
