@@ -233,7 +233,9 @@ class Root(Runner):
         hellos = self._await("hello", everyone, o.connect_timeout, fatal=True)
         # Workers from before FEC do not say "fec" (and would refuse the message): no parity for them.
         fec_max = [hellos[w].get("fec", 0) for w in everyone]
-        self._fec_max = [m if isinstance(m, int) and not isinstance(m, bool) and m > 0 else 0 for m in fec_max]
+        self._fec_max = [
+            m if isinstance(m, int) and not isinstance(m, bool) and m > 0 else 0 for m in fec_max
+        ]
         delivery = {
             "halo": {
                 "critical": "reliable",
