@@ -71,7 +71,10 @@ py::dict decode(const py::bytes& message) {
   const Header h = decode_header(m, "edge.decode");
   py::dict out;
   out["version"] = h.version;
-  out["kind"] = h.kind == Kind::control ? "control" : h.kind == Kind::input ? "input" : "partial";
+  out["kind"] = h.kind == Kind::control ? "control"
+                : h.kind == Kind::input ? "input"
+                : h.kind == Kind::partial ? "partial"
+                                          : "parity";
   if (h.version != kWireVersion) return out;
   out["flags"] = h.flags;
   out["step"] = h.step;
@@ -90,6 +93,16 @@ py::dict decode(const py::bytes& message) {
     py::array_t<uint16_t> critical(py::ssize_t(ids.size()));
     std::copy(ids.begin(), ids.end(), critical.mutable_data());
     out["critical"] = critical;
+  }
+  if (h.kind == Kind::parity) {  // group: the set id; members (group, row0); the XOR as bytes
+    py::list members;
+    for (const ParityMember& p : parity_members(h, m)) members.append(py::make_tuple(p.group, p.row0));
+    out["members"] = members;
+    const auto bits = payload_bytes(h, m);
+    out["xor"] = py::bytes(reinterpret_cast<const char*>(bits.data()), bits.size());
+    out["rows"] = h.rows;
+    out["cols"] = h.cols;
+    return out;
   }
   py::array_t<float> rows({py::ssize_t(h.rows), py::ssize_t(h.cols)});
   payload_to_float(h, m, rows.mutable_data());
@@ -111,6 +124,32 @@ void bind(py::module_& m) {
       },
       py::arg("json"), py::arg("version") = kWireVersion);
   m.def("decode", &decode, py::arg("message"));
+  m.def(
+      "make_partial",
+      [](uint32_t step, uint32_t pos, int layer, int part, int group, int row0, const py::handle& rows) {
+        auto a = rows_array("edge.make_partial", rows);
+        require(row0 >= 0 && row0 <= 65535, "edge.make_partial", "row0 must be in [0, 65535], got ", row0);
+        Header h = make_header(step, pos, layer, part, group);
+        h.row0 = uint16_t(row0);
+        h.rows = uint16_t(a.shape(0));
+        h.cols = uint16_t(a.shape(1));
+        const auto msg = make_partial(h, a.data());
+        return py::bytes(reinterpret_cast<const char*>(msg.data()), msg.size());
+      },
+      py::arg("step"), py::arg("pos"), py::arg("layer"), py::arg("part"), py::arg("group"), py::arg("row0"),
+      py::arg("rows"), "One partial message (rows x cols float32 rounded to float16), as send_partial cuts them.");
+  m.def(
+      "make_parity",
+      [](int set, const std::vector<py::bytes>& members) {
+        require(set >= 0 && set <= 65535, "edge.make_parity", "set must be in [0, 65535], got ", set);
+        std::vector<std::string> keep(members.begin(), members.end());
+        std::vector<std::span<const uint8_t>> spans;
+        for (const std::string& k : keep) spans.emplace_back(reinterpret_cast<const uint8_t*>(k.data()), k.size());
+        const auto msg = make_parity(uint16_t(set), spans);
+        return py::bytes(reinterpret_cast<const char*>(msg.data()), msg.size());
+      },
+      py::arg("set"), py::arg("members"), "The parity message of partial messages of one exchange and shape.");
+  m.attr("FEC_MAX_K") = kFecMaxK;
   m.def(
       "keygen",
       [] {
@@ -218,10 +257,28 @@ void bind(py::module_& m) {
           py::arg("peer"), py::arg("step"), py::arg("pos"), py::arg("layer"), py::arg("part"), py::arg("group"),
           py::arg("rows"), py::arg("delivery"), py::arg("duplicate") = false)
       .def(
+          "send_partials",
+          [](Transport& t, int32_t peer, uint32_t step, uint32_t pos, int layer, int part,
+             const std::vector<int>& groups, py::array_t<float, py::array::c_style | py::array::forcecast> rows,
+             const std::string& delivery, int fec) {
+            constexpr const char* fn = "edge.send_partials";
+            require(rows.ndim() == 3 && size_t(rows.shape(0)) == groups.size(), fn,
+                    "rows must be float32 [groups, n, cols] with one block per group id");
+            require(rows.shape(1) <= 65535 && rows.shape(2) >= 1 && rows.shape(2) <= 65535, fn, "rows shape [",
+                    rows.shape(0), ", ", rows.shape(1), ", ", rows.shape(2), "] out of range");
+            std::vector<uint16_t> ids;
+            for (int g : groups) ids.push_back(make_header(step, pos, layer, part, g).group);
+            const Header h = make_header(step, pos, layer, part, 0);
+            return send_partials(t, peer, h, ids, rows.data(), int32_t(rows.shape(1)), int32_t(rows.shape(2)),
+                                 parse_delivery(delivery), fec);
+          },
+          py::arg("peer"), py::arg("step"), py::arg("pos"), py::arg("layer"), py::arg("part"), py::arg("groups"),
+          py::arg("rows"), py::arg("delivery"), py::arg("fec") = 0)
+      .def(
           "gather",
           [](Transport& t, uint32_t step, int layer, int part, py::array_t<float, py::array::c_style> out,
              const std::vector<int32_t>& peer_of_group, const std::vector<uint8_t>& critical, double deadline,
-             double hard_deadline, bool wait_all) {
+             double hard_deadline, bool wait_all, bool fec) {
             constexpr const char* fn = "edge.gather";
             require(out.ndim() == 3 && size_t(out.shape(0)) == peer_of_group.size(), fn,
                     "out must be float32 [groups, rows, cols] with one row block per group");
@@ -239,6 +296,7 @@ void bind(py::module_& m) {
             spec.deadline = deadline;
             spec.hard_deadline = std::max(deadline, hard_deadline);
             spec.wait_all = wait_all;
+            spec.fec = fec;
             float* data = out.mutable_data();
             GatherResult r;
             {
@@ -264,11 +322,20 @@ void bind(py::module_& m) {
             d["late"] = late;
             d["duplicates"] = r.duplicates;
             d["malformed"] = r.malformed;
+            py::array_t<uint8_t> rebuilt({py::ssize_t(peer_of_group.size()), py::ssize_t(spec.rows)});
+            if (r.rebuilt.empty())
+              std::fill_n(rebuilt.mutable_data(), rebuilt.size(), uint8_t(0));
+            else
+              std::copy(r.rebuilt.begin(), r.rebuilt.end(), rebuilt.mutable_data());
+            d["rebuilt"] = rebuilt;
+            d["parity"] = r.parity;
+            d["parity_refused"] = r.parity_refused;
             d["end_time"] = r.end_time;
             return d;
           },
           py::arg("step"), py::arg("layer"), py::arg("part"), py::arg("out"), py::arg("peer_of_group"),
-          py::arg("critical"), py::arg("deadline"), py::arg("hard_deadline"), py::arg("wait_all") = false);
+          py::arg("critical"), py::arg("deadline"), py::arg("hard_deadline"), py::arg("wait_all") = false,
+          py::arg("fec") = false);
 }
 
 Registrar registrar("edge", bind);

@@ -183,6 +183,9 @@ def run_causal(bed, model, addresses, plan, policy, ids, prefill, tokens, cap_s,
             out["nll"].append(-float(logp[ids[pos + 1]]))
             out["argmax"].append(int(logits[-1].argmax()))
         out["delivered"] = root.stats.delivered_fraction()
+        decode = [e for e in root.stats.exchanges if e.rows == 1]
+        out["decode_delivered"] = sum(e.delivered for e in decode) / max(1, sum(e.expected for e in decode))
+        out["rebuilt"] = root.stats.rebuilt
         out["replans"] = len(root.stats.replans)
         out["dropped"] = len(root.stats.dead)
         out["why_dropped"] = list(root.stats.dead.values())
@@ -640,6 +643,82 @@ def accuracy(rounds: int, tokens: int, loss: float = 0.05, baseline_cap_s: float
     return 0
 
 
+def fec_compare(rounds: int, tokens: int, loss: float = 0.05) -> int:
+    """Forward error correction of the non-critical terms against none and against
+    retransmission (reliable-udp: every term reliable, ENet resends), at ``loss`` each way on
+    uniform links, balanced placement, the default policy otherwise (no --protect):
+    ``rounds`` interleaved rounds of ``tokens`` teacher-forced positions each; delivered
+    fraction of the decode rows, next-token agreement with the lossless run, decode p50."""
+    import torch
+
+    torch.set_num_threads(1)
+    from halo import edge
+    from halo.edge.plan import docstring_text, tokenize
+
+    spec = edge.read_spec(SMOL)
+    plan_path = OUT / "smollm2_plan.json"
+    OUT.mkdir(parents=True, exist_ok=True)
+    try:
+        base_plan = edge.load_plan(plan_path, spec)
+    except edge.EdgeError:
+        base_plan = edge.make_plan(SMOL, WORKERS, calibration_tokens=512, out=plan_path)
+    prefill = 32
+    ids = tokenize(SMOL, docstring_text("n", "z", max_words=3 * (tokens + prefill)))[: prefill + tokens + 1]
+    configs = {
+        "halo, no FEC": ("halo", {"fec": "off"}),
+        "halo, FEC auto": ("halo", {"fec": "auto"}),
+        "halo, FEC k=2": ("halo", {"fec": 2}),
+        "retransmission (reliable-udp)": ("reliable-udp", {}),
+    }
+    runs: dict[str, list] = {name: [] for name in configs}
+    load = [os.getloadavg()[0]]
+    with testbed.Testbed(links_for("uniform", 0.0), seed=11) as bed:
+        addresses = start_workers(bed, SMOL)
+        plan = edge.with_placement(base_plan, spec, "balance", devices_for("uniform", loss))
+        reference = run_causal(bed, SMOL, addresses, plan, "tcp", ids, prefill, tokens, 1800)
+        set_loss(bed, "uniform", loss)
+        for rnd in range(rounds):
+            for name in list(configs) if rnd % 2 == 0 else list(configs)[::-1]:
+                policy, extra = configs[name]
+                t0 = time.monotonic()
+                r = run_causal(bed, SMOL, addresses, plan, policy, ids, prefill, tokens, 600, **extra)
+                runs[name].append(r)
+                load.append(os.getloadavg()[0])
+                print(
+                    f"  round {rnd} {name}: {len(r['decode_s'])} tokens, delivered {r['decode_delivered']:.4f}, "
+                    f"rebuilt {r['rebuilt']}, p50 {pct(r['decode_s'], 50) * 1e3:.1f} ms ({time.monotonic() - t0:.0f} s)",
+                    flush=True,
+                )
+    cpu = [line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")]
+    print(
+        f"\n{cpu[0].split(':', 1)[1].strip() if cpu else 'cpu ?'}, {os.cpu_count()} cpus, shared; load average "
+        f"{min(load):.1f}-{max(load):.1f}; uniform links, {loss:.0%} loss each way, {rounds} rounds x {tokens} positions"
+    )
+    print(
+        "| configuration | delivered (decode rows) | rebuilt rows | next-token agreement | decode p50 ms (per round) |"
+    )
+    print("|---|---|---|---|---|")
+    result = {"loss": loss, "load": load, "runs": {}}
+    for name, rs in runs.items():
+        s = [summarise_causal(r, reference) for r in rs]
+        delivered = [r["decode_delivered"] for r in rs]
+        agree = [x["agreement"] for x in s]
+        p50 = [x["decode_p50_ms"] for x in s]
+        print(
+            f"| {name} | {' / '.join(f'{d:.4f}' for d in delivered)} | {sum(r['rebuilt'] for r in rs)} | "
+            f"{' / '.join(f'{a:.3f}' for a in agree)} | {' / '.join(f'{p:.0f}' for p in p50)} |"
+        )
+        result["runs"][name] = {
+            "delivered": delivered,
+            "agreement": agree,
+            "decode_p50_ms": p50,
+            "rebuilt": [r["rebuilt"] for r in rs],
+            "summary": s,
+        }
+    (OUT / "fec.json").write_text(json.dumps(result, indent=1))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="uniform links at 5 %% loss only")
@@ -652,7 +731,10 @@ def main() -> int:
     parser.add_argument(
         "--accuracy", action="store_true", help="HALO's accuracy at 5 %% loss, many positions"
     )
-    parser.add_argument("--loss", type=float, default=0.05, help="--accuracy: loss each way")
+    parser.add_argument("--loss", type=float, default=0.05, help="--accuracy, --fec: loss each way")
+    parser.add_argument(
+        "--fec", action="store_true", help="parity of the non-critical terms against none and retransmission"
+    )
     args = parser.parse_args()
     if args.round_trips:
         result: dict = {}
@@ -661,6 +743,12 @@ def main() -> int:
         return 0
     if args.sealing:
         return sealing_cost(args.rounds, args.tokens or 24)
+    if args.fec:
+        why = testbed.available()
+        if why is not None or not SMOL.exists():
+            print(f"bench_edge: skipped ({why or f'{SMOL} missing'})")
+            return 0
+        return fec_compare(args.rounds, args.tokens or 48, args.loss)
     if args.accuracy:
         why = testbed.available()
         if why is not None or not SMOL.exists():

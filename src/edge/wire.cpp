@@ -21,7 +21,11 @@ void put32(uint8_t* p, uint32_t v) {
 uint16_t get16(const uint8_t* p) { return uint16_t(p[0] | (p[1] << 8)); }
 uint32_t get32(const uint8_t* p) { return uint32_t(get16(p)) | (uint32_t(get16(p + 2)) << 16); }
 
-size_t payload_offset(const Header& h) { return kHeaderBytes + (h.kind == Kind::input ? 2 * size_t(h.count) : 0); }
+size_t payload_offset(const Header& h) {
+  if (h.kind == Kind::input) return kHeaderBytes + 2 * size_t(h.count);
+  if (h.kind == Kind::parity) return kHeaderBytes + 4 * size_t(h.count);
+  return kHeaderBytes;
+}
 
 void encode_rows(const Header& h, const float* rows, uint8_t* out) {
   const size_t n = size_t(h.rows) * h.cols;
@@ -64,7 +68,7 @@ Header decode_header(std::span<const uint8_t> m, const char* fn) {
     return h;
   }
   const uint8_t kind = m[6];
-  require<FormatError>(kind >= 1 && kind <= 3, fn, "unknown message kind ", int(kind));
+  require<FormatError>(kind >= 1 && kind <= 4, fn, "unknown message kind ", int(kind));
   h.kind = Kind(kind);
   h.flags = m[7];
   h.step = get32(m.data() + 8);
@@ -78,6 +82,10 @@ Header decode_header(std::span<const uint8_t> m, const char* fn) {
   h.cols = get16(m.data() + 26);
   h.count = get32(m.data() + 28);
   if (h.kind == Kind::control) h.count = uint32_t(m.size() - kHeaderBytes);
+  if (h.kind == Kind::parity)  // bounded before any size is computed from it
+    require<FormatError>(h.count >= 1 && h.count <= kFecMaxK && h.rows >= 1 && h.cols >= 1, fn, "parity of ",
+                         h.count, " members of ", h.rows, " x ", h.cols, " values (1 to ", kFecMaxK,
+                         " members of at least 1 x 1)");
   require<FormatError>(m.size() == message_bytes(h), fn, "message of ", m.size(), " bytes, header says ",
                        message_bytes(h), " (", h.rows, " x ", h.cols, " values, ", h.count, " ids)");
   return h;
@@ -111,6 +119,52 @@ std::vector<uint8_t> make_partial(Header h, const float* rows) {
   encode_header(h, out.data());
   encode_rows(h, rows, out.data() + kHeaderBytes);
   return out;
+}
+
+std::vector<uint8_t> make_parity(uint16_t set, std::span<const std::span<const uint8_t>> members) {
+  constexpr const char* fn = "edge.make_parity";
+  require<FormatError>(!members.empty() && members.size() <= kFecMaxK, fn, "a parity set has 1 to ", kFecMaxK,
+                       " members, got ", members.size());
+  const Header first = decode_header(members[0], fn);
+  Header h = first;
+  h.kind = Kind::parity;
+  h.flags = 0;
+  h.group = set;
+  h.row0 = 0;
+  h.count = uint32_t(members.size());
+  std::vector<uint8_t> out(message_bytes(h), 0);
+  encode_header(h, out.data());
+  uint8_t* x = out.data() + payload_offset(h);
+  for (size_t i = 0; i < members.size(); ++i) {
+    const Header m = decode_header(members[i], fn);
+    require<FormatError>(m.version == kWireVersion && m.kind == Kind::partial, fn, "member ", i,
+                         " is not a partial of this wire version");
+    require<FormatError>(m.step == first.step && m.pos == first.pos && m.layer == first.layer &&
+                             m.part == first.part && m.rows == first.rows && m.cols == first.cols,
+                         fn, "member ", i, " (", m.rows, " x ", m.cols, " values of step ", m.step,
+                         ") differs from member 0 (", first.rows, " x ", first.cols, " values of step ",
+                         first.step, "): a parity set shares one exchange and one shape");
+    for (size_t j = 0; j < i; ++j)
+      require<FormatError>(get16(out.data() + kHeaderBytes + 4 * j) != m.group ||
+                               get16(out.data() + kHeaderBytes + 4 * j + 2) != m.row0,
+                           fn, "member ", i, " repeats group ", m.group, " row ", m.row0);
+    put16(out.data() + kHeaderBytes + 4 * i, m.group);
+    put16(out.data() + kHeaderBytes + 4 * i + 2, m.row0);
+    const std::span<const uint8_t> p = payload_bytes(m, members[i]);
+    for (size_t b = 0; b < p.size(); ++b) x[b] ^= p[b];
+  }
+  return out;
+}
+
+std::vector<ParityMember> parity_members(const Header& h, std::span<const uint8_t> m) {
+  std::vector<ParityMember> out(h.kind == Kind::parity ? h.count : 0);
+  for (size_t i = 0; i < out.size(); ++i)
+    out[i] = ParityMember{get16(m.data() + kHeaderBytes + 4 * i), get16(m.data() + kHeaderBytes + 4 * i + 2)};
+  return out;
+}
+
+std::span<const uint8_t> payload_bytes(const Header& h, std::span<const uint8_t> m) {
+  return m.subspan(payload_offset(h), 2 * size_t(h.rows) * h.cols);
 }
 
 std::vector<uint16_t> critical_ids(const Header& h, std::span<const uint8_t> m) {

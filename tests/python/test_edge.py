@@ -243,7 +243,7 @@ class LinkedTransport:
         self.sent.setdefault((step, peer), time.monotonic())
         return True
 
-    def gather(self, step, layer, part, out, peer_of_group, critical, deadline, hard, wait_all):
+    def gather(self, step, layer, part, out, peer_of_group, critical, deadline, hard, wait_all, fec=False):
         groups, rows, _ = out.shape
         peers = max(peer_of_group) + 1
         arrival = {p: self.sent[(step, p)] + self.latency[p] for p in set(peer_of_group) if p >= 0}
@@ -275,6 +275,9 @@ class LinkedTransport:
             "late": late,
             "duplicates": 0,
             "malformed": 0,
+            "rebuilt": np.zeros((groups, rows), np.uint8),
+            "parity": 0,
+            "parity_refused": 0,
         }
 
 
@@ -316,9 +319,9 @@ class RecordingTransport(LinkedTransport):
         self.asked.setdefault((step, part), set()).update(int(g) for g in critical)
         return super().send_input(peer, step, pos, layer, part, critical, rows, delivery)
 
-    def gather(self, step, layer, part, out, peer_of_group, critical, deadline, hard, wait_all):
+    def gather(self, step, layer, part, out, peer_of_group, critical, deadline, hard, wait_all, fec=False):
         self.flags.append((layer, part, out.shape[1], [int(c) for c in critical]))
-        return super().gather(step, layer, part, out, peer_of_group, critical, deadline, hard, wait_all)
+        return super().gather(step, layer, part, out, peer_of_group, critical, deadline, hard, wait_all, fec)
 
 
 def _flags_of_a_run(tiny_llama, **options):
@@ -710,6 +713,7 @@ def test_cli_errors_are_one_line(tiny_llama, tmp_path):
     runs = {
         "unreachable": ["--workers", f"127.0.0.1:{free_port},127.0.0.2:{free_port}", "--plan", str(plan)],
         "no such plan file": ["--workers", "127.0.0.1:9,127.0.0.1:10", "--plan", str(tmp_path / "none.json")],
+        "fec must be": ["--workers", "127.0.0.1:9,127.0.0.1:10", "--plan", str(plan), "--fec", "17"],
     }
     for word, args in runs.items():
         t0 = time.monotonic()

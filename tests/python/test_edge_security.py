@@ -434,10 +434,10 @@ def test_no_path_crosses_the_wire(model, other_model, worker, plan, key, baselin
         peer.close()
     assert len(set(messages[3:])) == 1, messages  # nothing tells which paths exist there
     assert not any(str(model) in m or str(other_model) in m for m in messages), messages
-    # hello tells the version, not the process
+    # hello tells the version and the largest parity set (a constant), not the process
     peer = Peer(worker, key)
     peer.control({"type": "hello", "version": core.WIRE_VERSION})
-    assert peer.answer() == {"type": "hello", "version": core.WIRE_VERSION}
+    assert peer.answer() == {"type": "hello", "version": core.WIRE_VERSION, "fec": core.FEC_MAX_K}
     peer.close()
     _still_serves(model, worker, plan, key, baseline)
 

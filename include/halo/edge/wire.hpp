@@ -6,6 +6,12 @@
 //            layer input the root broadcasts for one exchange
 //   partial  rows x cols float16: rows [row0, row0 + rows) of one group's
 //            additive output term
+//   parity   forward error correction over `count` partials of one exchange that
+//            share step, pos, layer, part, rows and cols (a parity set): `count`
+//            members (uint16 group, uint16 row0), then the XOR of their rows x cols
+//            float16 payloads, bit for bit. `group` is the set's id within the
+//            exchange; 1 <= count <= kFecMaxK. A receiver holding all members but
+//            one rebuilds that one exactly (parity_xor); two missing stay missing.
 // A receiver checks the magic and size with decode(); the version is compared
 // by the caller so it can answer a mismatch with a readable error.
 #pragma once
@@ -20,8 +26,9 @@ namespace halo::edge {
 inline constexpr uint32_t kMagic = 0x454F4C48;  // "HLOE" in memory order
 inline constexpr uint16_t kWireVersion = 1;
 inline constexpr size_t kHeaderBytes = 32;
+inline constexpr uint32_t kFecMaxK = 16;  // most partials one parity message covers
 
-enum class Kind : uint8_t { control = 1, input = 2, partial = 3 };
+enum class Kind : uint8_t { control = 1, input = 2, partial = 3, parity = 4 };
 
 // Header flags.
 inline constexpr uint8_t kFlagReplay = 1;     // input: rebuild the key/value cache only, send nothing back
@@ -39,7 +46,7 @@ struct Header {
   uint16_t row0 = 0;
   uint16_t rows = 0;
   uint16_t cols = 0;
-  uint32_t count = 0;  // input: number of critical group ids
+  uint32_t count = 0;  // input: number of critical group ids; parity: members
 };
 
 void encode_header(const Header& header, uint8_t* out);
@@ -55,6 +62,22 @@ std::vector<uint8_t> make_control(std::span<const uint8_t> json, uint16_t versio
 // rows x cols float32 -> an input message (values rounded to float16).
 std::vector<uint8_t> make_input(Header header, std::span<const uint16_t> critical, const float* rows);
 std::vector<uint8_t> make_partial(Header header, const float* rows);
+
+// One member of a parity set: the partial of `group` starting at `row0`.
+struct ParityMember {
+  uint16_t group = 0;
+  uint16_t row0 = 0;
+  bool operator==(const ParityMember&) const = default;
+};
+
+// The parity message of `members` (whole partial messages). Throws FormatError naming
+// edge.make_parity unless they are 1..kFecMaxK decodable partials of one exchange
+// (step, pos, layer, part) with equal rows and cols and distinct (group, row0).
+std::vector<uint8_t> make_parity(uint16_t set, std::span<const std::span<const uint8_t>> members);
+// The members of a parity message (header from decode_header).
+std::vector<ParityMember> parity_members(const Header& header, std::span<const uint8_t> message);
+// The float16 payload of a partial or parity message, as bytes (2 x rows x cols).
+std::span<const uint8_t> payload_bytes(const Header& header, std::span<const uint8_t> message);
 
 // The critical group ids of an input message (header from decode_header).
 std::vector<uint16_t> critical_ids(const Header& header, std::span<const uint8_t> message);

@@ -3,10 +3,15 @@ from typing import Any
 import numpy as np
 
 WIRE_VERSION: int
+FEC_MAX_K: int
 
 def now() -> float: ...
 def make_control(json: bytes, version: int = ...) -> bytes: ...
 def decode(message: bytes) -> dict[str, Any]: ...
+def make_partial(
+    step: int, pos: int, layer: int, part: int, group: int, row0: int, rows: np.ndarray
+) -> bytes: ...
+def make_parity(set: int, members: list[bytes]) -> bytes: ...
 def keygen() -> bytes: ...
 def aes256gcm_available() -> bool: ...
 
@@ -60,6 +65,18 @@ class Transport:
         delivery: str,
         duplicate: bool = False,
     ) -> int: ...
+    def send_partials(
+        self,
+        peer: int,
+        step: int,
+        pos: int,
+        layer: int,
+        part: int,
+        groups: list[int],
+        rows: np.ndarray,
+        delivery: str,
+        fec: int = 0,
+    ) -> int: ...
     def gather(
         self,
         step: int,
@@ -71,4 +88,5 @@ class Transport:
         deadline: float,
         hard_deadline: float,
         wait_all: bool = False,
+        fec: bool = False,
     ) -> dict[str, Any]: ...

@@ -83,6 +83,13 @@ def register(subparsers) -> None:
         help="halo: protect FFN groups until they hold this share of the predicted term mass",
     )
     r.add_argument(
+        "--fec",
+        default=None,
+        metavar="auto|off|K",
+        help="halo: a parity datagram per K non-critical terms (1-16) so one lost term is rebuilt; "
+        "auto (default): K from each worker's measured loss, off near 0 %%",
+    )
+    r.add_argument(
         "--weights", choices=("float32", "nf4"), default="float32", help="how workers hold weights"
     )
     r.add_argument("--connect-timeout", type=float, default=5.0)
@@ -240,6 +247,8 @@ def _run(args: argparse.Namespace) -> int:
         options["coverage"] = args.coverage
     if args.protect:
         options.update(reliable_attention=True, reliable_prefill=True, duplicate_other=True)
+    if args.fec is not None:
+        options["fec"] = args.fec
     try:
         if not os.path.exists(args.plan):
             raise EdgeError(f"{args.plan}: no such plan file")

@@ -30,6 +30,7 @@ import numpy as np
 from .. import sched
 from .._core import edge as _edge
 from .compute import RootModel
+from .fec import FEC_MAX_K, FecRate
 from .link import check_key, frame_limit, json_limit, make_transport, parse_address, parse_control
 from .model import ATTN, FFN, Checkpoint, EdgeError, fingerprint, layout, read_spec
 from .plan import Plan, assign_groups, check_plan_shape, load_plan
@@ -103,6 +104,11 @@ class Root(Runner):
         self._bad_terms = [0] * W  # exchanges in which each worker sent non-finite terms
         self._json_limit = json_limit(self.spec)
         policy = self.options.policy
+        # FEC of the non-critical terms (halo only: the other policies send every term reliably)
+        self.fec = self.options.fec if policy == "halo" else "off"
+        self.fec_rate = FecRate(W)
+        self._fec_k = [0] * W  # the code rate each worker was last told (0: no parity)
+        self._fec_max = [FEC_MAX_K] * W  # the largest each worker builds (its hello; 0: none)
         self.wait_all = policy != "halo"
         self.hard_timeout = self.options.hard_timeout or (0.5 if policy == "halo" else 10.0)
         self.silent_timeout = self.options.silent_timeout or max(2.0, self.hard_timeout)
@@ -224,7 +230,12 @@ class Root(Runner):
         everyone = range(len(self.addresses))
         for w in everyone:
             self._send(w, {"type": "hello", "version": _edge.WIRE_VERSION, "policy": o.policy})
-        self._await("hello", everyone, o.connect_timeout, fatal=True)
+        hellos = self._await("hello", everyone, o.connect_timeout, fatal=True)
+        # Workers from before FEC do not say "fec" (and would refuse the message): no parity for them.
+        fec_max = [hellos[w].get("fec", 0) for w in everyone]
+        self._fec_max = [
+            m if isinstance(m, int) and not isinstance(m, bool) and m > 0 else 0 for m in fec_max
+        ]
         delivery = {
             "halo": {
                 "critical": "reliable",
@@ -248,6 +259,8 @@ class Root(Runner):
             self._send(w, load)
         self._await("loaded", everyone, o.load_timeout, fatal=True)
         self._distribute(self.assignment, fatal=True, replay=False)
+        self._fec_k = [0] * len(self.addresses)
+        self._set_code_rates()
         self._say(f"{len(self.addresses)} workers ready ({o.policy}, {self.transport.protocol})")
         return self
 
@@ -431,9 +444,15 @@ class Root(Runner):
             self.transport.send_input(self.peer[w], step, pos, layer, part, mine, x, "control")
         deadline, hard = self._deadlines(part, rows, workers, t0)
         out = np.zeros((count, rows, hidden), dtype=np.float32)
+        fec = self.fec != "off"
         r = self.transport.gather(
-            step, layer, part, out, peer_of_group, list(critical), deadline, hard, self.wait_all
+            step, layer, part, out, peer_of_group, list(critical), deadline, hard, self.wait_all, fec
         )
+        if fec:
+            rebuilt = r["rebuilt"].astype(bool)
+            self.stats.rebuilt += int(rebuilt.sum())
+            self.stats.parity += r["parity"]
+            self.stats.parity_refused += r["parity_refused"]
         self.stats.stale += r["stale"]
         self.stats.duplicates += r["duplicates"]
         self.stats.malformed += r["malformed"]
@@ -471,7 +490,14 @@ class Root(Runner):
             self._unheard[w] = 0.0 if w in heard else self._unheard[w] + (end - t0)
             if w not in failed and self._unheard[w] >= self.silent_timeout:
                 failed[w] = f"silent for {self.silent_timeout:g} s"
-        self._monitor(step, t0, part, rows, owners, received, failed, r)
+        # The link's view for the loss monitors: a rebuilt term was lost on the link.
+        on_link = received & ~rebuilt if fec else received
+        if fec:
+            for w in workers:
+                mine = [i for i in range(count) if owners[i] == w and not critical[i]]
+                if mine and w not in failed:
+                    self.fec_rate.observe(w, rows * len(mine), rows * len(mine) - int(on_link[mine].sum()))
+        self._monitor(step, t0, part, rows, owners, on_link, failed, r)
         self._compensate(layer, part, x, out, received, owners)
         self.stats.exchanges.append(
             Exchange(
@@ -545,6 +571,19 @@ class Root(Runner):
     def _compensate(self, layer: int, part: int, x, out, received, owners) -> None:
         self.policy.compensate(layer, part, x, out, received)
 
+    def _set_code_rates(self) -> None:
+        """Tells each live worker its parity set size when it changed: the fixed one, or (auto)
+        the one its measured loss calls for (halo/edge/fec.py)."""
+        if self.fec == "off":
+            return
+        for w in range(len(self.addresses)):
+            k = self.fec if isinstance(self.fec, int) else self.fec_rate.k(w)
+            k = min(k, self._fec_max[w])
+            if self.alive[w] and k != self._fec_k[w]:
+                self._send(w, {"type": "fec", "k": k})
+                self._fec_k[w] = k
+                self.stats.fec_changes += 1
+
     # -- forwards --------------------------------------------------------------------------
     def forward(self, ids: Sequence[int], pos: int):
         import torch
@@ -553,6 +592,7 @@ class Root(Runner):
             raise EdgeError("not connected (use 'with Root(...)' or call connect())")
         with torch.no_grad():
             out = self.model.forward(ids, pos, self._exchange)
+        self._set_code_rates()
         if (
             self.options.policy == "halo"
             and self.options.replan
@@ -604,5 +644,6 @@ def run(
             dropped={root._name(w): why for w, why in root.stats.dead.items()},
             rejected=root.stats.rejected,
             malformed=root.stats.malformed,
+            rebuilt=root.stats.rebuilt,
         )
     return result

@@ -43,10 +43,16 @@ class RunOptions:
     monitor_alpha: float = 0.005  # per group observation: ~240 per worker and token on SmolLM2
     duplicate_critical: bool = True  # halo: an unreliable copy of each critical message first
     duplicate_other: bool = False  # halo: each non-critical partial sent twice (unreliable)
+    # halo: parity over the non-critical terms (halo/edge/fec.py): "auto" (the code rate from
+    # each worker's measured loss, off near 0 %), "off", or K data datagrams per parity datagram
+    fec: str | int = "auto"
     threads: int = 1
     weights: str = "float32"  # how workers hold their groups: "float32" or "nf4" (halo's 4-bit kernel)
 
     def check(self) -> RunOptions:
+        from .fec import check_fec
+
+        self.fec = check_fec(self.fec)
         if self.policy not in POLICIES:
             raise EdgeError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
         from .compute import WEIGHT_FORMATS
@@ -102,6 +108,10 @@ class Stats:
     duplicates: int = 0
     malformed: int = 0  # partials that did not fit their exchange (shape, group, owner): lost
     rejected: int = 0  # group rows with non-finite values: counted as lost, compensated
+    rebuilt: int = 0  # group rows lost on the link and rebuilt from parity (fec): delivered
+    parity: int = 0  # parity messages used
+    parity_refused: int = 0  # parity messages that did not fit their exchange (refused)
+    fec_changes: int = 0  # code rates sent to workers
 
     def delivered_fraction(self) -> float:
         expected = sum(e.expected for e in self.exchanges)

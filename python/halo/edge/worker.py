@@ -48,6 +48,8 @@ MAX_PENDING = 4  # connections waiting to say hello; the oldest is closed for a 
 HELLO_SECONDS = 5.0  # a connection that has not said hello by then is closed
 DEFERRED_MESSAGES = 256
 DEFERRED_BYTES = 32 << 20
+# "fec": the largest parity set this worker builds (a root sends 'fec' only to workers that say so)
+HELLO = {"type": "hello", "version": _edge.WIRE_VERSION, "fec": int(_edge.FEC_MAX_K)}
 LOAD_FIELDS = {"type", "fingerprint", "group_size", "heads_per_group", "threads", "weights", "delivery"}
 
 
@@ -111,6 +113,7 @@ class _Session:
         self.groups: list | None = None
         self.held: dict[tuple[int, int], list] = {}
         self.delivery = _delivery({})
+        self.fec = 0  # parity set size of the unreliable terms (0: none), set by the root
         self.done: OrderedDict[int, None] = OrderedDict()
         self.deferred: list[dict[str, Any]] = []
 
@@ -149,12 +152,16 @@ class _Session:
     def control(self, msg: dict[str, Any]) -> bool:
         kind = msg.get("type")
         if kind == "hello":
-            self.send({"type": "hello", "version": _edge.WIRE_VERSION})
+            self.send(HELLO)
         elif kind == "load":
             self.load(msg)
             self.send({"type": "loaded"})
         elif kind == "assign":
             self.assign(msg)
+        elif kind == "fec":
+            if self.delivery["other"] != "unreliable":
+                raise Refused("'fec' needs unreliable non-critical terms (policy halo)")
+            self.fec = _int(msg, "k", 0, _edge.FEC_MAX_K)
         elif kind == "sync":
             sync = _int(msg, "id", 0, 1 << 53)
             held = self.store.keys() if self.store is not None else []
@@ -194,6 +201,7 @@ class _Session:
             self.compute = GroupCompute(spec, self.store)
         self.served, self.groups, self.delivery = served, groups, delivery
         self.held, self.done, self.deferred = {}, OrderedDict(), []
+        self.fec = 0
         torch.set_num_threads(threads)
 
     def assign(self, msg: dict[str, Any]) -> None:
@@ -285,6 +293,7 @@ class _Session:
                         terms = self.compute.run(groups, h, pos, must=critical)
                     else:
                         terms = self.compute.run(groups, h, pos)
+                protected = []  # FEC: the unreliable terms, sent together after the others with their parity
                 for g, term in zip(groups, terms):
                     if term is None:
                         continue  # not resident at its deadline: the root compensates it, as a lost term
@@ -299,6 +308,9 @@ class _Session:
                         self.t.send_partial(
                             self.peer, step, pos, layer, part, g.index, term.numpy(), "unreliable", False
                         )
+                    if self.fec and not crit:
+                        protected.append((g.index, term))
+                        continue
                     self.t.send_partial(
                         self.peer,
                         step,
@@ -310,6 +322,10 @@ class _Session:
                         self.delivery["critical" if crit else "other"],
                         self.delivery["duplicate"] and crit,
                     )
+                if protected:
+                    ids = [i for i, _ in protected]
+                    rows = torch.stack([t for _, t in protected]).numpy()
+                    self.t.send_partials(self.peer, step, pos, layer, part, ids, rows, "unreliable", self.fec)
         except EdgeError:
             return False  # a key/value cache gap: an earlier input of this layer is on its way
         self.done[step] = None
@@ -453,7 +469,7 @@ class Worker:
         self.session = _Session(self, transport, peer)
         self._say(f"root connected over {transport.protocol}")
         try:
-            self.session.send({"type": "hello", "version": _edge.WIRE_VERSION})
+            self.session.send(HELLO)
         except (RuntimeError, OSError, ValueError):
             self._end(None, "the root went away")
             ended += 1

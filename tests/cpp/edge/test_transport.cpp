@@ -235,3 +235,71 @@ TEST_CASE("a peer that disconnects mid-gather leaves its missing rows not receiv
     REQUIRE(saw_disconnect);
   }
 }
+
+TEST_CASE("gather rebuilds the one lost partial of a parity set and refuses parity that does not fit") {
+  auto server = Transport::create(Protocol::enet, "127.0.0.1", 0, 2);
+  auto root = Transport::create(Protocol::enet, "", 0, 2);
+  constexpr int rows = 2, cols = 300;  // one row per message
+  auto partial = [&](uint16_t group, uint16_t row0, uint16_t n, uint16_t width, float base) {
+    std::vector<float> values(size_t(n) * width);
+    for (size_t i = 0; i < values.size(); ++i) values[i] = base + float(i % 97) / 64.0f;
+    Header h;
+    h.step = 9;
+    h.group = group;
+    h.row0 = row0;
+    h.rows = n;
+    h.cols = width;
+    return make_partial(h, values.data());
+  };
+  using Set = std::vector<std::span<const uint8_t>>;
+  std::vector<std::vector<uint8_t>> members;  // groups 0..2, rows 0 and 1 each
+  for (uint16_t g = 0; g < 3; ++g)
+    for (uint16_t r = 0; r < rows; ++r) members.push_back(partial(g, r, 1, cols, float(g * 10 + r)));
+  std::vector<std::vector<uint8_t>> sent;
+  // Set 0: row 0 of every group, group 1's lost. Set 1: row 1 of groups 0 and 1, both lost.
+  sent.push_back(members[0]);
+  sent.push_back(members[4]);
+  sent.push_back(make_parity(0, Set{members[0], members[2], members[4]}));
+  sent.push_back(make_parity(1, Set{members[1], members[3]}));
+  sent.push_back(members[5]);
+  // Hostile: a huge member count, a repeated set id, a group that is not this peer's (7),
+  // rows past the term, another width, overlapping members.
+  auto huge = make_parity(2, Set{members[5]});
+  huge[28] = huge[29] = huge[30] = huge[31] = 0xFF;
+  sent.push_back(huge);
+  sent.push_back(make_parity(0, Set{members[5]}));
+  const auto foreign = partial(7, 0, 1, cols, 0), past = partial(2, 2, 1, cols, 0), wide = partial(2, 0, 1, 301, 0);
+  const auto a = partial(2, 0, 2, cols, 0), b = partial(2, 1, 2, cols, 0);
+  sent.push_back(make_parity(3, Set{foreign}));
+  sent.push_back(make_parity(4, Set{past}));
+  sent.push_back(make_parity(5, Set{wide}));
+  sent.push_back(make_parity(6, Set{a, b}));
+  std::thread worker([&] {
+    const Event c = wait_for(*server, Event::Type::connect);
+    for (const auto& m : sent) {
+      server->send(c.peer, m, Delivery::unreliable);
+      server->flush();
+    }
+    wait_for(*server, Event::Type::disconnect, 3.0);
+  });
+  const int32_t peer = root->connect("127.0.0.1", server->port(), 3.0);
+  GatherSpec spec;
+  spec.step = 9;
+  spec.rows = rows;
+  spec.cols = cols;
+  spec.peer_of_group = {peer, peer, peer};
+  spec.critical = {0, 0, 0};
+  spec.deadline = spec.hard_deadline = now() + 1.0;
+  spec.fec = true;
+  std::vector<float> out(3 * rows * cols, -1.0f);
+  const GatherResult r = gather(*root, spec, out.data());
+  REQUIRE(r.received == std::vector<uint8_t>{1, 0, 1, 0, 1, 1});
+  REQUIRE(r.rebuilt == std::vector<uint8_t>{0, 0, 1, 0, 0, 0});
+  REQUIRE(r.parity == 2);
+  REQUIRE(r.malformed == 1);
+  REQUIRE(r.parity_refused == 5);
+  for (int v = 0; v < cols; ++v) REQUIRE(out[2 * cols + v] == 10.0f + float(v % 97) / 64.0f);  // group 1, row 0
+  REQUIRE(out[3 * cols] == -1.0f);  // group 1, row 1: two lost in its set, left alone
+  root->disconnect(peer, true);
+  worker.join();
+}

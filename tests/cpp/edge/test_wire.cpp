@@ -101,3 +101,70 @@ TEST_CASE("decode rejects short, foreign and inconsistent messages") {
   const auto c = make_control(std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(json.data()), json.size()));
   REQUIRE(decode_header(c).count == json.size());
 }
+
+TEST_CASE("parity is the XOR of its members and rebuilds any one of them bit for bit") {
+  std::mt19937 rng(11);
+  for (uint32_t k = 1; k <= kFecMaxK; ++k) {
+    std::vector<std::vector<uint8_t>> members;
+    for (uint32_t i = 0; i < k; ++i) {
+      Header h;
+      h.step = 5;
+      h.layer = 2;
+      h.part = 1;
+      h.group = uint16_t(3 * i);
+      h.rows = 2;
+      h.cols = 7;
+      std::vector<float> rows(14);
+      for (float& v : rows) v = float(int(rng() % 4001) - 2000) / 256.0f;
+      members.push_back(make_partial(h, rows.data()));
+    }
+    const std::vector<std::span<const uint8_t>> spans(members.begin(), members.end());
+    const auto parity = make_parity(uint16_t(k), spans);
+    const Header p = decode_header(parity);
+    REQUIRE(p.kind == Kind::parity);
+    REQUIRE(p.count == k);
+    REQUIRE(p.group == k);
+    const auto ids = parity_members(p, parity);
+    for (uint32_t lost = 0; lost < k; ++lost) {
+      REQUIRE(ids[lost] == ParityMember{uint16_t(3 * lost), 0});
+      std::vector<uint8_t> x(payload_bytes(p, parity).begin(), payload_bytes(p, parity).end());
+      for (uint32_t i = 0; i < k; ++i) {
+        if (i == lost) continue;
+        const auto other = payload_bytes(decode_header(members[i]), members[i]);
+        for (size_t b = 0; b < x.size(); ++b) x[b] ^= other[b];
+      }
+      const auto want = payload_bytes(decode_header(members[lost]), members[lost]);
+      REQUIRE(std::equal(x.begin(), x.end(), want.begin(), want.end()));
+    }
+  }
+}
+
+TEST_CASE("parity messages are bounded before their size is trusted") {
+  Header h;
+  h.rows = 1;
+  h.cols = 4;
+  const float rows[4] = {1, 2, 3, 4};
+  const auto member = make_partial(h, rows);
+  const std::span<const uint8_t> one[1] = {member};
+  const auto parity = make_parity(0, one);
+  REQUIRE(decode_header(parity).count == 1);
+  auto huge = parity;  // count 0xFFFFFFFF: refused by its bound, not by a size computed from it
+  huge[28] = huge[29] = huge[30] = huge[31] = 0xFF;
+  REQUIRE_THROWS_WITH(decode_header(huge), Catch::Contains("parity of 4294967295 members"));
+  auto none = parity;
+  none[28] = 0;
+  REQUIRE_THROWS_WITH(decode_header(none), Catch::Contains("parity of 0 members"));
+  auto shorter = parity;
+  shorter.pop_back();
+  REQUIRE_THROWS_WITH(decode_header(shorter), Catch::Contains("header says"));
+  // Members of different shapes or exchanges, or repeated, make no set.
+  Header wide = h;
+  wide.cols = 5;
+  const float five[5] = {};
+  const auto other = make_partial(wide, five);
+  const std::span<const uint8_t> mixed[2] = {member, other};
+  REQUIRE_THROWS_WITH(make_parity(0, mixed), Catch::Contains("one exchange and one shape"));
+  const std::span<const uint8_t> twice[2] = {member, member};
+  REQUIRE_THROWS_WITH(make_parity(0, twice), Catch::Contains("repeats group"));
+  REQUIRE_THROWS_WITH(make_parity(0, std::span<const std::span<const uint8_t>>{}), Catch::Contains("1 to 16"));
+}
