@@ -126,7 +126,11 @@ def make_pools(out_features, in_features, dtype, pool_mib, rows):
         pools.append(Pool("int8-avx2", halo_items, plain_avx2_int8))
         if int8_entry_runs("avx2-vnni"):
             pools.append(
-                Pool("int8-avxvnni", halo_items, lambda x, q: halo.matmul_4bit(x, q, backend="avx2", activations="int8"))
+                Pool(
+                    "int8-avxvnni",
+                    halo_items,
+                    lambda x, q: halo.matmul_4bit(x, q, backend="avx2", activations="int8"),
+                )
             )
 
     source = torch.from_numpy(

@@ -38,7 +38,9 @@ def numpy_int8(x: torch.Tensor, qt) -> tuple[np.ndarray, np.ndarray]:
     for k0 in range(0, n, 32):
         block = xf[:, k0 : k0 + 32]
         d = (np.abs(block).max(axis=1) / np.float32(127)).astype(np.float32)
-        inverse = np.where(d > 0, np.float32(1) / np.where(d > 0, d, np.float32(1)), np.float32(0)).astype(np.float32)
+        inverse = np.where(d > 0, np.float32(1) / np.where(d > 0, d, np.float32(1)), np.float32(0)).astype(
+            np.float32
+        )
         q = np.rint(block * inverse[:, None])
         assert np.abs(q).max() <= 127
         xq[:, k0 : k0 + 32] = q.astype(np.float64) * d[:, None].astype(np.float64)
@@ -67,7 +69,9 @@ def numpy_int8(x: torch.Tensor, qt) -> tuple[np.ndarray, np.ndarray]:
     ],
 )
 def test_int8_equals_the_numpy_scheme(dtype, shape, blocksize, quant_type, double_quant):
-    qt = quantized(*shape, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant, seed=shape[0])
+    qt = quantized(
+        *shape, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant, seed=shape[0]
+    )
     gen = torch.Generator().manual_seed(2)
     for rows in (1, 2, 5, 8, 9, 17):
         x = (torch.randn(rows, shape[1], generator=gen) * 3).to(dtype)
@@ -83,11 +87,17 @@ def test_int8_every_backend_equals_the_scalar_entry(backend, monkeypatch):
     qt = quantized(48, 576, seed=3)
     x = torch.randn(5, 576)
     scalar = halo.matmul_4bit(x, qt, backend="scalar", activations="int8")
-    assert torch.allclose(halo.matmul_4bit(x, qt, backend=backend, activations="int8"), scalar, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(
+        halo.matmul_4bit(x, qt, backend=backend, activations="int8"), scalar, rtol=1e-5, atol=1e-5
+    )
     if backend == "avx2":  # the plain AVX2 kernel, also on a CPU with AVX-VNNI
         monkeypatch.setenv("HALO_DISABLE_AVX_VNNI", "1")
-        assert halo._core.quant.matmul_4bit_variant("float32", 5, 48, 576, 64, False, "avx2", "int8") == "avx2"
-        assert torch.allclose(halo.matmul_4bit(x, qt, backend="avx2", activations="int8"), scalar, rtol=1e-5, atol=1e-5)
+        assert (
+            halo._core.quant.matmul_4bit_variant("float32", 5, 48, 576, 64, False, "avx2", "int8") == "avx2"
+        )
+        assert torch.allclose(
+            halo.matmul_4bit(x, qt, backend="avx2", activations="int8"), scalar, rtol=1e-5, atol=1e-5
+        )
 
 
 def test_int8_error_against_the_exact_product_is_bounded():
@@ -128,10 +138,21 @@ def test_int8_bad_values_name_the_function():
     args = (x.numpy().reshape(-1), "float32", 2, packed, absmax, "nf4", 64, 24, 64)
     with pytest.raises(ValueError, match=r"\[matmul_4bit\] activations must be 'exact' or 'int8', got 'q8'"):
         halo._core.quant.matmul_4bit(*args, activations="q8")
-    with pytest.raises(ValueError, match=r"\[matmul_4bit_transposed\] int8 activations are for matmul_4bit only"):
+    with pytest.raises(
+        ValueError, match=r"\[matmul_4bit_transposed\] int8 activations are for matmul_4bit only"
+    ):
         halo._core.quant.matmul_4bit(
-            torch.randn(2, 24).numpy().reshape(-1), "float32", 2, packed, absmax, "nf4", 64, 24, 64,
-            transposed=True, activations="int8",
+            torch.randn(2, 24).numpy().reshape(-1),
+            "float32",
+            2,
+            packed,
+            absmax,
+            "nf4",
+            64,
+            24,
+            64,
+            transposed=True,
+            activations="int8",
         )
     with pytest.raises(ValueError, match=r"\[matmul_4bit\] x has shape"):
         halo.matmul_4bit(torch.randn(2, 63), qt, activations="int8")
@@ -140,6 +161,58 @@ def test_int8_bad_values_name_the_function():
 def test_int8_kernels_are_registry_entries():
     entries = halo.kernels()["matmul_4bit_int8"]
     assert entries == ["scalar", "avx2", "avx2-vnni", "avx512", "avx512-vnni"]
-    variants = {name: (rung, feature) for name, rung, feature, _ in halo._core.backend.kernel_variants()["matmul_4bit_int8"]}
+    variants = {
+        name: (rung, feature)
+        for name, rung, feature, _ in halo._core.backend.kernel_variants()["matmul_4bit_int8"]
+    }
     assert variants["avx2-vnni"] == ("avx2", "avx_vnni")
     assert variants["avx512-vnni"] == ("avx512", "avx512_vnni")
+
+
+def test_linear4bit_int8_inference_mode_and_exact_training():
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(128, 40)
+    layer = halo.nn.Linear4bit.from_linear(dense)
+    qt = halo.QuantizedTensor.from_bnb_state_dict(layer.state_dict(), "weight")
+    x = torch.randn(3, 128)
+    exact = halo.matmul_4bit(x, qt, bias=dense.bias.detach())
+    int8 = halo.matmul_4bit(x, qt, bias=dense.bias.detach(), activations="int8")
+    assert not torch.equal(exact, int8)
+    with torch.no_grad():
+        assert torch.equal(layer(x), exact)
+        layer.activations = "int8"
+        assert torch.equal(layer(x), int8)
+    # an input that needs a gradient keeps the exact product, and its backward runs
+    xg = x.clone().requires_grad_(True)
+    y = layer(xg)
+    assert torch.equal(y.detach(), exact)
+    y.sum().backward()
+    assert xg.grad is not None and xg.grad.shape == x.shape
+    layer.activations = "fp8"
+    with pytest.raises(
+        ValueError, match=r"\[Linear4bit.forward\] activations must be 'exact' or 'int8', got 'fp8'"
+    ):
+        layer(x)
+
+
+def test_the_torch_op_takes_int8_and_refuses_its_backward():
+    layer = halo.nn.Linear4bit.from_linear(torch.nn.Linear(64, 16, bias=False))
+    args = (
+        layer.packed,
+        layer.weight_absmax,
+        layer.weight_nested_absmax,
+        float(layer.nested_offset),
+        16,
+        "nf4",
+        64,
+        None,
+    )
+    x = torch.randn(2, 64)
+    torch.library.opcheck(torch.ops.halo.matmul_4bit, (x, *args, "int8"))
+    with pytest.raises(
+        ValueError, match=r"\[halo::matmul_4bit\] activations must be 'exact' or 'int8', got 'q4'"
+    ):
+        torch.ops.halo.matmul_4bit(x, *args, "q4")
+    y = torch.ops.halo.matmul_4bit(x.clone().requires_grad_(True), *args, "int8")
+    with pytest.raises(RuntimeError, match=r"\[halo::matmul_4bit\] activations='int8' is for inference"):
+        y.sum().backward()

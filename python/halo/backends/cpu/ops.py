@@ -59,8 +59,18 @@ def _scales(absmax: Tensor, nested_absmax: Tensor | None, nested_offset: float) 
     return values
 
 
-def _matmul(x2d: Tensor, weight: tuple, out_features: int, in_features: int, bias, transposed, backend):
-    """y = x W^T (+ bias), or x W when ``transposed``, in x's dtype, on ``backend``'s kernels."""
+def _matmul(
+    x2d: Tensor,
+    weight: tuple,
+    out_features: int,
+    in_features: int,
+    bias,
+    transposed,
+    backend,
+    activations="exact",
+):
+    """y = x W^T (+ bias), or x W when ``transposed``, in x's dtype, on ``backend``'s kernels
+    (``activations="int8"``: x quantized per 32 elements)."""
     packed, absmax, nested_absmax, nested_offset, quant_type, blocksize = weight
     rows = x2d.shape[0]
     y = torch.empty(rows, in_features if transposed else out_features, dtype=x2d.dtype)
@@ -79,6 +89,7 @@ def _matmul(x2d: Tensor, weight: tuple, out_features: int, in_features: int, bia
         transposed,
         backend,
         numpy_bits(y),
+        activations,
     )
     return y
 
