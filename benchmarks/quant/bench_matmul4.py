@@ -3,7 +3,7 @@ measured in one run, interleaved (A, B, C, A, B, C, ...), min and median of seve
 
 halo runs on the best backend here ("halo") and, where that is not already avx2, also
 forced onto the AVX2 kernels ("halo-avx2": what an AVX2-only CPU such as AMD Zen 1-3 runs).
-With int8 activations (activations="int8": x quantized per 32 elements, integer dot products)
+With int8 activations (activations="int8": x quantized per 8 elements, integer dot products)
 it runs as "int8" (the best entry here, e.g. AVX512-VNNI), "int8-avx2" (the plain AVX2
 vpmaddubsw kernel, AVX-VNNI switched off for the call: what AVX2-only CPUs run) and, on a CPU
 with AVX-VNNI, "int8-avxvnni" (the AVX2 rung's AVX-VNNI kernel).

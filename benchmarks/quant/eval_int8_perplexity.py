@@ -1,5 +1,5 @@
 """SmolLM2-135M perplexity with halo's 4-bit layers, exact against int8 activations
-(``Linear4bit.activations = "int8"``: x quantized per 32 elements, integer dot products), and
+(``Linear4bit.activations = "int8"``: x quantized per 8 elements, integer dot products), and
 the float model for scale. Windows of held-out text (the standard library's docstrings, n-z,
 as benchmarks/hwq uses), every linear layer but lm_head in NF4 (block 64, double quantization).
 The exact and int8 passes alternate (exact, int8, exact, int8, ...) so their times compare.

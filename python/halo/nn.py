@@ -95,7 +95,7 @@ class Linear4bit(nn.Module):
     the output comes back in the input's dtype, as bitsandbytes does.
 
     ``layer.activations = "int8"`` (default ``"exact"``) runs inference on CPU with x quantized
-    per 32 elements to int8 (see :func:`halo.matmul_4bit`); a call whose input needs a
+    per 8 elements to int8 (see :func:`halo.matmul_4bit`); a call whose input needs a
     gradient, or on CUDA, computes the exact product.
     """
 
@@ -137,7 +137,7 @@ class Linear4bit(nn.Module):
         self.weight_absmax: torch.Tensor | None = None
         self.weight_nested_absmax: torch.Tensor | None = None
         self._quantized = False
-        # "int8": inference with x quantized per 32 elements (halo.matmul_4bit); calls whose x
+        # "int8": inference with x quantized per 8 elements (halo.matmul_4bit); calls whose x
         # needs a gradient keep the exact product (the int8 path has no backward).
         self.activations = "exact"
 

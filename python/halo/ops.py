@@ -221,7 +221,7 @@ def _matmul_4bit_op(
 
 
 def check_activations(fn: str, activations: str) -> None:
-    """``"exact"`` or ``"int8"`` (x quantized per 32 elements: inference only, CPU)."""
+    """``"exact"`` or ``"int8"`` (x quantized per 8 elements: inference only, CPU)."""
     if activations not in ("exact", "int8"):
         raise ValueError(f"[{fn}] activations must be 'exact' or 'int8', got {activations!r}")
 

@@ -415,10 +415,10 @@ def matmul_4bit(
     built on it provide gradients.
 
     ``activations="int8"`` (CPU, inference): x is quantized once per call, per row and per
-    32 elements, to int8 with a float32 scale (``d = max|x| / 127``), the NF4/FP4 codes are
+    8 elements, to int8 with a float32 scale (``d = max|x| / 127``), the NF4/FP4 codes are
     taken as int8 (``round(code * 127)``, FP4 ``* 120``) and the integer dot products
     (AVX512-VNNI / AVX-VNNI / AVX2) are scaled and summed in float32, as llama.cpp's Q8
-    activation blocks. About 0.5-1 % relative error against ``"exact"`` (the default);
+    activation blocks. Under 1 % relative error against ``"exact"`` (the default);
     docs/quantization.md has the measured figures.
     """
     if not isinstance(activations, str) or activations not in _ACTIVATIONS:

@@ -11,6 +11,8 @@
 
 namespace halo::kernels {
 
+static_assert(kQ8Block % 8 == 0 && 64 % kQ8Block == 0, "an int32 lane of the kernels must lie in one sub-block");
+
 namespace {
 Q8Codebook make_codebook(Format type, float scale) {
   Q8Codebook book{};
@@ -71,7 +73,8 @@ void pack_q8(const int8_t* q, const float* d, int64_t rows, int64_t in, int lane
       int32_t offset[16] = {};
       for (int b = 0; b < 64; ++b) {
         const int lane = (b / 4) % lanes;
-        scale[lane] = d[r * blocks + 2 * c + (b % 32 >= 16 ? 1 : 0)];
+        const int64_t element = b < 32 ? 2 * b + 1 : 2 * (b - 32);  // within the chunk
+        scale[lane] = d[r * blocks + (c * 64 + element) / kQ8Block];
         offset[lane] -= kQ8Offset * order[b];
       }
       std::copy(order, order + 64, reinterpret_cast<int8_t*>(dst));

@@ -1,5 +1,5 @@
 """halo.matmul_4bit(..., activations="int8"): against an independent NumPy evaluation of the
-int8 scheme (x quantized per 32 elements, d = max|x| / 127, q = rint(x * (1 / d)); the
+int8 scheme (x quantized per 8 elements, d = max|x| / 127, q = rint(x * (1 / d)); the
 NF4/FP4 codes as rint(code * S), S = 127 / 120; scales d * absmax / S), every CPU entry
 against the scalar one, its error against the exact product bounded, and the boundary
 (fast path, bad values, the registry)."""
@@ -35,15 +35,15 @@ def numpy_int8(x: torch.Tensor, qt) -> tuple[np.ndarray, np.ndarray]:
     xf = x.float().numpy().astype(np.float32)
     rows, n = xf.shape
     xq = np.zeros((rows, n), dtype=np.float64)
-    for k0 in range(0, n, 32):
-        block = xf[:, k0 : k0 + 32]
+    for k0 in range(0, n, 8):
+        block = xf[:, k0 : k0 + 8]
         d = (np.abs(block).max(axis=1) / np.float32(127)).astype(np.float32)
         inverse = np.where(d > 0, np.float32(1) / np.where(d > 0, d, np.float32(1)), np.float32(0)).astype(
             np.float32
         )
         q = np.rint(block * inverse[:, None])
         assert np.abs(q).max() <= 127
-        xq[:, k0 : k0 + 32] = q.astype(np.float64) * d[:, None].astype(np.float64)
+        xq[:, k0 : k0 + 8] = q.astype(np.float64) * d[:, None].astype(np.float64)
     book = np.asarray(halo._core.quant.code_book(qt.quant_type), dtype=np.float32)
     s = SCALE[qt.quant_type]
     code8 = np.rint(book * np.float32(s)).astype(np.float64)
@@ -106,7 +106,7 @@ def test_int8_error_against_the_exact_product_is_bounded():
     exact = halo.matmul_4bit(x, qt).double()
     int8 = halo.matmul_4bit(x, qt, activations="int8").double()
     relative = ((int8 - exact).norm() / exact.norm()).item()
-    assert 0 < relative < 0.015  # measured 0.5-0.7 %: int8 steps of x and of the code book
+    assert 0 < relative < 0.015  # measured 0.5-0.8 %: int8 steps of x and of the code book
 
 
 def test_int8_fast_path_numpy_and_out_agree():

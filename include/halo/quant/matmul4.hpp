@@ -21,15 +21,17 @@
 // device pointers.
 //
 // Activations::int8 (inference only; matmul_4bit, CPU): x is quantized once per call, per
-// row and per 32 consecutive elements, to int8 with a float32 scale (d = max|x| / 127,
+// row and per 8 consecutive elements, to int8 with a float32 scale (d = max|x| / 127,
 // q = nearest-even(x * (1 / d))), W's codes are taken as int8 (round(code * S), S = 127 for
-// NF4, 120 for FP4, with absmax / S as the block's scale) and each 32-element piece's
+// NF4, 120 for FP4, with absmax / S as the block's scale) and each 8-element piece's
 // integer dot product, times d * absmax / S, is summed in float32 (then + bias, one
-// rounding to x's dtype), as llama.cpp's Q8 activation blocks do. Kernels (registry op
-// "matmul_4bit_int8"): a scalar reference, AVX2 (vpmaddubsw), AVX-VNNI, AVX-512 (BW) and
-// AVX512-VNNI (vpdpbusd); the SIMD entries take in % 64 == 0 and blocksize >= 64 and run
-// the reference otherwise. A 32-element piece of x that holds NaN or Inf makes its row NaN.
-// The error against the exact product is measured in docs/quantization.md.
+// rounding to x's dtype), as llama.cpp's Q8 activation blocks do (they take 32 elements
+// per scale; 8 costs halo's kernels nothing and about halves x's error, see
+// src/quant/matmul4_q8.hpp). Kernels (registry op "matmul_4bit_int8"): a scalar reference,
+// AVX2 (vpmaddubsw), AVX-VNNI, AVX-512 (BW) and AVX512-VNNI (vpdpbusd); the SIMD entries
+// take in % 64 == 0 and blocksize >= 64 and run the reference otherwise. An 8-element piece
+// of x that holds NaN or Inf makes its row NaN. The error against the exact product is
+// measured in docs/quantization.md.
 #pragma once
 
 #include <cstdint>
@@ -68,7 +70,7 @@ Quant4Matrix quant4_matrix(std::string_view function, const uint8_t* packed, int
 void check_matmul_4bit_buffers(std::string_view function, int64_t rows, const Quant4Matrix& w, bool transposed,
                                int64_t x_count, int64_t bias_count, int64_t y_count);
 
-// How x enters matmul_4bit: as given (exact) or quantized to int8 per 32 elements (above).
+// How x enters matmul_4bit: as given (exact) or quantized to int8 per 8 elements (above).
 enum class Activations : uint8_t { exact, int8 };
 // "exact" or "int8"; InvalidArgument naming `function` and the value otherwise.
 Activations parse_activations(std::string_view function, std::string_view name);

@@ -3,7 +3,7 @@ the adapter products, around a backend's 4-bit ``matmul``.
 
 ``matmul(x2d, weight, out_features, in_features, bias, transposed, backend[, activations])``:
 y = x W^T (+ bias), or x W when ``transposed``, for rows x2d in x's dtype (``activations="int8"``:
-x quantized per 32 elements, not transposed); ``weight`` is
+x quantized per 8 elements, not transposed); ``weight`` is
 (packed, absmax, nested_absmax, nested_offset, quant_type, blocksize). backends/cpu/ops.py and
 backends/cuda/ops.py pass theirs; the operators themselves are defined in :mod:`halo.ops`.
 """
@@ -28,7 +28,7 @@ def _base_matmul(
 ) -> Tensor:
     """x W^T (+ bias) for rows x2d [m, in] in x's dtype, autocast off; W is stored [out, in], or
     [in, out] with ``fan_in_fan_out`` (GPT-2's Conv1D), where x W^T is x times the stored matrix.
-    ``activations="int8"`` (stored [out, in] only) quantizes x per 32 elements."""
+    ``activations="int8"`` (stored [out, in] only) quantizes x per 8 elements."""
     in_features = x2d.shape[1]
     with torch.autocast(x2d.device.type, enabled=False):
         if activations != "exact":

@@ -171,7 +171,8 @@ Result run_matmul(bool transposed) {
 Result run_matmul_int8() {
   Result r;
   for (Format dtype : {Format::f32, Format::bf16})
-    for (auto [out, in, blocksize] : {std::tuple<int64_t, int64_t, int64_t>{37, 128, 64}, {19, 100, 32}, {9, 576, 256}})
+    for (auto [out, in, blocksize] :
+         {std::tuple<int64_t, int64_t, int64_t>{37, 128, 64}, {19, 100, 32}, {9, 576, 256}})
       for (int64_t rows : {1, 3, 8, 9, 17}) {
         const Weight4 w = weight4(out * in, Format::fp4, blocksize, uint32_t(out + in));
         const Quant4Matrix m{w.packed.data(), w.absmax.data(), Format::fp4, blocksize, out, in};

@@ -70,7 +70,7 @@ def _matmul(
     activations="exact",
 ):
     """y = x W^T (+ bias), or x W when ``transposed``, in x's dtype, on ``backend``'s kernels
-    (``activations="int8"``: x quantized per 32 elements)."""
+    (``activations="int8"``: x quantized per 8 elements)."""
     packed, absmax, nested_absmax, nested_offset, quant_type, blocksize = weight
     rows = x2d.shape[0]
     y = torch.empty(rows, in_features if transposed else out_features, dtype=x2d.dtype)
