@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-merge", action="store_true", help="stop after saving the adapter")
     args = parser.parse_args(argv)
 
-    from halo.qlora import answer, load_model, load_recipe, make_dataset, train
+    from halo.hf.qlora import answer, load_model, load_recipe, make_dataset, train
 
     recipe = load_recipe(args.config)
     for key in ("model", "data"):

@@ -94,7 +94,7 @@ def set_loss(bed, family: str, p: float) -> None:
 
 
 def key_file() -> Path:
-    from halo.edge_link import write_key
+    from halo.edge.link import write_key
 
     path = OUT / "edge.key"
     if not path.exists():
@@ -104,7 +104,7 @@ def key_file() -> Path:
 
 
 def link_key() -> bytes:
-    from halo.edge_link import read_key
+    from halo.edge.link import read_key
 
     return read_key(key_file())
 
@@ -420,7 +420,7 @@ def sealing_cost(rounds: int, tokens: int) -> int:
     SmolLM2 workers of each kind on loopback (the link adds no loss or delay, so the difference
     is the sealing's CPU cost), HALO (ENet) and TCP, the two kinds interleaved round by round."""
     from halo import edge
-    from halo.edge_plan import docstring_text, tokenize
+    from halo.edge.plan import docstring_text, tokenize
 
     if not SMOL.exists():
         print(f"bench_edge: skipped, {SMOL} missing (make model)")
@@ -569,7 +569,7 @@ def accuracy(rounds: int, tokens: int, loss: float = 0.05, baseline_cap_s: float
 
     torch.set_num_threads(1)
     from halo import edge
-    from halo.edge_plan import docstring_text, tokenize
+    from halo.edge.plan import docstring_text, tokenize
 
     spec = edge.read_spec(SMOL)
     plan_path = OUT / "smollm2_plan.json"
@@ -678,7 +678,7 @@ def main() -> int:
 
     torch.set_num_threads(1)
     from halo import edge
-    from halo.edge_plan import docstring_text, tokenize
+    from halo.edge.plan import docstring_text, tokenize
 
     OUT.mkdir(parents=True, exist_ok=True)
     t_start = time.monotonic()

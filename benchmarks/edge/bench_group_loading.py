@@ -5,7 +5,7 @@ decode token: latency, bytes read from disk (this process's /proc/self/io read_b
 loader thread and page faults included), groups missing at their deadline, next-token
 agreement and perplexity against the all-resident run (same 4-bit weights, nothing missing).
 
-Modes (halo.edge_store): predict (loader + semantic predictor; a missing group is compensated
+Modes (halo.edge.store): predict (loader + semantic predictor; a missing group is compensated
 with zero by default, --compensation predictor uses the plan's estimate instead), static (loader with static importance only), demand (no loader:
 a missing group is read synchronously; the load-on-demand baseline), mmap (the whole file
 mapped, the kernel pages it in, page cache capped at the budget by dropping the least
@@ -36,9 +36,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-from halo.edge_model import default_heads_per_group, read_spec
-from halo.edge_plan import docstring_text, make_plan, tokenize
-from halo.edge_store import StreamedLocal, budget_text, build_store
+from halo.edge.model import default_heads_per_group, read_spec
+from halo.edge.plan import docstring_text, make_plan, tokenize
+from halo.edge.store import StreamedLocal, budget_text, build_store
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -1,8 +1,8 @@
 """What lost terms cost HALO edge inference in accuracy, measured in one process in seconds.
 
-The simulator runs SmolLM2-135M's groups in this process (``edge_model.LocalCluster``), takes
-the critical set and the compensation from the runtime's own ``edge_policy.TermPolicy`` (the
-object ``edge_root.Root`` uses) and drops, with a seeded generator, what the network would:
+The simulator runs SmolLM2-135M's groups in this process (``halo.edge.compute.LocalCluster``), takes
+the critical set and the compensation from the runtime's own ``halo.edge.policy.TermPolicy`` (the
+object ``halo.edge.root.Root`` uses) and drops, with a seeded generator, what the network would:
 
 * every datagram of a non-critical term (one row of one group: a 576-wide float16 row fills a
   datagram) independently with probability p (worker -> root);
@@ -50,7 +50,8 @@ class Simulated:
     per-kind measurements lose terms of one kind only); every term of the others arrives."""
 
     def __init__(self, model_dir, plan, policy, loss: float, seed: int, drop=None, duplicate=False) -> None:
-        from halo.edge_model import Checkpoint, LocalCluster, RootModel, layout, read_spec
+        from halo.edge.compute import LocalCluster, RootModel
+        from halo.edge.model import Checkpoint, layout, read_spec
 
         self.spec = read_spec(model_dir)
         ck = Checkpoint(model_dir)
@@ -67,7 +68,7 @@ class Simulated:
     def _stacked_ffn(self, ck, layer):
         """A layer's FFN weights stacked by group, so one batched product gives every group's
         term (what ``GroupCompute`` does group by group); None where groups differ in size."""
-        from halo.edge_model import FFN, _names
+        from halo.edge.model import FFN, _names
 
         gs = self.groups[layer][FFN]
         size = gs[0].stop - gs[0].start
@@ -138,8 +139,8 @@ class Simulated:
 
 
 def policy_for(plan, predictors, spec, **knobs):
-    from halo.edge_model import layout
-    from halo.edge_policy import TermPolicy
+    from halo.edge.model import layout
+    from halo.edge.policy import TermPolicy
 
     groups = layout(spec, plan.group_size, plan.heads_per_group)
     return TermPolicy(groups, plan.importance, predictors, **knobs)
@@ -200,8 +201,9 @@ def load(args):
 
     torch.set_num_threads(1)
     from halo import edge
-    from halo.edge_model import layout
-    from halo.edge_plan import docstring_text, load_predictors, tokenize
+    from halo.edge.model import layout
+    from halo.edge.plan import docstring_text, tokenize
+    from halo.edge.predictor import load_predictors
 
     spec = edge.read_spec(SMOL)
     OUT.mkdir(parents=True, exist_ok=True)

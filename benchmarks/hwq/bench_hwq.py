@@ -2,7 +2,7 @@
 energy against uniform, W8A8 and FP16 baselines, and the quantizer's wall time against RTN.
 
 1. Perplexity of SmolLM2-135M (build/models/smollm2-135m, `make model`) over the first --windows windows of
-   512 tokens of the evaluation text (docstrings of the standard-library modules n-z, halo.hwq_eval), for
+   512 tokens of the evaluation text (docstrings of the standard-library modules n-z, halo.hwq.eval), for
    FP32, RTN 4-bit (group 128 and 64), NF4 (bitsandbytes layout, block 64) and HALO in each preset of the
    INT8-subset and int4 grid modes (and the energy-first mode). HALO's sensitivity is Fisher (mean g^2 over
    --calib-windows windows of the calibration text, modules a-m: disjoint from the evaluation text).
@@ -35,7 +35,7 @@ import torch
 import transformers
 from halo import hwq
 from halo.hf import compute_sensitivity, halo_quantize_model
-from halo.hwq_eval import corpus_id, perplexity, stdlib_docstrings, token_windows
+from halo.hwq.eval import corpus_id, perplexity, stdlib_docstrings, token_windows
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from timing import interleaved  # benchmarks/timing.py

@@ -92,7 +92,7 @@ def child(seq: int, steps: int, results: Path, fsdp: str = "") -> None:
     """Trains, then writes this rank's figures to RESULTS/rank{N}.json (not stdout: torchrun's
     ranks share it, and their lines can interleave)."""
     import torch
-    from halo.qlora import load_model, load_recipe, make_dataset, train
+    from halo.hf.qlora import load_model, load_recipe, make_dataset, train
 
     recipe = load_recipe(ROOT / "examples" / "qlora.yaml")
     recipe["model"] = str(ROOT / recipe["model"])

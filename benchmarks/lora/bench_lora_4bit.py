@@ -25,8 +25,8 @@ logging.disable(logging.WARNING)
 import bitsandbytes as bnb  # noqa: E402 - after the warning filters: its import warns
 import halo  # noqa: E402
 import halo.hf  # noqa: E402
+import halo.hf.peft_layers  # noqa: E402
 import halo.nn  # noqa: E402
-import halo.peft_layers  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 
 # (out, in, tokens): a 4096 x 4096 projection at three batch x sequence sizes, and the two
@@ -63,7 +63,7 @@ def run_case(out_features, in_features, tokens, dtype, rank, reps):
     # halo: the same bytes in halo.nn.Linear4bit, PEFT's LoRA on it, the same adapter
     ours_base = halo.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=dtype)
     ours_base.load_state_dict(base.state_dict())
-    ours_model = halo.peft_layers.add_lora_layers(_OneLayer(ours_base))  # as HaloConfig loads a model
+    ours_model = halo.hf.peft_layers.add_lora_layers(_OneLayer(ours_base))  # as HaloConfig loads a model
     ours_config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.05, target_modules=["proj"])
     ours = get_peft_model(ours_model, ours_config).base_model.model.proj
     assert type(ours).__name__ == "PeftLinear4bit"

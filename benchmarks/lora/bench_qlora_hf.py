@@ -39,7 +39,7 @@ def prepare_model() -> None:
 
 def child(system: str, seq: int, steps: int) -> None:
     import torch
-    from halo.qlora import load_model, load_recipe, make_dataset, train
+    from halo.hf.qlora import load_model, load_recipe, make_dataset, train
 
     recipe = load_recipe(ROOT / "examples" / "qlora.yaml")
     recipe["model"] = str(ROOT / recipe["model"])

@@ -26,7 +26,7 @@ def main() -> int:
     args = parser.parse_args()
     import bitsandbytes.functional as bnbf
     import torch
-    from halo.qlora import load_model, load_recipe, make_dataset
+    from halo.hf.qlora import load_model, load_recipe, make_dataset
 
     recipe = load_recipe(ROOT / "examples" / "qlora.yaml")
     recipe["model"] = str(ROOT / recipe["model"])

@@ -169,7 +169,7 @@ def classify(events, system: str) -> dict:
 def child(system: str, seq: int, warmup: int, steps: int) -> None:
     import torch
     import transformers
-    from halo.qlora import load_model, load_recipe, make_dataset, train
+    from halo.hf.qlora import load_model, load_recipe, make_dataset, train
 
     recipe = load_recipe(ROOT / "examples" / "qlora.yaml")
     recipe["model"] = str(MODEL)

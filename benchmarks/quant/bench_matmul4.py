@@ -56,7 +56,7 @@ GROUP = 64
 
 def weight_bytes(qt: halo.QuantizedTensor) -> int:
     """What halo's kernel reads: the codes and the (decoded, cached) float32 absmax."""
-    packed, absmax = qt._kernel_arrays()
+    packed, absmax = qt.kernel_arrays()
     return packed.nbytes + absmax.nbytes
 
 
@@ -114,7 +114,7 @@ def make_pools(out_features, in_features, dtype, pool_mib, rows):
             qt.nested_blocksize,
             kind="torch",
         )
-        q._kernel_arrays()  # decode the statistics once, as a model would
+        q.kernel_arrays()  # decode the statistics once, as a model would
         return q
 
     halo_items = [copy_qt() for _ in range(count)]
@@ -135,7 +135,7 @@ def make_pools(out_features, in_features, dtype, pool_mib, rows):
 
     source = torch.from_numpy(
         np.concatenate(
-            [np.asarray(qt._kernel_arrays()[0]).view(np.uint8), qt._kernel_arrays()[1].view(np.uint8)]
+            [np.asarray(qt.kernel_arrays()[0]).view(np.uint8), qt.kernel_arrays()[1].view(np.uint8)]
         )
     )
     copy_items = [source.clone() for _ in range(count)]
@@ -390,7 +390,7 @@ def main_llama(args):
         ]
         for qts in halo_layers:
             for qt in qts:
-                qt._kernel_arrays()
+                qt.kernel_arrays()
         total_bytes = sum(weight_bytes(qt) for qts in halo_layers for qt in qts)
 
         inputs = {

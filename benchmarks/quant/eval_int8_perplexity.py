@@ -22,7 +22,7 @@ import torch
 warnings.filterwarnings("ignore")
 import halo  # noqa: E402
 from halo.hf import quantize_model  # noqa: E402
-from halo.hwq_eval import perplexity, stdlib_docstrings, token_windows  # noqa: E402
+from halo.hwq.eval import perplexity, stdlib_docstrings, token_windows  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOLLM = ROOT / "build" / "models" / "smollm2-135m"

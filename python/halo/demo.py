@@ -139,7 +139,7 @@ def finetune_demo(steps: int, work: Path) -> int:
     from transformers import AutoModelForCausalLM
 
     import halo
-    from halo.qlora import answer, load_model, load_recipe, make_dataset, train
+    from halo.hf.qlora import answer, load_model, load_recipe, make_dataset, train
 
     # `make demo` runs from the source checkout (halo itself may be installed elsewhere).
     candidates = [Path.cwd(), Path(__file__).resolve().parents[2]]
@@ -203,7 +203,7 @@ def gguf_demo(model_dir: str, adapter: Path, work: Path, tokenizer, question: st
     from transformers import AutoModelForCausalLM
 
     import halo
-    from halo.qlora import answer
+    from halo.hf.qlora import answer
 
     gguf_path = work / "qlora-q4_k_m.gguf"
     summary = halo.export_gguf(
@@ -211,7 +211,7 @@ def gguf_demo(model_dir: str, adapter: Path, work: Path, tokenizer, question: st
     )
     print(f"exported base + adapter to {gguf_path} with halo.export_gguf ({summary})")
     try:
-        from halo import gguf_run
+        from halo.gguf import run as gguf_run
 
         text = gguf_run.generate(gguf_path, question, max_tokens=24, chat=True)
         print(f"  llama.cpp answers: {text!r}")

@@ -16,6 +16,9 @@ checkpoints move both ways. ``layer.quantized`` gives the weight as a
 Before it is quantized the layer holds a float ``weight`` ``[out, in]`` like
 ``nn.Linear`` (this is how transformers builds it on the meta device before
 loading); assigning a float state dict or calling :meth:`quantize_` packs it.
+
+Long module: one class, ``Linear4bit``, whose loading paths (float weights, bitsandbytes
+state dicts, quant_storage views, FSDP shards) all write the same packed state.
 """
 
 from __future__ import annotations
@@ -78,7 +81,7 @@ def _as_bytes(weight: torch.Tensor, nbytes: int) -> torch.Tensor:
     return weight.detach().contiguous().view(torch.uint8).reshape(-1)[:nbytes].reshape(-1, 1)
 
 
-def _check_settings(fn: str, quant_type: Any, blocksize: Any, compute_dtype: Any) -> None:
+def check_settings(fn: str, quant_type: Any, blocksize: Any, compute_dtype: Any) -> None:
     check_bnb4_format(fn, quant_type, blocksize)
     if compute_dtype is not None and compute_dtype not in _DTYPE_NAMES:
         raise TypeError(
@@ -114,7 +117,7 @@ class Linear4bit(nn.Module):
     ) -> None:
         super().__init__()
         fn = "Linear4bit"
-        _check_settings(fn, quant_type, blocksize, compute_dtype)
+        check_settings(fn, quant_type, blocksize, compute_dtype)
         self.quant_storage = check_quant_storage(fn, quant_storage)
         for name, value in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -450,9 +453,7 @@ class Linear4bit(nn.Module):
                         self.bias.copy_(state_dict[prefix + "bias"])  # in place: FSDP2 keeps its parameter
             return
         try:
-            packed, absmax, nested, offset, dtype = _read_bnb_state(
-                sub, (self.out_features, self.in_features)
-            )
+            packed, absmax, nested, offset, dtype = read_bnb_state(sub, (self.out_features, self.in_features))
         except ValueError as error:
             error_msgs.append(f"[Linear4bit] {prefix}weight: {error}")
             return
@@ -539,7 +540,7 @@ def _double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
     return codes, nested, float(offset)
 
 
-def _read_bnb_state(sub: dict, shape: tuple[int, int]):
+def read_bnb_state(sub: dict, shape: tuple[int, int]):
     """(packed, absmax, nested_absmax or None, offset, original dtype) from bitsandbytes'
     entries for ``weight`` (keys relative to the layer), checked like QuantizedTensor does."""
     packed_dtype = sub["weight"].dtype

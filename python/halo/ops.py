@@ -25,6 +25,9 @@ C++ kernels over NumPy views, no copy) and ``halo/backends/cuda/ops.py`` (device
 the current stream, no host round trip; a build without CUDA raises instead of moving data
 to the CPU). A tensor on any other device gets a clear error. The matmuls run halo's fused
 4-bit GEMM/GEMV: the weight is decoded inside the kernel, never as a whole.
+
+Long module: every torch-facing op of halo is defined here once (schema, fake kernel,
+autograd), by design: one place to read what the ops accept.
 """
 
 from __future__ import annotations
@@ -345,94 +348,35 @@ def check_lora(fn, x, x_lora, lora_A, lora_B, out_features, in_features):
 
 
 @_lora_linear_op.register_fake
-def _(
-    x,
-    x_lora,
-    packed,
-    absmax,
-    nested_absmax,
-    nested_offset,
-    out_features,
-    quant_type,
-    blocksize,
-    bias,
-    lora_A,
-    lora_B,
-    scaling,
-    fan_in_fan_out=False,
-    backend="auto",
-    out_dtype=None,
-):
+def _(x, x_lora, packed, absmax, nested_absmax, nested_offset, out_features, quant_type, blocksize, *rest):
+    # rest: bias, lora_A, lora_B, scaling, then the defaulted fan_in_fan_out, backend, out_dtype
+    # (the dispatcher leaves out trailing arguments that hold their defaults)
     _check_format("halo::lora_linear", quant_type, blocksize)
+    out_dtype = rest[6] if len(rest) > 6 else None
     return x.new_empty((*x.shape[:-1], out_features), dtype=out_dtype or x.dtype)
 
 
 def _lora_setup(ctx, inputs, output):
-    (
-        x,
-        x_lora,
-        packed,
-        absmax,
-        nested_absmax,
-        nested_offset,
-        out_features,
-        quant_type,
-        blocksize,
-        bias,
-        lora_A,
-        lora_B,
-        scaling,
-        *options,
-    ) = inputs
-    fan_in_fan_out = options[0] if len(options) > 0 else False
-    backend = options[1] if len(options) > 1 else "auto"
+    x, x_lora, packed, absmax, nested_absmax, nested_offset, out_features, quant_type = inputs[:8]
+    blocksize, bias, lora_A, lora_B, scaling = inputs[8:13]
+    given = tuple(inputs[13:15])  # trailing arguments left at their defaults are not passed
+    fan_in_fan_out, backend = given + (False, "auto")[len(given) :]
     ctx.save_for_backward(x_lora, packed, absmax, nested_absmax, lora_A, lora_B)
-    ctx.meta = (
-        nested_offset,
-        out_features,
-        x.shape[-1],
-        quant_type,
-        blocksize,
-        bias is not None,
-        float(scaling),
-        x.dtype,
-        x_lora.dtype,
-        bool(fan_in_fan_out),
-        backend,
-    )
+    layout = (nested_offset, out_features, x.shape[-1], quant_type, blocksize, bias is not None)
+    ctx.meta = (*layout, float(scaling), x.dtype, x_lora.dtype, bool(fan_in_fan_out), backend)
 
 
 def _lora_backward(ctx, grad):
     x_lora, packed, absmax, nested_absmax, lora_A, lora_B = ctx.saved_tensors
-    (
-        nested_offset,
-        out_features,
-        in_features,
-        quant_type,
-        blocksize,
-        has_bias,
-        scaling,
-        x_dtype,
-        xl_dtype,
-    ) = ctx.meta[:9]
-    fan_in_fan_out, backend = ctx.meta[9:]
+    nested_offset, out_features, in_features, quant_type, blocksize, has_bias = ctx.meta[:6]
+    scaling, x_dtype, xl_dtype, fan_in_fan_out, backend = ctx.meta[6:]
     need = ctx.needs_input_grad
     grad2d = grad.reshape(-1, out_features)
     lead = grad.shape[:-1]
     grad_x = grad_x_lora = grad_bias = grad_a = grad_b = None
     if need[0]:
-        grad_x = torch.ops.halo.matmul_4bit_grad(
-            grad.to(x_dtype),
-            packed,
-            absmax,
-            nested_absmax,
-            nested_offset,
-            in_features,
-            quant_type,
-            blocksize,
-            fan_in_fan_out,
-            backend,
-        )
+        weight = (packed, absmax, nested_absmax, nested_offset, in_features, quant_type, blocksize)
+        grad_x = torch.ops.halo.matmul_4bit_grad(grad.to(x_dtype), *weight, fan_in_fan_out, backend)
     if has_bias and need[9]:
         grad_bias = grad2d.sum(0)
     if need[1] or need[10] or need[11]:
@@ -506,8 +450,7 @@ def matmul_4bit(
 ) -> Tensor:
     """``x W^T (+ bias)`` for a 4-bit ``W`` of shape ``[out_features, x.shape[-1]]``;
     ``activations="int8"`` as :func:`halo.matmul_4bit` (CPU, no backward)."""
-    return torch.ops.halo.matmul_4bit(
-        x,
+    weight = (
         packed,
         absmax,
         nested_absmax,
@@ -515,9 +458,8 @@ def matmul_4bit(
         int(out_features),
         quant_type,
         int(blocksize),
-        bias,
-        activations,
     )
+    return torch.ops.halo.matmul_4bit(x, *weight, bias, activations)
 
 
 def lora_linear(
@@ -540,9 +482,7 @@ def lora_linear(
     """``x W^T (+ bias) + scaling * (x_lora A^T) B^T`` (``x_lora`` defaults to ``x``); ``W`` is
     stored ``[out, in]``, or ``[in, out]`` with ``fan_in_fan_out``; ``backend`` picks the CPU
     kernels (``halo.backends()``)."""
-    return torch.ops.halo.lora_linear(
-        x,
-        x if x_lora is None else x_lora,
+    weight = (
         packed,
         absmax,
         nested_absmax,
@@ -550,13 +490,9 @@ def lora_linear(
         int(out_features),
         quant_type,
         int(blocksize),
-        bias,
-        lora_A,
-        lora_B,
-        float(scaling),
-        bool(fan_in_fan_out),
-        backend,
     )
+    adapter = (lora_A, lora_B, float(scaling), bool(fan_in_fan_out), backend)
+    return torch.ops.halo.lora_linear(x, x if x_lora is None else x_lora, *weight, bias, *adapter)
 
 
 # The per-device kernels register themselves on import (after the operators above exist).

@@ -16,6 +16,7 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "src/quant/matmul4_reference.hpp"
@@ -86,6 +87,40 @@ void decode_natural(const Matmul4Weight& w, int64_t o, int64_t k0, int64_t k1, u
     }
   }
   for (; k < k1; ++k) *slot(k) = scalar_weight(w, o, k);
+}
+
+// 16 x 16 32-bit words: word j of r[i] goes to word i of r[j].
+void transpose16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int h = 0; h < 16; h += 8)
+    for (int i = 0; i < 4; ++i) {
+      t[h + i] = _mm512_shuffle_i32x4(r[h + i], r[h + i + 4], 0x88);
+      t[h + i + 4] = _mm512_shuffle_i32x4(r[h + i], r[h + i + 4], 0xdd);
+    }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+  }
+}
+
+// 16 floats to bfloat16 bits exactly as float_to_bf16 (round to nearest even, NaN as 0x7fc0;
+// unlike vcvtneps2bf16, subnormals are kept).
+__m256i to_bf16(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+  rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+  return _mm512_cvtepi32_epi16(rounded);
 }
 
 void zero_words(uint16_t* dst, int64_t count) {
@@ -201,6 +236,72 @@ void decode_pairs(const Matmul4Weight& w, int64_t k0, int64_t o0, int64_t steps,
                           _mm512_permutex2var_epi16(rows[0][h], high_half, rows[1][h]));
     }
   }
+}
+
+void pair_tile(const uint16_t* x, int64_t rows, int64_t in, int64_t block, int64_t s, bool chunk_order, uint32_t* dst) {
+  // Chunk order: position q of step 2c + v is element chunk_element(v, q) of the chunk's 64.
+  alignas(64) uint16_t order[2][32];
+  for (int v = 0; v < 2; ++v)
+    for (int q = 0; q < 32; ++q) order[v][q] = uint16_t(chunk_element(v, q));
+  const __m512i index = _mm512_load_si512(order[s % 2]);
+  const int64_t k0 = chunk_order ? (s / 2) * 64 : s * 32;
+  const int64_t width = chunk_order ? 64 : std::min<int64_t>(32, in - k0);
+  __m512i r[16];
+  for (int i = 0; i < 16; ++i) {
+    const int64_t m = 16 * block + i;
+    if (m >= rows) {
+      r[i] = _mm512_setzero_si512();
+    } else if (chunk_order) {
+      const uint16_t* row = x + m * in + k0;
+      r[i] = _mm512_permutex2var_epi16(_mm512_loadu_si512(row), index, _mm512_loadu_si512(row + 32));
+    } else {
+      r[i] = _mm512_maskz_loadu_epi16(uint32_t((uint64_t(1) << width) - 1), x + m * in + k0);
+    }
+  }
+  transpose16(r);
+  for (int p = 0; p < 16; ++p) _mm512_storeu_si512(dst + p * 16, r[p]);
+}
+
+void store_rows(const float* c, int64_t blocks, int64_t block, int64_t rows, int64_t n0, int64_t n1,
+                const uint16_t* bias, uint16_t* y, int64_t ldy) {
+  const int64_t m_count = std::min<int64_t>(16, rows - 16 * block);
+  for (int64_t t = 0; 16 * t < n1 - n0; ++t) {
+    const int64_t n = n0 + 16 * t, width = std::min<int64_t>(16, n1 - n);
+    const auto mask = __mmask16((uint32_t(1) << width) - 1);
+    const float* tile = c + (t * blocks + block) * 256;
+    __m512i r[16];
+    for (int j = 0; j < 16; ++j) r[j] = _mm512_loadu_si512(tile + j * 16);
+    transpose16(r);
+    __m512 add = _mm512_setzero_ps();
+    if (bias != nullptr)  // bfloat16 bits << 16 are the float
+      add = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, bias + n)), 16));
+    for (int64_t i = 0; i < m_count; ++i)
+      _mm256_mask_storeu_epi16(y + (16 * block + i) * ldy + n, mask,
+                               to_bf16(_mm512_add_ps(_mm512_castsi512_ps(r[i]), add)));
+  }
+}
+
+void store_strip(const float* c, int64_t row_in_tile, bool chunk_order, int64_t count, uint16_t* y_row) {
+  alignas(64) static const auto kFromPosition = [] {  // natural element e <- strip position
+    struct Table {
+      uint16_t index[64];
+    } table{};
+    for (int v = 0; v < 2; ++v)
+      for (int q = 0; q < 32; ++q) table.index[chunk_element(v, q)] = uint16_t(32 * v + q);
+    return table;
+  }();
+  __m256i half[4];
+  for (int u = 0; u < 4; ++u) half[u] = to_bf16(_mm512_loadu_ps(c + u * 256 + row_in_tile * 16));
+  __m512i low = _mm512_inserti64x4(_mm512_castsi256_si512(half[0]), half[1], 1);
+  __m512i high = _mm512_inserti64x4(_mm512_castsi256_si512(half[2]), half[3], 1);
+  if (chunk_order) {
+    const __m512i a = low;
+    low = _mm512_permutex2var_epi16(a, _mm512_load_si512(kFromPosition.index), high);
+    high = _mm512_permutex2var_epi16(a, _mm512_load_si512(kFromPosition.index + 32), high);
+  }
+  const auto mask = [](int64_t n) { return n >= 32 ? ~__mmask32(0) : n <= 0 ? __mmask32(0) : __mmask32((1u << n) - 1); };
+  _mm512_mask_storeu_epi16(y_row, mask(count), low);
+  _mm512_mask_storeu_epi16(y_row + 32, mask(count - 32), high);
 }
 
 void tile_product(const uint16_t* a, int64_t a_step, int64_t a_next, int a_tiles, const uint32_t* b, int64_t b_step,

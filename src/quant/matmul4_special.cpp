@@ -46,11 +46,6 @@ void bf16_gemv_forward(const uint16_t* x, int64_t rows, const Matmul4Weight& w, 
 
 // ---- AMX forward: yᵀ = W xᵀ ------------------------------------------------------------------------
 
-// Position q of k-step s in the order the weight panels use (see amx::chunk_element).
-int64_t step_element(int64_t s, int64_t q, bool chunk_order) {
-  return chunk_order ? (s / 2) * 64 + amx::chunk_element(int(s % 2), int(q)) : s * 32 + q;
-}
-
 // Blocking of both AMX products: kBlockSteps k-steps (512 of the inner dimension) of a
 // block of 128 weight rows or columns (128 KiB of bfloat16 tiles, L2) are decoded once and
 // used by every 32-row block of x; each block of x (2 x 16 KiB of tiles per k-block, L1)
@@ -62,19 +57,10 @@ constexpr int64_t kBlockRows = 128;
 // (x[m, k], x[m, k']) for the elements k, k' at positions 2p, 2p + 1 of k-step s.
 AlignedVector<uint32_t> pair_tiles(const uint16_t* x, int64_t rows, int64_t in, int64_t steps, bool chunk_order) {
   const int64_t blocks = round_up(rows, 16) / 16;
-  AlignedVector<uint32_t> pairs(size_t(blocks * steps * 256), 0u);
+  AlignedVector<uint32_t> pairs(size_t(blocks * steps * 256));
   parallel_for(blocks * steps, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t block = t / steps, s = t % steps;
-      for (int64_t p = 0; p < 16; ++p) {
-        const int64_t k = step_element(s, 2 * p, chunk_order), k2 = step_element(s, 2 * p + 1, chunk_order);
-        for (int64_t i = 0; i < 16 && block * 16 + i < rows; ++i) {
-          const uint16_t* row = x + (block * 16 + i) * in;
-          const uint32_t low = k < in ? row[k] : 0u, high = k2 < in ? row[k2] : 0u;
-          pairs[size_t((t * 16 + p) * 16 + i)] = low | (high << 16);
-        }
-      }
-    }
+    for (int64_t t = begin; t < end; ++t)
+      amx::pair_tile(x, rows, in, t / steps, t % steps, chunk_order, pairs.data() + t * 256);
   });
   return pairs;
 }
@@ -106,13 +92,7 @@ void amx_forward(const uint16_t* x, int64_t rows, const Matmul4Weight& w, const 
         }
       }
       // c holds 16 x 16 tiles: tile (n / 16, m / 16) of the block, element (n % 16, m % 16).
-      for (int64_t m = 0; m < rows; ++m)
-        for (int64_t n = n0; n < n1; ++n) {
-          const int64_t i = n - n0;
-          float value = c[size_t(((i / 16) * blocks + m / 16) * 256 + (i % 16) * 16 + m % 16)];
-          if (bias != nullptr) value += bf16_to_float(bias[n]);
-          store_bf16_row(value, y + m * w.out + n);
-        }
+      for (int64_t b = 0; b < blocks; ++b) amx::store_rows(c.data(), blocks, b, rows, n0, n1, bias, y, w.out);
     }
     amx::release();
   });
@@ -154,14 +134,11 @@ void amx_transposed(const uint16_t* x, int64_t rows, const Matmul4Weight& w, uin
                                 tiles_per_row * 256, 256, s0 > 0);
         }
       }
+      const int64_t limit = std::min(k_end, w.in);
       for (int64_t m = 0; m < rows; ++m)
-        for (int64_t j = 0; j < strip * used; ++j) {
-          const int64_t base = k0 + j / strip * strip, q = j % strip;
-          const int64_t k = chunk_order ? base + amx::chunk_element(int(q / 32), int(q % 32)) : base + q;
-          if (k < std::min(k_end, w.in))
-            store_bf16_row(c[size_t(((m / 16) * tiles_per_row + j / 16) * 256 + (m % 16) * 16 + j % 16)],
-                           y + m * w.in + k);
-        }
+        for (int64_t t = 0; t < used; ++t)
+          amx::store_strip(c.data() + ((m / 16) * tiles_per_row + 4 * t) * 256, m % 16, chunk_order,
+                           limit - (k0 + strip * t), y + m * w.in + k0 + strip * t);
     }
     amx::release();
   });

@@ -61,6 +61,19 @@ void decode_pairs(const Matmul4Weight& w, int64_t k0, int64_t o0, int64_t steps,
 void tile_product(const uint16_t* a, int64_t a_step, int64_t a_next, int a_tiles, const uint32_t* b, int64_t b_step,
                   int64_t b_next, int b_tiles, int64_t steps, float* c, int64_t c_stride, int64_t c_next_row,
                   int64_t c_next_col, bool accumulate);
+// Tile (block, s) of x [rows, in] as b tiles: dst[p * 16 + i] holds (x[m, k], x[m, k']) for row
+// m = 16 * block + i and the elements k, k' at positions 2p, 2p + 1 of k-step s (chunk order
+// when chunk_order, then in % 64 == 0); rows past `rows` and k past `in` are zero.
+void pair_tile(const uint16_t* x, int64_t rows, int64_t in, int64_t block, int64_t s, bool chunk_order, uint32_t* dst);
+// y[m, n0 + 16 * t + j] = bfloat16(c_tile(t)[j][m % 16] + bias[n0 + 16 * t + j]) for the rows m of
+// x-block `block` (m < rows) and n < n1: c holds the accumulator tiles of a weight block as
+// c[((t * blocks) + block) * 256 + j * 16 + m % 16]. bias may be null.
+void store_rows(const float* c, int64_t blocks, int64_t block, int64_t rows, int64_t n0, int64_t n1,
+                const uint16_t* bias, uint16_t* y, int64_t ldy);
+// y[m, base + e] = bfloat16(accumulator of column position q) for the 64 columns of one strip
+// (4 tiles of 16 at c + u * 256, row m % 16 of each), where position q holds element e = q, or
+// e = chunk_element(q / 32, q % 32) when chunk_order; only e < count is written.
+void store_strip(const float* c, int64_t row_in_tile, bool chunk_order, int64_t count, uint16_t* y_row);
 }  // namespace amx
 
 }  // namespace halo::kernels

@@ -60,17 +60,17 @@ def main() -> None:
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
 
-    # Without GPUs the ranks must be told to use the CPU (gloo), as halo.qlora tells the Trainer
+    # Without GPUs the ranks must be told to use the CPU (gloo), as halo.hf.qlora tells the Trainer
     # (use_cpu): accelerate's `use_cpu: true` config would start one process, not torchrun's ranks.
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     torch.set_num_threads(1)
     rank, world = accelerator.process_index, accelerator.num_processes
     model = dist_train.build(args.quant_storage)
-    halo.distributed.check_ranks(model)
+    halo.hf.distributed.check_ranks(model)
     on_cpu = accelerator.distributed_type == DistributedType.MULTI_CPU
     fsdp1 = os.environ.get("ACCELERATE_USE_FSDP") == "true" and os.environ.get("FSDP_VERSION", "1") == "1"
     if fsdp1:
-        halo.distributed.check_fsdp1(model)
+        halo.hf.distributed.check_fsdp1(model)
     if fsdp1 and on_cpu:
         model = wrap_as_the_plugin_says(model, torch.device("cpu"))
     else:

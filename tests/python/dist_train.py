@@ -157,7 +157,7 @@ def shard_fsdp1(model):
     from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-    halo.distributed.check_fsdp1(model)
+    halo.hf.distributed.check_fsdp1(model)
     policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={LlamaDecoderLayer})
     device = (
         torch.device("cuda", torch.cuda.current_device())
@@ -230,7 +230,7 @@ def main() -> None:
     if distributed:
         import halo
 
-        halo.distributed.check_ranks(model)  # as halo.qlora.train does: one line on every rank
+        halo.hf.distributed.check_ranks(model)  # as halo.hf.qlora.train does: one line on every rank
     initial = lora_state(model)
     start = 0
     if args.resume and not args.sharded:

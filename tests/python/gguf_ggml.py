@@ -85,7 +85,7 @@ def dequantize(blocks: np.ndarray, type: str, n: int) -> np.ndarray:
 
 
 def load_llama(path, **kwargs):
-    """llama_cpp.Llama for `path` (halo.gguf_run.load_llama: llama.cpp's AMX repacking is off)."""
-    from halo.gguf_run import load_llama as load
+    """llama_cpp.Llama for `path` (halo.gguf.run.load_llama: llama.cpp's AMX repacking is off)."""
+    from halo.gguf.run import load_llama as load
 
     return load(path, **kwargs)

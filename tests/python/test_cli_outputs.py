@@ -257,7 +257,7 @@ def test_force_replaces_only_what_halo_wrote(tiny, tmp_path):
 _SLOW = """
 import signal, sys, time
 signal.signal(signal.SIGINT, signal.default_int_handler)  # what an interactive shell gives
-import halo.edge_store, halo.gguf, halo.gguf_export
+import halo.edge.store, halo.gguf, halo.gguf.export
 from halo.cli import main
 
 def slow(fn):
@@ -266,9 +266,9 @@ def slow(fn):
         return fn(*a, **k)
     return wrapped
 
-halo.gguf_export._encode = slow(halo.gguf_export._encode)
+halo.gguf.export._encode = slow(halo.gguf.export._encode)
 halo.gguf.GGUFFile.numpy = slow(halo.gguf.GGUFFile.numpy)
-halo.edge_store.WeightStore._load = slow(halo.edge_store.WeightStore._load)
+halo.edge.store.WeightStore._load = slow(halo.edge.store.WeightStore._load)
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -370,7 +370,7 @@ def test_edge_local_on_a_damaged_store_fails_in_one_line(tiny, tmp_path, capsys)
     (In-process through halo.cli.main: seven runs of a subprocess importing torch cost a minute.)"""
     import torch
     from halo.cli import main
-    from halo.edge_store import build_store
+    from halo.edge.store import build_store
 
     model, _ = tiny
     store = tmp_path / "g.halogrp"
@@ -494,7 +494,8 @@ def test_edge_plan_never_writes_over_an_input(tiny, tmp_path, capsys):
 
 
 def test_edge_plan_predictor_files_halo_wrote_are_recognised(tmp_path):
-    from halo.edge_plan import PartPredictor, _is_predictor_file, save_predictors
+    from halo.edge.plan import _is_predictor_file, save_predictors
+    from halo.edge.predictor import PartPredictor
 
     fields = {name: np.zeros(2, np.float32) for name in PartPredictor.__dataclass_fields__}
     path = tmp_path / "p.npz"
@@ -510,8 +511,8 @@ def test_edge_plan_predictor_files_halo_wrote_are_recognised(tmp_path):
 def test_edge_run_json_never_writes_over_an_input(tiny, tmp_path, capsys):
     """--json is checked before any worker is contacted. Before: written (temp + rename) over
     whatever it named: the plan, the key file, a file of the model."""
-    from halo.edge_link import write_key
-    from halo.edge_plan import make_plan
+    from halo.edge.link import write_key
+    from halo.edge.plan import make_plan
 
     model = _copy(tiny[0], tmp_path / "m")
     plan = tmp_path / "plan.json"

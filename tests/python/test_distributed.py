@@ -315,7 +315,7 @@ def test_two_hosts_in_namespaces_equal_the_one_host_run(tmp_path, single_adamw):
 
 
 def test_the_qlora_recipe_trains_under_torchrun_on_smollm2(smollm2_dir, tmp_path):
-    """halo.qlora's Trainer path (examples/qlora.yaml: gradient checkpointing, paged 8-bit AdamW,
+    """halo.hf.qlora's Trainer path (examples/qlora.yaml: gradient checkpointing, paged 8-bit AdamW,
     bf16) on the real SmolLM2 with 2 DDP processes: reentrant checkpointing made DDP fail with
     "marked ready twice"; both ranks now finish their steps."""
     bench = HERE.parents[1] / "benchmarks" / "lora" / "bench_distributed.py"
@@ -331,7 +331,7 @@ def _accelerate_recipe(smollm2_dir: Path, tmp_path: Path) -> Path:
     """examples/qlora.yaml pointed at SmolLM2 and tmp_path, 3 steps of 64 tokens, merged in float32
     (so the merged weights can be compared with PEFT's to float rounding)."""
     import yaml
-    from halo.qlora import load_recipe
+    from halo.hf.qlora import load_recipe
 
     root = HERE.parents[1]
     recipe = load_recipe(root / "examples" / "qlora.yaml")

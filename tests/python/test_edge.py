@@ -21,8 +21,8 @@ import pytest
 import real_models
 from halo import edge
 from halo._core import edge as core
-from halo.edge_model import ATTN, FFN
-from halo.edge_root import compensate
+from halo.edge.model import ATTN, FFN
+from halo.edge.root import compensate
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -74,7 +74,7 @@ def tiny_llama(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def link_key(tmp_path_factory) -> tuple[Path, bytes]:
     """A pre-shared key for workers outside loopback: (key file, key)."""
-    from halo.edge_link import read_key, write_key
+    from halo.edge.link import read_key, write_key
 
     path = write_key(tmp_path_factory.mktemp("key") / "edge.key")
     return path, read_key(path)
@@ -121,16 +121,17 @@ def test_nf4_groups_compute_with_the_dequantized_weights(tiny_llama):
     """Workers holding NF4 groups give the terms of the dequantized weights (halo's 4-bit
     kernel against an independent float product), and the whole model stays close."""
     import halo
-    from halo import edge_model as em
+    from halo.edge import compute as ec
+    from halo.edge import model as em
 
     spec = em.read_spec(tiny_llama)
     groups = em.layout(spec, 48, 2)
     ck = em.Checkpoint(tiny_llama)
-    store = em.WeightStore(ck, spec, "nf4")
+    store = ec.WeightStore(ck, spec, "nf4")
     g = groups[1][FFN][1]
     store.hold([g])
     h = torch.randn(3, spec.hidden)
-    term = em.GroupCompute(spec, store).run([g], h, 0)[0]
+    term = ec.GroupCompute(spec, store).run([g], h, 0)[0]
     deq = {
         k: torch.from_numpy(halo.dequantize_4bit(store.get(g.key).mats[k].packed))
         for k in ("gate", "up", "down")
@@ -363,7 +364,7 @@ def test_worker_sends_non_critical_terms_twice_when_asked():
     if both copies are); critical ones go once, reliably, with their own duplicate flag."""
     from types import SimpleNamespace
 
-    from halo.edge_worker import _delivery, _Session
+    from halo.edge.worker import _delivery, _Session
 
     class Sent:
         def __init__(self):
@@ -409,7 +410,7 @@ def test_critical_set_grows_with_the_predictors_uncertainty():
     """With coverage c the FFN critical set is the smallest holding c of the predicted term
     mass (at least critical_fraction of the groups): a predictor that cannot tell the groups
     apart (flat scores) protects more of them than one that sees a few dominate."""
-    from halo.edge_policy import TermPolicy
+    from halo.edge.policy import TermPolicy
 
     class Scores:
         def __init__(self, values):
@@ -440,7 +441,7 @@ def test_critical_set_grows_with_the_predictors_uncertainty():
 
 
 def test_mean_compensation_fills_with_the_groups_running_mean():
-    from halo.edge_policy import MEAN_DECAY, compensate
+    from halo.edge.policy import MEAN_DECAY, compensate
 
     rng = np.random.default_rng(1)
     values = rng.standard_normal((4, 2, 3, 5)).astype(np.float32)  # exchanges, groups, rows, hidden
@@ -464,20 +465,20 @@ def test_mean_compensation_fills_with_the_groups_running_mean():
 
 
 def test_estimate_shrinkage_drops_unpredictable_groups(tiny_llama):
-    from halo import edge_model as em
-    from halo.edge_plan import _Calibration, _fit_estimates
+    from halo.edge import model as em
+    from halo.edge.predictor import Calibration, fit_estimates
 
     spec = em.read_spec(tiny_llama)
     ck = em.Checkpoint(tiny_llama)
     groups = em.layout(spec, 80, 2)
-    cal = _Calibration(spec, groups, ck, rank=4)
+    cal = Calibration(spec, groups, ck, rank=4)
     rng = np.random.default_rng(0)
     w = torch.from_numpy(rng.standard_normal((spec.hidden, spec.hidden)).astype(np.float32) / 8)
     for _ in range(6):
         h = torch.from_numpy(rng.standard_normal((40, spec.hidden)).astype(np.float32))
         # Group 0: a linear function of the input; group 1: noise unrelated to it.
         cal(0, FFN, h, [h @ w, torch.from_numpy(rng.standard_normal((40, spec.hidden)).astype(np.float32))])
-    v = _fit_estimates(cal, (0, FFN)).astype(np.float32)
+    v = fit_estimates(cal, (0, FFN)).astype(np.float32)
     z = np.concatenate([h.numpy() @ cal.basis[(0, FFN)], np.ones((40, 1), np.float32)], 1)
     assert np.linalg.norm(z @ v[1]) < 0.2 * np.linalg.norm(z @ v[0])
     assert np.abs(v[0]).sum() > 0
@@ -778,7 +779,7 @@ def test_cli_run_generates_on_workers(tiny_llama, tmp_path):
     result = json.loads(out.read_text())
     assert result["halo_output"] == "halo edge run"
     local = edge.Local(str(tiny_llama), group_size=32)
-    from halo.edge_plan import tokenize
+    from halo.edge.plan import tokenize
 
     assert result["tokens"] == local.generate(tokenize(tiny_llama, "The sky is"), 4)["tokens"]
     assert "4 tokens" in done.stderr

@@ -30,8 +30,8 @@ import pytest
 from halo import edge
 from halo._core import edge as core
 from halo.cli import main as halo_main
-from halo.edge_link import read_key, write_key
-from halo.edge_model import ATTN, FFN
+from halo.edge.link import read_key, write_key
+from halo.edge.model import ATTN, FFN
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -241,7 +241,7 @@ class Peer:
 
 
 def _fp(model) -> str:
-    from halo.edge_model import fingerprint
+    from halo.edge.model import fingerprint
 
     return fingerprint(model)
 
@@ -362,7 +362,7 @@ def test_nested_and_huge_json_before_and_after_hello(model, worker, plan, key, b
 
 
 def test_control_json_is_bounded_before_it_is_parsed(monkeypatch):
-    from halo import edge_link
+    from halo.edge import link as edge_link
 
     assert edge_link.parse_control(b'{"a": "[[[[[[[[[[[[{{{{{{{{{\\"]]]]", "b": [[1]]}', 100) == {
         "a": '[[[[[[[[[[[[{{{{{{{{{"]]]]',
@@ -400,7 +400,7 @@ _json = st.recursive(
 @settings(max_examples=300, deadline=None)
 @given(st.dictionaries(st.text(max_size=8), _json, max_size=4))
 def test_control_json_depth_is_counted_exactly(body):
-    from halo import edge_link
+    from halo.edge import link as edge_link
 
     text = json.dumps(body).encode()
     assert edge_link.json_depth(text) == _depth(body)
@@ -445,7 +445,7 @@ def test_no_path_crosses_the_wire(model, other_model, worker, plan, key, baselin
 def test_a_memory_budget_worker_reads_and_writes_only_what_it_was_told(model, tmp_path, key):
     """Group stores are built only for the layouts of the worker's plans; other layouts asked
     for over the wire are refused without a new file."""
-    from halo import edge_store as es
+    from halo.edge import streaming as es
 
     plan48 = edge.make_plan(model, 1, calibration_tokens=0, group_size=48, out=tmp_path / "plan.json")
     stores = tmp_path / "stores"
@@ -902,7 +902,7 @@ def test_worker_and_run_cli_errors_are_one_line(model, tmp_path, capsys, monkeyp
 
 
 def test_the_environment_names_the_key_file(model, tmp_path, monkeypatch):
-    from halo.edge_link import choose_key
+    from halo.edge.link import choose_key
 
     good = write_key(tmp_path / "k")
     monkeypatch.setenv("HALO_EDGE_KEY_FILE", str(good))

@@ -1,4 +1,4 @@
-"""halo.edge_store: the 4-bit group store (exact bytes, bitsandbytes-equal values), the model
+"""halo.edge.store: the 4-bit group store (exact bytes, bitsandbytes-equal values), the model
 run from it against transformers, missing groups and their key/value catch-up, eviction by
 predicted importance, the memory budget as the process's RSS sees it (store and worker),
 corrupt and truncated files, the CLI, and one short SmolLM2 check."""
@@ -20,9 +20,11 @@ import numpy as np
 import pytest
 import real_models
 from halo import edge
-from halo import edge_store as es
 from halo._core import edge_store as core
-from halo.edge_model import ATTN, FFN, Checkpoint, WeightStore, layout, read_spec
+from halo.edge import store as es
+from halo.edge import streaming as esm
+from halo.edge.compute import WeightStore
+from halo.edge.model import ATTN, FFN, Checkpoint, layout, read_spec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -173,7 +175,7 @@ def test_resident_run_matches_transformers_on_the_dequantized_weights(tiny, tiny
     ids = [5, 17, 3, 60, 42, 7, 9, 11]
     with torch.no_grad():
         ref = ref_model(torch.tensor([ids])).logits[0]
-    with es.StreamedLocal(tiny, tiny_store, mode="resident") as run:
+    with esm.StreamedLocal(tiny, tiny_store, mode="resident") as run:
         out = torch.cat([run.forward(ids[:5], 0), run.forward(ids[5:6], 5), run.forward(ids[6:], 6)])
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
@@ -182,7 +184,7 @@ def test_demand_and_mmap_compute_what_the_resident_run_does(tiny, tiny_store):
     ids = [5, 17, 3, 60, 42, 7]
     outs = {}
     for mode, budget in (("resident", None), ("demand", 0.3), ("mmap", 0.3)):
-        with es.StreamedLocal(tiny, tiny_store, mode=mode, budget=budget) as run:
+        with esm.StreamedLocal(tiny, tiny_store, mode=mode, budget=budget) as run:
             outs[mode] = torch.cat(
                 [run.forward(ids[:4], 0), run.forward(ids[4:5], 4), run.forward(ids[5:], 5)]
             )
@@ -209,7 +211,7 @@ def test_a_missing_attention_group_is_left_out_then_caught_up(tiny, tiny_store):
     def run(missing_at: int | None):
         store = es.GroupStore(tiny_store, spec, groups, prefetch=False)
         store.hold(everything)
-        compute = es.StreamedCompute(spec, store)
+        compute = esm.StreamedCompute(spec, store)
         out = []
         for step, (h, pos) in enumerate(zip(inputs, positions)):
             if step == missing_at:
@@ -254,7 +256,7 @@ def test_loader_keeps_the_groups_the_predictor_ranks_highest(tiny, tiny_store, o
     store = es.GroupStore(tiny_store, spec, groups, budget=budget, pin=False, loader_threads=1)
     store.hold(ffn)
     predictors = {(0, FFN): _RankedPredictor(order)}
-    compute = es.StreamedCompute(spec, store, predictors=predictors)
+    compute = esm.StreamedCompute(spec, store, predictors=predictors)
     attn_input = torch.zeros(1, spec.hidden)
     # The attention exchange of layer 0 passes: its input scores the FFN exchange that follows.
     compute._schedule(0, ATTN, attn_input)
@@ -496,7 +498,7 @@ def test_worker_leaves_late_groups_to_the_root_and_never_stalls(tiny, tmp_path):
     worker sends what is resident at each deadline (critical groups read at once), the root
     compensates the rest like lost packets, and the run goes on with every worker alive."""
     plan = edge.make_plan(tiny, 1, calibration_tokens=0, group_size=48, out=tmp_path / "plan.json")
-    streaming = es.WorkerStreaming(
+    streaming = esm.WorkerStreaming(
         0.3, tmp_path / "stores", window_exchanges=1, read_bandwidth=1e6, plans=[plan]
     )
     log = open(os.devnull, "w")  # noqa: SIM115 - closed below
@@ -541,7 +543,7 @@ def test_corrupt_and_truncated_groups_are_reported_and_left_out(tiny, tiny_store
         f.seek(victim[1] + 17)
         f.write(bytes([byte[0] ^ 0xFF]))
     ids = [5, 17, 3, 60]
-    with es.StreamedLocal(tiny, bad, mode="resident") as run:
+    with esm.StreamedLocal(tiny, bad, mode="resident") as run:
         logits = run.forward(ids, 0)
         assert torch.isfinite(logits).all()
         errors = run.store.errors()
@@ -551,7 +553,7 @@ def test_corrupt_and_truncated_groups_are_reported_and_left_out(tiny, tiny_store
     cut = tmp_path / "truncated.halogrp"
     data = Path(tiny_store).read_bytes()
     cut.write_bytes(data[: entries[-1][1] + 10])  # the last group loses its tail
-    with es.StreamedLocal(tiny, cut, mode="demand", budget=0.5) as run:
+    with esm.StreamedLocal(tiny, cut, mode="demand", budget=0.5) as run:
         assert torch.isfinite(run.forward(ids, 0)).all()
         assert [k for k, _ in run.store.errors()] == [tuple(entries[-1][0])]
         assert "truncated" in run.store.errors()[0][1]
@@ -683,7 +685,7 @@ def test_smollm2_from_disk_under_a_quarter_of_its_size():
     ids = [504, 3458, 282, 4649, 314, 2564]
     tokens = {}
     for mode, budget in (("resident", None), ("demand", 0.25), ("static", 0.25)):
-        with es.StreamedLocal(SMOL, store, mode=mode, budget=budget) as run:
+        with esm.StreamedLocal(SMOL, store, mode=mode, budget=budget) as run:
             tokens[mode] = run.generate(ids, 3)["tokens"]
             stats = run.stats()
             if budget is not None:

@@ -16,7 +16,7 @@ import halo
 import numpy as np
 import pytest
 from halo import gguf as hg
-from halo.gguf_arch import ModelSpec, plan_types, weight_sort_key
+from halo.gguf.arch import ModelSpec, plan_types, weight_sort_key
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -515,7 +515,7 @@ def test_export_errors_are_clear_and_leave_nothing(tmp_path, monkeypatch):
         halo.export_gguf(model, out, adapter=adapter, progress=False, force=True)
     assert out.read_bytes() == before
     # An interruption half-way leaves the old file and no temp file.
-    import halo.gguf_export as ge
+    import halo.gguf.export as ge
 
     calls = {"n": 0}
     real = ge._encode

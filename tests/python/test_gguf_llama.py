@@ -180,7 +180,7 @@ def test_llama_cpp_runs_halo_exports_like_the_hf_model(
         llm.tokenize(chat.encode(), add_bos=False, special=True)[0] == 1
     )  # <|im_start|> is one special token
     llm.close()
-    from halo.gguf_run import generate
+    from halo.gguf.run import generate
 
     out = generate(path, "The capital of France is", max_tokens=8)
     assert out.strip(), "llama.cpp generated nothing"

@@ -23,8 +23,8 @@ peft = pytest.importorskip("peft")
 
 import halo.hf  # noqa: E402
 import halo.nn as hnn  # noqa: E402
+from halo.hf.peft_layers import LoraLinear4bit, PeftLinear4bit  # noqa: E402
 from halo.optim import PagedAdamW8bit  # noqa: E402
-from halo.peft_layers import LoraLinear4bit, PeftLinear4bit  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -699,7 +699,7 @@ def test_tiny_llama_fisher_report_and_shared_sensitivity():
 
 def test_perplexity_and_corpus_helpers():
     torch = pytest.importorskip("torch")
-    from halo.hwq_eval import perplexity, stdlib_docstrings, token_windows
+    from halo.hwq.eval import perplexity, stdlib_docstrings, token_windows
 
     model = _tiny_llama(3)
     windows = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(0))
@@ -731,7 +731,7 @@ def test_perplexity_and_corpus_helpers():
 
 def test_smollm2_halo_perplexity_is_close_to_fp32_and_below_a_crude_quantizer(smollm2):
     import torch
-    from halo.hwq_eval import perplexity, stdlib_docstrings, token_windows
+    from halo.hwq.eval import perplexity, stdlib_docstrings, token_windows
 
     model, tokenizer = smollm2
     evaluation = token_windows(tokenizer, stdlib_docstrings("n", "n", max_chars=6000), 256, 2)
@@ -851,7 +851,7 @@ def test_cli_writes_outputs_and_rejects_bad_input(tmp_path, capsys, monkeypatch)
 
 def test_plots_are_png_files(tmp_path):
     pytest.importorskip("matplotlib")
-    from halo.hwq_plots import plot_error_vs_speedup, plot_tile_frequencies
+    from halo.hwq.plots import plot_error_vs_speedup, plot_tile_frequencies
 
     q = halo.halo_quantize(_heavy_tailed((96, 128), 8), tile=(32, 32), preset="performance")
     energy = halo.halo_quantize(_heavy_tailed((96, 128), 8), tile=(32, 32), mode="energy")

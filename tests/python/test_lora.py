@@ -12,7 +12,7 @@ import pytest
 import tiny_models
 import torch
 from halo.lora import dropout_mask, lora_scaling, merge, unmerge
-from halo.torch import lora_linear
+from halo.lora.autograd import lora_linear
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")

@@ -274,14 +274,14 @@ def test_force_refuses_an_output_that_overlaps_an_input(small, tmp_path, where, 
 
 _SIGNAL_SCRIPT = """
 import os, signal, sys
-import halo.merge
+import halo.lora.merge_checkpoint
 
 # A shell that starts jobs in the background without job control makes them ignore SIGINT, and
 # Python then keeps it ignored: put back the default (KeyboardInterrupt) that an interactive user has.
 signal.signal(signal.SIGINT, signal.default_int_handler)
 from halo.cli import main
 
-merge = sys.modules["halo.merge"]  # the attribute halo.merge is the function
+merge = sys.modules["halo.lora.merge_checkpoint"]
 
 signum, steps = int(sys.argv[1]), {"n": 0}
 step = merge._Progress.step
@@ -493,7 +493,7 @@ def test_real_model_merge_matches_peft_and_config_checks_pass(smollm2_dir, tmp_p
     assert np.array_equal(got["model.embed_tokens.weight"], ref["model.embed_tokens.weight"].numpy())
     # The nf4 path's config check accepts the real config (210 Linear weights, lm_head tied and skipped)
     # and refuses it with one layer too many.
-    merge_module = sys.modules["halo.merge"]
+    merge_module = sys.modules["halo.lora.merge_checkpoint"]
     f = halo.io.open_safetensors(real_model / "model.safetensors")
     shapes = {n: list(f.info(n)[1]) for n in f.names()}
     assert len(merge_module._linear_weights(real_model, {"lm_head"}, shapes)) == 210

@@ -457,3 +457,42 @@ def test_lora_linear_hands_back_the_callers_dtype_without_a_round_trip():
         ),
         {"out_dtype": torch.float32},
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kept_weight_views_follow_every_change_of_the_codes_and_scales(dtype):
+    """The CPU kernels keep a view of a weight's codes and float32 scales between calls (keyed by
+    storage address and version); in-place changes, new tensors and a storage freed and
+    re-filled as FSDP2 does must all be read afresh, and a freed storage is refused, not read."""
+    torch.manual_seed(5)
+    w = torch.randn(48, 64)
+    packed, absmax = ops.quantize_4bit(w)
+    packed, absmax = packed.clone(), absmax.clone()  # storage torch allocated (resizable)
+    x = torch.randn(7, 64, dtype=dtype)
+
+    def run():
+        return ops.matmul_4bit(x, packed, absmax, 48)
+
+    def expected():
+        dense = ops.dequantize_4bit(packed.clone(), absmax.clone(), [48, 64], dtype=dtype)  # W in x's dtype
+        return (x.float() @ dense.float().t()).to(dtype)
+
+    # bfloat16: the sums' order differs and the result is rounded (about 2**-9 of the largest value)
+    tol = {"rtol": 1e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {}
+    torch.testing.assert_close(run(), expected(), **tol)
+    run()  # the kept views
+    with torch.no_grad():
+        absmax.mul_(2.0)
+    torch.testing.assert_close(run(), expected(), **tol)
+    other, _ = ops.quantize_4bit(torch.randn(48, 64))
+    with torch.no_grad():
+        packed.copy_(other)
+    torch.testing.assert_close(run(), expected(), **tol)
+    keep = packed.clone()
+    packed.untyped_storage().resize_(0)  # FSDP2 frees the gathered parameter after the forward
+    with pytest.raises(ValueError, match="storage was freed"):
+        run()
+    packed.untyped_storage().resize_(keep.numel())
+    with torch.no_grad():
+        packed.copy_(keep)  # and gathers it again before the next one
+    torch.testing.assert_close(run(), expected(), **tol)

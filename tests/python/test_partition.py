@@ -1,4 +1,4 @@
-"""halo.partition: groups cover each layer exactly, partial terms sum to the real FFN
+"""halo.sched.partition: groups cover each layer exactly, partial terms sum to the real FFN
 output (vs the transformers module), importance and the low-rank predictor."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from halo import partition
+from halo.sched import partition
 
 
 @pytest.fixture(scope="module")

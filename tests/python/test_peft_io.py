@@ -9,7 +9,7 @@ import peft
 import pytest
 import torch
 import transformers as T
-from halo.peft_io import read_adapter, write_adapter
+from halo.io.adapter import read_adapter, write_adapter
 from tiny_models import llama, make_adapter, save_base
 
 

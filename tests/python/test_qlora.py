@@ -1,4 +1,4 @@
-"""halo.qlora, the recipe runner of examples/qlora.yaml: ``compute_dtype="auto"`` (which dtype on
+"""halo.hf.qlora, the recipe runner of examples/qlora.yaml: ``compute_dtype="auto"`` (which dtype on
 which machine, explicit dtypes obeyed) and the Trainer path end to end on a tiny LLaMA."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 import halo.backend  # noqa: E402
-import halo.hf_4bit as hf_4bit  # noqa: E402
-from halo.qlora import load_model, load_recipe, make_dataset, resolve_dtypes, train  # noqa: E402
+import halo.hf.quantizer as hf_4bit  # noqa: E402
+from halo.hf.qlora import load_model, load_recipe, make_dataset, resolve_dtypes, train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "examples" / "qlora.yaml"
@@ -98,7 +98,7 @@ def test_auto_on_a_backend_pinned_to_avx2_is_float32():
     """No mock: halo's kernels pinned to AVX2 (HALO_BACKEND=avx2, an AVX2-only CPU's path) report no
     native bfloat16, and "auto" chooses float32 with one line saying why."""
     code = (
-        "import halo.backend, halo.hf_4bit as h\n"
+        "import halo.backend, halo.hf.quantizer as h\n"
         "print(halo.backend.native_bf16_features(), h.HaloConfig(compute_dtype='auto').compute_dtype)"
     )
     pinned = _in_child(code, HALO_BACKEND="avx2")
@@ -127,7 +127,7 @@ def tiny_chat_llama(tmp_path_factory, smollm2_dir):
 
 @pytest.mark.parametrize("machine", ["avx2-only", "this machine"])
 def test_the_recipe_trains_through_the_trainer(monkeypatch, tiny_chat_llama, tmp_path, machine):
-    """examples/qlora.yaml as halo.qlora runs it (compute_dtype and bf16 "auto", HaloConfig, PEFT
+    """examples/qlora.yaml as halo.hf.qlora runs it (compute_dtype and bf16 "auto", HaloConfig, PEFT
     with halo's LoRA layer, gradient checkpointing, halo's paged 8-bit AdamW, cosine schedule,
     transformers' Trainer): the layers compute in the dtype "auto" chose, every step logs a finite
     loss, every adapter tensor takes an optimizer step, the base stays 4-bit."""

@@ -134,7 +134,7 @@ def test_int8_bad_values_name_the_function():
     for bad in ("INT8", "fp8", "", None, 8):
         with pytest.raises(ValueError, match=r"\[matmul_4bit\] activations must be 'exact' or 'int8', got"):
             halo.matmul_4bit(x, qt, activations=bad)
-    packed, absmax = qt._kernel_arrays()
+    packed, absmax = qt.kernel_arrays()
     args = (x.numpy().reshape(-1), "float32", 2, packed, absmax, "nf4", 64, 24, 64)
     with pytest.raises(ValueError, match=r"\[matmul_4bit\] activations must be 'exact' or 'int8', got 'q8'"):
         halo._core.quant.matmul_4bit(*args, activations="q8")

@@ -152,7 +152,7 @@ def test_from_pretrained_with_quant_storage_saves_and_loads_back(tmp_path):
 
 
 def test_check_fsdp1_names_the_layer_and_the_dtypes():
-    from halo.distributed import check_fsdp1, check_ranks, quant_storages
+    from halo.hf.distributed import check_fsdp1, check_ranks, quant_storages
 
     good = quantize_model(tiny_models.llama(seed=0), compute_dtype=torch.float32, quant_storage=torch.float32)
     check_fsdp1(good)

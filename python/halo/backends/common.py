@@ -10,10 +10,19 @@ backends/cuda/ops.py pass theirs; the operators themselves are defined in :mod:`
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from torch import Tensor
 
 from ..ops import check_activations, check_backend, check_float, check_lora, check_same_device, check_weight
+
+
+def _no_autocast(device: str):
+    """Autocast switched off for the products below; when it is off already (every call outside
+    an autocast region) no context is entered: entering one costs more than a small layer's
+    product."""
+    return torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else nullcontext()
 
 
 def _base_matmul(
@@ -30,7 +39,7 @@ def _base_matmul(
     [in, out] with ``fan_in_fan_out`` (GPT-2's Conv1D), where x W^T is x times the stored matrix.
     ``activations="int8"`` (stored [out, in] only) quantizes x per 8 elements."""
     in_features = x2d.shape[1]
-    with torch.autocast(x2d.device.type, enabled=False):
+    with _no_autocast(x2d.device.type):
         if activations != "exact":
             return matmul(
                 x2d.contiguous(), weight_args, out_features, in_features, bias, False, backend, activations
@@ -45,7 +54,7 @@ def _grad_input(
     matmul, grad2d: Tensor, weight_args: tuple, out_features: int, in_features: int, fan_in_fan_out, backend
 ) -> Tensor:
     """grad_y W for grad rows [m, out]: the input gradient of the frozen 4-bit base."""
-    with torch.autocast(grad2d.device.type, enabled=False):
+    with _no_autocast(grad2d.device.type):
         if not fan_in_fan_out:
             return matmul(grad2d.contiguous(), weight_args, out_features, in_features, None, True, backend)
         return matmul(grad2d.contiguous(), weight_args, in_features, out_features, None, False, backend)

@@ -7,6 +7,8 @@ bfloat16 crosses as its uint16 bits. The matmuls run halo's fused 4-bit GEMM/GEM
 
 from __future__ import annotations
 
+import ctypes
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -31,32 +33,70 @@ def numpy_bits(t: Tensor) -> np.ndarray:
     return _numpy(flat)
 
 
+def _cached(t: Tensor, slot: str, extra: tuple, make) -> np.ndarray:
+    """``make()`` once per state of ``t``: kept on the tensor under ``slot``, keyed by its storage
+    address and version counter (and ``extra``), so an in-place change or a re-allocated storage
+    (FSDP2 frees and re-gathers) makes it again. Every forward, recomputed forward and backward of a
+    step reads the same frozen weight, and taking a view through DLPack costs microseconds.
+    ``make`` must not return an array that refers to ``t`` (a cycle would keep freed weights alive
+    until the garbage collector runs): views come from :func:`_raw_view`."""
+    try:
+        key = (t.data_ptr(), t._version, t.numel(), *extra)
+    except RuntimeError:  # inference tensors keep no version counter: make it every time
+        return make()
+    cached = t.__dict__.get(slot)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    value = make()
+    setattr(t, slot, (key, value))
+    return value
+
+
+def _raw_view(t: Tensor, dtype: type) -> np.ndarray:
+    """A flat NumPy view of a contiguous CPU tensor's memory that holds no reference to the
+    tensor (only :func:`_cached` uses it, keyed by the storage address it reads)."""
+    nbytes = t.numel() * t.element_size()
+    if nbytes == 0:
+        return np.empty(0, dtype)
+    if t.untyped_storage().nbytes() < t.storage_offset() * t.element_size() + nbytes:  # freed (FSDP2)
+        raise ValueError(
+            f"[halo] a {tuple(t.shape)} {t.dtype} weight tensor has no memory (its storage was freed)"
+        )
+    return np.frombuffer((ctypes.c_char * nbytes).from_address(t.data_ptr()), dtype=dtype)
+
+
+def _codes(packed: Tensor) -> np.ndarray:
+    """The flat uint8 codes of a weight as the kernels take them."""
+    if not packed.is_contiguous():
+        return _numpy(packed.contiguous()).reshape(-1)
+    return _cached(packed, "_halo_codes", (), lambda: _raw_view(packed, np.uint8))
+
+
 def _scales(absmax: Tensor, nested_absmax: Tensor | None, nested_offset: float) -> np.ndarray:
     """The float32 per-block scales of a weight. With double quantization they are decoded once
     and kept on ``absmax`` (the forward, the recomputed forward and the backward of a step all
-    ask for them), keyed by both tensors' storage and version so that any change re-decodes."""
+    ask for them)."""
     if nested_absmax is None:
-        return np.ascontiguousarray(_numpy(absmax.contiguous()), dtype=np.float32)
+        if not absmax.is_contiguous():
+            return np.ascontiguousarray(_numpy(absmax.contiguous()), dtype=np.float32)
+        return _cached(absmax, "_halo_scales", (), lambda: _raw_view(absmax, np.float32))
+
+    def decode() -> np.ndarray:
+        return np.ascontiguousarray(
+            _core.quant.double_dequantize(
+                _numpy(absmax.contiguous()),
+                _numpy(nested_absmax.contiguous()),
+                float(nested_offset),
+                _ops.NESTED_BLOCKSIZE,
+            ),
+            dtype=np.float32,
+        )
+
     try:
-        key = (absmax.data_ptr(), absmax._version, nested_absmax.data_ptr(), nested_absmax._version)
-        key += (float(nested_offset), absmax.numel())
-    except RuntimeError:  # inference tensors keep no version counter: decode every time
-        key = None
-    cached = getattr(absmax, "_halo_scales", None)
-    if key is not None and cached is not None and cached[0] == key:
-        return cached[1]
-    values = np.ascontiguousarray(
-        _core.quant.double_dequantize(
-            _numpy(absmax.contiguous()),
-            _numpy(nested_absmax.contiguous()),
-            float(nested_offset),
-            _ops.NESTED_BLOCKSIZE,
-        ),
-        dtype=np.float32,
-    )
-    if key is not None:
-        absmax._halo_scales = (key, values)
-    return values
+        nested_key = (nested_absmax.data_ptr(), nested_absmax._version, float(nested_offset))
+    except RuntimeError:
+        return decode()
+    return _cached(absmax, "_halo_scales", nested_key, decode)
 
 
 def _matmul(
@@ -70,27 +110,24 @@ def _matmul(
     activations="exact",
 ):
     """y = x W^T (+ bias), or x W when ``transposed``, in x's dtype, on ``backend``'s kernels
-    (``activations="int8"``: x quantized per 8 elements)."""
+    (``activations="int8"``: x quantized per 8 elements). x2d is contiguous (common.py makes it so)."""
     packed, absmax, nested_absmax, nested_offset, quant_type, blocksize = weight
     rows = x2d.shape[0]
     y = torch.empty(rows, in_features if transposed else out_features, dtype=x2d.dtype)
+    name = _ops.FLOAT_NAMES[x2d.dtype]
+    codes, scales = _codes(packed), _scales(absmax, nested_absmax, nested_offset)
+    if bias is None and backend == "auto":  # the training and decode call: pointers, no views
+        _core.quant.matmul_4bit_pointers(
+            x2d.data_ptr(), name, rows, codes, scales, quant_type, blocksize, out_features, in_features,
+            y.data_ptr(), transposed, activations,
+        )  # fmt: skip
+        return y
     bias_np = None if bias is None else numpy_bits(bias.detach().to(x2d.dtype).contiguous())
+    x_np, y_np = numpy_bits(x2d.detach()), numpy_bits(y)
     _core.quant.matmul_4bit(
-        numpy_bits(x2d.detach()),
-        _ops.FLOAT_NAMES[x2d.dtype],
-        rows,
-        _numpy(packed.contiguous()).reshape(-1),
-        _scales(absmax, nested_absmax, nested_offset),
-        quant_type,
-        blocksize,
-        out_features,
-        in_features,
-        bias_np,
-        transposed,
-        backend,
-        numpy_bits(y),
-        activations,
-    )
+        x_np, name, rows, codes, scales, quant_type, blocksize, out_features, in_features, bias_np, transposed,
+        backend, y_np, activations,
+    )  # fmt: skip
     return y
 
 
@@ -110,7 +147,7 @@ def _dequantize_4bit(packed, absmax, nested_absmax, nested_offset, shape, quant_
     )
     out = torch.empty(numel, dtype=dtype)
     _core.quant.dequantize_4bit(
-        _numpy(packed.contiguous()).reshape(-1),
+        _codes(packed),
         _scales(absmax, nested_absmax, nested_offset),
         numel,
         quant_type,
