@@ -25,10 +25,12 @@ Quant4Matrix matrix_view(const char* fn, const py::buffer& packed, const py::buf
 py::object matmul(const py::buffer& x, const std::string& dtype_name, int64_t rows, const py::buffer& packed,
                   const py::buffer& absmax, const std::string& quant_type, int64_t blocksize, int64_t out_features,
                   int64_t in_features, const std::optional<py::buffer>& bias, bool transposed,
-                  const std::string& backend, const std::optional<py::buffer>& out) {
+                  const std::string& backend, const std::optional<py::buffer>& out, const std::string& activations) {
   const char* fn = transposed ? "matmul_4bit_transposed" : "matmul_4bit";
   const Format dtype = parse_kernel_float(fn, dtype_name);
   const Backend chosen = parse_backend(backend);
+  const Activations mode = parse_activations(fn, activations);
+  require(!transposed || mode == Activations::exact, fn, "int8 activations are for matmul_4bit only");
   const Quant4Matrix w = matrix_view(fn, packed, absmax, quant_type, blocksize, out_features, in_features);
   const BufferView input = typed_view(fn, "x", x, dtype);
   std::optional<BufferView> bias_view, target;
@@ -45,7 +47,7 @@ py::object matmul(const py::buffer& x, const std::string& dtype_name, int64_t ro
     if (transposed)
       matmul_4bit_transposed(input.data, dtype, rows, w, y_ptr, chosen);
     else
-      matmul_4bit(input.data, dtype, rows, w, bias_ptr, y_ptr, chosen);
+      matmul_4bit(input.data, dtype, rows, w, bias_ptr, y_ptr, chosen, mode);
   }
   return result;
 }
@@ -154,34 +156,37 @@ void bind(py::module_& m) {
   m.def("matmul_4bit", &matmul, py::arg("x"), py::arg("dtype"), py::arg("rows"), py::arg("packed"), py::arg("absmax"),
         py::arg("quant_type"), py::arg("blocksize"), py::arg("out_features"), py::arg("in_features"),
         py::arg("bias") = py::none(), py::arg("transposed") = false, py::arg("backend") = "auto",
-        py::arg("out") = py::none(),
+        py::arg("out") = py::none(), py::arg("activations") = "exact",
         "y = x W^T (+ bias), or x W when transposed, for a flat 4-bit W [out_features, in_features]; x, bias, out "
-        "and the result are flat arrays of `dtype` (bfloat16 as uint16 bits).");
+        "and the result are flat arrays of `dtype` (bfloat16 as uint16 bits). activations='int8' quantizes x per 32 "
+        "elements to int8 (matmul_4bit only).");
   m.def(
       "array_cache_state", [] { return array_cache_state(); },
       "(blocks, bytes) of output memory cached for reuse by new result arrays (HALO_ARRAY_CACHE_MIB).");
   m.def(
       "matmul_4bit_variant",
       [](const std::string& dtype_name, int64_t rows, int64_t out_features, int64_t in_features, int64_t blocksize,
-         bool transposed, const std::string& backend) {
+         bool transposed, const std::string& backend, const std::string& activations) {
         const char* fn = "matmul_4bit_variant";
         Quant4Matrix w;
         w.blocksize = blocksize;
         w.out_features = out_features;
         w.in_features = in_features;
-        return std::string(
-            matmul_4bit_variant(parse_kernel_float(fn, dtype_name), rows, w, transposed, parse_backend(backend)));
+        return std::string(matmul_4bit_variant(parse_kernel_float(fn, dtype_name), rows, w, transposed,
+                                               parse_backend(backend), parse_activations(fn, activations)));
       },
       py::arg("dtype"), py::arg("rows"), py::arg("out_features"), py::arg("in_features"), py::arg("blocksize"),
-      py::arg("transposed") = false, py::arg("backend") = "auto",
+      py::arg("transposed") = false, py::arg("backend") = "auto", py::arg("activations") = "exact",
       "Which kernel family such a matmul_4bit call runs here (e.g. 'avx512-amx').");
   m.def(
       "matmul_4bit_pointers",
       [](uintptr_t x, const std::string& dtype_name, int64_t rows, const py::buffer& packed, const py::buffer& absmax,
          const std::string& quant_type, int64_t blocksize, int64_t out_features, int64_t in_features, uintptr_t y,
-         bool transposed) {
+         bool transposed, const std::string& activations) {
         const char* fn = transposed ? "matmul_4bit_transposed" : "matmul_4bit";
         const Format dtype = parse_kernel_float(fn, dtype_name);
+        const Activations mode = parse_activations(fn, activations);
+        require(!transposed || mode == Activations::exact, fn, "int8 activations are for matmul_4bit only");
         const Quant4Matrix w = matrix_view(fn, packed, absmax, quant_type, blocksize, out_features, in_features);
         py::gil_scoped_release release;
         if (transposed)
@@ -189,10 +194,11 @@ void bind(py::module_& m) {
                                  Backend::automatic);
         else
           matmul_4bit(reinterpret_cast<const void*>(x), dtype, rows, w, nullptr, reinterpret_cast<void*>(y),
-                      Backend::automatic);
+                      Backend::automatic, mode);
       },
       py::arg("x"), py::arg("dtype"), py::arg("rows"), py::arg("packed"), py::arg("absmax"), py::arg("quant_type"),
       py::arg("blocksize"), py::arg("out_features"), py::arg("in_features"), py::arg("y"), py::arg("transposed"),
+      py::arg("activations") = "exact",
       "The CPU 4-bit matmul on host pointers (data_ptr() of contiguous CPU tensors the caller has checked: "
       "rows x [in or out] values of dtype each), backend auto; the codes and absmax are checked here.");
   m.def(

@@ -3,6 +3,10 @@ measured in one run, interleaved (A, B, C, A, B, C, ...), min and median of seve
 
 halo runs on the best backend here ("halo") and, where that is not already avx2, also
 forced onto the AVX2 kernels ("halo-avx2": what an AVX2-only CPU such as AMD Zen 1-3 runs).
+With int8 activations (activations="int8": x quantized per 8 elements, integer dot products)
+it runs as "int8" (the best entry here, e.g. AVX512-VNNI), "int8-avx2" (the plain AVX2
+vpmaddubsw kernel, AVX-VNNI switched off for the call: what AVX2-only CPUs run) and, on a CPU
+with AVX-VNNI, "int8-avxvnni" (the AVX2 rung's AVX-VNNI kernel).
 
 Baselines (same shapes, NF4 blocksize 64 with double quantization for the 4-bit ones):
   copy        a torch copy of the bytes halo reads (codes + float32 absmax): the memory bound
@@ -74,6 +78,20 @@ class Pool:
         return time.perf_counter() - start
 
 
+def plain_avx2_int8(x, q):
+    """int8 activations on the plain AVX2 kernel (AVX-VNNI switched off for this call only)."""
+    os.environ["HALO_DISABLE_AVX_VNNI"] = "1"
+    try:
+        halo.matmul_4bit(x, q, backend="avx2", activations="int8")
+    finally:
+        del os.environ["HALO_DISABLE_AVX_VNNI"]
+
+
+def int8_entry_runs(name: str) -> bool:
+    entries = halo._core.backend.kernel_variants().get("matmul_4bit_int8", [])
+    return any(variant == name and not why for variant, _, _, why in entries)
+
+
 def make_pools(out_features, in_features, dtype, pool_mib, rows):
     gen = torch.Generator().manual_seed(out_features * 7 + in_features)
     dense = torch.randn(out_features, in_features, generator=gen) * 0.02
@@ -103,6 +121,17 @@ def make_pools(out_features, in_features, dtype, pool_mib, rows):
     pools.append(Pool("halo", halo_items, lambda x, q: halo.matmul_4bit(x, q)))
     if halo.resolve_backend() != "avx2" and "avx2" in halo.backends():
         pools.append(Pool("halo-avx2", halo_items, lambda x, q: halo.matmul_4bit(x, q, backend="avx2")))
+    pools.append(Pool("int8", halo_items, lambda x, q: halo.matmul_4bit(x, q, activations="int8")))
+    if "avx2" in halo.backends():
+        pools.append(Pool("int8-avx2", halo_items, plain_avx2_int8))
+        if int8_entry_runs("avx2-vnni"):
+            pools.append(
+                Pool(
+                    "int8-avxvnni",
+                    halo_items,
+                    lambda x, q: halo.matmul_4bit(x, q, backend="avx2", activations="int8"),
+                )
+            )
 
     source = torch.from_numpy(
         np.concatenate(
@@ -258,9 +287,12 @@ def main_matmul(args):
                 reps = args.reps if rows <= 8 else max(3, args.reps // 3)
                 times = measure(pools, x, reps)
                 variant = halo._core.quant.matmul_4bit_variant(name, rows, out_features, in_features, GROUP)
+                int8 = halo._core.quant.matmul_4bit_variant(
+                    name, rows, out_features, in_features, GROUP, activations="int8"
+                )
                 halo_t = times["halo"]
                 print(
-                    f"\n[{out_features} x {in_features}] {name} rows {rows}  (halo kernel: {variant}; "
+                    f"\n[{out_features} x {in_features}] {name} rows {rows}  (halo kernel: {variant}, int8: {int8}; "
                     f"{count} weight copies rotated, {nbytes / 2**20:.1f} MiB each)"
                 )
                 print(
@@ -272,7 +304,7 @@ def main_matmul(args):
                     ratio_med = statistics.median(t) / statistics.median(halo_t)
                     gbs = nbytes / min(t) / 1e9
                     extra = ""
-                    if pool.name.startswith("halo"):
+                    if pool.name.startswith(("halo", "int8")):
                         copy = min(times["copy"])
                         extra = f"  ({100 * copy / min(t):.0f} % of the copy bound)"
                     print(

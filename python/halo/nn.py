@@ -96,6 +96,10 @@ class Linear4bit(nn.Module):
 
     ``compute_dtype`` (default: the input's dtype) is the dtype the matmul runs in;
     the output comes back in the input's dtype, as bitsandbytes does.
+
+    ``layer.activations = "int8"`` (default ``"exact"``) runs inference on CPU with x quantized
+    per 8 elements to int8 (see :func:`halo.matmul_4bit`); a call whose input needs a
+    gradient, or on CUDA, computes the exact product.
     """
 
     def __init__(
@@ -136,6 +140,9 @@ class Linear4bit(nn.Module):
         self.weight_absmax: torch.Tensor | None = None
         self.weight_nested_absmax: torch.Tensor | None = None
         self._quantized = False
+        # "int8": inference with x quantized per 8 elements (halo.matmul_4bit); calls whose x
+        # needs a gradient keep the exact product (the int8 path has no backward).
+        self.activations = "exact"
 
     # -- construction --------------------------------------------------------------------------------
     @classmethod
@@ -354,6 +361,15 @@ class Linear4bit(nn.Module):
             )
         xc = self.compute_input(x)
         bias = None if self.bias is None else self.bias.to(xc.dtype)
+        activations = getattr(self, "activations", "exact")
+        if activations not in ("exact", "int8"):
+            raise ValueError(
+                f"[Linear4bit.forward] activations must be 'exact' or 'int8', got {activations!r}"
+            )
+        if activations == "int8" and (
+            xc.device.type != "cpu" or (torch.is_grad_enabled() and xc.requires_grad)
+        ):
+            activations = "exact"
         y = torch.ops.halo.matmul_4bit(
             xc,
             self.packed,
@@ -364,6 +380,7 @@ class Linear4bit(nn.Module):
             self.quant_type,
             self.blocksize,
             bias,
+            activations,
         )
         return y if y.dtype == x.dtype else y.to(x.dtype)
 

@@ -218,13 +218,32 @@ def _matmul_4bit_op(
     quant_type: str,
     blocksize: int,
     bias: Tensor | None,
+    activations: str = "exact",
 ) -> Tensor:
     _no_kernel("halo::matmul_4bit", x)
 
 
+def check_activations(fn: str, activations: str) -> None:
+    """``"exact"`` or ``"int8"`` (x quantized per 8 elements: inference only, CPU)."""
+    if activations not in ("exact", "int8"):
+        raise ValueError(f"[{fn}] activations must be 'exact' or 'int8', got {activations!r}")
+
+
 @_matmul_4bit_op.register_fake
-def _(x, packed, absmax, nested_absmax, nested_offset, out_features, quant_type, blocksize, bias):
+def _(
+    x,
+    packed,
+    absmax,
+    nested_absmax,
+    nested_offset,
+    out_features,
+    quant_type,
+    blocksize,
+    bias,
+    activations="exact",
+):
     _check_format("halo::matmul_4bit", quant_type, blocksize)
+    check_activations("halo::matmul_4bit", activations)
     return x.new_empty((*x.shape[:-1], out_features))
 
 
@@ -252,23 +271,37 @@ def _(grad, packed, absmax, nested_absmax, nested_offset, in_features, quant_typ
 
 
 def _matmul_setup(ctx, inputs, output):
-    x, packed, absmax, nested_absmax, nested_offset, out_features, quant_type, blocksize, bias = inputs
+    x, packed, absmax, nested_absmax, nested_offset, out_features, quant_type, blocksize, bias, *rest = inputs
     ctx.save_for_backward(packed, absmax, nested_absmax)
-    ctx.meta = (nested_offset, out_features, x.shape[-1], quant_type, blocksize, bias is not None)
+    activations = rest[0] if rest else "exact"
+    ctx.meta = (
+        nested_offset,
+        out_features,
+        x.shape[-1],
+        quant_type,
+        blocksize,
+        bias is not None,
+        activations,
+    )
 
 
 def _matmul_backward(ctx, grad):
     packed, absmax, nested_absmax = ctx.saved_tensors
-    nested_offset, out_features, in_features, quant_type, blocksize, has_bias = ctx.meta
+    nested_offset, out_features, in_features, quant_type, blocksize, has_bias, activations = ctx.meta
     grad_x = grad_bias = None
     grad2d = grad.reshape(-1, out_features)
     if ctx.needs_input_grad[0]:
+        if activations != "exact":
+            raise RuntimeError(
+                f"[halo::matmul_4bit] activations={activations!r} is for inference and has no backward; "
+                "train with activations='exact'"
+            )
         grad_x = torch.ops.halo.matmul_4bit_grad(
             grad, packed, absmax, nested_absmax, nested_offset, in_features, quant_type, blocksize
         )
     if has_bias and ctx.needs_input_grad[8]:
         grad_bias = grad2d.sum(0)
-    return grad_x, None, None, None, None, None, None, None, grad_bias
+    return grad_x, None, None, None, None, None, None, None, grad_bias, None
 
 
 _matmul_4bit_op.register_autograd(_matmul_backward, setup_context=_matmul_setup)
@@ -413,8 +446,10 @@ def matmul_4bit(
     bias: Tensor | None = None,
     nested_absmax: Tensor | None = None,
     nested_offset: float = 0.0,
+    activations: str = "exact",
 ) -> Tensor:
-    """``x W^T (+ bias)`` for a 4-bit ``W`` of shape ``[out_features, x.shape[-1]]``."""
+    """``x W^T (+ bias)`` for a 4-bit ``W`` of shape ``[out_features, x.shape[-1]]``;
+    ``activations="int8"`` as :func:`halo.matmul_4bit` (CPU, no backward)."""
     weight = (
         packed,
         absmax,
@@ -424,7 +459,7 @@ def matmul_4bit(
         quant_type,
         int(blocksize),
     )
-    return torch.ops.halo.matmul_4bit(x, *weight, bias)
+    return torch.ops.halo.matmul_4bit(x, *weight, bias, activations)
 
 
 def lora_linear(

@@ -71,6 +71,26 @@ bool has_amx_bf16() {
   return has;
 }
 
+// AVX512-VNNI (vpdpbusd on zmm): CPUID.(7,0):ECX bit 11.
+bool has_avx512_vnni() {
+  static const bool has = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!backend_available(Backend::avx512) || !__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    return (c & (1u << 11)) != 0;
+  }();
+  return has;
+}
+
+// AVX-VNNI (the VEX-encoded vpdpbusd on ymm, Alder Lake / Sapphire Rapids / Zen 5): CPUID.(7,1):EAX bit 4.
+bool has_avx_vnni() {
+  static const bool has = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!backend_available(Backend::avx2) || !__get_cpuid_count(7, 1, &a, &b, &c, &d)) return false;
+    return (a & (1u << 4)) != 0;
+  }();
+  return has;
+}
+
 }  // namespace
 
 std::string_view cpu_feature_name(CpuFeature feature) {
@@ -78,6 +98,8 @@ std::string_view cpu_feature_name(CpuFeature feature) {
     case CpuFeature::none: return "";
     case CpuFeature::avx512_bf16: return "avx512_bf16";
     case CpuFeature::amx_bf16: return "amx_bf16";
+    case CpuFeature::avx512_vnni: return "avx512_vnni";
+    case CpuFeature::avx_vnni: return "avx_vnni";
   }
   return "?";
 }
@@ -87,6 +109,8 @@ bool cpu_has(CpuFeature feature) {
     case CpuFeature::none: return true;
     case CpuFeature::avx512_bf16: return has_avx512_bf16();
     case CpuFeature::amx_bf16: return has_amx_bf16();
+    case CpuFeature::avx512_vnni: return has_avx512_vnni();
+    case CpuFeature::avx_vnni: return has_avx_vnni();
   }
   return false;
 }
@@ -100,6 +124,12 @@ std::string cpu_feature_unavailable_reason(CpuFeature feature) {
     case CpuFeature::amx_bf16:
       if (!has_amx_bf16()) return "this CPU (or OS) lacks AMX-BF16";
       return disabled("HALO_DISABLE_AMX") ? "switched off by HALO_DISABLE_AMX" : "";
+    case CpuFeature::avx512_vnni:
+      if (!has_avx512_vnni()) return "this CPU lacks AVX512-VNNI";
+      return disabled("HALO_DISABLE_AVX512_VNNI") ? "switched off by HALO_DISABLE_AVX512_VNNI" : "";
+    case CpuFeature::avx_vnni:
+      if (!has_avx_vnni()) return "this CPU lacks AVX-VNNI";
+      return disabled("HALO_DISABLE_AVX_VNNI") ? "switched off by HALO_DISABLE_AVX_VNNI" : "";
   }
   return "unknown CPU feature";
 }

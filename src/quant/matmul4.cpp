@@ -16,6 +16,7 @@
 #include "src/cuda/cuda_api.hpp"
 #include "src/quant/matmul4_buffers.hpp"
 #include "src/quant/matmul4_kernels.hpp"
+#include "src/quant/matmul4_q8.hpp"
 #include "src/quant/matmul4_reference.hpp"
 #include "src/quant/matmul4_special.hpp"
 
@@ -203,6 +204,51 @@ void forward_cuda(const Job& job) {
                     job.w.in, job.bias, job.y, /*transposed=*/false);
 }
 
+// ---- int8 activations: y = x Wᵀ with x quantized per 32 elements (matmul4_q8.hpp) -------------
+
+kernels::Q8Weight q8_weight(const Job& job) {
+  const kernels::Q8Codebook& book = kernels::q8_codebook(job.type);
+  return {job.w.packed, job.w.absmax, book.code, book.inv_scale, job.w.blocksize, job.w.out, job.w.in,
+          job.w.block_shift};
+}
+
+// The shapes the SIMD entries take (whole 64-element chunks, each within one 4-bit block).
+bool q8_simd_fits(int64_t in, int64_t blocksize) { return in % 64 == 0 && blocksize >= 64; }
+
+void forward_int8(const kernels::Matmul4Q8Ops* ops, const Job& job) {
+  const int64_t in = job.w.in, out = job.w.out, rows = job.rows, blocks = kernels::q8_subblocks(in);
+  kernels::AlignedVector<float> x_storage, y_storage;
+  const float* x32 = float_rows(job.x, job.dtype, rows * in, x_storage);
+  float* y32 = float_output(job, rows * out, y_storage);
+  std::vector<int8_t> q(size_t(rows * in));
+  std::vector<float> d(size_t(rows * blocks));
+  parallel_for(rows, std::max<int64_t>(1, (int64_t(1) << 16) / in), [&](int64_t r0, int64_t r1) {
+    kernels::quantize_q8(x32 + r0 * in, r1 - r0, in, q.data() + r0 * in, d.data() + r0 * blocks);
+  });
+  const kernels::Q8Weight w = q8_weight(job);
+  if (ops != nullptr && q8_simd_fits(in, job.w.blocksize)) {
+    kernels::AlignedVector<std::byte> panel;
+    for (int64_t r0 = 0; r0 < rows; r0 += ops->max_rows) {
+      const int64_t n = std::min<int64_t>(ops->max_rows, rows - r0);
+      panel.resize(size_t(n * (in / 64) * kernels::q8_chunk_bytes(ops->lanes)));
+      kernels::pack_q8(q.data() + r0 * in, d.data() + r0 * blocks, n, in, ops->lanes, panel.data());
+      parallel_for(out, gemv_grain(out, in),
+                   [&](int64_t o0, int64_t o1) { ops->gemv(w, panel.data(), n, o0, o1, y32 + r0 * out, out); });
+    }
+  } else {
+    parallel_for(out, 16, [&](int64_t o0, int64_t o1) {
+      kernels::matmul4_q8_reference(w, q.data(), d.data(), rows, o0, o1, y32, out);
+    });
+  }
+  finish(job, y32, out, job.bias);
+}
+
+void int8_scalar(const Job& job) { forward_int8(nullptr, job); }
+void int8_avx2(const Job& job) { forward_int8(&kernels::kMatmul4Q8Avx2, job); }
+void int8_avx2_vnni(const Job& job) { forward_int8(&kernels::kMatmul4Q8AvxVnni, job); }
+void int8_avx512(const Job& job) { forward_int8(&kernels::kMatmul4Q8Avx512, job); }
+void int8_avx512_vnni(const Job& job) { forward_int8(&kernels::kMatmul4Q8Avx512Vnni, job); }
+
 // ---- transposed: y = x W --------------------------------------------------------------------------
 
 void transposed_scalar(const Job& job) {
@@ -270,11 +316,18 @@ const KernelTable<Matmul4Fn> kMatmul4T{
      rung(Backend::avx512, transposed_avx512),
      variant("avx512-amx", Backend::avx512, CpuFeature::amx_bf16, transposed_avx512_amx),
      rung(Backend::cuda, transposed_cuda)}};
+const KernelTable<Matmul4Fn> kMatmul4Int8{
+    "matmul_4bit_int8",
+    {rung(Backend::scalar, int8_scalar), rung(Backend::avx2, int8_avx2),
+     variant("avx2-vnni", Backend::avx2, CpuFeature::avx_vnni, int8_avx2_vnni),
+     rung(Backend::avx512, int8_avx512),
+     variant("avx512-vnni", Backend::avx512, CpuFeature::avx512_vnni, int8_avx512_vnni)}};
 using DeviceFn = void (*)(const Job&, bool, void*);
 const KernelTable<DeviceFn> kMatmul4Device{"matmul_4bit_device", {rung(Backend::cuda, device_cuda)}};
 const KernelRegistration kRegMatmul4(kMatmul4);
 const KernelRegistration kRegMatmul4T(kMatmul4T);
 const KernelRegistration kRegMatmul4Device(kMatmul4Device);
+const KernelRegistration kRegMatmul4Int8(kMatmul4Int8);
 
 bool overlaps(const void* a, int64_t a_bytes, const void* b, int64_t b_bytes) {
   const auto* pa = static_cast<const char*>(a);
@@ -358,10 +411,18 @@ void check_matmul_4bit_buffers(std::string_view fn, int64_t rows, const Quant4Ma
     require(y_count == rows * y_cols, fn, "out holds ", y_count, " elements, expected ", rows, " x ", y_cols);
 }
 
+Activations parse_activations(std::string_view fn, std::string_view name) {
+  if (name == "exact") return Activations::exact;
+  if (name == "int8") return Activations::int8;
+  fail(fn, "activations must be 'exact' or 'int8', got '", name, "'");
+}
+
 void matmul_4bit(const void* x, Format dtype, int64_t rows, const Quant4Matrix& w, const void* bias, void* y,
-                 Backend backend) {
+                 Backend backend, Activations activations) {
   const Job job = make_job("matmul_4bit", x, dtype, rows, w, bias, y, /*transposed=*/false);
-  const auto chosen = dispatch(kMatmul4, backend);
+  require(activations == Activations::exact || activations == Activations::int8, "matmul_4bit",
+          "activations must be exact or int8, got ", int(activations));
+  const auto chosen = dispatch(activations == Activations::int8 ? kMatmul4Int8 : kMatmul4, backend);
   if (rows == 0) return;
   chosen.kernel(job);
 }
@@ -385,7 +446,12 @@ void matmul_4bit_device(const void* x, Format dtype, int64_t rows, const Quant4M
 }
 
 const char* matmul_4bit_variant(Format dtype, int64_t rows, const Quant4Matrix& w, bool transposed,
-                                Backend backend) {
+                                Backend backend, Activations activations) {
+  if (activations == Activations::int8 && !transposed) {
+    const std::string_view entry = dispatch(kMatmul4Int8, backend).variant;
+    const bool simd = entry != "scalar" && q8_simd_fits(w.in_features, w.blocksize);
+    return simd ? entry.data() : "scalar";
+  }
   const std::string_view entry = transposed ? dispatch(kMatmul4T, backend).variant : dispatch(kMatmul4, backend).variant;
   if (entry == "avx512-amx" && transposed) return dtype == Format::bf16 ? "avx512-amx" : "avx512";
   if (entry == "avx512-amx" || entry == "avx512-bf16") {

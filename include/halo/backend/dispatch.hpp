@@ -3,7 +3,7 @@
 //
 // A table is a list of entries (variants), each with a name, the backend rung it runs
 // on (scalar <- avx2 <- avx512, or cuda apart) and any CPU feature it needs beyond its
-// rung (AVX512-BF16, AMX-BF16; later VNNI). Entries are listed best last within a rung
+// rung (AVX512-BF16, AMX-BF16, AVX512-VNNI, AVX-VNNI). Entries are listed best last within a rung
 // (entries given a null function are left out):
 //   const KernelTable<Fn> kOp{"op_name", {rung(Backend::scalar, op_scalar),
 //                                         rung(Backend::avx512, op_avx512),
@@ -35,11 +35,11 @@
 namespace halo {
 
 // A CPU feature a kernel variant needs beyond the instructions of its rung.
-enum class CpuFeature : uint8_t { none, avx512_bf16, amx_bf16 };
+enum class CpuFeature : uint8_t { none, avx512_bf16, amx_bf16, avx512_vnni, avx_vnni };
 std::string_view cpu_feature_name(CpuFeature feature);
-// "" when this CPU (and OS) has it and it is not switched off; HALO_DISABLE_AVX512_BF16=1 /
-// HALO_DISABLE_AMX=1 (read on every call) switch a feature off, so tests and benchmarks can
-// compare a variant with the entry below it.
+// "" when this CPU (and OS) has it and it is not switched off; HALO_DISABLE_AVX512_BF16=1,
+// HALO_DISABLE_AMX=1, HALO_DISABLE_AVX512_VNNI=1 / HALO_DISABLE_AVX_VNNI=1 (read on every call)
+// switch a feature off, so tests and benchmarks can compare a variant with the entry below it.
 std::string cpu_feature_unavailable_reason(CpuFeature feature);
 // What the hardware has, ignoring the HALO_DISABLE_* switches (checked once).
 bool cpu_has(CpuFeature feature);

@@ -19,6 +19,19 @@
 // tiles for bfloat16 x (chosen at run time; see docs/quantization.md). The CUDA
 // entry takes host pointers; halo::cuda::matmul_4bit_device (src/cuda) takes
 // device pointers.
+//
+// Activations::int8 (inference only; matmul_4bit, CPU): x is quantized once per call, per
+// row and per 8 consecutive elements, to int8 with a float32 scale (d = max|x| / 127,
+// q = nearest-even(x * (1 / d))), W's codes are taken as int8 (round(code * S), S = 127 for
+// NF4, 120 for FP4, with absmax / S as the block's scale) and each 8-element piece's
+// integer dot product, times d * absmax / S, is summed in float32 (then + bias, one
+// rounding to x's dtype), as llama.cpp's Q8 activation blocks do (they take 32 elements
+// per scale; 8 costs halo's kernels nothing and about halves x's error, see
+// src/quant/matmul4_q8.hpp). Kernels (registry op "matmul_4bit_int8"): a scalar reference,
+// AVX2 (vpmaddubsw), AVX-VNNI, AVX-512 (BW) and AVX512-VNNI (vpdpbusd); the SIMD entries
+// take in % 64 == 0 and blocksize >= 64 and run the reference otherwise. An 8-element piece
+// of x that holds NaN or Inf makes its row NaN. The error against the exact product is
+// measured in docs/quantization.md.
 #pragma once
 
 #include <cstdint>
@@ -57,10 +70,15 @@ Quant4Matrix quant4_matrix(std::string_view function, const uint8_t* packed, int
 void check_matmul_4bit_buffers(std::string_view function, int64_t rows, const Quant4Matrix& w, bool transposed,
                                int64_t x_count, int64_t bias_count, int64_t y_count);
 
+// How x enters matmul_4bit: as given (exact) or quantized to int8 per 8 elements (above).
+enum class Activations : uint8_t { exact, int8 };
+// "exact" or "int8"; InvalidArgument naming `function` and the value otherwise.
+Activations parse_activations(std::string_view function, std::string_view name);
+
 // y [rows, out] = x [rows, in] · Wᵀ + bias. `bias` (out values of `dtype`) may be null.
 // rows may be 0. y must not overlap x or bias.
 void matmul_4bit(const void* x, Format dtype, int64_t rows, const Quant4Matrix& w, const void* bias, void* y,
-                 Backend backend = Backend::automatic);
+                 Backend backend = Backend::automatic, Activations activations = Activations::exact);
 
 // y [rows, in] = x [rows, out] · W.
 void matmul_4bit_transposed(const void* x, Format dtype, int64_t rows, const Quant4Matrix& w, void* y,
@@ -73,8 +91,9 @@ void matmul_4bit_device(const void* x, Format dtype, int64_t rows, const Quant4M
                         bool transposed, void* stream = nullptr);
 
 // Which kernel family a call with these arguments runs on this machine ("scalar",
-// "avx2", "avx512", "avx512-bf16", "avx512-amx", "cuda"): for benchmarks and tests.
+// "avx2", "avx512", "avx512-bf16", "avx512-amx", "cuda"; with int8 activations "scalar",
+// "avx2", "avx2-vnni", "avx512", "avx512-vnni"): for benchmarks and tests.
 const char* matmul_4bit_variant(Format dtype, int64_t rows, const Quant4Matrix& w, bool transposed,
-                                Backend backend = Backend::automatic);
+                                Backend backend = Backend::automatic, Activations activations = Activations::exact);
 
 }  // namespace halo

@@ -37,6 +37,7 @@ def matmul_4bit(
     transposed: bool = False,
     backend: str = "auto",
     out: npt.ArrayLike | None = None,
+    activations: str = "exact",
 ) -> npt.NDArray[np.generic]: ...
 def matmul_4bit_pointers(
     x: int,
@@ -50,6 +51,7 @@ def matmul_4bit_pointers(
     in_features: int,
     y: int,
     transposed: bool,
+    activations: str = "exact",
 ) -> None: ...
 def matmul_4bit_variant(
     dtype: str,
@@ -59,6 +61,7 @@ def matmul_4bit_variant(
     blocksize: int,
     transposed: bool = False,
     backend: str = "auto",
+    activations: str = "exact",
 ) -> str: ...
 def matmul_4bit_device(
     x: int,

@@ -1,8 +1,9 @@
 """The device-independent half of halo's torch kernels: argument checks, shapes, autocast and
 the adapter products, around a backend's 4-bit ``matmul``.
 
-``matmul(x2d, weight, out_features, in_features, bias, transposed, backend)``: y = x W^T (+ bias),
-or x W when ``transposed``, for rows x2d in x's dtype; ``weight`` is
+``matmul(x2d, weight, out_features, in_features, bias, transposed, backend[, activations])``:
+y = x W^T (+ bias), or x W when ``transposed``, for rows x2d in x's dtype (``activations="int8"``:
+x quantized per 8 elements, not transposed); ``weight`` is
 (packed, absmax, nested_absmax, nested_offset, quant_type, blocksize). backends/cpu/ops.py and
 backends/cuda/ops.py pass theirs; the operators themselves are defined in :mod:`halo.ops`.
 """
@@ -14,7 +15,7 @@ from contextlib import nullcontext
 import torch
 from torch import Tensor
 
-from ..ops import check_backend, check_float, check_lora, check_same_device, check_weight
+from ..ops import check_activations, check_backend, check_float, check_lora, check_same_device, check_weight
 
 
 def _no_autocast(device: str):
@@ -25,12 +26,24 @@ def _no_autocast(device: str):
 
 
 def _base_matmul(
-    matmul, x2d: Tensor, weight_args: tuple, out_features: int, bias, fan_in_fan_out=False, backend="auto"
+    matmul,
+    x2d: Tensor,
+    weight_args: tuple,
+    out_features: int,
+    bias,
+    fan_in_fan_out=False,
+    backend="auto",
+    activations="exact",
 ) -> Tensor:
     """x W^T (+ bias) for rows x2d [m, in] in x's dtype, autocast off; W is stored [out, in], or
-    [in, out] with ``fan_in_fan_out`` (GPT-2's Conv1D), where x W^T is x times the stored matrix."""
+    [in, out] with ``fan_in_fan_out`` (GPT-2's Conv1D), where x W^T is x times the stored matrix.
+    ``activations="int8"`` (stored [out, in] only) quantizes x per 8 elements."""
     in_features = x2d.shape[1]
     with _no_autocast(x2d.device.type):
+        if activations != "exact":
+            return matmul(
+                x2d.contiguous(), weight_args, out_features, in_features, bias, False, backend, activations
+            )
         if not fan_in_fan_out:
             return matmul(x2d.contiguous(), weight_args, out_features, in_features, bias, False, backend)
         y = matmul(x2d.contiguous(), weight_args, in_features, out_features, None, True, backend)
@@ -48,17 +61,28 @@ def _grad_input(
 
 
 def matmul_composite(
-    matmul, x, packed, absmax, nested_absmax, nested_offset, out_features, quant_type, blocksize, bias
+    matmul,
+    x,
+    packed,
+    absmax,
+    nested_absmax,
+    nested_offset,
+    out_features,
+    quant_type,
+    blocksize,
+    bias,
+    activations="exact",
 ) -> Tensor:
     """halo::matmul_4bit's kernel around a backend's ``matmul``."""
     fn = "halo::matmul_4bit"
+    check_activations(fn, activations)
     check_float(fn, "x", x)
     in_features = x.shape[-1]
     check_weight(fn, packed, absmax, nested_absmax, out_features * in_features, quant_type, blocksize)
     check_same_device(fn, x, packed)
     x2d = x.reshape(-1, in_features)
     args = (packed, absmax, nested_absmax, nested_offset, quant_type, blocksize)
-    y = _base_matmul(matmul, x2d, args, out_features, bias)
+    y = _base_matmul(matmul, x2d, args, out_features, bias, activations=activations)
     return y.reshape(*x.shape[:-1], out_features)
 
 

@@ -18,7 +18,14 @@ from ..formats import KERNEL_FLOATS
 from .tensor import QuantizedTensor, writable_flat
 
 
-def matmul_4bit(x: Any, qt: QuantizedTensor, bias: Any = None, out: Any = None, backend: str = "auto") -> Any:
+def matmul_4bit(
+    x: Any,
+    qt: QuantizedTensor,
+    bias: Any = None,
+    out: Any = None,
+    backend: str = "auto",
+    activations: str = "exact",
+) -> Any:
     """``y = x @ W.T (+ bias)`` for a 2-D 4-bit ``W`` of shape ``[out, in]``: a Linear
     layer's forward, computed from the packed codes (never dequantizing W as a whole).
 
@@ -30,8 +37,17 @@ def matmul_4bit(x: Any, qt: QuantizedTensor, bias: Any = None, out: Any = None, 
     final rounding. ``out``: a C-contiguous array/tensor of x's dtype and the result's
     element count to write into. Not differentiable: ``halo.lora.autograd`` and the torch ops
     built on it provide gradients.
+
+    ``activations="int8"`` (CPU, inference): x is quantized once per call, per row and per
+    8 elements, to int8 with a float32 scale (``d = max|x| / 127``), the NF4/FP4 codes are
+    taken as int8 (``round(code * 127)``, FP4 ``* 120``) and the integer dot products
+    (AVX512-VNNI / AVX-VNNI / AVX2) are scaled and summed in float32, as llama.cpp's Q8
+    activation blocks. Under 1 % relative error against ``"exact"`` (the default);
+    docs/quantization.md has the measured figures.
     """
-    return _matmul("matmul_4bit", x, qt, bias, out, backend, transposed=False)
+    if not isinstance(activations, str) or activations not in _ACTIVATIONS:
+        raise ValueError(f"[matmul_4bit] activations must be 'exact' or 'int8', got {activations!r}")
+    return _matmul("matmul_4bit", x, qt, bias, out, backend, transposed=False, activations=activations)
 
 
 def matmul_4bit_transposed(x: Any, qt: QuantizedTensor, out: Any = None, backend: str = "auto") -> Any:
@@ -41,10 +57,11 @@ def matmul_4bit_transposed(x: Any, qt: QuantizedTensor, out: Any = None, backend
     return _matmul("matmul_4bit_transposed", x, qt, None, out, backend, transposed=True)
 
 
+_ACTIVATIONS = ("exact", "int8")
 _TORCH_FLOATS: dict[Any, str] = {}
 
 
-def _matmul_torch_cpu(x: Any, qt: QuantizedTensor, transposed: bool) -> Any:
+def _matmul_torch_cpu(x: Any, qt: QuantizedTensor, transposed: bool, activations: str = "exact") -> Any:
     """The call a decode loop makes (a contiguous CPU torch tensor, no bias, no out, backend
     auto) with only the checks it needs: a few microseconds where the general path takes
     tens, which small layers at one row would pay on every call. Anything else returns None
@@ -76,7 +93,7 @@ def _matmul_torch_cpu(x: Any, qt: QuantizedTensor, transposed: bool) -> Any:
     y = torch.empty((*x.shape[:-1], y_cols), dtype=x.dtype)
     weight = _weight_arguments(qt, out_features, in_features)
     _core.quant.matmul_4bit_pointers(
-        x.data_ptr(), entry, x.numel() // x_cols, *weight, y.data_ptr(), transposed
+        x.data_ptr(), entry, x.numel() // x_cols, *weight, y.data_ptr(), transposed, activations
     )
     return y
 
@@ -86,9 +103,11 @@ def _weight_arguments(qt: QuantizedTensor, out_features: int, in_features: int) 
     return (*qt.kernel_arrays(), qt.quant_type, qt.blocksize, out_features, in_features)
 
 
-def _matmul(fn: str, x: Any, qt: Any, bias: Any, out: Any, backend: str, transposed: bool) -> Any:
+def _matmul(
+    fn: str, x: Any, qt: Any, bias: Any, out: Any, backend: str, transposed: bool, activations: str = "exact"
+) -> Any:
     if out is None and bias is None and backend == "auto" and type(qt) is QuantizedTensor:
-        y = _matmul_torch_cpu(x, qt, transposed)
+        y = _matmul_torch_cpu(x, qt, transposed, activations)
         if y is not None:
             return y
     if not isinstance(qt, QuantizedTensor):
@@ -101,6 +120,8 @@ def _matmul(fn: str, x: Any, qt: Any, bias: Any, out: Any, backend: str, transpo
     if out is not None and not (is_torch_tensor(out) or isinstance(out, np.ndarray)):
         raise TypeError(f"[{fn}] out must be a NumPy array or a torch tensor, got {type(out).__name__}")
     if is_torch_tensor(x) and x.device.type == "cuda":
+        if activations != "exact":
+            raise ValueError(f"[{fn}] activations={activations!r} runs on the CPU only; x is on {x.device}")
         return _matmul_cuda(fn, x, qt, bias, out, backend, transposed, x_cols, y_cols)
     flat = flatten_float(fn, x)
     if len(flat.shape) == 0 or flat.shape[-1] != x_cols:
@@ -112,7 +133,7 @@ def _matmul(fn: str, x: Any, qt: Any, bias: Any, out: Any, backend: str, transpo
     target = None if out is None else writable_flat(fn, out, flat.dtype, rows * y_cols)
     weight = _weight_arguments(qt, out_features, in_features)
     result = _core.quant.matmul_4bit(
-        flat.data, flat.dtype, rows, *weight, bias_data, transposed, backend, target
+        flat.data, flat.dtype, rows, *weight, bias_data, transposed, backend, target, activations
     )
     if out is not None:
         return out

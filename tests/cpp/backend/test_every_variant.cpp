@@ -166,6 +166,34 @@ Result run_matmul(bool transposed) {
   return r;
 }
 
+// int8 activations (matmul4.hpp): the same int8 sums in every entry, so float32 summation
+// order is all that differs: |y - y_scalar| <= 1e-5 * sum |x w| + one output ulp.
+Result run_matmul_int8() {
+  Result r;
+  for (Format dtype : {Format::f32, Format::bf16})
+    for (auto [out, in, blocksize] :
+         {std::tuple<int64_t, int64_t, int64_t>{37, 128, 64}, {19, 100, 32}, {9, 576, 256}})
+      for (int64_t rows : {1, 3, 8, 9, 17}) {
+        const Weight4 w = weight4(out * in, Format::fp4, blocksize, uint32_t(out + in));
+        const Quant4Matrix m{w.packed.data(), w.absmax.data(), Format::fp4, blocksize, out, in};
+        const std::vector<float> x32 = normal(rows * in, uint32_t(rows));
+        const std::vector<uint16_t> x16 = dtype == Format::f32 ? std::vector<uint16_t>() : to_half(x32, dtype);
+        const void* x = dtype == Format::f32 ? static_cast<const void*>(x32.data()) : x16.data();
+        std::vector<uint8_t> y(size_t(rows * out * element_size(dtype)));
+        matmul_4bit(x, dtype, rows, m, nullptr, y.data(), Backend::automatic, Activations::int8);
+        std::vector<float> wf(size_t(out * in));
+        dequantize_4bit(w.packed.data(), w.absmax.data(), out * in, Format::fp4, blocksize, wf.data(), Format::f32,
+                        Backend::scalar);
+        std::vector<double> magnitude(size_t(rows * out), 0.0);
+        for (int64_t i = 0; i < rows; ++i)
+          for (int64_t j = 0; j < out; ++j)
+            for (int64_t k = 0; k < in; ++k)
+              magnitude[size_t(i * out + j)] += std::fabs(x32[size_t(i * in + k)] * wf[size_t(j * in + k)]);
+        add_product(r, y, dtype, magnitude);
+      }
+  return r;
+}
+
 Result run_gguf_quantize(std::string_view op) {
   const std::string name(op.substr(std::string_view("gguf.quantize_").size()));
   const gguf::GgmlType type = gguf::parse_type(name);
@@ -254,6 +282,7 @@ const std::map<std::string, Runner>& runners() {
       {"dequantize_4bit_range", [](std::string_view) { return run_dequantize_4bit_range(); }},
       {"matmul_4bit", [](std::string_view) { return run_matmul(false); }},
       {"matmul_4bit_transposed", [](std::string_view) { return run_matmul(true); }},
+      {"matmul_4bit_int8", [](std::string_view) { return run_matmul_int8(); }},
       {"edge_linear4_dot", [](std::string_view) { return run_edge_dot(); }},
       {"lora_tile_gemm", [](std::string_view) { return run_lora_tile_gemm(); }},
       {"hwq_segment_error", [](std::string_view) { return run_segment_error(); }},

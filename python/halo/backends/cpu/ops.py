@@ -101,9 +101,18 @@ def _scales(absmax: Tensor, nested_absmax: Tensor | None, nested_offset: float) 
     return _cached(absmax, "_halo_scales", nested_key, decode)
 
 
-def _matmul(x2d: Tensor, weight: tuple, out_features: int, in_features: int, bias, transposed, backend):
-    """y = x W^T (+ bias), or x W when ``transposed``, in x's dtype, on ``backend``'s kernels.
-    x2d is contiguous (common.py makes it so)."""
+def _matmul(
+    x2d: Tensor,
+    weight: tuple,
+    out_features: int,
+    in_features: int,
+    bias,
+    transposed,
+    backend,
+    activations="exact",
+):
+    """y = x W^T (+ bias), or x W when ``transposed``, in x's dtype, on ``backend``'s kernels
+    (``activations="int8"``: x quantized per 8 elements). x2d is contiguous (common.py makes it so)."""
     packed, absmax, nested_absmax, nested_offset, quant_type, blocksize = weight
     rows = x2d.shape[0]
     y = torch.empty(rows, in_features if transposed else out_features, dtype=x2d.dtype)
@@ -112,14 +121,14 @@ def _matmul(x2d: Tensor, weight: tuple, out_features: int, in_features: int, bia
     if bias is None and backend == "auto":  # the training and decode call: pointers, no views
         _core.quant.matmul_4bit_pointers(
             x2d.data_ptr(), name, rows, codes, scales, quant_type, blocksize, out_features, in_features,
-            y.data_ptr(), transposed,
+            y.data_ptr(), transposed, activations,
         )  # fmt: skip
         return y
     bias_np = None if bias is None else numpy_bits(bias.detach().to(x2d.dtype).contiguous())
     x_np, y_np = numpy_bits(x2d.detach()), numpy_bits(y)
     _core.quant.matmul_4bit(
         x_np, name, rows, codes, scales, quant_type, blocksize, out_features, in_features, bias_np, transposed,
-        backend, y_np,
+        backend, y_np, activations,
     )  # fmt: skip
     return y
 

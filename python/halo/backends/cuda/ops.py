@@ -27,9 +27,22 @@ def _scales(absmax: Tensor, nested_absmax: Tensor | None, nested_offset: float) 
     return code[absmax.long()] * scale + float(nested_offset)  # two roundings, as bitsandbytes
 
 
-def _matmul(x2d: Tensor, weight: tuple, out_features: int, in_features: int, bias, transposed, backend):
+def _matmul(
+    x2d: Tensor,
+    weight: tuple,
+    out_features: int,
+    in_features: int,
+    bias,
+    transposed,
+    backend,
+    activations="exact",
+):
     """y = x W^T (+ bias), or x W when ``transposed``, in x's dtype (``backend`` names CPU kernels:
-    unused here)."""
+    unused here; int8 activations are CPU only)."""
+    if activations != "exact":
+        raise ValueError(
+            f"[halo::matmul_4bit] activations={activations!r} runs on the CPU only; x is on {x2d.device}"
+        )
     packed, absmax, nested_absmax, nested_offset, quant_type, blocksize = weight
     rows = x2d.shape[0]
     y = torch.empty(rows, in_features if transposed else out_features, dtype=x2d.dtype, device=x2d.device)
