@@ -230,20 +230,10 @@ def check_activations(fn: str, activations: str) -> None:
 
 
 @_matmul_4bit_op.register_fake
-def _(
-    x,
-    packed,
-    absmax,
-    nested_absmax,
-    nested_offset,
-    out_features,
-    quant_type,
-    blocksize,
-    bias,
-    activations="exact",
-):
+def _(x, packed, absmax, nested_absmax, nested_offset, out_features, quant_type, blocksize, *rest):
+    # rest: bias, then the defaulted activations (left out by the dispatcher when "exact")
     _check_format("halo::matmul_4bit", quant_type, blocksize)
-    check_activations("halo::matmul_4bit", activations)
+    check_activations("halo::matmul_4bit", rest[1] if len(rest) > 1 else "exact")
     return x.new_empty((*x.shape[:-1], out_features))
 
 

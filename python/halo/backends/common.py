@@ -60,20 +60,11 @@ def _grad_input(
         return matmul(grad2d.contiguous(), weight_args, in_features, out_features, None, False, backend)
 
 
-def matmul_composite(
-    matmul,
-    x,
-    packed,
-    absmax,
-    nested_absmax,
-    nested_offset,
-    out_features,
-    quant_type,
-    blocksize,
-    bias,
-    activations="exact",
-) -> Tensor:
-    """halo::matmul_4bit's kernel around a backend's ``matmul``."""
+def matmul_composite(matmul, x, packed, absmax, nested_absmax, nested_offset, out_features, *rest) -> Tensor:
+    """halo::matmul_4bit's kernel around a backend's ``matmul``; ``rest`` is quant_type, blocksize,
+    bias, then activations when it is not the default "exact" (the dispatcher leaves it out)."""
+    quant_type, blocksize, bias = rest[:3]
+    activations = rest[3] if len(rest) > 3 else "exact"
     fn = "halo::matmul_4bit"
     check_activations(fn, activations)
     check_float(fn, "x", x)

@@ -101,16 +101,7 @@ def _scales(absmax: Tensor, nested_absmax: Tensor | None, nested_offset: float) 
     return _cached(absmax, "_halo_scales", nested_key, decode)
 
 
-def _matmul(
-    x2d: Tensor,
-    weight: tuple,
-    out_features: int,
-    in_features: int,
-    bias,
-    transposed,
-    backend,
-    activations="exact",
-):
+def _matmul(x2d: Tensor, weight, out_features, in_features, bias, transposed, backend, activations="exact"):
     """y = x W^T (+ bias), or x W when ``transposed``, in x's dtype, on ``backend``'s kernels
     (``activations="int8"``: x quantized per 8 elements). x2d is contiguous (common.py makes it so)."""
     packed, absmax, nested_absmax, nested_offset, quant_type, blocksize = weight

@@ -27,16 +27,7 @@ def _scales(absmax: Tensor, nested_absmax: Tensor | None, nested_offset: float) 
     return code[absmax.long()] * scale + float(nested_offset)  # two roundings, as bitsandbytes
 
 
-def _matmul(
-    x2d: Tensor,
-    weight: tuple,
-    out_features: int,
-    in_features: int,
-    bias,
-    transposed,
-    backend,
-    activations="exact",
-):
+def _matmul(x2d: Tensor, weight, out_features, in_features, bias, transposed, backend, activations="exact"):
     """y = x W^T (+ bias), or x W when ``transposed``, in x's dtype (``backend`` names CPU kernels:
     unused here; int8 activations are CPU only)."""
     if activations != "exact":
