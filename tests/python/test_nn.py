@@ -496,3 +496,39 @@ def test_kept_weight_views_follow_every_change_of_the_codes_and_scales(dtype):
     with torch.no_grad():
         packed.copy_(keep)  # and gathers it again before the next one
     torch.testing.assert_close(run(), expected(), **tol)
+
+
+def test_bf16_products_of_many_rows_through_torch_gemm_agree_with_the_fused_kernels(monkeypatch):
+    """From DENSE_ROWS rows of bfloat16 x on an AMX CPU, W is decoded and multiplied by torch's
+    GEMM; forward (with and without bias) and input gradient must agree with halo's fused kernels,
+    and a CPU pinned off AMX (HALO_BACKEND=avx2) must keep the fused kernels."""
+    from halo.backends.cpu import ops as cpu
+
+    if not cpu._amx_for_auto():
+        pytest.skip("this CPU runs no AMX kernels")
+    torch.manual_seed(6)
+    packed, absmax = ops.quantize_4bit(torch.randn(96, 128))
+    x, g = torch.randn(40, 128).bfloat16(), torch.randn(40, 96).bfloat16()
+    bias = torch.randn(96).bfloat16()
+    taken = []
+    dense = cpu._dense
+    monkeypatch.setattr(cpu, "_dense", lambda *a: taken.append(a[-1]) or dense(*a))
+
+    def products():
+        return (
+            ops.matmul_4bit(x, packed, absmax, 96),
+            ops.matmul_4bit(x, packed, absmax, 96, bias=bias),
+            torch.ops.halo.matmul_4bit_grad(g, packed, absmax, None, 0.0, 128, "nf4", 64),
+        )
+
+    monkeypatch.setattr(cpu, "DENSE_ROWS", 10**9)
+    fused = products()
+    assert taken == []
+    monkeypatch.setattr(cpu, "DENSE_ROWS", 40)
+    through_gemm = products()
+    assert taken == [False, False, True]
+    for a, b in zip(fused, through_gemm):
+        torch.testing.assert_close(b.float(), a.float(), rtol=1e-2, atol=2e-2 * float(a.float().abs().max()))
+    monkeypatch.setenv("HALO_BACKEND", "avx2")
+    products()
+    assert taken == [False, False, True]  # no new dense calls

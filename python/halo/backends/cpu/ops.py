@@ -10,6 +10,8 @@ through DLPack; bfloat16 crosses as its uint16 bits. The matmuls run halo's fuse
 from __future__ import annotations
 
 import ctypes
+import os
+import threading
 
 import numpy as np
 import torch
@@ -17,6 +19,7 @@ from torch import Tensor
 
 from ... import _core
 from ... import ops as _ops
+from ...backend import native_bf16_features
 from .. import common
 
 
@@ -101,14 +104,62 @@ def _scales(absmax: Tensor, nested_absmax: Tensor | None, nested_offset: float) 
     return _cached(absmax, "_halo_scales", nested_key, decode)
 
 
+# bfloat16 x with at least this many rows, on a CPU with AMX: W is decoded to bfloat16 (halo's
+# dequantize kernel, into a buffer of the call) and multiplied by torch's GEMM (oneDNN's AMX
+# kernels), which beats halo's fused AMX tiles there (benchmarks/quant/bench_matmul4.py, README);
+# fewer rows, other dtypes and other CPUs keep the fused kernels, which never hold W whole.
+DENSE_ROWS = 384
+DENSE_MAX_ELEMENTS = 1 << 24  # the decoded copy stays under 32 MiB
+_AMX: dict[tuple, bool] = {}
+_SCRATCH = (
+    threading.local()
+)  # each thread's bfloat16 buffer for W (reused: fresh pages cost more than the GEMM)
+
+
+def _amx_for_auto() -> bool:
+    """Whether backend "auto" runs halo's AMX kernels here (HALO_BACKEND / HALO_DISABLE_AMX
+    respected), asked of the registry once per setting of those variables."""
+    key = (os.environ.get("HALO_BACKEND"), os.environ.get("HALO_DISABLE_AMX"))
+    if key not in _AMX:
+        _AMX[key] = "amx_bf16" in native_bf16_features()
+    return _AMX[key]
+
+
+def _dense(x2d: Tensor, codes, scales, weight, out_features, in_features, bias, transposed) -> Tensor:
+    """The product through a bfloat16 copy of W and torch's GEMM (see DENSE_ROWS)."""
+    quant_type, blocksize = weight[4], weight[5]
+    numel = out_features * in_features
+    buffer = getattr(_SCRATCH, "buffer", None)
+    if buffer is None or buffer.numel() < numel:
+        buffer = _SCRATCH.buffer = torch.empty(numel, dtype=torch.bfloat16)
+    w = buffer[:numel].view(out_features, in_features)
+    _core.quant.dequantize_4bit(
+        codes, scales, w.numel(), quant_type, blocksize, "bfloat16", "auto", numpy_bits(w)
+    )  # fmt: skip
+    if transposed:
+        return torch.mm(x2d, w)
+    if bias is None:
+        return torch.mm(x2d, w.t())
+    return torch.addmm(bias.detach().to(torch.bfloat16), x2d, w.t())
+
+
 def _matmul(x2d: Tensor, weight, out_features, in_features, bias, transposed, backend, activations="exact"):
     """y = x W^T (+ bias), or x W when ``transposed``, in x's dtype, on ``backend``'s kernels
     (``activations="int8"``: x quantized per 8 elements). x2d is contiguous (common.py makes it so)."""
     packed, absmax, nested_absmax, nested_offset, quant_type, blocksize = weight
     rows = x2d.shape[0]
+    codes, scales = _codes(packed), _scales(absmax, nested_absmax, nested_offset)
+    if (
+        x2d.dtype == torch.bfloat16
+        and rows >= DENSE_ROWS
+        and backend == "auto"
+        and activations == "exact"
+        and out_features * in_features <= DENSE_MAX_ELEMENTS
+        and _amx_for_auto()
+    ):
+        return _dense(x2d, codes, scales, weight, out_features, in_features, bias, transposed)
     y = torch.empty(rows, in_features if transposed else out_features, dtype=x2d.dtype)
     name = _ops.FLOAT_NAMES[x2d.dtype]
-    codes, scales = _codes(packed), _scales(absmax, nested_absmax, nested_offset)
     if bias is None and backend == "auto":  # the training and decode call: pointers, no views
         _core.quant.matmul_4bit_pointers(
             x2d.data_ptr(), name, rows, codes, scales, quant_type, blocksize, out_features, in_features,
