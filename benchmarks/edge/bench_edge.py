@@ -562,6 +562,20 @@ def sealed_round_trips(blocks: int = 8, per_block: int = 200) -> dict:
 PROTECT = {"reliable_attention": True, "reliable_prefill": True, "duplicate_other": True}
 
 
+def smollm2_plan():
+    """SmolLM2's spec and its WORKERS-way plan, calibrated once (512 tokens) and kept in OUT."""
+    from halo import edge
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    spec = edge.read_spec(SMOL)
+    plan_path = OUT / "smollm2_plan.json"
+    try:
+        return spec, edge.load_plan(plan_path, spec)
+    except edge.EdgeError:
+        print("calibrating SmolLM2 (importance + predictors, 512 tokens)...", flush=True)
+        return spec, edge.make_plan(SMOL, WORKERS, calibration_tokens=512, out=plan_path)
+
+
 def accuracy(rounds: int, tokens: int, loss: float = 0.05, baseline_cap_s: float = 40.0) -> int:
     """HALO's accuracy on the real network at ``loss`` (uniform links, balanced placement):
     ``rounds`` runs of ``tokens`` teacher-forced positions, each a fresh loss pattern (nftables
@@ -574,13 +588,7 @@ def accuracy(rounds: int, tokens: int, loss: float = 0.05, baseline_cap_s: float
     from halo import edge
     from halo.edge.plan import docstring_text, tokenize
 
-    spec = edge.read_spec(SMOL)
-    plan_path = OUT / "smollm2_plan.json"
-    OUT.mkdir(parents=True, exist_ok=True)
-    try:
-        base_plan = edge.load_plan(plan_path, spec)
-    except edge.EdgeError:
-        base_plan = edge.make_plan(SMOL, WORKERS, calibration_tokens=512, out=plan_path)
+    spec, base_plan = smollm2_plan()
     prefill = 32
     ids = tokenize(SMOL, docstring_text("n", "z", max_words=3 * (tokens + prefill)))[: prefill + tokens + 1]
     runs: dict[str, list] = {"halo": [], "tcp": [], "tcp-rto": []}
@@ -655,13 +663,7 @@ def fec_compare(rounds: int, tokens: int, loss: float = 0.05) -> int:
     from halo import edge
     from halo.edge.plan import docstring_text, tokenize
 
-    spec = edge.read_spec(SMOL)
-    plan_path = OUT / "smollm2_plan.json"
-    OUT.mkdir(parents=True, exist_ok=True)
-    try:
-        base_plan = edge.load_plan(plan_path, spec)
-    except edge.EdgeError:
-        base_plan = edge.make_plan(SMOL, WORKERS, calibration_tokens=512, out=plan_path)
+    spec, base_plan = smollm2_plan()
     prefill = 32
     ids = tokenize(SMOL, docstring_text("n", "z", max_words=3 * (tokens + prefill)))[: prefill + tokens + 1]
     configs = {
@@ -768,15 +770,8 @@ def main() -> int:
     from halo import edge
     from halo.edge.plan import docstring_text, tokenize
 
-    OUT.mkdir(parents=True, exist_ok=True)
     t_start = time.monotonic()
-    spec = edge.read_spec(SMOL)
-    plan_path = OUT / "smollm2_plan.json"
-    try:
-        base_plan = edge.load_plan(plan_path, spec)
-    except edge.EdgeError:
-        print("calibrating SmolLM2 (importance + predictors, 512 tokens)...", flush=True)
-        base_plan = edge.make_plan(SMOL, WORKERS, calibration_tokens=512, out=plan_path)
+    spec, base_plan = smollm2_plan()
     text_ids = tokenize(SMOL, docstring_text("n", "z", max_words=600))
     prefill = 32
     sweep_tokens = args.tokens or 24
