@@ -26,18 +26,13 @@
 #include "halo/optim/adamw8bit.hpp"
 #include "halo/quant/matmul4.hpp"
 #include "halo/quant/quant4.hpp"
+#include "tests/cpp/random.hpp"
 
 using namespace halo;
 
 namespace {
 
-std::vector<float> normal(int64_t n, uint32_t seed, float scale = 1.0f) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> dist(0.0f, scale);
-  std::vector<float> out(static_cast<size_t>(n));
-  for (float& v : out) v = dist(rng);
-  return out;
-}
+using halo::test::normal;
 
 // What a runner produced: exact bytes, and floats with a per-element tolerance.
 struct Result {

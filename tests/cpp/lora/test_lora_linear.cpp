@@ -12,19 +12,12 @@
 #include "halo/core/error.hpp"
 #include "halo/lora/linear.hpp"
 #include "halo/quant/quant4.hpp"
+#include "tests/cpp/random.hpp"
 
 using namespace halo;
 using namespace halo::lora;
 
 namespace {
-
-std::vector<float> random_values(size_t count, uint32_t seed, float scale = 1.0f) {
-  std::mt19937 gen(seed);
-  std::normal_distribution<float> dist(0.0f, scale);
-  std::vector<float> out(count);
-  for (auto& v : out) v = dist(gen);
-  return out;
-}
 
 struct Reference {
   std::vector<double> y, dx, da, db, dbias;
@@ -92,7 +85,7 @@ struct Case {
 
 void run_case(const Case& c, Format storage, bool fan_in_fan_out, double p, Backend backend, bool with_bias,
               Format qtype = Format::nf4, int64_t blocksize = 64) {
-  const auto w_logical = random_values(c.out * c.in, 11, 0.2f);
+  const auto w_logical = test::normal(c.out * c.in, 11, 0.2f);
   // stored layout: [out, in], or [in, out] with fan_in_fan_out
   std::vector<float> stored(c.out * c.in);
   for (int64_t o = 0; o < c.out; ++o)
@@ -138,11 +131,11 @@ void run_case(const Case& c, Format storage, bool fan_in_fan_out, double p, Back
     for (int64_t k = 0; k < c.in; ++k)
       w_ref[o * c.in + k] = stored_seen[fan_in_fan_out ? k * c.out + o : o * c.in + k];
 
-  const auto x = random_values(c.rows * c.in, 12);
-  const auto a = random_values(c.rank * c.in, 13, 0.3f);
-  const auto b = random_values(c.out * c.rank, 14, 0.3f);
-  const auto bias = with_bias ? random_values(c.out, 15) : std::vector<float>{};
-  const auto dy = random_values(c.rows * c.out, 16);
+  const auto x = test::normal(c.rows * c.in, 12);
+  const auto a = test::normal(c.rank * c.in, 13, 0.3f);
+  const auto b = test::normal(c.out * c.rank, 14, 0.3f);
+  const auto bias = with_bias ? test::normal(c.out, 15) : std::vector<float>{};
+  const auto dy = test::normal(c.rows * c.out, 16);
   LoraSpec spec{c.rank, 1.75, p, 1234};
   const Reference ref =
       naive(x, c.rows, w_ref, c.out, c.in, a, b, bias, c.rank, spec.scaling, p, spec.seed, dy);
@@ -197,10 +190,10 @@ TEST_CASE("lora kernels match a naive reference for 4-bit bases on every CPU bac
 
 TEST_CASE("double kernels match the reference tightly", "[lora]") {
   const int64_t rows = 3, out = 33, in = 65, rank = 4;
-  const auto wf = random_values(out * in, 21);
+  const auto wf = test::normal(out * in, 21);
   std::vector<double> w(wf.begin(), wf.end());
-  const auto x = random_values(rows * in, 22), a = random_values(rank * in, 23), b = random_values(out * rank, 24);
-  const auto dy = random_values(rows * out, 25);
+  const auto x = test::normal(rows * in, 22), a = test::normal(rank * in, 23), b = test::normal(out * rank, 24);
+  const auto dy = test::normal(rows * out, 25);
   std::vector<double> xd(x.begin(), x.end()), ad(a.begin(), a.end()), bd(b.begin(), b.end()), dyd(dy.begin(), dy.end());
   BaseWeight base;
   base.storage = Format::f64;
@@ -262,14 +255,14 @@ TEST_CASE("lora kernels reject bad arguments", "[lora]") {
 
 TEST_CASE("a double-quantized Quantized4 works as a base through quant4_base", "[lora]") {
   const int64_t rows = 3, out = 40, in = 96, rank = 2;
-  const auto w = random_values(out * in, 31, 0.1f);
+  const auto w = test::normal(out * in, 31, 0.1f);
   const Quantized4 q = quantize_4bit(w.data(), Format::f32, {out, in}, Format::nf4, 64, true, Backend::scalar);
   REQUIRE(q.nested.has_value());
   std::vector<float> seen(out * in);
   dequantize_4bit(q, seen.data(), Format::f32, Backend::scalar);
   std::vector<double> w_ref(seen.begin(), seen.end());
-  const auto x = random_values(rows * in, 32), a = random_values(rank * in, 33), b = random_values(out * rank, 34);
-  const auto dy = random_values(rows * out, 35);
+  const auto x = test::normal(rows * in, 32), a = test::normal(rank * in, 33), b = test::normal(out * rank, 34);
+  const auto dy = test::normal(rows * out, 35);
   std::vector<float> absmax;
   const BaseWeight base = quant4_base(q, false, absmax);
   LoraSpec spec{rank, 2.0, 0.0, 0};

@@ -9,17 +9,11 @@
 #include "halo/core/convert.hpp"
 #include "halo/core/error.hpp"
 #include "halo/lora/merge.hpp"
+#include "tests/cpp/random.hpp"
 
 using namespace halo;
 
 namespace {
-std::vector<float> random_values(size_t n, unsigned seed, float scale) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> dist(0.0f, scale);
-  std::vector<float> out(n);
-  for (float& v : out) v = dist(rng);
-  return out;
-}
 
 // delta[o, k] = scaling * sum_r B[o, r] A[r, k], in double.
 double naive_delta(const std::vector<float>& a, const std::vector<float>& b, int64_t in, int64_t rank, double scaling,
@@ -34,8 +28,8 @@ TEST_CASE("delta_weight and merge_inplace equal the naive product", "[merge]") {
   for (bool fan : {false, true}) {
     const int64_t out = 37, in = 53, rank = 5;
     const float scaling = 2.5f;
-    const auto a = random_values(rank * in, 1, 0.3f), b = random_values(out * rank, 2, 0.3f);
-    const auto w = random_values(out * in, 3, 1.0f);
+    const auto a = test::normal(rank * in, 1, 0.3f), b = test::normal(out * rank, 2, 0.3f);
+    const auto w = test::normal(out * in, 3, 1.0f);
     std::vector<float> delta(out * in), merged = w;
     lora::delta_weight(delta.data(), out, in, a.data(), b.data(), rank, scaling, fan);
     lora::merge_inplace(merged.data(), out, in, a.data(), b.data(), rank, scaling, fan);
@@ -56,8 +50,8 @@ TEST_CASE("delta_weight and merge_inplace equal the naive product", "[merge]") {
 TEST_CASE("half-precision merge rounds the delta first, then the sum once", "[merge]") {
   const int64_t out = 16, in = 24, rank = 4;
   const float scaling = 0.75f;
-  const auto a = random_values(rank * in, 4, 0.1f), b = random_values(out * rank, 5, 0.1f);
-  const auto w = random_values(out * in, 6, 0.05f);
+  const auto a = test::normal(rank * in, 4, 0.1f), b = test::normal(out * rank, 5, 0.1f);
+  const auto w = test::normal(out * in, 6, 0.05f);
   std::vector<float> delta(out * in);
   lora::delta_weight(delta.data(), out, in, a.data(), b.data(), rank, scaling, false);
   for (Format dtype : {Format::f16, Format::bf16}) {

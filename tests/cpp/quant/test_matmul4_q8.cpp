@@ -22,6 +22,7 @@
 #include "halo/quant/codebook4.hpp"
 #include "halo/quant/matmul4.hpp"
 #include "halo/quant/quant4.hpp"
+#include "tests/cpp/random.hpp"
 #include "src/quant/matmul4_q8.hpp"
 
 using namespace halo;
@@ -30,13 +31,7 @@ namespace {
 
 constexpr const char* kOp = "matmul_4bit_int8";
 
-std::vector<float> normal(int64_t n, uint32_t seed, float scale = 1.0f) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> dist(0.0f, scale);
-  std::vector<float> out(static_cast<size_t>(n));
-  for (float& v : out) v = dist(rng);
-  return out;
-}
+using halo::test::normal;
 
 struct Weight {
   std::vector<uint8_t> packed;
