@@ -23,7 +23,6 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import dist_train
-import tiny_models
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
@@ -72,21 +71,7 @@ def differences(a, b) -> list[str]:
 
 def train(model, quant_storage: str, steps: int = 3) -> list[float]:
     """A few LoRA steps under FSDP (FSDP1 for a float quant_storage, FSDP2 for uint8): the losses."""
-    import peft
-    from halo.hf import register_lora
-
-    torch.manual_seed(1)
-    config = register_lora(
-        peft.LoraConfig(
-            r=16,
-            lora_alpha=32,
-            lora_dropout=0.0,
-            target_modules=tiny_models.LLAMA_TARGETS,
-            init_lora_weights=False,
-        )
-    )
-    model = peft.get_peft_model(model, config)
-    model.train()
+    model = dist_train.with_lora(model)
     if quant_storage == "uint8":
         dist_train.shard(model)
     else:

@@ -35,11 +35,18 @@ def batch(step: int) -> torch.Tensor:
 
 
 def build(quant_storage: str = "uint8"):
-    import peft
-    from halo.hf import quantize_model, register_lora
+    from halo.hf import quantize_model
 
     model = tiny_models.llama(seed=0)
     quantize_model(model, compute_dtype=torch.float32, quant_storage=getattr(torch, quant_storage))
+    return with_lora(model)
+
+
+def with_lora(model):
+    """PEFT LoRA (r 16) on every projection, in train mode, drawn from seed 1 on every rank."""
+    import peft
+    from halo.hf import register_lora
+
     torch.manual_seed(1)  # the same random LoRA init on every rank (B != 0: both factors train)
     config = register_lora(
         # r = 16: every LoRA factor splits over 2 ranks into shards of whole 256-element blocks,
