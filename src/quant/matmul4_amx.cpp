@@ -123,6 +123,27 @@ __m256i to_bf16(__m512 v) {
   return _mm512_cvtepi32_epi16(rounded);
 }
 
+// The chunk-order permutation of a 64-element chunk both ways, as vpermt2w indices: position
+// 32v + q holds element chunk_element(v, q), and element e sits at position[e].
+struct ChunkOrder {
+  alignas(64) uint16_t element[64];
+  alignas(64) uint16_t position[64];
+};
+
+const ChunkOrder& chunk_order_tables() {
+  static const ChunkOrder tables = [] {
+    ChunkOrder t{};
+    for (int v = 0; v < 2; ++v)
+      for (int q = 0; q < 32; ++q) {
+        const int e = chunk_element(v, q);
+        t.element[32 * v + q] = uint16_t(e);
+        t.position[e] = uint16_t(32 * v + q);
+      }
+    return t;
+  }();
+  return tables;
+}
+
 void zero_words(uint16_t* dst, int64_t count) {
   for (int64_t i = 0; i < count; ++i) dst[i] = 0;
 }
@@ -239,11 +260,7 @@ void decode_pairs(const Matmul4Weight& w, int64_t k0, int64_t o0, int64_t steps,
 }
 
 void pair_tile(const uint16_t* x, int64_t rows, int64_t in, int64_t block, int64_t s, bool chunk_order, uint32_t* dst) {
-  // Chunk order: position q of step 2c + v is element chunk_element(v, q) of the chunk's 64.
-  alignas(64) uint16_t order[2][32];
-  for (int v = 0; v < 2; ++v)
-    for (int q = 0; q < 32; ++q) order[v][q] = uint16_t(chunk_element(v, q));
-  const __m512i index = _mm512_load_si512(order[s % 2]);
+  const __m512i index = _mm512_load_si512(chunk_order_tables().element + 32 * (s % 2));
   const int64_t k0 = chunk_order ? (s / 2) * 64 : s * 32;
   const int64_t width = chunk_order ? 64 : std::min<int64_t>(32, in - k0);
   __m512i r[16];
@@ -282,22 +299,14 @@ void store_rows(const float* c, int64_t blocks, int64_t block, int64_t rows, int
 }
 
 void store_strip(const float* c, int64_t row_in_tile, bool chunk_order, int64_t count, uint16_t* y_row) {
-  alignas(64) static const auto kFromPosition = [] {  // natural element e <- strip position
-    struct Table {
-      uint16_t index[64];
-    } table{};
-    for (int v = 0; v < 2; ++v)
-      for (int q = 0; q < 32; ++q) table.index[chunk_element(v, q)] = uint16_t(32 * v + q);
-    return table;
-  }();
   __m256i half[4];
   for (int u = 0; u < 4; ++u) half[u] = to_bf16(_mm512_loadu_ps(c + u * 256 + row_in_tile * 16));
   __m512i low = _mm512_inserti64x4(_mm512_castsi256_si512(half[0]), half[1], 1);
   __m512i high = _mm512_inserti64x4(_mm512_castsi256_si512(half[2]), half[3], 1);
   if (chunk_order) {
     const __m512i a = low;
-    low = _mm512_permutex2var_epi16(a, _mm512_load_si512(kFromPosition.index), high);
-    high = _mm512_permutex2var_epi16(a, _mm512_load_si512(kFromPosition.index + 32), high);
+    low = _mm512_permutex2var_epi16(a, _mm512_load_si512(chunk_order_tables().position), high);
+    high = _mm512_permutex2var_epi16(a, _mm512_load_si512(chunk_order_tables().position + 32), high);
   }
   const auto mask = [](int64_t n) { return n >= 32 ? ~__mmask32(0) : n <= 0 ? __mmask32(0) : __mmask32((1u << n) - 1); };
   _mm512_mask_storeu_epi16(y_row, mask(count), low);
