@@ -41,15 +41,7 @@ from .sched import partition
 __version__ = "0.1.0"
 
 # Areas loaded on first use (torch, or the edge runtime), by their names as attributes of halo.
-_LAZY_AREAS = {
-    "distributed": "halo.hf.distributed",
-    "edge": "halo.edge",
-    "nn": "halo.nn",
-    "ops": "halo.ops",
-    "optim": "halo.optim",
-    "qlora": "halo.hf.qlora",
-    "torch": "halo.lora.autograd",
-}
+_LAZY_AREAS = ("distributed", "edge", "nn", "ops", "optim", "qlora", "torch")  # moved ones via MOVED_MODULES
 
 # Where each module of the flat layout went.
 MOVED_MODULES = {
@@ -91,7 +83,7 @@ if not any(isinstance(f, MovedModules) for f in sys.meta_path):
 
 def __getattr__(name: str):
     if name in _LAZY_AREAS:
-        return importlib.import_module(_LAZY_AREAS[name])
+        return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'halo' has no attribute {name!r}")
 
 
