@@ -3,6 +3,8 @@
 #include <pthread.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdlib>
 #include <exception>
@@ -26,20 +28,37 @@ class Pool {
       return;
     }
     grow(int(workers - 1));
+    bool sleeping;
     {
       std::lock_guard lock(mutex_);
       chunk_ = &chunk;
       next_ = 1;
       end_ = workers;
-      pending_ = workers - 1;
-      ++generation_;
+      pending_.store(workers - 1, std::memory_order_relaxed);
+      generation_.store(generation_.load(std::memory_order_relaxed) + 1, std::memory_order_release);
+      sleeping = sleepers_ > 0;
     }
-    wake_.notify_all();
+    if (sleeping) wake_.notify_all();  // spinning workers see the generation without a syscall
     inside_task_ = true;
     chunk(0);
-    inside_task_ = false;
+    // Chunks no worker has claimed yet run here: a sleeping worker wakes in tens of
+    // microseconds on a VM, longer than a small matmul's whole half, so the caller
+    // never waits for a thread that has not started.
     std::unique_lock lock(mutex_);
-    done_.wait(lock, [&] { return pending_ == 0; });
+    while (next_ < end_) {
+      const int64_t w = next_++;
+      lock.unlock();
+      chunk(w);
+      lock.lock();
+      pending_.fetch_sub(1, std::memory_order_relaxed);
+    }
+    inside_task_ = false;
+    if (pending_.load(std::memory_order_relaxed) != 0) {  // a worker is on its chunk: spin, then sleep
+      lock.unlock();
+      spin_until([&] { return pending_.load(std::memory_order_acquire) == 0; });
+      lock.lock();
+      done_.wait(lock, [&] { return pending_.load(std::memory_order_relaxed) == 0; });
+    }
     chunk_ = nullptr;
   }
 
@@ -53,7 +72,8 @@ class Pool {
     threads_.release();
     threads_.reset(new std::vector<std::thread>());
     chunk_ = nullptr;
-    pending_ = 0;
+    pending_.store(0);
+    sleepers_ = 0;
   }
 
  private:
@@ -61,20 +81,42 @@ class Pool {
     while (int(threads_->size()) < wanted) threads_->emplace_back([this] { work(); });
   }
 
+  // A worker that finished a job spins on the generation for a short while before it
+  // sleeps: a decode loop calls again within microseconds, and a sleeping thread takes
+  // tens of microseconds to wake on a VM (more than a small layer's whole matmul).
+  template <typename Ready>
+  static bool spin_until(Ready ready) {
+    const auto until = std::chrono::steady_clock::now() + kSpin;
+    for (int i = 1;; ++i) {
+      if (ready()) return true;
+#if defined(__x86_64__) || defined(__i386__)
+      __builtin_ia32_pause();
+#endif
+      if (i % 64 == 0 && std::chrono::steady_clock::now() >= until) return false;
+    }
+  }
+
   [[noreturn]] void work() {
-    uint64_t seen = 0;
-    std::unique_lock lock(mutex_);
+    uint64_t seen = generation_.load(std::memory_order_acquire);
     for (;;) {
-      wake_.wait(lock, [&] { return generation_ != seen && next_ < end_; });
-      const int64_t w = next_++;
-      if (next_ >= end_) seen = generation_;
-      const std::function<void(int64_t)>* chunk = chunk_;
-      lock.unlock();
-      inside_task_ = true;
-      (*chunk)(w);
-      inside_task_ = false;
-      lock.lock();
-      if (--pending_ == 0) done_.notify_all();
+      spin_until([&] { return generation_.load(std::memory_order_acquire) != seen; });
+      std::unique_lock lock(mutex_);
+      if (generation_.load(std::memory_order_relaxed) == seen) {
+        ++sleepers_;
+        wake_.wait(lock, [&] { return generation_.load(std::memory_order_relaxed) != seen; });
+        --sleepers_;
+      }
+      seen = generation_.load(std::memory_order_relaxed);
+      while (next_ < end_) {  // the caller may have claimed every chunk already
+        const int64_t w = next_++;
+        const std::function<void(int64_t)>* chunk = chunk_;
+        lock.unlock();
+        inside_task_ = true;
+        (*chunk)(w);
+        inside_task_ = false;
+        lock.lock();
+        if (pending_.fetch_sub(1, std::memory_order_release) == 1) done_.notify_all();
+      }
     }
   }
 
@@ -83,8 +125,10 @@ class Pool {
   std::condition_variable wake_, done_;
   std::unique_ptr<std::vector<std::thread>> threads_ = std::make_unique<std::vector<std::thread>>();
   const std::function<void(int64_t)>* chunk_ = nullptr;
-  int64_t next_ = 0, end_ = 0, pending_ = 0;
-  uint64_t generation_ = 0;
+  int64_t next_ = 0, end_ = 0, sleepers_ = 0;
+  std::atomic<int64_t> pending_{0};
+  std::atomic<uint64_t> generation_{0};
+  static constexpr std::chrono::microseconds kSpin{50};
   static thread_local bool inside_task_;
 };
 

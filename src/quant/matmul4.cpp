@@ -36,19 +36,8 @@ constexpr int64_t kPanelDepth = 256;
 // Transposed product: kStripCols columns of W per panel, kStripDepth rows deep.
 constexpr int64_t kStripCols = 128;
 constexpr int64_t kStripDepth = 256;
-// At least this many weights per thread in the GEMV (15-25 us of work on one core):
-// smaller products (SmolLM2's 576 x 576 layers) run on the calling thread. Waking a pool
-// thread costs a few microseconds on an idle machine, but between torch operations its
-// core is often still held by torch's OpenMP threads, and then the wake-up costs more
-// than the work (576 x 576 at 1 row in bench_matmul4 on a busy 2-core machine: 0.18 ms
-// with two threads, 0.05 ms on the calling thread).
-constexpr int64_t kGemvWeightsPerTask = kernels::kGemvWeightsPerTask;
-
-// Rows of W per task: one even share per thread, or fewer tasks when the product is small.
-int64_t gemv_grain(int64_t out, int64_t in) {
-  const int64_t tasks = std::clamp<int64_t>(out * in / kGemvWeightsPerTask, 1, num_threads());
-  return ((out + tasks - 1) / tasks + 3) / 4 * 4;
-}
+// Rows of W per GEMV task (matmul4_kernels.hpp says how it is chosen).
+using kernels::gemv_grain;
 
 struct Job {
   const void* x;

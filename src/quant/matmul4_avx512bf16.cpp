@@ -35,41 +35,65 @@ __m512i decode(__m512i chunk, __m512i table) {
   return _mm512_permutexvar_epi16(_mm512_srlv_epi16(chunk, shift), table);
 }
 
-constexpr int chains(int rows) { return rows <= 8 ? 2 : 1; }
+// Independent accumulators per row: vdpbf16ps waits ~6 cycles for its sum, so one row
+// needs 8 chains (4 chunks in flight) to keep the decode, not the latency, the limit.
+constexpr int chains(int rows) { return rows <= 1 ? 8 : rows <= 2 ? 4 : rows <= 8 ? 2 : 1; }
+
+template <int R, int C>
+struct Rows {
+  __m512 acc[R][C];
+};
+
+// Chunk c of row o against R rows of x into chains 2u and 2u + 1 (mod C).
+template <int R, int C, int U>
+inline void chunk_step(const Matmul4Weight& w, const uint8_t* bytes, const uint16_t* panel, int64_t c, int64_t flat,
+                       int64_t block_mask, __m512i& table, Rows<R, C>& rows) {
+  if (c != 0 && (flat & block_mask) == 0) table = bf16_table(w.code, w.absmax[flat >> w.block_shift]);
+  _mm_prefetch(reinterpret_cast<const char*>(bytes + c * 32 + 1024), _MM_HINT_T0);
+  const __m512i chunk = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes + c * 32)));
+  const __m512i w0 = decode<0>(chunk, table);
+  const __m512i w1 = decode<1>(chunk, table);
+  const uint16_t* xp = panel + c * R * 64;
+  constexpr int a = (2 * U) % C, b = (2 * U + 1) % C;
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    const __m512i x0 = _mm512_loadu_si512(xp + r * 64);
+    const __m512i x1 = _mm512_loadu_si512(xp + r * 64 + 32);
+    rows.acc[r][a] = _mm512_dpbf16_ps(rows.acc[r][a], (__m512bh)w0, (__m512bh)x0);
+    rows.acc[r][b] = _mm512_dpbf16_ps(rows.acc[r][b], (__m512bh)w1, (__m512bh)x1);
+  }
+}
+
+template <int R, int C, int... Us>
+inline void chunk_steps(const Matmul4Weight& w, const uint8_t* bytes, const uint16_t* panel, int64_t c, int64_t flat,
+                        int64_t block_mask, __m512i& table, Rows<R, C>& rows, std::integer_sequence<int, Us...>) {
+  (chunk_step<R, C, Us>(w, bytes, panel, c + Us, flat + 64 * Us, block_mask, table, rows), ...);
+}
 
 template <int R>
 void gemv_rows(const Matmul4Weight& w, const uint16_t* panel, int64_t o_begin, int64_t o_end, float* y, int64_t ldy) {
   constexpr int C = chains(R);
+  constexpr int U = C / 2 > 0 ? C / 2 : 1;  // chunks per step
   const int64_t chunks = w.in / 64;
   const int64_t block_mask = w.blocksize - 1;
   for (int64_t o = o_begin; o < o_end; ++o) {
-    __m512 acc[R][C];
+    Rows<R, C> rows;
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r)
-#pragma GCC unroll 2
-      for (int j = 0; j < C; ++j) acc[r][j] = _mm512_setzero_ps();
+#pragma GCC unroll 8
+      for (int j = 0; j < C; ++j) rows.acc[r][j] = _mm512_setzero_ps();
     const uint8_t* bytes = w.packed + o * (w.in / 2);
-    int64_t flat = o * w.in;
+    const int64_t flat = o * w.in;
     __m512i table = bf16_table(w.code, w.absmax[flat >> w.block_shift]);
-    for (int64_t c = 0; c < chunks; ++c, flat += 64) {
-      if (c != 0 && (flat & block_mask) == 0) table = bf16_table(w.code, w.absmax[flat >> w.block_shift]);
-      _mm_prefetch(reinterpret_cast<const char*>(bytes + c * 32 + 1024), _MM_HINT_T0);
-      const __m512i chunk = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes + c * 32)));
-      const __m512i w0 = decode<0>(chunk, table);
-      const __m512i w1 = decode<1>(chunk, table);
-      const uint16_t* xp = panel + c * R * 64;
-#pragma GCC unroll 16
-      for (int r = 0; r < R; ++r) {
-        const __m512i x0 = _mm512_loadu_si512(xp + r * 64);
-        const __m512i x1 = _mm512_loadu_si512(xp + r * 64 + 32);
-        acc[r][0] = _mm512_dpbf16_ps(acc[r][0], (__m512bh)w0, (__m512bh)x0);
-        acc[r][C - 1] = _mm512_dpbf16_ps(acc[r][C - 1], (__m512bh)w1, (__m512bh)x1);
-      }
-    }
+    int64_t c = 0;
+    for (; c + U <= chunks; c += U)
+      chunk_steps<R, C>(w, bytes, panel, c, flat + 64 * c, block_mask, table, rows, std::make_integer_sequence<int, U>());
+    for (; c < chunks; ++c) chunk_step<R, C, 0>(w, bytes, panel, c, flat + 64 * c, block_mask, table, rows);
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
-      __m512 total = acc[r][0];
-      if constexpr (C > 1) total = _mm512_add_ps(total, acc[r][1]);
+      __m512 total = rows.acc[r][0];
+#pragma GCC unroll 8
+      for (int j = 1; j < C; ++j) total = _mm512_add_ps(total, rows.acc[r][j]);
       y[r * ldy + o] = _mm512_reduce_add_ps(total);
     }
   }

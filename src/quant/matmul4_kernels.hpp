@@ -5,9 +5,11 @@
 // (src/CMakeLists.txt explains why that matters).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #include "halo/core/format.hpp"
+#include "halo/core/parallel.hpp"
 
 namespace halo::kernels {
 
@@ -49,8 +51,17 @@ struct Matmul4Ops {
 };
 
 // The decode GEMVs split W's rows over threads only with at least this many weights per
-// thread (matmul4.cpp says why).
-inline constexpr int64_t kGemvWeightsPerTask = int64_t(1) << 18;
+// thread. The pool's caller runs every chunk no worker has started (core/parallel.cpp),
+// so a worker whose core torch's OpenMP threads still hold costs the call nothing but its
+// share; the threshold only keeps the wake-up (a few microseconds) below the work.
+inline constexpr int64_t kGemvWeightsPerTask = int64_t(1) << 16;
+
+// Rows of W per GEMV task: one even share per thread (a multiple of 4 rows), or fewer
+// tasks when the product is small.
+inline int64_t gemv_grain(int64_t out, int64_t in) {
+  const int64_t tasks = std::clamp<int64_t>(out * in / kGemvWeightsPerTask, 1, num_threads());
+  return ((out + tasks - 1) / tasks + 3) / 4 * 4;
+}
 
 // Width of the b panels of Matmul4Ops::gemm_panels (a multiple of every ISA's register tile).
 inline constexpr int64_t kGemmPanel = 32;

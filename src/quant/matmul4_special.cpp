@@ -31,11 +31,7 @@ void bf16_gemv_forward(const uint16_t* x, int64_t rows, const Matmul4Weight& w, 
   AlignedVector<uint16_t> panel(size_t(rows * w.in));
   AlignedVector<float> y32(size_t(rows * w.out));
   bf16::gemv_pack(x, rows, w.in, panel.data());
-  // An even share of rows per thread, at least kGemvWeightsPerTask weights each: smaller
-  // products run on the calling thread (matmul4.cpp says why).
-  const int64_t tasks = std::clamp<int64_t>(w.out * w.in / kGemvWeightsPerTask, 1, num_threads());
-  const int64_t grain = ((w.out + tasks - 1) / tasks + 3) / 4 * 4;
-  parallel_for(w.out, grain, [&](int64_t o0, int64_t o1) { bf16::gemv(w, panel.data(), rows, o0, o1, y32.data(), w.out); });
+  parallel_for(w.out, gemv_grain(w.out, w.in), [&](int64_t o0, int64_t o1) { bf16::gemv(w, panel.data(), rows, o0, o1, y32.data(), w.out); });
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t o = 0; o < w.out; ++o) {
       float value = y32[size_t(r * w.out + o)];
