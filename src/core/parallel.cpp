@@ -78,7 +78,10 @@ class Pool {
 
  private:
   void grow(int wanted) {
-    while (int(threads_->size()) < wanted) threads_->emplace_back([this] { work(); });
+    // A new thread starts from the generation before the job about to be published: it
+    // may first run after the bump, and must still see that job as new.
+    const uint64_t before = generation_.load(std::memory_order_relaxed);
+    while (int(threads_->size()) < wanted) threads_->emplace_back([this, before] { work(before); });
   }
 
   // A worker that finished a job spins on the generation for a short while before it
@@ -96,8 +99,7 @@ class Pool {
     }
   }
 
-  [[noreturn]] void work() {
-    uint64_t seen = generation_.load(std::memory_order_acquire);
+  [[noreturn]] void work(uint64_t seen) {
     for (;;) {
       spin_until([&] { return generation_.load(std::memory_order_acquire) != seen; });
       std::unique_lock lock(mutex_);

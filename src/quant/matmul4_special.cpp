@@ -28,10 +28,16 @@ void store_bf16_row(float value, uint16_t* out) { *out = float_to_bf16(value); }
 // ---- AVX512-BF16 decode GEMV -----------------------------------------------------------------------
 
 void bf16_gemv_forward(const uint16_t* x, int64_t rows, const Matmul4Weight& w, const uint16_t* bias, uint16_t* y) {
-  AlignedVector<uint16_t> panel(size_t(rows * w.in));
+  const int64_t pass_rows = std::min<int64_t>(rows, bf16::kMaxRows);
+  AlignedVector<uint16_t> panel(size_t(pass_rows * w.in));
   AlignedVector<float> y32(size_t(rows * w.out));
-  bf16::gemv_pack(x, rows, w.in, panel.data());
-  parallel_for(w.out, gemv_grain(w.out, w.in), [&](int64_t o0, int64_t o1) { bf16::gemv(w, panel.data(), rows, o0, o1, y32.data(), w.out); });
+  for (int64_t r0 = 0; r0 < rows; r0 += pass_rows) {  // W's codes are read once per pass
+    const int64_t n = std::min(pass_rows, rows - r0);
+    bf16::gemv_pack(x + r0 * w.in, n, w.in, panel.data());
+    parallel_for(w.out, gemv_grain(w.out, w.in), [&](int64_t o0, int64_t o1) {
+      bf16::gemv(w, panel.data(), n, o0, o1, y32.data() + r0 * w.out, w.out);
+    });
+  }
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t o = 0; o < w.out; ++o) {
       float value = y32[size_t(r * w.out + o)];

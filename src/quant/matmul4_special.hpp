@@ -24,7 +24,8 @@ void run_amx_transposed(const void* x, int64_t rows, const Matmul4Weight& w, voi
 namespace bf16 {
 // x [rows, in] bfloat16 bits -> panel [in/64][rows][64] in the GEMV's lane order.
 void gemv_pack(const uint16_t* x, int64_t rows, int64_t in, uint16_t* panel);
-// y[r * ldy + o] = sum_k x[r, k] W[o, k] (W rounded to bfloat16), rows <= 16.
+// y[r * ldy + o] = sum_k x[r, k] W[o, k] (W rounded to bfloat16), rows <= kMaxRows.
+inline constexpr int kMaxRows = 8;
 void gemv(const Matmul4Weight& w, const uint16_t* panel, int64_t rows, int64_t o_begin, int64_t o_end, float* y,
           int64_t ldy);
 }  // namespace bf16

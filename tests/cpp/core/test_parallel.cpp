@@ -45,9 +45,14 @@ TEST_CASE("parallel_for covers every index once with grain-aligned chunks", "[pa
 TEST_CASE("parallel_for runs work on more than one thread and rethrows errors", "[parallel]") {
   ThreadCount pin("4");
   std::vector<std::thread::id> seen(4);
+  std::atomic<int> started{0};
   parallel_for(4, 1, [&](int64_t begin, int64_t) {
     seen[size_t(begin)] = std::this_thread::get_id();
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    ++started;
+    // The caller runs every chunk no worker has claimed; chunk 0 (the caller's) gives the
+    // workers up to 5 s to claim theirs, so a loaded machine does not make this flaky.
+    for (int i = 0; begin == 0 && started < 2 && i < 500; ++i)
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
   });
   int distinct = 0;
   for (size_t i = 0; i < seen.size(); ++i) {
