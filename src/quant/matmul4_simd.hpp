@@ -18,6 +18,7 @@
 // Everything here has internal linkage: nothing is shared with plain code.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <utility>
 
@@ -75,33 +76,50 @@ inline void gemv_chunk(const typename Isa::Chunk (&chunk)[G], const typename Isa
   (gemv_step<R, G, C, P, Vecs>(chunk, table, xp, acc), ...);
 }
 
-// Rows [o, o + G) of W against R rows of x: the weight bytes stream through once, each
-// 64-element chunk decoded in registers; y[r * ldy + o + g] gets the sums.
-template <int R, int G, Format P>
-void gemv_block(const Matmul4Weight& w, const float* panel, int64_t o, float* y, int64_t ldy) {
-  constexpr int C = Isa::chains(R, G);
-  const int64_t chunks = w.in / 64;
-  const int64_t block_mask = w.blocksize - 1;
+template <int R, int G, int C>
+struct GemvSums {
   V acc[G][R][C];
+};
+
+template <int R, int G, int C>
+GemvSums<R, G, C> gemv_zero() {
+  GemvSums<R, G, C> sums;
 #pragma GCC unroll 4
   for (int g = 0; g < G; ++g)
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-      for (int j = 0; j < C; ++j) acc[g][r][j] = Isa::zero();
+      for (int j = 0; j < C; ++j) sums.acc[g][r][j] = Isa::zero();
+  return sums;
+}
+
+// Chunks [c0, c1) of rows [o, o + G) of W against R rows of x: the weight bytes stream
+// through once, each 64-element chunk decoded in registers, added to `sums` (taken and
+// returned by value, so the accumulators stay in registers inside).
+template <int R, int G, int C, Format P>
+GemvSums<R, G, C> gemv_span(const Matmul4Weight& w, const float* panel, int64_t o, int64_t c0, int64_t c1,
+                            GemvSums<R, G, C> sums) {
+  const int64_t block_mask = w.blocksize - 1;
   const uint8_t* bytes = w.packed + o * (w.in / 2);
   const int64_t row_bytes = w.in / 2;
-  int64_t flat = o * w.in;
+  int64_t flat = o * w.in + 64 * c0;
+  V acc[G][R][C];  // a local array: a by-value struct parameter lives in the caller's memory
+#pragma GCC unroll 4
+  for (int g = 0; g < G; ++g)
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+      for (int j = 0; j < C; ++j) acc[g][r][j] = sums.acc[g][r][j];
   typename Isa::template GemvTable<P> table[G];
 #pragma GCC unroll 4
   for (int g = 0; g < G; ++g)
     table[g] = Isa::template gemv_table<P>(w.code, w.absmax[(flat + g * w.in) >> w.block_shift]);
-  for (int64_t c = 0; c < chunks; ++c, flat += 64) {
+  for (int64_t c = c0; c < c1; ++c, flat += 64) {
     typename Isa::Chunk chunk[G];
 #pragma GCC unroll 4
     for (int g = 0; g < G; ++g) {
       const int64_t start = flat + g * w.in;
-      if (c != 0 && (start & block_mask) == 0)
+      if (c != c0 && (start & block_mask) == 0)
         table[g] = Isa::template gemv_table<P>(w.code, w.absmax[start >> w.block_shift]);
       Isa::prefetch(bytes + g * row_bytes + c * 32);
       chunk[g] = Isa::load_chunk(bytes + g * row_bytes + c * 32);
@@ -111,20 +129,64 @@ void gemv_block(const Matmul4Weight& w, const float* panel, int64_t o, float* y,
 #pragma GCC unroll 4
   for (int g = 0; g < G; ++g)
 #pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) {
-      V total = acc[g][r][0];
+    for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-      for (int j = 1; j < C; ++j) total = Isa::add(total, acc[g][r][j]);
+      for (int j = 0; j < C; ++j) sums.acc[g][r][j] = acc[g][r][j];
+  return sums;
+}
+
+template <int R, int G, int C>
+void gemv_reduce(const GemvSums<R, G, C>& sums, int64_t o, float* y, int64_t ldy) {
+#pragma GCC unroll 4
+  for (int g = 0; g < G; ++g)
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      V total = sums.acc[g][r][0];
+#pragma GCC unroll 4
+      for (int j = 1; j < C; ++j) total = Isa::add(total, sums.acc[g][r][j]);
       y[r * ldy + o + g] = Isa::sum(total);
     }
 }
 
+// x's panel is re-read for every group of W's rows. Where it outgrows L1 (several rows of
+// x, long rows), W's rows go in blocks of kGemvRowBlock and k in slices whose share of the
+// panel stays in L1; a block's sums wait in a small buffer between slices.
+constexpr int64_t kGemvPanelL1Bytes = 64 * 1024;
+constexpr int64_t kGemvSliceBytes = 32 * 1024;
+constexpr int64_t kGemvRowBlock = 8;
+
+// Rows [o_begin, o_end) of W, G at a time; the rest one at a time.
+template <int R, int G, Format P>
+void gemv_rows_group(const Matmul4Weight& w, const float* panel, int64_t o_begin, int64_t o_end, float* y,
+                     int64_t ldy) {
+  constexpr int C = Isa::chains(R, G);
+  constexpr int64_t kChunkBytes = R * 64 * int64_t(sizeof(float));  // of the panel
+  const int64_t chunks = w.in / 64;
+  const int64_t whole = o_begin + (o_end - o_begin) / G * G;
+  if (chunks * kChunkBytes <= kGemvPanelL1Bytes) {
+    for (int64_t o = o_begin; o < whole; o += G) {
+      gemv_reduce<R, G, C>(gemv_span<R, G, C, P>(w, panel, o, 0, chunks, gemv_zero<R, G, C>()), o, y, ldy);
+    }
+  } else {
+    static_assert(kGemvRowBlock % 4 == 0 && kGemvRowBlock >= G);
+    const int64_t slice = std::max<int64_t>(1, kGemvSliceBytes / kChunkBytes);
+    GemvSums<R, G, C> partial[kGemvRowBlock / G];
+    for (int64_t ob = o_begin; ob < whole; ob += kGemvRowBlock) {
+      const int64_t groups = (std::min(whole, ob + kGemvRowBlock) - ob) / G;
+      for (int64_t q = 0; q < groups; ++q) partial[q] = gemv_zero<R, G, C>();
+      for (int64_t c0 = 0; c0 < chunks; c0 += slice)
+        for (int64_t q = 0; q < groups; ++q)
+          partial[q] = gemv_span<R, G, C, P>(w, panel, ob + q * G, c0, std::min(chunks, c0 + slice), partial[q]);
+      for (int64_t q = 0; q < groups; ++q) gemv_reduce<R, G, C>(partial[q], ob + q * G, y, ldy);
+    }
+  }
+  if constexpr (G > 1)
+    if (whole < o_end) gemv_rows_group<R, 1, P>(w, panel, whole, o_end, y, ldy);
+}
+
 template <int R, Format P>
 void gemv_rows_at(const Matmul4Weight& w, const float* panel, int64_t o_begin, int64_t o_end, float* y, int64_t ldy) {
-  constexpr int G = Isa::group(R);
-  int64_t o = o_begin;
-  for (; o + G <= o_end; o += G) gemv_block<R, G, P>(w, panel, o, y, ldy);
-  for (; o < o_end; ++o) gemv_block<R, 1, P>(w, panel, o, y, ldy);
+  gemv_rows_group<R, Isa::group(R), P>(w, panel, o_begin, o_end, y, ldy);
 }
 
 // The weight precision is a template argument so the per-block table needs no branch.

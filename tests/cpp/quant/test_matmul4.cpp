@@ -221,7 +221,7 @@ TEST_CASE("matmul_4bit: awkward shapes (K not a multiple of the block, odd K and
 TEST_CASE("matmul_4bit: long rows whose x panel outgrows L1 (k in slices, rows of W in blocks)", "[matmul4]") {
   // 2112 = 33 chunks of 64: from 5 rows of x the AVX512-BF16 GEMV goes slice by slice (16 chunks,
   // then 1), W's 21 rows in blocks of 8 (the last 5) and groups of 2 (one left over); 9 and 16
-  // rows go in passes of 8.
+  // rows go in passes of 8; the float32 GEMVs (AVX-512, AVX2) slice from 8 rows (a 66 KiB panel).
   run_case(21, 2112, 64, Format::nf4, true, {1, 3, 4, 5, 8, 9, 16}, 9);
 }
 
