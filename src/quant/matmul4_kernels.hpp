@@ -51,10 +51,13 @@ struct Matmul4Ops {
 };
 
 // The decode GEMVs split W's rows over threads only with at least this many weights per
-// thread. The pool's caller runs every chunk no worker has started (core/parallel.cpp),
-// so a worker whose core torch's OpenMP threads still hold costs the call nothing but its
-// share; the threshold only keeps the wake-up (a few microseconds) below the work.
-inline constexpr int64_t kGemvWeightsPerTask = int64_t(1) << 16;
+// thread (15-25 us of work on one core): smaller products (SmolLM2's 576 x 576 layers) run
+// on the calling thread. The pool's caller runs every chunk no worker has claimed
+// (core/parallel.cpp), but a worker that claimed its chunk can still lose its core to
+// torch's spinning OpenMP threads between torch operations, and then the call waits for
+// it (576 x 576 at 1 row in bench_matmul4 on a 2-core Zen 5, interleaved with torch:
+// 0.090 ms with two threads at 2^16 weights per task, 0.03 ms on the calling thread).
+inline constexpr int64_t kGemvWeightsPerTask = int64_t(1) << 18;
 
 // Rows of W per GEMV task: one even share per thread (a multiple of 4 rows), or fewer
 // tasks when the product is small.
