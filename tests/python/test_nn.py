@@ -499,19 +499,20 @@ def test_kept_weight_views_follow_every_change_of_the_codes_and_scales(dtype):
 
 
 def test_bf16_products_of_many_rows_through_torch_gemm_agree_with_the_fused_kernels(monkeypatch):
-    """From DENSE_ROWS rows of bfloat16 x on an AMX CPU, W is decoded and multiplied by torch's
-    GEMM; forward (with and without bias) and input gradient must agree with halo's fused kernels,
-    and a CPU pinned off AMX (HALO_BACKEND=avx2) must keep the fused kernels."""
+    """From DENSE_ROWS rows of bfloat16 x on an AMX CPU (DENSE_ROWS_AVX512_BF16 on one with
+    AVX512-BF16 only), W is decoded and multiplied by torch's GEMM; forward (with and without bias)
+    and input gradient must agree with halo's fused kernels, and a CPU pinned to avx2
+    (HALO_BACKEND=avx2) must keep the fused kernels."""
     from halo.backends.cpu import ops as cpu
 
-    if not cpu._amx_for_auto():
-        pytest.skip("this CPU runs no AMX kernels")
+    if cpu._dense_from() is None:
+        pytest.skip("this CPU computes no bfloat16 natively")
     torch.manual_seed(6)
     packed, absmax = ops.quantize_4bit(torch.randn(96, 128))
     x, g = torch.randn(40, 128).bfloat16(), torch.randn(40, 96).bfloat16()
     bias = torch.randn(96).bfloat16()
     taken = []
-    dense = cpu._dense
+    dense, dense_from = cpu._dense, cpu._dense_from
     monkeypatch.setattr(cpu, "_dense", lambda *a: taken.append(a[-1]) or dense(*a))
 
     def products():
@@ -521,14 +522,40 @@ def test_bf16_products_of_many_rows_through_torch_gemm_agree_with_the_fused_kern
             torch.ops.halo.matmul_4bit_grad(g, packed, absmax, None, 0.0, 128, "nf4", 64),
         )
 
-    monkeypatch.setattr(cpu, "DENSE_ROWS", 10**9)
+    monkeypatch.setattr(cpu, "_dense_from", lambda: 10**9)
     fused = products()
     assert taken == []
-    monkeypatch.setattr(cpu, "DENSE_ROWS", 40)
+    monkeypatch.setattr(cpu, "_dense_from", lambda: 40)
     through_gemm = products()
     assert taken == [False, False, True]
     for a, b in zip(fused, through_gemm):
         torch.testing.assert_close(b.float(), a.float(), rtol=1e-2, atol=2e-2 * float(a.float().abs().max()))
+    monkeypatch.setattr(cpu, "_dense_from", dense_from)
     monkeypatch.setenv("HALO_BACKEND", "avx2")
     products()
     assert taken == [False, False, True]  # no new dense calls
+
+
+def test_the_dense_path_starts_where_the_cpu_computes_bfloat16_natively(monkeypatch):
+    """AMX: from DENSE_ROWS rows; AVX512-BF16 without AMX (or AMX switched off): from
+    DENSE_ROWS_AVX512_BF16; no native bfloat16 (avx2 pinned, or AVX512-BF16 switched off too): never."""
+    from halo.backend import native_bf16_features
+    from halo.backends.cpu import ops as cpu
+
+    features = native_bf16_features()
+    expected = (
+        cpu.DENSE_ROWS
+        if "amx_bf16" in features
+        else cpu.DENSE_ROWS_AVX512_BF16
+        if "avx512_bf16" in features
+        else None
+    )
+    assert cpu._dense_from() == expected
+    monkeypatch.setenv("HALO_DISABLE_AMX", "1")
+    assert cpu._dense_from() == (cpu.DENSE_ROWS_AVX512_BF16 if "avx512_bf16" in features else None)
+    monkeypatch.setenv("HALO_DISABLE_AVX512_BF16", "1")
+    assert cpu._dense_from() is None
+    monkeypatch.delenv("HALO_DISABLE_AMX")
+    monkeypatch.delenv("HALO_DISABLE_AVX512_BF16")
+    monkeypatch.setenv("HALO_BACKEND", "avx2")
+    assert cpu._dense_from() is None

@@ -104,25 +104,37 @@ def _scales(absmax: Tensor, nested_absmax: Tensor | None, nested_offset: float) 
     return _cached(absmax, "_halo_scales", nested_key, decode)
 
 
-# bfloat16 x with at least this many rows, on a CPU with AMX: W is decoded to bfloat16 (halo's
-# dequantize kernel, into a buffer of the call) and multiplied by torch's GEMM (oneDNN's AMX
-# kernels), which beats halo's fused AMX tiles there (benchmarks/quant/bench_matmul4.py, README);
-# fewer rows, other dtypes and other CPUs keep the fused kernels, which never hold W whole.
+# bfloat16 x with at least this many rows, on a CPU that computes bfloat16 natively: W is decoded to
+# bfloat16 (halo's dequantize kernel, into a buffer of the call) and multiplied by torch's GEMM (oneDNN's
+# AMX or AVX512-BF16 kernels). With AMX that beats halo's fused AMX tiles from 384 rows
+# (benchmarks/quant/bench_matmul4.py, README); without AMX halo's fused GEMM computes in float32, and
+# the decoded copy + oneDNN's vdpbf16ps GEMM wins from 64 rows (1.4-2.6x at 64-512 rows on SmolLM2's
+# and 4096^2 shapes, forward and transposed, a 2-core Zen 5; at 17-32 rows neither wins throughout).
+# Fewer rows, other dtypes and other CPUs keep the fused kernels, which never hold W whole.
 DENSE_ROWS = 384
+DENSE_ROWS_AVX512_BF16 = 64
 DENSE_MAX_ELEMENTS = 1 << 24  # the decoded copy stays under 32 MiB
-_AMX: dict[tuple, bool] = {}
+_DENSE_FROM: dict[tuple, int | None] = {}
 _SCRATCH = (
     threading.local()
 )  # each thread's bfloat16 buffer for W (reused: fresh pages cost more than the GEMM)
 
 
-def _amx_for_auto() -> bool:
-    """Whether backend "auto" runs halo's AMX kernels here (HALO_BACKEND / HALO_DISABLE_AMX
+def _dense_from() -> int | None:
+    """The rows from which backend "auto" takes the dense path here (see DENSE_ROWS), or None
+    where the CPU has no native bfloat16 (HALO_BACKEND / HALO_DISABLE_AMX / HALO_DISABLE_AVX512_BF16
     respected), asked of the registry once per setting of those variables."""
-    key = (os.environ.get("HALO_BACKEND"), os.environ.get("HALO_DISABLE_AMX"))
-    if key not in _AMX:
-        _AMX[key] = "amx_bf16" in native_bf16_features()
-    return _AMX[key]
+    key = tuple(os.environ.get(k) for k in ("HALO_BACKEND", "HALO_DISABLE_AMX", "HALO_DISABLE_AVX512_BF16"))
+    if key not in _DENSE_FROM:
+        features = native_bf16_features()
+        _DENSE_FROM[key] = (
+            DENSE_ROWS
+            if "amx_bf16" in features
+            else DENSE_ROWS_AVX512_BF16
+            if "avx512_bf16" in features
+            else None
+        )
+    return _DENSE_FROM[key]
 
 
 def _dense(x2d: Tensor, codes, scales, weight, out_features, in_features, bias, transposed) -> Tensor:
@@ -151,11 +163,11 @@ def _matmul(x2d: Tensor, weight, out_features, in_features, bias, transposed, ba
     codes, scales = _codes(packed), _scales(absmax, nested_absmax, nested_offset)
     if (
         x2d.dtype == torch.bfloat16
-        and rows >= DENSE_ROWS
         and backend == "auto"
         and activations == "exact"
         and out_features * in_features <= DENSE_MAX_ELEMENTS
-        and _amx_for_auto()
+        and (dense_from := _dense_from()) is not None
+        and rows >= dense_from
     ):
         return _dense(x2d, codes, scales, weight, out_features, in_features, bias, transposed)
     y = torch.empty(rows, in_features if transposed else out_features, dtype=x2d.dtype)
