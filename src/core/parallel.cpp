@@ -41,18 +41,12 @@ class Pool {
     if (sleeping) wake_.notify_all();  // spinning workers see the generation without a syscall
     inside_task_ = true;
     chunk(0);
+    inside_task_ = false;
     // Chunks no worker has claimed yet run here: a sleeping worker wakes in tens of
     // microseconds on a VM, longer than a small matmul's whole half, so the caller
     // never waits for a thread that has not started.
     std::unique_lock lock(mutex_);
-    while (next_ < end_) {
-      const int64_t w = next_++;
-      lock.unlock();
-      chunk(w);
-      lock.lock();
-      pending_.fetch_sub(1, std::memory_order_relaxed);
-    }
-    inside_task_ = false;
+    drain(lock);
     if (pending_.load(std::memory_order_relaxed) != 0) {  // a worker is on its chunk: spin, then sleep
       lock.unlock();
       spin_until([&] { return pending_.load(std::memory_order_acquire) == 0; });
@@ -109,16 +103,22 @@ class Pool {
         --sleepers_;
       }
       seen = generation_.load(std::memory_order_relaxed);
-      while (next_ < end_) {  // the caller may have claimed every chunk already
-        const int64_t w = next_++;
-        const std::function<void(int64_t)>* chunk = chunk_;
-        lock.unlock();
-        inside_task_ = true;
-        (*chunk)(w);
-        inside_task_ = false;
-        lock.lock();
-        if (pending_.fetch_sub(1, std::memory_order_release) == 1) done_.notify_all();
-      }
+      drain(lock);  // the caller may have claimed every chunk already
+    }
+  }
+
+  // Runs the current job's chunks that no thread has claimed yet, on this thread; `lock`
+  // (on mutex_) is held between chunks, released while one runs.
+  void drain(std::unique_lock<std::mutex>& lock) {
+    while (next_ < end_) {
+      const int64_t w = next_++;
+      const std::function<void(int64_t)>* chunk = chunk_;
+      lock.unlock();
+      inside_task_ = true;
+      (*chunk)(w);
+      inside_task_ = false;
+      lock.lock();
+      if (pending_.fetch_sub(1, std::memory_order_release) == 1) done_.notify_all();
     }
   }
 
