@@ -745,17 +745,13 @@ def main() -> int:
         return 0
     if args.sealing:
         return sealing_cost(args.rounds, args.tokens or 24)
-    if args.fec:
+    if args.fec or args.accuracy:
         why = testbed.available()
         if why is not None or not SMOL.exists():
             print(f"bench_edge: skipped ({why or f'{SMOL} missing'})")
             return 0
-        return fec_compare(args.rounds, args.tokens or 48, args.loss)
-    if args.accuracy:
-        why = testbed.available()
-        if why is not None or not SMOL.exists():
-            print(f"bench_edge: skipped ({why or f'{SMOL} missing'})")
-            return 0
+        if args.fec:
+            return fec_compare(args.rounds, args.tokens or 48, args.loss)
         return accuracy(args.rounds, args.tokens or 256, args.loss)
     why = testbed.available()
     if why is not None:
